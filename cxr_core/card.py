@@ -1,0 +1,168 @@
+"""The model card: the single description of a trained model.
+
+A card is saved as ``model_card.json`` beside the weights. It holds everything needed to
+serve the model (architecture, input size, class names, preprocessing, Grad-CAM target
+layer, thresholds, temperature) and everything needed to judge it (data summary,
+metrics, recipe, versions), plus the sha256 of the weights file, which ``load`` checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_core.errors import ModelCardError
+
+CARD_FILE = "model_card.json"
+WEIGHTS_FILE = "model.weights.h5"
+RESEARCH_USE = (
+    "Research and teaching use only. Not a medical device; never use it for diagnosis "
+    "or to guide patient care."
+)
+
+
+@dataclass
+class ModelCard:
+    """What a model is, how to feed it and how good it is.
+
+    ``thresholds`` maps a *positive* class to the probability at or above which it is
+    called; ``negative_class`` (e.g. NORMAL) is called when no positive class reaches its
+    threshold. Without thresholds the decision is the top class.
+    """
+
+    name: str
+    architecture: str
+    input_size: int
+    class_names: list[str]
+    target_layer: str
+    negative_class: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    temperature: float = 1.0
+    low_confidence: float = 0.6
+    preprocessing: dict[str, Any] = field(
+        default_factory=lambda: {
+            "grayscale": "float32 HxW in [0, 1], lungs dark, bone bright (cxr_core.imaging)",
+            "resize": "cv2.INTER_AREA to input_size x input_size (aspect ratio not kept)",
+            "quantize": "uint8 0..255",
+            "channels": 3,
+            "model_input": "float32 0..255; scaling and normalisation are inside the model",
+        }
+    )
+    training_data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    weights_file: str = WEIGHTS_FILE
+    weights_sha256: str = ""
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    version: str = "1"
+    intended_use: str = RESEARCH_USE
+    limitations: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise ModelCardError(f"class_names must be unique and non-empty, got {self.class_names!r}")
+        if self.input_size < 16:
+            raise ModelCardError(f"input_size must be at least 16 pixels, got {self.input_size!r}")
+        unknown = set(self.thresholds) - set(self.class_names)
+        if self.negative_class is not None and self.negative_class not in self.class_names:
+            unknown.add(self.negative_class)
+        if unknown:
+            raise ModelCardError(f"card names classes that are not in class_names: {sorted(unknown)}")
+        if not self.temperature > 0:
+            raise ModelCardError(f"temperature must be positive, got {self.temperature!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"name", "architecture", "input_size", "class_names", "target_layer"} - set(data)
+        if missing:
+            raise ModelCardError(f"model card lacks required fields: {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a model's numbers (no TensorFlow import forced)."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("keras", "tensorflow", "jax", "torch", "numpy", "opencv-python-headless", "pillow", "pydicom"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def save(card: ModelCard, folder: str | Path) -> Path:
+    """Write ``card`` as ``folder/model_card.json``, filling in the weights hash, time, versions."""
+    folder = Path(folder)
+    weights = folder / card.weights_file
+    if not weights.is_file():
+        raise ModelCardError(f"cannot write a card for {folder}: weights file {card.weights_file} is missing")
+    card.weights_sha256 = sha256_of(weights)
+    card.created = card.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    card.versions = card.versions or library_versions()
+    path = folder / CARD_FILE
+    path.write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read(folder: str | Path) -> ModelCard:
+    """Read ``folder/model_card.json`` without checking the weights (cheap; for listings)."""
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise ModelCardError(f"{folder} is not a model folder: it has no {CARD_FILE}.")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelCardError(f"{path} is not valid JSON ({exc}); restore it from the release.") from exc
+    if not isinstance(data, dict):
+        raise ModelCardError(f"{path} does not hold a JSON object; restore it from the release.")
+    try:
+        return ModelCard.from_dict(data)
+    except TypeError as exc:
+        raise ModelCardError(f"{path} has fields of the wrong type ({exc}).") from exc
+
+
+def load(folder: str | Path) -> ModelCard:
+    """Read the card and verify that the weights file matches its sha256.
+
+    Raises ``ModelCardError`` when the card is missing or invalid, the weights are missing,
+    or the weights' hash differs from the card's (a tampered or mismatched file).
+    """
+    folder = Path(folder)
+    card = read(folder)
+    weights = folder / card.weights_file
+    if not weights.is_file():
+        raise ModelCardError(f"model '{card.name}': weights file {weights} is missing.")
+    actual = sha256_of(weights)
+    if actual != card.weights_sha256:
+        raise ModelCardError(
+            f"model '{card.name}': the weights file does not match its model card "
+            f"(sha256 {actual[:12]}... expected {card.weights_sha256[:12]}...). The file was changed "
+            "or replaced; reinstall the model folder rather than using it."
+        )
+    return card

@@ -1,0 +1,66 @@
+"""Shared fixtures: the real data folder and tiny saved models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DICOM = DATA / "dicom"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"real test data not found at {DATA} (expected ../shared/data beside the checkout)")
+    return DATA
+
+
+def _train_tiny(folder: Path, classes: list[str], size: int, seed: int) -> Path:
+    """Save a tiny model with non-trivial (randomly perturbed) weights and a card."""
+    import keras
+
+    from cxr_core import card, models
+
+    keras.utils.set_random_seed(seed)
+    model = models.build("tiny", len(classes), size)
+    rng = np.random.default_rng(seed)
+    # Perturb every variable so BatchNorm statistics and biases are not at their defaults.
+    for var in model.weights:
+        value = np.asarray(var.numpy())
+        if "moving_variance" in var.path:
+            value = value + rng.uniform(0.5, 1.5, value.shape)
+        else:
+            value = value + rng.normal(0, 0.3, value.shape)
+        var.assign(value.astype(value.dtype))
+    negative = classes[0]
+    c = card.ModelCard(
+        name=folder.name,
+        architecture="tiny",
+        input_size=size,
+        class_names=classes,
+        target_layer=models.ARCHITECTURES["tiny"].target_layer,
+        negative_class=negative,
+        thresholds={name: 0.5 for name in classes[1:]},
+        training_data={"note": "random weights for tests"},
+        metrics={"test": {"auc": 0.5, "accuracy": 0.5}},
+    )
+    models.save(model, c, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A two-class (NORMAL, PNEUMONIA) tiny model folder at 64 px."""
+    return _train_tiny(tmp_path_factory.mktemp("models") / "tiny-pneumonia", ["NORMAL", "PNEUMONIA"], 64, 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model3_dir(tmp_path_factory) -> Path:
+    """A three-class (NORMAL, PNEUMONIA, COVID-19) tiny model folder at 64 px."""
+    return _train_tiny(tmp_path_factory.mktemp("models") / "tiny-cxr3", ["NORMAL", "PNEUMONIA", "COVID-19"], 64, 2)
