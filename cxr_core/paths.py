@@ -1,0 +1,110 @@
+"""Server-side folders under one configured root: resolve user paths safely, list images.
+
+The app lets a user name a folder on the server (batch review, evaluate on a folder). Only
+folders under the configured root may be read: ``..``, absolute paths elsewhere and
+symlinks that lead outside are refused with a ValueError saying what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cxr_core.imaging import is_image_name
+
+DEFAULT_LIMIT = 5000
+
+
+def _refusal(root: Path, user_path: str, why: str) -> ValueError:
+    return ValueError(
+        f"'{user_path}' {why}. Only folders inside the configured data root ({root}) can be used: "
+        "give a path relative to it, such as 'kermany/train/NORMAL'."
+    )
+
+
+def is_inside(root: Path, path: Path) -> bool:
+    """Whether the already-resolved ``path`` is ``root`` itself or lies below it."""
+    return path == root or root in path.parents
+
+
+def resolve_under(root: Path, user_path: str) -> Path:
+    """The real path of ``user_path`` (relative to ``root``, or absolute inside it).
+
+    Symlinks are resolved (``Path.resolve(strict=True)``) before the check, so a link
+    inside the root that points outside is refused like ``..`` is. Raises ValueError
+    when the path leaves the root or does not exist.
+    """
+    real_root = Path(root).resolve(strict=True)
+    text = (user_path or "").strip()
+    candidate = Path(text) if text else Path(".")
+    if not candidate.is_absolute():
+        candidate = real_root / candidate
+    try:
+        real = candidate.resolve(strict=True)
+    except FileNotFoundError:
+        lexical = Path(os.path.normpath(candidate))
+        if not is_inside(real_root, lexical):
+            raise _refusal(real_root, text, "is outside the data root") from None
+        raise _refusal(real_root, text, "does not exist") from None
+    except (OSError, RuntimeError) as exc:  # symlink loops, permission errors
+        raise _refusal(real_root, text, f"cannot be resolved ({exc.__class__.__name__})") from None
+    if not is_inside(real_root, real):
+        raise _refusal(real_root, text, "is outside the data root (through '..', an absolute path or a symlink)")
+    return real
+
+
+def list_images(folder: Path, recursive: bool = True, limit: int = DEFAULT_LIMIT,
+                root: Path | None = None) -> list[Path]:
+    """Image files (by name; extension-less files count as possible DICOM) under ``folder``, sorted.
+
+    Symlinks whose target lies outside ``root`` (default: ``folder``) are skipped, files
+    and directories alike; hidden files are skipped. At most ``limit`` paths are returned.
+    """
+    real_folder = Path(folder).resolve(strict=True)
+    real_root = Path(root).resolve(strict=True) if root is not None else real_folder
+    found: list[Path] = []
+    pending = [real_folder]
+    seen: set[Path] = set()
+    while pending and len(found) < limit:
+        current = pending.pop()
+        if current.resolve() in seen:  # a symlink back up the tree would loop forever
+            continue
+        seen.add(current.resolve())
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    continue
+                if not is_inside(real_root, target):
+                    continue
+            if entry.is_dir():
+                if recursive:
+                    subdirs.append(path)
+            elif entry.is_file() and is_image_name(entry.name):
+                found.append(path)
+        pending.extend(reversed(subdirs))
+    return sorted(found)[:limit]
+
+
+def subfolders(root: Path, limit: int = 500) -> list[str]:
+    """Relative paths of the directories under ``root`` (depth-first, sorted), for a folder picker."""
+    real_root = Path(root).resolve(strict=True)
+    result: list[str] = []
+    for dirpath, dirnames, _ in os.walk(real_root):
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d))
+        )
+        for name in dirnames:
+            result.append(str((Path(dirpath) / name).relative_to(real_root)))
+            if len(result) >= limit:
+                return result
+    return result
