@@ -1,0 +1,81 @@
+"""Drawing a heatmap over a radiograph (numpy and OpenCV only; pure functions).
+
+Images are float32 HxW in [0, 1] (as cxr_core.imaging returns them), heatmaps float32 hxw in
+[0, 1] (as cxr_core.explain returns them, usually at the model's input size). Outputs are uint8
+RGB at the *image's* size, so the overlay lines up with the original radiograph. Inputs out of
+range are refused rather than clipped: a heatmap in [0, 255] or an image in HU is a bug upstream.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+COLORMAPS: dict[str, int] = {
+    "jet": cv2.COLORMAP_JET,
+    "turbo": cv2.COLORMAP_TURBO,
+    "inferno": cv2.COLORMAP_INFERNO,
+    "magma": cv2.COLORMAP_MAGMA,
+    "plasma": cv2.COLORMAP_PLASMA,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "hot": cv2.COLORMAP_HOT,
+}
+
+
+def _check_unit(name: str, array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ValueError(f"{name} must be a 2-D (H, W) array, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{name} must be a float array in [0, 1], got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = float(array.min()), float(array.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return array.astype(np.float32, copy=False)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """float HxW in [0, 1] -> uint8 (H, W, 3) gray RGB."""
+    gray = np.rint(_check_unit("image", image) * 255.0).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """float hxw in [0, 1] -> uint8 (h, w, 3) RGB through one of COLORMAPS."""
+    if colormap not in COLORMAPS:
+        raise ValueError(f"unknown colormap {colormap!r}; choose one of {sorted(COLORMAPS)}")
+    levels = np.rint(_check_unit("heatmap", heatmap) * 255.0).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(levels, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", opacity: float = 0.4) -> np.ndarray:
+    """Blend a colorized heatmap over a grayscale image: uint8 (H, W, 3) RGB at the image's size.
+
+    The heatmap is resized bilinearly to the image. ``opacity`` 0 gives the gray image, 1 the
+    pure colormap; in between, ``(1 - opacity) * gray + opacity * color``, rounded.
+    """
+    gray = to_rgb(image)
+    heat = _check_unit("heatmap", heatmap)
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity!r}")
+    h, w = gray.shape[:2]
+    if heat.shape != (h, w):
+        heat = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    color = colorize(heat, colormap)
+    blended = (1.0 - opacity) * gray.astype(np.float32) + opacity * color.astype(np.float32)
+    return np.rint(blended).astype(np.uint8)
+
+
+def thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
+    """float HxW in [0, 1] -> uint8 grayscale whose longer side is ``size`` px (aspect kept)."""
+    if size < 1:
+        raise ValueError(f"thumbnail size must be positive, got {size}")
+    img = _check_unit("image", image)
+    h, w = img.shape
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(img, (new_w, new_h), interpolation=interp)
+    return np.rint(np.clip(small, 0.0, 1.0) * 255.0).astype(np.uint8)
