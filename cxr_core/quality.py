@@ -1,0 +1,164 @@
+"""Is this probably not a frontal chest radiograph? Simple rules a clinician can check.
+
+The classifiers were trained on frontal chest films only; on anything else their output
+means nothing. ``assess`` flags an input when any of these rules fires (bounds calibrated
+on real images from ../shared/data, see ``build_template.py``):
+
+1. colour: the original file is a colour picture (Hasler-Suesstrunk colourfulness above
+   ``COLOUR_MAX``; grey X-rays saved as RGB score about 0);
+2. blank: the image is (nearly) one flat grey (pixel standard deviation below ``BLANK_STD``);
+3. DICOM tags: the modality is not radiography (CR/DX) or the body part is not the chest;
+4. shape: width / height outside ``ASPECT_RANGE`` (chest films are roughly square);
+5. template: the 32x32 thumbnail hardly correlates with the mean upright chest film
+   (below ``TEMPLATE_MIN``), or correlates weakly (below ``SIDEWAYS_BELOW``) and better
+   with that mean turned 90 degrees (a film on its side, a dental panoramic).
+
+Upside-down films are not reliably caught (about a third are), nor lateral views.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+TEMPLATE_FILE = Path(__file__).with_name("chest_template.png")
+TEMPLATE_SIZE = 32
+COLOUR_MAX = 15.0
+BLANK_STD = 0.02
+ASPECT_RANGE = (0.5, 2.0)
+TEMPLATE_MIN = 0.1
+SIDEWAYS_BELOW = 0.3
+RADIOGRAPHY = {"", "CR", "DX", "DR", "RG", "OT"}
+CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO", "RIB")
+
+RULES = (
+    f"colour picture (colourfulness above {COLOUR_MAX:g}; X-rays are grey)",
+    f"blank or nearly uniform image (pixel standard deviation below {BLANK_STD:g} on a 0-1 scale)",
+    "DICOM modality other than CR/DX, or a body part other than the chest",
+    f"width/height ratio outside {ASPECT_RANGE[0]:g}-{ASPECT_RANGE[1]:g}",
+    f"correlation of the 32x32 thumbnail with the average upright chest film below {TEMPLATE_MIN:g}, "
+    f"or below {SIDEWAYS_BELOW:g} and lower than with that average turned 90 degrees",
+)
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Whether the input is probably not a frontal chest radiograph, why, and the raw scores."""
+
+    probably_not_chest: bool
+    reasons: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=1)
+def template() -> np.ndarray:
+    """The mean chest film, float32 (32, 32) standardised to zero mean, unit std."""
+    img = np.asarray(Image.open(TEMPLATE_FILE).convert("L"), dtype=np.float32)
+    return _standardise(img)
+
+
+def _standardise(img: np.ndarray) -> np.ndarray:
+    img = img - img.mean()
+    std = img.std()
+    return img / std if std > 1e-8 else img
+
+
+def thumbnail(pixels: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
+    """Area-resized float32 (size, size) of a float HxW image, aspect ratio not kept."""
+    return cv2.resize(np.asarray(pixels, dtype=np.float32), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def template_scores(pixels: np.ndarray) -> dict[str, float]:
+    """Pearson correlation of the image's thumbnail with the template upright and turned 90 degrees (best side)."""
+    thumb = _standardise(thumbnail(pixels))
+    t = template()
+    n = t.size
+
+    def corr(a: np.ndarray) -> float:
+        return float((thumb * a).sum() / n)
+
+    return {
+        "template_corr": corr(t),
+        "sideways_corr": max(corr(np.rot90(t, 1)), corr(np.rot90(t, 3))),
+    }
+
+
+def colourfulness(data: bytes | np.ndarray | None) -> float:
+    """Hasler-Suesstrunk colourfulness of an image (0 = grey, about 30+ = a colourful photo).
+
+    Takes the original file's bytes (read with PIL; files PIL cannot read, e.g. DICOM,
+    score 0) or a uint8 HxWx3 RGB array.
+    """
+    if data is None:
+        return 0.0
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("RGB", (256, 256))
+                if im.mode in ("L", "I", "I;16", "F", "1", "LA"):
+                    return 0.0
+                im = im.convert("RGB")
+                im.thumbnail((256, 256))
+                rgb = np.asarray(im, dtype=np.float32)
+        except Exception:  # not a picture PIL knows (DICOM, corrupt): no colour evidence
+            return 0.0
+    else:
+        rgb = np.asarray(data, dtype=np.float32)
+        if rgb.ndim != 3 or rgb.shape[-1] < 3:
+            return 0.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def _tag_reasons(metadata: dict[str, Any]) -> list[str]:
+    reasons = []
+    modality = str(metadata.get("Modality", "") or "").strip().upper()
+    if modality not in RADIOGRAPHY:
+        reasons.append(f"DICOM modality is {modality}, not chest radiography (CR/DX)")
+    part = str(metadata.get("BodyPartExamined", "") or "").strip().upper()
+    if part and not any(p in part for p in CHEST_PARTS):
+        reasons.append(f"DICOM body part is {part}, not the chest")
+    return reasons
+
+
+def assess(loaded: Any, original: bytes | None = None) -> QualityReport:
+    """Apply the rules above to a ``cxr_core.imaging.LoadedImage`` (and its original bytes for colour).
+
+    ``loaded.pixels`` is float32 HxW in [0, 1]; ``loaded.info`` gives width, height and
+    the de-identified DICOM metadata. Scores are returned for display.
+    """
+    pixels = np.asarray(loaded.pixels, dtype=np.float32)
+    info = loaded.info
+    height, width = pixels.shape
+    scores = {
+        "colourfulness": colourfulness(original),
+        "pixel_std": float(pixels.std()),
+        "aspect_ratio": float(getattr(info, "width", 0) or width) / float(getattr(info, "height", 0) or height),
+    }
+    reasons = []
+    if scores["colourfulness"] > COLOUR_MAX:
+        reasons.append(f"it is a colour picture (colourfulness {scores['colourfulness']:.1f} > {COLOUR_MAX:g})")
+    if scores["pixel_std"] < BLANK_STD:
+        reasons.append(f"it is blank or nearly uniform (pixel std {scores['pixel_std']:.3f} < {BLANK_STD:g})")
+        scores.update(template_corr=0.0, sideways_corr=0.0)
+    else:
+        scores.update(template_scores(pixels))
+        if scores["template_corr"] < TEMPLATE_MIN:
+            reasons.append(f"it does not look like a chest film (correlation with the average chest "
+                           f"{scores['template_corr']:.2f} < {TEMPLATE_MIN:g})")
+        elif scores["template_corr"] < SIDEWAYS_BELOW and scores["sideways_corr"] > scores["template_corr"]:
+            reasons.append(f"it looks turned on its side (correlation with the average chest "
+                           f"{scores['template_corr']:.2f}, with it turned 90 degrees {scores['sideways_corr']:.2f})")
+    reasons.extend(_tag_reasons(dict(getattr(info, "metadata", {}) or {})))
+    low, high = ASPECT_RANGE
+    if not low <= scores["aspect_ratio"] <= high:
+        reasons.append(f"its width/height ratio {scores['aspect_ratio']:.2f} is outside {low:g}-{high:g}")
+    return QualityReport(probably_not_chest=bool(reasons), reasons=reasons, scores=scores)
