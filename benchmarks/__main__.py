@@ -1,0 +1,105 @@
+"""``python -m benchmarks [--quick] [--model DIR] [--no-app]``: measure, print one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass(frozen=True)
+class Config:
+    repeat: int = 30  # timed calls per latency figure, after warm-up
+    tfkv_repeat: int = 10
+    batch_images: int = 256  # real images through the batch-review path (at least 200)
+    forward_images: int = 256
+    batch_size: int = 16
+    model: str | None = None
+    app: bool = True
+
+
+QUICK = Config(repeat=5, tfkv_repeat=3, batch_images=48, forward_images=48)
+
+
+def parse(argv: list[str]) -> Config:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="few repetitions and 48 images (a smoke run)")
+    parser.add_argument("--model", help="model folder to measure (default: models/densenet169-pneumonia, "
+                        "else a random-weight DenseNet169 at 224 px)")
+    parser.add_argument("--no-app", action="store_true", help="skip the cold app start (streamlit + Chromium)")
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else Config()
+    return Config(**{**base.__dict__, "model": args.model, "app": not args.no_app})
+
+
+def log(message: str) -> None:
+    print(f"[benchmarks] {message}", file=sys.stderr, flush=True)
+
+
+def run(config: Config) -> dict:
+    """Every figure, measured in this one run, with the machine and the targets."""
+    from benchmarks import check_targets, serving
+    from benchmarks.machine import machine_info, rss_mb
+    from cxr_core.paths import list_images
+
+    folder, origin = serving.model_folder(config.model)
+    log(f"model {folder} ({origin})")
+    figures: dict = {}
+    load_s, classifier, explainer = serving.load_seconds(folder)
+    figures["model_load_s"] = round(load_s, 2)
+    log("forward pass")
+    figures["forward_ms_p50"] = round(serving.forward_ms(classifier.model, config.repeat), 1)
+    log("classify JPEG")
+    figures["classify_ms_p50"] = round(serving.classify_ms(classifier, explainer, serving.JPEG, config.repeat), 1)
+    log("classify DICOM")
+    figures["classify_dicom_ms_p50"] = round(
+        serving.classify_ms(classifier, explainer, serving.DICOM, max(3, config.repeat // 3)), 1)
+    log("tf-keras-vis Gradcam")
+    figures["tfkv_gradcam_ms_p50"] = round(serving.tfkv_gradcam_ms(classifier, serving.JPEG, config.tfkv_repeat), 1)
+    log("forward throughput")
+    figures["forward_images_per_s"] = round(
+        serving.forward_images_per_s(classifier.model, config.forward_images, config.batch_size), 2)
+    log("batch review throughput")
+    paths = list_images(serving.FOLDER, recursive=False, limit=config.batch_images)
+    per_s, scored = serving.batch_images_per_s(classifier, explainer, paths, config.batch_size)
+    figures["batch_images_per_s"] = round(per_s, 2)
+    figures["batch_images"] = len(paths)
+    figures["batch_scored"] = scored
+    figures["bench_process_rss_mb"] = round(rss_mb(), 1)
+    log("resident memory (fresh process)")
+    probe = subprocess.run([sys.executable, "-m", "benchmarks.rss_probe", str(folder), str(serving.JPEG),
+                            *map(str, paths[:19])], capture_output=True, text=True, check=True,
+                           cwd=serving.REPO)
+    figures.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+    if config.app:
+        from benchmarks.app_render import first_render
+
+        log("cold app start")
+        figures.update(first_render(folder.parent))
+    else:
+        figures["app_first_render_s"] = None
+    return {
+        **figures,
+        "targets": check_targets(figures),
+        "model": {"folder": str(folder), "origin": origin, "architecture": classifier.card.architecture,
+                  "input_size": classifier.input_size},
+        "config": config.__dict__,
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = run(parse(sys.argv[1:] if argv is None else argv))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

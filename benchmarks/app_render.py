@@ -1,0 +1,98 @@
+"""Cold start of the app: ``streamlit run app.py`` until the classify page is shown in a browser."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
+# The classify page is "served" when its uploader is on screen and the sidebar shows the model card.
+READY_SELECTORS = ('[data-testid="stFileUploader"]', 'text=Weights sha256')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(models_dir: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``streamlit run app.py`` on 127.0.0.1:port serving the models under ``models_dir`` (headless)."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    full_env = {**os.environ, "CXR_MODELS_DIR": str(models_dir), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"streamlit did not answer on port {port} within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """Terminate the server and return what it printed."""
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out.decode(errors="replace")
+
+
+def first_render(models_dir: Path, timeout: float = 300.0) -> dict[str, object]:
+    """Seconds from spawning the server to the health endpoint answering and to the classify page shown.
+
+    Chromium (Playwright, headless) is started before the clock so only the app's time counts;
+    without Playwright or Chromium, only the health endpoint and the page's HTML are timed.
+    """
+    port = free_port()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not Path(CHROMIUM).exists():
+        start = time.perf_counter()
+        proc = start_server(models_dir, port)
+        try:
+            wait_healthy(port, timeout)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read()
+            seconds = time.perf_counter() - start
+        finally:
+            stop(proc)
+        return {"app_server_up_s": round(seconds, 2), "app_first_render_s": round(seconds, 2),
+                "app_render_method": "HTTP health endpoint + page HTML (no browser available)"}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        start = time.perf_counter()
+        proc = start_server(models_dir, port)
+        try:
+            wait_healthy(port, timeout)
+            up = time.perf_counter() - start
+            page.goto(f"http://127.0.0.1:{port}/", timeout=timeout * 1000)
+            for selector in READY_SELECTORS:
+                page.wait_for_selector(selector, timeout=timeout * 1000)
+            seconds = time.perf_counter() - start
+        finally:
+            browser.close()
+            log = stop(proc)
+    errors = [line for line in log.splitlines() if "Traceback" in line or "Error" in line]
+    return {"app_server_up_s": round(up, 2), "app_first_render_s": round(seconds, 2),
+            "app_render_method": "Playwright + headless Chromium until the uploader and model card are shown",
+            "app_log_errors": errors[:5]}

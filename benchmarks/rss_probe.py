@@ -1,0 +1,37 @@
+"""Resident memory of a fresh serving process: ``python -m benchmarks.rss_probe MODEL_DIR IMAGE...``.
+
+Loads one model as the app does (Classifier + Explainer), classifies each image 20 times in
+total through the classify page's path (read, predict + Grad-CAM, overlay) and prints one
+JSON object with VmRSS in MiB at each step. Run in its own process so nothing else the
+benchmark loaded (tf-keras-vis' clone of the model, batches) counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str]) -> int:
+    from benchmarks.machine import rss_mb
+    from benchmarks.serving import classify_once, load_seconds
+
+    folder, images = Path(argv[0]), [Path(p) for p in argv[1:]]
+    baseline = rss_mb()
+    _, classifier, explainer = load_seconds(folder)
+    loaded = rss_mb()
+    uploads = [(p.read_bytes(), p.name) for p in images]
+    for i in range(20):
+        data, name = uploads[i % len(uploads)]
+        classify_once(classifier, explainer, data, name)
+    print(json.dumps({"rss_start_mb": round(baseline, 1), "rss_loaded_mb": round(loaded, 1),
+                      "rss_mb": round(rss_mb(), 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,122 @@
+"""Serving-path figures: raw forward pass, cxr_core's classify path, tf-keras-vis, batch review."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.machine import median_ms
+from cxr_core import card as card_lib
+from cxr_core import models
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SHIPPED = REPO / "models" / "densenet169-pneumonia"
+JPEG = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+DICOM = DATA / "dicom" / "pydicom-data" / "RG1_J2KI.dcm"
+FOLDER = DATA / "kermany" / "train" / "NORMAL"
+
+
+def model_folder(explicit: str | None = None) -> tuple[Path, str]:
+    """The model to measure and where it came from: ``explicit``, the shipped DenseNet169, or a fresh one.
+
+    A fresh one is DenseNet169, 2 classes, 224 px, random weights, saved with a card to a temp
+    folder: the figures depend on the architecture, not on the weights' values.
+    """
+    if explicit:
+        return Path(explicit), "given"
+    if (SHIPPED / card_lib.CARD_FILE).is_file():
+        return SHIPPED, "shipped"
+    folder = Path(tempfile.mkdtemp(prefix="cxr-bench-")) / "densenet169-random"
+    model = models.build("densenet169", 2, 224)
+    card = card_lib.ModelCard(
+        name="densenet169-random", architecture="densenet169", input_size=224, class_names=["NORMAL", "PNEUMONIA"],
+        target_layer=models.ARCHITECTURES["densenet169"].target_layer, negative_class="NORMAL",
+        thresholds={"PNEUMONIA": 0.5}, training_data={"note": "random weights, for benchmarks only"},
+    )
+    models.save(model, card, folder)
+    return folder, "random weights (no shipped model found)"
+
+
+def load_seconds(folder: Path) -> tuple[float, object, object]:
+    """Seconds for ``models.load`` (hash check, build, weights) plus building the Explainer."""
+    from cxr_core import explain
+
+    start = time.perf_counter()
+    classifier = models.load(folder)
+    explainer = explain.Explainer(classifier)
+    return time.perf_counter() - start, classifier, explainer
+
+
+def compiled_forward(model):
+    """The model's forward pass as one traced ``tf.function`` (inference mode)."""
+    import tensorflow as tf
+
+    size = model.input_shape[1]
+    spec = [tf.TensorSpec((None, size, size, 3), tf.float32)]
+    return tf.function(lambda x: model(x, training=False), input_signature=spec)
+
+
+def forward_ms(model, repeat: int) -> float:
+    """Median ms of the compiled forward pass on one 224 px image."""
+    import tensorflow as tf
+
+    fn = compiled_forward(model)
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, *model.input_shape[1:])).astype(np.float32))
+    return median_ms(lambda: fn(x).numpy(), repeat, warmup=3)
+
+
+def forward_images_per_s(model, n_images: int, batch_size: int) -> float:
+    """Images per second of the compiled forward pass over preloaded batches of ``batch_size``."""
+    import tensorflow as tf
+
+    fn = compiled_forward(model)
+    rng = np.random.default_rng(1)
+    batches = [tf.constant(rng.uniform(0, 255, (batch_size, *model.input_shape[1:])).astype(np.float32))
+               for _ in range(max(1, n_images // batch_size))]
+    fn(batches[0]).numpy()
+    start = time.perf_counter()
+    for b in batches:
+        fn(b).numpy()
+    return len(batches) * batch_size / (time.perf_counter() - start)
+
+
+def classify_once(classifier, explainer, data: bytes, name: str) -> np.ndarray:
+    """cxr_core's whole path for one upload: read, preprocess, predict + Grad-CAM, overlay."""
+    from cxr_core import overlay, pipeline
+
+    result = pipeline.classify(classifier, explainer, data, name)
+    return overlay.overlay(result.image.pixels, result.heatmap)
+
+
+def classify_ms(classifier, explainer, path: Path, repeat: int) -> float:
+    data = path.read_bytes()
+    return median_ms(lambda: classify_once(classifier, explainer, data, path.name), repeat, warmup=2)
+
+
+def tfkv_gradcam_ms(classifier, path: Path, repeat: int) -> float:
+    """Median ms of tf-keras-vis ``Gradcam`` (built once, default settings) on the same image's model input."""
+    from tf_keras_vis.gradcam import Gradcam
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    from cxr_core import imaging, preprocess
+
+    x = preprocess.model_input(imaging.load(path.read_bytes(), path.name).pixels, classifier.input_size)
+    gradcam = Gradcam(classifier.model)
+    score = CategoricalScore(int(np.argmax(classifier.logits(x)[0])))
+    return median_ms(lambda: gradcam(score, x, penultimate_layer=classifier.card.target_layer), repeat, warmup=2)
+
+
+def batch_images_per_s(classifier, explainer, paths: list[Path], batch_size: int) -> tuple[float, int]:
+    """Images per second of the batch-review path (``pipeline.classify_many``) and how many scored."""
+    from cxr_core import pipeline
+
+    warm = [(p.name, p) for p in paths[:batch_size]]
+    pipeline.classify_many(classifier, explainer, warm, batch_size=batch_size)
+    start = time.perf_counter()
+    rows = pipeline.classify_many(classifier, explainer, [(p.name, p) for p in paths], batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    return len(paths) / seconds, sum(r.prediction is not None for r in rows)
