@@ -1,0 +1,186 @@
+"""The numbers behind the model metrics page, from a model folder's evaluation files.
+
+A trained model folder holds ``metrics.json``, ``predictions.csv`` (path, source, true_class,
+p_<CLASS> per class in card order, predicted_class, split), ``history.csv`` and ``split.csv``.
+This module reads them and turns predictions into the tables the page draws (ROC, confusion at
+a threshold, report, calibration, data summary); the metrics themselves come from cxr_core.metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr_core import metrics
+from cxr_core.card import ModelCard
+from cxr_core.models import decide
+
+EVALUATION_FILES = {
+    "metrics.json": "summary metrics of the held-out split",
+    "predictions.csv": "per-image probabilities (ROC, confusion, calibration, error gallery)",
+    "history.csv": "training curves",
+    "split.csv": "which images were used for training, validation and test",
+}
+
+
+@dataclass
+class EvaluationFiles:
+    """What a model folder holds for evaluation; absent or unreadable files are None and listed in ``missing``."""
+
+    metrics: dict[str, Any] | None = None
+    predictions: pd.DataFrame | None = None
+    history: pd.DataFrame | None = None
+    split: pd.DataFrame | None = None
+    missing: list[str] = field(default_factory=list)
+
+
+def read_evaluation(folder: str | Path) -> EvaluationFiles:
+    """Read the evaluation files of a model folder; what is missing or unreadable is named, with why."""
+    folder = Path(folder)
+    found = EvaluationFiles()
+    for name, purpose in EVALUATION_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            found.missing.append(f"{name} ({purpose}): not in the model folder")
+            continue
+        try:
+            value: Any = json.loads(path.read_text()) if name.endswith(".json") else pd.read_csv(path)
+        except (OSError, ValueError) as exc:
+            found.missing.append(f"{name} ({purpose}): unreadable ({exc})")
+            continue
+        setattr(found, name.split(".")[0], value)
+    return found
+
+
+def prob_columns(class_names: Sequence[str]) -> list[str]:
+    return [f"p_{c}" for c in class_names]
+
+
+def labelled(predictions: pd.DataFrame, class_names: Sequence[str],
+             split: str | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(y_true int (N,), probs float (N, C), rows) of ``split`` (None: all), rows of known classes only."""
+    missing = {"true_class", *prob_columns(class_names)} - set(predictions.columns)
+    if missing:
+        raise ValueError(f"predictions lack columns {sorted(missing)}; they do not fit this model's classes")
+    rows = predictions
+    if split is not None and "split" in rows.columns:
+        rows = rows[rows["split"].astype(str) == split]
+    rows = rows[rows["true_class"].astype(str).isin(list(class_names))].reset_index(drop=True)
+    index = {c: i for i, c in enumerate(class_names)}
+    y = rows["true_class"].astype(str).map(index).to_numpy(dtype=int)
+    return y, rows[prob_columns(class_names)].to_numpy(dtype=np.float64), rows
+
+
+def splits(predictions: pd.DataFrame) -> list[str]:
+    """Splits present in predictions, held-out ones first (test, then val)."""
+    if "split" not in predictions.columns:
+        return []
+    present = sorted(predictions["split"].dropna().astype(str).unique())
+    order = {"test": 0, "val": 1, "validation": 1}
+    return sorted(present, key=lambda s: (order.get(s, 2), s))
+
+
+def decisions(card: ModelCard, probs: np.ndarray, thresholds: dict[str, float] | None = None) -> np.ndarray:
+    """Decided class index per row under the card's rule (cxr_core.models.decide), thresholds overridable."""
+    rule = card if thresholds is None else _with_thresholds(card, thresholds)
+    index = {c: i for i, c in enumerate(card.class_names)}
+    return np.array([index[decide(rule, p).decision] for p in probs], dtype=int)
+
+
+def _with_thresholds(card: ModelCard, thresholds: dict[str, float]) -> ModelCard:
+    data = card.to_dict()
+    data["thresholds"] = {**card.thresholds, **thresholds}
+    return ModelCard.from_dict(data)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One class against the rest at a threshold: the 2x2 counts (rows true, cols called) and rates."""
+
+    positive_class: str
+    threshold: float
+    labels: tuple[str, str]  # (negative label, positive label)
+    counts: np.ndarray  # int (2, 2): [[tn, fp], [fn, tp]]
+    rates: dict[str, Any]  # cxr_core.metrics.binary_at_threshold
+
+
+def operating_point(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive_class: str,
+                    threshold: float, negative_label: str | None = None) -> OperatingPoint:
+    """``positive_class`` called when its probability >= ``threshold``; the rest is the negative label."""
+    c = list(class_names).index(positive_class)
+    rates = metrics.binary_at_threshold((np.asarray(y) == c).astype(int), np.asarray(probs)[:, c], threshold)
+    counts = np.array([[rates["tn"], rates["fp"]], [rates["fn"], rates["tp"]]], dtype=int)
+    negative = negative_label or f"not {positive_class}"
+    return OperatingPoint(positive_class, float(threshold), (negative, positive_class), counts, rates)
+
+
+def row_normalised(counts: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (rows with no samples stay 0): the fraction of each true class."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def report_table(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                 decided: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-class AUC, sensitivity, specificity, precision, NPV, F1 and support, plus an overall row."""
+    result = metrics.evaluate(y, probs, class_names, decided)
+    table = pd.DataFrame(result["per_class"]).T
+    table.loc["overall"] = {"auc": result["auc"], "support": result["n"]}
+    table["accuracy"] = [None] * len(class_names) + [result["accuracy"]]
+    return table.astype(float)
+
+
+def calibration_table(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[pd.DataFrame, float]:
+    """Reliability bins (lower, upper, confidence, accuracy, count) of the top-class confidence, and the ECE."""
+    result = metrics.calibration(y, probs, n_bins)
+    return pd.DataFrame(result["bins"]), result["ece"]
+
+
+def curve_groups(history: pd.DataFrame) -> dict[str, list[str]]:
+    """Training-curve columns grouped by metric: {'loss': ['loss', 'val_loss'], 'accuracy': [...], ...}."""
+    skip = {"epoch", "lr", "phase", "seconds", "learning_rate", "time"}
+    groups: dict[str, list[str]] = {}
+    for col in history.columns:
+        if col in skip or not pd.api.types.is_numeric_dtype(history[col]):
+            continue
+        base = col.removeprefix("val_")
+        groups.setdefault(base, []).append(col)
+    return groups
+
+
+def data_summary(split: pd.DataFrame) -> pd.DataFrame:
+    """Image counts per source and class (rows) and split (columns) from split.csv, with totals."""
+    need = {"source", "class", "split"}
+    if not need <= set(split.columns):
+        raise ValueError(f"split.csv lacks columns {sorted(need - set(split.columns))}")
+    table = pd.crosstab([split["source"], split["class"]], split["split"], margins=True, margins_name="total")
+    return table
+
+
+def split_facts(split: pd.DataFrame) -> dict[str, int]:
+    """Headline facts of a split: images, patients and duplicate images (where recorded)."""
+    facts = {"images": int(len(split))}
+    if "patient" in split.columns:
+        facts["patients"] = int(split["patient"].nunique())
+    if "duplicate_of" in split.columns:
+        facts["duplicates"] = int(split["duplicate_of"].notna().sum())
+    return facts
+
+
+def per_source(predictions: pd.DataFrame, class_names: Sequence[str], split: str | None = None) -> pd.DataFrame:
+    """n, accuracy (top class) and AUC per data source; empty when there is no source column."""
+    if "source" not in predictions.columns:
+        return pd.DataFrame()
+    y, probs, rows = labelled(predictions, class_names, split)
+    out = []
+    for source, idx in rows.groupby(rows["source"].astype(str)).indices.items():
+        result = metrics.evaluate(y[idx], probs[idx], class_names)
+        out.append({"source": source, "n": result["n"], "accuracy": result["accuracy"], "auc": result["auc"]})
+    return pd.DataFrame(out).set_index("source") if out else pd.DataFrame()
