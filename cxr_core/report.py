@@ -1,0 +1,144 @@
+"""A one-page report of one classification, drawn with PIL and returned as PNG or PDF bytes.
+
+The page (A4 portrait at 150 dpi, 1240x1754 px) holds the radiograph and its heatmap
+overlay, a bar per class probability, the decision and the rule behind it, any warnings,
+the model's name, version and weights hash, the date, and the research-use notice. It
+never receives the file name or any DICOM tag, so it cannot leak patient data; nothing is
+written to disk.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cxr_core.card import RESEARCH_USE, ModelCard
+
+if TYPE_CHECKING:  # models imports Keras; the report only needs the Prediction fields
+    from cxr_core.models import Prediction
+
+PAGE = (1240, 1754)  # A4 at 150 dpi
+MARGIN = 60
+IMAGE_BOX = 540  # each picture fits in a square of this side
+IMAGE_TOP = 200
+FORMATS = {"PNG": "image/png", "PDF": "application/pdf"}
+_INK, _GREY, _RED, _BLUE, _AMBER = (20, 20, 20), (110, 110, 110), (190, 30, 30), (40, 90, 170), (170, 110, 0)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _fit(picture: np.ndarray, box: int) -> Image.Image:
+    """float HxW in [0, 1] or uint8 HxWx3 -> PIL RGB image whose longer side is ``box``."""
+    arr = np.asarray(picture)
+    if arr.dtype != np.uint8:
+        arr = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    img = Image.fromarray(arr).convert("RGB")
+    scale = box / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    return lines + ([line] if line else [])
+
+
+def _paragraph(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int, fill: tuple, width: int) -> int:
+    """Draw wrapped text; return the y below it."""
+    font = _font(size)
+    x, y = xy
+    for line in _wrap(draw, text, font, width):
+        draw.text((x, y), line, font=font, fill=fill)
+        y += int(size * 1.35)
+    return y
+
+
+def decision_rule(card: ModelCard) -> str:
+    """The card's decision rule in words, e.g. 'PNEUMONIA if P >= 0.50; otherwise NORMAL'."""
+    if not card.thresholds:
+        return "the most probable class"
+    called = "; ".join(f"{c} if P({c}) >= {t:.2f}" for c, t in card.thresholds.items())
+    return f"{called}; otherwise {card.negative_class or 'the most probable class'}"
+
+
+def render(
+    image: np.ndarray,
+    overlay_rgb: np.ndarray,
+    prediction: Prediction,
+    card: ModelCard,
+    *,
+    method: str = "gradcam",
+    explained_class: str | None = None,
+    warnings: Sequence[str] = (),
+    when: _dt.datetime | None = None,
+    fmt: str = "PNG",
+) -> bytes:
+    """The report page as PNG or PDF bytes.
+
+    ``image``: float32 HxW in [0, 1] (the radiograph as shown); ``overlay_rgb``: uint8 HxWx3
+    (the heatmap over it); ``warnings``: sentences shown in amber (low confidence, not a chest).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"report format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    when = when or _dt.datetime.now().astimezone()
+    page = Image.new("RGB", PAGE, "white")
+    draw = ImageDraw.Draw(page)
+    width = PAGE[0] - 2 * MARGIN
+
+    draw.text((MARGIN, 50), "Chest X-ray classification report", font=_font(44), fill=_INK)
+    _paragraph(draw, (MARGIN, 112), RESEARCH_USE, 22, _RED, width)
+
+    for i, (picture, caption) in enumerate(
+        ((image, "Radiograph"), (overlay_rgb, f"{method} heatmap for {explained_class or prediction.top_class}"))
+    ):
+        left = MARGIN + i * (IMAGE_BOX + width - 2 * IMAGE_BOX)
+        fitted = _fit(picture, IMAGE_BOX)
+        page.paste(fitted, (left + (IMAGE_BOX - fitted.width) // 2, IMAGE_TOP + (IMAGE_BOX - fitted.height) // 2))
+        draw.rectangle((left - 1, IMAGE_TOP - 1, left + IMAGE_BOX, IMAGE_TOP + IMAGE_BOX), outline=_GREY)
+        draw.text((left, IMAGE_TOP + IMAGE_BOX + 10), caption, font=_font(22), fill=_GREY)
+
+    y = IMAGE_TOP + IMAGE_BOX + 70
+    colour = _RED if prediction.positive else _BLUE
+    draw.text((MARGIN, y), f"Decision: {prediction.decision}", font=_font(40), fill=colour)
+    y = _paragraph(draw, (MARGIN, y + 56), f"Rule: {decision_rule(card)}.", 22, _GREY, width) + 20
+
+    label_w, bar_w, bar_h = 300, width - 300 - 140, 34
+    for name, p in zip(prediction.class_names, prediction.probabilities, strict=True):
+        draw.text((MARGIN, y + 4), name, font=_font(24), fill=_INK)
+        x0 = MARGIN + label_w
+        draw.rectangle((x0, y, x0 + bar_w, y + bar_h), outline=_GREY)
+        draw.rectangle((x0, y, x0 + round(bar_w * float(p)), y + bar_h), fill=colour if name == prediction.decision
+                       else _GREY)
+        draw.text((x0 + bar_w + 16, y + 4), f"{p:.4f}", font=_font(24), fill=_INK)
+        y += bar_h + 16
+
+    y += 10
+    for warning in warnings:
+        y = _paragraph(draw, (MARGIN, y), f"Warning: {warning}", 22, _AMBER, width) + 6
+
+    footer = (
+        f"Model: {card.name} (version {card.version}, {card.architecture}, {card.input_size} px), "
+        f"weights sha256 {card.weights_sha256[:16]}. Probabilities are temperature-calibrated "
+        f"(T = {card.temperature:.3g}). Report created {when.strftime('%Y-%m-%d %H:%M %Z').strip()}."
+    )
+    y_footer = PAGE[1] - MARGIN - 130
+    draw.line((MARGIN, y_footer - 16, PAGE[0] - MARGIN, y_footer - 16), fill=_GREY, width=2)
+    y_footer = _paragraph(draw, (MARGIN, y_footer), footer, 20, _GREY, width)
+    _paragraph(draw, (MARGIN, y_footer + 4), card.intended_use or RESEARCH_USE, 20, _RED, width)
+
+    buffer = io.BytesIO()
+    page.save(buffer, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {"optimize": False}))
+    return buffer.getvalue()
