@@ -108,3 +108,40 @@ def subfolders(root: Path, limit: int = 500) -> list[str]:
             if len(result) >= limit:
                 return result
     return result
+
+
+_SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "test", "testing"}
+
+
+def source_of(folder: Path) -> str:
+    """A dataset folder's source name as training records it: its name, or its parent's for train/val/test."""
+    folder = Path(folder)
+    return folder.parent.name if folder.name.lower() in _SPLIT_FOLDERS else folder.name
+
+
+def locate(rel: str, source: str | None, roots: list[Path]) -> Path | None:
+    """The file that a split/predictions row names (``rel`` relative to its source folder), or None.
+
+    Each root is tried as the source folder itself (when its source name matches), as a folder
+    holding ``source/`` (and ``source/<split>/``), and as the file's direct parent tree. Only
+    files that resolve inside the root they were found under are returned.
+    """
+    candidates: list[tuple[Path, str]] = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        if source and source_of(root.resolve()) == source:
+            candidates.append((root, rel))
+        if source:
+            candidates.append((root, f"{source}/{rel}"))
+            candidates.extend((root, f"{source}/{split}/{rel}") for split in sorted(_SPLIT_FOLDERS))
+        candidates.append((root, rel))
+    for root, user_path in candidates:
+        try:
+            path = resolve_under(root, user_path)
+        except ValueError:
+            continue
+        if path.is_file():
+            return path
+    return None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core.paths import list_images, resolve_under, subfolders
+from cxr_core.paths import list_images, locate, resolve_under, source_of, subfolders
 
 
 @pytest.fixture()
@@ -103,3 +103,17 @@ def test_subfolders_lists_relative_dirs_without_symlinks(tree):
     root, outside = tree
     (root / "link_dir").symlink_to(outside, target_is_directory=True)
     assert subfolders(root) == ["a", "a/b"]
+
+
+def test_locate_finds_split_rows_under_their_source(tmp_path):
+    data = tmp_path / "data"
+    (data / "kermany" / "train" / "NORMAL").mkdir(parents=True)
+    (data / "covid" / "Normal").mkdir(parents=True)
+    (data / "kermany" / "train" / "NORMAL" / "IM-1.jpeg").write_bytes(b"k")
+    (data / "covid" / "Normal" / "n1.png").write_bytes(b"c")
+    assert locate("NORMAL/IM-1.jpeg", "kermany", [data]) == (data / "kermany/train/NORMAL/IM-1.jpeg").resolve()
+    assert locate("NORMAL/IM-1.jpeg", "kermany", [data / "kermany" / "train"]) is not None
+    assert locate("Normal/n1.png", "covid", [tmp_path / "missing", data]) == (data / "covid/Normal/n1.png").resolve()
+    assert locate("Normal/absent.png", "covid", [data]) is None
+    assert locate("../../etc/passwd", "covid", [data]) is None
+    assert source_of(data / "kermany" / "train") == "kermany" and source_of(data / "covid") == "covid"
