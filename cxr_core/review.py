@@ -1,0 +1,101 @@
+"""The batch review table: one row per scored file, its filters and its CSV export.
+
+Rows come from ``cxr_core.pipeline.classify_many`` items (name, prediction or None, error or
+None, uint8 thumbnail, optional quality report). The table holds no image bytes except the
+small thumbnail data URI, and never any DICOM patient tag; the CSV export drops the thumbnail.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+THUMBNAIL = "thumbnail"
+FLAGS = {
+    "positive": "positive decision",
+    "low_confidence": "low confidence",
+    "not_chest": "probably not a chest X-ray",
+    "error": "unreadable",
+}
+
+
+def thumbnail_uri(thumbnail: np.ndarray | None) -> str | None:
+    """A uint8 HxW or HxWx3 thumbnail (or float in [0, 1]) as a ``data:image/png;base64,...`` URI."""
+    if thumbnail is None:
+        return None
+    arr = np.asarray(thumbnail)
+    if arr.dtype != np.uint8:
+        arr = np.rint(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _quality(item: Any) -> tuple[bool | None, str]:
+    report = getattr(item, "quality", None)
+    if report is None:
+        return None, ""
+    return bool(report.probably_not_chest), "; ".join(report.reasons)
+
+
+def batch_table(items: Iterable[Any], class_names: Sequence[str]) -> pd.DataFrame:
+    """One row per item: thumbnail, file, top class and probability, p per class, decision, flags, error.
+
+    Unreadable items keep their row with empty predictions and the error message.
+    """
+    rows = []
+    for item in items:
+        pred = item.prediction
+        not_chest, reasons = _quality(item)
+        row: dict[str, Any] = {THUMBNAIL: thumbnail_uri(getattr(item, "thumbnail", None)), "file": item.name}
+        row["top_class"] = pred.top_class if pred else None
+        row["top_probability"] = pred.top_probability if pred else np.nan
+        for name in class_names:
+            row[f"p_{name}"] = pred.as_dict()[name] if pred else np.nan
+        row["decision"] = pred.decision if pred else None
+        row["positive"] = bool(pred.positive) if pred else False
+        row["low_confidence"] = bool(pred.low_confidence) if pred else False
+        row["not_chest"] = bool(not_chest) if not_chest is not None else False
+        row["quality_notes"] = reasons
+        row["error"] = item.error or ""
+        rows.append(row)
+    columns = [THUMBNAIL, "file", "top_class", "top_probability", *[f"p_{c}" for c in class_names], "decision",
+               "positive", "low_confidence", "not_chest", "quality_notes", "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def filter_table(table: pd.DataFrame, decisions: Sequence[str] | None = None, flags: Sequence[str] = (),
+                 text: str = "") -> pd.DataFrame:
+    """Rows whose decision is in ``decisions`` (None: any), that carry every flag in ``flags``
+    (keys of FLAGS) and whose file name contains ``text`` (case-insensitive). Index is kept."""
+    keep = pd.Series(True, index=table.index)
+    if decisions is not None:
+        keep &= table["decision"].isin(list(decisions))
+    for flag in flags:
+        if flag not in FLAGS:
+            raise ValueError(f"unknown flag {flag!r}; choose from {sorted(FLAGS)}")
+        keep &= table["error"].astype(str) != "" if flag == "error" else table[flag].astype(bool)
+    if text.strip():
+        keep &= table["file"].astype(str).str.contains(text.strip(), case=False, regex=False)
+    return table[keep]
+
+
+def export_csv(table: pd.DataFrame) -> str:
+    """The table as CSV text without the thumbnail column (probabilities to 6 decimals)."""
+    return table.drop(columns=[THUMBNAIL], errors="ignore").to_csv(index=False, float_format="%.6f")
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """Names made unique by appending ' (2)', ' (3)'... to repeats, order kept."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out

@@ -1,0 +1,85 @@
+"""cxr_core.review: the batch table, its filters and CSV export."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxr_core import review
+from cxr_core.card import ModelCard
+from cxr_core.models import Prediction, decide
+from cxr_core.quality import QualityReport
+
+CARD = ModelCard(name="m", architecture="tiny", input_size=64, class_names=["NORMAL", "PNEUMONIA"],
+                 target_layer="relu", negative_class="NORMAL", thresholds={"PNEUMONIA": 0.5}, low_confidence=0.6)
+
+
+@dataclass
+class Item:
+    name: str
+    prediction: Prediction | None
+    error: str | None
+    thumbnail: np.ndarray | None
+    quality: QualityReport | None = None
+
+
+@pytest.fixture()
+def items() -> list[Item]:
+    thumb = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    return [
+        Item("a.jpeg", decide(CARD, [0.2, 0.8]), None, thumb, QualityReport(False)),
+        Item("b.dcm", decide(CARD, [0.55, 0.45]), None, thumb, QualityReport(True, ["it is a colour picture"])),
+        Item("broken.dcm", None, "The file is damaged.", None),
+        Item("c.png", decide(CARD, [0.9, 0.1]), None, thumb),
+    ]
+
+
+def test_thumbnail_uri_round_trips_the_pixels():
+    thumb = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    uri = review.thumbnail_uri(thumb)
+    assert uri.startswith("data:image/png;base64,")
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+    np.testing.assert_array_equal(decoded, thumb)
+    assert review.thumbnail_uri(None) is None
+
+
+def test_batch_table_rows(items):
+    table = review.batch_table(items, CARD.class_names)
+    assert table["file"].tolist() == ["a.jpeg", "b.dcm", "broken.dcm", "c.png"]
+    assert table["decision"].tolist()[:2] == ["PNEUMONIA", "NORMAL"]
+    assert table["p_PNEUMONIA"].tolist()[:2] == [0.8, 0.45]
+    assert table["positive"].tolist() == [True, False, False, False]
+    assert table["low_confidence"].tolist() == [False, True, False, False]
+    assert table["not_chest"].tolist() == [False, True, False, False]
+    assert table.loc[1, "quality_notes"] == "it is a colour picture"
+    assert table.loc[2, "error"] == "The file is damaged." and np.isnan(table.loc[2, "p_NORMAL"])
+
+
+def test_filters(items):
+    table = review.batch_table(items, CARD.class_names)
+    assert review.filter_table(table, decisions=["NORMAL"])["file"].tolist() == ["b.dcm", "c.png"]
+    assert review.filter_table(table, flags=["low_confidence", "not_chest"])["file"].tolist() == ["b.dcm"]
+    assert review.filter_table(table, flags=["error"])["file"].tolist() == ["broken.dcm"]
+    assert review.filter_table(table, text="DCM")["file"].tolist() == ["b.dcm", "broken.dcm"]
+    assert review.filter_table(table, flags=["positive"]).index.tolist() == [0]
+    with pytest.raises(ValueError, match="unknown flag"):
+        review.filter_table(table, flags=["odd"])
+
+
+def test_export_csv_matches_the_table_without_thumbnails(items):
+    table = review.batch_table(items, CARD.class_names)
+    back = pd.read_csv(io.StringIO(review.export_csv(table)), keep_default_na=False)
+    assert "thumbnail" not in back.columns and "base64" not in review.export_csv(table)
+    assert back["file"].tolist() == table["file"].tolist()
+    np.testing.assert_allclose(back["p_PNEUMONIA"].iloc[[0, 1, 3]].astype(float), [0.8, 0.45, 0.1])
+    assert back["error"].tolist()[2] == "The file is damaged."
+
+
+def test_unique_names():
+    assert review.unique_names(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
