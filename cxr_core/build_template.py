@@ -2,7 +2,7 @@
 
     python -m cxr_core.build_template [--data ../shared/data] [--per-set 400]
 
-Averages standardised 32x32 thumbnails of a fixed random sample of real chest films
+Averages standardised 32x32 rank thumbnails (``quality.thumbnail``) of a fixed random sample of real chest films
 (Kermany, COVID-19 Radiography, COVID-19 Image Dataset) and writes the mean as an 8-bit
 grey PNG (about 1 KB). Correlation is unaffected by the 8-bit rescaling. The images used
 are the even positions of each set's shuffled list; ``sample(..., odd=True)`` gives the
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_core.quality import TEMPLATE_FILE, _standardise, thumbnail
+from cxr_core.quality import TEMPLATE_FILE, thumbnail
 
 SETS = ("kermany/train", "covid19_radiography", "covid19_image_dataset/train")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -39,7 +39,7 @@ def grey(path: Path) -> np.ndarray:
 
 def build(data: Path, per_set: int) -> np.ndarray:
     """The mean standardised thumbnail over ``per_set`` images of each set, float32 (32, 32)."""
-    thumbs = [_standardise(thumbnail(grey(p))) for s in SETS for p in sample(data, s, per_set)]
+    thumbs = [thumbnail(grey(p)) for s in SETS for p in sample(data, s, per_set)]
     return np.mean(thumbs, axis=0)
 
 

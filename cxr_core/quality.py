@@ -9,9 +9,10 @@ on real images from ../shared/data, see ``build_template.py``):
 2. blank: the image is (nearly) one flat grey (pixel standard deviation below ``BLANK_STD``);
 3. DICOM tags: the modality is not radiography (CR/DX) or the body part is not the chest;
 4. shape: width / height outside ``ASPECT_RANGE`` (chest films are roughly square);
-5. template: the 32x32 thumbnail hardly correlates with the mean upright chest film
+5. template: the 32x32 rank thumbnail (see ``thumbnail``) hardly correlates with the mean upright chest film
    (below ``TEMPLATE_MIN``), or correlates weakly (below ``SIDEWAYS_BELOW``) and better
-   with that mean turned 90 degrees (a film on its side, a dental panoramic).
+   with that mean turned 90 degrees (a film on its side, a dental panoramic); a strongly
+   negative correlation (below ``INVERTED_BELOW``) is reported as a negative (inverted) film.
 
 Upside-down films are not reliably caught (about a third are), nor lateral views.
 """
@@ -30,11 +31,13 @@ from PIL import Image
 
 TEMPLATE_FILE = Path(__file__).with_name("chest_template.png")
 TEMPLATE_SIZE = 32
+BORDER = 0.05
 COLOUR_MAX = 15.0
 BLANK_STD = 0.02
 ASPECT_RANGE = (0.5, 2.0)
 TEMPLATE_MIN = 0.1
 SIDEWAYS_BELOW = 0.3
+INVERTED_BELOW = -0.3  # a negative film (lungs bright) anti-correlates with the template
 RADIOGRAPHY = {"", "CR", "DX", "DR", "RG", "OT"}
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO", "RIB")
 
@@ -71,13 +74,23 @@ def _standardise(img: np.ndarray) -> np.ndarray:
 
 
 def thumbnail(pixels: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
-    """Area-resized float32 (size, size) of a float HxW image, aspect ratio not kept."""
-    return cv2.resize(np.asarray(pixels, dtype=np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    """Standardised float32 (size, size) rank thumbnail of a float HxW image.
+
+    A ``BORDER`` fraction is cut from each side (film edges, labels, collimation), the rest is
+    area-resized (aspect ratio not kept) and replaced by its pixel ranks (histogram
+    equalisation), so exposure and contrast do not matter, only the layout of dark and bright.
+    """
+    img = np.asarray(pixels, dtype=np.float32)
+    h, w = img.shape
+    dy, dx = int(h * BORDER), int(w * BORDER)
+    small = cv2.resize(img[dy:h - dy or None, dx:w - dx or None], (size, size), interpolation=cv2.INTER_AREA)
+    ranks = np.argsort(np.argsort(small.ravel(), kind="stable"), kind="stable").reshape(small.shape)
+    return _standardise(ranks.astype(np.float32))
 
 
 def template_scores(pixels: np.ndarray) -> dict[str, float]:
     """Pearson correlation of the image's thumbnail with the template upright and turned 90 degrees (best side)."""
-    thumb = _standardise(thumbnail(pixels))
+    thumb = thumbnail(pixels)
     t = template()
     n = t.size
 
@@ -151,7 +164,10 @@ def assess(loaded: Any, original: bytes | None = None) -> QualityReport:
         scores.update(template_corr=0.0, sideways_corr=0.0)
     else:
         scores.update(template_scores(pixels))
-        if scores["template_corr"] < TEMPLATE_MIN:
+        if scores["template_corr"] < INVERTED_BELOW:
+            reasons.append(f"it looks like a negative, lungs bright and bones dark (correlation with the average "
+                           f"chest {scores['template_corr']:.2f}); check the file's photometric interpretation")
+        elif scores["template_corr"] < TEMPLATE_MIN:
             reasons.append(f"it does not look like a chest film (correlation with the average chest "
                            f"{scores['template_corr']:.2f} < {TEMPLATE_MIN:g})")
         elif scores["template_corr"] < SIDEWAYS_BELOW and scores["sideways_corr"] > scores["template_corr"]:
