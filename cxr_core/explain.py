@@ -1,0 +1,233 @@
+"""Where the model looked: Grad-CAM and the tf-keras-vis methods (TensorFlow, serving side).
+
+Build one ``Explainer`` per loaded model and reuse it (it is shared between app sessions):
+
+    explainer = Explainer(classifier)
+    probs, heatmaps = explainer.gradcam(batch)                  # one compiled pass
+    explanation = explainer.explain(batch[:1], "scorecam", class_index=1)
+
+Grad-CAM is our own compiled ``tf.function``: one forward and one backward pass give both the
+prediction and the map, traced once per (model, layer) because the input signature is fixed and
+the class index is a tensor. The score is the chosen class's *logit* (the models output logits).
+Grad-CAM++, Score-CAM, LayerCAM and SmoothGrad come from tf-keras-vis 0.8.7, built once per model.
+Every heatmap is float32 (S, S) in [0, 1] at the model's input size: raw maps are resized
+bilinearly and min-max normalised per image (a constant map becomes all zeros).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cxr_core import models
+
+METHODS = ("gradcam", "gradcam++", "scorecam", "layercam", "smoothgrad")
+# Faster Score-CAM: only the 64 feature channels with the largest spatial variance are masked in,
+# i.e. 64 extra forward passes per image (a few seconds for DenseNet169 at 224 px on a CPU).
+SCORECAM_MAX_N = 64
+SMOOTHGRAD_SAMPLES = 20
+SMOOTHGRAD_NOISE = 0.2  # noise std as a fraction of the image's value range
+
+# The layer that ends each dense block / stage, by architecture family; group 1 names the stage.
+_STAGE_PATTERNS = {
+    "densenet": r"conv(\d+)_block\d+_concat",
+    "resnet": r"conv(\d+)_block\d+_out",
+    "vgg": r"block(\d+)_conv\d+",
+    "inception": r"mixed(\d+)",
+    "tiny": r"tiny_relu(\d+)",
+}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One image's heatmap: float32 (S, S) in [0, 1] for ``class_index``; ``layer`` None for SmoothGrad."""
+
+    heatmap: np.ndarray
+    method: str
+    class_index: int
+    layer: str | None
+
+
+def normalize(maps: np.ndarray, size: int) -> np.ndarray:
+    """Raw maps (N, h, w) -> float32 (N, size, size) in [0, 1]: bilinear resize, per-map min-max."""
+    out = np.empty((len(maps), size, size), dtype=np.float32)
+    for i, m in enumerate(np.asarray(maps, dtype=np.float32)):
+        m = cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR) if m.shape != (size, size) else m
+        lo, hi = float(m.min()), float(m.max())
+        out[i] = (m - lo) / (hi - lo) if hi > lo else 0.0
+    return np.clip(out, 0.0, 1.0)
+
+
+class _QuietModel:
+    """The model as tf-keras-vis sees it, with Score-CAM's ``model.predict`` progress bar turned off."""
+
+    def __init__(self, model: keras.Model):
+        self._model = model
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def predict(self, x, batch_size: int | None = None, **kwargs) -> np.ndarray:
+        return self._model.predict(x, batch_size=batch_size, verbose=0)
+
+
+class Explainer:
+    """Heatmaps for one ``models.Classifier``; thread-safe, builds its graphs lazily and once."""
+
+    def __init__(self, classifier: models.Classifier):
+        self.classifier = classifier
+        self.model = classifier.model
+        self.size = classifier.input_size
+        self.num_classes = classifier.card.num_classes
+        self.target_layer = classifier.card.target_layer
+        self._check_layer(self.target_layer)
+        self._build_lock = threading.Lock()
+        self._run_lock = threading.Lock()  # tf-keras-vis calls model.predict: one at a time
+        self._gradcam_fns: dict[str, Callable] = {}
+        self._visualizers: dict[str, object] = {}
+
+    # --- validation -------------------------------------------------------------------------
+    def layer_choices(self) -> list[str]:
+        """The layer ending each dense block / stage, in model order; the card's target layer last."""
+        family = next((f for f in _STAGE_PATTERNS if self.classifier.card.architecture.startswith(f)), None)
+        stages: dict[str, str] = {}
+        if family is not None:
+            for layer in self.model.layers:
+                match = re.fullmatch(_STAGE_PATTERNS[family], layer.name)
+                if match:
+                    stages[match.group(1)] = layer.name
+        return [name for name in stages.values() if name != self.target_layer] + [self.target_layer]
+
+    def _check_layer(self, layer: str) -> None:
+        try:
+            shape = self.model.get_layer(layer).output.shape
+        except ValueError:
+            raise ValueError(f"layer {layer!r} is not in the model; choose one of {self.layer_choices()}") from None
+        if len(shape) != 4:
+            raise ValueError(f"layer {layer!r} has output shape {tuple(shape)}, not a 2-D feature map")
+
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(f"expected a batch of shape (N, {self.size}, {self.size}, 3), got {batch.shape}")
+        return batch
+
+    def _check_class(self, class_index: int | None) -> None:
+        if class_index is None:
+            return
+        if isinstance(class_index, bool) or not isinstance(class_index, int | np.integer):
+            raise ValueError(f"class_index must be an int or None, got {class_index!r}")
+        if not 0 <= class_index < self.num_classes:
+            raise ValueError(f"class_index {class_index} is out of range for {self.num_classes} classes")
+
+    def _class_vector(self, class_index: int | Sequence[int] | None, n: int) -> np.ndarray:
+        """Per-image class indices as int32 (n,); -1 means the image's top class."""
+        indices = [class_index] * n if class_index is None or np.ndim(class_index) == 0 else list(class_index)
+        if len(indices) != n:
+            raise ValueError(f"got {len(indices)} class indices for a batch of {n}")
+        for c in indices:
+            self._check_class(c)
+        return np.array([-1 if c is None else int(c) for c in indices], dtype=np.int32)
+
+    # --- compiled Grad-CAM ------------------------------------------------------------------
+    def _gradcam_fn(self, layer: str) -> Callable:
+        with self._build_lock:
+            if layer not in self._gradcam_fns:
+                grad_model = keras.Model(self.model.inputs, [self.model.get_layer(layer).output, self.model.output])
+                spec = (tf.TensorSpec((None, self.size, self.size, 3), tf.float32), tf.TensorSpec((None,), tf.int32))
+
+                @tf.function(input_signature=spec)
+                def run(images: tf.Tensor, classes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                    with tf.GradientTape() as tape:
+                        features, logits = grad_model(images, training=False)
+                        top = tf.argmax(logits, axis=-1, output_type=tf.int32)
+                        chosen = tf.where(classes < 0, top, classes)
+                        # Images are independent in inference mode, so the gradient of the summed
+                        # scores gives each image the gradient of its own score.
+                        score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
+                    weights = tf.reduce_mean(tape.gradient(score, features), axis=(1, 2), keepdims=True)
+                    cam = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1))
+                    return logits, cam
+
+                self._gradcam_fns[layer] = run
+            return self._gradcam_fns[layer]
+
+    def raw_gradcam(
+        self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, C) and the un-normalised, un-resized ReLU'd Grad-CAM maps (N, h, w) at ``layer``."""
+        batch = self._check_batch(batch)
+        layer = layer or self.target_layer
+        self._check_layer(layer)
+        classes = self._class_vector(class_index, len(batch))
+        logits, cam = self._gradcam_fn(layer)(tf.constant(batch), tf.constant(classes))
+        return np.asarray(logits, dtype=np.float64), np.asarray(cam, dtype=np.float32)
+
+    def gradcam(
+        self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (N, C) and heatmaps float32 (N, S, S) in [0, 1] from one pass.
+
+        ``class_index``: None (each image's top class), one index, or one per image.
+        """
+        logits, cam = self.raw_gradcam(batch, class_index, layer)
+        return models.softmax(logits, self.classifier.card.temperature), normalize(cam, self.size)
+
+    # --- tf-keras-vis methods ---------------------------------------------------------------
+    def _visualizer(self, method: str) -> object:
+        with self._build_lock:
+            if method not in self._visualizers:
+                from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
+                from tf_keras_vis.layercam import Layercam
+                from tf_keras_vis.saliency import Saliency
+                from tf_keras_vis.scorecam import Scorecam
+
+                factory = {"gradcam++": GradcamPlusPlus, "scorecam": Scorecam, "layercam": Layercam,
+                           "smoothgrad": Saliency}[method]
+                self._visualizers[method] = factory(_QuietModel(self.model), clone=False)
+            return self._visualizers[method]
+
+    def explain(
+        self, batch: np.ndarray, method: str = "gradcam", class_index: int | None = None, layer: str | None = None
+    ) -> Explanation:
+        """One image's heatmap by ``method`` (see METHODS) for ``class_index`` (None: top class)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        batch = self._check_batch(batch)
+        if len(batch) != 1:
+            raise ValueError(f"explain takes one image, got a batch of {len(batch)}")
+        self._check_class(class_index)
+        layer = layer or self.target_layer
+        self._check_layer(layer)
+        if method == "gradcam":
+            logits, cam = self.raw_gradcam(batch, class_index, layer)
+            index = int(np.argmax(logits[0])) if class_index is None else int(class_index)
+            return Explanation(normalize(cam, self.size)[0], method, index, layer)
+
+        from tf_keras_vis.utils.scores import CategoricalScore
+
+        index = int(np.argmax(self.classifier.logits(batch)[0])) if class_index is None else int(class_index)
+        score = CategoricalScore(index)
+        visualizer = self._visualizer(method)
+        with self._run_lock:
+            if method == "smoothgrad":
+                raw = visualizer(score, batch, smooth_samples=SMOOTHGRAD_SAMPLES, smooth_noise=SMOOTHGRAD_NOISE,
+                                 normalize_map=False)
+                return Explanation(normalize(np.asarray(raw), self.size)[0], method, index, None)
+            # seek_penultimate_conv_layer=False: otherwise tf-keras-vis replaces the layer by the
+            # nearest Conv2D before it, which on DenseNet is a bottleneck conv, not the feature map.
+            channels = int(self.model.get_layer(layer).output.shape[-1])
+            options = {"max_N": min(SCORECAM_MAX_N, channels)} if method == "scorecam" else {}
+            raw = visualizer(score, batch, penultimate_layer=layer, seek_penultimate_conv_layer=False,
+                             expand_cam=False, normalize_cam=False, **options)
+        return Explanation(normalize(np.asarray(raw), self.size)[0], method, index, layer)
