@@ -1,0 +1,91 @@
+"""Decode each image once through cxr_core and keep the model-size uint8 pixels on disk.
+
+Cache entries are keyed by the file's sha256 and the input size:
+``CACHE/<size>/<sha[:2]>/<sha>.npy`` holds ``cxr_core.preprocess.prepare(pixels, size)``
+(uint8 (S, S)); ``<sha>.err`` holds the reason a file could not be read, so a bad file is
+not decoded again either. Only pixels and error text are written: no DICOM tags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr_core import imaging, preprocess
+from cxr_core.errors import UnreadableImageError
+from training.data import Record, file_sha256
+
+DEFAULT_CACHE = Path(os.environ.get("CXR_CACHE_DIR", Path.home() / ".cache" / "cxr_toolkit"))
+
+
+@dataclass
+class Decoded:
+    """The records that decoded, their pixels uint8 (N, S, S) in record order, and the ones that did not."""
+
+    records: list[Record]
+    images: np.ndarray
+    skipped: list[dict[str, str]]  # {"path": "source/rel", "error": reason}
+
+
+def _entry(cache_dir: Path, sha: str, size: int) -> Path:
+    return cache_dir / str(size) / sha[:2] / sha
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def pixels(record: Record, size: int, cache_dir: Path | None = DEFAULT_CACHE) -> np.ndarray:
+    """uint8 (size, size) pixels of one file, from the cache or decoded once and cached.
+
+    Raises ``UnreadableImageError`` (also for a file remembered as unreadable).
+    """
+    sha = record.sha256 or file_sha256(record.path)
+    entry = _entry(cache_dir, sha, size) if cache_dir is not None else None
+    if entry is not None:
+        npy, err = entry.with_suffix(".npy"), entry.with_suffix(".err")
+        if npy.is_file():
+            try:
+                return np.load(npy)
+            except (OSError, ValueError):
+                npy.unlink(missing_ok=True)  # a torn write from an interrupted run: decode again
+        if err.is_file():
+            raise UnreadableImageError(err.read_text())
+    try:
+        image = imaging.load(record.path, record.path.name)
+    except UnreadableImageError as exc:
+        if entry is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            entry.with_suffix(".err").write_text(str(exc))
+        raise
+    prepared = preprocess.prepare(image.pixels, size)
+    if entry is not None:
+        _atomic_save(entry.with_suffix(".npy"), prepared)
+    return prepared
+
+
+def decode(records: Sequence[Record], size: int, cache_dir: Path | None = DEFAULT_CACHE,
+           progress: Callable[[int, int], None] | None = None) -> Decoded:
+    """Pixels for every record that can be read; unreadable files are reported, never raised."""
+    kept: list[Record] = []
+    images: list[np.ndarray] = []
+    skipped: list[dict[str, str]] = []
+    for i, record in enumerate(records):
+        try:
+            images.append(pixels(record, size, cache_dir))
+            kept.append(record)
+        except UnreadableImageError as exc:
+            skipped.append({"path": record.key, "error": str(exc)})
+        except OSError as exc:  # vanished or unreadable on disk
+            skipped.append({"path": record.key, "error": f"could not read the file ({exc.strerror or exc})"})
+        if progress is not None:
+            progress(i + 1, len(records))
+    stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    return Decoded(kept, stacked, skipped)

@@ -1,0 +1,92 @@
+"""The training run's settings: one dataclass, parsed from flags, saved into the card's recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; defaults follow the seeds (DenseNet169, 224 px, Adamax 1e-3)."""
+
+    data: list[str]  # dataset folders: DIR/CLASS/** or DIR/{train,val,test}/CLASS/**
+    out: str = "models/cxr"  # the model folder written
+    name: str = ""  # model name in the card; default: the out folder's name
+    class_map: dict[str, str] = field(default_factory=dict)  # folder name -> class
+    negative_class: str = "NORMAL"  # called when no positive class reaches its threshold (if present)
+    # model
+    architecture: str = "densenet169"
+    input_size: int = 224
+    weights: str = "none"  # none | imagenet | PATH.h5 (backbone weights) | MODEL_DIR (one of ours)
+    dropout: float = 0.2
+    # optimisation
+    epochs: int = 20  # total, including the frozen phase
+    freeze_epochs: int = 3  # epochs with the backbone frozen; only when starting from pretrained weights
+    unfreeze: str = "all"  # all | top:K (last K weighted layers) | top:0.3 (a fraction of them)
+    batch_size: int = 32
+    optimizer: str = "adamax"  # adam | adamw | adamax
+    lr: float = 1e-3
+    fine_tune_lr: float = 1e-4
+    weight_decay: float = 1e-4  # AdamW only
+    class_weights: str = "balanced"  # balanced | none
+    patience: int = 5  # EarlyStopping on val_loss, per phase
+    lr_patience: int = 2  # ReduceLROnPlateau on val_loss (factor 0.2)
+    # augmentation (training only)
+    augment: bool = True
+    flip: str = "none"  # none | horizontal (mirrors the heart's side: off by default)
+    rotation: float = 0.03  # fraction of a full turn (0.03 = about 11 degrees)
+    zoom: float = 0.1
+    shift: float = 0.05
+    contrast: float = 0.1
+    brightness: float = 0.1
+    blur: float = 0.2  # probability-like strength of Gaussian blur (keras RandomGaussianBlur factor)
+    # data
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 42
+    max_per_class: int = 0  # >0: use at most this many images per (source, class), for smoke runs
+    split_manifest: str = ""  # reuse an earlier split.csv instead of splitting
+    cache_dir: str = ""  # default ~/.cache/cxr_toolkit (or $CXR_CACHE_DIR); "none" disables the cache
+    # decision rule, fitted on the validation split
+    target_sensitivity: float = 0.95
+    threshold_rule: str = "sensitivity"  # sensitivity | argmax
+    # hardware
+    mixed_precision: str = "auto"  # auto (GPU only) | off | float16 | bfloat16
+    distribute: bool = False  # data parallel over all local devices
+    resume: bool = False
+    verbose: int = -1  # -1: progress bar on a terminal, one line per epoch otherwise
+
+    def __post_init__(self) -> None:
+        self.split = tuple(float(f) for f in self.split)  # type: ignore[assignment]
+        if self.optimizer not in ("adam", "adamw", "adamax"):
+            raise ValueError(f"optimizer must be adam, adamw or adamax, got {self.optimizer!r}")
+        if self.class_weights not in ("balanced", "none"):
+            raise ValueError(f"class_weights must be balanced or none, got {self.class_weights!r}")
+        if self.flip not in ("none", "horizontal"):
+            raise ValueError(f"flip must be none or horizontal, got {self.flip!r}")
+        if self.threshold_rule not in ("sensitivity", "argmax"):
+            raise ValueError(f"threshold_rule must be sensitivity or argmax, got {self.threshold_rule!r}")
+        if self.mixed_precision not in ("auto", "off", "float16", "bfloat16"):
+            raise ValueError(f"mixed_precision must be auto, off, float16 or bfloat16, got {self.mixed_precision!r}")
+        if self.unfreeze != "all" and not self.unfreeze.startswith("top:"):
+            raise ValueError(f"unfreeze must be all or top:K, got {self.unfreeze!r}")
+        if self.epochs < 0 or self.freeze_epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs and freeze_epochs must be >= 0 and batch_size >= 1")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights.lower() != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["split"] = list(self.split)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,251 @@
+"""Dataset folders -> labelled, de-duplicated, patient-level split records (no decoding here).
+
+Layouts: ``DIR/CLASS/**`` or ``DIR/{train,val,test}/CLASS/**``. Folder names become classes
+through a class map (``{"Viral Pneumonia": "PNEUMONIA"}``); a folder that maps to no class is
+reported and skipped. Decoding and the pixel cache live in ``training.cache``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+# Kermany names: person1234_bacteria_5678.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0383-0001.jpeg.
+_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.IGNORECASE), re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+"))
+MANIFEST_FIELDS = ("path", "source", "class", "split", "patient", "sha256", "duplicate_of")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image file: where it is, its class, split ("" = not yet split) and patient group."""
+
+    path: Path  # absolute
+    rel: str  # relative to its source root, posix
+    source: str
+    label: str
+    split: str = ""
+    patient: str = ""
+    sha256: str = ""
+    duplicate_of: str = ""  # "source/rel" of the copy kept, when this file is a byte-identical duplicate
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}/{self.rel}"
+
+
+@dataclass
+class Scan:
+    """What scanning the dataset folders found."""
+
+    records: list[Record]
+    unmapped: list[str] = field(default_factory=list)  # "source/folder" skipped: no class
+    classes: list[str] = field(default_factory=list)
+
+
+def parse_class_map(items: Iterable[str]) -> dict[str, str]:
+    """``["Viral Pneumonia=PNEUMONIA", ...]`` -> mapping; an empty target (``Other=``) skips the folder."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        if "=" not in item:
+            raise ValueError(f"class map entry {item!r} must look like FOLDER=CLASS")
+        folder, cls = (s.strip() for s in item.split("=", 1))
+        mapping[folder] = cls
+    return mapping
+
+
+def read_class_map(path: str | Path) -> dict[str, str]:
+    """A class map file: one ``FOLDER=CLASS`` per line, ``#`` comments."""
+    return parse_class_map(Path(path).read_text().splitlines())
+
+
+def map_folder(folder: str, class_map: dict[str, str] | None, known: Iterable[str] = ()) -> str | None:
+    """The class a folder name maps to (case-insensitive), or None when it maps to none.
+
+    Without a map every folder is its own class. With one, a folder not in it still matches a
+    target class of the map or a ``known`` class by name (``PNEUMONIA`` -> ``PNEUMONIA``).
+    """
+    if not class_map:
+        return folder
+    lowered = {k.lower(): v for k, v in class_map.items()}
+    if folder.lower() in lowered:
+        return lowered[folder.lower()] or None
+    targets = {t.lower(): t for t in [*class_map.values(), *known] if t}
+    return targets.get(folder.lower())
+
+
+def patient_id(filename: str) -> str:
+    """The patient a Kermany file name encodes (``person1234``, ``IM-0115``, ``NORMAL2-IM-0383``), or ""."""
+    stem = Path(filename).stem
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(stem)
+        if match:
+            return match.group(1)
+    return ""
+
+
+def source_name(root: Path, taken: Sequence[str] = ()) -> str:
+    """A short name for a dataset folder: its name, or its parent's when it is called train/val/test."""
+    root = root.resolve()
+    name = root.parent.name if root.name.lower() in _SPLIT_ALIASES else root.name
+    return name if name not in taken else f"{name}-{len(taken)}"
+
+
+def image_files(folder: Path) -> list[Path]:
+    from cxr_core.imaging import is_image_name
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and is_image_name(p.name))
+
+
+def scan(roots: Sequence[str | Path], class_map: dict[str, str] | None = None, known: Iterable[str] = ()) -> Scan:
+    """List every image under the dataset folders with its mapped class and given split (if any)."""
+    records: list[Record] = []
+    unmapped: list[str] = []
+    names: list[str] = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder {root} does not exist")
+        source = source_name(root, names)
+        names.append(source)
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        split_dirs = [d for d in subdirs if d.name.lower() in _SPLIT_ALIASES]
+        groups = ([(d, _SPLIT_ALIASES[d.name.lower()]) for d in split_dirs] if split_dirs else [(root, "")])
+        # A folder holding only train/ has no given split: it is split like a flat one.
+        only_train = bool(split_dirs) and {s for _, s in groups} == {"train"}
+        for base, split in groups:
+            for folder in sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")):
+                label = map_folder(folder.name, class_map, known)
+                if label is None:
+                    unmapped.append(f"{source}/{folder.relative_to(root).as_posix()}")
+                    continue
+                for path in image_files(folder):
+                    records.append(Record(path=path.resolve(), rel=path.relative_to(root).as_posix(), source=source,
+                                          label=label, split="" if only_train else split,
+                                          patient=patient_id(path.name)))
+    classes = sorted({r.label for r in records})
+    return Scan(records, unmapped, classes)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+_KEEP_RANK = {"train": 0, "": 1, "val": 2, "test": 3}
+
+
+def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """Hash every file; collapse byte-identical copies to one.
+
+    The copy kept is the one on the training side (train, then unsplit, then val, then test),
+    so a file that also sits in a held-out split is removed from the held-out side.
+    Returns (records with sha256 set, duplicates with ``duplicate_of`` set).
+    """
+    hashed = [r if r.sha256 else dataclasses.replace(r, sha256=file_sha256(r.path)) for r in records]
+    by_hash: dict[str, list[Record]] = defaultdict(list)
+    for r in hashed:
+        by_hash[r.sha256].append(r)
+    kept: list[Record] = []
+    dropped: list[Record] = []
+    for group in by_hash.values():
+        group.sort(key=lambda r: (_KEEP_RANK[r.split], r.source, r.rel))
+        kept.append(group[0])
+        dropped.extend(dataclasses.replace(r, duplicate_of=group[0].key) for r in group[1:])
+    order = {r.key: i for i, r in enumerate(hashed)}
+    return sorted(kept, key=lambda r: order[r.key]), sorted(dropped, key=lambda r: order[r.key])
+
+
+def split(records: Sequence[Record], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+          seed: int = 42) -> list[Record]:
+    """Assign a split to every record without one, keeping all images of a patient together.
+
+    Given splits are kept. Per source, the unsplit pool is split into the splits that source
+    lacks (val and test carved from train when only train was given), stratified by class: whole
+    patient groups (a file with no patient id is its own group) are shuffled with ``seed`` and
+    each goes to the split furthest below its share.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or not abs(sum(fractions) - 1) < 1e-6:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    out = {r.key: r for r in records}
+    by_source: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_source[r.source].append(r)
+    for source, recs in sorted(by_source.items()):
+        given = {r.split for r in recs if r.split}
+        shares = {s: f for s, f in zip(SPLITS, fractions, strict=True) if s not in given or s == "train"}
+        pool = [r for r in recs if not r.split or r.split == "train"]
+        if not pool or (given >= {"val", "test"}):
+            out.update({r.key: dataclasses.replace(r, split=r.split or "train") for r in pool})
+            continue
+        groups: dict[str, list[Record]] = defaultdict(list)
+        for r in pool:
+            groups[r.patient or f"file:{r.rel}"].append(r)
+        strata: dict[str, list[str]] = defaultdict(list)
+        for gid, members in groups.items():
+            strata[Counter(m.label for m in members).most_common(1)[0][0]].append(gid)
+        total = sum(shares.values())
+        for label, gids in sorted(strata.items()):
+            rng = np.random.default_rng([seed, *map(ord, f"{source}/{label}")])
+            gids = sorted(gids)
+            n_stratum = sum(len(groups[g]) for g in gids)
+            counts = dict.fromkeys(shares, 0)
+            for gid in (gids[i] for i in rng.permutation(len(gids))):
+                target = max(shares, key=lambda s: shares[s] / total * n_stratum - counts[s])
+                counts[target] += len(groups[gid])
+                out.update({m.key: dataclasses.replace(m, split=target) for m in groups[gid]})
+    return [out[r.key] for r in records]
+
+
+def counts(records: Iterable[Record]) -> dict[str, dict[str, dict[str, int]]]:
+    """{source: {split: {class: n}}} for the card's training_data."""
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    for r in records:
+        cell = table.setdefault(r.source, {}).setdefault(r.split or "unsplit", {})
+        cell[r.label] = cell.get(r.label, 0) + 1
+    return table
+
+
+def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
+    """The split as CSV: path (relative to its source root), source, class, split, patient, sha256, duplicate_of.
+
+    A removed duplicate has split "duplicate" and names the copy kept in duplicate_of.
+    """
+    path = Path(path)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_FIELDS)
+        for r in records:
+            split_name = "duplicate" if r.duplicate_of else r.split
+            writer.writerow([r.rel, r.source, r.label, split_name, r.patient, r.sha256, r.duplicate_of])
+    return path
+
+
+def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]:
+    """Records from a manifest, resolved against the same dataset folders (by source name)."""
+    names: list[str] = []
+    root_of: dict[str, Path] = {}
+    for root in map(Path, roots):
+        name = source_name(root, names)
+        names.append(name)
+        root_of[name] = root.resolve()
+    records = []
+    with Path(path).open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["source"] not in root_of:
+                raise ValueError(f"manifest {path} names source {row['source']!r}, which is not among {names}")
+            records.append(Record(path=root_of[row["source"]] / row["path"], rel=row["path"], source=row["source"],
+                                  label=row["class"], split=row["split"], patient=row["patient"],
+                                  sha256=row["sha256"], duplicate_of=row["duplicate_of"]))
+    return records
