@@ -1,0 +1,55 @@
+"""Display window presets and slider bounds for DICOM radiographs (numbers in stored-value units).
+
+A window is (center, width) in the units ``cxr_core.imaging`` applies it in (after the
+modality LUT). Radiographs have no Hounsfield scale, so presets are relative: they move and
+narrow the image's own window (the file's, or the percentile window ``imaging`` chose), toward
+the dark (lung) or bright (bone) end of the *display*. For MONOCHROME1 files, where a larger
+stored value is shown darker, "brighter on screen" is a lower stored value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+AUTO = "File window"
+AUTO_PERCENTILE = "Automatic (0.5-99.5 percentile)"
+FULL = "Full range"
+# name -> (shift of the center toward bright display, in widths of the base window; width factor)
+RELATIVE = {
+    "Lung": (-0.15, 0.8),
+    "Mediastinum / soft tissue": (0.1, 0.6),
+    "Bone": (0.25, 0.5),
+}
+
+
+def presets(info: Any) -> dict[str, tuple[float, float]]:
+    """Named (center, width) windows for a DICOM ``imaging.ImageInfo``; empty when it has no window.
+
+    The first entry is the window the image was read with (the file's, or the automatic one).
+    """
+    if info.window is None:
+        return {}
+    center, width = (float(v) for v in info.window)
+    first = AUTO if info.window_source in ("file", "voi_lut") else AUTO_PERCENTILE
+    result = {first: (center, width)}
+    if info.value_range is not None:
+        lo, hi = (float(v) for v in info.value_range)
+        if hi > lo:
+            result[FULL] = ((lo + hi) / 2.0, hi - lo)
+    toward_bright = -1.0 if info.inverted else 1.0
+    for name, (shift, factor) in RELATIVE.items():
+        result[name] = (center + toward_bright * shift * width, max(width * factor, 1e-6))
+    return result
+
+
+def slider_bounds(info: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((center min, center max), (width min, width max)) covering the value range and every preset."""
+    windows = list(presets(info).values()) or [(0.5, 1.0)]
+    if info.value_range is not None:
+        lo, hi = (float(v) for v in info.value_range)
+    else:
+        lo, hi = min(c for c, _ in windows), max(c for c, _ in windows)
+    span = max(hi - lo, max(w for _, w in windows), 1.0)
+    c_lo = min([lo] + [c for c, _ in windows])
+    c_hi = max([hi] + [c for c, _ in windows])
+    return (c_lo, c_hi), (span / 100.0, max(2.0 * span, max(w for _, w in windows)))

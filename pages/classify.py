@@ -1,0 +1,172 @@
+"""Classify page: one radiograph -> class probabilities, decision, heatmap, warnings and a report."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import ui
+from cxr_core import imaging, overlay, pipeline, quality, report, windowing
+from cxr_core.errors import UnreadableImageError
+
+METHOD_LABELS = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "scorecam": "Score-CAM (slow)",
+    "layercam": "LayerCAM",
+    "smoothgrad": "SmoothGrad",
+}
+# Only these DICOM fields are ever shown (an allow-list: patient, study and site tags never are).
+SAFE_TAGS = (
+    "Modality", "ViewPosition", "BodyPartExamined", "PhotometricInterpretation", "Rows", "Columns",
+    "BitsStored", "BitsAllocated", "Manufacturer", "ManufacturerModelName", "ImagerPixelSpacing", "PixelSpacing",
+    "TransferSyntax",
+)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def read_image(data: bytes, name: str, window: tuple[float, float] | None) -> imaging.LoadedImage:
+    """The upload read in memory (never written to disk); cached per content and window."""
+    return imaging.load(data, name, window=window)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def classify(_classifier, _explainer, model_key: str, data: bytes, name: str, class_index: int | None,
+             method: str) -> pipeline.Result:
+    """Prediction and heatmap for one upload; ``model_key`` (folder + weights hash) keys the cache."""
+    return pipeline.classify(_classifier, _explainer, data, name, class_index=class_index, method=method)
+
+
+def window_ui(info: imaging.ImageInfo, key: str) -> tuple[float, float] | None:
+    """Window preset and center/width sliders for a DICOM file; None while the default window is kept."""
+    options = windowing.presets(info)
+    if not options:
+        return None
+    default = next(iter(options.values()))
+    (c_lo, c_hi), (w_lo, w_hi) = windowing.slider_bounds(info)
+    ck, wk, pk = f"center_{key}", f"width_{key}", f"preset_{key}"
+    st.session_state.setdefault(ck, default[0])
+    st.session_state.setdefault(wk, default[1])
+
+    def apply_preset() -> None:
+        st.session_state[ck], st.session_state[wk] = options[st.session_state[pk]]
+
+    st.selectbox("Window preset", list(options), key=pk, on_change=apply_preset,
+                 help="Changes what you see, not what the model sees: it is always given the file's default window.")
+    center = st.slider("Window center", c_lo, c_hi, key=ck, step=(c_hi - c_lo) / 400 or 1.0)
+    width = st.slider("Window width", w_lo, w_hi, key=wk, step=(w_hi - w_lo) / 400 or 1.0)
+    return None if (center, width) == default else (center, width)
+
+
+def metadata_ui(info: imaging.ImageInfo) -> None:
+    """The de-identified DICOM fields (allow-listed) and what was read."""
+    rows = {tag: info.metadata[tag] for tag in SAFE_TAGS if info.metadata.get(tag) not in (None, "")}
+    rows["Size (width x height)"] = f"{info.width} x {info.height}"
+    rows["Window used"] = f"{info.window[0]:.6g} / {info.window[1]:.6g} ({info.window_source})" if info.window else "-"
+    with st.expander("DICOM metadata (de-identified: no patient, study or site fields)", expanded=False):
+        st.table(pd.DataFrame({"Field": list(rows), "Value": [str(v) for v in rows.values()]}), hide_index=True)
+
+
+def probabilities_ui(prediction, card) -> None:
+    """Bar chart of the calibrated probabilities and an exact table beside it."""
+    colours = ["#c0392b" if name == prediction.decision and prediction.positive else "#2e6fba"
+               for name in prediction.class_names]
+    fig = go.Figure(go.Bar(x=list(prediction.probabilities), y=list(prediction.class_names), orientation="h",
+                           marker_color=colours, text=[f"{p:.1%}" for p in prediction.probabilities]))
+    for name, threshold in card.thresholds.items():
+        fig.add_vline(x=threshold, line_dash="dot", annotation_text=f"{name} threshold", line_color="#888")
+    fig.update_layout(xaxis_range=[0, 1], height=90 + 45 * len(prediction.class_names),
+                      margin=dict(l=10, r=10, t=10, b=10), xaxis_title="probability")
+    st.plotly_chart(fig, key="probabilities_chart")
+    st.table(pd.DataFrame({
+        "Class": list(prediction.class_names),
+        "Probability": [f"{p:.4f}" for p in prediction.probabilities],
+        "Threshold": [f"{card.thresholds[n]:.2f}" if n in card.thresholds else "-" for n in prediction.class_names],
+    }), hide_index=True)
+
+
+def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
+    """Low-confidence and not-a-chest warnings; returns their sentences for the report."""
+    sentences = []
+    if checked.probably_not_chest:
+        sentences.append("Probably not a frontal chest radiograph: " + "; ".join(checked.reasons) + ".")
+        st.warning(sentences[-1] + " The result below is not meaningful for this input.", icon="🚫")
+        with st.expander("How 'probably not a chest X-ray' is decided"):
+            st.markdown("The image is flagged when any of these simple checks fires:\n"
+                        + "\n".join(f"- {rule}" for rule in quality.RULES)
+                        + f"\n\nOn {quality.CALIBRATION} they flag {quality.FALSE_POSITIVES}.")
+    if prediction.low_confidence:
+        sentences.append(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
+                         f"{card.low_confidence:.0%}.")
+        st.warning(sentences[-1] + " Treat this result as uncertain.", icon="⚠️")
+    return sentences
+
+
+ui.research_banner()
+st.title("Classify a chest radiograph")
+model = ui.model_sidebar()
+if model is None:
+    st.info("Choose a working model in the sidebar to classify images.")
+    st.stop()
+classifier, explainer = model
+card = classifier.card
+model_key = f"{classifier.folder}:{card.weights_sha256}"
+
+uploaded = st.file_uploader("Chest radiograph (frontal view)", type=None, help=ui.UPLOAD_HELP, key="classify_upload")
+if uploaded is None:
+    st.caption(f"Upload one JPEG, PNG or DICOM file. The model '{card.name}' tells "
+               + ", ".join(card.class_names) + " apart.")
+    st.stop()
+data = uploaded.getvalue()
+key = hashlib.sha256(data).hexdigest()[:16] + card.weights_sha256[:8]
+try:
+    first = classify(classifier, explainer, model_key, data, uploaded.name, None, "gradcam")
+except UnreadableImageError as err:
+    st.error(str(err))
+    st.stop()
+prediction, info = first.prediction, first.image.info
+checked = quality.assess(first.image, data)
+
+controls = st.columns(4)
+method = controls[0].selectbox("Explanation method", list(METHOD_LABELS), format_func=METHOD_LABELS.get,
+                               key="cam_method", help="Grad-CAM is computed with the prediction in one pass.")
+explained = controls[1].selectbox("Class to explain", range(len(card.class_names)), index=first.class_index,
+                                  format_func=lambda i: card.class_names[i], key=f"explain_{key}")
+opacity = controls[2].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity")
+colormap = controls[3].selectbox("Colormap", list(overlay.COLORMAPS), key="cam_colormap")
+
+result = first
+if (explained, method) != (first.class_index, "gradcam"):
+    with st.spinner(f"Computing {METHOD_LABELS[method]} for {card.class_names[explained]}..."):
+        result = classify(classifier, explainer, model_key, data, uploaded.name, explained, method)
+
+left, right = st.columns([3, 2])
+with right:
+    colour = "red" if prediction.positive else "blue"
+    st.markdown(f"### Decision: :{colour}[{prediction.decision}]")
+    st.caption(f"Rule: {report.decision_rule(card)}. Probabilities are temperature-calibrated "
+               f"(T = {card.temperature:.3g}).")
+    sentences = warnings_ui(prediction, card, checked)
+    probabilities_ui(prediction, card)
+    window = None
+    if info.format == "DICOM":
+        window = window_ui(info, key)
+        metadata_ui(info)
+shown = first.image if window is None else read_image(data, uploaded.name, window)
+blended = overlay.overlay(shown.pixels, result.heatmap, colormap, opacity)
+with left:
+    pictures = st.columns(2)
+    pictures[0].image(shown.pixels, clamp=True, width="stretch",
+                      caption=f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
+    pictures[1].image(blended, width="stretch",
+                      caption=f"{METHOD_LABELS[method]} for {card.class_names[explained]} (red = most weight)")
+    args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
+                method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences)
+    downloads = st.columns(2)
+    downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),
+                                 file_name="cxr-report.png", mime="image/png", key="report_png")
+    downloads[1].download_button("Download report (PDF)", lambda: report.render(**args, fmt="PDF"),
+                                 file_name="cxr-report.pdf", mime="application/pdf", key="report_pdf")
