@@ -1,0 +1,139 @@
+"""The serving path: file -> image -> model input -> prediction (+ heatmap).
+
+    result = classify(classifier, explainer, "chest.dcm")     # one image, prediction + Grad-CAM
+    rows = classify_many(classifier, [(name, data), ...])     # a folder or upload batch
+
+Both read through ``imaging.load`` and ``preprocess.model_input``/``prepare``, the same path the
+model was trained on. ``classify_many`` never loses a batch to one bad file: an unreadable file
+becomes a row with the reader's message, and the next batch is read while the current one runs.
+Neither writes anything to disk or logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from os import PathLike
+
+import numpy as np
+
+from cxr_core import imaging, models, overlay, preprocess
+from cxr_core.errors import UnreadableImageError
+from cxr_core.explain import Explainer
+
+Source = str | PathLike | bytes
+
+
+@dataclass(frozen=True)
+class Result:
+    """One classified image: what was read, the prediction, and the heatmap (S, S) in [0, 1] for ``class_index``."""
+
+    image: imaging.LoadedImage
+    prediction: models.Prediction
+    heatmap: np.ndarray
+    class_index: int
+    method: str
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One row of a batch run: a prediction, or the reason the file could not be read."""
+
+    name: str
+    prediction: models.Prediction | None
+    error: str | None
+    info: imaging.ImageInfo | None
+    thumbnail: np.ndarray | None  # uint8 grayscale, longer side 96 px
+
+
+def classify(
+    classifier: models.Classifier,
+    explainer: Explainer,
+    source: Source,
+    filename: str | None = None,
+    *,
+    window: tuple[float, float] | None = None,
+    class_index: int | None = None,
+    method: str = "gradcam",
+) -> Result:
+    """Read, predict and explain one image; ``class_index`` None explains the top class.
+
+    Grad-CAM gives prediction and heatmap from one compiled pass; other methods (see
+    ``explain.METHODS``) take the prediction from the classifier and then explain.
+    Raises UnreadableImageError for a file that cannot be read, ValueError for a bad method or class.
+    """
+    image = imaging.load(source, filename, window=window)
+    batch = preprocess.model_input(image.pixels, classifier.input_size)
+    if method == "gradcam":
+        probs, heatmaps = explainer.gradcam(batch, class_index)
+        index = int(np.argmax(probs[0])) if class_index is None else int(class_index)
+        return Result(image, models.decide(classifier.card, probs[0]), heatmaps[0], index, method)
+    prediction = classifier.predict(batch)[0]
+    explanation = explainer.explain(batch, method, class_index)
+    return Result(image, prediction, explanation.heatmap, explanation.class_index, method)
+
+
+@dataclass(frozen=True)
+class _Read:
+    name: str
+    image: np.ndarray | None  # uint8 (S, S), prepared for the model
+    error: str | None
+    info: imaging.ImageInfo | None
+    thumbnail: np.ndarray | None
+
+
+def _read(name: str, source: Source, size: int) -> _Read:
+    try:
+        loaded = imaging.load(source, name)
+    except UnreadableImageError as exc:
+        return _Read(name, None, str(exc), None, None)
+    return _Read(name, preprocess.prepare(loaded.pixels, size), None, loaded.info, overlay.thumbnail(loaded.pixels))
+
+
+def _chunks(items: Iterable[tuple[str, Source]], size: int) -> Iterator[list[tuple[str, Source]]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def classify_many(
+    classifier: models.Classifier,
+    items: Iterable[tuple[str, Source]],
+    *,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[BatchItem]:
+    """Score (name, path-or-bytes) pairs in batches; rows in input order, bad files as error rows.
+
+    ``progress(done, total)`` is called after each batch (total is -1 when ``items`` has no length).
+    One worker thread reads and preprocesses the next batch while the model runs on this one.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    total = len(items) if hasattr(items, "__len__") else -1
+    size = classifier.input_size
+
+    chunks = _chunks(items, batch_size)
+
+    def read_next() -> list[_Read]:
+        # Pulled in the worker too: ``items`` may be a generator that reads files lazily.
+        return [_read(name, source, size) for name, source in next(chunks, [])]
+
+    rows: list[BatchItem] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-read") as pool:
+        pending = pool.submit(read_next)
+        while True:
+            reads = pending.result()
+            if not reads:
+                break
+            pending = pool.submit(read_next)
+            good = [r for r in reads if r.image is not None]
+            predictions = iter(classifier.predict(preprocess.to_batch([r.image for r in good])) if good else [])
+            for r in reads:
+                prediction = next(predictions) if r.image is not None else None
+                rows.append(BatchItem(r.name, prediction, r.error, r.info, r.thumbnail))
+            if progress is not None:
+                progress(len(rows), total)
+    return rows
