@@ -1,0 +1,229 @@
+"""Model metrics: how good the selected model is on its held-out split, or on a labelled folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+import ui
+from cxr_core import card as card_lib
+from cxr_core import evaluation_view as ev
+from cxr_core import metrics, paths
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def headline_ui(y, probs, card: card_lib.ModelCard) -> None:
+    result = metrics.evaluate(y, probs, card.class_names, ev.decisions(card, probs))
+    cols = st.columns(4)
+    cols[0].metric("Images", result["n"])
+    cols[1].metric("Accuracy (card's rule)", fmt(result["accuracy"]))
+    cols[2].metric("AUC", fmt(result["auc"]), help="Two classes: AUC of the second class; else the macro mean.")
+    cols[3].metric("ECE", fmt(result["ece"]), help="Expected calibration error of the top-class confidence.")
+
+
+def roc_ui(y, probs, class_names: list[str], key: str) -> None:
+    st.subheader("ROC curve per class")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
+                             name="chance", hoverinfo="skip"))
+    for name, curve in metrics.roc_curves(y, probs, class_names).items():
+        if curve["auc"] is None:
+            st.caption(f"{name}: no ROC curve (this set lacks positives or negatives of {name}).")
+            continue
+        fig.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", name=f"{name} (AUC {curve['auc']:.3f})"))
+    fig.update_layout(xaxis_title="False positive rate (1 - specificity)",
+                      yaxis_title="True positive rate (sensitivity)", height=420, margin={"t": 20},
+                      legend={"x": 0.55, "y": 0.05})
+    st.plotly_chart(fig, key=f"{key}_roc")
+
+
+def confusion_figure(counts, labels: list[str], title: str, normalised: bool) -> go.Figure:
+    values = ev.row_normalised(counts) if normalised else counts
+    fig = px.imshow(values, x=labels, y=labels, text_auto=".2f" if normalised else True, color_continuous_scale="Blues",
+                    labels={"x": "Called", "y": "True", "color": "fraction" if normalised else "images"},
+                    zmin=0, zmax=1 if normalised else None)
+    fig.update_layout(title=title, height=360, margin={"t": 40})
+    return fig
+
+
+def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
+    st.subheader("Operating point")
+    names = list(card.class_names)
+    positives = list(card.thresholds) or [c for c in names if c != card.negative_class] or names
+    binary = len(names) == 2
+    positive = positives[0] if binary else st.selectbox("Positive class (one against the rest)", positives,
+                                                         key=f"{key}_positive")
+    default = float(card.thresholds.get(positive, 0.5))
+    threshold = st.slider(f"Threshold on P({positive})", 0.0, 1.0, default, 0.01, key=f"{key}_threshold",
+                          help=f"{positive} is called when its probability is at or above the threshold. "
+                               f"The card's threshold is {default:.2f}.")
+    negative = card.negative_class if binary and card.negative_class else None
+    point = ev.operating_point(y, probs, names, positive, threshold, negative_label=negative)
+    cols = st.columns(4)
+    cols[0].metric("Sensitivity", fmt(point.rates["sensitivity"]), help="TP / (TP + FN)")
+    cols[1].metric("Specificity", fmt(point.rates["specificity"]), help="TN / (TN + FP)")
+    cols[2].metric("PPV", fmt(point.rates["ppv"]), help="TP / (TP + FP), at this set's prevalence")
+    cols[3].metric("NPV", fmt(point.rates["npv"]), help="TN / (TN + FN), at this set's prevalence")
+    labels = list(point.labels)
+    left, right = st.columns(2)
+    left.plotly_chart(confusion_figure(point.counts, labels, "Counts", False), key=f"{key}_cm_counts")
+    right.plotly_chart(confusion_figure(point.counts, labels, "Row-normalised (fraction of each true class)", True),
+                       key=f"{key}_cm_norm")
+    if not binary:
+        decided = ev.decisions(card, probs, {positive: threshold})
+        full = metrics.confusion(y, decided, len(names))
+        st.plotly_chart(confusion_figure(full, names, "All classes under the card's rule at this threshold", False),
+                        key=f"{key}_cm_full")
+
+
+def report_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
+    st.subheader("Classification report")
+    st.caption("Per-class one-against-the-rest results under the card's decision rule; AUC from the probabilities.")
+    st.dataframe(ev.report_table(y, probs, card.class_names, ev.decisions(card, probs)).style.format(precision=3,
+                 na_rep=""), key=f"{key}_report")
+
+
+def calibration_ui(y, probs, key: str) -> None:
+    bins, ece = ev.calibration_table(y, probs)
+    st.subheader(f"Calibration (ECE {ece:.3f})")
+    st.caption("How often the top class is right against how confident the model was, in 10 confidence bins. "
+               "A calibrated model lies on the diagonal.")
+    filled = bins[bins["count"] > 0]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
+                             name="perfect calibration"))
+    fig.add_trace(go.Scatter(x=filled["confidence"], y=filled["accuracy"], mode="lines+markers", name="model",
+                             text=[f"{n} images" for n in filled["count"]], marker={"size": 9}))
+    fig.update_layout(xaxis_title="Mean confidence", yaxis_title="Accuracy", height=380, margin={"t": 20},
+                      xaxis_range=[0, 1], yaxis_range=[0, 1.02])
+    st.plotly_chart(fig, key=f"{key}_calibration")
+
+
+def per_source_ui(predictions: pd.DataFrame, class_names: list[str], split: str | None, key: str) -> None:
+    table = ev.per_source(predictions, class_names, split)
+    if len(table) > 1:
+        st.subheader("Per data source")
+        st.caption("A model trained on several sources can learn the source instead of the disease; "
+                   "compare these rows.")
+        st.dataframe(table.style.format(precision=3, na_rep="n/a"), key=f"{key}_sources")
+
+
+def evaluation_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: str | None, key: str) -> None:
+    """Every chart for one set of predictions (the held-out split or an evaluated folder)."""
+    try:
+        y, probs, _ = ev.labelled(predictions, card.class_names, split)
+    except ValueError as err:
+        st.error(f"These predictions cannot be shown for this model: {err}")
+        return
+    if len(y) == 0:
+        st.info("No labelled predictions of this model's classes to show.")
+        return
+    headline_ui(y, probs, card)
+    roc_ui(y, probs, list(card.class_names), key)
+    threshold_ui(y, probs, card, key)
+    report_ui(y, probs, card, key)
+    calibration_ui(y, probs, key)
+    per_source_ui(predictions, list(card.class_names), split, key)
+
+
+def history_ui(history: pd.DataFrame) -> None:
+    st.subheader("Training curves")
+    x = "epoch" if "epoch" in history.columns else None
+    groups = ev.curve_groups(history)
+    cols = st.columns(max(1, min(len(groups), 3)))
+    for i, (name, columns) in enumerate(groups.items()):
+        fig = px.line(history, x=x, y=columns, markers=True, title=name)
+        fig.update_layout(height=300, margin={"t": 40}, legend_title_text="")
+        cols[i % len(cols)].plotly_chart(fig, key=f"history_{name}")
+
+
+def data_ui(card: card_lib.ModelCard, split: pd.DataFrame | None) -> None:
+    st.subheader("Data the model was trained and tested on")
+    if card.training_data:
+        st.json(card.training_data, expanded=False)
+    if split is not None:
+        try:
+            st.dataframe(ev.data_summary(split))
+        except ValueError as err:
+            st.warning(str(err))
+        facts = ev.split_facts(split)
+        st.caption(" · ".join(f"{k}: {v}" for k, v in facts.items()) + (" (split at patient level)"
+                   if "patients" in facts else ""))
+
+
+def held_out_ui(folder: Path, card: card_lib.ModelCard) -> None:
+    found = ev.read_evaluation(folder)
+    if found.missing:
+        st.info("Some evaluation files are missing from this model folder, so parts of this page are empty:\n\n"
+                + "\n".join(f"- {m}" for m in found.missing))
+    if found.predictions is not None:
+        splits = ev.splits(found.predictions)
+        split = st.selectbox("Split", splits, key="held_out_split") if splits else None
+        evaluation_ui(found.predictions, card, split, key="held_out")
+    elif found.metrics:
+        st.json(found.metrics, expanded=False)
+    if found.history is not None:
+        history_ui(found.history)
+    data_ui(card, found.split)
+
+
+def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
+    st.header("Evaluate on a labelled folder")
+    root = ui.data_root()
+    if root is None:
+        st.info("Set the environment variable CXR_DATA_ROOT to a folder on the server to evaluate on "
+                "labelled folders under it (one sub-folder per class).")
+        return
+    choices = [""] + paths.subfolders(root)
+    picked = st.selectbox("Folder under the data root", choices, key="eval_pick",
+                          format_func=lambda p: p or "(choose a folder)")
+    typed = st.text_input("or type a path relative to the data root", key="eval_path")
+    class_map_text = st.text_area("Class map (optional): one FOLDER=CLASS per line", key="eval_class_map",
+                                  placeholder="Normal=NORMAL\nViral Pneumonia=PNEUMONIA")
+    if st.button("Evaluate", key="eval_run", type="primary"):
+        from training import data, evaluate
+
+        try:
+            folder = paths.resolve_under(root, typed or picked)
+            class_map = data.parse_class_map(class_map_text.splitlines()) or None
+        except ValueError as err:
+            st.error(str(err))
+            return
+        bar = st.progress(0.0, text="Scoring images...")
+        try:
+            result = evaluate.evaluate_folder(classifier, folder, class_map,
+                                              progress=lambda done, total: bar.progress(done / total,
+                                                                                        text=f"{done}/{total} images"))
+        except ValueError as err:
+            st.error(str(err))
+            return
+        st.session_state["folder_evaluation"] = (str(folder), card.weights_sha256, result)
+    stored = st.session_state.get("folder_evaluation")
+    if stored and stored[1] == card.weights_sha256:
+        folder, _, result = stored
+        st.success(f"Evaluated {len(result.predictions)} images under {folder}.")
+        if result.skipped:
+            st.warning(f"{len(result.skipped)} file(s) could not be read and were skipped:")
+            st.dataframe(pd.DataFrame(result.skipped), hide_index=True)
+        evaluation_ui(result.predictions, card, None, key="folder")
+
+
+ui.research_banner()
+st.title("Model metrics")
+loaded = ui.model_sidebar()
+model_dir = st.session_state.get(ui.MODEL_KEY)
+if loaded is None or not model_dir:
+    st.info("Choose a working model in the sidebar to see its metrics.")
+    st.stop()
+classifier, _explainer = loaded
+model_card = classifier.card
+st.header(f"Held-out results of {model_card.name}")
+held_out_ui(Path(model_dir), model_card)
+folder_evaluation_ui(classifier, model_card)

@@ -1,0 +1,146 @@
+"""The model metrics page (AppTest): held-out charts from a model folder's files, the threshold
+slider, a folder without evaluation files, and evaluate-on-a-labelled-folder with a bad file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from app_models import evaluated_model, labelled_folder
+from streamlit.testing.v1 import AppTest
+
+from cxr_core import metrics
+from cxr_core.card import RESEARCH_USE
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "metrics.py")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("data_root")
+    images = labelled_folder(root / "eval")
+    models_root = tmp_path_factory.mktemp("models_root")
+    folder, predictions = evaluated_model(tiny_model_dir, models_root, images)
+    return root, models_root, folder, predictions
+
+
+def run_page(monkeypatch, models_root, data_root=None) -> AppTest:
+    monkeypatch.setenv("CXR_MODELS_DIR", str(models_root))
+    if data_root is None:
+        monkeypatch.delenv("CXR_DATA_ROOT", raising=False)
+    else:
+        monkeypatch.setenv("CXR_DATA_ROOT", str(data_root))
+    return AppTest.from_file(PAGE, default_timeout=120).run()
+
+
+def labels_probs(predictions):
+    y = (predictions["true_class"] == "PNEUMONIA").to_numpy(int)
+    return y, predictions[["p_NORMAL", "p_PNEUMONIA"]].to_numpy(float)
+
+
+def metric(at: AppTest, label: str, index: int = 0) -> str:
+    return [m for m in at.metric if m.label == label][index].value
+
+
+def plotly_array(value) -> np.ndarray:
+    """A plotly JSON array: a plain list, or the typed-array form {dtype, bdata (base64), shape}."""
+    if isinstance(value, dict):
+        shape = tuple(int(n) for n in str(value.get("shape", "-1")).split(","))
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).reshape(shape)
+    return np.asarray(value)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def test_held_out_charts_show_the_numbers_of_the_predictions(setup, monkeypatch):
+    root, models_root, _, predictions = setup
+    at = run_page(monkeypatch, models_root, root)
+    assert not at.exception
+    assert at.warning[0].value == RESEARCH_USE
+    assert len(predictions) == 8  # 4 + 4 real images; the broken file was skipped
+    y, probs = labels_probs(predictions)
+    roc = metrics.roc_curves(y, probs, ["NORMAL", "PNEUMONIA"])
+    names = [t["name"] for c in charts(at) for t in c["data"] if "AUC" in str(t.get("name"))]
+    assert f"PNEUMONIA (AUC {roc['PNEUMONIA']['auc']:.3f})" in names
+    assert metric(at, "Images") == "8"
+    rates = metrics.binary_at_threshold(y, probs[:, 1], 0.5)
+    assert metric(at, "Sensitivity") == f"{rates['sensitivity']:.3f}"
+    assert metric(at, "Specificity") == f"{rates['specificity']:.3f}"
+    counts = [c for c in charts(at) if c["layout"].get("title", {}).get("text") == "Counts"][0]
+    assert plotly_array(counts["data"][0]["z"]).tolist() == [[rates["tn"], rates["fp"]], [rates["fn"], rates["tp"]]]
+    subheaders = [s.value for s in at.subheader]
+    for title in ("ROC curve per class", "Operating point", "Classification report", "Training curves",
+                  "Data the model was trained and tested on"):
+        assert title in subheaders
+    assert any(s.startswith("Calibration (ECE ") for s in subheaders)
+
+
+def test_threshold_slider_moves_sensitivity_and_specificity(setup, monkeypatch):
+    root, models_root, _, predictions = setup
+    at = run_page(monkeypatch, models_root, root)
+    y, probs = labels_probs(predictions)
+    for threshold in (0.2, float(np.median(probs[:, 1])), 0.9):
+        at.slider(key="held_out_threshold").set_value(round(threshold, 2)).run()
+        rates = metrics.binary_at_threshold(y, probs[:, 1], round(threshold, 2))
+        assert metric(at, "Sensitivity") == ("n/a" if rates["sensitivity"] is None else f"{rates['sensitivity']:.3f}")
+        assert metric(at, "Specificity") == ("n/a" if rates["specificity"] is None else f"{rates['specificity']:.3f}")
+        assert metric(at, "PPV") == ("n/a" if rates["ppv"] is None else f"{rates['ppv']:.3f}")
+        assert metric(at, "NPV") == ("n/a" if rates["npv"] is None else f"{rates['npv']:.3f}")
+
+
+def test_model_without_evaluation_files_says_what_is_missing(tiny_model3_dir, tmp_path, monkeypatch):
+    shutil.copytree(tiny_model3_dir, tmp_path / tiny_model3_dir.name)
+    at = run_page(monkeypatch, tmp_path)
+    assert not at.exception and not at.error
+    note = " ".join(i.value for i in at.info)
+    assert "predictions.csv" in note and "history.csv" in note and "not in the model folder" in note
+    assert "Set the environment variable CXR_DATA_ROOT" in note
+
+
+def test_evaluate_on_a_labelled_folder_lists_the_skipped_file(setup, monkeypatch):
+    root, models_root, _, predictions = setup
+    at = run_page(monkeypatch, models_root, root)
+    at.text_input(key="eval_path").set_value("eval")
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    assert any("Evaluated 8 images" in s.value for s in at.success)
+    assert any("1 file(s) could not be read" in w.value for w in at.warning)
+    skipped = [d.value for d in at.dataframe if "error" in d.value.columns][0]
+    assert skipped["path"].tolist() == ["NORMAL/broken.jpeg"]
+    assert "JPEG" in skipped["error"][0] or "damaged" in skipped["error"][0].lower()
+    # The folder's charts use the same functions: its sensitivity equals cxr_core.metrics on the same images.
+    y, probs = labels_probs(predictions)
+    rates = metrics.binary_at_threshold(y, probs[:, 1], 0.5)
+    assert metric(at, "Sensitivity", index=1) == f"{rates['sensitivity']:.3f}"
+    at.slider(key="folder_threshold").set_value(0.9).run()
+    strict = metrics.binary_at_threshold(y, probs[:, 1], 0.9)
+    assert metric(at, "Sensitivity", index=1) == f"{strict['sensitivity']:.3f}"
+
+
+@pytest.mark.parametrize("path", ["..", "eval/../..", "/etc"])
+def test_paths_outside_the_data_root_are_refused(setup, monkeypatch, path):
+    root, models_root, _, _ = setup
+    at = run_page(monkeypatch, models_root, root)
+    at.text_input(key="eval_path").set_value(path)
+    at.button(key="eval_run").click().run()
+    assert not at.exception
+    assert any("outside the data root" in e.value for e in at.error)
+    assert at.title[0].value == "Model metrics"
+
+
+def test_symlink_out_of_the_data_root_is_refused(setup, monkeypatch, tmp_path):
+    root, models_root, _, _ = setup
+    link = root / "escape"
+    if not link.exists():
+        link.symlink_to(tmp_path, target_is_directory=True)
+    at = run_page(monkeypatch, models_root, root)
+    at.text_input(key="eval_path").set_value("escape")
+    at.button(key="eval_run").click().run()
+    assert any("outside the data root" in e.value for e in at.error)
+    link.unlink()
