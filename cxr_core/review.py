@@ -1,7 +1,7 @@
 """The batch review table: one row per scored file, its filters and its CSV export.
 
 Rows come from ``cxr_core.pipeline.classify_many`` items (name, prediction or None, error or
-None, uint8 thumbnail, optional quality report). The table holds no image bytes except the
+None, ImageInfo, uint8 thumbnail) and their ``cxr_core.quality`` reports. The table holds no image bytes except the
 small thumbnail data URI, and never any DICOM patient tag; the CSV export drops the thumbnail.
 """
 
@@ -15,6 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from cxr_core import quality
+from cxr_core.imaging import LoadedImage
+from cxr_core.quality import QualityReport
 
 THUMBNAIL = "thumbnail"
 FLAGS = {
@@ -37,22 +41,34 @@ def thumbnail_uri(thumbnail: np.ndarray | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _quality(item: Any) -> tuple[bool | None, str]:
-    report = getattr(item, "quality", None)
-    if report is None:
-        return None, ""
-    return bool(report.probably_not_chest), "; ".join(report.reasons)
+def assess_item(item: Any, original: bytes | None = None) -> QualityReport | None:
+    """cxr_core.quality rules for a scored batch item, from its thumbnail and ImageInfo (no second decode).
+
+    The thumbnail (uint8, longer side ~96 px) stands in for the full image: the template rule
+    works on 32x32 anyway, blank images stay blank, and the aspect ratio comes from ImageInfo.
+    ``original`` (the file's bytes) enables the colour rule. None for unreadable items.
+    """
+    if getattr(item, "quality", None) is not None:  # the pipeline already assessed it
+        return item.quality
+    if item.prediction is None or item.thumbnail is None or item.info is None:
+        return None
+    pixels = np.asarray(item.thumbnail, dtype=np.float32) / 255.0
+    return quality.assess(LoadedImage(pixels=pixels, info=item.info), original)
 
 
-def batch_table(items: Iterable[Any], class_names: Sequence[str]) -> pd.DataFrame:
+def batch_table(items: Sequence[Any], class_names: Sequence[str],
+                reports: Sequence[QualityReport | None] | None = None) -> pd.DataFrame:
     """One row per item: thumbnail, file, top class and probability, p per class, decision, flags, error.
 
-    Unreadable items keep their row with empty predictions and the error message.
+    ``reports`` (aligned with ``items``, see ``assess_item``) fill the not-a-chest flag and its
+    reasons. Unreadable items keep their row with empty predictions and the error message.
     """
     rows = []
-    for item in items:
+    reports = list(reports) if reports is not None else [getattr(i, "quality", None) for i in items]
+    for item, report in zip(items, reports, strict=True):
         pred = item.prediction
-        not_chest, reasons = _quality(item)
+        not_chest = report.probably_not_chest if report is not None else None
+        reasons = "; ".join(report.reasons) if report is not None else ""
         row: dict[str, Any] = {THUMBNAIL: thumbnail_uri(getattr(item, "thumbnail", None)), "file": item.name}
         row["top_class"] = pred.top_class if pred else None
         row["top_probability"] = pred.top_probability if pred else np.nan
@@ -84,6 +100,14 @@ def filter_table(table: pd.DataFrame, decisions: Sequence[str] | None = None, fl
     if text.strip():
         keep &= table["file"].astype(str).str.contains(text.strip(), case=False, regex=False)
     return table[keep]
+
+
+def summary(table: pd.DataFrame) -> dict[str, int]:
+    """How many files, and how many of them carry each flag."""
+    counts = {"files": int(len(table)), "unreadable": int((table["error"].astype(str) != "").sum())}
+    for flag in ("positive", "low_confidence", "not_chest"):
+        counts[flag] = int(table[flag].astype(bool).sum())
+    return counts
 
 
 def export_csv(table: pd.DataFrame) -> str:

@@ -83,3 +83,30 @@ def test_export_csv_matches_the_table_without_thumbnails(items):
 
 def test_unique_names():
     assert review.unique_names(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
+
+
+def test_summary_counts_flags(items):
+    table = review.batch_table(items, CARD.class_names)
+    assert review.summary(table) == {"files": 4, "unreadable": 1, "positive": 1, "low_confidence": 1, "not_chest": 1}
+
+
+def test_assess_item_flags_non_chest_inputs_from_the_batch_thumbnail(tiny_model_dir, data_dir):
+    from cxr_core import models, pipeline
+
+    classifier = models.load(tiny_model_dir)
+    chest = data_dir / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    dental = data_dir / "dicom" / "non_chest" / "CR-ModalitySequenceLUT.dcm"
+    blank = io.BytesIO()
+    Image.fromarray(np.full((300, 300), 128, np.uint8)).save(blank, format="PNG")
+    sources = [("chest.jpeg", chest.read_bytes()), ("dental.dcm", dental), ("blank.png", blank.getvalue()),
+               ("bad.dcm", b"DICM garbage")]
+    results = pipeline.classify_many(classifier, sources)
+    reports = [review.assess_item(item, src if isinstance(src, bytes) else None)
+               for item, (_, src) in zip(results, sources, strict=True)]
+    assert reports[0].probably_not_chest is False
+    assert reports[1].probably_not_chest is True
+    assert reports[2].probably_not_chest is True and "blank" in reports[2].reasons[0]
+    assert reports[3] is None
+    table = review.batch_table(results, classifier.card.class_names, reports)
+    assert table["not_chest"].tolist() == [False, True, True, False]
+    assert table.loc[3, "error"] != "" and table.loc[0, "error"] == ""
