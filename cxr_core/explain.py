@@ -183,6 +183,10 @@ class Explainer:
         logits, cam = self.raw_gradcam(batch, class_index, layer)
         return models.softmax(logits, self.classifier.card.temperature), normalize(cam, self.size)
 
+    def warm_up(self, layer: str | None = None) -> None:
+        """Trace the compiled Grad-CAM now (seconds for a DenseNet) so the first user does not wait."""
+        self.raw_gradcam(np.zeros((1, self.size, self.size, 3), np.float32), layer=layer)
+
     # --- tf-keras-vis methods ---------------------------------------------------------------
     def _visualizer(self, method: str) -> object:
         with self._build_lock:

@@ -21,7 +21,7 @@ import numpy as np
 
 from cxr_core import imaging, models, overlay, preprocess
 from cxr_core.errors import UnreadableImageError
-from cxr_core.explain import Explainer
+from cxr_core.explain import METHODS, Explainer
 
 Source = str | PathLike | bytes
 
@@ -57,21 +57,25 @@ def classify(
     window: tuple[float, float] | None = None,
     class_index: int | None = None,
     method: str = "gradcam",
+    layer: str | None = None,
 ) -> Result:
     """Read, predict and explain one image; ``class_index`` None explains the top class.
 
     Grad-CAM gives prediction and heatmap from one compiled pass; other methods (see
     ``explain.METHODS``) take the prediction from the classifier and then explain.
-    Raises UnreadableImageError for a file that cannot be read, ValueError for a bad method or class.
+    ``layer`` (default: the card's target layer) is one of ``explainer.layer_choices()``.
+    Raises UnreadableImageError for a file that cannot be read, ValueError for a bad method, layer or class.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     image = imaging.load(source, filename, window=window)
     batch = preprocess.model_input(image.pixels, classifier.input_size)
     if method == "gradcam":
-        probs, heatmaps = explainer.gradcam(batch, class_index)
+        probs, heatmaps = explainer.gradcam(batch, class_index, layer)
         index = int(np.argmax(probs[0])) if class_index is None else int(class_index)
         return Result(image, models.decide(classifier.card, probs[0]), heatmaps[0], index, method)
     prediction = classifier.predict(batch)[0]
-    explanation = explainer.explain(batch, method, class_index)
+    explanation = explainer.explain(batch, method, class_index, layer)
     return Result(image, prediction, explanation.heatmap, explanation.class_index, method)
 
 

@@ -133,6 +133,7 @@ def test_raw_gradcam_equals_tf_keras_vis(request, images, which, layer):
 
 
 def test_gradcam_is_traced_once(tiny3, images):
+    tiny3.warm_up()
     for n, c in [(1, None), (4, 2), (2, 0), (3, [0, 1, 2])]:
         tiny3.gradcam(images[:n], class_index=c)
     assert tiny3._gradcam_fn("relu").experimental_get_tracing_count() == 1

@@ -71,6 +71,15 @@ def test_classify_unreadable_file_raises_the_one_error(tmp_path, classifier, exp
         pipeline.classify(classifier, explainer, b"", filename="empty.png")
     with pytest.raises(ValueError, match="gradcam\\+\\+\\+"):
         pipeline.classify(classifier, explainer, JPEG, method="gradcam+++")
+    with pytest.raises(ValueError, match="conv9"):
+        pipeline.classify(classifier, explainer, JPEG, layer="conv9")
+
+
+def test_classify_at_an_intermediate_layer(data_dir, classifier, explainer):
+    final = pipeline.classify(classifier, explainer, JPEG)
+    early = pipeline.classify(classifier, explainer, JPEG, layer="tiny_relu0")
+    assert early.heatmap.shape == (64, 64) and not np.allclose(early.heatmap, final.heatmap)
+    _assert_same(early.prediction, final.prediction)
 
 
 def test_classify_many_keeps_order_and_isolates_bad_files(data_dir, classifier):
