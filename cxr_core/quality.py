@@ -37,7 +37,7 @@ BLANK_STD = 0.02
 ASPECT_RANGE = (0.5, 2.0)
 TEMPLATE_MIN = 0.1
 SIDEWAYS_BELOW = 0.3
-INVERTED_BELOW = -0.3  # a negative film (lungs bright) anti-correlates with the template
+INVERTED_BELOW = -0.2  # a negative film (lungs bright) anti-correlates with the template
 RADIOGRAPHY = {"", "CR", "DX", "DR", "RG", "OT"}
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO", "RIB")
 
