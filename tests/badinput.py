@@ -217,17 +217,21 @@ def error_cases() -> list[Case]:
     no_pixels.save_as(buf, enforce_file_format=True)
     pdf = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
     html = b"<!DOCTYPE html><html><head><title>PACS</title></head><body><img src='x.png'></body></html>"
+    damaged = "damaged or incomplete"
+    text = b"Patient doing well, see attached X-ray.\n" * 20
     return [
         Case("empty.png", b"", "error", "empty file", fragment="empty"),
-        Case("truncated.jpg", jpeg[: len(jpeg) * 6 // 10], "error", "JPEG cut at 60%"),
-        Case("truncated.png", png[: len(png) // 2], "error", "PNG cut in half"),
-        Case("notes.png", b"Patient doing well, see attached X-ray.\n" * 20, "error", "text renamed .png"),
-        Case("report.png", pdf, "error", "PDF renamed .png"),
-        Case("viewer.html", html, "error", "an HTML page saved from a PACS viewer"),
+        Case("truncated.jpg", jpeg[: len(jpeg) * 6 // 10], "error", "JPEG cut at 60%", fragment=damaged),
+        Case("truncated.png", png[: len(png) // 2], "error", "PNG cut in half", fragment=damaged),
+        Case("notes.png", text, "error", "text renamed .png", fragment="text file"),
+        Case("report.png", pdf, "error", "PDF renamed .png", fragment="pdf"),
+        Case("viewer.html", html, "error", "an HTML page saved from a PACS viewer",
+             fragment="web page"),
         Case("bomb.png", huge_png(), "error", "PNG declaring 40000x40000 pixels (decompression bomb)",
-             fragment="pixels"),
-        Case("nopixels.dcm", buf.getvalue(), "error", "DICOM without pixel data", fragment="pixel"),
-        Case("966.dcm", CORRUPT_DICOM.read_bytes(), "error", "real DICOM with a corrupt JPEG 2000 codestream"),
+             fragment="too large"),
+        Case("nopixels.dcm", buf.getvalue(), "error", "DICOM without pixel data", fragment="no image"),
+        Case("966.dcm", CORRUPT_DICOM.read_bytes(), "error", "real DICOM with a corrupt JPEG 2000 codestream",
+             fragment="could not be decoded"),
     ]
 
 
