@@ -1,0 +1,88 @@
+"""cxr_core.report: a one-page PNG/PDF built in memory from a real radiograph and a card."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_core import card, imaging, models, overlay, report
+
+WHEN = dt.datetime(2025, 1, 2, 3, 4, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def parts(data_dir):
+    pixels = imaging.load(data_dir / "kermany/train/NORMAL/IM-0115-0001.jpeg").pixels
+    heat = np.zeros((64, 64), np.float32)
+    heat[16:40, 8:30] = 1.0
+    c = card.ModelCard(name="tiny-pneumonia", architecture="tiny", input_size=64, class_names=["NORMAL", "PNEUMONIA"],
+                       target_layer="relu", negative_class="NORMAL", thresholds={"PNEUMONIA": 0.5},
+                       weights_sha256="0123456789abcdef" * 4)
+    return pixels, overlay.overlay(pixels, heat, opacity=1.0), c
+
+
+def _render(parts, probs=(0.3, 0.7), **kw):
+    pixels, blended, c = parts
+    return report.render(pixels, blended, models.decide(c, probs), c, when=WHEN, **kw)
+
+
+def test_png_is_one_a4_page_with_the_image_and_overlay_in_place(parts):
+    page = np.asarray(Image.open(io.BytesIO(_render(parts))).convert("RGB")).astype(int)
+    assert page.shape == (report.PAGE[1], report.PAGE[0], 3)
+    top, left, box = report.IMAGE_TOP, report.MARGIN, report.IMAGE_BOX
+    radiograph = page[top:top + box, left:left + box]
+    # The square 224 px film fills its box and stays grey (R == G == B).
+    assert radiograph.std() > 30
+    assert np.abs(radiograph[..., 0] - radiograph[..., 2]).max() <= 1
+    right = report.PAGE[0] - report.MARGIN - box
+    heat = page[top:top + box, right:right + box]
+    # Opacity 1 over a hot rectangle: the jet colormap is red where the heatmap is 1, blue where 0.
+    hot = heat[box * 20 // 64:box * 36 // 64, box * 12 // 64:box * 26 // 64]
+    assert hot[..., 0].mean() > 100 and hot[..., 2].mean() < 60
+    assert heat[box * 50 // 64:, box * 40 // 64:, 2].mean() > 100
+
+
+def test_probability_bars_have_lengths_proportional_to_the_probabilities(parts):
+    page = np.asarray(Image.open(io.BytesIO(_render(parts, probs=(0.25, 0.75)))).convert("RGB")).astype(int)
+    width = report.PAGE[0] - 2 * report.MARGIN
+    x0, bar_w = report.MARGIN + 300, width - 300 - 140
+    red = (page[..., 0] > 150) & (page[..., 1] < 60) & (page[..., 2] < 60)
+    rows = np.nonzero(red[:, x0 + 5])[0]
+    rows = rows[rows > report.IMAGE_TOP + report.IMAGE_BOX]  # the PNEUMONIA bar, below the pictures
+    assert rows.size > 20
+    bar_row = red[rows[rows.size // 2]]
+    length = np.nonzero(bar_row[x0:x0 + bar_w + 2])[0].max() + 1
+    assert length == pytest.approx(0.75 * bar_w, abs=2)
+
+
+def test_different_inputs_give_different_pages(parts):
+    base = _render(parts)
+    assert _render(parts) == base  # deterministic for the same inputs and time
+    assert _render(parts, probs=(0.8, 0.2)) != base
+    assert _render(parts, warnings=["Low confidence."]) != base
+    assert _render(parts, method="Grad-CAM++") != base
+
+
+def test_pdf_is_a_single_page_pdf(parts):
+    data = _render(parts, fmt="PDF")
+    assert data.startswith(b"%PDF")
+    assert b"/Count 1" in data
+
+
+def test_report_holds_no_patient_data_it_was_never_given(parts):
+    data = _render(parts) + _render(parts, fmt="PDF")
+    for secret in (b"Doe^Jane", b"PID-424242", b"19700101"):
+        assert secret not in data
+
+
+def test_unknown_format_is_refused(parts):
+    with pytest.raises(ValueError, match="PNG"):
+        _render(parts, fmt="TIFF")
+
+
+def test_decision_rule_in_words(parts):
+    assert report.decision_rule(parts[2]) == "PNEUMONIA if P(PNEUMONIA) >= 0.50; otherwise NORMAL"
