@@ -1,0 +1,170 @@
+"""Batch review: score a server folder or many uploaded files, filter the table, inspect one file's Grad-CAM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+import ui
+from cxr_core import imaging, overlay, paths, pipeline, preprocess, review
+from cxr_core.errors import UnreadableImageError
+
+STATE = "batch_results"
+TABLE_KEY = "batch_table"
+MAX_FILES = 2000
+SOURCES = ("Upload files", "Upload a folder", "Folder on the server")
+
+
+def server_folder_ui() -> list[tuple[str, Path]] | None:
+    """The files of a folder under the configured data root, once the user asks to score it."""
+    root = ui.data_root()
+    if root is None:
+        st.info("Scoring folders on the server is off. Set the environment variable CXR_DATA_ROOT to the folder "
+                "that holds the images (only folders inside it can be used), then restart the app.")
+        return None
+    picked = st.selectbox("Folder under the data root", [""] + paths.subfolders(root), key="batch_pick",
+                          format_func=lambda p: p or "(the data root itself)")
+    typed = st.text_input("or type a path relative to the data root", key="batch_path")
+    recursive = st.checkbox("Include sub-folders", value=True, key="batch_recursive")
+    if not st.button("Score folder", type="primary", key="batch_score_folder"):
+        return None
+    try:
+        folder = paths.resolve_under(root, typed or picked)
+    except ValueError as err:
+        st.error(str(err))
+        return None
+    if not folder.is_dir():
+        st.error(f"'{typed or picked}' is a file, not a folder. Choose a folder under the data root.")
+        return None
+    files = paths.list_images(folder, recursive=recursive, limit=MAX_FILES, root=root)
+    if not files:
+        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{typed or picked or '.'}'.")
+        return None
+    if len(files) == MAX_FILES:
+        st.warning(f"Only the first {MAX_FILES} files are scored; choose a smaller folder for the rest.")
+    return [(p.relative_to(folder).as_posix(), p) for p in files]
+
+
+def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
+    """Uploaded files kept in memory as (unique name, bytes), once the user asks to score them."""
+    files = st.file_uploader("Chest radiographs" if not directory else "A folder of chest radiographs",
+                             type=None, accept_multiple_files="directory" if directory else True,
+                             key="batch_folder_upload" if directory else "batch_upload", help=ui.UPLOAD_HELP)
+    if not files:
+        return None
+    if directory:  # a folder upload brings every file along; keep those with image names
+        files = [f for f in files if imaging.is_image_name(f.name)]
+    if not st.button(f"Score {len(files)} file(s)", type="primary", key="batch_score_upload"):
+        return None
+    names = review.unique_names(f.name for f in files)
+    return [(name, f.getvalue()) for name, f in zip(names, files, strict=True)]
+
+
+def score_ui(classifier, items: list[tuple[str, Path | bytes]]) -> None:
+    """Score in batches with a progress bar; keep the table and the sources (in memory) in the session."""
+    bar = st.progress(0.0, text=f"Scoring {len(items)} file(s)...")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"Scored {done} of {total} file(s)")
+
+    results = pipeline.classify_many(classifier, items, batch_size=16, progress=progress)
+    reports = [review.assess_item(item, source if isinstance(source, bytes) else None)
+               for item, (_, source) in zip(results, items, strict=True)]
+    bar.empty()
+    st.session_state[STATE] = {"model": classifier.card.weights_sha256,
+                               "table": review.batch_table(results, classifier.card.class_names, reports),
+                               "sources": dict(items)}
+    st.session_state.pop(TABLE_KEY, None)
+
+
+def column_config(class_names: list[str]) -> dict:
+    config = {
+        review.THUMBNAIL: st.column_config.ImageColumn("Image", width="small"),
+        "file": st.column_config.TextColumn("File"),
+        "top_class": st.column_config.TextColumn("Top class"),
+        "top_probability": st.column_config.NumberColumn("Top probability", format="%.3f"),
+        "decision": st.column_config.TextColumn("Decision", help="At the model card's thresholds"),
+        "positive": st.column_config.CheckboxColumn("Positive"),
+        "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
+        "not_chest": st.column_config.CheckboxColumn("Not a chest X-ray?", help="cxr_core.quality rules"),
+        "quality_notes": st.column_config.TextColumn("Why flagged"),
+        "error": st.column_config.TextColumn("Error", width="large"),
+    }
+    for name in class_names:
+        config[f"p_{name}"] = st.column_config.ProgressColumn(f"P({name})", min_value=0.0, max_value=1.0,
+                                                              format="%.3f")
+    return config
+
+
+def filters_ui(table) -> tuple[list[str] | None, list[str], str]:
+    left, middle, right = st.columns(3)
+    options = sorted(table["decision"].dropna().unique().tolist())
+    chosen = left.multiselect("Decision", options, default=options, key="batch_decisions")
+    flags = middle.multiselect("Only rows flagged", list(review.FLAGS), format_func=review.FLAGS.get,
+                               key="batch_flags")
+    text = right.text_input("File name contains", key="batch_search")
+    # With every decision chosen, unreadable rows (no decision) stay in view.
+    return (None if set(chosen) == set(options) else chosen), flags, text
+
+
+def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> None:
+    """One file's image beside its Grad-CAM for a chosen class."""
+    st.subheader(name)
+    if row["error"]:
+        st.error(row["error"])
+        return
+    if row["quality_notes"]:
+        st.warning(f"Probably not a frontal chest radiograph: {row['quality_notes']}.")
+    try:
+        image = imaging.load(source, name)
+    except UnreadableImageError as err:
+        st.error(str(err))
+        return
+    names = list(classifier.card.class_names)
+    controls = st.columns(3)
+    target = controls[0].selectbox("Explain class", names, index=names.index(row["top_class"]), key="batch_class")
+    opacity = controls[1].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="batch_opacity")
+    colormap = controls[2].selectbox("Colormap", list(overlay.COLORMAPS), key="batch_colormap")
+    batch = preprocess.model_input(image.pixels, classifier.input_size)
+    _, heatmaps = explainer.gradcam(batch, names.index(target))
+    left, right = st.columns(2)
+    left.image(overlay.to_rgb(image.pixels), caption=f"{image.info.format} {image.info.width}x{image.info.height}")
+    right.image(overlay.overlay(image.pixels, heatmaps[0], colormap, opacity), caption=f"Grad-CAM for {target}")
+
+
+def results_ui(classifier, explainer, state: dict) -> None:
+    table = state["table"]
+    counts = review.summary(table)
+    st.caption(f"{counts['files']} file(s): {counts['positive']} positive, {counts['low_confidence']} low "
+               f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unreadable']} unreadable.")
+    decisions, flags, text = filters_ui(table)
+    shown = review.filter_table(table, decisions, flags, text)
+    event = st.dataframe(shown, column_config=column_config(list(classifier.card.class_names)), hide_index=True,
+                         on_select="rerun", selection_mode="single-row", key=TABLE_KEY)
+    st.download_button(f"Download these {len(shown)} rows as CSV", review.export_csv(shown),
+                       file_name="batch_review.csv", mime="text/csv", key="batch_csv")
+    rows = event.selection.rows if event is not None else []
+    if not rows or rows[0] >= len(shown):
+        st.caption("Select a row to see its image and Grad-CAM.")
+        return
+    row = shown.iloc[rows[0]]
+    detail_ui(classifier, explainer, row["file"], state["sources"][row["file"]], row)
+
+
+ui.research_banner()
+st.title("Batch review")
+loaded = ui.model_sidebar()
+if loaded is None:
+    st.info("Choose a working model in the sidebar to score images.")
+    st.stop()
+classifier, explainer = loaded
+source = st.radio("Images from", SOURCES, horizontal=True, key="batch_source")
+items = server_folder_ui() if source == SOURCES[2] else upload_ui(directory=source == SOURCES[1])
+if items:
+    score_ui(classifier, items)
+state = st.session_state.get(STATE)
+if state and state["model"] == classifier.card.weights_sha256:
+    results_ui(classifier, explainer, state)
+elif state:
+    st.info("The model changed since these files were scored; score them again.")

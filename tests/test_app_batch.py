@@ -1,0 +1,168 @@
+"""The batch review page (AppTest): uploads with bad files, a server folder, refused paths,
+filters, the CSV export and one row's Grad-CAM."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from app_models import BAD_JPEG, labelled_folder
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest
+
+from cxr_core import imaging, models
+from cxr_core.card import RESEARCH_USE
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "batch.py")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir):
+    models_root = tmp_path_factory.mktemp("models_root")
+    shutil.copytree(tiny_model_dir, models_root / tiny_model_dir.name)
+    root = tmp_path_factory.mktemp("data_root")
+    labelled_folder(root / "eval", per_class=3)
+    return models_root, root, models.load(tiny_model_dir)
+
+
+@pytest.fixture()
+def at(env, monkeypatch) -> AppTest:
+    models_root, root, _ = env
+    monkeypatch.setenv("CXR_MODELS_DIR", str(models_root))
+    monkeypatch.setenv("CXR_DATA_ROOT", str(root))
+    return AppTest.from_file(PAGE, default_timeout=120).run()
+
+
+@pytest.fixture()
+def uploads(data_dir) -> list[tuple[str, bytes, str]]:
+    kermany = data_dir / "kermany" / "train"
+    return [
+        ("IM-0115-0001.jpeg", (kermany / "NORMAL" / "IM-0115-0001.jpeg").read_bytes(), "image/jpeg"),
+        ("966.dcm", (data_dir / "dicom" / "pylibjpeg-data" / "966.dcm").read_bytes(), "application/octet-stream"),
+        ("CR-MONO1", (data_dir / "dicom" / "fo-dicom" / "CR-MONO1-10-chest.dcm").read_bytes(),
+         "application/octet-stream"),
+        ("notes.txt", b"patient notes, not an image", "text/plain"),
+        ("dental.dcm", (data_dir / "dicom" / "non_chest" / "CR-ModalitySequenceLUT.dcm").read_bytes(),
+         "application/octet-stream"),
+        ("broken.jpeg", BAD_JPEG, "image/jpeg"),
+    ]
+
+
+def table(at: AppTest) -> pd.DataFrame:
+    return [d for d in at.dataframe if "file" in d.value.columns][0].value
+
+
+def score_uploads(at: AppTest, uploads) -> AppTest:
+    at.file_uploader(key="batch_upload").set_value(uploads).run()
+    return at.button(key="batch_score_upload").click().run()
+
+
+def test_upload_batch_scores_every_good_file_and_lists_bad_ones(at, env, uploads):
+    _, _, classifier = env
+    assert at.warning[0].value == RESEARCH_USE
+    score_uploads(at, uploads)
+    assert not at.exception
+    rows = table(at).set_index("file")
+    assert list(rows.index) == [u[0] for u in uploads]
+    errors = rows["error"]
+    assert errors["IM-0115-0001.jpeg"] == "" and errors["CR-MONO1"] == "" and errors["dental.dcm"] == ""
+    for bad in ("966.dcm", "notes.txt", "broken.jpeg"):
+        assert errors[bad] != "" and np.isnan(rows.loc[bad, "p_NORMAL"])
+    # The shown probabilities are cxr_core's for the same bytes.
+    for name, data, _ in (uploads[0], uploads[2]):
+        expected = classifier.predict_pixels([imaging.load(data, name).pixels])[0]
+        assert rows.loc[name, "p_PNEUMONIA"] == pytest.approx(expected.probabilities[1], abs=1e-5)
+        assert rows.loc[name, "decision"] == expected.decision
+    assert rows["not_chest"].to_dict() == {"IM-0115-0001.jpeg": False, "966.dcm": False, "CR-MONO1": False,
+                                           "notes.txt": False, "dental.dcm": True, "broken.jpeg": False}
+    assert "6 file(s)" in at.caption[0].value and "3 unreadable" in at.caption[0].value
+    assert all(str(t).startswith("data:image/png;base64,") for t in rows.loc[["CR-MONO1"], "thumbnail"])
+
+
+def test_csv_export_matches_the_table(at, uploads, monkeypatch):
+    saved: list[tuple[bytes, str, str | None]] = []
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, path_or_data, mimetype, kind, filename=None):
+        saved.append((path_or_data, mimetype, filename))
+        return original(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    score_uploads(at, uploads)
+    shown = table(at)
+    csv = [data for data, mime, name in saved if name == "batch_review.csv"][-1]
+    exported = pd.read_csv(io.BytesIO(csv if isinstance(csv, bytes) else csv.encode()), keep_default_na=False)
+    assert "thumbnail" not in exported.columns and b"base64" not in (csv if isinstance(csv, bytes) else csv.encode())
+    assert exported["file"].tolist() == shown["file"].tolist()
+    assert exported["decision"].tolist() == shown["decision"].fillna("").tolist()
+    good = shown["error"] == ""
+    np.testing.assert_allclose(exported.loc[good, "p_PNEUMONIA"].astype(float), shown.loc[good, "p_PNEUMONIA"],
+                               atol=1e-6)
+    assert exported["error"].tolist() == shown["error"].tolist()
+
+
+def test_filters_narrow_the_table(at, uploads):
+    score_uploads(at, uploads)
+    at.text_input(key="batch_search").set_value(".DCM").run()
+    assert table(at)["file"].tolist() == ["966.dcm", "dental.dcm"]
+    at.text_input(key="batch_search").set_value("").run()
+    at.multiselect(key="batch_flags").set_value(["error"]).run()
+    assert table(at)["file"].tolist() == ["966.dcm", "notes.txt", "broken.jpeg"]
+    at.multiselect(key="batch_flags").set_value(["not_chest"]).run()
+    assert table(at)["file"].tolist() == ["dental.dcm"]
+
+
+def test_selecting_a_row_shows_its_image_and_gradcam(at, uploads):
+    score_uploads(at, uploads)
+    at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception
+    assert at.subheader[0].value == "CR-MONO1"
+    captions = [c for img in at.image for c in img.captions]
+    assert any(c.startswith("DICOM 440x440") for c in captions)
+    assert any(c.startswith("Grad-CAM for ") for c in captions)
+    at.session_state["batch_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.run()
+    assert at.subheader[0].value == "966.dcm" and at.error and "table" not in at.error[0].value.lower()
+
+
+def test_server_folder_scores_all_good_files_and_lists_the_bad_one(at):
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    at.selectbox(key="batch_pick").set_value("eval").run()
+    at.button(key="batch_score_folder").click().run()
+    assert not at.exception
+    rows = table(at).set_index("file")
+    assert len(rows) == 7
+    assert rows.loc["NORMAL/broken.jpeg", "error"] != ""
+    assert (rows.drop(index="NORMAL/broken.jpeg")["error"] == "").all()
+    assert rows.drop(index="NORMAL/broken.jpeg")["decision"].isin(["NORMAL", "PNEUMONIA"]).all()
+
+
+@pytest.mark.parametrize("path", ["..", "eval/../../..", "/etc", "missing"])
+def test_refused_server_paths_show_the_message(at, path):
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    at.text_input(key="batch_path").set_value(path).run()
+    at.button(key="batch_score_folder").click().run()
+    assert not at.exception
+    message = at.error[0].value
+    assert ("outside the data root" in message) if path != "missing" else ("does not exist" in message)
+    assert "Only folders inside the configured data root" in message
+    assert not [d for d in at.dataframe if "file" in d.value.columns]
+
+
+def test_symlink_out_of_the_root_is_refused(at, env, tmp_path):
+    _, root, _ = env
+    (tmp_path / "x.jpeg").write_bytes(b"x")
+    link = root / "escape"
+    link.symlink_to(tmp_path, target_is_directory=True)
+    try:
+        at.radio(key="batch_source").set_value("Folder on the server").run()
+        at.text_input(key="batch_path").set_value("escape").run()
+        at.button(key="batch_score_folder").click().run()
+        assert "outside the data root" in at.error[0].value
+    finally:
+        link.unlink()
