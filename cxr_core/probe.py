@@ -70,6 +70,17 @@ def occlusion(classifier: Any, pixels_uint8: np.ndarray, class_index: int, patch
     return (total / np.maximum(count, 1)).astype(np.float32)
 
 
+def occlusion_heatmap(drop: np.ndarray) -> np.ndarray:
+    """An occlusion map (probability drops, any sign) as float32 in [0, 1] for drawing.
+
+    Only drops count (hiding the region lowered the probability); they are divided by the
+    largest drop. A map without any drop is all zeros.
+    """
+    positive = np.clip(np.asarray(drop, dtype=np.float32), 0.0, None)
+    peak = float(positive.max()) if positive.size else 0.0
+    return positive / peak if peak > 0 else np.zeros_like(positive)
+
+
 def perturb(pixels: np.ndarray, kind: str, amount: float, seed: int = 0) -> np.ndarray:
     """A perturbed copy of a float32 HxW image in [0, 1] (see AMOUNT_UNITS for ``amount``)."""
     img = np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0)

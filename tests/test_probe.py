@@ -129,3 +129,9 @@ def test_confident_errors_picks_wrong_test_rows_by_confidence():
     assert probe.confident_errors(df, ["NORMAL", "PNEUMONIA"], k=1)["path"].tolist() == ["f"]
     assert probe.confident_errors(df, ["NORMAL", "PNEUMONIA"], split=None)["path"].tolist()[:2] == ["e", "f"]
     assert probe.confident_errors(df[df["path"] == "c"], ["NORMAL", "PNEUMONIA"]).empty
+
+
+def test_occlusion_heatmap_keeps_drops_scaled_to_one():
+    heat = probe.occlusion_heatmap(np.array([[0.2, -0.1], [0.05, 0.0]], np.float32))
+    np.testing.assert_allclose(heat, [[1.0, 0.0], [0.25, 0.0]])
+    np.testing.assert_array_equal(probe.occlusion_heatmap(np.full((2, 2), -0.3)), 0.0)
