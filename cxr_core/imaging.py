@@ -52,7 +52,6 @@ _MAGIC = (
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
 )  # fmt: skip
 _FORMATS = "DICOM, JPEG, PNG, BMP, TIFF, WebP or GIF"
-_EIGHT_BIT_MODES = {"L": 8, "LA": 8, "La": 8, "P": 8, "PA": 8, "RGB": 8, "RGBA": 8, "RGBX": 8, "CMYK": 8}
 
 
 @dataclass(frozen=True)
@@ -109,6 +108,8 @@ def load(
     checked from the header before any decoding.
     """
     try:
+        if window is not None and not float(window[1]) > 0:
+            raise UnreadableImageError(f"The window width must be positive, got {window[1]}. Choose a wider one.")
         with ExitStack() as stack:
             fp, name = _open(source, filename, stack)
             head = fp.read(132)
@@ -176,11 +177,9 @@ def _describe(head: bytes) -> str:
         return "an XML or SVG file"
     if head.startswith(b"PK\x03\x04"):
         return "a ZIP archive (extract it first)"
-    try:
-        head.decode("utf-8")
+    if not any(byte < 9 or 13 < byte < 32 for byte in head):  # no control bytes: plain (UTF-8) text
         return "a text file"
-    except UnicodeDecodeError:
-        return "a file of an unknown format"
+    return "a file of an unknown format"
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -242,7 +241,7 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int]:
         im = im.convert("RGB")
     if im.mode != "L":
         im = im.convert("L")
-    return np.asarray(im).astype(np.float32) / np.float32(255), 1 if mode == "1" else _EIGHT_BIT_MODES.get(mode, 8)
+    return np.asarray(im).astype(np.float32) / np.float32(255), 1 if mode == "1" else 8
 
 
 def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: int) -> LoadedImage:
@@ -259,9 +258,8 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if "TransferSyntaxUID" not in meta:  # no file meta header: infer from how the dataset parsed
         implicit, little = ds.original_encoding
-        meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        )
+        explicit = ExplicitVRBigEndian if little is False else ExplicitVRLittleEndian
+        meta.TransferSyntaxUID = explicit if implicit is False else ImplicitVRLittleEndian
         ds.file_meta = meta
     syntax = meta.TransferSyntaxUID
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
@@ -288,6 +286,8 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
         if (slope, intercept) != (1.0, 0.0):
             values *= np.float32(slope)
             values += np.float32(intercept)
+    if arr.dtype.kind == "f":  # float pixel data may hold NaN or infinities
+        np.nan_to_num(values, copy=False, posinf=0.0, neginf=0.0)
     value_range = (float(values.min()), float(values.max()))
     pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits)
     # DX requires Presentation LUT Shape INVERSE with MONOCHROME1: the same single inversion, not a second one.

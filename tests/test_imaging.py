@@ -180,6 +180,11 @@ def test_caller_window_is_honoured(data_dir):
     assert np.abs(narrow.pixels - default.pixels).mean() > 0.05
 
 
+def test_caller_window_must_have_positive_width(data_dir):
+    with pytest.raises(UnreadableImageError, match="width must be positive"):
+        _load("fo-dicom/CR-MONO1-10-chest.dcm", window=(400, 0))
+
+
 def test_modality_lut_sequence_file_is_windowed_from_its_lut_output(data_dir):
     img = _load("non_chest/CR-ModalitySequenceLUT.dcm")
     assert img.info.window_source == "percentile" and img.info.value_range == (0.0, 1023.0)
@@ -312,6 +317,22 @@ def test_voi_lut_sequence_is_applied():
     np.testing.assert_allclose(img.pixels, np.minimum(4 * stored, 1000) / 1000.0, atol=1e-6)
 
 
+def test_float_dicom_with_nan_stays_finite():
+    values = np.tile(np.linspace(-1, 1, 16, dtype=np.float32), (4, 1))
+    values[0, 0] = np.nan
+    ds = pydicom.dcmread(io.BytesIO(_dicom(np.zeros((4, 16), np.uint16))))
+    del ds.PixelData
+    ds.BitsAllocated, ds.SamplesPerPixel = 32, 1
+    for key in ("BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, key)
+    ds.FloatPixelData = values.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    img = imaging.load(buf.getvalue())
+    assert np.isfinite(img.pixels).all() and img.info.value_range == (-1.0, 1.0)
+    assert img.pixels[1, 0] < 0.05 and img.pixels[1, -1] > 0.95
+
+
 def test_rgb_dicom_becomes_grayscale():
     rgb = np.zeros((1, 6, 6, 3), np.uint8)
     rgb[..., :] = (200, 100, 50)
@@ -341,6 +362,7 @@ def _png_header(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("data,cause", [
     (b"", "empty"),
     (b"patient notes: cough for three days\n", "text file"),
+    ("Röntgen Thorax, Befund: unauffällig\n".encode(), "text file"),
     (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "PDF"),
     (b"<!DOCTYPE html><html><body>404</body></html>", "HTML"),
     (b"PK\x03\x04\x14\x00\x00\x00", "ZIP"),
