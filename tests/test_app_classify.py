@@ -1,0 +1,233 @@
+"""The Classify page driven through streamlit.testing.v1.AppTest with a tiny model and real files."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import DATA, DICOM
+from streamlit.testing.v1 import AppTest
+
+from cxr_core import card, models, pipeline
+from cxr_core.explain import Explainer
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "classify.py")
+KERMANY = DATA / "kermany/train/PNEUMONIA/person1_bacteria_1.jpeg"
+CHEST_DICOMS = [
+    "fo-dicom/CR-MONO1-10-chest.dcm",
+    "pydicom-data/RG1_J2KI.dcm",
+    "pylibjpeg-data/RG1_JLSN.dcm",
+    "pylibjpeg-data/966_fixed.dcm",
+    "pylibjpeg-data/JPEG2KLossless_1s_1f_u_16_16.dcm",
+    "torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "torchxrayvision/Fake_MONOHR1.dcm",
+]
+SECRETS = {"PatientName": "Doe^Jane^Secret", "PatientID": "PID-424242", "PatientBirthDate": "19700101",
+           "AccessionNumber": "ACC-777313", "InstitutionName": "St Elsewhere Hospital"}
+
+
+@pytest.fixture()
+def models_root(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, root / tiny_model_dir.name)
+    monkeypatch.setenv("CXR_MODELS_DIR", str(root))
+    return root
+
+
+def _page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=120).run()
+
+
+def _upload(at: AppTest, name: str, data: bytes) -> AppTest:
+    at.file_uploader(key="classify_upload").set_value((name, data, "application/octet-stream"))
+    return at.run()
+
+
+def _shown_probabilities(at: AppTest) -> dict[str, str]:
+    table = at.table[0].value
+    return dict(zip(table["Class"], table["Probability"], strict=True))
+
+
+def _image_urls(at: AppTest) -> list[str]:
+    return [im.proto.imgs[0].url for im in at.image]
+
+
+def _rendered_text(at: AppTest) -> str:
+    """Every element's protobuf as text: what the browser would receive (tables included)."""
+    texts, pending = [], [at._tree]
+    while pending:
+        node = pending.pop()
+        pending.extend(getattr(node, "children", {}).values())
+        proto = getattr(node, "proto", None)
+        if proto is not None:
+            texts.append(str(proto))
+    for table in at.table:
+        texts.append(table.value.to_csv())
+    return "\n".join(texts)
+
+
+def _no_exception(at: AppTest) -> None:
+    assert [e.value for e in at.exception] == []
+
+
+def test_real_jpeg_shows_the_probabilities_cxr_core_gives(models_root):
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    _no_exception(at)
+    classifier = models.load(models_root / "tiny-pneumonia")
+    expected = pipeline.classify(classifier, Explainer(classifier), KERMANY.read_bytes(), KERMANY.name)
+    shown = _shown_probabilities(at)
+    assert shown == {n: f"{p:.4f}" for n, p in zip(expected.prediction.class_names,
+                                                    expected.prediction.probabilities, strict=True)}
+    assert f"Decision: :{'red' if expected.prediction.positive else 'blue'}[{expected.prediction.decision}]" in [
+        m.value.replace("### ", "") for m in at.markdown]
+    assert len(at.image) == 2  # the radiograph and its heatmap overlay
+    assert at.selectbox(key=f"explain_{_key(at)}").value == expected.class_index
+    assert [b.label for b in at.download_button] == ["Download report (PNG)", "Download report (PDF)"]
+    assert at.warning[0].value == card.RESEARCH_USE
+
+
+def _key(at: AppTest) -> str:
+    return next(s.key for s in at.selectbox if s.key and s.key.startswith("explain_")).removeprefix("explain_")
+
+
+def test_switching_method_class_opacity_and_colormap_redraws_the_overlay(models_root):
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    probabilities = _shown_probabilities(at)
+    seen = {_image_urls(at)[1]}
+    at.selectbox(key="cam_method").set_value("layercam").run()
+    _no_exception(at)
+    seen.add(_image_urls(at)[1])
+    explain = at.selectbox(key=f"explain_{_key(at)}")
+    explain.set_value(1 - explain.value).run()
+    _no_exception(at)
+    seen.add(_image_urls(at)[1])
+    at.slider(key="cam_opacity").set_value(0.9).run()
+    seen.add(_image_urls(at)[1])
+    at.selectbox(key="cam_colormap").set_value("viridis").run()
+    seen.add(_image_urls(at)[1])
+    assert len(seen) == 5
+    assert _shown_probabilities(at) == probabilities  # the explanation never changes the prediction
+    assert "LayerCAM for" in at.image[1].proto.imgs[0].caption
+
+
+@pytest.mark.parametrize("name", CHEST_DICOMS)
+def test_real_dicoms_show_deidentified_metadata(models_root, name):
+    at = _upload(_page(), Path(name).stem, (DICOM / name).read_bytes())  # extension-less upload
+    _no_exception(at)
+    assert [e.value for e in at.error] == []
+    fields = dict(zip(at.table[1].value["Field"], at.table[1].value["Value"], strict=True))
+    header = pydicom.dcmread(DICOM / name, stop_before_pixels=True, force=True)
+    assert fields["Modality"] == header.Modality
+    assert fields["PhotometricInterpretation"] == header.PhotometricInterpretation
+    assert fields["Size (width x height)"] == f"{header.Columns} x {header.Rows}"
+    assert len(at.image) == 2
+    assert at.slider(key=f"center_{_key(at)}") is not None
+
+
+def test_patient_tags_never_reach_the_page(models_root):
+    ds = pydicom.dcmread(DICOM / CHEST_DICOMS[-2])
+    for tag, value in SECRETS.items():
+        setattr(ds, tag, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    at = _upload(_page(), "anonymous", buffer.getvalue())
+    _no_exception(at)
+    assert len(at.table) == 2  # probabilities and the metadata panel were drawn
+    text = _rendered_text(at)
+    assert "CHEST" in text and card.RESEARCH_USE in text  # both tables and plain elements are searched
+    for value in SECRETS.values():
+        assert value not in text
+        assert value.split("^")[0] not in text
+
+
+def test_window_slider_and_presets_change_the_shown_image(models_root):
+    at = _upload(_page(), "chest.dcm", (DICOM / CHEST_DICOMS[0]).read_bytes())
+    key = _key(at)
+    probabilities, original = _shown_probabilities(at), _image_urls(at)[0]
+    assert at.slider(key=f"center_{key}").value == 550 and at.slider(key=f"width_{key}").value == 1024
+    at.slider(key=f"width_{key}").set_value(300.0).run()
+    _no_exception(at)
+    narrowed = _image_urls(at)[0]
+    assert narrowed != original
+    at.selectbox(key=f"preset_{key}").set_value("Bone").run()
+    assert _image_urls(at)[0] not in (original, narrowed)
+    assert at.slider(key=f"width_{key}").value == pytest.approx(512.0)
+    assert _shown_probabilities(at) == probabilities  # the model always sees the default window
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "fragment"),
+    [
+        ("966.dcm", (DICOM / "pylibjpeg-data/966.dcm").read_bytes(), "could not be decoded"),
+        ("empty.png", b"", "empty"),
+        ("notes.png", b"Patient notes, not an image\n" * 20, "not"),
+    ],
+    ids=["corrupt-dicom", "empty", "text-as-png"],
+)
+def test_bad_files_give_the_clear_message_and_the_page_keeps_working(models_root, name, data, fragment):
+    at = _upload(_page(), name, data)
+    _no_exception(at)
+    assert len(at.error) == 1 and fragment in at.error[0].value.lower()
+    assert len(at.image) == 0
+    at = _upload(at, KERMANY.name, KERMANY.read_bytes())
+    _no_exception(at)
+    assert [e.value for e in at.error] == []
+    assert len(at.image) == 2 and len(_shown_probabilities(at)) == 2
+
+
+def test_non_chest_dicom_shows_the_not_a_chest_warning(models_root):
+    at = _upload(_page(), "teeth.dcm", (DICOM / "non_chest/CR-ModalitySequenceLUT.dcm").read_bytes())
+    _no_exception(at)
+    warnings = [w.value for w in at.warning if w.value.startswith("Probably not a frontal chest radiograph")]
+    assert len(warnings) == 1 and "side" in warnings[0]
+    assert any(e.label.startswith("How 'probably not a chest X-ray' is decided") for e in at.expander)
+
+
+def test_real_chest_film_has_no_not_a_chest_warning(models_root):
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    assert not [w for w in at.warning if w.value.startswith("Probably not")]
+
+
+def test_low_confidence_warning_follows_the_card(models_root):
+    card_path = models_root / "tiny-pneumonia" / card.CARD_FILE
+    data = json.loads(card_path.read_text())
+    data["low_confidence"] = 0.999
+    card_path.write_text(json.dumps(data))
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    lows = [w.value for w in at.warning if w.value.startswith("Low confidence")]
+    assert len(lows) == 1 and "below 100%" in lows[0]
+
+
+def test_no_models_gives_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tmp_path / "nothing-here"))
+    at = _page()
+    _no_exception(at)
+    assert "No models found" in at.sidebar.error[0].value
+    assert at.info[0].value.startswith("Choose a working model")
+    assert len(at.file_uploader) == 0
+
+
+def test_tampered_model_gives_a_clear_message(tmp_path, tiny_model_dir, monkeypatch):
+    folder = tmp_path / "models" / "tampered"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / card.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    monkeypatch.setenv("CXR_MODELS_DIR", str(folder.parent))
+    at = _page()
+    _no_exception(at)
+    assert "does not match its model card" in at.sidebar.error[0].value
+    assert len(at.file_uploader) == 0
+
+
+def test_invalid_card_gives_a_clear_message(tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "broken"
+    folder.mkdir(parents=True)
+    (folder / card.CARD_FILE).write_text("{not json")
+    monkeypatch.setenv("CXR_MODELS_DIR", str(folder.parent))
+    at = _page()
+    _no_exception(at)
+    assert "not valid JSON" in at.sidebar.error[0].value
