@@ -1,0 +1,206 @@
+"""Instructor view: how the model sees one image (CAM methods, layers, occlusion, perturbations)
+and the held-out split's most confident errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+import ui
+from cxr_core import evaluation_view as ev
+from cxr_core import imaging, overlay, paths, preprocess, probe
+from cxr_core.errors import UnreadableImageError
+from cxr_core.explain import METHODS
+
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
+                 "layercam": "LayerCAM", "smoothgrad": "SmoothGrad"}
+SOURCES = ("Upload an image", "From the held-out split", "From the data root")
+DISPLAY_SIZE = 512  # longest side of the pictures drawn here, in pixels
+
+
+@st.cache_data(max_entries=64, show_spinner="Computing the heatmap...")
+def explain(_explainer, model_key: str, batch, method: str, class_index: int, layer: str | None):
+    """One heatmap (S, S) in [0, 1]; ``model_key`` (weights hash) and the batch key the cache."""
+    return _explainer.explain(batch, method, class_index, layer).heatmap
+
+
+@st.cache_data(max_entries=16, show_spinner="Occluding patches...")
+def occlusion(_classifier, model_key: str, image, class_index: int, patch: int):
+    return probe.occlusion(_classifier, image, class_index, patch=patch)
+
+
+def display(pixels):
+    """The image at display size, float32 in [0, 1] (heatmaps are drawn over this)."""
+    return overlay.thumbnail(pixels, DISPLAY_SIZE) / 255.0
+
+
+def search_roots(card) -> list[Path]:
+    """Where held-out images may lie: the configured data root, then the folders the model was trained on."""
+    roots = [ui.data_root()] if ui.data_root() else []
+    for folder in card.recipe.get("data", []) or []:
+        folder = Path(folder)
+        roots.append(folder if folder.is_absolute() else ui.REPO / folder)
+    return roots
+
+
+def held_out_rows(predictions: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The held-out split's rows of predictions.csv (test first, then val; all rows when unsplit)."""
+    if predictions is None:
+        return None
+    split = next(iter(ev.splits(predictions)), None)
+    return predictions if split is None else predictions[predictions["split"].astype(str) == split]
+
+
+def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | bytes] | None:
+    """The chosen image as (name, path or in-memory bytes), or None with a note."""
+    source = st.radio("Image", SOURCES, horizontal=True, key="instructor_source")
+    if source == SOURCES[0]:
+        upload = st.file_uploader("A radiograph (JPEG, PNG or DICOM)", type=None, key="instructor_upload",
+                                  help=ui.UPLOAD_HELP)
+        return (upload.name, upload.getvalue()) if upload else None
+    if source == SOURCES[1]:
+        if held_out is None or held_out.empty:
+            st.info("This model folder has no predictions.csv, so there is no held-out split to pick from.")
+            return None
+        rows = held_out.head(500).reset_index(drop=True)
+        i = st.selectbox("Held-out image", range(len(rows)), key="instructor_held_out",
+                         format_func=lambda i: f"{rows.at[i, 'path']} (true {rows.at[i, 'true_class']})")
+        source_name = str(rows.at[i, "source"]) if "source" in rows.columns else ""
+        found = paths.locate(str(rows.at[i, "path"]), source_name, search_roots(card))
+        if found is None:
+            st.warning(f"Cannot find {rows.at[i, 'path']} under the data root or the training folders.")
+            return None
+        return found.name, found
+    root = ui.data_root()
+    if root is None:
+        st.info("Set the environment variable CXR_DATA_ROOT to pick images from a folder on the server.")
+        return None
+    folder = st.selectbox("Folder", [""] + paths.subfolders(root), key="instructor_folder",
+                          format_func=lambda p: p or "(the data root itself)")
+    files = paths.list_images(paths.resolve_under(root, folder), recursive=False, limit=500, root=root)
+    if not files:
+        st.info("No images directly in this folder; choose a sub-folder.")
+        return None
+    picked = st.selectbox("File", files, format_func=lambda p: p.name, key="instructor_file")
+    return picked.name, picked
+
+
+def methods_ui(explainer, model_key: str, batch, shown, class_index: int, colormap: str) -> None:
+    st.subheader("One image, several CAM methods")
+    slow = st.checkbox("Include Score-CAM (one forward pass per feature channel: slow on large models)",
+                       key="instructor_scorecam")
+    methods = [m for m in METHODS if m != "scorecam" or slow]
+    cols = st.columns(len(methods))
+    for col, method in zip(cols, methods, strict=True):
+        heat = explain(explainer, model_key, batch, method, class_index, None)
+        col.image(overlay.overlay(shown, heat, colormap), caption=METHOD_LABELS[method])
+    st.caption("Grad-CAM, Grad-CAM++ and LayerCAM weight the last feature map by gradients; Score-CAM by how much "
+               "each channel alone raises the score; SmoothGrad averages input gradients over noisy copies.")
+
+
+def layers_ui(explainer, model_key: str, batch, shown, class_index: int, colormap: str) -> None:
+    st.subheader("Grad-CAM at a chosen layer")
+    layers = explainer.layer_choices()
+    layer = st.select_slider("Layer (end of each block; the last is the model's target layer)", layers,
+                             value=layers[-1], key="instructor_layer")
+    heat = explain(explainer, model_key, batch, "gradcam", class_index, layer)
+    st.image(overlay.overlay(shown, heat, colormap), caption=f"Grad-CAM at {layer}", width=DISPLAY_SIZE // 2)
+    st.caption("Early layers see edges and texture at high resolution; later layers see larger, more abstract parts.")
+
+
+def occlusion_ui(classifier, model_key: str, image, shown, class_index: int, colormap: str) -> None:
+    st.subheader("Occlusion sensitivity")
+    size = classifier.input_size
+    patch = st.select_slider("Patch size (pixels of the model input)", [max(size // d, 2) for d in (16, 8, 4)],
+                             value=max(size // 8, 2), key="instructor_patch")
+    if not st.checkbox("Compute the occlusion map", key="instructor_occlusion",
+                       help="Hides one grey patch at a time (half-patch stride) and re-scores the image in batches."):
+        st.caption("Model-agnostic: where does hiding the image lower the probability? Tick the box to compute it.")
+        return
+    drop = occlusion(classifier, model_key, image, class_index, patch)
+    st.image(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap),
+             caption=f"Largest drop in probability: {float(drop.max()):.3f}", width=DISPLAY_SIZE // 2)
+
+
+def perturbations_ui(classifier, pixels) -> None:
+    st.subheader("How simple changes move the prediction")
+    rows = pd.DataFrame(probe.perturbation_table(classifier, pixels))
+    rows["change"] = rows["change"].astype(float)
+    label = [k if k == "original" else f"{k} {a:g}" for k, a in zip(rows["kind"], rows["amount"], strict=True)]
+    top = rows.loc[0, "top_class"]
+    fig = px.bar(rows.assign(perturbation=label), x="perturbation", y=top, color="decision",
+                 labels={top: f"P({top})"}, range_y=[0, 1])
+    fig.update_layout(height=320, margin={"t": 20})
+    st.plotly_chart(fig, key="instructor_perturbations")
+    st.dataframe(rows, hide_index=True, key="instructor_perturbation_table",
+                 column_config={"change": st.column_config.NumberColumn(f"Change in P({top})", format="%+.3f")})
+    st.caption("Amounts: " + "; ".join(f"{k} in {u}" for k, u in probe.AMOUNT_UNITS.items()) + ".")
+
+
+def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | None, colormap: str) -> None:
+    st.header("Most confident errors of the held-out split")
+    if held_out is None:
+        st.info("This model folder has no predictions.csv, so there is no gallery of errors.")
+        return
+    card = classifier.card
+    k = st.slider("How many", 2, 16, 8, key="instructor_gallery_k")
+    errors = probe.confident_errors(held_out, card.class_names, k=k, split=None)
+    if errors.empty:
+        st.success("No wrong predictions in the held-out split.")
+        return
+    roots = search_roots(card)
+    cols = st.columns(4)
+    for i, row in errors.iterrows():
+        col = cols[i % 4]
+        caption = f"{row['path']}: true {row['true_class']}, called {row['predicted_class']} ({row['confidence']:.2f})"
+        found = paths.locate(str(row["path"]), str(row.get("source", "")), roots)
+        if found is None:
+            col.warning(f"Cannot find {row['path']} under the data root or the training folders.")
+            continue
+        try:
+            image = imaging.load(found, found.name)
+        except UnreadableImageError as err:
+            col.error(f"{row['path']}: {err}")
+            continue
+        batch = preprocess.model_input(image.pixels, classifier.input_size)
+        heat = explain(explainer, model_key, batch, "gradcam", card.class_names.index(row["predicted_class"]), None)
+        col.image(overlay.overlay(display(image.pixels), heat, colormap), caption=caption)
+
+
+ui.research_banner()
+st.title("Instructor: how the model sees")
+loaded = ui.model_sidebar()
+model_dir = st.session_state.get(ui.MODEL_KEY)
+if loaded is None or not model_dir:
+    st.info("Choose a working model in the sidebar.")
+    st.stop()
+classifier, explainer = loaded
+model_card = classifier.card
+model_key = f"{model_dir}:{model_card.weights_sha256}"
+held_out = held_out_rows(ev.read_evaluation(model_dir).predictions)
+colormap = st.sidebar.selectbox("Colormap", list(overlay.COLORMAPS), key="instructor_colormap")
+chosen = image_source_ui(model_card, held_out)
+image_pixels = None
+if chosen is not None:
+    try:
+        image_pixels = imaging.load(chosen[1], chosen[0]).pixels
+    except UnreadableImageError as err:
+        st.error(str(err))
+if image_pixels is not None:
+    model_batch = preprocess.model_input(image_pixels, classifier.input_size)
+    prediction = classifier.predict(model_batch)[0]
+    names = list(model_card.class_names)
+    target = st.selectbox("Class to explain", names, index=names.index(prediction.top_class), key="instructor_class")
+    st.caption(" · ".join(f"P({c}) = {p:.3f}" for c, p in prediction.as_dict().items())
+               + f" · decision {prediction.decision}")
+    shown_image = display(image_pixels)
+    target_index = names.index(target)
+    methods_ui(explainer, model_key, model_batch, shown_image, target_index, colormap)
+    layers_ui(explainer, model_key, model_batch, shown_image, target_index, colormap)
+    occlusion_ui(classifier, model_key, preprocess.prepare(image_pixels, classifier.input_size), shown_image,
+                 target_index, colormap)
+    perturbations_ui(classifier, image_pixels)
+gallery_ui(classifier, explainer, model_key, held_out, colormap)

@@ -1,0 +1,124 @@
+"""The instructor page (AppTest): CAM methods, layers, occlusion and perturbations for a real image,
+bad uploads, images from the held-out split and the data root, and the confident-error gallery."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from app_models import evaluated_model, labelled_folder
+from streamlit.testing.v1 import AppTest
+
+from cxr_core import imaging, models, preprocess, probe
+from cxr_core.card import RESEARCH_USE
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "instructor.py")
+SECTIONS = ("One image, several CAM methods", "Grad-CAM at a chosen layer", "Occlusion sensitivity",
+            "How simple changes move the prediction")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("data_root")
+    images = labelled_folder(root / "eval", per_class=3)
+    models_root = tmp_path_factory.mktemp("models_root")
+    folder, predictions = evaluated_model(tiny_model_dir, models_root, images)
+    return models_root, root, folder, predictions, models.load(folder)
+
+
+def run_page(monkeypatch, models_root, root) -> AppTest:
+    monkeypatch.setenv("CXR_MODELS_DIR", str(models_root))
+    monkeypatch.setenv("CXR_DATA_ROOT", str(root))
+    return AppTest.from_file(PAGE, default_timeout=180).run()
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for img in at.image for c in img.captions]
+
+
+def test_all_sections_for_an_uploaded_radiograph(env, monkeypatch, data_dir):
+    models_root, root, _, _, classifier = env
+    at = run_page(monkeypatch, models_root, root)
+    assert at.warning[0].value == RESEARCH_USE
+    path = data_dir / "kermany" / "train" / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"
+    at.file_uploader(key="instructor_upload").set_value((path.name, path.read_bytes(), "image/jpeg")).run()
+    assert not at.exception and not at.error
+    assert [s for s in SECTIONS if s not in [h.value for h in at.subheader]] == []
+    pixels = imaging.load(path.read_bytes(), path.name).pixels
+    expected = classifier.predict_pixels([pixels])[0]
+    assert f"P(PNEUMONIA) = {expected.probabilities[1]:.3f}" in " ".join(c.value for c in at.caption)
+    shown = captions(at)
+    assert shown[:4] == ["Grad-CAM", "Grad-CAM++", "LayerCAM", "SmoothGrad"]
+    assert "Grad-CAM at relu" in shown
+    table = [d.value for d in at.dataframe if "kind" in d.value.columns][0]
+    rows = probe.perturbation_table(classifier, pixels)
+    assert table["kind"].tolist() == [r["kind"] for r in rows]
+    assert table["PNEUMONIA"].tolist() == pytest.approx([r["PNEUMONIA"] for r in rows], abs=1e-6)
+
+    at.checkbox(key="instructor_scorecam").check()
+    at.checkbox(key="instructor_occlusion").check().run()
+    assert not at.exception
+    shown = captions(at)
+    assert shown[:5] == ["Grad-CAM", "Grad-CAM++", "Score-CAM", "LayerCAM", "SmoothGrad"]
+    drop = probe.occlusion(classifier, preprocess.prepare(pixels, 64), expected.probabilities.index(
+        expected.top_probability), patch=8)
+    assert f"Largest drop in probability: {float(drop.max()):.3f}" in shown
+
+    at.select_slider(key="instructor_layer").set_value("tiny_relu0").run()
+    assert "Grad-CAM at tiny_relu0" in captions(at)
+
+
+def test_dicom_upload_and_bad_files(env, monkeypatch, data_dir):
+    models_root, root, _, _, _ = env
+    at = run_page(monkeypatch, models_root, root)
+    dicom = data_dir / "dicom" / "fo-dicom" / "CR-MONO1-10-chest.dcm"
+    at.file_uploader(key="instructor_upload").set_value(("CR-MONO1", dicom.read_bytes(), "application/octet-stream"))
+    at.run()
+    assert not at.exception and not at.error and "Grad-CAM" in captions(at)
+    for name, data in (("966.dcm", (data_dir / "dicom" / "pylibjpeg-data" / "966.dcm").read_bytes()),
+                       ("notes.txt", b"not an image at all"), ("empty.png", b"")):
+        at.file_uploader(key="instructor_upload").set_value((name, data, "application/octet-stream")).run()
+        assert not at.exception
+        assert len(at.error) == 1 and at.error[0].value
+        assert "Traceback" not in at.error[0].value
+        assert "Most confident errors of the held-out split" in [h.value for h in at.header]
+
+
+def test_image_from_the_held_out_split_and_from_the_data_root(env, monkeypatch):
+    models_root, root, _, _, _ = env
+    at = run_page(monkeypatch, models_root, root)
+    at.radio(key="instructor_source").set_value("From the held-out split").run()
+    assert not at.exception and not at.warning[1:] and "Grad-CAM" in captions(at)
+    at.radio(key="instructor_source").set_value("From the data root").run()
+    at.selectbox(key="instructor_folder").set_value("eval/NORMAL").run()
+    assert not at.exception
+    assert at.selectbox(key="instructor_file").value.name == "IM-0115-0001.jpeg"
+    assert "Grad-CAM" in captions(at)
+
+
+def test_gallery_shows_the_most_confident_errors_and_says_when_a_file_is_missing(env, monkeypatch, tmp_path):
+    _, root, folder, predictions, _ = env
+    errors = probe.confident_errors(predictions, ["NORMAL", "PNEUMONIA"], k=8)
+    assert len(errors) > 0
+    # A second model folder whose predictions name one image that is not on disk.
+    other = tmp_path / "models" / folder.name
+    shutil.copytree(folder, other)
+    missing = predictions.iloc[[0]].assign(path="NORMAL/gone.jpeg", true_class="NORMAL", p_NORMAL=0.0,
+                                           p_PNEUMONIA=1.0, predicted_class="PNEUMONIA")
+    pd.concat([predictions, missing]).to_csv(other / "predictions.csv", index=False)
+    at = run_page(monkeypatch, tmp_path / "models", root)
+    assert not at.exception
+    gallery = [c for c in captions(at) if ": true " in c]
+    assert gallery == [f"{r.path}: true {r.true_class}, called {r.predicted_class} ({r.confidence:.2f})"
+                       for r in errors.itertuples()]
+    assert any("Cannot find NORMAL/gone.jpeg" in w.value for w in at.warning)
+
+
+def test_model_without_predictions_explains_the_missing_gallery(tiny_model3_dir, monkeypatch, tmp_path, env):
+    _, root, _, _, _ = env
+    shutil.copytree(tiny_model3_dir, tmp_path / tiny_model3_dir.name)
+    at = run_page(monkeypatch, tmp_path, root)
+    assert not at.exception
+    assert any("no predictions.csv" in i.value for i in at.info)
