@@ -1,0 +1,79 @@
+"""The app shell: app.py navigation, the sidebar model selector and ui.py's helpers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import ui
+from cxr_core import card
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture()
+def models_root(tmp_path, tiny_model_dir, tiny_model3_dir, monkeypatch) -> Path:
+    root = tmp_path / "models"
+    for folder in (tiny_model_dir, tiny_model3_dir):
+        shutil.copytree(folder, root / folder.name)
+    (root / "not-a-model").mkdir()  # no card: not listed
+    monkeypatch.setenv("CXR_MODELS_DIR", str(root))
+    return root
+
+
+def test_app_runs_with_navigation_banner_and_model_selector(models_root):
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert [e.value for e in at.exception] == []
+    assert at.warning[0].value == card.RESEARCH_USE
+    assert at.title[0].value == "Classify a chest radiograph"  # the default page
+    selector = at.sidebar.selectbox(key="_model_select")
+    assert [Path(o).name for o in selector.options] == ["tiny-cxr3", "tiny-pneumonia"]
+    summary = " ".join(m.value for m in at.sidebar.markdown)
+    assert "**tiny-cxr3** · version 1" in summary and "`COVID-19`" in summary
+    assert "test auc: **0.5**" in summary
+    sha = card.read(models_root / "tiny-cxr3").weights_sha256
+    assert any(sha[:12] in c.value for c in at.sidebar.caption)
+
+
+def test_choosing_another_model_updates_summary_and_session(models_root):
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.sidebar.selectbox(key="_model_select").set_value(str(models_root / "tiny-pneumonia")).run()
+    assert [e.value for e in at.exception] == []
+    summary = " ".join(m.value for m in at.sidebar.markdown)
+    assert "**tiny-pneumonia**" in summary and "COVID-19" not in summary
+    assert at.session_state[ui.MODEL_KEY] == str(models_root / "tiny-pneumonia")
+    assert any("PNEUMONIA ≥ 0.50" in c.value for c in at.sidebar.caption)
+
+
+@pytest.mark.parametrize("page", ["pages/classify.py", "pages/batch.py", "pages/metrics.py", "pages/instructor.py"])
+def test_every_page_shows_the_research_banner(models_root, page):
+    at = AppTest.from_file(str(Path(APP).parent / page), default_timeout=120).run()
+    assert [e.value for e in at.exception] == []
+    assert at.warning[0].value == card.RESEARCH_USE
+
+
+def test_list_models_and_roots(models_root, monkeypatch, tmp_path):
+    assert ui.models_root() == models_root
+    assert [p.name for p in ui.list_models()] == ["tiny-cxr3", "tiny-pneumonia"]
+    monkeypatch.delenv("CXR_DATA_ROOT", raising=False)
+    assert ui.data_root() is None
+    monkeypatch.setenv("CXR_DATA_ROOT", str(tmp_path))
+    assert ui.data_root() == tmp_path.resolve()
+    monkeypatch.delenv("CXR_MODELS_DIR")
+    assert ui.models_root() == Path(ui.__file__).resolve().parent / "models"
+
+
+def test_headline_metrics_flattens_one_level():
+    metrics = {"test": {"auc": 0.91, "accuracy": 0.8, "per_class": {"x": 1}}, "n": 10, "ok": True, "name": "x"}
+    assert ui.headline_metrics(metrics) == {"test auc": 0.91, "test accuracy": 0.8, "n": 10.0}
+
+
+def test_model_is_loaded_once_per_process(models_root):
+    folder = str(models_root / "tiny-pneumonia")
+    sha = card.read(folder).weights_sha256
+    first = ui.load_model(folder, sha)
+    assert ui.load_model(folder, sha) is first
+    assert first[0].card.name == "tiny-pneumonia" and first[1].classifier is first[0]
