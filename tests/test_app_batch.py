@@ -166,3 +166,13 @@ def test_symlink_out_of_the_root_is_refused(at, env, tmp_path):
         assert "outside the data root" in at.error[0].value
     finally:
         link.unlink()
+
+
+def test_folder_upload_keeps_image_names_only(at, uploads):
+    at.radio(key="batch_source").set_value("Upload a folder").run()
+    assert at.file_uploader(key="batch_folder_upload").accept_directory
+    at.file_uploader(key="batch_folder_upload").set_value([uploads[0], uploads[2], uploads[3]]).run()
+    assert at.button(key="batch_score_upload").label == "Score 2 file(s)"
+    at.button(key="batch_score_upload").click().run()
+    assert table(at)["file"].tolist() == ["IM-0115-0001.jpeg", "CR-MONO1"]
+    assert (table(at)["error"] == "").all()

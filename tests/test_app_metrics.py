@@ -144,3 +144,15 @@ def test_symlink_out_of_the_data_root_is_refused(setup, monkeypatch, tmp_path):
     at.button(key="eval_run").click().run()
     assert any("outside the data root" in e.value for e in at.error)
     link.unlink()
+
+
+def test_tampered_model_folder_gives_a_message_not_a_traceback(setup, tmp_path, monkeypatch):
+    _, _, folder, _ = setup
+    broken = tmp_path / folder.name
+    shutil.copytree(folder, broken)
+    with open(broken / "model.weights.h5", "ab") as fh:
+        fh.write(b"tampered")
+    at = run_page(monkeypatch, tmp_path)
+    assert not at.exception
+    assert any("does not match its model card" in e.value for e in at.sidebar.error)
+    assert any("Choose a working model" in i.value for i in at.info)
