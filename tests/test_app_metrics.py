@@ -156,3 +156,21 @@ def test_tampered_model_folder_gives_a_message_not_a_traceback(setup, tmp_path, 
     assert not at.exception
     assert any("does not match its model card" in e.value for e in at.sidebar.error)
     assert any("Choose a working model" in i.value for i in at.info)
+
+
+def test_three_class_model_thresholds_one_class_against_the_rest(setup, tiny_model3_dir, tmp_path, monkeypatch):
+    root, _, _, _ = setup
+    _, predictions = evaluated_model(tiny_model3_dir, tmp_path, root / "eval")
+    at = run_page(monkeypatch, tmp_path, root)
+    assert not at.exception
+    assert any("COVID-19: no ROC curve" in c.value for c in at.caption)
+    at.selectbox(key="held_out_positive").set_value("PNEUMONIA").run()
+    at.slider(key="held_out_threshold").set_value(0.4).run()
+    y = (predictions["true_class"] == "PNEUMONIA").to_numpy(int)
+    rates = metrics.binary_at_threshold(y, predictions["p_PNEUMONIA"].to_numpy(float), 0.4)
+    assert metric(at, "Sensitivity") == f"{rates['sensitivity']:.3f}"
+    assert metric(at, "Specificity") == f"{rates['specificity']:.3f}"
+    titles = [c["layout"].get("title", {}).get("text") for c in charts(at)]
+    assert "All classes under the card's rule at this threshold" in titles
+    at.selectbox(key="held_out_positive").set_value("COVID-19").run()
+    assert metric(at, "Sensitivity") == "n/a"  # no COVID-19 image in this set
