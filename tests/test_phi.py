@@ -1,0 +1,203 @@
+"""Patient data never leaves the upload: no DICOM patient tag on screen, in a log, the CSV or the report,
+and no uploaded byte on disk.
+
+Real DICOM files get known patient values (name, id, birth date, accession number,
+institution, physician) and a unique marker in a private tag; the classify and batch pages
+(AppTest, in this process) then read, classify, export and report them while TMPDIR points
+at a fresh folder and every log record and byte of stdout/stderr is captured. Afterwards
+every file written under TMPDIR, in the checkout or in ~/.streamlit since the test began,
+the page text, the CSV, both report formats and the logs are searched for those values.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from badinput import DATA, KERMANY_JPEG
+from streamlit.runtime.media_file_manager import MediaFileManager
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = {  # upload name -> real file (JPEG baseline with file meta; implicit VR without file meta)
+    "study1.dcm": DATA / "dicom" / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "study2.dcm": DATA / "dicom" / "fo-dicom" / "CR-MONO1-10-chest.dcm",
+}
+PHI = {
+    "PatientName": "Quibbleworth^Zenobia",
+    "PatientID": "PID-86753091",
+    "PatientBirthDate": "19230417",
+    "AccessionNumber": "ACC77341902",
+    "InstitutionName": "Saint Marmaduke Infirmary",
+    "ReferringPhysicianName": "Fennimore^Ulysses",
+    "OtherPatientIDs": "OPID-4417730",
+}
+MARKER = f"UPLOAD-MARKER-{uuid.uuid4().hex}"
+# What must never appear: each value and each part of the person names.
+NEEDLES = sorted({v for v in PHI.values()} | {p for v in PHI.values() for p in v.split("^")} | {MARKER})
+
+
+def with_phi(path: Path) -> bytes:
+    """The real file with PHI set and MARKER in a private tag, as bytes (written like the original)."""
+    ds = pydicom.dcmread(path, force=True)
+    for key, value in PHI.items():
+        setattr(ds, key, value)
+    ds.private_block(0x0011, "PHI TEST", create=True).add_new(0x01, "LO", MARKER)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def find_needles(blob: bytes | str, where: str) -> list[str]:
+    data = blob.encode("utf-8", "replace") if isinstance(blob, str) else blob
+    found = []
+    for needle in NEEDLES:
+        for encoding in ("utf-8", "utf-16-le"):
+            if needle.encode(encoding) in data:
+                found.append(f"{needle!r} ({encoding}) in {where}")
+    return found
+
+
+def written_files(folders: list[Path], since: float) -> Iterator[Path]:
+    """Regular files under ``folders`` modified at or after ``since`` (skipping the venv and git objects)."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if d not in (".venv", ".git", "node_modules")]
+            for name in filenames:
+                path = Path(dirpath) / name
+                try:
+                    if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since:
+                        yield path
+                except OSError:
+                    continue
+
+
+@pytest.fixture()
+def uploads() -> dict[str, bytes]:
+    data = {name: with_phi(path) for name, path in SOURCES.items()}
+    for name, blob in data.items():  # the test is only meaningful if the uploads do carry the PHI
+        assert MARKER.encode() in blob and PHI["PatientID"].encode() in blob, name
+    return data
+
+
+@pytest.fixture()
+def isolated(tmp_path, monkeypatch, tiny_model_dir) -> dict[str, object]:
+    """TMPDIR and tempfile pointed at an empty folder; the tiny model served; every log record captured."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    models_root = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models_root / tiny_model_dir.name)
+    monkeypatch.setenv("CXR_MODELS_DIR", str(models_root))
+    monkeypatch.delenv("CXR_DATA_ROOT", raising=False)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.DEBUG)
+    loggers = [logging.getLogger(), logging.getLogger("streamlit"), logging.getLogger("cxr_core")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    yield {"tmp": tmp, "log": stream, "start": time.time() - 1}
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+def page_text(at: AppTest) -> str:
+    """Every element the page sent, as protobuf text (values, captions, tables, help texts)."""
+    parts = []
+
+    def walk(node) -> None:
+        proto = getattr(node, "proto", None)
+        if proto is not None:
+            parts.append(str(proto))
+        for child in getattr(node, "children", {}).values():
+            walk(child)
+
+    walk(at._tree)
+    return "\n".join(parts)
+
+
+def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, isolated, monkeypatch, capfd):
+    saved: list[tuple[object, str | None]] = []
+    deferred: list[tuple[object, str | None]] = []
+    store = MemoryMediaFileStorage.load_and_get_id
+    add_deferred = MediaFileManager.add_deferred
+
+    def record_media(self, path_or_data, mimetype, kind, filename=None):
+        saved.append((path_or_data, filename))
+        return store(self, path_or_data, mimetype, kind, filename)
+
+    def record_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        deferred.append((data_callable, file_name))
+        return add_deferred(self, data_callable, mimetype, coordinates, file_name=file_name, **kwargs)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record_media)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record_deferred)
+    texts: list[tuple[str, str]] = []
+
+    classify = AppTest.from_file(str(REPO / "pages" / "classify.py"), default_timeout=180).run()
+    for name, data in uploads.items():
+        classify.file_uploader(key="classify_upload").set_value((name, data, "application/dicom")).run()
+        assert not classify.exception, [e.value for e in classify.exception]
+        assert any(m.value.startswith("### Decision:") for m in classify.markdown), name  # it really ran
+        texts.append((page_text(classify), f"classify page for {name}"))
+    reports = [(fn(), file_name) for fn, file_name in deferred if file_name and file_name.startswith("cxr-report")]
+    assert {name for _, name in reports} >= {"cxr-report.png", "cxr-report.pdf"}
+    assert all(len(blob) > 10_000 for blob, _ in reports)
+
+    batch = AppTest.from_file(str(REPO / "pages" / "batch.py"), default_timeout=180).run()
+    files = [(n, d, "application/dicom") for n, d in uploads.items()]
+    files.append(("normal.jpeg", KERMANY_JPEG.read_bytes(), "image/jpeg"))
+    batch.file_uploader(key="batch_upload").set_value(files).run()
+    batch.button(key="batch_score_upload").click().run()
+    assert not batch.exception, [e.value for e in batch.exception]
+    texts.append((page_text(batch), "batch page"))
+    csvs = [data for data, filename in saved if filename == "batch_review.csv"]
+    assert csvs, "the batch page offered no CSV"
+    csv = csvs[-1] if isinstance(csvs[-1], bytes) else str(csvs[-1]).encode()
+    assert b"study1.dcm" in csv and b"study2.dcm" in csv and b"normal.jpeg" in csv  # the real export
+
+    out, err = capfd.readouterr()
+    # The detector itself finds every needle where they are (the uploads), in either encoding.
+    assert len(find_needles(uploads["study1.dcm"], "upload")) >= len(NEEDLES)
+    leaks = []
+    for text, where in texts:
+        leaks += find_needles(text, where)
+    for blob, name in reports:
+        leaks += find_needles(blob, f"report {name}")
+    leaks += find_needles(csv, "batch CSV export")
+    for data, filename in saved:
+        if isinstance(data, bytes | str):
+            leaks += find_needles(data, f"media file {filename}")
+    leaks += find_needles(isolated["log"].getvalue(), "log records")
+    leaks += find_needles(out + err, "stdout/stderr")
+    home = Path.home() / ".streamlit"
+    scanned = list(written_files([isolated["tmp"], REPO, home], isolated["start"]))
+    for path in scanned:
+        try:
+            content = path.read_bytes()
+        except OSError:
+            continue
+        leaks += find_needles(content, str(path))
+        for name, data in uploads.items():  # a slice of the pixel data too, not only the marker
+            if data[len(data) // 2:len(data) // 2 + 64] in content:
+                leaks.append(f"bytes of upload {name} in {path}")
+    assert not leaks, "\n".join(leaks)
+    # The only files written to TMPDIR are TensorFlow's traced Python sources (autograph), never data.
+    in_tmp = [p.name for p in written_files([isolated["tmp"]], 0)]
+    assert all(n.startswith("__autograph_generated_file") and n.endswith(".py") for n in in_tmp), in_tmp
