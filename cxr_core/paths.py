@@ -145,3 +145,26 @@ def locate(rel: str, source: str | None, roots: list[Path]) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def escaping_links(folder: Path, root: Path, limit: int = 20) -> list[Path]:
+    """Symlinks under ``folder`` (files or directories, any depth) whose target lies outside ``root``.
+
+    For readers that follow links themselves (e.g. the training package's folder scan): a
+    folder with such links must be refused, or files outside the root would be read.
+    """
+    real_root = Path(root).resolve(strict=True)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(Path(folder).resolve(strict=True)):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    continue
+                if not is_inside(real_root, target):
+                    found.append(path)
+                    if len(found) >= limit:
+                        return found
+    return found

@@ -196,6 +196,11 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
         except ValueError as err:
             st.error(str(err))
             return
+        links = paths.escaping_links(folder, root)
+        if links:
+            st.error(f"'{typed or picked}' contains symlinks that lead outside the data root "
+                     f"({', '.join(p.name for p in links[:5])}). Remove them or choose another folder.")
+            return
         bar = st.progress(0.0, text="Scoring images...")
         try:
             result = evaluate.evaluate_folder(classifier, folder, class_map,

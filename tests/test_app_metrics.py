@@ -174,3 +174,18 @@ def test_three_class_model_thresholds_one_class_against_the_rest(setup, tiny_mod
     assert "All classes under the card's rule at this threshold" in titles
     at.selectbox(key="held_out_positive").set_value("COVID-19").run()
     assert metric(at, "Sensitivity") == "n/a"  # no COVID-19 image in this set
+
+
+def test_folder_with_a_class_folder_linked_out_of_the_root_is_refused(setup, monkeypatch, tmp_path):
+    root, models_root, _, _ = setup
+    (root / "linked").mkdir(exist_ok=True)
+    link = root / "linked" / "NORMAL"
+    link.symlink_to(tmp_path, target_is_directory=True)
+    try:
+        at = run_page(monkeypatch, models_root, root)
+        at.text_input(key="eval_path").set_value("linked").run()
+        at.button(key="eval_run").click().run()
+        assert any("symlinks that lead outside the data root (NORMAL)" in e.value for e in at.error)
+        assert not at.success
+    finally:
+        link.unlink()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core.paths import list_images, locate, resolve_under, source_of, subfolders
+from cxr_core.paths import escaping_links, list_images, locate, resolve_under, source_of, subfolders
 
 
 @pytest.fixture()
@@ -117,3 +117,12 @@ def test_locate_finds_split_rows_under_their_source(tmp_path):
     assert locate("Normal/absent.png", "covid", [data]) is None
     assert locate("../../etc/passwd", "covid", [data]) is None
     assert source_of(data / "kermany" / "train") == "kermany" and source_of(data / "covid") == "covid"
+
+
+def test_escaping_links_names_links_out_of_root_only(tree):
+    root, outside = tree
+    assert escaping_links(root, root) == []
+    (root / "a" / "b" / "out_dir").symlink_to(outside, target_is_directory=True)
+    (root / "a" / "out.png").symlink_to(outside / "secret.png")
+    (root / "a" / "in.png").symlink_to(root / "a" / "b" / "x.jpeg")
+    assert sorted(p.name for p in escaping_links(root / "a", root)) == ["out.png", "out_dir"]
