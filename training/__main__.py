@@ -1,0 +1,116 @@
+"""``python -m training {train,evaluate,compare} ...`` (``train`` is the default subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from training import data  # noqa: E402  (after quieting TensorFlow's C++ logs)
+from training.config import TrainConfig  # noqa: E402
+
+COMMANDS = ("train", "evaluate", "compare")
+
+
+def _fraction_triple(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.replace("/", ",").split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("--split takes three fractions, e.g. 0.8,0.1,0.1")
+    return parts[0], parts[1], parts[2]
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a classifier on dataset folders", description=(
+        "Train, calibrate on the validation split and evaluate on the test split; writes a model folder."))
+    p.add_argument("data", nargs="+", help="dataset folders: DIR/CLASS/* or DIR/{train,val,test}/CLASS/*")
+    p.add_argument("--config", help="JSON file of settings (TrainConfig field names); flags override it")
+    p.add_argument("--map", action="append", default=[], metavar="FOLDER=CLASS", help="class map entry (repeat)")
+    p.add_argument("--map-file", help="class map file: one FOLDER=CLASS per line")
+    defaults = TrainConfig(data=[])
+    for field, value in defaults.to_dict().items():
+        if field in ("data", "class_map", "split"):
+            continue
+        flag = "--" + field.replace("_", "-")
+        if field == "architecture":
+            p.add_argument("--arch", "--architecture", dest=field, default=value)
+        elif isinstance(value, bool):
+            p.add_argument(flag, dest=field, nargs="?", const=True, default=value, type=_bool)
+        else:
+            p.add_argument(flag, dest=field, type=type(value), default=value)
+    p.add_argument("--split", type=_fraction_triple, default=defaults.split, help="train,val,test fractions")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig for parsed ``train`` flags (a --config file supplies defaults; flags win)."""
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "map", "map_file")}
+    if args.config:
+        from_file = json.loads(Path(args.config).read_text())
+        defaults = TrainConfig(data=[]).to_dict()
+        for key, value in from_file.items():
+            if key == "class_map" or key not in values or values[key] == defaults.get(key):
+                values[key] = value
+    class_map = dict(values.pop("class_map", {}) or {})
+    if args.map_file:
+        class_map.update(data.read_class_map(args.map_file))
+    class_map.update(data.parse_class_map(args.map))
+    return TrainConfig.from_dict({**values, "class_map": class_map})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "train")
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    ev = sub.add_parser("evaluate", help="score a model folder on a labelled image folder")
+    ev.add_argument("model_dir")
+    ev.add_argument("data_dir", help="DATA_DIR/<class folder>/** images")
+    ev.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
+    ev.add_argument("--map", action="append", default=[], metavar="FOLDER=CLASS")
+    ev.add_argument("--batch-size", type=int, default=16)
+    cmp = sub.add_parser("compare", help="side-by-side table of model folders or evaluation folders")
+    cmp.add_argument("runs", nargs="+")
+    cmp.add_argument("--csv", help="where to write the table (default: comparison.csv here)", default="comparison.csv")
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        from training.train import run
+
+        run(config_from_args(args))
+    elif args.command == "evaluate":
+        from cxr_core import models
+        from training import evaluate
+
+        classifier = models.load(args.model_dir)
+        result = evaluate.evaluate_folder(classifier, args.data_dir, data.parse_class_map(args.map),
+                                          batch_size=args.batch_size)
+        out = evaluate.write(result, args.out)
+        m = result.metrics
+        auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+        print(f"{m['n']} images: accuracy {m['accuracy']:.3f}, AUC {auc}; {len(result.skipped)} skipped; "
+              f"unmatched folders {m['unmatched_folders'] or 'none'}; written to {out}")
+        for item in result.skipped:
+            print(f"skipped {item['path']}: {item['error']}")
+    else:
+        from training import compare
+
+        table = compare.compare(args.runs)
+        print(compare.format_table(table))
+        table.to_csv(args.csv, index=False)
+        print(f"written to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

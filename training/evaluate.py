@@ -1,0 +1,127 @@
+"""Score a model on labelled images: ``metrics.json`` and ``predictions.csv``.
+
+Used after training (the test split) and by ``python -m training evaluate MODEL_DIR DATA_DIR``
+(every image under ``DATA_DIR/<class folder>/``, folder names matched to the card's classes
+case-insensitively after the class map).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr_core import imaging, metrics, preprocess
+from cxr_core.card import ModelCard
+from cxr_core.errors import UnreadableImageError
+from cxr_core.models import Classifier, decide
+from training import data
+
+
+@dataclass
+class Evaluation:
+    """Metrics (JSON-ready), one prediction row per scored image, and the files that could not be read."""
+
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def score(card: ModelCard, y_true: np.ndarray, probs: np.ndarray, sources: Sequence[str] | None = None) -> dict:
+    """cxr_core.metrics.evaluate under the card's decision rule, ROC curves, and a per-source breakdown."""
+    classes = list(card.class_names)
+    index = {c: i for i, c in enumerate(classes)}
+    decided = np.array([index[decide(card, p).decision] for p in probs], dtype=int)
+    result = metrics.evaluate(y_true, probs, classes, decided)
+    result["roc"] = metrics.roc_curves(y_true, probs, classes)
+    result["decision_rule"] = {"thresholds": dict(card.thresholds), "negative_class": card.negative_class,
+                               "temperature": card.temperature}
+    if sources is not None and len(set(sources)) > 1:
+        src = np.asarray(sources)
+        by_source = {}
+        for name in sorted(set(sources)):
+            m = src == name
+            sub = metrics.evaluate(y_true[m], probs[m], classes, decided[m])
+            per_class = {c: {"n": int((y_true[m] == i).sum()),
+                             "accuracy": sub["per_class"][c]["sensitivity"]} for i, c in enumerate(classes)
+                         if (y_true[m] == i).any()}
+            by_source[name] = {"n": sub["n"], "accuracy": sub["accuracy"], "auc": sub["auc"], "per_class": per_class}
+        result["by_source"] = by_source
+    return result
+
+
+def predictions_frame(card: ModelCard, paths: Sequence[str], sources: Sequence[str], y_true: np.ndarray,
+                      probs: np.ndarray, split: str) -> pd.DataFrame:
+    """path, source, true_class, p_<CLASS> per class in card order, predicted_class (card's rule), split."""
+    classes = list(card.class_names)
+    frame = pd.DataFrame({"path": list(paths), "source": list(sources),
+                          "true_class": [classes[i] for i in y_true]})
+    for i, c in enumerate(classes):
+        frame[f"p_{c}"] = probs[:, i] if len(probs) else []
+    frame["predicted_class"] = [decide(card, p).decision for p in probs]
+    frame["split"] = split
+    return frame
+
+
+def _items(data_dir: Path, classes: Sequence[str], class_map: dict[str, str] | None) -> tuple[list, list[str]]:
+    """(path, class index) for every image under a class folder; and the folders that match no class."""
+    lowered = {c.lower(): i for i, c in enumerate(classes)}
+    items, unmatched = [], []
+    for folder in sorted(d for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        target = data.map_folder(folder.name, class_map, classes)
+        if target is None or target.lower() not in lowered:
+            unmatched.append(folder.name)
+            continue
+        items.extend((p, lowered[target.lower()]) for p in data.image_files(folder))
+    return items, unmatched
+
+
+def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dict[str, str] | None = None,
+                    progress: Callable[[int, int], None] | None = None, batch_size: int = 16) -> Evaluation:
+    """Score every image under ``data_dir/<class folder>/`` (recursively); unreadable files are skipped and listed."""
+    data_dir = Path(data_dir)
+    card = classifier.card
+    items, unmatched = _items(data_dir, card.class_names, class_map)
+    if not items:
+        raise ValueError(f"no images of the classes {card.class_names} under {data_dir} (folders found: {unmatched})")
+    paths, labels, probs, skipped = [], [], [], []
+    for start in range(0, len(items), batch_size):
+        images = []
+        for path, label in items[start:start + batch_size]:
+            rel = path.relative_to(data_dir).as_posix()
+            try:
+                images.append(preprocess.prepare(imaging.load(path, path.name).pixels, card.input_size))
+            except UnreadableImageError as exc:
+                skipped.append({"path": rel, "error": str(exc)})
+                continue
+            paths.append(rel)
+            labels.append(label)
+        if images:
+            probs.append(classifier.probabilities(preprocess.to_batch(images)))
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    if not paths:
+        raise ValueError(f"none of the {len(items)} images under {data_dir} could be read")
+    y, p = np.asarray(labels, dtype=int), np.concatenate(probs)
+    result = score(card, y, p)
+    result["skipped"] = skipped
+    result["unmatched_folders"] = unmatched
+    result["model"] = card.name
+    result["model_dir"] = str(classifier.folder.resolve()) if classifier.folder is not None else None
+    frame = predictions_frame(card, paths, [data_dir.name] * len(paths), y, p, split="evaluation")
+    return Evaluation(result, frame, skipped)
+
+
+def write(evaluation: Evaluation, out_dir: str | Path) -> Path:
+    """Write ``metrics.json`` and ``predictions.csv`` into ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation.metrics.setdefault("skipped", evaluation.skipped)
+    (out / "metrics.json").write_text(json.dumps(evaluation.metrics, indent=1) + "\n")
+    evaluation.predictions.to_csv(out / "predictions.csv", index=False)
+    return out

@@ -1,0 +1,190 @@
+"""The epochs: phases (frozen backbone, then fine-tuning), a checkpoint each epoch, ``--resume``.
+
+``OUT/.ckpt/`` holds ``last.weights.h5`` (model after the last completed epoch),
+``optimizer.npz`` (optimizer variables), ``best.weights.h5`` (lowest val_loss) and
+``state.json`` (epoch, phase, history, callback state). Keras 3 APIs only: any backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from training import build
+from training.config import TrainConfig
+from training.dataset import Batches
+
+HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best_epoch: int  # 1-based; 0 when no epoch ran
+    best_val_loss: float | None
+    train_seconds: float
+    images_seen: int
+
+
+def phases(config: TrainConfig) -> list[tuple[str, int, float]]:
+    """(phase, last epoch, learning rate): frozen then fine-tune from pretrained weights, else scratch."""
+    if not config.pretrained:
+        return [("scratch", config.epochs, config.lr)]
+    frozen = min(config.freeze_epochs, config.epochs)
+    return [("frozen", frozen, config.lr), ("fine-tune", config.epochs, config.fine_tune_lr)]
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def write_history(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class _EarlyStopping(keras.callbacks.EarlyStopping):
+    def __init__(self, restore: dict | None, **kwargs):
+        super().__init__(**kwargs)
+        self.restore = restore
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.restore:
+            self.wait, self.best = self.restore["wait"], self.restore["best"]
+
+    def state(self) -> dict:
+        return {"wait": int(self.wait), "best": None if self.best is None else float(self.best)}
+
+
+class _ReduceLR(keras.callbacks.ReduceLROnPlateau):
+    def __init__(self, restore: dict | None, **kwargs):
+        super().__init__(**kwargs)
+        self.restore = restore
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.restore:
+            self.wait, self.cooldown_counter = self.restore["wait"], self.restore["cooldown"]
+            self.best = np.inf if self.restore["best"] is None else self.restore["best"]
+
+    def state(self) -> dict:
+        return {"wait": int(self.wait), "cooldown": int(self.cooldown_counter),
+                "best": None if np.isinf(self.best) else float(self.best)}
+
+
+class _Checkpoint(keras.callbacks.Callback):
+    """Saves the run's full state after every epoch; must come after the other callbacks."""
+
+    def __init__(self, loop: Loop, phase: str, early: _EarlyStopping, plateau: _ReduceLR):
+        super().__init__()
+        self.loop, self.phase, self.early, self.plateau = loop, phase, early, plateau
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+        self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        seconds = time.perf_counter() - self.started
+        row = {"epoch": epoch + 1, "phase": self.phase, "lr": self.lr, "seconds": round(seconds, 3)}
+        row.update({k: float(logs[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs})
+        self.loop.end_epoch(row, seconds, stopped=bool(self.model.stop_training),
+                            callbacks={"early": self.early.state(), "plateau": self.plateau.state()})
+
+
+class Loop:
+    """Runs the phases of one training run and keeps its checkpoint in ``out/.ckpt``."""
+
+    def __init__(self, model: keras.Model, train_model: keras.Model, config: TrainConfig, out: Path):
+        self.model, self.train_model, self.config, self.out = model, train_model, config, out
+        self.ckpt = out / ".ckpt"
+        self.state: dict[str, Any] = {"epoch": 0, "history": [], "done": [], "best": None, "best_epoch": 0,
+                                      "phase": None, "callbacks": None, "lr": None, "train_seconds": 0.0,
+                                      "images_seen": 0}
+
+    def resume(self) -> bool:
+        """Load the checkpoint if there is one; True when the run continues from it."""
+        path = self.ckpt / "state.json"
+        if not path.is_file():
+            return False
+        self.state = json.loads(path.read_text())
+        self.model.load_weights(str(self.ckpt / "last.weights.h5"))
+        return True
+
+    def end_epoch(self, row: dict[str, Any], seconds: float, stopped: bool, callbacks: dict) -> None:
+        s = self.state
+        s["epoch"] = row["epoch"]
+        s["history"].append(row)
+        s["train_seconds"] += seconds
+        s["images_seen"] += self.n_train
+        s["callbacks"] = callbacks
+        s["lr"] = float(keras.ops.convert_to_numpy(self.train_model.optimizer.learning_rate))
+        val = row.get("val_loss")
+        if val is not None and np.isfinite(val) and (s["best"] is None or val < s["best"]):
+            s["best"], s["best_epoch"] = val, row["epoch"]
+            self.model.save_weights(str(self.ckpt / "best.weights.h5"))
+        if stopped:
+            s["done"].append(s["phase"])
+        self.model.save_weights(str(self.ckpt / "last.weights.h5"))
+        variables = self.train_model.optimizer.variables
+        np.savez(self.ckpt / "optimizer.tmp.npz", *[keras.ops.convert_to_numpy(v) for v in variables])
+        os.replace(self.ckpt / "optimizer.tmp.npz", self.ckpt / "optimizer.npz")
+        _atomic_json(self.ckpt / "state.json", s)
+        write_history(s["history"], self.out / "history.csv")
+
+    def _restore_optimizer(self) -> None:
+        opt = self.train_model.optimizer
+        opt.build(self.train_model.trainable_variables)
+        with np.load(self.ckpt / "optimizer.npz") as saved:
+            values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        if len(values) != len(opt.variables):
+            raise ValueError("the checkpoint's optimizer state does not fit this model; start without --resume")
+        for var, value in zip(opt.variables, values, strict=True):
+            var.assign(value)
+
+    def run(self, train: Batches, val: Batches, verbose: int) -> FitResult:
+        """Train the remaining epochs of every phase; the model ends with the best val_loss weights."""
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        self.n_train = len(train.split.labels)
+        if verbose < 0:
+            verbose = 1 if sys.stdout.isatty() else 2
+        for phase, last_epoch, lr in phases(self.config):
+            s = self.state
+            if phase in s["done"] or s["epoch"] >= last_epoch:
+                continue
+            continuing = s["phase"] == phase and s["epoch"] > 0
+            if not continuing:
+                s["phase"], s["callbacks"], s["lr"] = phase, None, lr
+            build.set_phase(self.model, phase, self.config.unfreeze, self.config.pretrained)
+            build.compile_for(self.train_model, self.config, s["lr"])
+            if continuing:
+                self._restore_optimizer()
+            restore = s["callbacks"] or {}
+            early = _EarlyStopping(restore.get("early"), monitor="val_loss", patience=self.config.patience)
+            plateau = _ReduceLR(restore.get("plateau"), monitor="val_loss", factor=0.2,
+                                patience=self.config.lr_patience, min_lr=1e-7)
+            train.epoch = s["epoch"]
+            train.order = train._order()
+            self.train_model.fit(train, validation_data=val, initial_epoch=s["epoch"], epochs=last_epoch,
+                                 callbacks=[early, plateau, _Checkpoint(self, phase, early, plateau)],
+                                 verbose=verbose)
+            if s["epoch"] < last_epoch and phase != "frozen":
+                break  # early stopping ends the run
+        if (self.ckpt / "best.weights.h5").is_file():
+            self.model.load_weights(str(self.ckpt / "best.weights.h5"))
+        s = self.state
+        return FitResult(s["history"], s["best_epoch"], s["best"], s["train_seconds"], s["images_seen"])
