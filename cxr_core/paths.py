@@ -36,6 +36,8 @@ def resolve_under(root: Path, user_path: str) -> Path:
     """
     real_root = Path(root).resolve(strict=True)
     text = (user_path or "").strip()
+    if "\x00" in text:
+        raise _refusal(real_root, text.replace("\x00", "\\0"), "contains a NUL character")
     candidate = Path(text) if text else Path(".")
     if not candidate.is_absolute():
         candidate = real_root / candidate

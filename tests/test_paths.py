@@ -126,3 +126,9 @@ def test_escaping_links_names_links_out_of_root_only(tree):
     (root / "a" / "out.png").symlink_to(outside / "secret.png")
     (root / "a" / "in.png").symlink_to(root / "a" / "b" / "x.jpeg")
     assert sorted(p.name for p in escaping_links(root / "a", root)) == ["out.png", "out_dir"]
+
+
+def test_nul_byte_is_refused_with_the_same_message(tree):
+    root, _ = tree
+    with pytest.raises(ValueError, match="contains a NUL character. Only folders inside the configured data root"):
+        resolve_under(root, "a\x00")
