@@ -1,0 +1,147 @@
+"""training.data and training.cache on real files: class maps, patient-level split, duplicates, bad files."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA
+
+from cxr_core import preprocess
+from training import cache, data
+
+KERMANY = DATA / "kermany" / "train"
+COVID_SET = DATA / "covid19_image_dataset" / "train"
+
+
+def _link(src_dir: Path, dst_dir: Path, n: int, offset: int = 0) -> list[str]:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in src_dir.iterdir())[offset:offset + n]
+    for name in names:
+        (dst_dir / name).symlink_to(src_dir / name)
+    return names
+
+
+def test_patient_ids_follow_the_kermany_names():
+    assert data.patient_id("person1234_bacteria_5678.jpeg") == "person1234"
+    assert data.patient_id("person1234_virus_5679.jpeg") == "person1234"
+    assert data.patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert data.patient_id("NORMAL2-IM-0383-0001.jpeg") == "NORMAL2-IM-0383"
+    assert data.patient_id("NORMAL2-IM-0587-0001-0002.jpeg") == "NORMAL2-IM-0587"
+    assert data.patient_id("COVID-1.jpeg") == ""
+
+
+def test_full_kermany_split_keeps_each_patient_in_one_split():
+    found = data.scan([KERMANY])
+    assert len(found.records) == 5216 and found.classes == ["NORMAL", "PNEUMONIA"]
+    assert all(r.patient for r in found.records)  # every Kermany name carries its patient
+    records = data.split(found.records, (0.8, 0.1, 0.1), seed=7)
+    splits_of = defaultdict(set)
+    for r in records:
+        splits_of[r.patient].add(r.split)
+    assert max(len(s) for s in splits_of.values()) == 1
+    assert len(splits_of) > 2500  # many patients: the grouping is not trivially one group
+    per = Counter((r.split, r.label) for r in records)
+    for label, total in (("NORMAL", 1341), ("PNEUMONIA", 3875)):
+        assert per[("train", label)] / total == pytest.approx(0.8, abs=0.02)
+        assert per[("test", label)] / total == pytest.approx(0.1, abs=0.02)
+    # Same seed, same split; another seed, another split.
+    assert [r.split for r in data.split(found.records, seed=7)] == [r.split for r in records]
+    assert [r.split for r in data.split(found.records, seed=8)] != [r.split for r in records]
+
+
+def test_class_map_merges_two_real_sources(tmp_path):
+    _link(KERMANY / "NORMAL", tmp_path / "kermany" / "NORMAL", 5)
+    _link(KERMANY / "PNEUMONIA", tmp_path / "kermany" / "PNEUMONIA", 6)
+    for folder, n in (("Normal", 3), ("Viral Pneumonia", 4), ("Covid", 2)):
+        _link(COVID_SET / folder, tmp_path / "covid" / "train" / folder, n)
+    mapping = data.parse_class_map(["Normal=NORMAL", "Viral Pneumonia=PNEUMONIA", "Covid=COVID-19"])
+    found = data.scan([tmp_path / "kermany", tmp_path / "covid" / "train"], mapping)
+    assert found.classes == ["COVID-19", "NORMAL", "PNEUMONIA"]
+    assert found.unmapped == []
+    assert Counter((r.source, r.label) for r in found.records) == {
+        ("kermany", "NORMAL"): 5, ("kermany", "PNEUMONIA"): 6,
+        ("covid", "NORMAL"): 3, ("covid", "PNEUMONIA"): 4, ("covid", "COVID-19"): 2,
+    }
+    # A source given as DIR/train/CLASS with no val/test is split like a flat folder.
+    assert {r.split for r in found.records} == {""}
+    # A folder the map does not cover (and that names no target class) is reported and skipped.
+    partial = data.scan([tmp_path / "covid" / "train"], {"Normal": "NORMAL", "Covid": "COVID-19"})
+    assert partial.unmapped == ["covid/Viral Pneumonia"]
+    assert Counter(r.label for r in partial.records) == {"NORMAL": 3, "COVID-19": 2}
+
+
+def test_class_map_file_and_bad_entries(tmp_path):
+    path = tmp_path / "map.txt"
+    path.write_text("# merge the sets\nViral Pneumonia = PNEUMONIA\nCovid=COVID-19\n\nOther=\n")
+    mapping = data.read_class_map(path)
+    assert mapping == {"Viral Pneumonia": "PNEUMONIA", "Covid": "COVID-19", "Other": ""}
+    assert data.map_folder("covid", mapping) == "COVID-19"
+    assert data.map_folder("other", mapping) is None
+    with pytest.raises(ValueError, match="FOLDER=CLASS"):
+        data.parse_class_map(["Covid"])
+
+
+def test_given_splits_are_respected_and_missing_ones_carved_from_train(tmp_path):
+    for split, offset in (("train", 0), ("val", 20), ("test", 25)):
+        _link(KERMANY / "NORMAL", tmp_path / "full" / split / "NORMAL", 5 if split != "train" else 20, offset)
+        _link(KERMANY / "PNEUMONIA", tmp_path / "full" / split / "PNEUMONIA", 5 if split != "train" else 20, offset)
+    found = data.scan([tmp_path / "full"])
+    records = data.split(found.records, seed=1)
+    assert all(r.split == r.rel.split("/")[0] for r in records)
+    # train + test given, no val: val comes out of train only, test untouched.
+    shutil.rmtree(tmp_path / "full" / "val")
+    records = data.split(data.scan([tmp_path / "full"]).records, (0.8, 0.1, 0.1), seed=1)
+    assert all(r.split == "test" for r in records if r.rel.startswith("test/"))
+    from_train = Counter(r.split for r in records if r.rel.startswith("train/"))
+    assert set(from_train) == {"train", "val"} and from_train["val"] >= 2
+
+
+def test_duplicates_collapse_and_leave_the_held_out_side(tmp_path):
+    root = tmp_path / "dup"
+    names = _link(KERMANY / "NORMAL", root / "train" / "NORMAL", 4)
+    _link(KERMANY / "NORMAL", root / "val" / "NORMAL", 2, 10)
+    _link(KERMANY / "NORMAL", root / "test" / "NORMAL", 2, 20)
+    shutil.copyfile(KERMANY / "NORMAL" / names[0], root / "test" / "NORMAL" / "copy_in_test.jpeg")
+    shutil.copyfile(KERMANY / "NORMAL" / names[1], root / "train" / "NORMAL" / "copy_in_train.jpeg")
+    records, dropped = data.deduplicate(data.scan([root]).records)
+    assert len(records) == 8
+    assert {d.rel: d.duplicate_of for d in dropped} == {
+        "test/NORMAL/copy_in_test.jpeg": f"dup/train/NORMAL/{names[0]}",
+        "train/NORMAL/copy_in_train.jpeg": f"dup/train/NORMAL/{names[1]}",
+    }
+    assert all(len(r.sha256) == 64 for r in records)
+    manifest = data.write_manifest([*records, *dropped], tmp_path / "split.csv")
+    back = data.read_manifest(manifest, [root])
+    assert [(r.rel, r.split, r.sha256) for r in back[:8]] == [(r.rel, r.split, r.sha256) for r in records]
+    assert [r.split for r in back[8:]] == ["duplicate", "duplicate"]
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path):
+    good = KERMANY / "NORMAL" / "IM-0115-0001.jpeg"
+    folder = tmp_path / "bad" / "NORMAL"
+    folder.mkdir(parents=True)
+    shutil.copyfile(good, folder / "good.jpeg")
+    (folder / "empty.jpeg").write_bytes(b"")
+    (folder / "notes.jpeg").write_text("patient notes, not an image\n" * 20)
+    (folder / "truncated.jpeg").write_bytes(good.read_bytes()[:2000])
+    records, _ = data.deduplicate(data.scan([tmp_path / "bad"]).records)
+    decoded = cache.decode(records, 32, tmp_path / "cache")
+    assert [r.rel for r in decoded.records] == ["NORMAL/good.jpeg"]
+    assert sorted(s["path"] for s in decoded.skipped) == ["bad/NORMAL/empty.jpeg", "bad/NORMAL/notes.jpeg",
+                                                          "bad/NORMAL/truncated.jpeg"]
+    assert all(s["error"] for s in decoded.skipped)
+    # The cached pixels are exactly the serving preprocessing of the file.
+    from cxr_core import imaging
+
+    expected = preprocess.prepare(imaging.load(good).pixels, 32)
+    np.testing.assert_array_equal(decoded.images[0], expected)
+    # A second pass reads the cache (the .npy exists) and remembers the unreadable files.
+    assert len(list((tmp_path / "cache" / "32").rglob("*.npy"))) == 1
+    assert len(list((tmp_path / "cache" / "32").rglob("*.err"))) == 3
+    again = cache.decode(records, 32, tmp_path / "cache")
+    np.testing.assert_array_equal(again.images, decoded.images)
+    assert again.skipped == decoded.skipped
