@@ -65,7 +65,8 @@ def metadata_ui(info: imaging.ImageInfo) -> None:
     """The de-identified DICOM fields (allow-listed) and what was read."""
     rows = {tag: info.metadata[tag] for tag in SAFE_TAGS if info.metadata.get(tag) not in (None, "")}
     rows["Size (width x height)"] = f"{info.width} x {info.height}"
-    rows["Window used"] = f"{info.window[0]:.6g} / {info.window[1]:.6g} ({info.window_source})" if info.window else "-"
+    window = f"{info.window[0]:.6g} / {info.window[1]:.6g} ({info.window_source})" if info.window else "none"
+    rows["Window used (center / width)"] = window
     with st.expander("DICOM metadata (de-identified: no patient, study or site fields)", expanded=False):
         st.table(pd.DataFrame({"Field": list(rows), "Value": [str(v) for v in rows.values()]}), hide_index=True)
 
@@ -84,7 +85,7 @@ def probabilities_ui(prediction, card) -> None:
     st.table(pd.DataFrame({
         "Class": list(prediction.class_names),
         "Probability": [f"{p:.4f}" for p in prediction.probabilities],
-        "Threshold": [f"{card.thresholds[n]:.2f}" if n in card.thresholds else "-" for n in prediction.class_names],
+        "Threshold": [f"{card.thresholds[n]:.2f}" if n in card.thresholds else "none" for n in prediction.class_names],
     }), hide_index=True)
 
 
