@@ -12,6 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from cxr_core import card as card_lib
 from cxr_core import preprocess
 from training import cache, data
 from training.config import TrainConfig
@@ -78,7 +79,10 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
         records = [r for r in listed if not r.duplicate_of]
         duplicates = [r for r in listed if r.duplicate_of]
     else:
-        found = data.scan(config.data, config.class_map, known=[config.negative_class])
+        known = [config.negative_class]
+        if Path(config.weights, card_lib.CARD_FILE).is_file():  # fine-tuning: the old classes keep their folders
+            known += card_lib.read(config.weights).class_names
+        found = data.scan(config.data, config.class_map, known=known)
         unmapped = found.unmapped
         for folder in unmapped:
             log(f"skipped folder {folder}: it maps to no class (add --map '{folder.split('/')[-1]}=CLASS')")

@@ -1,0 +1,260 @@
+"""End-to-end smoke runs of ``python -m training`` (tiny model, 32 px, a few dozen real images)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DATA
+
+from cxr_core import card as card_lib
+from cxr_core import imaging, metrics, models
+from training import build, dataset
+from training.config import TrainConfig
+from training.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+KERMANY = DATA / "kermany" / "train"
+COVID_SET = DATA / "covid19_image_dataset" / "train"
+SMOKE = ["--arch", "tiny", "--input-size", "32", "--batch-size", "16"]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=full_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _link(src: Path, dst: Path, n: int, offset: int = 0) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in sorted(p.name for p in src.iterdir())[offset:offset + n]:
+        (dst / name).symlink_to(src / name)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("training")
+    _link(KERMANY / "NORMAL", root / "cxr" / "NORMAL", 30)
+    _link(KERMANY / "PNEUMONIA", root / "cxr" / "PNEUMONIA", 30)
+    (root / "cxr" / "NORMAL" / "notes.jpeg").write_text("not an image\n")
+    (root / "cxr" / "PNEUMONIA" / "empty.jpeg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(work) -> tuple[Path, str]:
+    out = work / "runs" / "tiny-a"
+    result = _cli("train", str(work / "cxr"), *SMOKE, "--epochs", "1", "--out", str(out),
+                  "--cache-dir", str(work / "cache"))
+    return out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def resumed_run(work, first_run) -> tuple[Path, str]:
+    out = work / "runs" / "tiny-b"
+    shutil.copytree(first_run[0], out)
+    # No `train` subcommand: it is the default.
+    result = _cli(str(work / "cxr"), *SMOKE, "--epochs", "2", "--out", str(out), "--cache-dir", str(work / "cache"),
+                  "--resume")
+    return out, result.stdout
+
+
+def test_train_writes_a_complete_model_folder(first_run):
+    out, stdout = first_run
+    for name in ("model.weights.h5", "model_card.json", "history.csv", "split.csv", "skipped.csv",
+                 "metrics.json", "predictions.csv"):
+        assert (out / name).is_file(), name
+    classifier = models.load(out)  # verifies the weights' sha256
+    card = classifier.card
+    assert card.class_names == ["NORMAL", "PNEUMONIA"] and card.negative_class == "NORMAL"
+    assert card.target_layer == "relu" and card.input_size == 32 and card.recipe["epochs"] == 1
+    split = pd.read_csv(out / "split.csv")
+    counts = split["split"].value_counts().to_dict()
+    assert len(split) == 60 and set(counts) == {"train", "val", "test"} and 46 <= counts["train"] <= 50
+    assert split.groupby("patient")["split"].nunique().max() == 1
+    n_test = counts["test"]
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("n", "accuracy", "auc", "classes", "per_class", "confusion_matrix", "ece", "skipped", "roc"):
+        assert key in m
+    assert m["n"] == n_test and m["classes"] == card.class_names and np.sum(m["confusion_matrix"]) == n_test
+    assert sorted(s["path"] for s in m["skipped"]) == ["cxr/NORMAL/notes.jpeg", "cxr/PNEUMONIA/empty.jpeg"]
+    assert "skipped unreadable file cxr/NORMAL/notes.jpeg" in stdout
+    assert set(m["per_class"]["PNEUMONIA"]) >= {"auc", "sensitivity", "specificity", "precision", "f1", "support"}
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1] and history["phase"].tolist() == ["scratch"]
+    assert np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
+
+    preds = pd.read_csv(out / "predictions.csv")
+    test = preds[preds["split"] == "test"]
+    assert len(test) == n_test and list(preds.columns) == ["path", "source", "true_class", "p_NORMAL", "p_PNEUMONIA",
+                                                     "predicted_class", "split"]
+    # The threshold was fitted on the validation rows, not the test rows.
+    val = preds[preds["split"] == "val"]
+    expected = metrics.threshold_for_sensitivity((val["true_class"] == "PNEUMONIA").to_numpy(int),
+                                                 val["p_PNEUMONIA"].to_numpy(), 0.95)
+    assert card.thresholds["PNEUMONIA"] == pytest.approx(expected, abs=1e-9)
+    # What is served is what was evaluated: reloading and predicting the test files gives the same numbers.
+    pixels = [imaging.load(out.parent.parent / "cxr" / p).pixels for p in test["path"]]
+    served = np.array([p.probabilities for p in classifier.predict_pixels(pixels)])
+    np.testing.assert_allclose(served, test[["p_NORMAL", "p_PNEUMONIA"]].to_numpy(), atol=1e-5)
+    assert [p.decision for p in classifier.predict_pixels(pixels)] == test["predicted_class"].tolist()
+
+
+def test_resume_continues_from_the_last_epoch(first_run, resumed_run):
+    out, stdout = resumed_run
+    assert "resuming after epoch 1" in stdout and "Epoch 2/2" in stdout and "Epoch 1/2" not in stdout
+    before = pd.read_csv(first_run[0] / "history.csv")
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    pd.testing.assert_frame_equal(history.iloc[:1], before)  # epoch 1 kept, not retrained
+    assert json.loads((out / ".ckpt" / "state.json").read_text())["epoch"] == 2
+    # Same split as the interrupted run (read back from its manifest).
+    pd.testing.assert_frame_equal(pd.read_csv(out / "split.csv"), pd.read_csv(first_run[0] / "split.csv"))
+    assert card_lib.load(out).recipe["epochs_run"] == 2
+
+
+def test_starting_over_an_earlier_run_needs_resume(first_run, work):
+    config = TrainConfig(data=[str(work / "cxr")], out=str(first_run[0]), architecture="tiny", input_size=32)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(config, log=lambda _: None)
+
+
+def test_evaluate_a_labelled_folder_with_a_class_map(first_run, work, tmp_path):
+    data_dir = tmp_path / "external"
+    _link(COVID_SET / "Normal", data_dir / "normal", 4)
+    _link(COVID_SET / "Viral Pneumonia", data_dir / "Viral Pneumonia", 5)
+    _link(COVID_SET / "Covid", data_dir / "Covid", 2)
+    (data_dir / "normal" / "truncated.jpeg").write_bytes((COVID_SET / "Normal" / "01.jpeg").read_bytes()[:500])
+    out = tmp_path / "eval"
+    _cli("evaluate", str(first_run[0]), str(data_dir), "--out", str(out), "--map", "Viral Pneumonia=PNEUMONIA")
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("n", "accuracy", "auc", "classes", "per_class", "confusion_matrix", "ece", "skipped"):
+        assert key in m
+    assert m["n"] == 9 and m["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert [row for row in map(sum, m["confusion_matrix"])] == [4, 5]
+    assert m["per_class"]["NORMAL"]["support"] == 4 and m["per_class"]["PNEUMONIA"]["support"] == 5
+    assert [s["path"] for s in m["skipped"]] == ["normal/truncated.jpeg"] and m["skipped"][0]["error"]
+    assert m["unmatched_folders"] == ["Covid"]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 9 and set(preds["true_class"]) == {"NORMAL", "PNEUMONIA"}
+    y = (preds["true_class"] == "PNEUMONIA").to_numpy(int)
+    assert m["auc"] == pytest.approx(metrics.evaluate(y, preds[["p_NORMAL", "p_PNEUMONIA"]].to_numpy(),
+                                                      ["NORMAL", "PNEUMONIA"])["auc"])
+
+
+def test_compare_tables_two_runs(first_run, resumed_run, tmp_path):
+    table_csv = tmp_path / "table.csv"
+    result = _cli("compare", str(first_run[0]), str(resumed_run[0]), "--csv", str(table_csv))
+    assert "tiny-a" in result.stdout and "tiny-b" in result.stdout and "accuracy" in result.stdout
+    with table_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["run"] for r in rows] == ["tiny-a", "tiny-b"]
+    assert [r["epochs"] for r in rows] == ["1", "2"]
+    for row, folder in zip(rows, (first_run[0], resumed_run[0]), strict=True):
+        m = json.loads((folder / "metrics.json").read_text())
+        assert float(row["accuracy"]) == pytest.approx(m["accuracy"]) and row["architecture"] == "tiny"
+
+
+_JAX_SCRIPT = """
+import importlib.abc, json, sys
+class NoTensorFlow(importlib.abc.MetaPathFinder):  # a GPU box with JAX but no TensorFlow
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoTensorFlow())
+import numpy as np
+from training.__main__ import main
+from cxr_core import models
+main(sys.argv[1:])
+x = np.linspace(0, 255, 2 * 32 * 32 * 3, dtype=np.float32).reshape(2, 32, 32, 3)
+print("LOGITS", json.dumps(models.load(sys.argv[sys.argv.index("--out") + 1]).logits(x).tolist()))
+"""
+
+
+def test_jax_trained_model_loads_under_tensorflow_with_the_same_logits(work, tmp_path):
+    out = tmp_path / "tiny-jax"
+    args = [str(work / "cxr"), *SMOKE, "--epochs", "1", "--out", str(out), "--cache-dir", str(work / "cache"),
+            "--no-augment", "--distribute"]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT, "train", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jax_logits = np.array(json.loads(result.stdout.split("LOGITS", 1)[1]))
+    assert keras.backend.backend() == "tensorflow"
+    classifier = models.load(out)
+    recipe = classifier.card.recipe
+    assert recipe["hardware"]["backend"] == "jax" and recipe["distribution"].startswith("keras.distribution")
+    x = np.linspace(0, 255, 2 * 32 * 32 * 3, dtype=np.float32).reshape(2, 32, 32, 3)
+    np.testing.assert_allclose(classifier.logits(x), jax_logits, atol=1e-5)
+    assert np.abs(jax_logits[0] - jax_logits[1]).max() > 1e-4  # the input matters: not a constant model
+
+
+def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_path):
+    data_dir = tmp_path / "three"
+    _link(KERMANY / "NORMAL", data_dir / "NORMAL", 12, 100)
+    _link(KERMANY / "PNEUMONIA", data_dir / "PNEUMONIA", 12, 100)
+    _link(COVID_SET / "Covid", data_dir / "Covid", 12)
+    config = TrainConfig(data=[str(data_dir)], out=str(tmp_path / "tiny-3"), architecture="tiny", input_size=32,
+                         weights=str(first_run[0]), epochs=1, freeze_epochs=1, batch_size=16,
+                         class_map={"Covid": "COVID-19"}, cache_dir=str(work / "cache"), verbose=0)
+    out = run(config, log=lambda _: None)
+    source, tuned = models.load(first_run[0]), models.load(out)
+    assert tuned.card.class_names == ["COVID-19", "NORMAL", "PNEUMONIA"]
+    assert tuned.model.get_layer("logits").kernel.shape == (16, 3)
+    assert tuned.card.recipe["copied_layers"] == 4  # two convolutions, two BatchNorms
+    # The frozen phase trained only the head: every backbone weight (BatchNorm statistics too) is the source's.
+    for name in ("tiny_conv0", "tiny_bn0", "tiny_conv1", "tiny_bn1"):
+        for a, b in zip(source.model.get_layer(name).get_weights(), tuned.model.get_layer(name).get_weights(),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert pd.read_csv(out / "history.csv")["phase"].tolist() == ["frozen"]
+
+
+def test_phases_choose_the_trainable_layers():
+    model = models.build("tiny", 2, 32)
+    trainable = lambda: sorted(la.name for la in model.layers if la.trainable and la.weights)  # noqa: E731
+    build.set_phase(model, "frozen", pretrained=True)
+    assert trainable() == ["logits"]
+    build.set_phase(model, "fine-tune", "top:1", pretrained=True)
+    assert trainable() == ["logits", "tiny_conv1"]
+    build.set_phase(model, "fine-tune", "all", pretrained=True)
+    assert trainable() == ["logits", "tiny_conv0", "tiny_conv1"]
+    build.set_phase(model, "scratch", pretrained=False)
+    assert trainable() == ["logits", "tiny_bn0", "tiny_bn1", "tiny_conv0", "tiny_conv1"]
+
+
+def test_augmentation_acts_only_in_training():
+    config = TrainConfig(data=[], architecture="tiny", input_size=32, seed=3)
+    model = models.build("tiny", 2, 32, dropout=0.0)
+    wrapped = build.training_model(model, config)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(wrapped(x, training=False)), np.asarray(model(x, training=False)),
+                               atol=1e-6)
+    assert np.abs(np.asarray(wrapped(x, training=True)) - np.asarray(model(x, training=True))).max() > 1e-4
+
+
+def test_balanced_class_weights():
+    weights = dataset.class_weights(np.array([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(weights, [4 / 9, 4 / 3, 1.0])
+
+
+def test_tensorflow_mirrored_strategy_trains(work, tmp_path):
+    config = TrainConfig(data=[str(work / "cxr")], out=str(tmp_path / "tiny-mirrored"), architecture="tiny",
+                         input_size=32, epochs=1, batch_size=16, distribute=True, augment=False,
+                         cache_dir=str(work / "cache"), verbose=0)
+    out = run(config, log=lambda _: None)
+    recipe = card_lib.load(out).recipe
+    assert recipe["distribution"] == "tf.distribute.MirroredStrategy over 1 replica(s)"
+    assert len(pd.read_csv(out / "history.csv")) == 1
