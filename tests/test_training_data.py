@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -145,3 +146,23 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
     again = cache.decode(records, 32, tmp_path / "cache")
     np.testing.assert_array_equal(again.images, decoded.images)
     assert again.skipped == decoded.skipped
+
+
+def test_flags_and_config_file_make_one_config(tmp_path):
+    from training.__main__ import config_from_args, parse
+
+    settings = tmp_path / "run.json"
+    settings.write_text(json.dumps({"architecture": "densenet121", "epochs": 7, "lr": 0.01,
+                                    "class_map": {"Covid": "COVID-19"}}))
+    map_file = tmp_path / "map.txt"
+    map_file.write_text("Viral Pneumonia=PNEUMONIA\n")
+    args = parse(["/data/a", "/data/b", "--config", str(settings), "--lr", "0.002", "--map-file", str(map_file),
+                  "--map", "Normal=NORMAL", "--split", "0.7,0.15,0.15", "--no-augment", "--distribute"])
+    config = config_from_args(args)
+    assert config.data == ["/data/a", "/data/b"] and args.command == "train"
+    assert (config.architecture, config.epochs, config.lr) == ("densenet121", 7, 0.002)  # the flag wins
+    assert config.class_map == {"Covid": "COVID-19", "Viral Pneumonia": "PNEUMONIA", "Normal": "NORMAL"}
+    assert config.split == (0.7, 0.15, 0.15) and config.augment is False and config.distribute is True
+    assert config.optimizer == "adamax" and config.input_size == 224  # the seeds' defaults
+    with pytest.raises(SystemExit):
+        parse(["train", "/data/a", "--optimizer", "sgd"])

@@ -14,6 +14,29 @@ from training import data  # noqa: E402  (after quieting TensorFlow's C++ logs)
 from training.config import TrainConfig  # noqa: E402
 
 COMMANDS = ("train", "evaluate", "compare")
+HELP = {
+    "out": "model folder to write", "name": "model name in the card (default: the folder's name)",
+    "negative_class": "class called when no positive class reaches its threshold",
+    "architecture": "densenet169, densenet121, resnet50, vgg16, inceptionv3 (tiny: tests only)",
+    "input_size": "model input in pixels", "weights": "none | imagenet | PATH.h5 | MODEL_DIR (fine-tune one of ours)",
+    "epochs": "total epochs, frozen phase included", "freeze_epochs": "epochs with the backbone frozen (pretrained)",
+    "unfreeze": "all | top:K layers | top:0.3 of them, for the fine-tune phase",
+    "fine_tune_lr": "learning rate after unfreezing", "weight_decay": "AdamW only",
+    "patience": "EarlyStopping patience (val_loss)", "lr_patience": "ReduceLROnPlateau patience (factor 0.2)",
+    "augment": "random augmentation while training", "flip": "none | horizontal (mirrors the heart: off by default)",
+    "rotation": "fraction of a full turn", "blur": "RandomGaussianBlur factor (0 = off)",
+    "max_per_class": "at most N images per source and class (smoke runs)",
+    "split_manifest": "reuse this split.csv instead of splitting", "cache_dir": "pixel cache; 'none' disables it",
+    "target_sensitivity": "validation sensitivity the thresholds aim for",
+    "threshold_rule": "sensitivity | argmax", "mixed_precision": "auto (GPU only) | off | float16 | bfloat16",
+    "distribute": "data parallel over all local devices (JAX / TensorFlow)",
+    "resume": "continue the run in --out from its last completed epoch",
+    "verbose": "-1 auto, 0 silent, 1 progress bar, 2 one line per epoch",
+}
+CHOICES = {"architecture": ("densenet169", "densenet121", "resnet50", "vgg16", "inceptionv3", "tiny"),
+           "optimizer": ("adam", "adamw", "adamax"), "class_weights": ("balanced", "none"),
+           "flip": ("none", "horizontal"), "threshold_rule": ("sensitivity", "argmax"),
+           "mixed_precision": ("auto", "off", "float16", "bfloat16")}
 
 
 def _fraction_triple(text: str) -> tuple[float, float, float]:
@@ -28,7 +51,8 @@ def _bool(text: str) -> bool:
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train a classifier on dataset folders", description=(
+    p = sub.add_parser("train", help="train a classifier on dataset folders",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
         "Train, calibrate on the validation split and evaluate on the test split; writes a model folder."))
     p.add_argument("data", nargs="+", help="dataset folders: DIR/CLASS/* or DIR/{train,val,test}/CLASS/*")
     p.add_argument("--config", help="JSON file of settings (TrainConfig field names); flags override it")
@@ -38,13 +62,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     for field, value in defaults.to_dict().items():
         if field in ("data", "class_map", "split"):
             continue
-        flag = "--" + field.replace("_", "-")
-        if field == "architecture":
-            p.add_argument("--arch", "--architecture", dest=field, default=value)
-        elif isinstance(value, bool):
-            p.add_argument(flag, dest=field, nargs="?", const=True, default=value, type=_bool)
+        flags = ["--arch", "--architecture"] if field == "architecture" else ["--" + field.replace("_", "-")]
+        extra = {"help": HELP.get(field), "choices": CHOICES.get(field)}
+        if isinstance(value, bool):
+            p.add_argument(*flags, dest=field, nargs="?", const=True, default=value, type=_bool, **extra)
         else:
-            p.add_argument(flag, dest=field, type=type(value), default=value)
+            p.add_argument(*flags, dest=field, type=type(value), default=value, **extra)
     p.add_argument("--split", type=_fraction_triple, default=defaults.split, help="train,val,test fractions")
     p.add_argument("--no-augment", dest="augment", action="store_false")
     return p
@@ -66,8 +89,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict({**values, "class_map": class_map})
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; ``train`` is implied when the first word is not a subcommand."""
+    argv = list(argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
@@ -82,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="side-by-side table of model folders or evaluation folders")
     cmp.add_argument("runs", nargs="+")
     cmp.add_argument("--csv", help="where to write the table (default: comparison.csv here)", default="comparison.csv")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
 
     if args.command == "train":
         from training.train import run
