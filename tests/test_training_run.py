@@ -153,6 +153,20 @@ def test_evaluate_a_labelled_folder_with_a_class_map(first_run, work, tmp_path):
                                                       ["NORMAL", "PNEUMONIA"])["auc"])
 
 
+def test_evaluate_folder_is_the_same_with_and_without_the_serving_pipeline(first_run, work, monkeypatch):
+    from training import evaluate
+
+    classifier = models.load(first_run[0])
+    calls: list[tuple[int, int]] = []
+    served = evaluate.evaluate_folder(classifier, work / "cxr", progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (62, 62) and served.metrics["n"] == 60
+    assert sorted(s["path"] for s in served.skipped) == ["NORMAL/notes.jpeg", "PNEUMONIA/empty.jpeg"]
+    monkeypatch.setitem(sys.modules, "cxr_core.pipeline", None)  # as on a machine without TensorFlow
+    local = evaluate.evaluate_folder(classifier, work / "cxr", batch_size=7)
+    pd.testing.assert_frame_equal(local.predictions, served.predictions, atol=1e-6)
+    assert local.skipped == served.skipped and local.metrics["auc"] == pytest.approx(served.metrics["auc"])
+
+
 def test_compare_tables_two_runs(first_run, resumed_run, tmp_path):
     table_csv = tmp_path / "table.csv"
     result = _cli("compare", str(first_run[0]), str(resumed_run[0]), "--csv", str(table_csv))

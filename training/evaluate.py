@@ -81,6 +81,37 @@ def _items(data_dir: Path, classes: Sequence[str], class_map: dict[str, str] | N
     return items, unmatched
 
 
+def _read_and_predict(classifier: Classifier, items: list[tuple[str, Path]], batch_size: int,
+                      progress: Callable[[int, int], None] | None) -> list[tuple[str, tuple | None, str | None]]:
+    """(name, calibrated probabilities or None, error or None) per item, through the serving path.
+
+    ``cxr_core.pipeline.classify_many`` where it imports (it needs TensorFlow for explanations); the
+    same reading and prediction batch by batch otherwise (training under JAX or PyTorch).
+    """
+    try:
+        from cxr_core.pipeline import classify_many
+    except ImportError:
+        classify_many = None
+    if classify_many is not None:
+        rows = classify_many(classifier, items, batch_size=batch_size, progress=progress)
+        return [(r.name, r.prediction.probabilities if r.prediction else None, r.error) for r in rows]
+    out: list[tuple[str, tuple | None, str | None]] = []
+    for start in range(0, len(items), batch_size):
+        images, names = [], []
+        for name, path in items[start:start + batch_size]:
+            try:
+                images.append(preprocess.prepare(imaging.load(path, path.name).pixels, classifier.input_size))
+                names.append(name)
+            except UnreadableImageError as exc:
+                out.append((name, None, str(exc)))
+        if images:
+            out.extend((n, p.probabilities, None) for n, p in zip(names, classifier.predict(
+                preprocess.to_batch(images)), strict=True))
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    return out
+
+
 def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dict[str, str] | None = None,
                     progress: Callable[[int, int], None] | None = None, batch_size: int = 16) -> Evaluation:
     """Score every image under ``data_dir/<class folder>/`` (recursively); unreadable files are skipped and listed."""
@@ -89,25 +120,15 @@ def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dic
     items, unmatched = _items(data_dir, card.class_names, class_map)
     if not items:
         raise ValueError(f"no images of the classes {card.class_names} under {data_dir} (folders found: {unmatched})")
-    paths, labels, probs, skipped = [], [], [], []
-    for start in range(0, len(items), batch_size):
-        images = []
-        for path, label in items[start:start + batch_size]:
-            rel = path.relative_to(data_dir).as_posix()
-            try:
-                images.append(preprocess.prepare(imaging.load(path, path.name).pixels, card.input_size))
-            except UnreadableImageError as exc:
-                skipped.append({"path": rel, "error": str(exc)})
-                continue
-            paths.append(rel)
-            labels.append(label)
-        if images:
-            probs.append(classifier.probabilities(preprocess.to_batch(images)))
-        if progress is not None:
-            progress(min(start + batch_size, len(items)), len(items))
-    if not paths:
+    label_of = {path.relative_to(data_dir).as_posix(): label for path, label in items}
+    rows = _read_and_predict(classifier, [(rel, data_dir / rel) for rel in label_of], batch_size, progress)
+    skipped = [{"path": name, "error": error} for name, probs, error in rows if probs is None]
+    scored = [(name, probs) for name, probs, _ in rows if probs is not None]
+    if not scored:
         raise ValueError(f"none of the {len(items)} images under {data_dir} could be read")
-    y, p = np.asarray(labels, dtype=int), np.concatenate(probs)
+    paths = [name for name, _ in scored]
+    y = np.array([label_of[name] for name in paths], dtype=int)
+    p = np.array([probs for _, probs in scored], dtype=np.float64)
     result = score(card, y, p)
     result["skipped"] = skipped
     result["unmatched_folders"] = unmatched
