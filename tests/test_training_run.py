@@ -216,11 +216,12 @@ def test_jax_trained_model_loads_under_tensorflow_with_the_same_logits(work, tmp
 
 
 def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_path):
-    data_dir = tmp_path / "three"
+    data_dir = tmp_path / "kermany"
     _link(KERMANY / "NORMAL", data_dir / "NORMAL", 12, 100)
     _link(KERMANY / "PNEUMONIA", data_dir / "PNEUMONIA", 12, 100)
-    _link(COVID_SET / "Covid", data_dir / "Covid", 12)
-    config = TrainConfig(data=[str(data_dir)], out=str(tmp_path / "tiny-3"), architecture="tiny", input_size=32,
+    _link(COVID_SET / "Covid", tmp_path / "covid" / "Covid", 20)
+    config = TrainConfig(data=[str(data_dir), str(tmp_path / "covid")], out=str(tmp_path / "tiny-3"),
+                         architecture="tiny", input_size=32,
                          weights=str(first_run[0]), epochs=1, freeze_epochs=1, batch_size=16,
                          class_map={"Covid": "COVID-19"}, cache_dir=str(work / "cache"), verbose=0)
     out = run(config, log=lambda _: None)
@@ -234,6 +235,14 @@ def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_
                         strict=True):
             np.testing.assert_array_equal(a, b)
     assert pd.read_csv(out / "history.csv")["phase"].tolist() == ["frozen"]
+    # Two sources: the held-out metrics are broken down by source, and the card warns about it.
+    test = pd.read_csv(out / "predictions.csv").query("split == 'test'")
+    by_source = json.loads((out / "metrics.json").read_text())["by_source"]
+    assert set(by_source) == {"covid", "kermany"} == set(test["source"])
+    assert by_source["covid"]["n"] == (test["source"] == "covid").sum()
+    assert list(by_source["covid"]["per_class"]) == ["COVID-19"]
+    assert any("source instead of the disease" in note for note in tuned.card.limitations)
+    assert tuned.card.training_data["sources"]["covid"]["train"] == {"COVID-19": 16}
 
 
 def test_phases_choose_the_trainable_layers():
