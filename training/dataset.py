@@ -90,6 +90,7 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
     if duplicates:
         held_out = sum(1 for d in duplicates if d.split in ("val", "test"))
         log(f"collapsed {len(duplicates)} byte-identical duplicate files ({held_out} removed from val/test)")
+    log(f"reading {len(records)} images at {config.input_size} px (decoded once, cached in {cache_dir})")
     decoded = cache.decode(records, config.input_size, cache_dir)
     for item in decoded.skipped:
         log(f"skipped unreadable file {item['path']}: {item['error']}")
