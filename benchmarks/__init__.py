@@ -15,6 +15,8 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
 - ``forward_images_per_s``   raw compiled forward over preloaded batches
 - ``batch_images_per_s``     ``cxr_core.pipeline.classify_many`` over a folder of real images
 - ``model_load_s``           ``models.load`` (hash check, build, weights) plus the ``Explainer``
+- ``first_prediction_s``     the first prediction and Grad-CAM after loading (graph tracing)
+- ``classify_breakdown_ms``  ``classify_ms_p50``'s steps: read, preprocess, Grad-CAM pass, overlay
 - ``app_first_render_s``     cold ``streamlit run app.py`` until the classify page is shown
 - ``rss_mb``                 resident memory of a fresh process after loading one model and
                              classifying 20 images

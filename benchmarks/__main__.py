@@ -53,10 +53,12 @@ def run(config: Config) -> dict:
     figures: dict = {}
     load_s, classifier, explainer = serving.load_seconds(folder)
     figures["model_load_s"] = round(load_s, 2)
+    figures["first_prediction_s"] = round(serving.warm_up_seconds(classifier, explainer), 2)
     log("forward pass")
     figures["forward_ms_p50"] = round(serving.forward_ms(classifier.model, config.repeat), 1)
     log("classify JPEG")
     figures["classify_ms_p50"] = round(serving.classify_ms(classifier, explainer, serving.JPEG, config.repeat), 1)
+    figures["classify_breakdown_ms"] = serving.classify_breakdown(classifier, explainer, serving.JPEG, config.repeat)
     log("classify DICOM")
     figures["classify_dicom_ms_p50"] = round(
         serving.classify_ms(classifier, explainer, serving.DICOM, max(3, config.repeat // 3)), 1)
@@ -67,7 +69,7 @@ def run(config: Config) -> dict:
         serving.forward_images_per_s(classifier.model, config.forward_images, config.batch_size), 2)
     log("batch review throughput")
     paths = list_images(serving.FOLDER, recursive=False, limit=config.batch_images)
-    per_s, scored = serving.batch_images_per_s(classifier, explainer, paths, config.batch_size)
+    per_s, scored = serving.batch_images_per_s(classifier, paths, config.batch_size)
     figures["batch_images_per_s"] = round(per_s, 2)
     figures["batch_images"] = len(paths)
     figures["batch_scored"] = scored

@@ -51,6 +51,32 @@ def load_seconds(folder: Path) -> tuple[float, object, object]:
     return time.perf_counter() - start, classifier, explainer
 
 
+def warm_up_seconds(classifier, explainer) -> float:
+    """Seconds for the first prediction and the first Grad-CAM (graph tracing), after loading."""
+    start = time.perf_counter()
+    x = np.zeros((1, classifier.input_size, classifier.input_size, 3), np.float32)
+    classifier.logits(x)
+    explainer.gradcam(x)
+    return time.perf_counter() - start
+
+
+def classify_breakdown(classifier, explainer, path: Path, repeat: int) -> dict[str, float]:
+    """Median ms of each step of ``classify_once``: read, preprocess, one Grad-CAM pass, overlay."""
+    from cxr_core import imaging, overlay, preprocess
+
+    data = path.read_bytes()
+    image = imaging.load(data, path.name)
+    x = preprocess.model_input(image.pixels, classifier.input_size)
+    _, heatmaps = explainer.gradcam(x)
+    steps = {
+        "read": lambda: imaging.load(data, path.name),
+        "preprocess": lambda: preprocess.model_input(image.pixels, classifier.input_size),
+        "gradcam_pass": lambda: explainer.gradcam(x),
+        "overlay": lambda: overlay.overlay(image.pixels, heatmaps[0]),
+    }
+    return {name: round(median_ms(fn, repeat, warmup=2), 2) for name, fn in steps.items()}
+
+
 def compiled_forward(model):
     """The model's forward pass as one traced ``tf.function`` (inference mode)."""
     import tensorflow as tf
@@ -110,13 +136,13 @@ def tfkv_gradcam_ms(classifier, path: Path, repeat: int) -> float:
     return median_ms(lambda: gradcam(score, x, penultimate_layer=classifier.card.target_layer), repeat, warmup=2)
 
 
-def batch_images_per_s(classifier, explainer, paths: list[Path], batch_size: int) -> tuple[float, int]:
+def batch_images_per_s(classifier, paths: list[Path], batch_size: int) -> tuple[float, int]:
     """Images per second of the batch-review path (``pipeline.classify_many``) and how many scored."""
     from cxr_core import pipeline
 
     warm = [(p.name, p) for p in paths[:batch_size]]
-    pipeline.classify_many(classifier, explainer, warm, batch_size=batch_size)
+    pipeline.classify_many(classifier, warm, batch_size=batch_size)
     start = time.perf_counter()
-    rows = pipeline.classify_many(classifier, explainer, [(p.name, p) for p in paths], batch_size=batch_size)
+    rows = pipeline.classify_many(classifier, [(p.name, p) for p in paths], batch_size=batch_size)
     seconds = time.perf_counter() - start
     return len(paths) / seconds, sum(r.prediction is not None for r in rows)
