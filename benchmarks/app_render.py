@@ -96,3 +96,36 @@ def first_render(models_dir: Path, timeout: float = 300.0) -> dict[str, object]:
     return {"app_server_up_s": round(up, 2), "app_first_render_s": round(seconds, 2),
             "app_render_method": "Playwright + headless Chromium until the uploader and model card are shown",
             "app_log_errors": errors[:5]}
+
+
+def server_rss_mb(pid: int) -> float:
+    """Resident memory (VmRSS) of process ``pid`` in MiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def upload(page, name: str, data: bytes, mime: str = "application/octet-stream", timeout: float = 120.0) -> None:
+    """Put one file in the page's (first) uploader and wait until the script run it started has finished."""
+    page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
+                         files=[{"name": name, "mimeType": mime, "buffer": data}])
+    page.wait_for_selector(f'[data-testid="stFileUploaderFileName"]:text-is("{name}")', timeout=timeout * 1000)
+    wait_idle(page, timeout)
+
+
+def wait_idle(page, timeout: float = 120.0) -> None:
+    """Wait until Streamlit's 'running' indicator has been gone for a moment (the rerun finished)."""
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 0.5:
+            return
+        page.wait_for_timeout(100)
+    raise TimeoutError("the page kept running")
