@@ -111,21 +111,21 @@ def upload(page, name: str, data: bytes, mime: str = "application/octet-stream",
     """Put one file in the page's (first) uploader and wait until the script run it started has finished."""
     page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
                          files=[{"name": name, "mimeType": mime, "buffer": data}])
-    page.wait_for_selector(f'[data-testid="stFileUploaderFileName"]:text-is("{name}")', timeout=timeout * 1000)
+    page.wait_for_selector(f'[data-testid="stFileChipName"]:text-is("{name}")', timeout=timeout * 1000)
     wait_idle(page, timeout)
 
 
-def wait_idle(page, timeout: float = 120.0) -> None:
-    """Wait until Streamlit's 'running' indicator has been gone for a moment (the rerun finished)."""
+def wait_idle(page, timeout: float = 120.0, settle: float = 0.7) -> None:
+    """Wait until the app's script has been 'notRunning' for ``settle`` seconds (the rerun finished)."""
+    idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
     deadline = time.monotonic() + timeout
     quiet_since = None
     while time.monotonic() < deadline:
-        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
-        if running:
+        if page.locator(idle).count() == 0:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 0.5:
+        elif time.monotonic() - quiet_since >= settle:
             return
-        page.wait_for_timeout(100)
-    raise TimeoutError("the page kept running")
+        page.wait_for_timeout(50)
+    raise TimeoutError(f"the page was still running after {timeout:.0f} s")
