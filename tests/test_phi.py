@@ -201,3 +201,66 @@ def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, isolated
     # The only files written to TMPDIR are TensorFlow's traced Python sources (autograph), never data.
     in_tmp = [p.name for p in written_files([isolated["tmp"]], 0)]
     assert all(n.startswith("__autograph_generated_file") and n.endswith(".py") for n in in_tmp), in_tmp
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_no_patient_data_through_a_real_server(uploads, tiny_model_dir, tmp_path):
+    """The same search against ``streamlit run app.py`` driven by Chromium: the server's own output, its
+    TMPDIR, the pages' HTML, and the report and CSV as the browser downloads them."""
+    from playwright.sync_api import sync_playwright
+
+    from benchmarks.app_render import CHROMIUM, CHROMIUM_ARGS, free_port, start_server, stop, upload, wait_healthy
+
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "served")
+    start = time.time() - 1
+    port = free_port()
+    proc = start_server(tmp_path / "models", port, env={"TMPDIR": str(tmp), "STREAMLIT_LOGGER_LEVEL": "debug"})
+    downloads: dict[str, bytes] = {}
+    html: list[str] = []
+    try:
+        wait_healthy(port, 120)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(accept_downloads=True)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector('[data-testid="stFileUploader"]', timeout=120_000)
+            for name, data in uploads.items():
+                upload(page, name, data, "application/dicom")
+                page.wait_for_selector('h3:has-text("Decision:")', timeout=60_000)
+                html.append(page.content())
+            for label in ("Download report (PNG)", "Download report (PDF)"):
+                with page.expect_download(timeout=60_000) as info:
+                    page.get_by_role("button", name=label).click()
+                downloads[label] = Path(info.value.path()).read_bytes()
+            page.goto(f"http://127.0.0.1:{port}/batch")
+            page.wait_for_selector('[data-testid="stFileUploader"]', timeout=120_000)
+            page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
+                                 files=[{"name": n, "mimeType": "application/dicom", "buffer": d}
+                                        for n, d in uploads.items()])
+            page.get_by_role("button", name=f"Score {len(uploads)} file(s)").click(timeout=60_000)
+            with page.expect_download(timeout=120_000) as info:
+                page.get_by_role("button", name=f"Download these {len(uploads)} rows as CSV").click(timeout=120_000)
+            downloads["CSV"] = Path(info.value.path()).read_bytes()
+            html.append(page.content())
+            browser.close()
+    finally:
+        output = stop(proc)
+    assert downloads["Download report (PNG)"].startswith(b"\x89PNG")
+    assert downloads["Download report (PDF)"].startswith(b"%PDF")
+    assert b"study1.dcm" in downloads["CSV"] and b"study2.dcm" in downloads["CSV"]
+    leaks = find_needles(output, "server stdout/stderr")
+    for i, text in enumerate(html):
+        leaks += find_needles(text, f"page HTML {i}")
+    for what, blob in downloads.items():
+        leaks += find_needles(blob, what)
+    for path in written_files([tmp, REPO, Path.home() / ".streamlit"], start):
+        try:
+            leaks += find_needles(path.read_bytes(), str(path))
+        except OSError:
+            continue
+    assert not leaks, "\n".join(leaks)
+    in_tmp = [p.name for p in written_files([tmp], 0)]
+    assert all(n.startswith("__autograph_generated_file") and n.endswith(".py") for n in in_tmp), in_tmp
