@@ -115,7 +115,7 @@ def upload(page, name: str, data: bytes, mime: str = "application/octet-stream",
     wait_idle(page, timeout)
 
 
-def wait_idle(page, timeout: float = 120.0, settle: float = 0.7) -> None:
+def wait_idle(page, timeout: float = 120.0, settle: float = 0.4) -> None:
     """Wait until the app's script has been 'notRunning' for ``settle`` seconds (the rerun finished)."""
     idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
     deadline = time.monotonic() + timeout

@@ -162,7 +162,7 @@ FUZZ = settings(max_examples=700, derandomize=True, deadline=None, database=None
 
 
 def _fuzz(kind: str, examples: int) -> tuple[Callable[[], None], Counter]:
-    """The hypothesis test for one seed file, and the counter of its outcomes ("ok" / "error")."""
+    """The hypothesis test for one seed file, and the counter of its outcomes."""
     name, original, fields = seed(kind)
     outcomes: Counter = Counter()
 
@@ -171,7 +171,12 @@ def _fuzz(kind: str, examples: int) -> tuple[Callable[[], None], Counter]:
     def run(data: bytes) -> None:
         outcome = read_bounded(data, name)
         check(outcome)
-        outcomes["error" if isinstance(outcome, UnreadableImageError) else "ok"] += 1
+        if not isinstance(outcome, UnreadableImageError):
+            outcomes["ok"] += 1
+        elif str(outcome).startswith(("This is ", "The file is empty")):
+            outcomes["not an image"] += 1  # refused from the first bytes, before any decoder ran
+        else:
+            outcomes["decoder error"] += 1
 
     return run, outcomes
 
@@ -181,9 +186,9 @@ def _fuzz(kind: str, examples: int) -> tuple[Callable[[], None], Counter]:
 def test_mutated_real_file_reads_or_raises_the_clear_error(kind, examples):
     run, outcomes = _fuzz(kind, examples)
     run()
-    # Every case ran, and the mutations reached both outcomes: some files stay readable, some do not.
+    # Every case ran, and most reached the decoders (a fuzzer that only broke the magic number proves little).
     assert sum(outcomes.values()) == examples
-    assert outcomes["ok"] >= 5 and outcomes["error"] >= examples // 2, outcomes
+    assert outcomes["ok"] >= 1 and outcomes["ok"] + outcomes["decoder error"] >= examples // 2, outcomes
 
 
 @pytest.mark.parametrize("kind", ["jpeg", "png", "cr_dicom", "jpeg_dicom"])
