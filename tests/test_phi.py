@@ -203,6 +203,25 @@ def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, isolated
     assert all(n.startswith("__autograph_generated_file") and n.endswith(".py") for n in in_tmp), in_tmp
 
 
+def download(page, label: str, tries: int = 3) -> bytes:
+    """Click a download button once the page is idle and return the file's bytes (a click that lands
+    while a rerun replaces the button is lost, so it is retried)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    from benchmarks.app_render import wait_idle
+
+    for attempt in range(tries):
+        wait_idle(page)
+        try:
+            with page.expect_download(timeout=30_000) as info:
+                page.get_by_role("button", name=label).click()
+            return Path(info.value.path()).read_bytes()
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_no_patient_data_through_a_real_server(uploads, tiny_model_dir, tmp_path):
@@ -232,18 +251,15 @@ def test_no_patient_data_through_a_real_server(uploads, tiny_model_dir, tmp_path
                 page.wait_for_selector('h3:has-text("Decision:")', timeout=60_000)
                 html.append(page.content())
             for label in ("Download report (PNG)", "Download report (PDF)"):
-                with page.expect_download(timeout=60_000) as info:
-                    page.get_by_role("button", name=label).click()
-                downloads[label] = Path(info.value.path()).read_bytes()
+                downloads[label] = download(page, label)
             page.goto(f"http://127.0.0.1:{port}/batch")
             page.wait_for_selector('[data-testid="stFileUploader"]', timeout=120_000)
             page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
                                  files=[{"name": n, "mimeType": "application/dicom", "buffer": d}
                                         for n, d in uploads.items()])
             page.get_by_role("button", name=f"Score {len(uploads)} file(s)").click(timeout=60_000)
-            with page.expect_download(timeout=120_000) as info:
-                page.get_by_role("button", name=f"Download these {len(uploads)} rows as CSV").click(timeout=120_000)
-            downloads["CSV"] = Path(info.value.path()).read_bytes()
+            page.get_by_role("button", name=f"Download these {len(uploads)} rows as CSV").wait_for(timeout=120_000)
+            downloads["CSV"] = download(page, f"Download these {len(uploads)} rows as CSV")
             html.append(page.content())
             browser.close()
     finally:
