@@ -123,7 +123,7 @@ def save(card: ModelCard, folder: str | Path) -> Path:
     if not weights.is_file():
         raise ModelCardError(f"cannot write a card for {folder}: weights file {card.weights_file} is missing")
     card.weights_sha256 = sha256_of(weights)
-    card.created = card.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    card.created = card.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     card.versions = card.versions or library_versions()
     path = folder / CARD_FILE
     path.write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")

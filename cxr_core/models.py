@@ -35,7 +35,7 @@ class Architecture:
 
 def _torch_norm() -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    return tuple(1 / (255 * s) for s in std), tuple(-m / s for m, s in zip(mean, std))
+    return tuple(1 / (255 * s) for s in std), tuple(-m / s for m, s in zip(mean, std, strict=True))
 
 
 _TORCH_SCALE, _TORCH_OFFSET = _torch_norm()
@@ -114,7 +114,7 @@ class Prediction:
     low_confidence: bool
 
     def as_dict(self) -> dict[str, float]:
-        return dict(zip(self.class_names, self.probabilities))
+        return dict(zip(self.class_names, self.probabilities, strict=True))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
