@@ -23,13 +23,20 @@ FOLDER = DATA / "kermany" / "train" / "NORMAL"
 def model_folder(explicit: str | None = None) -> tuple[Path, str]:
     """The model to measure and where it came from: ``explicit``, the shipped DenseNet169, or a fresh one.
 
-    A fresh one is DenseNet169, 2 classes, 224 px, random weights, saved with a card to a temp
-    folder: the figures depend on the architecture, not on the weights' values.
+    The targets are stated for DenseNet169 at 224 px, so the shipped model is measured only when it is
+    that; otherwise (e.g. a model trained on the CPU at a smaller size) a fresh one is: DenseNet169,
+    2 classes, 224 px, random weights, saved with a card to a temp folder. The figures depend on the
+    architecture and input size, not on the weights' values.
     """
     if explicit:
         return Path(explicit), "given"
+    origin = "random weights (no shipped model found)"
     if (SHIPPED / card_lib.CARD_FILE).is_file():
-        return SHIPPED, "shipped"
+        shipped = card_lib.read(SHIPPED)
+        if (shipped.architecture, shipped.input_size) == ("densenet169", 224):
+            return SHIPPED, "shipped"
+        origin = (f"random weights (the shipped model is {shipped.architecture} at {shipped.input_size} px; "
+                  "the targets are for 224 px)")
     folder = Path(tempfile.mkdtemp(prefix="cxr-bench-")) / "densenet169-random"
     model = models.build("densenet169", 2, 224)
     card = card_lib.ModelCard(
@@ -38,7 +45,7 @@ def model_folder(explicit: str | None = None) -> tuple[Path, str]:
         thresholds={"PNEUMONIA": 0.5}, training_data={"note": "random weights, for benchmarks only"},
     )
     models.save(model, card, folder)
-    return folder, "random weights (no shipped model found)"
+    return folder, origin
 
 
 def load_seconds(folder: Path) -> tuple[float, object, object]:

@@ -56,7 +56,7 @@ def work(tmp_path_factory) -> Path:
 def first_run(work) -> tuple[Path, str]:
     out = work / "runs" / "tiny-a"
     result = _cli("train", str(work / "cxr"), *SMOKE, "--epochs", "1", "--out", str(out),
-                  "--cache-dir", str(work / "cache"))
+                  "--cache-dir", str(work / "cache"), "--note", "smoke run; a GPU run should train longer")
     return out, result.stdout
 
 
@@ -79,6 +79,7 @@ def test_train_writes_a_complete_model_folder(first_run):
     card = classifier.card
     assert card.class_names == ["NORMAL", "PNEUMONIA"] and card.negative_class == "NORMAL"
     assert card.target_layer == "relu" and card.input_size == 32 and card.recipe["epochs"] == 1
+    assert card.recipe["note"] == "smoke run; a GPU run should train longer"
     split = pd.read_csv(out / "split.csv")
     counts = split["split"].value_counts().to_dict()
     assert len(split) == 60 and set(counts) == {"train", "val", "test"} and 46 <= counts["train"] <= 50

@@ -32,6 +32,7 @@ HELP = {
     "distribute": "data parallel over all local devices (JAX / TensorFlow)",
     "resume": "continue the run in --out from its last completed epoch",
     "verbose": "-1 auto, 0 silent, 1 progress bar, 2 one line per epoch",
+    "note": "free text kept in the card's recipe (how and where the run was made, what to do next)",
 }
 CHOICES = {"architecture": ("densenet169", "densenet121", "resnet50", "vgg16", "inceptionv3", "tiny"),
            "optimizer": ("adam", "adamw", "adamax"), "class_weights": ("balanced", "none"),

@@ -56,6 +56,7 @@ class TrainConfig:
     distribute: bool = False  # data parallel over all local devices
     resume: bool = False
     verbose: int = -1  # -1: progress bar on a terminal, one line per epoch otherwise
+    note: str = ""  # free text kept in the card's recipe: how and where this run was made, what to do next
 
     def __post_init__(self) -> None:
         self.split = tuple(float(f) for f in self.split)  # type: ignore[assignment]

@@ -1,0 +1,100 @@
+"""The two models shipped in ``models/``: complete folders, honest splits, and served == evaluated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DATA
+
+from cxr_core import imaging, models
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = {
+    "densenet169-pneumonia": ["NORMAL", "PNEUMONIA"],
+    "densenet169-cxr3": ["COVID-19", "NORMAL", "PNEUMONIA"],
+}
+SOURCES = {
+    "kermany": DATA / "kermany" / "train",
+    "covid19_radiography": DATA / "covid19_radiography",
+    "covid19_image_dataset": DATA / "covid19_image_dataset" / "train",
+}
+FILES = ("model.weights.h5", "model_card.json", "history.csv", "split.csv", "metrics.json", "predictions.csv")
+
+
+def _split(name: str) -> pd.DataFrame:
+    return pd.read_csv(REPO / "models" / name / "split.csv")
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def shipped(request) -> tuple[str, models.Classifier]:
+    return request.param, models.load(REPO / "models" / request.param)  # checks the weights' sha256
+
+
+def test_model_folder_is_complete_and_its_card_describes_it(shipped):
+    name, classifier = shipped
+    folder = REPO / "models" / name
+    for file in FILES:
+        assert (folder / file).is_file(), file
+    card = classifier.card
+    assert card.architecture == "densenet169" and card.class_names == SHIPPED[name]
+    assert card.negative_class == "NORMAL" and set(card.thresholds) == set(SHIPPED[name]) - {"NORMAL"}
+    assert 0 < card.temperature < 10 and card.weights_sha256
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["split"] == "test" and m["classes"] == card.class_names
+    # The card's headline figures are the held-out ones in metrics.json.
+    assert card.metrics["test"]["accuracy"] == pytest.approx(m["accuracy"])
+    assert card.metrics["test"]["auc"] == pytest.approx(m["auc"])
+    assert card.recipe["note"]  # how it was trained and what a GPU run should do next
+    history = pd.read_csv(folder / "history.csv")
+    assert len(history) == card.recipe["epochs_run"] and np.isfinite(history["val_loss"]).all()
+
+
+def test_split_is_patient_level_and_duplicates_stay_out_of_the_held_out_side(shipped):
+    name, _ = shipped
+    split = _split(name)
+    kept = split[split["split"].isin(["train", "val", "test"])]
+    with_patient = kept.dropna(subset=["patient"])
+    assert with_patient.groupby(["source", "patient"])["split"].nunique().max() == 1
+    train = set(kept.loc[kept["split"] == "train", "sha256"])
+    held_out = set(kept.loc[kept["split"] != "train", "sha256"])
+    assert not train & held_out
+
+
+def test_cxr3_test_images_were_never_trained_on_by_the_pneumonia_model_it_starts_from():
+    pneumonia, cxr3 = _split("densenet169-pneumonia"), _split("densenet169-cxr3")
+    trained_on = set(pneumonia.loc[pneumonia["split"] == "train", "sha256"])
+    held_out = set(cxr3.loc[cxr3["split"].isin(["val", "test"]), "sha256"])
+    assert held_out and not trained_on & held_out
+    # And the other way round: what the pneumonia model is tested on, cxr3 did not train on.
+    assert not set(pneumonia.loc[pneumonia["split"] == "test", "sha256"]) & set(
+        cxr3.loc[cxr3["split"] == "train", "sha256"])
+
+
+def test_serving_reproduces_the_held_out_predictions(shipped):
+    name, classifier = shipped
+    preds = pd.read_csv(REPO / "models" / name / "predictions.csv")
+    test = preds[preds["split"] == "test"]
+    sample = test.groupby(["source", "true_class"], group_keys=False).head(2)
+    pixels = [imaging.load(SOURCES[row.source] / row.path).pixels for row in sample.itertuples()]
+    served = classifier.predict_pixels(pixels)
+    columns = [f"p_{c}" for c in classifier.card.class_names]
+    np.testing.assert_allclose([p.probabilities for p in served], sample[columns].to_numpy(), atol=1e-4)
+    assert [p.decision for p in served] == sample["predicted_class"].tolist()
+
+
+def test_metrics_json_agrees_with_predictions_csv(shipped):
+    name, classifier = shipped
+    folder = REPO / "models" / name
+    m = json.loads((folder / "metrics.json").read_text())
+    test = pd.read_csv(folder / "predictions.csv").query("split == 'test'")
+    assert m["n"] == len(test)
+    assert m["accuracy"] == pytest.approx((test["predicted_class"] == test["true_class"]).mean())
+    cm = np.array(m["confusion_matrix"])
+    classes = classifier.card.class_names
+    for i, true in enumerate(classes):
+        for j, pred in enumerate(classes):
+            assert cm[i, j] == ((test["true_class"] == true) & (test["predicted_class"] == pred)).sum()
