@@ -64,6 +64,7 @@ class ModelCard:
     version: str = "1"
     intended_use: str = RESEARCH_USE
     limitations: list[str] = field(default_factory=list)
+    card_sha256: str = ""  # sha256 of every other field (see content_sha256), written by save()
 
     def __post_init__(self) -> None:
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
@@ -103,6 +104,13 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_sha256(data: dict[str, Any]) -> str:
+    """Hex sha256 of a card's fields as JSON (sorted keys, compact), ``card_sha256`` itself left out."""
+    fields = {k: v for k, v in data.items() if k != "card_sha256"}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a model's numbers (no TensorFlow import forced)."""
     import importlib.metadata as md
@@ -125,13 +133,19 @@ def save(card: ModelCard, folder: str | Path) -> Path:
     card.weights_sha256 = sha256_of(weights)
     card.created = card.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     card.versions = card.versions or library_versions()
+    # Hash what a reader will get back: the fields after a JSON round trip (tuples as lists, etc.).
+    card.card_sha256 = content_sha256(json.loads(json.dumps(card.to_dict())))
     path = folder / CARD_FILE
     path.write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
     return path
 
 
 def read(folder: str | Path) -> ModelCard:
-    """Read ``folder/model_card.json`` without checking the weights (cheap; for listings)."""
+    """Read ``folder/model_card.json`` without checking any hash (cheap; for listings)."""
+    return ModelCard.from_dict(_read_json(folder))
+
+
+def _read_json(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CARD_FILE
     if not path.is_file():
         raise ModelCardError(f"{folder} is not a model folder: it has no {CARD_FILE}.")
@@ -142,19 +156,29 @@ def read(folder: str | Path) -> ModelCard:
     if not isinstance(data, dict):
         raise ModelCardError(f"{path} does not hold a JSON object; restore it from the release.")
     try:
-        return ModelCard.from_dict(data)
+        ModelCard.from_dict(data)
     except TypeError as exc:
         raise ModelCardError(f"{path} has fields of the wrong type ({exc}).") from exc
+    return data
 
 
 def load(folder: str | Path) -> ModelCard:
-    """Read the card and verify that the weights file matches its sha256.
+    """Read the card, verify its own content hash and that the weights file matches its sha256.
 
-    Raises ``ModelCardError`` when the card is missing or invalid, the weights are missing,
-    or the weights' hash differs from the card's (a tampered or mismatched file).
+    Raises ``ModelCardError`` when the card is missing, invalid or edited since it was written
+    (class order, input size, thresholds...), the weights are missing, or the weights' hash
+    differs from the card's (a tampered or mismatched file).
     """
     folder = Path(folder)
-    card = read(folder)
+    data = _read_json(folder)
+    card = ModelCard.from_dict(data)
+    if data.get("card_sha256") != content_sha256(data):
+        what = "has no content hash" if not data.get("card_sha256") else "was changed after it was written"
+        raise ModelCardError(
+            f"model '{card.name}': its model card {what} (the card_sha256 field does not match the card's "
+            "fields), so its classes, input size or thresholds cannot be trusted. Reinstall the model folder; "
+            "a card edited on purpose must be written again with cxr_core.card.save."
+        )
     weights = folder / card.weights_file
     if not weights.is_file():
         raise ModelCardError(f"model '{card.name}': weights file {weights} is missing.")

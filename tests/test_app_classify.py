@@ -196,6 +196,7 @@ def test_low_confidence_warning_follows_the_card(models_root):
     card_path = models_root / "tiny-pneumonia" / card.CARD_FILE
     data = json.loads(card_path.read_text())
     data["low_confidence"] = 0.999
+    data["card_sha256"] = card.content_sha256(data)  # an edit made on purpose is written with its hash
     card_path.write_text(json.dumps(data))
     at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
     lows = [w.value for w in at.warning if w.value.startswith("Low confidence")]

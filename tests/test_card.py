@@ -57,12 +57,26 @@ def test_round_trip_and_recorded_fields(folder):
     back = card.read(folder)
     assert back.to_dict() == written
     expected = _card().to_dict()
-    for key in ("weights_sha256", "created", "versions"):
+    for key in ("weights_sha256", "created", "versions", "card_sha256"):
         expected.pop(key)
         assert written[key]
     assert {k: v for k, v in written.items() if k in expected} == expected
     assert back.thresholds == {"PNEUMONIA": 0.42, "COVID-19": 0.3} and back.temperature == 1.7
     assert back.num_classes == 3 and back.intended_use == card.RESEARCH_USE
+
+
+def test_card_content_hash_covers_every_field_but_itself(folder):
+    written = json.loads((folder / card.CARD_FILE).read_text())
+    assert written["card_sha256"] == card.content_sha256(written)
+    assert card.content_sha256({**written, "card_sha256": "x"}) == written["card_sha256"]
+    for key, value in (("thresholds", {"PNEUMONIA": 0.43, "COVID-19": 0.3}), ("low_confidence", 0.5),
+                       ("limitations", []), ("metrics", {})):
+        assert card.content_sha256({**written, key: value}) != written["card_sha256"], key
+    card.load(folder)
+    _write_card(folder, {**written, "low_confidence": 0.1})
+    with pytest.raises(ModelCardError, match="was changed after it was written"):
+        card.load(folder)
+    card.read(folder)  # listings still read it (the sidebar shows the card, then refuses to load it)
 
 
 def test_sha256_and_provenance_are_recorded(folder):

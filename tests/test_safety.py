@@ -24,11 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
 
 
-def _edit_card(**changes: object) -> Callable[[Path], None]:
+def _edit_card(rehash: bool = False, **changes: object) -> Callable[[Path], None]:
+    """Edit card fields; ``rehash`` also rewrites its content hash, as a careful forger would."""
+
     def edit(folder: Path) -> None:
         path = folder / card_lib.CARD_FILE
         data = json.loads(path.read_text())
         data.update(changes)
+        if rehash:
+            data["card_sha256"] = card_lib.content_sha256(data)
         path.write_text(json.dumps(data))
 
     return edit
@@ -52,23 +56,23 @@ def _foreign_weights(other: Path) -> Callable[[Path], None]:
 REFUSED = {
     "one weight byte flipped": "does not match its model card",
     "weights of another model": "does not match its model card",
-    "weights hash edited in the card": "does not match its model card",
-    "a class added to the card": "do not fit the model",
-    "architecture changed in the card": "do not fit the model",
+    "weights hash edited in the card": "was changed after it was written",
+    "weights hash edited, card re-hashed": "does not match its model card",
+    "a class added to the card": "was changed after it was written",
+    "a class added, card re-hashed": "do not fit the model",
+    "architecture changed, card re-hashed": "do not fit the model",
+    "card hash removed": "has no content hash",
     "card is not JSON": "not valid json",
     "weights deleted": "is missing",
 }
-# Edits the weights hash cannot see: the weights still fit, the card now lies about them.
-UNDETECTED = {
+# Edits the weights hash cannot see (the weights still fit, the card now lies about them): the
+# card's own content hash catches them.
+CARD_ONLY_EDITS = {
     "class names swapped": _edit_card(class_names=["PNEUMONIA", "NORMAL"]),
     "input size changed": _edit_card(input_size=96),
     "threshold changed": _edit_card(thresholds={"PNEUMONIA": 0.99}),
+    "temperature changed": _edit_card(temperature=0.2),
 }
-CARD_HASH_MISSING = (
-    "card.load checks only the weights' sha256, so an edit that keeps the weights loadable "
-    "(class order, input size, thresholds) is served silently; proposed fix: a content sha256 of "
-    "the card itself, written by card.save and verified by card.load"
-)
 
 
 def _tampers(other_model: Path) -> dict[str, Callable[[Path], None]]:
@@ -82,8 +86,12 @@ def _tampers(other_model: Path) -> dict[str, Callable[[Path], None]]:
         "one weight byte flipped": _flip_weight_byte,
         "weights of another model": _foreign_weights(other_model),
         "weights hash edited in the card": _edit_card(weights_sha256="0" * 64),
+        "weights hash edited, card re-hashed": _edit_card(rehash=True, weights_sha256="0" * 64),
         "a class added to the card": _edit_card(class_names=["NORMAL", "PNEUMONIA", "COVID-19"]),
-        "architecture changed in the card": _edit_card(architecture="densenet121", target_layer="relu"),
+        "a class added, card re-hashed": _edit_card(rehash=True, class_names=["NORMAL", "PNEUMONIA", "COVID-19"]),
+        "architecture changed, card re-hashed": _edit_card(rehash=True, architecture="densenet121",
+                                                           target_layer="relu"),
+        "card hash removed": _edit_card(card_sha256=""),
         "card is not JSON": not_json,
         "weights deleted": delete_weights,
     }
@@ -118,12 +126,12 @@ def test_untampered_copy_loads(tiny_model_dir, models_root):
     assert probs.shape == (1, 2) and abs(probs.sum() - 1) < 1e-9
 
 
-@pytest.mark.xfail(strict=True, reason=CARD_HASH_MISSING)
-@pytest.mark.parametrize("tamper", list(UNDETECTED))
+@pytest.mark.parametrize("tamper", list(CARD_ONLY_EDITS))
 def test_weight_compatible_card_edit_is_refused(tamper, tiny_model_dir, models_root):
     folder = _copy(tiny_model_dir, models_root, "edited")
-    UNDETECTED[tamper](folder)
-    with pytest.raises(ModelCardError):
+    models.load(folder)  # untouched, it loads
+    CARD_ONLY_EDITS[tamper](folder)
+    with pytest.raises(ModelCardError, match="was changed after it was written"):
         models.load(folder)
 
 
@@ -135,7 +143,8 @@ def _app(models_dir: Path, monkeypatch, data_root: Path | None = None):
 
 
 @pytest.mark.parametrize("tamper", ["one weight byte flipped", "weights hash edited in the card",
-                                    "a class added to the card", "card is not JSON"])
+                                    "a class added to the card", "a class added, card re-hashed",
+                                    "card is not JSON"])
 def test_app_sidebar_refuses_tampered_model(tamper, tiny_model_dir, tiny_model3_dir, models_root, monkeypatch):
     folder = _copy(tiny_model_dir, models_root, f"tampered-{tamper.replace(' ', '-')}")
     _tampers(tiny_model3_dir)[tamper](folder)
