@@ -134,8 +134,14 @@ checked = quality.assess(first.image, data)
 controls = st.columns(4)
 method = controls[0].selectbox("Explanation method", list(METHOD_LABELS), format_func=METHOD_LABELS.get,
                                key="cam_method", help="Grad-CAM is computed with the prediction in one pass.")
-explained = controls[1].selectbox("Class to explain", range(len(card.class_names)), index=first.class_index,
-                                  format_func=lambda i: card.class_names[i], key=f"explain_{key}")
+# One widget key for every image, reset to the top class when the image changes. (A key per image
+# kept each upload's widget alive in the session, and a lambda format_func kept that run's globals,
+# pixels and overlays included, alive with it.)
+if st.session_state.get("explain_image") != key:
+    st.session_state["explain_image"] = key
+    st.session_state["explain_class"] = first.class_index
+explained = controls[1].selectbox("Class to explain", range(len(card.class_names)),
+                                  format_func=card.class_names.__getitem__, key="explain_class")
 opacity = controls[2].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity")
 colormap = controls[3].selectbox("Colormap", list(overlay.COLORMAPS), key="cam_colormap")
 

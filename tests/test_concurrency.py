@@ -129,15 +129,7 @@ def test_memory_does_not_grow_over_200_classifications(served, images):
     assert growth <= LEAK_BOUND_MB, f"RSS grew {growth:.1f} MiB from image 20 to 200: {samples}"
 
 
-PAGE_LEAK = ("pages/classify.py keys its class selectbox per image (key=f'explain_{key}') with format_func="
-             "lambda i: card.class_names[i]; Streamlit keeps every widget's metadata (WStates.widget_metadata), and "
-             "each lambda's globals are that run's module dict, so every upload's pixels, overlay and result stay "
-             "alive (~0.4 MiB each, also seen on a real server). Fix: format_func=card.class_names.__getitem__ and "
-             "one stable key reset when the image changes")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=PAGE_LEAK)
 def test_page_memory_does_not_grow_over_200_uploads(tiny_model_dir, tmp_path, images, monkeypatch):
     """One browser session (AppTest) uploading 200 images: RSS after 200 within the bound of after 20,
     and no earlier run's page globals (its report arguments) still alive."""
