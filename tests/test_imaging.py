@@ -307,6 +307,26 @@ def test_rescale_slope_intercept_sets_value_range():
     np.testing.assert_allclose(img.pixels, np.clip((modality + 24.5) / 2000 + 0.5, 0, 1), atol=1e-6)  # PS3.3 C.11.2.1.2
 
 
+def test_modality_lut_sequence_is_applied():
+    # A non-linear modality LUT (stored v -> v**2 // 64): a reader that skipped it, or used
+    # rescale slope/intercept instead, would give pixels linear in the stored values.
+    stored = np.tile(np.arange(0, 256, dtype=np.uint16), (4, 1))
+    lut = [v * v // 64 for v in range(256)]  # 0 .. 1016
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 16]
+    item.ModalityLUTType = "US"
+    item.add_new("LUTData", "US", lut)
+    img = imaging.load(_dicom(stored, BitsStored=8, ModalityLUTSequence=Sequence([item]),
+                              RescaleSlope=3, RescaleIntercept=-100,  # must be ignored: the LUT wins
+                              WindowCenter=508, WindowWidth=1017))
+    assert img.info.value_range == (0.0, 1016.0)
+    assert (img.info.window_source, img.info.window) == ("file", (508.0, 1017.0))
+    modality = np.array(lut, dtype=np.float64)[stored]
+    np.testing.assert_allclose(img.pixels, np.clip((modality - 507.5) / 1016 + 0.5, 0, 1), atol=1e-6)
+    linear = np.clip((stored * 3.0 - 100 - 507.5) / 1016 + 0.5, 0, 1)
+    assert np.abs(img.pixels - linear).max() > 0.2
+
+
 def test_voi_lut_sequence_is_applied():
     stored = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (4, 1))
     item = Dataset()
