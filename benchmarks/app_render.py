@@ -108,10 +108,24 @@ def server_rss_mb(pid: int) -> float:
 
 
 def upload(page, name: str, data: bytes, mime: str = "application/octet-stream", timeout: float = 120.0) -> None:
-    """Put one file in the page's (first) uploader and wait until the script run it started has finished."""
-    page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
-                         files=[{"name": name, "mimeType": mime, "buffer": data}])
-    page.wait_for_selector(f'[data-testid="stFileChipName"]:text-is("{name}")', timeout=timeout * 1000)
+    """Put one file in the page's (first) uploader and wait until the script run it started has finished.
+
+    A file set while the uploader is being redrawn can be dropped by the page (its chip never shows):
+    then it is set again, up to three times within ``timeout``.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    wait_idle(page, timeout)
+    chip = f'[data-testid="stFileChipName"]:text-is("{name}")'
+    for attempt in range(3):
+        page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
+                             files=[{"name": name, "mimeType": mime, "buffer": data}])
+        try:
+            page.wait_for_selector(chip, timeout=timeout * 1000 / 3)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
     wait_idle(page, timeout)
 
 
