@@ -56,11 +56,7 @@ def load_model(folder: str, weights_sha256: str = "") -> tuple[Any, Any]:
     from cxr_core import explain, models
 
     classifier = models.load(folder)
-    explainer = explain.Explainer(classifier)
-    # Trace the compiled Grad-CAM pass (seconds for a DenseNet) under this spinner, once per process,
-    # rather than on the first user's upload.
-    explainer.warm_up()
-    return classifier, explainer
+    return classifier, explain.Explainer(classifier)
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
