@@ -142,10 +142,11 @@ def save(card: ModelCard, folder: str | Path) -> Path:
 
 def read(folder: str | Path) -> ModelCard:
     """Read ``folder/model_card.json`` without checking any hash (cheap; for listings)."""
-    return ModelCard.from_dict(_read_json(folder))
+    return _read(folder)[1]
 
 
-def _read_json(folder: str | Path) -> dict[str, Any]:
+def _read(folder: str | Path) -> tuple[dict[str, Any], ModelCard]:
+    """The card file's JSON object as written (what its content hash covers) and the card built from it."""
     path = Path(folder) / CARD_FILE
     if not path.is_file():
         raise ModelCardError(f"{folder} is not a model folder: it has no {CARD_FILE}.")
@@ -156,10 +157,9 @@ def _read_json(folder: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelCardError(f"{path} does not hold a JSON object; restore it from the release.")
     try:
-        ModelCard.from_dict(data)
+        return data, ModelCard.from_dict(data)
     except TypeError as exc:
         raise ModelCardError(f"{path} has fields of the wrong type ({exc}).") from exc
-    return data
 
 
 def load(folder: str | Path) -> ModelCard:
@@ -170,8 +170,7 @@ def load(folder: str | Path) -> ModelCard:
     differs from the card's (a tampered or mismatched file).
     """
     folder = Path(folder)
-    data = _read_json(folder)
-    card = ModelCard.from_dict(data)
+    data, card = _read(folder)
     if data.get("card_sha256") != content_sha256(data):
         what = "has no content hash" if not data.get("card_sha256") else "was changed after it was written"
         raise ModelCardError(

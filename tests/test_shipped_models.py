@@ -11,17 +11,17 @@ import pytest
 from conftest import DATA
 
 from cxr_core import imaging, models
+from training import data
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {
     "densenet169-pneumonia": ["NORMAL", "PNEUMONIA"],
     "densenet169-cxr3": ["COVID-19", "NORMAL", "PNEUMONIA"],
 }
-SOURCES = {
-    "kermany": DATA / "kermany" / "train",
-    "covid19_radiography": DATA / "covid19_radiography",
-    "covid19_image_dataset": DATA / "covid19_image_dataset" / "train",
-}
+# The dataset folders the models were trained on, by the source name training gave each (predictions.csv
+# paths are relative to them).
+SOURCES = {data.source_name(root): root for root in (
+    DATA / "kermany" / "train", DATA / "covid19_radiography", DATA / "covid19_image_dataset" / "train")}
 FILES = ("model.weights.h5", "model_card.json", "history.csv", "split.csv", "metrics.json", "predictions.csv")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -206,18 +207,12 @@ print("LOGITS", json.dumps(models.load(sys.argv[sys.argv.index("--out") + 1]).lo
 """
 
 
-def _torch_missing() -> str:
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return ("torch is not installed: .ci/run installs the CPU build (torch==2.13.0) where its wheel lies on "
-                "disk; from the registry it would pull several GB of CUDA packages")
-    return ""
-
-
 @pytest.mark.parametrize("backend", [
     "jax",
-    pytest.param("torch", marks=pytest.mark.skipif(bool(_torch_missing()), reason=_torch_missing())),
+    pytest.param("torch", marks=pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None,
+        reason="torch is not installed: .ci/run installs the CPU build (torch==2.13.0) where its wheel lies on "
+               "disk; from the registry it would pull several GB of CUDA packages")),
 ])
 def test_model_trained_under_another_backend_loads_under_tensorflow_with_the_same_logits(backend, work, tmp_path):
     out = tmp_path / f"tiny-{backend}"
