@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 
@@ -65,6 +66,12 @@ def test_different_inputs_give_different_pages(parts):
     assert _render(parts, probs=(0.8, 0.2)) != base
     assert _render(parts, warnings=["Low confidence."]) != base
     assert _render(parts, method="Grad-CAM++") != base
+    # The footer names the model, its weights and the time: each one changes the page.
+    pixels, blended, c = parts
+    prediction = models.decide(c, (0.3, 0.7))
+    for other in (dataclasses.replace(c, name="another-model"), dataclasses.replace(c, weights_sha256="f" * 64)):
+        assert report.render(pixels, blended, prediction, other, when=WHEN) != base, other
+    assert report.render(pixels, blended, prediction, c, when=WHEN + dt.timedelta(days=1)) != base
 
 
 def test_pdf_is_a_single_page_pdf(parts):
