@@ -134,9 +134,10 @@ def save(card: ModelCard, folder: str | Path) -> Path:
     card.created = card.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     card.versions = card.versions or library_versions()
     # Hash what a reader will get back: the fields after a JSON round trip (tuples as lists, etc.).
-    card.card_sha256 = content_sha256(json.loads(json.dumps(card.to_dict())))
+    data = json.loads(json.dumps(card.to_dict()))
+    card.card_sha256 = data["card_sha256"] = content_sha256(data)
     path = folder / CARD_FILE
-    path.write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
 
 

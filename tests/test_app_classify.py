@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from pathlib import Path
 
@@ -212,11 +211,10 @@ def test_real_chest_film_has_no_not_a_chest_warning(models_root):
 
 
 def test_low_confidence_warning_follows_the_card(models_root):
-    card_path = models_root / "tiny-pneumonia" / card.CARD_FILE
-    data = json.loads(card_path.read_text())
-    data["low_confidence"] = 0.999
-    data["card_sha256"] = card.content_sha256(data)  # an edit made on purpose is written with its hash
-    card_path.write_text(json.dumps(data))
+    folder = models_root / "tiny-pneumonia"
+    edited = card.read(folder)
+    edited.low_confidence = 0.999
+    card.save(edited, folder)  # an edit made on purpose is written again by card.save, with its hash
     at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
     lows = [w.value for w in at.warning if w.value.startswith("Low confidence")]
     assert len(lows) == 1 and "below 100%" in lows[0]
