@@ -26,9 +26,10 @@ def parts(data_dir):
     return pixels, overlay.overlay(pixels, heat, opacity=1.0), c
 
 
-def _render(parts, probs=(0.3, 0.7), **kw):
+def _render(parts, probs=(0.3, 0.7), model_card=None, when=WHEN, **kw):
     pixels, blended, c = parts
-    return report.render(pixels, blended, models.decide(c, probs), c, when=WHEN, **kw)
+    c = model_card or c
+    return report.render(pixels, blended, models.decide(c, probs), c, when=when, **kw)
 
 
 def test_png_is_one_a4_page_with_the_image_and_overlay_in_place(parts):
@@ -67,11 +68,10 @@ def test_different_inputs_give_different_pages(parts):
     assert _render(parts, warnings=["Low confidence."]) != base
     assert _render(parts, method="Grad-CAM++") != base
     # The footer names the model, its weights and the time: each one changes the page.
-    pixels, blended, c = parts
-    prediction = models.decide(c, (0.3, 0.7))
+    c = parts[2]
     for other in (dataclasses.replace(c, name="another-model"), dataclasses.replace(c, weights_sha256="f" * 64)):
-        assert report.render(pixels, blended, prediction, other, when=WHEN) != base, other
-    assert report.render(pixels, blended, prediction, c, when=WHEN + dt.timedelta(days=1)) != base
+        assert _render(parts, model_card=other) != base, other
+    assert _render(parts, when=WHEN + dt.timedelta(days=1)) != base
 
 
 def test_pdf_is_a_single_page_pdf(parts):
