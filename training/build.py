@@ -21,12 +21,14 @@ def is_model_dir(weights: str) -> bool:
     return Path(weights).is_dir() and (Path(weights) / card_lib.CARD_FILE).is_file()
 
 
-def build_model(config: TrainConfig, n_classes: int) -> tuple[keras.Model, list[str]]:
+def build_model(config: TrainConfig, n_classes: int,
+                class_names: list[str] | None = None) -> tuple[keras.Model, list[str]]:
     """The classifier with its initial weights; returns (model, names of layers copied from a model folder).
 
     ``config.weights``: "none", "imagenet", a Keras backbone weights file, or one of our model
-    folders, whose backbone weights are copied layer by layer (by name) and whose head is
-    rebuilt for the new classes.
+    folders, whose backbone weights are copied layer by layer (by name). Its head is copied too
+    when it has exactly ``class_names`` (same classes, same order: training continues that
+    model); otherwise the head is rebuilt for the new classes.
     """
     w = config.weights
     if w.lower() == "none" or is_model_dir(w):
@@ -39,8 +41,9 @@ def build_model(config: TrainConfig, n_classes: int) -> tuple[keras.Model, list[
         source = models.load(w)
         if source.card.architecture != config.architecture:
             raise ValueError(f"{w} is a {source.card.architecture} model; cannot start a {config.architecture} from it")
+        same_head = class_names is not None and list(source.card.class_names) == list(class_names)
         for layer in source.model.layers:
-            if layer.name in HEAD or not layer.weights:
+            if (layer.name in HEAD and not same_head) or not layer.weights:
                 continue
             model.get_layer(layer.name).set_weights(layer.get_weights())
             copied.append(layer.name)

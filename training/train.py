@@ -92,9 +92,10 @@ def run(config: TrainConfig, log=print) -> Path:
         f"classes {classes}")
     weights = dataset.class_weights(train.labels, len(classes)) if config.class_weights == "balanced" else None
     with hardware.distributed(config.distribute) as distribution:
-        model, copied = build.build_model(config, len(classes))
+        model, copied = build.build_model(config, len(classes), classes)
         if copied:
-            log(f"copied {len(copied)} backbone layers from {config.weights}; new head for {classes}")
+            head = "its head too (same classes)" if "logits" in copied else f"new head for {classes}"
+            log(f"copied {len(copied)} layers from {config.weights}; {head}")
         loop = Loop(model, build.training_model(model, config), config, out)
         if config.resume and loop.resume():
             log(f"resuming after epoch {loop.state['epoch']}")
