@@ -6,6 +6,7 @@ used only for ``fit``, so serving rebuilds the trained model from its card alone
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -21,8 +22,7 @@ def is_model_dir(weights: str) -> bool:
     return Path(weights).is_dir() and (Path(weights) / card_lib.CARD_FILE).is_file()
 
 
-def build_model(config: TrainConfig, n_classes: int,
-                class_names: list[str] | None = None) -> tuple[keras.Model, list[str]]:
+def build_model(config: TrainConfig, class_names: Sequence[str]) -> tuple[keras.Model, list[str]]:
     """The classifier with its initial weights; returns (model, names of layers copied from a model folder).
 
     ``config.weights``: "none", "imagenet", a Keras backbone weights file, or one of our model
@@ -30,7 +30,7 @@ def build_model(config: TrainConfig, n_classes: int,
     when it has exactly ``class_names`` (same classes, same order: training continues that
     model); otherwise the head is rebuilt for the new classes.
     """
-    w = config.weights
+    w, n_classes = config.weights, len(class_names)
     if w.lower() == "none" or is_model_dir(w):
         model = models.build(config.architecture, n_classes, config.input_size, dropout=config.dropout)
     else:
@@ -41,7 +41,7 @@ def build_model(config: TrainConfig, n_classes: int,
         source = models.load(w)
         if source.card.architecture != config.architecture:
             raise ValueError(f"{w} is a {source.card.architecture} model; cannot start a {config.architecture} from it")
-        same_head = class_names is not None and list(source.card.class_names) == list(class_names)
+        same_head = list(source.card.class_names) == list(class_names)
         for layer in source.model.layers:
             if (layer.name in HEAD and not same_head) or not layer.weights:
                 continue

@@ -92,7 +92,7 @@ def run(config: TrainConfig, log=print) -> Path:
         f"classes {classes}")
     weights = dataset.class_weights(train.labels, len(classes)) if config.class_weights == "balanced" else None
     with hardware.distributed(config.distribute) as distribution:
-        model, copied = build.build_model(config, len(classes), classes)
+        model, copied = build.build_model(config, classes)
         if copied:
             head = "its head too (same classes)" if "logits" in copied else f"new head for {classes}"
             log(f"copied {len(copied)} layers from {config.weights}; {head}")
