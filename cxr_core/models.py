@@ -112,6 +112,11 @@ class Prediction:
     decision: str
     positive: bool
     low_confidence: bool
+    # The familiarity check (cxr_core.familiarity): distance of the film's penultimate features from
+    # the training films', and whether it is past the threshold fitted on validation ("unlike the films
+    # this model was trained on"). None when the model folder has no familiarity model.
+    familiarity: float | None = None
+    unfamiliar: bool | None = None
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.class_names, self.probabilities, strict=True))
