@@ -64,6 +64,8 @@ class ModelCard:
     version: str = "1"
     intended_use: str = RESEARCH_USE
     limitations: list[str] = field(default_factory=list)
+    # The familiarity check (cxr_core.familiarity): file, sha256 (filled by save, checked by load), threshold...
+    familiarity: dict[str, Any] = field(default_factory=dict)
     card_sha256: str = ""  # sha256 of every other field (see content_sha256), written by save()
 
     def __post_init__(self) -> None:
@@ -131,6 +133,11 @@ def save(card: ModelCard, folder: str | Path) -> Path:
     if not weights.is_file():
         raise ModelCardError(f"cannot write a card for {folder}: weights file {card.weights_file} is missing")
     card.weights_sha256 = sha256_of(weights)
+    if card.familiarity:
+        fam = folder / str(card.familiarity.get("file", ""))
+        if not card.familiarity.get("file") or not fam.is_file():
+            raise ModelCardError(f"cannot write a card for {folder}: its familiarity file is missing")
+        card.familiarity = {**card.familiarity, "sha256": sha256_of(fam)}
     card.created = card.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     card.versions = card.versions or library_versions()
     # Hash what a reader will get back: the fields after a JSON round trip (tuples as lists, etc.).
@@ -189,4 +196,13 @@ def load(folder: str | Path) -> ModelCard:
             f"(sha256 {actual[:12]}... expected {card.weights_sha256[:12]}...). The file was changed "
             "or replaced; reinstall the model folder rather than using it."
         )
+    if card.familiarity:
+        name = str(card.familiarity.get("file", ""))
+        fam = folder / name
+        if Path(name).name != name or not fam.is_file():
+            raise ModelCardError(f"model '{card.name}': its familiarity file {name!r} is missing from the model "
+                                 "folder. Reinstall the model folder.")
+        if sha256_of(fam) != card.familiarity.get("sha256"):
+            raise ModelCardError(f"model '{card.name}': the familiarity file does not match its model card (it was "
+                                 "changed or replaced). Reinstall the model folder rather than using it.")
     return card

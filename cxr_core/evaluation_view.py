@@ -78,11 +78,11 @@ def labelled(predictions: pd.DataFrame, class_names: Sequence[str],
 
 
 def splits(predictions: pd.DataFrame) -> list[str]:
-    """Splits present in predictions, held-out ones first (test, then val)."""
+    """Splits present in predictions, held-out ones first (test, the held-out sources' external split, then val)."""
     if "split" not in predictions.columns:
         return []
     present = sorted(predictions["split"].dropna().astype(str).unique())
-    order = {"test": 0, "val": 1, "validation": 1}
+    order = {"test": 0, "external": 1, "val": 2, "validation": 2}
     return sorted(present, key=lambda s: (order.get(s, 2), s))
 
 
@@ -184,3 +184,40 @@ def per_source(predictions: pd.DataFrame, class_names: Sequence[str], split: str
         result = metrics.evaluate(y[idx], probs[idx], class_names)
         out.append({"source": source, "n": result["n"], "accuracy": result["accuracy"], "auc": result["auc"]})
     return pd.DataFrame(out).set_index("source") if out else pd.DataFrame()
+
+
+SPLIT_ORDER = ("test", "external", "val", "train")
+
+
+def split_comparison(metrics_json: dict[str, Any]) -> pd.DataFrame:
+    """One row per split of a training run (test, external, val, train) from ``metrics.json``'s ``by_split``.
+
+    Columns: images, accuracy and AUC (fractions), and the familiarity flag rate overall, among the films the
+    model got right and among those it got wrong. Empty for a model folder written before splits were recorded.
+    """
+    by_split = metrics_json.get("by_split") or {}
+    rows = []
+    for name in sorted(by_split, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 9, s)):
+        m = by_split[name]
+        fam = m.get("familiarity") or {}
+        rows.append({"split": name, "sources": ", ".join(sorted(m.get("by_source") or {})), "images": m.get("n"),
+                     "accuracy": m.get("accuracy"), "AUC": m.get("auc"), "unfamiliar": fam.get("rate"),
+                     "unfamiliar when right": fam.get("right_rate"), "unfamiliar when wrong": fam.get("wrong_rate")})
+    return pd.DataFrame(rows).set_index("split") if rows else pd.DataFrame()
+
+
+def per_source_per_class(metrics_json: dict[str, Any]) -> pd.DataFrame:
+    """Rows (split, source, class): images, accuracy (= sensitivity: share of the class's films called that
+    class), one-vs-rest AUC where the source has films of the class and of others, and what the films were called."""
+    by_split = metrics_json.get("by_split") or {}
+    rows = []
+    for name in sorted(by_split, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 9, s)):
+        fam = ((by_split[name].get("familiarity") or {}).get("by_group")) or {}
+        for source, m in sorted((by_split[name].get("by_source") or {}).items()):
+            for cls, c in (m.get("per_class") or {}).items():
+                called = c.get("called") or {}
+                rows.append({"split": name, "source": source, "class": cls, "images": c.get("n"),
+                             "accuracy": c.get("accuracy"), "AUC": c.get("auc"),
+                             "called": ", ".join(f"{k} {v}" for k, v in called.items() if v),
+                             "source unfamiliar": (fam.get(source) or {}).get("rate")})
+    return pd.DataFrame(rows).set_index(["split", "source", "class"]) if rows else pd.DataFrame()

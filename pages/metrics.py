@@ -133,6 +133,31 @@ def evaluation_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: st
     per_source_ui(predictions, list(card.class_names), split, key)
 
 
+PERCENT_COLUMNS = ("accuracy", "AUC", "unfamiliar", "unfamiliar when right", "unfamiliar when wrong",
+                   "source unfamiliar")
+
+
+def splits_ui(metrics_json: dict) -> None:
+    comparison = ev.split_comparison(metrics_json)
+    if comparison.empty:
+        return
+    st.subheader("Splits side by side")
+    st.caption("test: held-out patients of the training sources; external: whole sources kept out of training "
+               "(the better guide to other hospitals); val: used to choose the epoch, thresholds, temperature and "
+               "the familiarity threshold; train: what the model learned from. 'Unfamiliar' is the share of films "
+               "the familiarity check flags as unlike the training films: a useful check flags far more of the "
+               "films the model gets wrong than of those it gets right.")
+    percent = {c: "{:.1%}" for c in PERCENT_COLUMNS if c in comparison.columns and c != "AUC"}
+    st.dataframe(comparison.style.format({**percent, "AUC": "{:.3f}"}, na_rep="n/a"), key="split_comparison")
+    detail = ev.per_source_per_class(metrics_json)
+    if not detail.empty:
+        st.subheader("Per split, source and class")
+        st.caption("accuracy: the share of that class's films called that class (its sensitivity); AUC: that class "
+                   "against the others within the source, where the source has both.")
+        percent = {c: "{:.1%}" for c in PERCENT_COLUMNS if c in detail.columns and c != "AUC"}
+        st.dataframe(detail.style.format({**percent, "AUC": "{:.3f}"}, na_rep="n/a"), key="per_source_per_class")
+
+
 def history_ui(history: pd.DataFrame) -> None:
     st.subheader("Training curves")
     x = "epoch" if "epoch" in history.columns else None
@@ -163,6 +188,8 @@ def held_out_ui(folder: Path, card: card_lib.ModelCard) -> None:
     if found.missing:
         st.info("Some evaluation files are missing from this model folder, so parts of this page are empty:\n\n"
                 + "\n".join(f"- {m}" for m in found.missing))
+    if found.metrics:
+        splits_ui(found.metrics)
     if found.predictions is not None:
         splits = ev.splits(found.predictions)
         split = st.selectbox("Split", splits, key="held_out_split") if splits else None

@@ -189,3 +189,44 @@ def test_folder_with_a_class_folder_linked_out_of_the_root_is_refused(setup, mon
         assert not at.success
     finally:
         link.unlink()
+
+
+def test_external_split_and_per_source_class_tables(setup, tmp_path, monkeypatch):
+    """A run with a held-out source: the page sets its split beside the test split, per source and class."""
+    from cxr_core import card as card_lib
+    from cxr_core import familiarity
+    from training import evaluate
+
+    _, _, folder, predictions = setup
+    models_root = tmp_path / "models"
+    copy = models_root / folder.name
+    shutil.copytree(folder, copy)
+    card = card_lib.read(copy)
+    y, probs = labels_probs(predictions)
+    half = len(y) // 2
+    rng = np.random.default_rng(0)
+    fam = familiarity.Familiarity(np.zeros((1, 4)), np.eye(4)[:, :2], np.ones(2), 1.0, threshold=1.2)
+    by_split = {}
+    for name, idx, source in (("test", slice(0, half), "kermany"), ("external", slice(half, None), "elsewhere")):
+        sources = [source] * len(y[idx])
+        m = evaluate.score(card, y[idx], probs[idx], sources)
+        distances = fam.distance(rng.normal(size=(len(y[idx]), 4)) * (1.0 if name == "test" else 2.0))
+        m["familiarity"] = evaluate.familiarity_rates(card, y[idx], probs[idx], distances, fam, sources)
+        by_split[name] = m
+    metrics_json = json.loads((copy / "metrics.json").read_text())
+    metrics_json["by_split"] = by_split
+    (copy / "metrics.json").write_text(json.dumps(metrics_json))
+    at = run_page(monkeypatch, models_root)
+    assert not at.exception
+    comparison = [d.value for d in at.dataframe if "unfamiliar when wrong" in d.value.columns][0]
+    assert list(comparison.index) == ["test", "external"]
+    for name in ("test", "external"):
+        assert comparison.loc[name, "images"] == by_split[name]["n"]
+        assert comparison.loc[name, "accuracy"] == pytest.approx(by_split[name]["accuracy"])
+        assert comparison.loc[name, "unfamiliar"] == pytest.approx(by_split[name]["familiarity"]["rate"])
+    assert comparison.loc["external", "sources"] == "elsewhere"
+    detail = [d.value for d in at.dataframe if "called" in d.value.columns][0]
+    row = detail.loc[("external", "elsewhere", "PNEUMONIA")]
+    ext = by_split["external"]["by_source"]["elsewhere"]["per_class"]["PNEUMONIA"]
+    assert row["images"] == ext["n"] and row["accuracy"] == pytest.approx(ext["accuracy"])
+    assert row["called"] == ", ".join(f"{k} {v}" for k, v in ext["called"].items() if v)

@@ -100,7 +100,7 @@ def test_train_writes_a_complete_model_folder(first_run):
     preds = pd.read_csv(out / "predictions.csv")
     test = preds[preds["split"] == "test"]
     assert len(test) == n_test and list(preds.columns) == ["path", "source", "true_class", "p_NORMAL", "p_PNEUMONIA",
-                                                     "predicted_class", "split"]
+                                                     "predicted_class", "split", "familiarity", "unfamiliar"]
     # The threshold was fitted on the validation rows, not the test rows.
     val = preds[preds["split"] == "val"]
     expected = metrics.threshold_for_sensitivity((val["true_class"] == "PNEUMONIA").to_numpy(int),
@@ -319,3 +319,144 @@ def test_tensorflow_mirrored_strategy_trains(work, tmp_path):
     recipe = card_lib.load(out).recipe
     assert recipe["distribution"] == "tf.distribute.MirroredStrategy over 1 replica(s)"
     assert len(pd.read_csv(out / "history.csv")) == 1
+
+
+@pytest.fixture(scope="module")
+def holdout_run(work) -> tuple[Path, str]:
+    """Two sources, one held out; the held-out one also holds a re-encoded copy of a training film."""
+    other = work / "other"
+    _link(COVID_SET / "Normal", other / "Normal", 12)
+    _link(COVID_SET / "Viral Pneumonia", other / "Viral Pneumonia", 12)
+    _link(COVID_SET / "Covid", other / "Covid", 3)
+    original = sorted((KERMANY / "NORMAL").iterdir())[0]  # among the first 30 linked into work/cxr
+    from PIL import Image
+
+    Image.open(original).convert("L").resize((300, 300)).save(other / "Normal" / "copy-of-a-kermany-film.jpeg",
+                                                              quality=75)
+    out = work / "runs" / "tiny-holdout"
+    result = _cli("train", str(work / "cxr"), str(other), *SMOKE, "--epochs", "1", "--out", str(out),
+                  "--cache-dir", str(work / "cache"), "--holdout-source", "other", "--map", "Normal=NORMAL",
+                  "--map", "Viral Pneumonia=PNEUMONIA", "--map", "Covid=", "--class-weights", "source-class")
+    return out, result.stdout
+
+
+def test_holdout_source_is_scored_as_the_external_split(holdout_run, work):
+    out, stdout = holdout_run
+    split = pd.read_csv(out / "split.csv")
+    other = split[split["source"] == "other"]
+    # Every film of the held-out source is external (never train or val), except the near-copy of a training
+    # film, which is dropped in favour of the original (whose name carries its patient).
+    assert set(other["split"]) == {"external", "duplicate"}
+    copy = other[other["path"] == "Normal/copy-of-a-kermany-film.jpeg"].iloc[0]
+    assert copy["split"] == "duplicate" and copy["duplicate_kind"] == "near"
+    assert copy["duplicate_of"].startswith("cxr/NORMAL/")
+    assert (split[split["source"] == "cxr"]["split"] != "external").all()
+    assert "near-duplicates (thumbnail correlation >= 0.99): dropped 1 films; other (copy of cxr): 1" in stdout
+
+    m = json.loads((out / "metrics.json").read_text())
+    external = m["external"]
+    test_keys = {k for k in m if k not in ("external", "by_split", "split", "skipped", "unmapped_folders")}
+    assert test_keys <= set(external) and external["split"] == "external" and external["sources"] == ["other"]
+    # 24 films linked; the data itself holds one byte-identical pair among them (Viral Pneumonia 019/020).
+    n_ext = int((other["split"] == "external").sum())
+    assert n_ext == 23 and external["n"] == n_ext and np.sum(external["confusion_matrix"]) == n_ext
+    assert set(m["by_split"]) == {"train", "val", "test", "external"}
+    per = m["by_split"]["external"]["by_source"]["other"]["per_class"]
+    assert per["NORMAL"]["n"] == 12 and per["PNEUMONIA"]["n"] == 11
+    assert per["NORMAL"]["called"]["NORMAL"] + per["NORMAL"]["called"]["PNEUMONIA"] == 12
+    assert per["PNEUMONIA"]["auc"] is not None and 0 <= per["PNEUMONIA"]["auc"] <= 1
+    for name in ("train", "val", "test", "external"):
+        fam = m["by_split"][name]["familiarity"]
+        assert fam["right"] + fam["wrong"] == fam["n"] == m["by_split"][name]["n"]
+
+    preds = pd.read_csv(out / "predictions.csv")
+    ext = preds[preds["split"] == "external"]
+    assert len(ext) == n_ext and set(ext["source"]) == {"other"}
+    card = card_lib.load(out)
+    assert card.metrics["external"]["n"] == n_ext and card.metrics["external"]["sources"] == ["other"]
+    # The familiarity threshold is the validation percentile; the flags in predictions.csv follow it.
+    val = preds[preds["split"] == "val"]
+    assert card.familiarity["threshold"] == pytest.approx(np.percentile(val["familiarity"], 99.0), rel=1e-6)
+    assert (preds["unfamiliar"] == (preds["familiarity"] > card.familiarity["threshold"])).all()
+    assert card.familiarity["sha256"] == card_lib.sha256_of(out / "familiarity.npz")
+    assert set(card.recipe["augmentation"]) >= {"rotation", "zoom", "gamma", "blur", "sharpen", "noise"}
+
+
+def test_holdout_source_must_name_a_source(work, tmp_path):
+    config = TrainConfig(data=[str(work / "cxr")], out=str(tmp_path / "x"), architecture="tiny", input_size=32,
+                         epochs=1, holdout_source="nowhere", cache_dir=str(work / "cache"))
+    with pytest.raises(ValueError, match=r"--holdout-source nowhere: no such source; the sources are \['cxr'\]"):
+        run(config, log=lambda _: None)
+
+
+def _split(sources: list[str], labels: list[int]) -> dataset.Split:
+    from training import data
+
+    records = [data.Record(Path(f"/{i}"), f"{i}", s, str(y)) for i, (s, y) in enumerate(zip(sources, labels,
+                                                                                            strict=True))]
+    return dataset.Split(records, np.zeros((len(labels), 2, 2), np.uint8), np.array(labels))
+
+
+def test_source_class_weights_give_every_cell_the_same_total():
+    # A big pediatric source (90 normal, 300 pneumonia) and a small adult one (30, 20).
+    split = _split(["kids"] * 390 + ["adults"] * 50, [0] * 90 + [1] * 300 + [0] * 30 + [1] * 20)
+    w = dataset.sample_weights(split, 2, "source-class")
+    assert w.mean() == pytest.approx(1.0)
+    totals = [w[:90].sum(), w[90:390].sum(), w[390:420].sum(), w[420:].sum()]
+    np.testing.assert_allclose(totals, [110.0] * 4, rtol=1e-6)
+    # Class balance alone leaves the adults' 50 films under a sixth of the weight; per cell they get half.
+    balanced = dataset.sample_weights(split, 2, "balanced")
+    assert balanced[390:].sum() / balanced.sum() < 0.16
+    assert w[390:].sum() / w.sum() == pytest.approx(0.5)
+    # A cell of two films is capped instead of being repeated into overfitting.
+    tiny = _split(["a"] * 998 + ["b"] * 2, [0] * 500 + [1] * 498 + [1] * 2)
+    wt = dataset.sample_weights(tiny, 2, "source-class")
+    assert wt[-1] / wt[0] == pytest.approx(dataset.MAX_CELL_WEIGHT / (1000 / (3 * 500)), rel=1e-6)
+    assert dataset.sample_weights(split, 2, "none") is None
+
+
+def test_acquisition_augmentations_do_what_they_say():
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.uniform(0, 255, (8, 32, 32, 1)), 3, axis=-1).astype(np.float32)
+    gamma = build.RandomGamma(0.5, seed=1)
+    y = np.asarray(gamma(x, training=True))
+    # Each image is one power law of the input: log(y/255) / log(x/255) is one gamma per image, within bounds.
+    ratio = np.log(np.clip(y / 255, 1e-6, 1)) / np.log(np.clip(x / 255, 1e-6, 1 - 1e-6))
+    per_image = ratio.reshape(8, -1)
+    mid = (x.reshape(8, -1) > 20) & (x.reshape(8, -1) < 235)
+    g = np.array([np.median(r[m]) for r, m in zip(per_image, mid, strict=True)])
+    assert np.allclose([np.ptp(r[m]) for r, m in zip(per_image, mid, strict=True)], 0, atol=1e-3)
+    assert (g >= 1 / 1.5 - 1e-4).all() and (g <= 1.5 + 1e-4).all() and np.ptp(g) > 0.05
+    np.testing.assert_array_equal(np.asarray(gamma(x, training=False)), x)
+
+    noise = build.RandomNoise(5.0, seed=2)
+    n = np.asarray(noise(np.full((4, 64, 64, 3), 128.0, np.float32), training=True))
+    assert np.std(n - 128.0) == pytest.approx(5.0, rel=0.05)
+    assert np.asarray(noise(np.zeros((1, 16, 16, 3), np.float32), training=True)).min() == 0.0  # clipped
+    np.testing.assert_array_equal(np.asarray(noise(x, training=False)), x)
+
+    config = TrainConfig(data=[], rotation=0, zoom=0, shift=0, contrast=0, brightness=0, blur=0, gamma=0, noise=0,
+                         sharpen=0.9)
+    sharpen = build.augmentation(config)
+    assert [layer.name for layer in sharpen.layers] == ["random_sharpness"]
+    smooth = np.tile(np.linspace(0, 255, 32, dtype=np.float32), (32, 1))
+    step = np.where(smooth > 127, 200.0, 50.0).astype(np.float32)
+    batch = np.repeat(step[None, :, :, None], 3, axis=-1).repeat(8, axis=0)
+    sharp = np.asarray(sharpen(batch, training=True))
+
+    def edge_energy(a: np.ndarray) -> float:
+        return float(np.abs(np.diff(a[..., 0], axis=2)).sum())
+
+    assert edge_energy(sharp) > edge_energy(batch)  # sharpening raises the edge contrast
+
+    off = TrainConfig(data=[], gamma=0, noise=0, sharpen=0)
+    assert {"gamma", "noise", "sharpen"}.isdisjoint(build.describe_augmentation(off))
+    assert build.describe_augmentation(TrainConfig(data=[], augment=False)) == {}
+
+
+def test_batchnorm_trains_when_continuing_our_model_if_asked():
+    model = models.build("tiny", 2, 32)
+    build.set_phase(model, "fine-tune", "all", pretrained=True, freeze_batchnorm=False)
+    assert {la.name for la in model.layers if la.trainable and la.weights} >= {"tiny_bn0", "tiny_bn1"}
+    build.set_phase(model, "fine-tune", "all", pretrained=True)
+    assert not {la.name for la in model.layers if la.trainable and la.weights} & {"tiny_bn0", "tiny_bn1"}

@@ -21,10 +21,17 @@ HELP = {
     "input_size": "model input in pixels", "weights": "none | imagenet | PATH.h5 | MODEL_DIR (fine-tune one of ours)",
     "epochs": "total epochs, frozen phase included", "freeze_epochs": "epochs with the backbone frozen (pretrained)",
     "unfreeze": "all | top:K layers | top:0.3 of them, for the fine-tune phase",
-    "fine_tune_lr": "learning rate after unfreezing", "weight_decay": "AdamW only",
+    "fine_tune_lr": "learning rate after unfreezing",
+    "freeze_batchnorm": "from pretrained weights keep BatchNorm in inference mode (false: it trains when fine-tuning)",
+    "weight_decay": "AdamW only",
     "patience": "EarlyStopping patience (val_loss)", "lr_patience": "ReduceLROnPlateau patience (factor 0.2)",
     "augment": "random augmentation while training", "flip": "none | horizontal (mirrors the heart: off by default)",
     "rotation": "fraction of a full turn", "blur": "RandomGaussianBlur factor (0 = off)",
+    "sharpen": "RandomSharpness factor (0 = off)", "gamma": "gamma in [1/(1+g), 1+g], log-uniform (0 = off)",
+    "noise": "std of additive Gaussian noise, 0..255 units (0 = off)",
+    "holdout_source": "source name(s), comma-separated, kept out of train/val and scored as the 'external' split",
+    "near_duplicate_threshold": "thumbnail correlation at which two films count as one (training.hygiene)",
+    "familiarity_percentile": "validation percentile of the familiarity distance used as the flag threshold",
     "max_per_class": "at most N images per source and class (smoke runs)",
     "split_manifest": "reuse this split.csv instead of splitting", "cache_dir": "pixel cache; 'none' disables it",
     "target_sensitivity": "validation sensitivity the thresholds aim for",
@@ -35,7 +42,7 @@ HELP = {
     "note": "free text kept in the card's recipe (how and where the run was made, what to do next)",
 }
 CHOICES = {"architecture": ("densenet169", "densenet121", "resnet50", "vgg16", "inceptionv3", "tiny"),
-           "optimizer": ("adam", "adamw", "adamax"), "class_weights": ("balanced", "none"),
+           "optimizer": ("adam", "adamw", "adamax"), "class_weights": ("balanced", "source-class", "none"),
            "flip": ("none", "horizontal"), "threshold_rule": ("sensitivity", "argmax"),
            "mixed_precision": ("auto", "off", "float16", "bfloat16")}
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from cxr_core import card as card_lib
 from cxr_core import models
@@ -50,10 +51,14 @@ def build_model(config: TrainConfig, class_names: Sequence[str]) -> tuple[keras.
     return model, copied
 
 
-def set_phase(model: keras.Model, phase: str, unfreeze: str = "all", pretrained: bool = True) -> None:
+def set_phase(model: keras.Model, phase: str, unfreeze: str = "all", pretrained: bool = True,
+              freeze_batchnorm: bool = True) -> None:
     """Set which layers train. ``phase``: "scratch" (all), "frozen" (head only), "fine-tune" (per ``unfreeze``).
 
-    From pretrained weights BatchNorm stays frozen (so in inference mode) in every phase.
+    From pretrained weights BatchNorm stays frozen (so in inference mode) in every phase, unless
+    ``freeze_batchnorm`` is False: then every BatchNorm layer trains in the fine-tune phase (for
+    continuing one of our own chest X-ray models at a new input size or on new sources, whose
+    feature statistics move; ImageNet features should keep them frozen).
     """
     weighted = [layer for layer in model.layers if layer.weights and layer.name not in HEAD]
     model.trainable = True
@@ -72,11 +77,74 @@ def set_phase(model: keras.Model, phase: str, unfreeze: str = "all", pretrained:
     if pretrained:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
+                layer.trainable = phase == "fine-tune" and not freeze_batchnorm
+
+
+class RandomGamma(keras.layers.Layer):
+    """Per-image gamma on 0..255 images: ``255 * (x / 255) ** g``, g log-uniform in [1/(1+factor), 1+factor].
+
+    Detectors and their processing differ in their response curve; gamma < 1 brightens the
+    mid-tones (lungs look denser), gamma > 1 darkens them. Identity when not training.
+    """
+
+    def __init__(self, factor: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if factor < 0:
+            raise ValueError(f"gamma factor must be >= 0, got {factor}")
+        self.factor = float(factor)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training or not self.factor:
+            return images
+        bound = float(np.log1p(self.factor))
+        batch = keras.ops.shape(images)[0]
+        log_gamma = keras.random.uniform((batch, 1, 1, 1), -bound, bound, seed=self.generator)
+        x = keras.ops.clip(images / 255.0, 1e-6, 1.0)
+        return keras.ops.power(x, keras.ops.exp(log_gamma)) * 255.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor, "seed": self.seed}
+
+
+class RandomNoise(keras.layers.Layer):
+    """Additive Gaussian noise of standard deviation ``stddev`` (0..255 units), clipped to 0..255; training only.
+
+    Stands in for the quantum and electronic noise of other detectors and doses.
+    """
+
+    def __init__(self, stddev: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if stddev < 0:
+            raise ValueError(f"noise stddev must be >= 0, got {stddev}")
+        self.stddev = float(stddev)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training or not self.stddev:
+            return images
+        noise = keras.random.normal(keras.ops.shape(images), stddev=self.stddev, seed=self.generator)
+        return keras.ops.clip(images + noise, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "stddev": self.stddev, "seed": self.seed}
 
 
 def augmentation(config: TrainConfig) -> keras.Sequential:
-    """Random flips/rotation/zoom/shift/contrast/brightness/blur on 0..255 images; identity at inference."""
+    """Random acquisition shift on 0..255 images; identity at inference.
+
+    Geometry (positioning, field of view): flip (off by default), rotation, zoom (a random
+    resized crop when zooming in), shift. Exposure and processing: contrast, brightness, gamma.
+    Resolution and detector: blur, sharpening, noise. Each is off at 0.
+    """
     layers: list[keras.layers.Layer] = []
     seed = config.seed
     if config.flip == "horizontal":
@@ -94,7 +162,36 @@ def augmentation(config: TrainConfig) -> keras.Sequential:
     if config.blur:
         layers.append(keras.layers.RandomGaussianBlur(config.blur, kernel_size=3, sigma=1.0,
                                                       value_range=(0, 255), seed=seed + 6))
+    if config.gamma:
+        layers.append(RandomGamma(config.gamma, seed=seed + 7, name="random_gamma"))
+    if config.sharpen:
+        layers.append(keras.layers.RandomSharpness(config.sharpen, value_range=(0, 255), seed=seed + 8))
+    if config.noise:
+        layers.append(RandomNoise(config.noise, seed=seed + 9, name="random_noise"))
     return keras.Sequential(layers, name="augmentation")
+
+
+def describe_augmentation(config: TrainConfig) -> dict[str, str]:
+    """What each augmentation does in this run, for the card's recipe (empty when augmentation is off)."""
+    if not config.augment:
+        return {}
+    c = config
+    text = {
+        "flip": "none: the heart stays on its side" if c.flip == "none" else "random horizontal mirror",
+        "rotation": f"uniform within +-{c.rotation * 360:.0f} degrees (patient positioning)",
+        "zoom": f"uniform zoom in or out by up to {c.zoom:.0%}; zooming in is a random resized crop (field of view)",
+        "shift": f"uniform translation by up to {c.shift:.0%} of each side (collimation, centring)",
+        "contrast": f"contrast factor uniform in [{1 - c.contrast:.2f}, {1 + c.contrast:.2f}] (exposure, processing)",
+        "brightness": f"brightness shift uniform within +-{c.brightness:.0%} of full range (exposure)",
+        "gamma": f"gamma log-uniform in [{1 / (1 + c.gamma):.2f}, {1 + c.gamma:.2f}] (detector response curve)",
+        "blur": f"Gaussian blur, 3x3, sigma 1, factor {c.blur} (lower resolution, motion)",
+        "sharpen": f"sharpening factor up to {c.sharpen} (edge enhancement of other vendors)",
+        "noise": f"additive Gaussian noise, std {c.noise} of 255 (detector and dose noise)",
+    }
+    active = {"flip": c.flip != "none", "rotation": c.rotation, "zoom": c.zoom, "shift": c.shift,
+              "contrast": c.contrast, "brightness": c.brightness, "gamma": c.gamma, "blur": c.blur,
+              "sharpen": c.sharpen, "noise": c.noise}
+    return {k: v for k, v in text.items() if active[k]}
 
 
 def training_model(model: keras.Model, config: TrainConfig) -> keras.Model:

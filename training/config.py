@@ -24,29 +24,38 @@ class TrainConfig:
     # optimisation
     epochs: int = 20  # total, including the frozen phase
     freeze_epochs: int = 3  # epochs with the backbone frozen; only when starting from pretrained weights
+    freeze_batchnorm: bool = True  # from pretrained weights: keep BatchNorm in inference mode (off: it trains)
     unfreeze: str = "all"  # all | top:K (last K weighted layers) | top:0.3 (a fraction of them)
     batch_size: int = 32
     optimizer: str = "adamax"  # adam | adamw | adamax
     lr: float = 1e-3
     fine_tune_lr: float = 1e-4
     weight_decay: float = 1e-4  # AdamW only
-    class_weights: str = "balanced"  # balanced | none
+    # balanced: each class weighs the same; source-class: each (source, class) cell weighs the same
+    # (so a small adult collection is not drowned by a large pediatric one); none
+    class_weights: str = "balanced"
     patience: int = 5  # EarlyStopping on val_loss, per phase
     lr_patience: int = 2  # ReduceLROnPlateau on val_loss (factor 0.2)
     # augmentation (training only)
     augment: bool = True
     flip: str = "none"  # none | horizontal (mirrors the heart's side: off by default)
     rotation: float = 0.03  # fraction of a full turn (0.03 = about 11 degrees)
-    zoom: float = 0.1
+    zoom: float = 0.15  # up to 15 % in or out: a random resized crop when zooming in
     shift: float = 0.05
-    contrast: float = 0.1
+    contrast: float = 0.2
     brightness: float = 0.1
     blur: float = 0.2  # probability-like strength of Gaussian blur (keras RandomGaussianBlur factor)
+    sharpen: float = 0.2  # strength of random sharpening (keras RandomSharpness factor; 0 = off)
+    gamma: float = 0.25  # gamma drawn log-uniformly in [1/(1+g), 1+g] (detector response curves; 0 = off)
+    noise: float = 2.0  # std of additive Gaussian noise in 0..255 units (quantum noise of other detectors; 0 = off)
     # data
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 42
     max_per_class: int = 0  # >0: use at most this many images per (source, class), for smoke runs
     split_manifest: str = ""  # reuse an earlier split.csv instead of splitting
+    holdout_source: str = ""  # comma-separated source names kept out of train/val, scored as the external split
+    near_duplicate_threshold: float = 0.99  # thumbnail correlation at which two films are one (training.hygiene)
+    familiarity_percentile: float = 99.0  # validation percentile of the familiarity distance used as its threshold
     cache_dir: str = ""  # default ~/.cache/cxr_toolkit (or $CXR_CACHE_DIR); "none" disables the cache
     # decision rule, fitted on the validation split
     target_sensitivity: float = 0.95
@@ -62,8 +71,14 @@ class TrainConfig:
         self.split = tuple(float(f) for f in self.split)  # type: ignore[assignment]
         if self.optimizer not in ("adam", "adamw", "adamax"):
             raise ValueError(f"optimizer must be adam, adamw or adamax, got {self.optimizer!r}")
-        if self.class_weights not in ("balanced", "none"):
-            raise ValueError(f"class_weights must be balanced or none, got {self.class_weights!r}")
+        if self.class_weights not in ("balanced", "source-class", "none"):
+            raise ValueError(f"class_weights must be balanced, source-class or none, got {self.class_weights!r}")
+        if not 0 < self.near_duplicate_threshold <= 1:
+            raise ValueError(f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold!r}")
+        if not 50 <= self.familiarity_percentile < 100:
+            raise ValueError(f"familiarity_percentile must be in [50, 100), got {self.familiarity_percentile!r}")
+        if min(self.sharpen, self.gamma, self.noise) < 0:
+            raise ValueError("sharpen, gamma and noise must be >= 0")
         if self.flip not in ("none", "horizontal"):
             raise ValueError(f"flip must be none or horizontal, got {self.flip!r}")
         if self.threshold_rule not in ("sensitivity", "argmax"):
@@ -74,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"unfreeze must be all or top:K, got {self.unfreeze!r}")
         if self.epochs < 0 or self.freeze_epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs and freeze_epochs must be >= 0 and batch_size >= 1")
+
+    @property
+    def holdout_sources(self) -> list[str]:
+        return [s.strip() for s in self.holdout_source.split(",") if s.strip()]
 
     @property
     def pretrained(self) -> bool:

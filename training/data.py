@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+EXTERNAL = "external"  # a whole source kept out of train and val (--holdout-source), scored on its own
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test"}
-# Kermany names: person1234_bacteria_5678.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0383-0001.jpeg.
-_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.IGNORECASE), re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+"))
-MANIFEST_FIELDS = ("path", "source", "class", "split", "patient", "sha256", "duplicate_of")
+# Kermany names: person1234_bacteria_5678.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0383-0001.jpeg;
+# NIH ChestX-ray14 image ids: 00001280_004.jpeg (the first 8 digits are the patient).
+_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.IGNORECASE), re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+"),
+                     re.compile(r"^(\d{8})_\d{3}$"))
+MANIFEST_FIELDS = ("path", "source", "class", "split", "patient", "sha256", "duplicate_of", "duplicate_kind")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ class Record:
     split: str = ""
     patient: str = ""
     sha256: str = ""
-    duplicate_of: str = ""  # "source/rel" of the copy kept, when this file is a byte-identical duplicate
+    duplicate_of: str = ""  # "source/rel" of the copy kept, when this file is a duplicate
+    duplicate_kind: str = ""  # "bytes" (identical file) or "near" (same film re-encoded; training.hygiene)
 
     @property
     def key(self) -> str:
@@ -88,7 +92,10 @@ def map_folder(folder: str, class_map: dict[str, str] | None, known: Iterable[st
 
 
 def patient_id(filename: str) -> str:
-    """The patient a Kermany file name encodes (``person1234``, ``IM-0115``, ``NORMAL2-IM-0383``), or ""."""
+    """The patient a file name encodes, or "".
+
+    Kermany: ``person1234``, ``IM-0115``, ``NORMAL2-IM-0383``; NIH ChestX-ray14: ``00001280``.
+    """
     stem = Path(filename).stem
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(stem)
@@ -143,7 +150,7 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-_KEEP_RANK = {"train": 0, "": 1, "val": 2, "test": 3}
+_KEEP_RANK = {"train": 0, "": 1, "val": 2, "test": 3, EXTERNAL: 4}
 
 
 def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
@@ -162,7 +169,7 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     for group in by_hash.values():
         group.sort(key=lambda r: (_KEEP_RANK[r.split], r.source, r.rel))
         kept.append(group[0])
-        dropped.extend(dataclasses.replace(r, duplicate_of=group[0].key) for r in group[1:])
+        dropped.extend(dataclasses.replace(r, duplicate_of=group[0].key, duplicate_kind="bytes") for r in group[1:])
     order = {r.key: i for i, r in enumerate(hashed)}
     return sorted(kept, key=lambda r: order[r.key]), sorted(dropped, key=lambda r: order[r.key])
 
@@ -218,9 +225,10 @@ def counts(records: Iterable[Record]) -> dict[str, dict[str, dict[str, int]]]:
 
 
 def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
-    """The split as CSV: path (relative to its source root), source, class, split, patient, sha256, duplicate_of.
+    """The split as CSV: path (relative to its source root), source, class, split, patient, sha256, duplicate_of,
+    duplicate_kind.
 
-    A removed duplicate has split "duplicate" and names the copy kept in duplicate_of.
+    A removed duplicate has split "duplicate", names the copy kept in duplicate_of and says "bytes" or "near".
     """
     path = Path(path)
     with path.open("w", newline="") as fh:
@@ -228,7 +236,8 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
         writer.writerow(MANIFEST_FIELDS)
         for r in records:
             split_name = "duplicate" if r.duplicate_of else r.split
-            writer.writerow([r.rel, r.source, r.label, split_name, r.patient, r.sha256, r.duplicate_of])
+            writer.writerow([r.rel, r.source, r.label, split_name, r.patient, r.sha256, r.duplicate_of,
+                             r.duplicate_kind])
     return path
 
 
@@ -247,5 +256,6 @@ def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]
                 raise ValueError(f"manifest {path} names source {row['source']!r}, which is not among {names}")
             records.append(Record(path=root_of[row["source"]] / row["path"], rel=row["path"], source=row["source"],
                                   label=row["class"], split=row["split"], patient=row["patient"],
-                                  sha256=row["sha256"], duplicate_of=row["duplicate_of"]))
+                                  sha256=row["sha256"], duplicate_of=row["duplicate_of"],
+                                  duplicate_kind=row.get("duplicate_kind") or ("bytes" if row["duplicate_of"] else "")))
     return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import numpy as np
 
 from cxr_core import card as card_lib
 from cxr_core import preprocess
-from training import cache, data
+from training import cache, data, hygiene
 from training.config import TrainConfig
 
 
@@ -36,6 +37,8 @@ class Prepared:
     skipped: list[dict[str, str]] = field(default_factory=list)
     duplicates: list[data.Record] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
+    holdout: list[str] = field(default_factory=list)  # sources scored as the external split
+    near_duplicates: dict[str, int] = field(default_factory=dict)  # "dropped source (copy of kept source)" -> n
 
     @property
     def sources(self) -> list[str]:
@@ -45,12 +48,17 @@ class Prepared:
         """The card's training_data: counts per source, split and class; what was removed."""
         kept = [r for s in self.splits.values() for r in s.records]
         cross = [d for d in self.duplicates if d.split and d.split != "train"]
+        near = [d for d in self.duplicates if d.duplicate_kind == "near"]
         return {
             "sources": data.counts(kept),
             "classes": self.classes,
             "images": {name: len(s.records) for name, s in self.splits.items()},
             "duplicates_removed": len(self.duplicates),
+            "byte_duplicates_removed": len(self.duplicates) - len(near),
+            "near_duplicates_removed": len(near),
+            "near_duplicates_by_source": self.near_duplicates,
             "held_out_duplicates_removed": len(cross),
+            "holdout_sources": self.holdout,
             "skipped_unreadable": len(self.skipped),
             "unmapped_folders": self.unmapped,
             "patient_level_split": True,
@@ -69,8 +77,30 @@ def _limit(records: list[data.Record], per_class: int, seed: int) -> list[data.R
     return chosen
 
 
+def _hold_out(records: list[data.Record], holdout: list[str], from_manifest: bool) -> list[data.Record]:
+    """Mark the records of the held-out sources as the external split (checked, not changed, for a manifest)."""
+    if not holdout:
+        return records
+    present = sorted({r.source for r in records})
+    unknown = [h for h in holdout if h not in present]
+    if unknown:
+        raise ValueError(f"--holdout-source {', '.join(unknown)}: no such source; the sources are {present}")
+    if len(set(present) - set(holdout)) < 1:
+        raise ValueError("--holdout-source names every source: nothing would be left to train on")
+    if from_manifest:
+        wrong = [r.key for r in records if (r.source in holdout) != (r.split == data.EXTERNAL)]
+        if wrong:
+            raise ValueError(f"the split manifest does not hold out {holdout} as the external split (e.g. {wrong[0]}); "
+                             "start a new run without --split-manifest")
+        return records
+    return [dataclasses.replace(r, split=data.EXTERNAL) if r.source in holdout else r for r in records]
+
+
 def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
-    """Scan, de-duplicate, decode (once, cached), split; write ``split.csv`` and ``skipped.csv`` into ``out``."""
+    """Scan, de-duplicate (bytes), hold sources out, decode (once, cached), drop near-copies, split.
+
+    Writes ``split.csv`` and ``skipped.csv`` into ``out``.
+    """
     cache_dir = None if config.cache_dir == "none" else Path(config.cache_dir or cache.DEFAULT_CACHE)
     manifest = Path(config.split_manifest) if config.split_manifest else None
     unmapped: list[str] = []
@@ -86,22 +116,42 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
         unmapped = found.unmapped
         for folder in unmapped:
             log(f"skipped folder {folder}: it maps to no class (add --map '{folder.split('/')[-1]}=CLASS')")
-        records, duplicates = data.deduplicate(_limit(found.records, config.max_per_class, config.seed))
-    if duplicates:
-        held_out = sum(1 for d in duplicates if d.split in ("val", "test"))
-        log(f"collapsed {len(duplicates)} byte-identical duplicate files ({held_out} removed from val/test)")
+        held = _hold_out(_limit(found.records, config.max_per_class, config.seed), config.holdout_sources, False)
+        records, duplicates = data.deduplicate(held)
+    if manifest is not None:
+        records = _hold_out(records, config.holdout_sources, True)
+    if duplicates and manifest is None:
+        held_out = sum(1 for d in duplicates if d.split in ("val", "test", data.EXTERNAL))
+        log(f"collapsed {len(duplicates)} byte-identical duplicate files ({held_out} removed from val/test/external)")
     log(f"reading {len(records)} images at {config.input_size} px (decoded once, cached in {cache_dir})")
     decoded = cache.decode(records, config.input_size, cache_dir)
     for item in decoded.skipped:
         log(f"skipped unreadable file {item['path']}: {item['error']}")
-    pixels = {r.key: img for r, img in zip(decoded.records, decoded.images, strict=True)}
-    records = decoded.records if manifest is not None else data.split(decoded.records, config.split, config.seed)
-    classes = sorted({r.label for r in records})
+    near: dict[str, int] = {}
+    records = decoded.records
+    if manifest is None:
+        kept_idx, dropped = hygiene.collapse(records, decoded.images, config.near_duplicate_threshold)
+        near = hygiene.summary(dropped, records)
+        log(f"near-duplicates (thumbnail correlation >= {config.near_duplicate_threshold}): dropped {len(dropped)} "
+            f"films" + "".join(f"; {k}: {v}" for k, v in near.items()))
+        images = decoded.images[kept_idx]
+        records = data.split([records[i] for i in kept_idx], config.split, config.seed)
+        duplicates = [*duplicates, *dropped]
+    else:
+        images = decoded.images
+        near = hygiene.summary([d for d in duplicates if d.duplicate_kind == "near"], [*records, *duplicates])
+    pixels = {r.key: img for r, img in zip(records, images, strict=True)}
+    classes = sorted({r.label for r in records if r.split != data.EXTERNAL})
     if len(classes) < 2:
         raise ValueError(f"need at least two classes to train, found {classes} in {config.data}")
     index = {c: i for i, c in enumerate(classes)}
+    strange = sorted({r.label for r in records} - set(classes))
+    if strange:
+        raise ValueError(f"the held-out sources have classes {strange} that no training source has: "
+                         "map or skip those folders (--map FOLDER=CLASS or FOLDER=)")
     splits = {}
-    for name in data.SPLITS:
+    holdout = config.holdout_sources
+    for name in (*data.SPLITS, *([data.EXTERNAL] if holdout else [])):
         recs = [r for r in records if r.split == name]
         size = config.input_size
         images = np.stack([pixels[r.key] for r in recs]) if recs else np.zeros((0, size, size), np.uint8)
@@ -115,7 +165,7 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
         writer = csv.DictWriter(fh, fieldnames=["path", "error"])
         writer.writeheader()
         writer.writerows(decoded.skipped)
-    return Prepared(classes, splits, decoded.skipped, duplicates, unmapped)
+    return Prepared(classes, splits, decoded.skipped, duplicates, unmapped, holdout, near)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -124,8 +174,36 @@ def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.where(count > 0, labels.size / (n_classes * np.maximum(count, 1)), 1.0)
 
 
+MAX_CELL_WEIGHT = 10.0  # a (source, class) cell of a few dozen films must not dominate the loss
+
+
+def sample_weights(split: Split, n_classes: int, mode: str) -> np.ndarray | None:
+    """Per-sample loss weights (N,) float32 with mean 1, or None for ``mode`` "none".
+
+    "balanced": n / (C * n_class) by class. "source-class": every (source, class) cell of the
+    split gets the same total weight, n / (K * n_cell) for K cells, capped at ``MAX_CELL_WEIGHT``
+    times the mean so that a tiny cell is not repeated into overfitting, then rescaled to mean 1.
+    """
+    if mode == "none":
+        return None
+    labels = split.labels
+    if mode == "balanced":
+        w = class_weights(labels, n_classes)[labels]
+    elif mode == "source-class":
+        cells = [(r.source, int(y)) for r, y in zip(split.records, labels, strict=True)]
+        count = Counter(cells)
+        w = np.array([len(cells) / (len(count) * count[c]) for c in cells], dtype=np.float64)
+        w = np.minimum(w, MAX_CELL_WEIGHT)
+    else:
+        raise ValueError(f"unknown weighting {mode!r}")
+    return (w / w.mean()).astype(np.float32) if len(w) else w.astype(np.float32)
+
+
 class Batches(keras.utils.PyDataset):
-    """Model-input batches (float32 (B, S, S, 3) in [0, 255], int labels, sample weights) from cached pixels."""
+    """Model-input batches (float32 (B, S, S, 3) in [0, 255], int labels, sample weights) from cached pixels.
+
+    ``weights``: per-sample loss weights (N,) aligned with the split (see ``sample_weights``), or None.
+    """
 
     def __init__(self, split: Split, batch_size: int, weights: np.ndarray | None = None,
                  shuffle: bool = False, seed: int = 0, **kwargs):
@@ -147,7 +225,7 @@ class Batches(keras.utils.PyDataset):
         y = self.split.labels[idx]
         if self.weights is None:
             return x, y
-        return x, y, self.weights[y].astype(np.float32)
+        return x, y, self.weights[idx].astype(np.float32)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

@@ -41,23 +41,59 @@ def score(card: ModelCard, y_true: np.ndarray, probs: np.ndarray, sources: Seque
     result["roc"] = metrics.roc_curves(y_true, probs, classes)
     result["decision_rule"] = {"thresholds": dict(card.thresholds), "negative_class": card.negative_class,
                                "temperature": card.temperature}
-    if sources is not None and len(set(sources)) > 1:
-        src = np.asarray(sources)
-        by_source = {}
-        for name in sorted(set(sources)):
-            m = src == name
-            sub = metrics.evaluate(y_true[m], probs[m], classes, decided[m])
-            per_class = {c: {"n": int((y_true[m] == i).sum()),
-                             "accuracy": sub["per_class"][c]["sensitivity"]} for i, c in enumerate(classes)
-                         if (y_true[m] == i).any()}
-            by_source[name] = {"n": sub["n"], "accuracy": sub["accuracy"], "auc": sub["auc"], "per_class": per_class}
-        result["by_source"] = by_source
+    if sources is not None and len(sources):
+        result["by_source"] = by_source(classes, y_true, probs, decided, sources)
     return result
 
 
+def by_source(classes: Sequence[str], y_true: np.ndarray, probs: np.ndarray, decided: np.ndarray,
+              sources: Sequence[str]) -> dict[str, Any]:
+    """Per source: n, accuracy, macro AUC, and per class present: n, accuracy (= sensitivity: the share of that
+    class's films called that class), AUC one-vs-rest (None unless the source has films of that class and others),
+    and how many of the class's films were called each class."""
+    src = np.asarray(sources)
+    out: dict[str, Any] = {}
+    for name in sorted(set(src.tolist())):
+        m = src == name
+        sub = metrics.evaluate(y_true[m], probs[m], classes, decided[m])
+        per_class = {}
+        for i, c in enumerate(classes):
+            mine = y_true[m] == i
+            if not mine.any():
+                continue
+            per_class[c] = {"n": int(mine.sum()), "accuracy": sub["per_class"][c]["sensitivity"],
+                            "sensitivity": sub["per_class"][c]["sensitivity"],
+                            "auc": sub["per_class"][c].get("auc"),
+                            "called": {d: int((decided[m][mine] == j).sum()) for j, d in enumerate(classes)}}
+        out[name] = {"n": sub["n"], "accuracy": sub["accuracy"], "auc": sub["auc"], "per_class": per_class}
+    return out
+
+
+def familiarity_rates(card: ModelCard, y_true: np.ndarray, probs: np.ndarray, distances: np.ndarray,
+                      model: Any, sources: Sequence[str]) -> dict[str, Any]:
+    """Familiarity flag rates of one split: overall, per source, and among the films the model got right and wrong.
+
+    A useful check flags far more of the wrong films than of the right ones (``wrong_rate`` vs ``right_rate``).
+    """
+    from cxr_core import familiarity
+
+    flags = model.flags(distances)
+    index = {c: i for i, c in enumerate(card.class_names)}
+    right = np.array([index[decide(card, p).decision] == y for p, y in zip(probs, y_true, strict=True)], dtype=bool)
+    out = familiarity.rates(flags, list(sources))
+    out["threshold"] = float(model.threshold)
+    out["distance_median"] = float(np.median(distances)) if len(distances) else None
+    out["right"], out["wrong"] = int(right.sum()), int((~right).sum())
+    out["right_rate"] = float(flags[right].mean()) if right.any() else None
+    out["wrong_rate"] = float(flags[~right].mean()) if (~right).any() else None
+    return out
+
+
 def predictions_frame(card: ModelCard, paths: Sequence[str], sources: Sequence[str], y_true: np.ndarray,
-                      probs: np.ndarray, split: str) -> pd.DataFrame:
-    """path, source, true_class, p_<CLASS> per class in card order, predicted_class (card's rule), split."""
+                      probs: np.ndarray, split: str,
+                      familiarity: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+    """path, source, true_class, p_<CLASS> per class in card order, predicted_class (card's rule), split;
+    and ``familiarity`` (distance) and ``unfamiliar`` (flag) when given."""
     classes = list(card.class_names)
     frame = pd.DataFrame({"path": list(paths), "source": list(sources),
                           "true_class": [classes[i] for i in y_true]})
@@ -65,6 +101,8 @@ def predictions_frame(card: ModelCard, paths: Sequence[str], sources: Sequence[s
         frame[f"p_{c}"] = probs[:, i] if len(probs) else []
     frame["predicted_class"] = [decide(card, p).decision for p in probs]
     frame["split"] = split
+    if familiarity is not None:
+        frame["familiarity"], frame["unfamiliar"] = familiarity[0], familiarity[1]
     return frame
 
 

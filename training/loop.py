@@ -169,7 +169,8 @@ class Loop:
             continuing = s["phase"] == phase and s["epoch"] > 0
             if not continuing:
                 s["phase"], s["callbacks"], s["lr"] = phase, None, lr
-            build.set_phase(self.model, phase, self.config.unfreeze, self.config.pretrained)
+            build.set_phase(self.model, phase, self.config.unfreeze, self.config.pretrained,
+                            self.config.freeze_batchnorm)
             build.compile_for(self.train_model, self.config, s["lr"])
             if continuing:
                 self._restore_optimizer()

@@ -18,17 +18,20 @@ import numpy as np
 import pandas as pd
 
 from cxr_core import card as card_lib
-from cxr_core import metrics, models
-from training import build, dataset, evaluate, hardware
+from cxr_core import familiarity, metrics, models
+from training import build, data, dataset, evaluate, hardware
 from training.config import TrainConfig
 from training.loop import Loop
 
 
-def _logits(model: keras.Model, split: dataset.Split, batch_size: int) -> np.ndarray:
-    n_classes = model.output_shape[-1]
+def _outputs(model: keras.Model, split: dataset.Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits float64 (N, C) and pooled penultimate features float32 (N, D) of a split, in one pass."""
+    pooled = model.get_layer("avg_pool").output
+    both = keras.Model(model.inputs, [model.output, pooled], name="logits_and_features")
     if not len(split.labels):
-        return np.zeros((0, n_classes))
-    return np.asarray(model.predict(dataset.Batches(split, batch_size), verbose=0), dtype=np.float64)
+        return np.zeros((0, model.output_shape[-1])), np.zeros((0, pooled.shape[-1]), np.float32)
+    logits, features = both.predict(dataset.Batches(split, batch_size), verbose=0)
+    return np.asarray(logits, dtype=np.float64), np.asarray(features, dtype=np.float32)
 
 
 def fit_thresholds(y_val: np.ndarray, probs: np.ndarray, classes: list[str], negative: str | None,
@@ -90,7 +93,7 @@ def run(config: TrainConfig, log=print) -> Path:
     classes, train, val, test = prepared.classes, *(prepared.splits[s] for s in ("train", "val", "test"))
     log(f"{name}: {len(train.labels)} train / {len(val.labels)} val / {len(test.labels)} test images, "
         f"classes {classes}")
-    weights = dataset.class_weights(train.labels, len(classes)) if config.class_weights == "balanced" else None
+    weights = dataset.sample_weights(train, len(classes), config.class_weights)
     with hardware.distributed(config.distribute) as distribution:
         model, copied = build.build_model(config, classes)
         if copied:
@@ -104,37 +107,67 @@ def run(config: TrainConfig, log=print) -> Path:
     keras.mixed_precision.set_global_policy("float32")
 
     card = _card(config, prepared, name)
-    val_logits = _logits(model, val, config.batch_size)
-    card.temperature = metrics.fit_temperature(val_logits, val.labels)
-    val_probs = models.softmax(val_logits, card.temperature)
-    card.thresholds = fit_thresholds(val.labels, val_probs, classes, card.negative_class, config, log)
-    test_probs = models.softmax(_logits(model, test, config.batch_size), card.temperature)
+    log("scoring every split (logits and penultimate features) for calibration, metrics and the familiarity check")
+    outputs = {n: _outputs(model, sp, config.batch_size) for n, sp in prepared.splits.items()}
+    card.temperature = metrics.fit_temperature(outputs["val"][0], val.labels)
+    probs = {n: models.softmax(lg, card.temperature) for n, (lg, _) in outputs.items()}
+    card.thresholds = fit_thresholds(val.labels, probs["val"], classes, card.negative_class, config, log)
+    fam = familiarity.calibrate(familiarity.fit(outputs["train"][1], train.labels), outputs["val"][1],
+                                config.familiarity_percentile)
+    distances = {n: fam.distance(f) for n, (_, f) in outputs.items()}
+    familiarity.save(fam, out)
+    card.familiarity = {"file": familiarity.FILE, "threshold": fam.threshold,
+                        "percentile": config.familiarity_percentile, "layer": "avg_pool",
+                        "components": int(fam.components.shape[1]),
+                        "method": "class-conditional Gaussians, shared covariance (probabilistic PCA), "
+                                  "fitted on the train split; threshold at the validation percentile"}
 
     def sources(split: dataset.Split) -> list[str]:
         return [r.source for r in split.records]
 
-    val_metrics = evaluate.score(card, val.labels, val_probs, sources(val))
-    test_metrics = evaluate.score(card, test.labels, test_probs, sources(test)) if len(test.labels) else None
+    scored: dict[str, dict[str, Any]] = {}
+    for n, sp in prepared.splits.items():
+        if len(sp.labels):
+            scored[n] = evaluate.score(card, sp.labels, probs[n], sources(sp))
+            scored[n]["familiarity"] = evaluate.familiarity_rates(card, sp.labels, probs[n], distances[n], fam,
+                                                                  sources(sp))
+    test_metrics, val_metrics, external = scored.get("test"), scored["val"], scored.get(data.EXTERNAL)
     if test_metrics is None:
         log("the test split is empty: no held-out evaluation (metrics.json holds the validation split)")
-    held_out = test_metrics or val_metrics
+    held_out = dict(test_metrics or val_metrics)
     held_out.update({"split": "test" if test_metrics else "val", "skipped": prepared.skipped,
                      "unmapped_folders": prepared.unmapped})
+    if external is not None:
+        held_out[data.EXTERNAL] = {**external, "split": data.EXTERNAL, "sources": prepared.holdout}
+    held_out["by_split"] = {n: {k: m[k] for k in ("n", "accuracy", "auc", "by_source", "familiarity")}
+                            for n, m in scored.items()}
     (out / "metrics.json").write_text(json.dumps(held_out, indent=1) + "\n")
-    frames = [evaluate.predictions_frame(card, [r.rel for r in s.records], sources(s), s.labels, p, split=n)
-              for n, s, p in (("test", test, test_probs), ("val", val, val_probs)) if len(s.labels)]
+    frames = [evaluate.predictions_frame(card, [r.rel for r in sp.records], sources(sp), sp.labels, probs[n],
+                                         split=n, familiarity=(distances[n], fam.flags(distances[n])))
+              for n, sp in prepared.splits.items() if n != "train" and len(sp.labels)]
     pd.concat(frames, ignore_index=True).to_csv(out / "predictions.csv", index=False)
 
     wall = time.perf_counter() - started
     card.metrics = {"test": _summary(test_metrics), "val": _summary(val_metrics),
                     "best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss}
+    if external is not None:
+        card.metrics[data.EXTERNAL] = {**_summary(external), "sources": prepared.holdout}
+    card.metrics["familiarity"] = {n: m["familiarity"] for n, m in scored.items()}
     card.recipe = {**config.to_dict(), "dropout": config.dropout, "hardware": hardware.describe(),
                    "precision_policy": policy, "distribution": distribution, "epochs_run": len(fit.history),
                    "train_seconds": round(fit.train_seconds, 1), "wall_seconds": round(wall, 1),
                    "images_per_second": round(fit.images_seen / fit.train_seconds, 1) if fit.train_seconds else None,
-                   "copied_layers": len(copied)}
+                   "copied_layers": len(copied), "augmentation": build.describe_augmentation(config)}
     models.save(model, card, out)
     auc = held_out.get("auc")
+    if external is not None:
+        ext_auc = external.get("auc")
+        log(f"external ({', '.join(prepared.holdout)}): {external['n']} images, accuracy {external['accuracy']:.3f}, "
+            f"AUC {'n/a' if ext_auc is None else f'{ext_auc:.3f}'}")
+    for n, m in scored.items():
+        f = m["familiarity"]
+        log(f"familiarity flags, {n}: {f['flagged']} of {f['n']} ({f['rate']:.1%}); wrong {f['wrong_rate']}, "
+            f"right {f['right_rate']}")
     log(f"done: {len(fit.history)} epochs, best val_loss {fit.best_val_loss} at epoch {fit.best_epoch}; "
         f"{held_out['split']} accuracy {held_out['accuracy']:.3f}, AUC "
         f"{'n/a' if auc is None else f'{auc:.3f}'}; temperature {card.temperature:.3f}, "

@@ -1,0 +1,97 @@
+"""cxr_core.familiarity: the distance from the training films' features, its threshold, its file and its hash."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxr_core import card as card_lib
+from cxr_core import familiarity
+from cxr_core.errors import ModelCardError
+
+_DIM = 40
+_ROTATION = np.linalg.qr(np.random.default_rng(99).normal(size=(_DIM, _DIM)))[0]
+_SCALES = np.linspace(3.0, 0.05, _DIM)  # a few strong directions, many weak ones (as pooled CNN features)
+
+
+def _clusters(rng: np.random.Generator, n: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes of correlated Gaussian features, rotated off the axes."""
+    labels = rng.integers(0, 2, n)
+    centres = np.stack([np.full(_DIM, 2.0), np.full(_DIM, -2.0)])
+    x = centres[labels] + (rng.normal(size=(n, _DIM)) * _SCALES) @ _ROTATION.T + shift
+    return x, labels
+
+
+def test_training_like_features_sit_near_one_and_shifted_ones_far():
+    rng = np.random.default_rng(0)
+    x, y = _clusters(rng, 3000)
+    model = familiarity.fit(x, y, components=10)
+    x_val, _ = _clusters(rng, 1000)
+    model = familiarity.calibrate(model, x_val, 99.0)
+    d_val = model.distance(x_val)
+    assert np.median(d_val) == pytest.approx(1.0, abs=0.1)
+    assert model.flags(d_val).mean() == pytest.approx(0.01, abs=0.002)
+    x_new, _ = _clusters(rng, 1000)
+    assert model.flags(model.distance(x_new)).mean() < 0.03
+    # A shift along a direction the training films never vary in is caught by the residual term ...
+    away = 12.0 * _ROTATION[:, -1]  # 240 standard deviations of the weakest direction; 4 of the strongest
+    assert model.flags(model.distance(x_new + away)).mean() > 0.9
+    # ... and one far along the main direction by the class-conditional part.
+    far, _ = _clusters(rng, 1000, shift=40.0)
+    assert model.flags(model.distance(far)).mean() > 0.99
+
+
+def test_distance_is_the_smallest_over_classes_and_rejects_bad_input():
+    rng = np.random.default_rng(1)
+    x, y = _clusters(rng, 2000)
+    model = familiarity.fit(x, y, components=5)
+    # A film exactly at a class mean is as familiar as a film can be: distance 0.
+    assert model.distance(model.means) == pytest.approx([0.0, 0.0], abs=1e-9)
+    bad = x[:3].copy()
+    bad[1, 4] = np.nan
+    d = model.distance(bad)
+    assert np.isinf(d[1]) and np.isfinite(d[[0, 2]]).all()
+    assert model.flags(d)[1]  # never familiar
+    with pytest.raises(ValueError, match=r"\(N, 40\)"):
+        model.distance(x[:, :10])
+    with pytest.raises(ValueError, match="NaN"):
+        familiarity.fit(bad, y[:3])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    x, y = _clusters(rng, 500)
+    model = familiarity.calibrate(familiarity.fit(x, y, components=8), x[:200], 95.0)
+    familiarity.save(model, tmp_path)
+    back = familiarity.load(tmp_path / familiarity.FILE)
+    assert back.threshold == model.threshold
+    np.testing.assert_allclose(back.distance(x[:50]), model.distance(x[:50]), rtol=1e-5)
+
+
+def test_rates_overall_and_per_group():
+    out = familiarity.rates(np.array([True, False, False, True]), ["a", "a", "b", "b"])
+    assert out == {"n": 4, "flagged": 2, "rate": 0.5,
+                   "by_group": {"a": {"n": 2, "flagged": 1, "rate": 0.5}, "b": {"n": 2, "flagged": 1, "rate": 0.5}}}
+
+
+def test_the_card_hash_covers_the_familiarity_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    card = card_lib.read(folder)
+    rng = np.random.default_rng(3)
+    x, y = _clusters(rng, 300)
+    familiarity.save(familiarity.calibrate(familiarity.fit(x, y, components=4), x), folder)
+    card.familiarity = {"file": familiarity.FILE, "threshold": 1.0}
+    card_lib.save(card, folder)
+    loaded = card_lib.load(folder)
+    assert loaded.familiarity["sha256"] == card_lib.sha256_of(folder / familiarity.FILE)
+    # A familiarity file swapped for another (a looser threshold, say) is refused like swapped weights.
+    looser = familiarity.load(folder / familiarity.FILE).with_threshold(1e9)
+    familiarity.save(looser, folder)
+    with pytest.raises(ModelCardError, match="familiarity file does not match"):
+        card_lib.load(folder)
+    (folder / familiarity.FILE).unlink()
+    with pytest.raises(ModelCardError, match="familiarity file 'familiarity.npz' is missing"):
+        card_lib.load(folder)
