@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from training import data  # noqa: E402  (after quieting TensorFlow's C++ logs)
 from training.config import TrainConfig  # noqa: E402
 
-COMMANDS = ("train", "evaluate", "compare")
+COMMANDS = ("train", "evaluate", "compare", "rescore")
 HELP = {
     "out": "model folder to write", "name": "model name in the card (default: the folder's name)",
     "negative_class": "class called when no positive class reaches its threshold",
@@ -111,6 +111,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ev.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
     ev.add_argument("--map", action="append", default=[], metavar="FOLDER=CLASS")
     ev.add_argument("--batch-size", type=int, default=16)
+    rs = sub.add_parser("rescore", help="redo a model folder's evaluation and familiarity check (no training)",
+                        description=("Temperature, thresholds and familiarity threshold on its val split, the "
+                                     "familiarity model on its train split, metrics of every split; --external "
+                                     "folders are scored as the external split. The weights are not rewritten."))
+    rs.add_argument("model_dir")
+    rs.add_argument("--external", action="append", default=[], metavar="DIR",
+                    help="labelled folder DIR/CLASS/** from a source the model never saw (repeat)")
+    rs.add_argument("--map", action="append", default=[], metavar="FOLDER=CLASS")
+    rs.add_argument("--cache-dir", default="")
+    rs.add_argument("--batch-size", type=int, default=32)
     cmp = sub.add_parser("compare", help="side-by-side table of model folders or evaluation folders")
     cmp.add_argument("runs", nargs="+")
     cmp.add_argument("--csv", help="where to write the table (default: comparison.csv here)", default="comparison.csv")
@@ -138,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
               f"unmatched folders {m['unmatched_folders'] or 'none'}; written to {out}")
         for item in result.skipped:
             print(f"skipped {item['path']}: {item['error']}")
+    elif args.command == "rescore":
+        from training import rescore
+
+        rescore.run(args.model_dir, args.external, data.parse_class_map(args.map) or None, args.cache_dir,
+                    args.batch_size)
     else:
         from training import compare
 

@@ -77,36 +77,15 @@ def _summary(m: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: m[k] for k in ("n", "accuracy", "auc", "ece", "per_class", "confusion_matrix", "by_source") if k in m}
 
 
-def run(config: TrainConfig, log=print) -> Path:
-    """Train, calibrate, evaluate and save one model; returns the model folder."""
-    started = time.perf_counter()
-    out = Path(config.out)
-    if config.resume and not config.split_manifest and (out / "split.csv").is_file():
-        config = dataclasses.replace(config, split_manifest=str(out / "split.csv"))
-    elif not config.resume and (out / ".ckpt" / "state.json").is_file():
-        raise FileExistsError(f"{out} holds an unfinished or earlier run: pass --resume to continue it, "
-                              "or choose another --out")
-    name = config.name or out.name
-    policy = hardware.set_precision(config.mixed_precision)
-    keras.utils.set_random_seed(config.seed)
-    prepared = dataset.prepare(config, out, log)
-    classes, train, val, test = prepared.classes, *(prepared.splits[s] for s in ("train", "val", "test"))
-    log(f"{name}: {len(train.labels)} train / {len(val.labels)} val / {len(test.labels)} test images, "
-        f"classes {classes}")
-    weights = dataset.sample_weights(train, len(classes), config.class_weights)
-    with hardware.distributed(config.distribute) as distribution:
-        model, copied = build.build_model(config, classes)
-        if copied:
-            head = "its head too (same classes)" if "logits" in copied else f"new head for {classes}"
-            log(f"copied {len(copied)} layers from {config.weights}; {head}")
-        loop = Loop(model, build.training_model(model, config), config, out)
-        if config.resume and loop.resume():
-            log(f"resuming after epoch {loop.state['epoch']}")
-        fit = loop.run(dataset.Batches(train, config.batch_size, weights, shuffle=True, seed=config.seed),
-                       dataset.Batches(val, config.batch_size), config.verbose)
-    keras.mixed_precision.set_global_policy("float32")
+def score_and_calibrate(model: keras.Model, card: card_lib.ModelCard, config: TrainConfig,
+                        prepared: dataset.Prepared, out: Path, log=print) -> dict[str, dict[str, Any]]:
+    """Everything after the epochs, on the best weights.
 
-    card = _card(config, prepared, name)
+    Fits the temperature and thresholds (val) and the familiarity model (train; threshold on val), scores
+    every split, writes ``metrics.json``, ``predictions.csv`` and ``familiarity.npz`` into ``out`` and fills
+    the card's temperature, thresholds, familiarity and metrics. Returns the metrics per split.
+    """
+    classes, train, val = prepared.classes, prepared.splits["train"], prepared.splits["val"]
     log("scoring every split (logits and penultimate features) for calibration, metrics and the familiarity check")
     outputs = {n: _outputs(model, sp, config.batch_size) for n, sp in prepared.splits.items()}
     card.temperature = metrics.fit_temperature(outputs["val"][0], val.labels)
@@ -147,12 +126,53 @@ def run(config: TrainConfig, log=print) -> Path:
               for n, sp in prepared.splits.items() if n != "train" and len(sp.labels)]
     pd.concat(frames, ignore_index=True).to_csv(out / "predictions.csv", index=False)
 
-    wall = time.perf_counter() - started
-    card.metrics = {"test": _summary(test_metrics), "val": _summary(val_metrics),
-                    "best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss}
+    card.metrics = {**card.metrics, "test": _summary(test_metrics), "val": _summary(val_metrics)}
     if external is not None:
         card.metrics[data.EXTERNAL] = {**_summary(external), "sources": prepared.holdout}
     card.metrics["familiarity"] = {n: m["familiarity"] for n, m in scored.items()}
+    for n, m in scored.items():
+        f = m["familiarity"]
+        log(f"familiarity flags, {n}: {f['flagged']} of {f['n']} ({f['rate']:.1%}); wrong {f['wrong_rate']}, "
+            f"right {f['right_rate']}")
+    return scored
+
+
+def run(config: TrainConfig, log=print) -> Path:
+    """Train, calibrate, evaluate and save one model; returns the model folder."""
+    started = time.perf_counter()
+    out = Path(config.out)
+    if config.resume and not config.split_manifest and (out / "split.csv").is_file():
+        config = dataclasses.replace(config, split_manifest=str(out / "split.csv"))
+    elif not config.resume and (out / ".ckpt" / "state.json").is_file():
+        raise FileExistsError(f"{out} holds an unfinished or earlier run: pass --resume to continue it, "
+                              "or choose another --out")
+    name = config.name or out.name
+    policy = hardware.set_precision(config.mixed_precision)
+    keras.utils.set_random_seed(config.seed)
+    prepared = dataset.prepare(config, out, log)
+    classes, train, val, test = prepared.classes, *(prepared.splits[s] for s in ("train", "val", "test"))
+    log(f"{name}: {len(train.labels)} train / {len(val.labels)} val / {len(test.labels)} test images, "
+        f"classes {classes}")
+    weights = dataset.sample_weights(train, len(classes), config.class_weights)
+    with hardware.distributed(config.distribute) as distribution:
+        model, copied = build.build_model(config, classes)
+        if copied:
+            head = "its head too (same classes)" if "logits" in copied else f"new head for {classes}"
+            log(f"copied {len(copied)} layers from {config.weights}; {head}")
+        loop = Loop(model, build.training_model(model, config), config, out)
+        if config.resume and loop.resume():
+            log(f"resuming after epoch {loop.state['epoch']}")
+        fit = loop.run(dataset.Batches(train, config.batch_size, weights, shuffle=True, seed=config.seed),
+                       dataset.Batches(val, config.batch_size), config.verbose)
+    keras.mixed_precision.set_global_policy("float32")
+
+    card = _card(config, prepared, name)
+    card.metrics = {"best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss}
+    scored = score_and_calibrate(model, card, config, prepared, out, log)
+    held_out = scored.get("test") or scored["val"]
+    held_out = {**held_out, "split": "test" if "test" in scored else "val"}
+    external = scored.get(data.EXTERNAL)
+    wall = time.perf_counter() - started
     card.recipe = {**config.to_dict(), "dropout": config.dropout, "hardware": hardware.describe(),
                    "precision_policy": policy, "distribution": distribution, "epochs_run": len(fit.history),
                    "train_seconds": round(fit.train_seconds, 1), "wall_seconds": round(wall, 1),
@@ -164,10 +184,6 @@ def run(config: TrainConfig, log=print) -> Path:
         ext_auc = external.get("auc")
         log(f"external ({', '.join(prepared.holdout)}): {external['n']} images, accuracy {external['accuracy']:.3f}, "
             f"AUC {'n/a' if ext_auc is None else f'{ext_auc:.3f}'}")
-    for n, m in scored.items():
-        f = m["familiarity"]
-        log(f"familiarity flags, {n}: {f['flagged']} of {f['n']} ({f['rate']:.1%}); wrong {f['wrong_rate']}, "
-            f"right {f['right_rate']}")
     log(f"done: {len(fit.history)} epochs, best val_loss {fit.best_val_loss} at epoch {fit.best_epoch}; "
         f"{held_out['split']} accuracy {held_out['accuracy']:.3f}, AUC "
         f"{'n/a' if auc is None else f'{auc:.3f}'}; temperature {card.temperature:.3f}, "

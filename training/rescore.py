@@ -1,0 +1,83 @@
+"""``python -m training rescore MODEL_DIR [--external DIR ...]``: redo a model folder's evaluation, no training.
+
+Runs the steps that end every training run (``train.score_and_calibrate``) on a model folder's own
+weights and split (``split.csv``): temperature and thresholds on val, the familiarity model on train
+(threshold on val), metrics of every split. Use it to give a model trained before the familiarity
+check existed its ``familiarity.npz``, or to score it on whole sources it never saw (``--external``:
+labelled folders ``DIR/CLASS/**``, near-copies of its training films dropped), reported as the
+``external`` split. The weights file is not rewritten (its sha256 stays); the card, ``metrics.json``,
+``predictions.csv`` and ``familiarity.npz`` are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cxr_core import card as card_lib
+from cxr_core import models
+from training import cache, data, dataset, hygiene
+from training.config import TrainConfig
+from training.train import score_and_calibrate
+
+
+def _config(card: card_lib.ModelCard, folder: Path, cache_dir: str, batch_size: int) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    recipe = {k: v for k, v in card.recipe.items() if k in fields}
+    config = TrainConfig.from_dict({**recipe, "split": tuple(recipe.get("split", (0.8, 0.1, 0.1)))})
+    return dataclasses.replace(config, out=str(folder), split_manifest=str(folder / "split.csv"), resume=False,
+                               cache_dir=cache_dir, batch_size=batch_size)
+
+
+def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[str, str] | None,
+              config: TrainConfig, log) -> dataset.Split:
+    """Labelled folders never trained on, as one split; films that near-copy a training film are dropped."""
+    found = data.scan(roots, class_map, known=prepared.classes)
+    for folder in found.unmapped:
+        log(f"external: skipped folder {folder}: it maps to none of the model's classes {prepared.classes}")
+    records = [dataclasses.replace(r, split=data.EXTERNAL) for r in found.records if r.label in prepared.classes]
+    records, duplicates = data.deduplicate(records)
+    cache_dir = None if config.cache_dir == "none" else Path(config.cache_dir or cache.DEFAULT_CACHE)
+    decoded = cache.decode(records, config.input_size, cache_dir)
+    for item in decoded.skipped:
+        log(f"external: skipped unreadable file {item['path']}: {item['error']}")
+    train = prepared.splits["train"]
+    both = [*train.records, *decoded.records]
+    kept, dropped = hygiene.collapse(both, np.concatenate([train.images, decoded.images]),
+                                     config.near_duplicate_threshold)
+    keep = [i - len(train.records) for i in kept if i >= len(train.records)]
+    gone = [d for d in dropped if d.split == data.EXTERNAL]
+    log(f"external: {len(keep)} films from {sorted({r.source for r in decoded.records})}; dropped {len(duplicates)} "
+        f"byte-identical and {len(gone)} near-copies of training films")
+    recs = [decoded.records[i] for i in keep]
+    index = {c: i for i, c in enumerate(prepared.classes)}
+    return dataset.Split(recs, decoded.images[keep], np.array([index[r.label] for r in recs], dtype=np.int64))
+
+
+def run(model_dir: str | Path, external: Sequence[str] = (), class_map: dict[str, str] | None = None,
+        cache_dir: str = "", batch_size: int = 32, log=print) -> Path:
+    """Re-score the model folder in place; returns it."""
+    folder = Path(model_dir)
+    classifier = models.load(folder)  # checks the card and the weights' sha256
+    card = classifier.card
+    if not (folder / "split.csv").is_file():
+        raise ValueError(f"{folder} has no split.csv: only a folder written by `python -m training train` can be "
+                         "re-scored (use `python -m training evaluate` for any model and folder)")
+    config = _config(card, folder, cache_dir, batch_size)
+    prepared = dataset.prepare(config, folder, log)
+    if list(prepared.classes) != list(card.class_names):
+        raise ValueError(f"the split's classes {prepared.classes} differ from the card's {card.class_names}")
+    if external:
+        prepared.splits[data.EXTERNAL] = _external(prepared, external, class_map, config, log)
+        prepared.holdout = sorted({r.source for r in prepared.splits[data.EXTERNAL].records})
+    card.metrics = {k: v for k, v in card.metrics.items() if k in ("best_epoch", "best_val_loss")}
+    score_and_calibrate(classifier.model, card, config, prepared, folder, log)
+    card.recipe = {**card.recipe, "rescored": {"external": list(external), "class_map": dict(class_map or {}),
+                                                "what": "evaluation redone by `python -m training rescore` on the "
+                                                        "same weights and split"}}
+    card.training_data = {**card.training_data, "external_sources": prepared.holdout}
+    card_lib.save(card, folder)  # the card only: the weights file stays byte for byte
+    return folder
