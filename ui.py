@@ -113,7 +113,9 @@ def model_sidebar() -> tuple[Any, Any] | None:
         return None
     card_summary_ui(card)
     try:
-        return load_model(choice, card.weights_sha256)
+        loaded = load_model(choice, card.weights_sha256)
+        st.sidebar.caption(f"Inference: {loaded[0].engine_label}")
+        return loaded
     except ModelCardError as err:
         st.sidebar.error(str(err))
     except Exception as err:  # a broken model folder must not take the page down

@@ -19,7 +19,14 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
 - ``classify_breakdown_ms``  ``classify_ms_p50``'s steps: read, preprocess, Grad-CAM pass, overlay
 - ``app_first_render_s``     cold ``streamlit run app.py`` until the classify page is shown
 - ``rss_mb``                 resident memory of a fresh process after loading one model and
-                             classifying 20 images
+                             classifying 20 images; ``rss_both_engines_mb`` after the same with a
+                             TensorFlow classifier beside it (both engines loaded)
+- ``engine``                 the default engine that the figures above ran on (cxr_core.engine)
+- ``engines``                per engine, each loaded alone in this run: ``model_load_s`` (OpenVINO:
+                             including the conversion; ``model_load_cached_s`` from the cache),
+                             ``first_prediction_s``, ``classify_ms_p50``, ``gradcam_pass_ms_p50``,
+                             ``batch_images_per_s``, ``precision``; ``openvino_bf16`` where the CPU has BF16
+- ``cpu``                    the CPU's relevant flags (AVX-512, BF16, AMX) and OpenVINO's capabilities
 """
 
 TARGETS = {
@@ -27,6 +34,11 @@ TARGETS = {
     "tfkv_speedup": "tfkv_gradcam_ms_p50 / classify_ms_p50 >= 10",
     "batch_vs_forward": "batch_images_per_s >= 0.85 x forward_images_per_s",
     "rss": "rss_mb <= 1500",
+    "openvino_classify_speedup": "engines tensorflow / openvino classify_ms_p50 >= 1.7",
+    "openvino_bf16_classify_speedup": "engines tensorflow / openvino_bf16 classify_ms_p50 >= 3 (BF16 CPUs)",
+    "openvino_batch_vs_forward": "engines openvino batch_images_per_s >= 1.5 x forward_images_per_s",
+    "openvino_load": "engines openvino / tensorflow model_load_s <= 2 (conversion included)",
+    "rss_both_engines": "rss_both_engines_mb <= 1500",
 }
 
 
@@ -37,11 +49,27 @@ def check_targets(figures: dict) -> dict[str, dict]:
         x, y = figures.get(a), figures.get(b)
         return None if x is None or y in (None, 0) else x / y
 
+    eng = figures.get("engines") or {}
+
+    def engine_ratio(a: str, key_a: str, b: str, key_b: str) -> float | None:
+        x, y = eng.get(a, {}).get(key_a), eng.get(b, {}).get(key_b)
+        return None if x is None or y in (None, 0) else x / y
+
+    forward = figures.get("forward_images_per_s")
+    ov_batch = eng.get("openvino", {}).get("batch_images_per_s")
     tests = {
         "classify_vs_forward": (ratio("classify_ms_p50", "forward_ms_p50"), lambda v: v <= 1.5),
         "tfkv_speedup": (ratio("tfkv_gradcam_ms_p50", "classify_ms_p50"), lambda v: v >= 10),
         "batch_vs_forward": (ratio("batch_images_per_s", "forward_images_per_s"), lambda v: v >= 0.85),
         "rss": (figures.get("rss_mb"), lambda v: v <= 1500),
+        "openvino_classify_speedup": (engine_ratio("tensorflow", "classify_ms_p50", "openvino", "classify_ms_p50"),
+                                      lambda v: v >= 1.7),
+        "openvino_bf16_classify_speedup": (
+            engine_ratio("tensorflow", "classify_ms_p50", "openvino_bf16", "classify_ms_p50"), lambda v: v >= 3),
+        "openvino_batch_vs_forward": (None if ov_batch is None or not forward else ov_batch / forward,
+                                      lambda v: v >= 1.5),
+        "openvino_load": (engine_ratio("openvino", "model_load_s", "tensorflow", "model_load_s"), lambda v: v <= 2),
+        "rss_both_engines": (figures.get("rss_both_engines_mb"), lambda v: v <= 1500),
     }
     return {
         key: {"rule": TARGETS[key], "value": None if v is None else round(v, 3), "pass": None if v is None else ok(v)}

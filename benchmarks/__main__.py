@@ -42,6 +42,23 @@ def log(message: str) -> None:
     print(f"[benchmarks] {message}", file=sys.stderr, flush=True)
 
 
+def engines(config: Config, folder, paths: list) -> dict:
+    """Each engine measured in this run (TensorFlow, OpenVINO f32, and OpenVINO bf16 where the CPU has it)."""
+    from benchmarks import serving
+    from cxr_core import engine
+
+    runs = {"tensorflow": ("tensorflow", "f32")}
+    if engine.openvino_available():
+        runs["openvino"] = ("openvino", "f32")
+        if engine.bf16_supported():
+            runs["openvino_bf16"] = ("openvino", "bf16")
+    out = {}
+    for key, (name, precision) in runs.items():
+        log(f"engine {key}")
+        out[key] = serving.engine_figures(folder, name, precision, config.repeat, paths, config.batch_size)
+    return out
+
+
 def run(config: Config) -> dict:
     """Every figure, measured in this one run, with the machine and the targets."""
     from benchmarks import check_targets, serving
@@ -73,6 +90,10 @@ def run(config: Config) -> dict:
     figures["batch_images_per_s"] = round(per_s, 2)
     figures["batch_images"] = len(paths)
     figures["batch_scored"] = scored
+    log("engines side by side")
+    figures["engine"] = classifier.engine_label
+    figures["cpu"] = serving.cpu_flags()
+    figures["engines"] = engines(config, folder, paths)
     figures["bench_process_rss_mb"] = round(rss_mb(), 1)
     log("resident memory (fresh process)")
     probe = subprocess.run([sys.executable, "-m", "benchmarks.rss_probe", str(folder), str(serving.JPEG),

@@ -1,8 +1,9 @@
 """Resident memory of a fresh serving process: ``python -m benchmarks.rss_probe MODEL_DIR IMAGE...``.
 
-Loads one model as the app does (Classifier + Explainer), classifies each image 20 times in
-total through the classify page's path (read, predict + Grad-CAM, overlay) and prints one
-JSON object with VmRSS in MiB at each step. Run in its own process so nothing else the
+Loads one model as the app does (Classifier + Explainer on the default engine), classifies each
+image 20 times in total through the classify page's path (read, predict + Grad-CAM, overlay), then
+does the same with a TensorFlow classifier on the same Keras model (both engines loaded), and prints
+one JSON object with VmRSS in MiB at each step. Run in its own process so nothing else the
 benchmark loaded (tf-keras-vis' clone of the model, batches) counts.
 """
 
@@ -28,8 +29,19 @@ def main(argv: list[str]) -> int:
     for i in range(20):
         data, name = uploads[i % len(uploads)]
         classify_once(classifier, explainer, data, name)
+    served = rss_mb()
+    # Both engines at once: TensorFlow's forward pass on the same Keras model, beside the default engine.
+    from cxr_core import explain, models
+
+    other = models.Classifier(classifier.card, classifier.model, folder,
+                              engine="tensorflow" if classifier.engine == "openvino" else None)
+    other_explainer = explain.Explainer(other)
+    for i in range(20):
+        data, name = uploads[i % len(uploads)]
+        classify_once(other, other_explainer, data, name)
     print(json.dumps({"rss_start_mb": round(baseline, 1), "rss_loaded_mb": round(loaded, 1),
-                      "rss_mb": round(rss_mb(), 1)}))
+                      "rss_mb": round(served, 1), "rss_both_engines_mb": round(rss_mb(), 1),
+                      "rss_engines": sorted({classifier.engine, other.engine})}))
     return 0
 
 

@@ -48,14 +48,68 @@ def model_folder(explicit: str | None = None) -> tuple[Path, str]:
     return folder, origin
 
 
-def load_seconds(folder: Path) -> tuple[float, object, object]:
-    """Seconds for ``models.load`` (hash check, build, weights) plus building the Explainer."""
+def load_seconds(folder: Path, engine: str | None = None, precision: str | None = None) -> tuple[float, object, object]:
+    """Seconds for ``models.load`` (hash check, build, weights, engine) plus building the Explainer."""
     from cxr_core import explain
 
     start = time.perf_counter()
-    classifier = models.load(folder)
+    classifier = models.load(folder, engine=engine, precision=precision)
     explainer = explain.Explainer(classifier)
     return time.perf_counter() - start, classifier, explainer
+
+
+def engine_figures(folder: Path, engine: str, precision: str, repeat: int, paths: list[Path],
+                   batch_size: int) -> dict:
+    """One engine measured alone: load (a conversion, then from the cache), first Grad-CAM, classify, batch.
+
+    OpenVINO's first load converts into an empty cache folder; the second reads the cached model.
+    """
+    import os
+
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache:
+        previous = os.environ.get("CXR_ENGINE_CACHE")
+        os.environ["CXR_ENGINE_CACHE"] = cache
+        try:
+            load_s, classifier, explainer = load_seconds(folder, engine, precision)
+            if engine == "openvino":
+                figures["model_load_cached_s"] = round(load_seconds(folder, engine, precision)[0], 2)
+        finally:
+            if previous is None:
+                os.environ.pop("CXR_ENGINE_CACHE")
+            else:
+                os.environ["CXR_ENGINE_CACHE"] = previous
+    figures["model_load_s"] = round(load_s, 2)
+    figures["precision"] = classifier.precision
+    figures["label"] = classifier.engine_label
+    figures["first_prediction_s"] = round(warm_up_seconds(classifier, explainer), 2)
+    figures["classify_ms_p50"] = round(classify_ms(classifier, explainer, JPEG, repeat), 1)
+    figures["gradcam_pass_ms_p50"] = classify_breakdown(classifier, explainer, JPEG, repeat)["gradcam_pass"]
+    figures["batch_images_per_s"] = round(batch_images_per_s(classifier, paths, batch_size)[0], 2)
+    return figures
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> dict:
+    """The instruction-set flags that decide OpenVINO's speed, and what OpenVINO's CPU plugin reports."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:
+        pass
+    info: dict = {"flags": [f for f in CPU_FLAGS if f in flags]}
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        info["openvino_capabilities"] = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        info["openvino_default_precision"] = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    except ImportError:
+        info["openvino_capabilities"] = None
+    return info
 
 
 def warm_up_seconds(classifier, explainer) -> float:

@@ -6,9 +6,13 @@ Build one ``Explainer`` per loaded model and reuse it (it is shared between app 
     probs, heatmaps = explainer.gradcam(batch)                  # one compiled pass
     explanation = explainer.explain(batch[:1], "scorecam", class_index=1)
 
-Grad-CAM is our own compiled ``tf.function``: one forward and one backward pass give both the
-prediction and the map, traced once per (model, layer) because the input signature is fixed and
-the class index is a tensor. The score is the chosen class's *logit* (the models output logits).
+Grad-CAM at the card's target layer of a model whose head is global average pooling and a Dense layer
+(``models.head_weights``) needs no backward pass: the gradient of logit c is ``W[:, c] / (h * w)`` at
+every position, so Grad-CAM is CAM from the feature map and the Dense weights, and the classifier's
+one forward pass (on its engine, OpenVINO or TensorFlow) gives both the prediction and the map.
+Other heads and other layers use our compiled ``tf.function``: one forward and one backward pass,
+traced once per (model, layer) because the input signature is fixed and the class index is a tensor.
+The score is the chosen class's *logit* (the models output logits).
 Grad-CAM++, Score-CAM, LayerCAM and SmoothGrad come from tf-keras-vis 0.8.7, built once per model.
 Every heatmap is float32 (S, S) in [0, 1] at the model's input size: raw maps are resized
 bilinearly and min-max normalised per image (a constant map becomes all zeros).
@@ -53,6 +57,17 @@ class Explanation:
     method: str
     class_index: int
     layer: str | None
+
+
+def cam_from_features(features: np.ndarray, weights: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Grad-CAM for a GAP + Dense head: ReLU(sum_k features[..., k] * W[k, c] / (h * w)), float32 (N, h, w).
+
+    ``features`` float32 (N, h, w, K), ``weights`` the Dense kernel (K, C), ``classes`` int (N,).
+    """
+    n, h, w, _ = features.shape
+    chosen = weights[:, classes].T.astype(np.float64) / (h * w)  # (N, K): the mean gradient per channel
+    maps = np.einsum("nhwk,nk->nhw", features.astype(np.float64), chosen)
+    return np.maximum(maps, 0.0).astype(np.float32)
 
 
 def normalize(maps: np.ndarray, size: int) -> np.ndarray:
@@ -165,13 +180,33 @@ class Explainer:
     def raw_gradcam(
         self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N, C) and the un-normalised, un-resized ReLU'd Grad-CAM maps (N, h, w) at ``layer``."""
+        """Logits (N, C) and the un-normalised, un-resized ReLU'd Grad-CAM maps (N, h, w) at ``layer``.
+
+        At the target layer of a GAP + Dense head: CAM from the classifier's one forward pass (its
+        engine); otherwise ``compiled_gradcam``.
+        """
         batch = self._check_batch(batch)
         layer = layer or self.target_layer
         self._check_layer(layer)
         classes = self._class_vector(class_index, len(batch))
-        logits, cam = self._gradcam_fn(layer)(tf.constant(batch), tf.constant(classes))
-        return np.asarray(logits, dtype=np.float64), np.asarray(cam, dtype=np.float32)
+        if layer != self.classifier.feature_layer or self.classifier.head is None:
+            return self._compiled(batch, classes, layer)
+        logits, features = self.classifier.forward(batch)
+        chosen = np.where(classes < 0, np.argmax(logits, axis=-1), classes)
+        return logits, cam_from_features(features, self.classifier.head, chosen)
+
+    def compiled_gradcam(
+        self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``raw_gradcam`` by TensorFlow's gradient (forward and backward pass) whatever the head."""
+        batch = self._check_batch(batch)
+        layer = layer or self.target_layer
+        self._check_layer(layer)
+        return self._compiled(batch, self._class_vector(class_index, len(batch)), layer)
+
+    def _compiled(self, batch: np.ndarray, classes: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        logits, maps = self._gradcam_fn(layer)(tf.constant(batch), tf.constant(classes))
+        return np.asarray(logits, dtype=np.float64), np.asarray(maps, dtype=np.float32)
 
     def gradcam(
         self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None
@@ -184,7 +219,7 @@ class Explainer:
         return models.softmax(logits, self.classifier.card.temperature), normalize(cam, self.size)
 
     def warm_up(self, layer: str | None = None) -> None:
-        """Trace the compiled Grad-CAM now (seconds for a DenseNet) so the first user does not wait."""
+        """Run the first Grad-CAM now (engine warm-up or TF tracing: seconds for a DenseNet), not at first upload."""
         self.raw_gradcam(np.zeros((1, self.size, self.size, 3), np.float32), layer=layer)
 
     # --- tf-keras-vis methods ---------------------------------------------------------------

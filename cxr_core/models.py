@@ -4,7 +4,8 @@ Every model is one flat functional graph: the input takes float32 (N, S, S, 3) p
 [0, 255]; the architecture's own scaling is a layer inside; the backbone's layers sit
 directly in the model (a nested backbone breaks Grad-CAM); the head is global average
 pooling, dropout and a Dense layer named ``logits`` that outputs *logits* (softmax and the
-card's temperature are applied in ``Classifier.predict``).
+card's temperature are applied in ``Classifier.predict``). A ``Classifier`` runs the model on the
+engine that ``cxr_core.engine`` chooses (OpenVINO where installed, else TensorFlow).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import keras
 import numpy as np
 
 from cxr_core import card as card_lib
+from cxr_core import engine as engine_lib
 from cxr_core import preprocess
 from cxr_core.errors import ModelCardError
 
@@ -158,23 +160,104 @@ def decide(card: card_lib.ModelCard, probabilities: Sequence[float]) -> Predicti
     )
 
 
-class Classifier:
-    """A loaded model and its card. Safe to share between threads (one call at a time)."""
+def _feature_map_layer(model: keras.Model, layer: str) -> str | None:
+    """``layer`` when the model has it and it outputs a 2-D feature map (N, h, w, K); else None."""
+    try:
+        shape = model.get_layer(layer).output.shape
+    except ValueError:
+        return None
+    return layer if len(shape) == 4 else None
 
-    def __init__(self, card: card_lib.ModelCard, model: keras.Model, folder: Path | None = None):
+
+def head_weights(model: keras.Model, layer: str | None) -> np.ndarray | None:
+    """The Dense kernel float32 (K, C) when the head is ``layer`` -> GlobalAveragePooling2D -> Dropout* ->
+    linear Dense (the model's only output); None for any other head.
+
+    For such a head the gradient of logit c with respect to the feature map is ``W[:, c] / (h * w)`` at
+    every position, so Grad-CAM at ``layer`` equals CAM from the features and ``W`` (cxr_core.explain).
+    """
+    if layer is None or len(model.outputs) != 1:
+        return None
+    dense = model.outputs[0]._keras_history.operation
+    if not isinstance(dense, keras.layers.Dense) or dense.activation is not keras.activations.linear:
+        return None
+    node = dense.input._keras_history.operation
+    while isinstance(node, keras.layers.Dropout):
+        node = node.input._keras_history.operation
+    if not isinstance(node, keras.layers.GlobalAveragePooling2D) or node.keepdims \
+            or node.data_format != "channels_last" or node.input is not model.get_layer(layer).output:
+        return None
+    return np.asarray(keras.ops.convert_to_numpy(dense.kernel), dtype=np.float32)
+
+
+class Classifier:
+    """A loaded model, its card and the engine that runs it. Safe to share between threads (one call at a time).
+
+    ``engine``/``precision``: see ``cxr_core.engine.choose`` (None: env CXR_ENGINE / CXR_PRECISION, then
+    OpenVINO f32 where installed). ``cache_key``: the verified weights' sha256 (``load`` passes it), so the
+    converted OpenVINO model can be cached. ``model`` (Keras) stays available for the explanations that need
+    gradients.
+    """
+
+    def __init__(self, card: card_lib.ModelCard, model: keras.Model, folder: Path | None = None, *,
+                 engine: str | None = None, precision: str | None = None, cache_key: str | None = None):
         self.card = card
         self.model = model
         self.folder = folder
+        self.feature_layer = _feature_map_layer(model, card.target_layer)
+        self.head = head_weights(model, self.feature_layer)
+        self.runner = engine_lib.create(model, self.feature_layer, engine, precision, cache_key)
         self._lock = threading.Lock()
 
     @property
     def input_size(self) -> int:
         return self.card.input_size
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw logits for float32 (N, S, S, 3) input in [0, 255] (compiled forward pass)."""
+    @property
+    def engine(self) -> str:
+        """The engine that runs the forward pass: "tensorflow" or "openvino"."""
+        return self.runner.name
+
+    @property
+    def precision(self) -> str:
+        """The engine's inference precision: "f32" or "bf16"."""
+        return self.runner.precision
+
+    @property
+    def engine_label(self) -> str:
+        """One line for people, e.g. "OpenVINO 2026.4.1 · f32"."""
+        return self.runner.label
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        batch = np.asarray(batch, dtype=np.float32)
+        size = self.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected a batch of shape (N, {size}, {size}, 3), got {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, self.card.num_classes)), None
         with self._lock:
-            return np.asarray(self.model.predict_on_batch(batch), dtype=np.float64)
+            logits, features = self.runner(batch)
+        return np.asarray(logits, dtype=np.float64), features
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass: logits float64 (N, C) and the card's target-layer feature map float32 (N, h, w, K).
+
+        Input: float32 (N, S, S, 3) in [0, 255]. When ``head`` is not None (GAP + Dense), the features'
+        spatial mean ``features.mean(axis=(1, 2))`` is the pooled penultimate vector (N, K), and CAM from
+        ``features`` and ``head`` is Grad-CAM. Raises ValueError when the card's target layer is not a
+        feature map of the model.
+        """
+        logits, features = self._run(batch)
+        if self.feature_layer is None:
+            raise ValueError(f"the card's target layer {self.card.target_layer!r} is not a feature map of the model")
+        if features is None:  # empty batch
+            shape = self.model.get_layer(self.feature_layer).output.shape[1:]
+            features = np.zeros((0, *shape), np.float32)
+        return logits, features
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits float64 (N, C) for float32 (N, S, S, 3) input in [0, 255] (the engine's forward pass)."""
+        return self._run(batch)[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Temperature-calibrated probabilities (N, num_classes)."""
@@ -201,8 +284,11 @@ def load_weights(model: keras.Model, path: str | Path) -> None:
         ) from exc
 
 
-def load(folder: str | Path) -> Classifier:
-    """Load a model folder: verify the card and weights hash, build, load weights."""
+def load(folder: str | Path, engine: str | None = None, precision: str | None = None) -> Classifier:
+    """Load a model folder: verify the card and weights hash, build, load weights, prepare the engine.
+
+    ``engine``/``precision``: see ``cxr_core.engine.choose`` (None: env, then OpenVINO f32 where installed).
+    """
     folder = Path(folder)
     card = card_lib.load(folder)
     try:
@@ -210,7 +296,7 @@ def load(folder: str | Path) -> Classifier:
     except ValueError as exc:
         raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built ({exc}).") from exc
     load_weights(model, folder / card.weights_file)
-    return Classifier(card, model, folder)
+    return Classifier(card, model, folder, engine=engine, precision=precision, cache_key=card.weights_sha256)
 
 
 def save(model: keras.Model, card: card_lib.ModelCard, folder: str | Path) -> Path:

@@ -85,11 +85,13 @@ def render(
     warnings: Sequence[str] = (),
     when: _dt.datetime | None = None,
     fmt: str = "PNG",
+    engine: str | None = None,
 ) -> bytes:
     """The report page as PNG or PDF bytes.
 
     ``image``: float32 HxW in [0, 1] (the radiograph as shown); ``overlay_rgb``: uint8 HxWx3
-    (the heatmap over it); ``warnings``: sentences shown in amber (low confidence, not a chest).
+    (the heatmap over it); ``warnings``: sentences shown in amber (low confidence, not a chest);
+    ``engine``: the inference engine and precision (``Classifier.engine_label``), named in the footer.
     """
     if fmt not in FORMATS:
         raise ValueError(f"report format must be one of {sorted(FORMATS)}, got {fmt!r}")
@@ -132,7 +134,8 @@ def render(
     footer = (
         f"Model: {card.name} (version {card.version}, {card.architecture}, {card.input_size} px), "
         f"weights sha256 {card.weights_sha256[:16]}. Probabilities are temperature-calibrated "
-        f"(T = {card.temperature:.3g}). Report created {when.strftime('%Y-%m-%d %H:%M %Z').strip()}."
+        f"(T = {card.temperature:.3g}). " + (f"Inference: {engine}. " if engine else "")
+        + f"Report created {when.strftime('%Y-%m-%d %H:%M %Z').strip()}."
     )
     y_footer = PAGE[1] - MARGIN - 130
     draw.line((MARGIN, y_footer - 16, PAGE[0] - MARGIN, y_footer - 16), fill=_GREY, width=2)

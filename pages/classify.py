@@ -171,7 +171,8 @@ with left:
     pictures[1].image(blended, width="stretch",
                       caption=f"{METHOD_LABELS[method]} for {card.class_names[explained]} (red = most weight)")
     args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
-                method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences)
+                method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences,
+                engine=classifier.engine_label)
     downloads = st.columns(2)
     downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),
                                  file_name="cxr-report.png", mime="image/png", key="report_png")

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Converted OpenVINO models (cxr_core.engine) go to a folder of this test session, not the user's cache.
+if "CXR_ENGINE_CACHE" not in os.environ:
+    os.environ["CXR_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="cxr-engine-cache-")
+    atexit.register(shutil.rmtree, os.environ["CXR_ENGINE_CACHE"], True)
 
 import numpy as np
 import pytest

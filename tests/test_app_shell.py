@@ -36,6 +36,7 @@ def test_app_runs_with_navigation_banner_and_model_selector(models_root):
     assert "test auc: **0.5**" in summary
     sha = card.read(models_root / "tiny-cxr3").weights_sha256
     assert any(sha[:12] in c.value for c in at.sidebar.caption)
+    assert "Inference: OpenVINO 20" in " ".join(c.value for c in at.sidebar.caption)  # engine and precision
 
 
 def test_choosing_another_model_updates_summary_and_session(models_root):

@@ -134,9 +134,13 @@ def test_raw_gradcam_equals_tf_keras_vis(request, images, which, layer):
 
 def test_gradcam_is_traced_once(tiny3, images):
     tiny3.warm_up()
+    tiny3.warm_up("tiny_relu0")
     for n, c in [(1, None), (4, 2), (2, 0), (3, [0, 1, 2])]:
         tiny3.gradcam(images[:n], class_index=c)
-    assert tiny3._gradcam_fn("relu").experimental_get_tracing_count() == 1
+        tiny3.gradcam(images[:n], class_index=c, layer="tiny_relu0")
+    # The target layer's Grad-CAM is CAM from the engine's forward pass: no TensorFlow graph at all.
+    assert "relu" not in tiny3._gradcam_fns
+    assert tiny3._gradcam_fn("tiny_relu0").experimental_get_tracing_count() == 1
 
 
 def test_gradcam_from_many_threads_matches_one_thread(tiny, images):

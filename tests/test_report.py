@@ -72,6 +72,9 @@ def test_different_inputs_give_different_pages(parts):
     for other in (dataclasses.replace(c, name="another-model"), dataclasses.replace(c, weights_sha256="f" * 64)):
         assert _render(parts, model_card=other) != base, other
     assert _render(parts, when=WHEN + dt.timedelta(days=1)) != base
+    # ... and the inference engine with its precision, when given.
+    on_openvino = _render(parts, engine="OpenVINO 2026.4.1 · f32")
+    assert on_openvino != base and on_openvino != _render(parts, engine="OpenVINO 2026.4.1 · bf16")
 
 
 def test_pdf_is_a_single_page_pdf(parts):

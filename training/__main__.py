@@ -111,6 +111,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ev.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
     ev.add_argument("--map", action="append", default=[], metavar="FOLDER=CLASS")
     ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--engine", choices=("auto", "tensorflow", "openvino"), default=None,
+                    help="inference engine (default: env CXR_ENGINE, else openvino where installed)")
+    ev.add_argument("--precision", choices=("f32", "bf16", "auto"), default=None,
+                    help="inference precision (default: env CXR_PRECISION, else f32; bf16: OpenVINO on a BF16 CPU)")
     rs = sub.add_parser("rescore", help="redo a model folder's evaluation and familiarity check (no training)",
                         description=("Temperature, thresholds and familiarity threshold on its val split, the "
                                      "familiarity model on its train split, metrics of every split; --external "
@@ -138,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         from cxr_core import models
         from training import evaluate
 
-        classifier = models.load(args.model_dir)
+        classifier = models.load(args.model_dir, engine=args.engine, precision=args.precision)
+        print(f"inference: {classifier.engine_label}" + (f" ({classifier.runner.note})" if classifier.runner.note
+                                                          else ""))
         result = evaluate.evaluate_folder(classifier, args.data_dir, data.parse_class_map(args.map),
                                           batch_size=args.batch_size)
         out = evaluate.write(result, args.out)

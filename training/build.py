@@ -39,7 +39,7 @@ def build_model(config: TrainConfig, class_names: Sequence[str]) -> tuple[keras.
                              weights="imagenet" if w.lower() == "imagenet" else w, dropout=config.dropout)
     copied: list[str] = []
     if is_model_dir(w):
-        source = models.load(w)
+        source = models.load(w, engine="tensorflow")  # only its Keras weights are used
         if source.card.architecture != config.architecture:
             raise ValueError(f"{w} is a {source.card.architecture} model; cannot start a {config.architecture} from it")
         same_head = list(source.card.class_names) == list(class_names)

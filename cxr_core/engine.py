@@ -1,0 +1,218 @@
+"""Inference engines for a loaded Keras classifier: one forward pass gives logits and a feature map.
+
+    choice = engine.choose()                  # Choice("openvino", "f32", note) where OpenVINO is installed
+    runner = engine.create(model, "relu", choice, cache_key=card.weights_sha256)
+    logits, features = runner(batch)          # float32 (N, C) and (N, h, w, K)
+
+Engines:
+
+- ``tensorflow``: Keras' own compiled ``predict_on_batch`` on a two-output view of the model (whichever
+  Keras backend is loaded; TensorFlow when serving).
+- ``openvino``: the Keras model converted once with ``ov.convert_model`` at load time and compiled for
+  the CPU. The converted model is kept in a user cache folder keyed by the weights' sha256 (env
+  ``CXR_ENGINE_CACHE``: a folder, or ``off``; default ``$XDG_CACHE_HOME/cxr/openvino``), never in the
+  model folder, so a restart skips the conversion.
+
+Which engine: the argument, else env ``CXR_ENGINE``, else ``openvino`` where it imports and Keras runs
+on TensorFlow, else ``tensorflow``. Which precision: the argument, else env ``CXR_PRECISION``, else
+``f32``. ``bf16`` (or ``auto``: bf16 where supported) is honoured on OpenVINO only where the CPU lists
+BF16 in ``OPTIMIZATION_CAPABILITIES``; otherwise f32 and ``Choice.note`` says why. f32 is the default
+because only f32 reproduces TensorFlow's probabilities and Grad-CAM to 1e-5 (OpenVINO's own default
+on a BF16-capable CPU is bf16, so f32 is always asked for explicitly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+ENGINES = ("tensorflow", "openvino")
+PRECISIONS = ("f32", "bf16")
+_CONVERTER_VERSION = 1  # bump when the conversion changes, so cached models are converted afresh
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The engine and precision to run, and why they differ from what was asked (empty if they do not)."""
+
+    engine: str
+    precision: str
+    note: str = ""
+
+
+def openvino_available() -> bool:
+    """True when OpenVINO imports and Keras runs on TensorFlow (what ``ov.convert_model`` converts)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bf16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin reports BF16 among the CPU's OPTIMIZATION_CAPABILITIES."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def choose(engine: str | None = None, precision: str | None = None) -> Choice:
+    """Resolve engine (``tensorflow``, ``openvino``, ``auto``) and precision (``f32``, ``bf16``, ``auto``).
+
+    None reads env ``CXR_ENGINE`` / ``CXR_PRECISION``, then falls back to ``auto`` / ``f32``.
+    Raises ValueError for an unknown name or for ``openvino`` where it cannot run.
+    """
+    engine = (engine or os.environ.get("CXR_ENGINE") or "auto").strip().lower()
+    precision = (precision or os.environ.get("CXR_PRECISION") or "f32").strip().lower()
+    if engine not in (*ENGINES, "auto"):
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES} or 'auto' (env CXR_ENGINE)")
+    if precision not in (*PRECISIONS, "auto"):
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS} or 'auto' (env CXR_PRECISION)")
+    if engine == "auto":
+        engine = "openvino" if openvino_available() else "tensorflow"
+    elif engine == "openvino" and not openvino_available():
+        raise ValueError("the openvino engine needs the openvino package and the TensorFlow Keras backend "
+                         f"(backend here: {keras.backend.backend()}); install openvino or choose 'tensorflow'")
+    if precision == "f32":
+        return Choice(engine, "f32")
+    if engine == "tensorflow":
+        return Choice(engine, "f32", "" if precision == "auto" else "bf16 runs on OpenVINO only; using f32")
+    if bf16_supported():
+        return Choice(engine, "bf16")
+    return Choice(engine, "f32", "" if precision == "auto" else "this CPU has no BF16 support; using f32")
+
+
+def _two_outputs(model: keras.Model, feature_layer: str | None) -> keras.Model:
+    """A view of ``model`` returning [logits] or [logits, the feature map of ``feature_layer``] (shared weights)."""
+    outputs = [model.output] + ([model.get_layer(feature_layer).output] if feature_layer else [])
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_forward")
+
+
+class TensorFlowRunner:
+    """Keras' compiled forward pass: float32 (N, S, S, 3) in [0, 255] -> (logits, features or None)."""
+
+    name = "tensorflow"
+    precision = "f32"
+
+    def __init__(self, model: keras.Model, feature_layer: str | None, note: str = ""):
+        self._model = _two_outputs(model, feature_layer)
+        self._features = feature_layer is not None
+        self.note = note
+        self.source = "keras"
+        version = keras.backend.backend()
+        if version == "tensorflow":
+            import tensorflow as tf
+
+            self.label = f"TensorFlow {tf.__version__} · f32"
+        else:
+            self.label = f"Keras {keras.__version__} ({version}) · f32"
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self._model.predict_on_batch(batch)
+        if not self._features:
+            return np.asarray(out[0] if isinstance(out, list | tuple) else out), None
+        return np.asarray(out[0]), np.asarray(out[1], dtype=np.float32)
+
+
+def cache_dir() -> Path | None:
+    """Folder for converted OpenVINO models (env CXR_ENGINE_CACHE; 'off' disables), or None."""
+    value = os.environ.get("CXR_ENGINE_CACHE", "").strip()
+    if value.lower() == "off":
+        return None
+    if value:
+        return Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cxr" / "openvino"
+
+
+class OpenVINORunner:
+    """The model converted by ``ov.convert_model`` and compiled for the CPU at ``precision`` (f32 or bf16)."""
+
+    name = "openvino"
+
+    def __init__(self, model: keras.Model, feature_layer: str | None, precision: str = "f32",
+                 cache_key: str | None = None, note: str = ""):
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        self.note = note
+        core = ov.Core()
+        ov_model, self.source = self._convert(ov, core, model, feature_layer, cache_key)
+        # LATENCY: one request uses every core for one batch (the Classifier runs one call at a time).
+        compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                        "PERFORMANCE_HINT": "LATENCY"})
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # what it runs at
+        self._request = compiled.create_infer_request()
+        # The converter may order the outputs differently from Keras: logits are the rank-2 one.
+        ranks = [len(out.get_partial_shape()) for out in compiled.outputs]
+        self._logits = ranks.index(2)
+        self._features = ranks.index(4) if feature_layer is not None else None
+        self.label = f"OpenVINO {ov.__version__.split('-')[0]} · {self.precision}"
+
+    @staticmethod
+    def _convert(ov, core, model: keras.Model, feature_layer: str | None,
+                 cache_key: str | None) -> tuple[object, str]:
+        """(ov.Model, "cache" or "converted"): read from the cache folder, else convert (and cache)."""
+        folder = cache_dir() if cache_key else None
+        path = None
+        if folder is not None:
+            key = json.dumps([cache_key, model.name, list(model.input_shape), feature_layer,
+                              ov.__version__, _CONVERTER_VERSION])
+            path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
+            if path.is_file() and path.with_suffix(".bin").is_file():
+                try:
+                    return core.read_model(path), "cache"
+                except RuntimeError:
+                    pass  # a damaged cache entry: convert again and overwrite it
+        size = tuple(model.input_shape[1:])
+        # share_weights=False: the compiled model must not alias Keras' variables, which explanations use.
+        ov_model = ov.convert_model(_two_outputs(model, feature_layer), input=[(-1, *size)], share_weights=False)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                    tmp_xml = Path(tmp) / path.name
+                    ov.save_model(ov_model, tmp_xml, compress_to_fp16=False)  # keep f32 weights
+                    os.replace(tmp_xml.with_suffix(".bin"), path.with_suffix(".bin"))
+                    os.replace(tmp_xml, path)
+            except OSError:
+                pass  # an unwritable cache only costs the next start a conversion
+        return ov_model, "converted"
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        result = self._request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
+        features = None if self._features is None else np.asarray(result[self._features], dtype=np.float32)
+        return np.asarray(result[self._logits]), features
+
+
+Runner = TensorFlowRunner | OpenVINORunner
+
+
+def create(model: keras.Model, feature_layer: str | None, engine: str | None = None, precision: str | None = None,
+           cache_key: str | None = None) -> Runner:
+    """The runner for ``model``; ``engine``/``precision`` as in ``choose``. ``cache_key``: the weights' sha256
+    (only for weights verified against it), or None to convert without the cache.
+
+    With engine ``auto``, a model OpenVINO cannot convert runs on TensorFlow and ``runner.note`` says so.
+    """
+    explicit = (engine or os.environ.get("CXR_ENGINE") or "auto").strip().lower() != "auto"
+    choice = choose(engine, precision)
+    if choice.engine == "tensorflow":
+        return TensorFlowRunner(model, feature_layer, choice.note)
+    try:
+        return OpenVINORunner(model, feature_layer, choice.precision, cache_key, choice.note)
+    except Exception as exc:  # noqa: BLE001  (any conversion failure: serve on TensorFlow instead)
+        if explicit:
+            raise
+        return TensorFlowRunner(model, feature_layer,
+                                f"OpenVINO could not run this model ({type(exc).__name__}: {exc}); using TensorFlow")

@@ -1,0 +1,168 @@
+"""cxr_core.engine: the engine choice, OpenVINO == TensorFlow on one forward pass, CAM == Grad-CAM, fallbacks."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from cxr_core import card, engine, explain, models
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """Four random model inputs, float32 (4, 64, 64, 3) in [0, 255]."""
+    return np.random.default_rng(5).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model3_dir) -> tuple[models.Classifier, models.Classifier]:
+    """The three-class tiny model on OpenVINO (the default here) and on TensorFlow."""
+    ov = models.load(tiny_model3_dir)
+    return ov, models.Classifier(ov.card, ov.model, engine="tensorflow")
+
+
+def test_openvino_is_the_default_where_installed_and_runs_f32(pair):
+    ov, tf = pair
+    assert engine.openvino_available()
+    assert (ov.engine, ov.precision, tf.engine, tf.precision) == ("openvino", "f32", "tensorflow", "f32")
+    assert ov.engine_label.startswith("OpenVINO 20") and ov.engine_label.endswith("· f32")
+    assert tf.engine_label.startswith("TensorFlow 2.")
+
+
+def test_one_forward_pass_gives_the_same_logits_and_features_on_both_engines(pair, images):
+    ov, tf = pair
+    ov_logits, ov_features = ov.forward(images)
+    tf_logits, tf_features = tf.forward(images)
+    reference = keras.Model(ov.model.inputs, [ov.model.output, ov.model.get_layer("relu").output])
+    ref_logits, ref_features = (np.asarray(a) for a in reference(images, training=False))
+    assert ov_logits.dtype == np.float64 and ov_features.dtype == np.float32
+    assert ov_logits.shape == (4, 3) and ov_features.shape == ref_features.shape == (4, 16, 16, 16)
+    np.testing.assert_allclose(tf_logits, ref_logits, atol=1e-6)
+    np.testing.assert_allclose(ov_logits, ref_logits, atol=1e-5)
+    np.testing.assert_allclose(ov_features, ref_features, atol=1e-5)
+    np.testing.assert_allclose(ov.probabilities(images), tf.probabilities(images), atol=1e-6)
+    # The features' spatial mean is the pooled penultimate vector (what the familiarity check reads).
+    pooled = keras.Model(ov.model.inputs, ov.model.get_layer("avg_pool").output)(images, training=False)
+    np.testing.assert_allclose(ov_features.mean(axis=(1, 2)), np.asarray(pooled), atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["openvino", "tensorflow"])
+def test_gradcam_from_the_forward_pass_equals_compiled_gradcam_for_every_class(pair, images, which):
+    classifier = pair[0] if which == "openvino" else pair[1]
+    assert classifier.head is not None and classifier.head.shape == (16, 3)
+    explainer = explain.Explainer(classifier)
+    non_trivial = 0
+    for c in [None, 0, 1, 2]:
+        logits, maps = explainer.raw_gradcam(images, c)
+        ref_logits, ref_maps = explainer.compiled_gradcam(images, c)
+        assert maps.shape == (4, 16, 16)
+        non_trivial += int((ref_maps.max(axis=(1, 2)) > 0).sum())
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+        np.testing.assert_allclose(maps, ref_maps, atol=1e-5 * max(float(ref_maps.max()), 1e-3))
+        np.testing.assert_allclose(explain.normalize(maps, SIZE), explain.normalize(ref_maps, SIZE), atol=1e-5)
+    assert non_trivial >= 8  # most maps are not all zero (a class the image argues against can be)
+    # Per-image classes too, and the top class when None.
+    _, mixed = explainer.raw_gradcam(images, [2, 0, 1, 0])
+    np.testing.assert_allclose(mixed, explainer.compiled_gradcam(images, [2, 0, 1, 0])[1], atol=1e-5 * mixed.max())
+
+
+def _other_head_classifier(kind: str) -> models.Classifier:
+    """A two-class model with a ``relu`` feature map but a head that is not GAP + linear Dense."""
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=4, padding="same")(x)
+    features = keras.layers.Activation("relu", name="relu")(x)
+    if kind == "max":
+        x = keras.layers.GlobalMaxPooling2D()(features)
+    elif kind == "hidden":
+        x = keras.layers.Dense(6, activation="relu")(keras.layers.GlobalAveragePooling2D()(features))
+    else:
+        x = keras.layers.Flatten()(features)
+    logits = keras.layers.Dense(2, name="logits")(x)
+    c = card.ModelCard(name=f"head-{kind}", architecture="tiny", input_size=SIZE, class_names=["A", "B"],
+                       target_layer="relu")
+    return models.Classifier(c, keras.Model(inputs, logits))
+
+
+@pytest.mark.parametrize("kind", ["max", "hidden", "flatten"])
+def test_another_head_falls_back_to_compiled_gradcam(kind, images):
+    classifier = _other_head_classifier(kind)
+    assert classifier.head is None and classifier.engine == "openvino"  # the engine still predicts
+    explainer = explain.Explainer(classifier)
+    logits, maps = explainer.raw_gradcam(images, 1)
+    ref_logits, ref_maps = explainer.compiled_gradcam(images, 1)
+    np.testing.assert_array_equal(maps, ref_maps)
+    np.testing.assert_allclose(classifier.logits(images), ref_logits, atol=1e-5)
+    if kind == "max":  # CAM from the Dense weights would be wrong here: max pooling's gradient is sparse
+        _, features = classifier.forward(images)
+        kernel = np.asarray(classifier.model.get_layer("logits").kernel)
+        wrong = explain.cam_from_features(features, kernel, np.ones(4, int))
+        assert np.abs(explain.normalize(wrong, SIZE) - explain.normalize(maps, SIZE)).max() > 0.1
+
+
+def test_choose_reads_the_environment_and_rejects_unknown_names(monkeypatch):
+    monkeypatch.setenv("CXR_ENGINE", "tensorflow")
+    monkeypatch.setenv("CXR_PRECISION", "bf16")
+    assert engine.choose() == engine.Choice("tensorflow", "f32", "bf16 runs on OpenVINO only; using f32")
+    assert engine.choose("openvino", "f32") == engine.Choice("openvino", "f32")
+    bf16 = engine.bf16_supported()
+    assert engine.choose("openvino").precision == ("bf16" if bf16 else "f32")
+    assert engine.choose("openvino", "auto") == engine.Choice("openvino", "bf16" if bf16 else "f32")
+    monkeypatch.delenv("CXR_ENGINE")
+    monkeypatch.delenv("CXR_PRECISION")
+    assert engine.choose() == engine.Choice("openvino", "f32")
+    with pytest.raises(ValueError, match="unknown engine 'onnx'"):
+        engine.choose("onnx")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        engine.choose(None, "fp8")
+
+
+def test_bf16_runs_where_the_cpu_supports_it(tiny_model3_dir, images, pair):
+    bf16 = models.load(tiny_model3_dir, engine="openvino", precision="bf16")
+    assert bf16.precision == ("bf16" if engine.bf16_supported() else "f32")
+    assert bf16.engine_label.endswith(f"· {bf16.precision}")
+    np.testing.assert_allclose(bf16.probabilities(images), pair[1].probabilities(images), atol=0.05)
+
+
+def test_converted_model_is_cached_outside_the_model_folder(tiny_model_dir, tmp_path, monkeypatch, images):
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    first = models.load(tiny_model_dir)
+    second = models.load(tiny_model_dir)
+    assert (first.runner.source, second.runner.source) == ("converted", "cache")
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".bin", ".xml"]
+    np.testing.assert_array_equal(first.logits(images), second.logits(images))
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+    # A damaged cache entry is converted again; 'off' writes nothing.
+    for path in (tmp_path / "cache").glob("*.xml"):
+        path.write_text("not a model")
+    assert models.load(tiny_model_dir).runner.source == "converted"
+    monkeypatch.setenv("CXR_ENGINE_CACHE", "off")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models.load(tiny_model_dir).runner.source == "converted" and not (tmp_path / "home").exists()
+
+
+def test_auto_falls_back_to_tensorflow_when_openvino_fails(tiny_model_dir, monkeypatch, images):
+    reference = models.load(tiny_model_dir, engine="tensorflow")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(engine, "OpenVINORunner", broken)
+    fallback = models.load(tiny_model_dir)
+    assert fallback.engine == "tensorflow" and "OpenVINO could not run this model" in fallback.runner.note
+    np.testing.assert_array_equal(fallback.logits(images), reference.logits(images))
+    with pytest.raises(RuntimeError, match="unsupported operation"):
+        models.load(tiny_model_dir, engine="openvino")
+
+
+def test_forward_checks_its_input(pair):
+    ov, _ = pair
+    with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 64, 64, 3\), got \(1, 32, 32, 3\)"):
+        ov.forward(np.zeros((1, 32, 32, 3), np.float32))
+    logits, features = ov.forward(np.zeros((0, SIZE, SIZE, 3), np.float32))
+    assert logits.shape == (0, 3) and features.shape == (0, 16, 16, 16)
