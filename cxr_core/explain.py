@@ -185,15 +185,36 @@ class Explainer:
         At the target layer of a GAP + Dense head: CAM from the classifier's one forward pass (its
         engine); otherwise ``compiled_gradcam``.
         """
+        logits, cam, _ = self._raw(batch, class_index, layer)
+        return logits, cam
+
+    def _raw(self, batch: np.ndarray, class_index: int | Sequence[int] | None, layer: str | None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``raw_gradcam`` plus the target-layer features of the same pass (None on the compiled path)."""
         batch = self._check_batch(batch)
         layer = layer or self.target_layer
         self._check_layer(layer)
         classes = self._class_vector(class_index, len(batch))
         if layer != self.classifier.feature_layer or self.classifier.head is None:
-            return self._compiled(batch, classes, layer)
+            return (*self._compiled(batch, classes, layer), None)
         logits, features = self.classifier.forward(batch)
         chosen = np.where(classes < 0, np.argmax(logits, axis=-1), classes)
-        return logits, cam_from_features(features, self.classifier.head, chosen)
+        return logits, cam_from_features(features, self.classifier.head, chosen), features
+
+    def gradcam_predictions(
+        self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None
+    ) -> tuple[list[models.Prediction], np.ndarray]:
+        """Predictions (familiarity included) and heatmaps float32 (N, S, S) in [0, 1].
+
+        At the target layer of a GAP + Dense head both come from one forward pass; on the compiled path
+        (another layer) the familiarity needs one more forward pass of the classifier.
+        """
+        logits, cam, features = self._raw(batch, class_index, layer)
+        if features is None and self.classifier.familiarity is not None:
+            predictions = self.classifier.predict(self._check_batch(batch))
+        else:
+            predictions = self.classifier.predictions(logits, features)
+        return predictions, normalize(cam, self.size)
 
     def compiled_gradcam(
         self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None

@@ -10,6 +10,7 @@ engine that ``cxr_core.engine`` chooses (OpenVINO where installed, else TensorFl
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 
 from cxr_core import card as card_lib
 from cxr_core import engine as engine_lib
+from cxr_core import familiarity as fam_lib
 from cxr_core import preprocess
 from cxr_core.errors import ModelCardError
 
@@ -200,12 +202,17 @@ class Classifier:
     """
 
     def __init__(self, card: card_lib.ModelCard, model: keras.Model, folder: Path | None = None, *,
-                 engine: str | None = None, precision: str | None = None, cache_key: str | None = None):
+                 engine: str | None = None, precision: str | None = None, cache_key: str | None = None,
+                 familiarity: fam_lib.Familiarity | None = None):
         self.card = card
         self.model = model
         self.folder = folder
         self.feature_layer = _feature_map_layer(model, card.target_layer)
         self.head = head_weights(model, self.feature_layer)
+        if familiarity is not None and (self.head is None or familiarity.dim != self.head.shape[0]):
+            raise ModelCardError(f"model '{card.name}': its familiarity model does not fit the model's features "
+                                 "(another architecture or head). Reinstall the model folder.")
+        self.familiarity = familiarity
         self.runner = engine_lib.create(model, self.feature_layer, engine, precision, cache_key)
         self._lock = threading.Lock()
 
@@ -263,9 +270,22 @@ class Classifier:
         """Temperature-calibrated probabilities (N, num_classes)."""
         return softmax(self.logits(batch), self.card.temperature)
 
+    def predictions(self, logits: np.ndarray, features: np.ndarray | None = None) -> list[Prediction]:
+        """Decisions for logits (N, C); with the target-layer features (N, h, w, K) of the same pass and a
+        familiarity model in the folder, each carries its familiarity distance and flag (cxr_core.familiarity)."""
+        out = [decide(self.card, p) for p in softmax(logits, self.card.temperature)]
+        if self.familiarity is None or features is None or self.head is None:
+            return out
+        distances = self.familiarity.distance(np.asarray(features, np.float64).mean(axis=(1, 2)))
+        flags = self.familiarity.flags(distances)
+        return [dataclasses.replace(p, familiarity=float(d), unfamiliar=bool(f))
+                for p, d, f in zip(out, distances, flags, strict=True)]
+
     def predict(self, batch: np.ndarray) -> list[Prediction]:
-        """Predictions for a model-input batch (see cxr_core.preprocess.to_batch)."""
-        return [decide(self.card, p) for p in self.probabilities(batch)]
+        """Predictions for a model-input batch (see cxr_core.preprocess.to_batch), familiarity included."""
+        if self.familiarity is None or self.head is None:
+            return self.predictions(self.logits(batch))
+        return self.predictions(*self.forward(batch))
 
     def predict_pixels(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predictions for float32 HxW images in [0, 1] (as cxr_core.imaging returns)."""
@@ -296,7 +316,15 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
     except ValueError as exc:
         raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built ({exc}).") from exc
     load_weights(model, folder / card.weights_file)
-    return Classifier(card, model, folder, engine=engine, precision=precision, cache_key=card.weights_sha256)
+    fam = None
+    if card.familiarity:  # card_lib.load has checked the file's sha256
+        try:
+            fam = fam_lib.load(folder / card.familiarity["file"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read ({exc}). "
+                                 "Reinstall the model folder.") from exc
+    return Classifier(card, model, folder, engine=engine, precision=precision, cache_key=card.weights_sha256,
+                      familiarity=fam)
 
 
 def save(model: keras.Model, card: card_lib.ModelCard, folder: str | Path) -> Path:

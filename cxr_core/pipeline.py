@@ -71,9 +71,9 @@ def classify(
     image = imaging.load(source, filename, window=window)
     batch = preprocess.model_input(image.pixels, classifier.input_size)
     if method == "gradcam":
-        probs, heatmaps = explainer.gradcam(batch, class_index, layer)
-        index = int(np.argmax(probs[0])) if class_index is None else int(class_index)
-        return Result(image, models.decide(classifier.card, probs[0]), heatmaps[0], index, method)
+        predictions, heatmaps = explainer.gradcam_predictions(batch, class_index, layer)
+        index = int(np.argmax(predictions[0].probabilities)) if class_index is None else int(class_index)
+        return Result(image, predictions[0], heatmaps[0], index, method)
     prediction = classifier.predict(batch)[0]
     explanation = explainer.explain(batch, method, class_index, layer)
     return Result(image, prediction, explanation.heatmap, explanation.class_index, method)

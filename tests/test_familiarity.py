@@ -95,3 +95,72 @@ def test_the_card_hash_covers_the_familiarity_file(tiny_model_dir, tmp_path):
     (folder / familiarity.FILE).unlink()
     with pytest.raises(ModelCardError, match="familiarity file 'familiarity.npz' is missing"):
         card_lib.load(folder)
+
+
+@pytest.fixture(scope="module")
+def familiar_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model folder with a familiarity model fitted on the features of 24 real Kermany films."""
+    import shutil
+
+    from conftest import DATA
+
+    from cxr_core import imaging, models, preprocess
+
+    folder = tmp_path_factory.mktemp("familiar") / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    plain = models.load(folder)
+    files = sorted((DATA / "kermany" / "train" / "NORMAL").iterdir())[:12]
+    files += sorted((DATA / "kermany" / "train" / "PNEUMONIA").iterdir())[:12]
+    batch = preprocess.to_batch([preprocess.prepare(imaging.load(p).pixels, plain.input_size) for p in files])
+    _, features = plain.forward(batch)
+    pooled = features.mean(axis=(1, 2))
+    model = familiarity.calibrate(familiarity.fit(pooled, np.array([0] * 12 + [1] * 12), components=4), pooled, 90)
+    familiarity.save(model, folder)
+    card = card_lib.read(folder)
+    card.familiarity = {"file": familiarity.FILE, "threshold": model.threshold}
+    card_lib.save(card, folder)
+    return folder, files, model
+
+
+def test_every_serving_path_carries_the_familiarity(familiar_model):
+    from cxr_core import explain, imaging, models, pipeline, preprocess
+
+    folder, files, fam = familiar_model
+    classifier = models.load(folder)
+    assert classifier.familiarity is not None and classifier.familiarity.threshold == fam.threshold
+    batch = preprocess.to_batch([preprocess.prepare(imaging.load(p).pixels, classifier.input_size) for p in files])
+    _, features = classifier.forward(batch)
+    expected = fam.distance(features.astype(np.float64).mean(axis=(1, 2)))
+    predictions = classifier.predict(batch)
+    np.testing.assert_allclose([p.familiarity for p in predictions], expected, rtol=1e-4)
+    assert [p.unfamiliar for p in predictions] == list(fam.flags(expected))
+    assert 0 < sum(p.unfamiliar for p in predictions) < len(files)  # the 90th percentile: a few, not all
+    # A flat grey square is nothing like a chest film: flagged.
+    grey = classifier.predict(preprocess.to_batch([np.full((64, 64), 128, np.uint8)]))[0]
+    assert grey.unfamiliar and grey.familiarity > fam.threshold
+    # The single-film path (prediction and Grad-CAM from one pass) and the batch path agree with predict.
+    explainer = explain.Explainer(classifier)
+    result = pipeline.classify(classifier, explainer, files[0])
+    assert result.prediction.familiarity == pytest.approx(expected[0], rel=1e-4)
+    assert result.prediction.unfamiliar == bool(fam.flags(expected[:1])[0])
+    rows = pipeline.classify_many(classifier, [(p.name, p) for p in files[:4]])
+    np.testing.assert_allclose([r.prediction.familiarity for r in rows], expected[:4], rtol=1e-4)
+    # A model folder without a familiarity model serves as before: no score, no flag.
+    plain = models.Classifier(classifier.card, classifier.model, folder)
+    assert plain.predict(batch[:1])[0].familiarity is None and plain.predict(batch[:1])[0].unfamiliar is None
+
+
+def test_a_familiarity_model_of_other_features_is_refused(familiar_model, tmp_path):
+    import shutil
+
+    from cxr_core import models
+
+    folder = tmp_path / "m"
+    shutil.copytree(familiar_model[0], folder)
+    rng = np.random.default_rng(5)
+    x, y = _clusters(rng, 200)  # 40-dimensional features: the tiny model has 16
+    familiarity.save(familiarity.calibrate(familiarity.fit(x, y, components=3), x), folder)
+    card = card_lib.read(folder)
+    card_lib.save(card, folder)
+    with pytest.raises(ModelCardError, match="does not fit the model's features"):
+        models.load(folder)
