@@ -460,3 +460,35 @@ def test_batchnorm_trains_when_continuing_our_model_if_asked():
     assert {la.name for la in model.layers if la.trainable and la.weights} >= {"tiny_bn0", "tiny_bn1"}
     build.set_phase(model, "fine-tune", "all", pretrained=True)
     assert not {la.name for la in model.layers if la.trainable and la.weights} & {"tiny_bn0", "tiny_bn1"}
+
+
+def test_rescore_adds_familiarity_and_an_external_source_without_touching_the_weights(first_run, work, tmp_path):
+    out = tmp_path / "rescored"
+    shutil.copytree(first_run[0], out)
+    before = json.loads((out / "metrics.json").read_text())
+    weights = (out / "model.weights.h5").read_bytes()
+    external = work / "elsewhere"
+    _link(COVID_SET / "Normal", external / "Normal", 6)
+    _link(COVID_SET / "Viral Pneumonia", external / "Viral Pneumonia", 6)
+    _link(COVID_SET / "Covid", external / "Covid", 2)
+    result = _cli("rescore", str(out), "--external", str(external), "--map", "Normal=NORMAL",
+                  "--map", "Viral Pneumonia=PNEUMONIA", "--cache-dir", str(work / "cache"))
+    assert "external: skipped folder elsewhere/Covid" in result.stdout
+    assert (out / "model.weights.h5").read_bytes() == weights
+    after = json.loads((out / "metrics.json").read_text())
+    # Same weights, same split: the test figures are reproduced exactly.
+    assert after["n"] == before["n"] and after["accuracy"] == pytest.approx(before["accuracy"])
+    assert after["auc"] == pytest.approx(before["auc"])
+    assert after["external"]["n"] == 12 and after["external"]["sources"] == ["elsewhere"]
+    classifier = models.load(out)
+    assert classifier.familiarity is not None
+    card = classifier.card
+    assert card.training_data["external_sources"] == ["elsewhere"]
+    assert card.recipe["rescored"]["external"] == [str(external)]
+    preds = pd.read_csv(out / "predictions.csv")
+    ext = preds[preds["split"] == "external"]
+    assert len(ext) == 12 and ext["familiarity"].notna().all()
+    # What is served is what was scored: the served familiarity equals predictions.csv's.
+    pixels = [imaging.load(external / p).pixels for p in ext["path"]]
+    served = classifier.predict_pixels(pixels)
+    np.testing.assert_allclose([p.familiarity for p in served], ext["familiarity"], rtol=1e-4)
