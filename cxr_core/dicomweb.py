@@ -290,16 +290,26 @@ class Client:
         return to_bytes(self.retrieve_dataset(instance))
 
     def store(self, datasets: Sequence[pydicom.Dataset]) -> list[str]:
-        """STOW-RS the datasets as one request; their SOP Instance UIDs. PacsError unless all were accepted."""
+        """STOW-RS the datasets as one request, then check by QIDO that each one is there (some archives
+        answer success and drop what their filters refuse). Their SOP Instance UIDs; PacsError otherwise."""
         with quiet():
             answer = self._call("storing results", self._web.store_instances, list(datasets))
         failed = answer.get("FailedSOPSequence") if answer is not None else None
+        advice = ("Ask its administrator whether it accepts DICOM SR and secondary-capture objects from this "
+                  "application.")
         if failed:
             reasons = ", ".join(sorted({str(item.get("FailureReason", "?")) for item in failed}))
             raise PacsError(f"The PACS at {self.settings.host} refused {len(failed)} of {len(datasets)} object(s) "
-                            f"(failure reason {reasons}). Ask its administrator whether it accepts DICOM SR and "
-                            "secondary-capture objects from this application.")
-        return [str(ds.SOPInstanceUID) for ds in datasets]
+                            f"(failure reason {reasons}). {advice}")
+        uids = [str(ds.SOPInstanceUID) for ds in datasets]
+        found: set[str] = set()
+        for study_uid in {str(ds.StudyInstanceUID) for ds in datasets}:
+            found |= {i.sop_uid for i in self.instances(study_uid)}
+        missing = [uid for uid in uids if uid not in found]
+        if missing:
+            raise PacsError(f"The PACS at {self.settings.host} did not keep {len(missing)} of {len(datasets)} "
+                            f"object(s) it was sent (it refused them). {advice}")
+        return uids
 
 
 def to_bytes(ds: pydicom.Dataset) -> bytes:

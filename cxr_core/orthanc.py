@@ -53,7 +53,7 @@ def dicomweb_plugin() -> Path:
 class LocalOrthanc:
     """Orthanc on 127.0.0.1:``port`` (default: a free one) with DICOMweb at ``/dicom-web`` and basic auth."""
 
-    def __init__(self, port: int | None = None, *, start_timeout: float = 60.0) -> None:
+    def __init__(self, port: int | None = None, *, start_timeout: float = 60.0, lua: str | None = None) -> None:
         if shutil.which(ORTHANC) is None:
             raise RuntimeError("Orthanc is not installed. Install it with 'apt-get install orthanc "
                                "orthanc-dicomweb' and retry.")
@@ -62,6 +62,7 @@ class LocalOrthanc:
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = Settings(url=f"{self.url}/dicom-web", username=USER, password=self.password)
         self._start_timeout = start_timeout
+        self._lua = lua  # an Orthanc Lua script (tests: a ReceivedInstanceFilter that refuses everything)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._proc: subprocess.Popen | None = None
         self._output: deque[str] = deque(maxlen=2000)
@@ -82,7 +83,11 @@ class LocalOrthanc:
         """Write the configuration, start Orthanc, wait until it answers (RuntimeError with its output if not)."""
         self._tmp = tempfile.TemporaryDirectory(prefix="cxr-orthanc-")
         folder = Path(self._tmp.name)
-        (folder / "orthanc.json").write_text(json.dumps(self.config(folder), indent=2))
+        config = self.config(folder)
+        if self._lua:
+            (folder / "filter.lua").write_text(self._lua)
+            config["LuaScripts"] = [str(folder / "filter.lua")]
+        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         self._proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
         threading.Thread(target=self._drain, daemon=True).start()
