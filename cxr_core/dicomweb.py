@@ -39,6 +39,9 @@ STUDY_FIELDS = ("StudyInstanceUID", "AccessionNumber", "StudyDate", "StudyDescri
 INSTANCE_FIELDS = ("SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "ViewPosition",
                    "BodyPartExamined", "SeriesDescription", "InstanceNumber", "SeriesNumber")
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
+# dicomweb-client and urllib3 log every URL at INFO/DEBUG, and PACS URLs hold UIDs and search terms.
+for _name in ("dicomweb_client", "urllib3.connectionpool"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 @contextmanager

@@ -8,6 +8,8 @@ back are separate functions (``search_ui``/``study_ui`` and ``write_back_ui``) s
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
 import pandas as pd
 import streamlit as st
 
@@ -22,15 +24,19 @@ MODALITY_CHOICES = {"CR, DX or DR": dicomweb.RADIOGRAPHY, "CR": "CR", "DX": "DX"
 def search_ui(client: dicomweb.Client) -> None:
     """The search form; the matching studies are kept in the session."""
     cols = st.columns(5)
-    start = cols[0].date_input("Study date from", value=None, key="pacs_from")
-    end = cols[1].date_input("to", value=None, key="pacs_to")
+    dated = st.checkbox("Only studies in this date range", key="pacs_dated")
+    today = date.today()
+    start = cols[0].date_input("Study date from", value=today - timedelta(days=30), min_value=date(1900, 1, 1),
+                               key="pacs_from", disabled=not dated)
+    end = cols[1].date_input("to", value=today, min_value=date(1900, 1, 1), key="pacs_to", disabled=not dated)
     accession = cols[2].text_input("Accession number", key="pacs_accession")
     modality = cols[3].selectbox("Modality", list(MODALITY_CHOICES), key="pacs_modality")
     body = cols[4].text_input("Body part", key="pacs_body", placeholder="e.g. CHEST")
     if not st.button("Search", type="primary", key="pacs_search"):
         return
     try:
-        studies = client.search_studies(date_from=start, date_to=end, accession=accession,
+        studies = client.search_studies(date_from=start if dated else None, date_to=end if dated else None,
+                                        accession=accession,
                                         modality=MODALITY_CHOICES[modality], body_part=body)
     except PacsError as err:
         st.error(str(err))
