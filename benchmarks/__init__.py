@@ -18,6 +18,8 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
 - ``first_prediction_s``     the first prediction and Grad-CAM after loading (graph tracing)
 - ``classify_breakdown_ms``  ``classify_ms_p50``'s steps: read, preprocess, Grad-CAM pass, overlay
 - ``app_first_render_s``     cold ``streamlit run app.py`` until the classify page is shown
+- ``pacs_classify_ms_p50``   WADO-RS retrieve of that DICOM from a local Orthanc + the same classify path
+                             (``disk_classify_ms_p50``: the same file from disk; see ``benchmarks/pacs.py``)
 - ``rss_mb``                 resident memory of a fresh process after loading one model and
                              classifying 20 images
 """
@@ -27,6 +29,7 @@ TARGETS = {
     "tfkv_speedup": "tfkv_gradcam_ms_p50 / classify_ms_p50 >= 10",
     "batch_vs_forward": "batch_images_per_s >= 0.85 x forward_images_per_s",
     "rss": "rss_mb <= 1500",
+    "pacs_vs_disk": "pacs_classify_ms_p50 <= 1.5 x disk_classify_ms_p50",
 }
 
 
@@ -42,6 +45,7 @@ def check_targets(figures: dict) -> dict[str, dict]:
         "tfkv_speedup": (ratio("tfkv_gradcam_ms_p50", "classify_ms_p50"), lambda v: v >= 10),
         "batch_vs_forward": (ratio("batch_images_per_s", "forward_images_per_s"), lambda v: v >= 0.85),
         "rss": (figures.get("rss_mb"), lambda v: v <= 1500),
+        "pacs_vs_disk": (ratio("pacs_classify_ms_p50", "disk_classify_ms_p50"), lambda v: v <= 1.5),
     }
     return {
         key: {"rule": TARGETS[key], "value": None if v is None else round(v, 3), "pass": None if v is None else ok(v)}
