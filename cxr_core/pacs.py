@@ -172,6 +172,12 @@ def study_name(study: Study) -> str:
     return study.accession or study.date or f"study …{study.study_uid[-8:]}"
 
 
+def study_label(study: Study) -> str:
+    """'accession · date · description' for choosing a study (parts that are missing left out)."""
+    parts = [study_name(study), study.date if study.accession else "", study.description]
+    return " · ".join(p for p in parts if p)
+
+
 def score_studies(client: Client, classifier, studies: Sequence[Study], *,
                   progress: Callable[[int, int], None] | None = None, limit: int = MAX_BATCH_FILMS
                   ) -> tuple[list[pipeline.BatchItem], list[str]]:

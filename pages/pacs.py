@@ -184,8 +184,7 @@ tabs = st.tabs(["One study", "Whole search as a batch"])
 with tabs[0]:
     chosen = st.selectbox("Open a study", range(len(studies)), index=None, key="pacs_study",
                           placeholder="Choose a study to classify its frontal films",
-                          format_func=lambda i: " · ".join(x for x in (pacs.study_name(studies[i]), studies[i].date,
-                                                                       studies[i].description) if x))
+                          format_func=lambda i: pacs.study_label(studies[i]))
     if chosen is not None:
         result = study_ui(client, classifier, explainer, studies[chosen])
         if result is not None:
