@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -21,7 +22,9 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
 from cxr_core.card import ModelCard
-from cxr_core.models import Prediction
+
+if TYPE_CHECKING:  # models imports Keras
+    from cxr_core.models import Prediction
 
 UNVERIFIED = "UNVERIFIED - research use only, not for diagnosis"
 RESULT_PREFIX = "UNVERIFIED AI"

@@ -214,6 +214,9 @@ class Client:
         elif settings.username:
             session.auth = (settings.username, settings.password or "")
         self._web = DICOMwebClient(settings.url, session=session, timeout=settings.timeout)
+        # Its retries also catch refused connections and timeouts, five times with waits of 2-16 s: a page
+        # would hang for half a minute before saying the PACS is down. One attempt, then a clear message.
+        self._web.set_http_retry_params(retry=False)
 
     def _call(self, doing: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one request, turning every failure into a PacsError that says what to do."""

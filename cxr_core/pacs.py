@@ -22,15 +22,19 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from cxr_core import dicom_results, overlay, pipeline, quality, review
+from cxr_core import dicom_results, overlay, quality, review
 from cxr_core.card import ModelCard
 from cxr_core.dicomweb import Client, Instance, PacsError, Study, quiet, to_bytes
 from cxr_core.errors import UnreadableImageError
+
+if TYPE_CHECKING:  # pipeline imports Keras: the demo command does without it
+    from cxr_core import pipeline
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 LATERAL = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LEFT LATERAL", "RIGHT LATERAL"})
@@ -115,6 +119,8 @@ def films(instances: Sequence[Instance], cap: int) -> tuple[list[Film], list[str
 def classify_study(client: Client, classifier, explainer, study_uid: str, *,
                    cap: int | None = None) -> StudyResult:
     """Retrieve and classify a study's frontal films; PacsError when the study has no image to read."""
+    from cxr_core import pipeline
+
     cap = cap or client.settings.max_instances
     chosen, notes = films(client.instances(study_uid), cap)
     if not chosen:
@@ -183,6 +189,8 @@ def score_studies(client: Client, classifier, studies: Sequence[Study], *,
                   ) -> tuple[list[pipeline.BatchItem], list[str]]:
     """Batch rows (``pipeline.classify_many``) for the frontal films of many studies; films that could not be
     retrieved keep an error row; ``progress(done, total)`` counts studies read. Returns (rows, notes)."""
+    from cxr_core import pipeline
+
     named: list[tuple[str, bytes | None, str | None]] = []
     notes: list[str] = []
     for n, study in enumerate(studies, 1):
