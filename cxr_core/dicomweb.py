@@ -263,12 +263,11 @@ class Client:
                 study = _study(item) if isinstance(item, Mapping) else None
                 if study is not None:
                     found.setdefault(study.study_uid, study)
-        if body_part.strip() and found:
-            answer = self._call("searching for series by body part", self._web.search_for_series,
-                                search_filters={"BodyPartExamined": body_part.strip().upper()},
-                                fields=["StudyInstanceUID"])
-            keep = {_value(item, "StudyInstanceUID") for item in answer if isinstance(item, Mapping)}
-            found = {uid: study for uid, study in found.items() if uid in keep}
+        if body_part.strip():  # a series attribute: asked per study found, so the query stays bounded
+            part = {"BodyPartExamined": body_part.strip().upper()}
+            found = {uid: study for uid, study in found.items()
+                     if self._call("searching for series by body part", self._web.search_for_series,
+                                   study_instance_uid=uid, search_filters=part, fields=["BodyPartExamined"], limit=1)}
         return sorted(found.values(), key=lambda s: (s.date, s.accession), reverse=True)[:limit]
 
     def instances(self, study_uid: str) -> list[Instance]:
