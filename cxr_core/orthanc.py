@@ -1,4 +1,5 @@
-"""A throw-away local Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) for the demo, tests and benchmark.
+"""A throw-away local Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) for the demo, tests and benchmark,
+and the loader that fills it with a folder of DICOM films over STOW-RS (``load_folder``, ``demo``).
 
     with LocalOrthanc() as server:          # 127.0.0.1, free port, HTTP auth with a generated password
         server.settings                     # dicomweb.Settings for the DICOMweb root
@@ -14,8 +15,10 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,14 +26,20 @@ import urllib.error
 import urllib.request
 from base64 import b64encode
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-from cxr_core.dicomweb import Settings
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from cxr_core.dicomweb import Client, PacsError, Settings, quiet
 
 ORTHANC = "Orthanc"
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 USER = "cxr"
+DEMO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 
 
 def free_port() -> int:
@@ -139,3 +148,67 @@ class LocalOrthanc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def part10(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The dataset with a complete file meta header (files written without one get it from how they parsed)."""
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, _ = ds.original_encoding
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit is not False else ExplicitVRLittleEndian
+    if not getattr(ds, "preamble", None):
+        ds.preamble = b"\0" * 128  # written without one, the file would lack the 'DICM' prefix
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta = meta
+    return ds
+
+
+def load_folder(client: Client, folder: str | Path, edit: Callable[[pydicom.Dataset], None] | None = None
+                ) -> tuple[int, list[str]]:
+    """STOW-RS every DICOM file under ``folder`` (one request each); (stored, messages for the others).
+
+    A file whose SOP Instance UID was already loaded gets a new one derived from its path (the sample
+    folder holds re-encodings of the same film); ``edit`` may change each dataset first (tests: canaries).
+    """
+    seen: set[str] = set()
+    stored, problems = 0, []
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(folder).as_posix()
+        try:
+            with quiet():
+                ds = part10(pydicom.dcmread(path, force=True))
+            if "SOPInstanceUID" not in ds or "PixelData" not in ds:
+                raise ValueError("not a DICOM image")
+        except Exception:  # noqa: BLE001 - a non-DICOM file in the folder is reported and skipped
+            problems.append(f"{relative}: not a DICOM image, skipped")
+            continue
+        if ds.SOPInstanceUID in seen:
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), relative])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        seen.add(str(ds.SOPInstanceUID))
+        if edit is not None:
+            edit(ds)
+        try:
+            client.store([ds])
+            stored += 1
+        except PacsError as err:
+            problems.append(f"{relative}: {err}")
+    return stored, problems
+
+
+def demo(port: int | None, folder: Path, stop: threading.Event | None = None) -> None:
+    """Start Orthanc, load ``folder``, print the one DICOMweb line, serve until ``stop`` or a signal."""
+    stop = stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalOrthanc(port) as server:
+        stored, problems = load_folder(Client(server.settings), folder)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"Loaded {stored} DICOM file(s) from {folder}; stop with Ctrl+C.", file=sys.stderr)
+        s = server.settings
+        print(f"DICOMweb: {s.url} {s.username} {s.password}", flush=True)
+        stop.wait()

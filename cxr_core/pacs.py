@@ -9,26 +9,22 @@ Films go through ``pipeline`` exactly like an upload: the retrieved dataset is t
 in memory and read by ``imaging.load``. Nothing read from the PACS is written to disk or logged; the
 retrieved datasets live in memory only, for the write-back.
 
-``python -m cxr_core.pacs demo [--port N] [--load DIR]`` starts a local Orthanc (see ``orthanc.py``),
+``python -m cxr_core.pacs demo [--port N] [--load DIR]`` starts a local Orthanc (``orthanc.demo``),
 loads DIR's DICOM films over STOW-RS and prints one line ``DICOMweb: URL user PASSWORD``.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from cxr_core import dicom_results, overlay, quality, review
+from cxr_core import dicom_results, orthanc, overlay, quality, review
 from cxr_core.card import ModelCard
 from cxr_core.dicomweb import Client, Instance, PacsError, Study, quiet, to_bytes
 from cxr_core.errors import UnreadableImageError
@@ -36,7 +32,6 @@ from cxr_core.errors import UnreadableImageError
 if TYPE_CHECKING:  # pipeline imports Keras: the demo command does without it
     from cxr_core import pipeline
 
-DEMO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 LATERAL = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LEFT LATERAL", "RIGHT LATERAL"})
 MODALITIES = frozenset({"", "CR", "DX", "DR"})
 IMAGE_SOP_CLASSES = frozenset({
@@ -221,85 +216,18 @@ def score_studies(client: Client, classifier, studies: Sequence[Study], *,
     return rows, notes
 
 
-# --- the demo: a local Orthanc loaded with the sample films -------------------------------------------
-
-def part10(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """The dataset with a complete file meta header (files written without one get it from how they parsed)."""
-    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    if "TransferSyntaxUID" not in meta:
-        implicit, _ = ds.original_encoding
-        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit is not False else ExplicitVRLittleEndian
-    if not getattr(ds, "preamble", None):
-        ds.preamble = b"\0" * 128  # written without one, the file would lack the 'DICM' prefix
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta = meta
-    return ds
-
-
-def load_folder(client: Client, folder: str | Path, edit: Callable[[pydicom.Dataset], None] | None = None
-                ) -> tuple[int, list[str]]:
-    """STOW-RS every DICOM file under ``folder`` (one request each); (stored, messages for the others).
-
-    A file whose SOP Instance UID was already loaded gets a new one derived from its path (the sample
-    folder holds re-encodings of the same film); ``edit`` may change each dataset first (tests: canaries).
-    """
-    seen: set[str] = set()
-    stored, problems = 0, []
-    for path in sorted(Path(folder).rglob("*")):
-        if not path.is_file():
-            continue
-        relative = path.relative_to(folder).as_posix()
-        try:
-            with quiet():
-                ds = part10(pydicom.dcmread(path, force=True))
-            if "SOPInstanceUID" not in ds or "PixelData" not in ds:
-                raise ValueError("not a DICOM image")
-        except Exception:  # noqa: BLE001 - a non-DICOM file in the folder is reported and skipped
-            problems.append(f"{relative}: not a DICOM image, skipped")
-            continue
-        if ds.SOPInstanceUID in seen:
-            ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), relative])
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        seen.add(str(ds.SOPInstanceUID))
-        if edit is not None:
-            edit(ds)
-        try:
-            client.store([ds])
-            stored += 1
-        except PacsError as err:
-            problems.append(f"{relative}: {err}")
-    return stored, problems
-
-
-def demo(port: int | None, folder: Path, stop: threading.Event | None = None) -> None:
-    """Start Orthanc, load ``folder``, print the one DICOMweb line, serve until ``stop`` or a signal."""
-    from cxr_core.orthanc import LocalOrthanc
-
-    stop = stop or threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with LocalOrthanc(port) as server:
-        stored, problems = load_folder(Client(server.settings), folder)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        print(f"Loaded {stored} DICOM file(s) from {folder}; stop with Ctrl+C.", file=sys.stderr)
-        s = server.settings
-        print(f"DICOMweb: {s.url} {s.username} {s.password}", flush=True)
-        stop.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxr_core.pacs", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("demo", help="start a local Orthanc with sample chest films (127.0.0.1)")
     cmd.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
-    cmd.add_argument("--load", type=Path, default=DEMO_DATA, help=f"folder of DICOM files (default {DEMO_DATA})")
+    cmd.add_argument("--load", type=Path, default=orthanc.DEMO_DATA,
+                     help=f"folder of DICOM files (default {orthanc.DEMO_DATA})")
     args = parser.parse_args(argv)
     if not args.load.is_dir():
         parser.error(f"--load: {args.load} is not a folder")
     try:
-        demo(args.port, args.load)
+        orthanc.demo(args.port, args.load)
     except RuntimeError as err:
         print(err, file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import pydicom
 from conftest import DICOM
 from pydicom.uid import generate_uid
 
-from cxr_core import dicomweb, pacs
+from cxr_core import dicomweb, orthanc
 from cxr_core.orthanc import LocalOrthanc
 
 CANARY = {"PatientName": "Quokkaberg^Philippa", "PatientID": "CANARY-7731-PID"}
@@ -32,7 +32,7 @@ def canary(ds: pydicom.Dataset) -> None:
 
 def new_study(path, accession: str) -> pydicom.Dataset:
     """A canary copy of a real film in a study of its own (new UIDs)."""
-    ds = pacs.part10(pydicom.dcmread(path, force=True))
+    ds = orthanc.part10(pydicom.dcmread(path, force=True))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.AccessionNumber = accession
@@ -54,7 +54,7 @@ def loaded_orthanc() -> Iterator[tuple[LocalOrthanc, dicomweb.Client]]:
     """Orthanc on a free 127.0.0.1 port (the demo's code path), holding every canary film plus the extras."""
     with LocalOrthanc() as server:
         client = dicomweb.Client(server.settings)
-        stored, problems = pacs.load_folder(client, DICOM, edit=canary)
+        stored, problems = orthanc.load_folder(client, DICOM, edit=canary)
         assert problems == [] and stored == len(list(DICOM.rglob("*.dcm"))), problems
         client.store(extra_studies())
         yield server, client
@@ -62,7 +62,7 @@ def loaded_orthanc() -> Iterator[tuple[LocalOrthanc, dicomweb.Client]]:
 
 def local_canary_bytes(path) -> bytes:
     """The file as the test loaded it into Orthanc (canary patient), as Part 10 bytes."""
-    ds = pacs.part10(pydicom.dcmread(path, force=True))
+    ds = orthanc.part10(pydicom.dcmread(path, force=True))
     canary(ds)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
