@@ -284,3 +284,24 @@ def test_demo_command_prints_one_line_and_serves_the_films(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and out == "" and "Loaded 1 DICOM file(s)" in err
     assert not any(needle in err for needle in NEEDLES)
+
+
+def test_score_a_whole_search_as_a_batch(orthanc, model):
+    _, client = orthanc
+    classifier, _ = model
+    studies = client.search_studies(modality="")
+    seen: list[tuple[int, int]] = []
+    rows, notes = pacs.score_studies(client, classifier, studies, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (len(studies), len(studies)) and notes == []
+    errors = {row.name: row.error for row in rows if row.prediction is None}
+    assert any(e.startswith("Lateral view (LL)") for e in errors.values())
+    assert any("could not be decoded" in e for e in errors.values())
+    scored = [row for row in rows if row.prediction is not None]
+    assert len(scored) == len(FILES) - 1  # every film but the corrupt 966.dcm
+    assert len({row.name for row in rows}) == len(rows)  # names made unique for the table
+    (dx,) = [row for row in scored if row.info.metadata.get("TransferSyntax") == "JPEG 2000 Image Compression "
+             "(Lossless Only)" and row.info.width == 1420]
+    direct = pipeline.classify(classifier, Explainer(classifier), local_canary_bytes(DX_J2K), DX_J2K.name)
+    np.testing.assert_allclose(dx.prediction.probabilities, direct.prediction.probabilities, atol=1e-5)
+    limited, notes = pacs.score_studies(client, classifier, studies, limit=1)
+    assert "Only the first 1 films were scored" in notes[0] and len(limited) < len(rows)
