@@ -256,6 +256,9 @@ def test_settings_from_secrets_or_environment():
                                                                  7.5, None)
     secret = dicomweb.load_settings({"url": "http://127.0.0.1:1/dicom-web", "username": "u", "password": "p"}, env)
     assert (secret.username, secret.verify) == ("u", True) and "p" not in repr(secret).split("username")[1]
+    bearer = dicomweb.Client(s)._web._session  # the token goes in the header, TLS checks as configured
+    assert bearer.headers["Authorization"] == "Bearer tok" and bearer.auth is None and bearer.verify is False
+    assert dicomweb.Client(secret)._web._session.auth == ("u", "p")
     with pytest.raises(PacsError, match="must not hold a user name or password"):
         dicomweb.load_settings({"url": "http://u:p@127.0.0.1/dicom-web"})
     with pytest.raises(PacsError, match="Unknown PACS setting"):
