@@ -11,7 +11,7 @@ import sys
 
 import pydicom
 import pytest
-from pacs_server import DICOM, loaded_orthanc
+from pacs_server import DICOM, NEEDLES, loaded_orthanc
 from test_browser import CHROMIUM, REPO, TIMEOUT_MS, _free_port, _save_screenshot, _wait_until_serving
 
 from cxr_core import dicom_results
@@ -37,7 +37,7 @@ def server(tmp_path, tiny_model_dir):
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_until_serving(url, proc, log)
-            yield url, client
+            yield url, client, orthanc
         finally:
             proc.terminate()
             try:
@@ -52,7 +52,7 @@ def test_pacs_search_open_heatmap_and_write_back_in_chromium(server, tmp_path):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium), as .ci/run does")
     from playwright.sync_api import expect, sync_playwright
 
-    url, client = server
+    url, client, orthanc = server
     expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM,
@@ -79,3 +79,5 @@ def test_pacs_search_open_heatmap_and_write_back_in_chromium(server, tmp_path):
     study = str(pydicom.dcmread(RG1, stop_before_pixels=True).StudyInstanceUID)
     ours = [i for i in client.instances(study) if i.series_description.startswith(dicom_results.RESULT_PREFIX)]
     assert sorted(i.series_description.rsplit(" ", 1)[1] for i in ours) == ["SR", "SR", "heatmap", "heatmap"]
+    said = (tmp_path / "streamlit.log").read_text(errors="replace") + orthanc.output()
+    assert [needle for needle in NEEDLES if needle in said] == []  # the canary patient stays in the PACS
