@@ -11,6 +11,7 @@ st.navigation(
     [
         st.Page("pages/classify.py", title="Classify", icon=":material/radiology:", default=True),
         st.Page("pages/batch.py", title="Batch review", icon=":material/table_view:"),
+        st.Page("pages/pacs.py", title="PACS worklist", icon=":material/cloud_sync:"),
         st.Page("pages/metrics.py", title="Model metrics", icon=":material/monitoring:"),
         st.Page("pages/instructor.py", title="Instructor", icon=":material/school:"),
     ]

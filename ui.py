@@ -127,3 +127,19 @@ def model_sidebar() -> tuple[Any, Any] | None:
 def research_banner() -> None:
     """The research-use-only notice shown at the top of every page."""
     st.warning(card_lib.RESEARCH_USE, icon="⚠️")
+
+
+def pacs_settings() -> Any:
+    """``cxr_core.dicomweb.Settings`` from the secrets' ``[pacs]`` section or CXR_PACS_* env vars; None (PACS
+    features off) when neither is set, with an error shown when they are set but wrong."""
+    from cxr_core import dicomweb
+
+    try:
+        section = st.secrets.get("pacs")
+    except Exception:  # no secrets.toml at all (Streamlit raises when none is found)
+        section = None
+    try:
+        return dicomweb.load_settings(dict(section) if section else None)
+    except dicomweb.PacsError as err:
+        st.error(str(err))
+        return None

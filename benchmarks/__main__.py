@@ -79,6 +79,10 @@ def run(config: Config) -> dict:
     log("classify DICOM")
     figures["classify_dicom_ms_p50"] = round(
         serving.classify_ms(classifier, explainer, serving.DICOM, max(3, config.repeat // 3)), 1)
+    log("PACS retrieve + classify (local Orthanc) vs disk")
+    from benchmarks.pacs import pacs_figures
+
+    figures.update(pacs_figures(classifier, explainer, max(3, config.repeat // 3)))
     log("tf-keras-vis Gradcam")
     figures["tfkv_gradcam_ms_p50"] = round(serving.tfkv_gradcam_ms(classifier, serving.JPEG, config.tfkv_repeat), 1)
     log("forward throughput")

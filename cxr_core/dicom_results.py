@@ -1,0 +1,165 @@
+"""DICOM result objects for one classified film, written with highdicom, flagged UNVERIFIED.
+
+    sr = structured_report(source, prediction, card)              # Comprehensive SR, new series
+    sc = heatmap_capture(source, overlay_rgb, card, "PNEUMONIA")  # secondary capture of the Grad-CAM overlay
+
+Both belong to the source film's patient and study (patient and study modules copied from ``source``,
+the dataset retrieved from the PACS), get new series and SOP Instance UIDs, and carry a series
+description that starts with ``RESULT_PREFIX`` so that a later write-back can find them
+(``existing_results``). ``read_report`` parses an SR written here back into plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, DT, TM
+
+from cxr_core.card import ModelCard
+
+if TYPE_CHECKING:  # models imports Keras
+    from cxr_core.models import Prediction
+
+UNVERIFIED = "UNVERIFIED - research use only, not for diagnosis"
+RESULT_PREFIX = "UNVERIFIED AI"
+MANUFACTURER = "cxr_core (research software)"
+SCHEME = "99CXR"  # private coding scheme for the per-class probabilities
+REPORT_TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging report")
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+
+
+def series_description(card: ModelCard, kind: str) -> str:
+    """'UNVERIFIED AI <model> v<version> <kind>' cut to the 64 characters DICOM allows."""
+    return f"{RESULT_PREFIX} {card.name} v{card.version} {kind}"[:64]
+
+
+def existing_results(descriptions: Mapping[str, str], card: ModelCard) -> list[str]:
+    """Series UIDs (from series UID -> description) that hold this model's results already."""
+    mine = {series_description(card, kind) for kind in ("SR", "heatmap")}
+    return sorted(uid for uid, text in descriptions.items() if text in mine)
+
+
+TYPE2 = (("PatientName", "PN"), ("PatientID", "LO"), ("PatientBirthDate", "DA"), ("PatientSex", "CS"),
+         ("StudyDate", "DA"), ("StudyTime", "TM"), ("StudyID", "SH"), ("AccessionNumber", "SH"),
+         ("ReferringPhysicianName", "PN"))
+
+
+def patient_study_source(source: pydicom.Dataset) -> pydicom.Dataset:
+    """A shallow copy of ``source`` whose patient and study fields highdicom can copy: missing ones present
+    but empty, and dates or times that do not parse (anonymisers leave hashes there) emptied."""
+    clean = pydicom.Dataset()
+    clean.update(source)
+    clean.file_meta = getattr(source, "file_meta", pydicom.dataset.FileMetaDataset())
+    for element in list(source):
+        parse = {"DA": DA, "TM": TM, "DT": DT}.get(element.VR)
+        if parse is None or element.value in (None, ""):
+            continue
+        try:
+            parse(element.value)
+        except (TypeError, ValueError):
+            clean.add_new(element.tag, element.VR, "")  # a new element: the source keeps its value
+    for keyword, vr in TYPE2:
+        if keyword not in clean:
+            clean.add_new(keyword, vr, "")
+    return clean
+
+
+def probability_concept(class_name: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(class_name.upper().replace(" ", "_")[:16], SCHEME, f"Probability of {class_name}")
+
+
+def _text(name, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value[:1024], relationship_type="CONTAINS")
+
+
+def structured_report(source: pydicom.Dataset, prediction: Prediction, card: ModelCard) -> hd.sr.ComprehensiveSR:
+    """A Comprehensive SR: per class the calibrated probability, the decision at the card's thresholds,
+    the algorithm (name, version, weights sha256), the UNVERIFIED text, and a reference to ``source``."""
+    rule = ", ".join(f"{c} >= {t:.3f}" for c, t in card.thresholds.items()) or "top class"
+    items = [
+        _text(codes.DCM.Comment, UNVERIFIED),
+        _text(codes.DCM.AlgorithmName, card.name),
+        _text(codes.DCM.AlgorithmVersion, card.version),
+        _text(codes.DCM.AlgorithmParameters, f"weights sha256 {card.weights_sha256}; architecture "
+                                              f"{card.architecture}; decision rule {rule}, otherwise "
+                                              f"{card.negative_class or 'top class'}"),
+        hd.sr.ImageContentItem(name=codes.DCM.SourceOfMeasurement, referenced_sop_class_uid=source.SOPClassUID,
+                               referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type="CONTAINS"),
+    ]
+    items += [hd.sr.NumContentItem(name=probability_concept(name), value=float(p), unit=codes.UCUM.NoUnits,
+                                   relationship_type="CONTAINS")
+              for name, p in zip(prediction.class_names, prediction.probabilities, strict=True)]
+    items.append(_text(codes.DCM.Finding, prediction.decision))
+    root = hd.sr.ContainerContentItem(name=REPORT_TITLE)
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[source], content=root, series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        is_final=False, is_verified=False, series_description=series_description(card, "SR"),
+    )
+    return sr
+
+
+def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: ModelCard,
+                    explained_class: str) -> hd.sc.SCImage:
+    """A secondary capture (RGB, 8 bit) of the Grad-CAM overlay ``overlay_rgb`` (uint8 HxWx3), same study,
+    new series, BurnedInAnnotation YES and an UNVERIFIED series description."""
+    pixels = np.ascontiguousarray(overlay_rgb, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"overlay_rgb must be uint8 (H, W, 3), got shape {pixels.shape}")
+    orientation = tuple(str(v) for v in source.get("PatientOrientation") or ())
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=hd.UID(), series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
+        patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
+        series_description=series_description(card, "heatmap"),
+    )
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"{UNVERIFIED}. Grad-CAM for {explained_class}, {card.name} v{card.version}."[:10240]
+    sc.DerivationDescription = f"Grad-CAM heatmap over the source film ({card.name} v{card.version})"
+    sc.SourceImageSequence = [_reference(source)]
+    return sc
+
+
+def _reference(source: pydicom.Dataset) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item
+
+
+@dataclass(frozen=True)
+class ReportValues:
+    """What ``read_report`` finds in an SR written by ``structured_report``."""
+
+    probabilities: dict[str, float]
+    decision: str
+    algorithm: dict[str, str]  # name, version, parameters
+    comment: str
+    referenced_sop_uids: list[str]
+
+
+def read_report(sr: pydicom.Dataset) -> ReportValues:
+    """Probabilities, decision, algorithm identification, comment and image references of our SR."""
+    probabilities: dict[str, float] = {}
+    texts: dict[str, str] = {}
+    references: list[str] = []
+    for item in sr.ContentSequence:
+        concept = item.ConceptNameCodeSequence[0]
+        if item.ValueType == "NUM" and concept.CodingSchemeDesignator == SCHEME:
+            name = str(concept.CodeMeaning).removeprefix("Probability of ")
+            probabilities[name] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "TEXT":
+            texts[str(concept.CodeMeaning)] = str(item.TextValue)
+        elif item.ValueType == "IMAGE":
+            references.append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+    algorithm = {key.split()[-1].lower(): texts.get(key, "")
+                 for key in ("Algorithm Name", "Algorithm Version", "Algorithm Parameters")}
+    return ReportValues(probabilities, texts.get("Finding", ""), algorithm, texts.get("Comment", ""), references)

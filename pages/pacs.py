@@ -1,0 +1,193 @@
+"""PACS worklist: search the DICOMweb archive, classify a study's frontal films, score a whole search as a
+batch, and (opt-in, per study) write the results back as DICOM SR + heatmap flagged UNVERIFIED.
+
+Only on when PACS settings exist (secrets ``[pacs]`` or CXR_PACS_* env vars). Nothing read from the PACS is
+written to disk: studies, films and results live in this session's memory. Searching/classifying and writing
+back are separate functions (``search_ui``/``study_ui`` and ``write_back_ui``) so that each can be gated.
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pandas as pd
+import streamlit as st
+
+import ui
+from cxr_core import dicomweb, overlay, pacs, review
+from cxr_core.dicomweb import PacsError
+
+STUDIES, RESULTS, BATCH = "pacs_studies", "pacs_results", "pacs_batch"
+MODALITY_CHOICES = {"CR, DX or DR": dicomweb.RADIOGRAPHY, "CR": "CR", "DX": "DX", "DR": "DR"}
+
+
+def search_ui(client: dicomweb.Client) -> None:
+    """The search form; the matching studies are kept in the session."""
+    cols = st.columns(5)
+    dated = st.checkbox("Only studies in this date range", key="pacs_dated")
+    today = date.today()
+    start = cols[0].date_input("Study date from", value=today - timedelta(days=30), min_value=date(1900, 1, 1),
+                               key="pacs_from", disabled=not dated)
+    end = cols[1].date_input("to", value=today, min_value=date(1900, 1, 1), key="pacs_to", disabled=not dated)
+    accession = cols[2].text_input("Accession number", key="pacs_accession")
+    modality = cols[3].selectbox("Modality", list(MODALITY_CHOICES), key="pacs_modality")
+    body = cols[4].text_input("Body part", key="pacs_body", placeholder="e.g. CHEST")
+    if not st.button("Search", type="primary", key="pacs_search"):
+        return
+    try:
+        studies = client.search_studies(date_from=start if dated else None, date_to=end if dated else None,
+                                        accession=accession,
+                                        modality=MODALITY_CHOICES[modality], body_part=body)
+    except PacsError as err:
+        st.error(str(err))
+        return
+    st.session_state[STUDIES] = studies
+    st.session_state.pop(RESULTS, None)
+    st.session_state.pop(BATCH, None)
+
+
+def studies_table(studies: list[dicomweb.Study]) -> pd.DataFrame:
+    """Only what a clinician needs to pick a study (no patient name or ID)."""
+    return pd.DataFrame({"Accession": [s.accession for s in studies], "Date": [s.date for s in studies],
+                         "Description": [s.description for s in studies],
+                         "Modality": [s.modalities for s in studies],
+                         "Films": [s.films if s.films is not None else pd.NA for s in studies]})
+
+
+def study_ui(client: dicomweb.Client, classifier, explainer, study: dicomweb.Study) -> pacs.StudyResult | None:
+    """Classify the study's frontal films (once per study and model) and show each with its heatmap."""
+    key = (study.study_uid, classifier.card.weights_sha256)
+    state = st.session_state.get(RESULTS)
+    if state is None or state[0] != key:
+        with st.spinner("Reading and classifying the study's films..."):
+            try:
+                result = pacs.classify_study(client, classifier, explainer, study.study_uid)
+            except PacsError as err:
+                st.error(str(err))
+                return None
+        st.session_state[RESULTS] = state = (key, result)
+    result = state[1]
+    for note in result.notes:
+        st.info(note)
+    for item in result.films:
+        film_ui(item, classifier.card)
+    return result
+
+
+def film_ui(item: pacs.FilmResult, card) -> None:
+    """One film: why it was skipped or could not be read, or the image, heatmap, decision and warnings."""
+    st.subheader(item.film.label)
+    if item.film.skip:
+        st.info(item.film.skip)
+        return
+    if item.error:
+        st.error(item.error)
+        return
+    result, prediction = item.result, item.result.prediction
+    if item.quality is not None and item.quality.probably_not_chest:
+        st.warning("Probably not a frontal chest radiograph: " + "; ".join(item.quality.reasons)
+                   + ". The result below is not meaningful for this film.", icon="🚫")
+    if prediction.unfamiliar:
+        st.warning("Unfamiliar image: it does not look like the films this model was trained on "
+                   f"(familiarity {prediction.familiarity:.2f}). Treat the result with caution.", icon="❔")
+    if prediction.low_confidence:
+        st.warning(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
+                   f"{card.low_confidence:.0%}. Treat this result as uncertain.", icon="⚠️")
+    left, right = st.columns([3, 2])
+    pictures = left.columns(2)
+    pictures[0].image(result.image.pixels, clamp=True, width="stretch",
+                      caption=f"{result.image.info.width} x {result.image.info.height} px")
+    pictures[1].image(overlay.overlay(result.image.pixels, result.heatmap), width="stretch",
+                      caption=f"Grad-CAM for {card.class_names[result.class_index]} (red = most weight)")
+    colour = "red" if prediction.positive else "blue"
+    right.markdown(f"### Decision: :{colour}[{prediction.decision}]")
+    right.table(pd.DataFrame({"Class": list(prediction.class_names),
+                              "Probability": [f"{p:.4f}" for p in prediction.probabilities]}), hide_index=True)
+
+
+def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> None:
+    """Opt-in write-back of this study's results (SR + heatmap image per film), never automatic."""
+    if not result.classified:
+        return
+    st.divider()
+    st.markdown("**Write the results back to the PACS** as a DICOM structured report and a heatmap image per "
+                "film, in new series of this study, flagged *UNVERIFIED - research use only*.")
+    again = st.checkbox("Write again even if this model's results are already in the study", key="pacs_again")
+    if not st.button("Write back to the PACS", key="pacs_write"):
+        return
+    try:
+        with st.spinner("Storing the results..."):
+            stored = pacs.write_back(client, card, result, again=again)
+    except PacsError as err:
+        st.error(str(err))
+        return
+    st.success(f"Stored {len(stored)} object(s) in the study: a structured report and a heatmap image for each "
+               f"of {len(result.classified)} film(s), flagged UNVERIFIED.")
+
+
+def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study]) -> None:
+    """Score the frontal films of every study found, with a progress bar; the Batch review table and CSV."""
+    if st.button(f"Score all {len(studies)} studies as a batch", key="pacs_batch_run"):
+        bar = st.progress(0.0, text=f"Reading {len(studies)} studies...")
+
+        def progress(done: int, total: int) -> None:
+            bar.progress(done / max(total, 1), text=f"Read {done} of {total} studies")
+
+        try:
+            rows, notes = pacs.score_studies(client, classifier, studies, progress=progress)
+        except PacsError as err:
+            bar.empty()
+            st.error(str(err))
+            return
+        bar.empty()
+        table = review.batch_table(rows, classifier.card.class_names, [review.assess_item(r) for r in rows])
+        st.session_state[BATCH] = (classifier.card.weights_sha256, table, notes)
+    state = st.session_state.get(BATCH)
+    if not state or state[0] != classifier.card.weights_sha256:
+        return
+    _, table, notes = state
+    for note in notes:
+        st.info(note)
+    counts = review.summary(table)
+    st.caption(f"{counts['files']} film(s): {counts['positive']} positive, {counts['low_confidence']} low "
+               f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unreadable']} not read.")
+    st.dataframe(table, hide_index=True, key="pacs_batch_table",
+                 column_config={review.THUMBNAIL: st.column_config.ImageColumn("Image", width="small")})
+    st.download_button(f"Download {len(table)} rows as CSV", review.export_csv(table), file_name="pacs_batch.csv",
+                       mime="text/csv", key="pacs_batch_csv")
+
+
+ui.research_banner()
+st.title("PACS worklist")
+settings = ui.pacs_settings()
+if settings is None:
+    st.info("The PACS features are off. Add a [pacs] section to .streamlit/secrets.toml (see "
+            ".streamlit/secrets.toml.example) or set CXR_PACS_URL (and CXR_PACS_USER, CXR_PACS_PASSWORD), then "
+            "restart the app. To try it, `python -m cxr_core.pacs demo` starts a local archive with sample films.")
+    st.stop()
+loaded = ui.model_sidebar()
+if loaded is None:
+    st.info("Choose a working model in the sidebar to classify studies.")
+    st.stop()
+classifier, explainer = loaded
+st.caption(f"Archive: {settings.host}. Patient names and IDs are not shown; films are read into memory only.")
+client = dicomweb.Client(settings)
+search_ui(client)
+studies = st.session_state.get(STUDIES)
+if studies is None:
+    st.stop()
+if not studies:
+    st.warning("No study matches this search. Widen the dates or clear the other fields.")
+    st.stop()
+st.dataframe(studies_table(studies), hide_index=True, key="pacs_studies_table")
+tabs = st.tabs(["One study", "Whole search as a batch"])
+with tabs[0]:
+    chosen = st.selectbox("Open a study", range(len(studies)), index=None, key="pacs_study",
+                          placeholder="Choose a study to classify its frontal films",
+                          format_func=lambda i: pacs.study_label(studies[i]))
+    if chosen is not None:
+        result = study_ui(client, classifier, explainer, studies[chosen])
+        if result is not None:
+            write_back_ui(client, classifier.card, result)
+with tabs[1]:
+    batch_ui(client, classifier, studies)

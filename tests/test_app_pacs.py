@@ -1,0 +1,105 @@
+"""The PACS worklist page (AppTest) against a real Orthanc: search, classify a study, batch, write back; PHI.
+
+The films carry canary patient names and IDs (tests/pacs_server.py); the classify and batch runs happen while
+TMPDIR points at an empty folder and every log record is captured (test_phi's ``isolated`` fixture), then
+the logs, Orthanc's output, written files and the page are searched for the canaries.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pydicom
+import pytest
+from pacs_server import CANARY, DX_J2K, NEEDLES, loaded_orthanc, local_canary_bytes
+from streamlit.testing.v1 import AppTest
+from test_phi import REPO, isolated, page_text, written_files  # noqa: F401 - isolated is a fixture
+
+from cxr_core import dicom_results, models, pipeline
+from cxr_core.explain import Explainer
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "pacs.py")
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    with loaded_orthanc() as (server, client):
+        yield server, client
+
+
+def page(settings: dict | None) -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    if settings is not None:
+        at.secrets["pacs"] = settings
+    return at.run()
+
+
+def secrets_of(server) -> dict:
+    s = server.settings
+    return {"url": s.url, "username": s.username, "password": s.password}
+
+
+def test_page_is_off_without_pacs_settings(monkeypatch, tiny_model_dir):
+    monkeypatch.delenv("CXR_PACS_URL", raising=False)
+    at = page(None)
+    assert [e.value for e in at.exception] == []
+    assert "The PACS features are off" in at.info[0].value and "secrets.toml.example" in at.info[0].value
+
+
+def test_search_classify_batch_and_write_back(orthanc, isolated, capfd, tiny_model_dir):  # noqa: F811
+    server, client = orthanc
+    at = page(secrets_of(server))
+    assert [e.value for e in at.exception] == []
+    at.checkbox(key="pacs_dated").check().run()
+    at.date_input(key="pacs_from").set_value(date(2004, 8, 31))
+    at.date_input(key="pacs_to").set_value(date(2004, 8, 31))
+    at.selectbox(key="pacs_modality").set_value("DX").run()
+    at.button(key="pacs_search").click().run()
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["Accession", "Date", "Description", "Modality", "Films"]
+    assert table.to_dict("records") == [{"Accession": "", "Date": "2004-08-31", "Description": "", "Modality": "DX",
+                                         "Films": 1}]
+    at.selectbox(key="pacs_study").set_value(0).run()
+    assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
+    shown = dict(zip(at.table[0].value["Class"], at.table[0].value["Probability"], strict=True))
+    classifier = models.load(tiny_model_dir)  # the page serves a copy of it
+    direct = pipeline.classify(classifier, Explainer(classifier), local_canary_bytes(DX_J2K), DX_J2K.name)
+    assert shown == {n: f"{p:.4f}" for n, p in direct.prediction.as_dict().items()}
+    assert any(f"Decision: :{c}[{direct.prediction.decision}]" in m.value for m in at.markdown for c in ("red", "blue"))
+    assert f"Grad-CAM for {direct.prediction.top_class}" in page_text(at)
+
+    at.button(key="pacs_batch_run").click().run()
+    batch = at.dataframe[1].value
+    assert len(batch) == 1 and batch["top_probability"].iloc[0] == pytest.approx(direct.prediction.top_probability)
+
+    at.button(key="pacs_write").click().run()
+    assert "Stored 2 object(s) in the study" in at.success[0].value
+    study_uid = str(pydicom.dcmread(DX_J2K, stop_before_pixels=True).StudyInstanceUID)
+    ours = [i for i in client.instances(study_uid) if i.series_description.startswith("UNVERIFIED AI")]
+    (sr,) = [client.retrieve_dataset(i) for i in ours if i.series_description.endswith(" SR")]
+    values = dicom_results.read_report(sr)
+    assert {n: f"{p:.4f}" for n, p in values.probabilities.items()} == shown
+    assert values.decision == direct.prediction.decision and str(sr.PatientName) == CANARY["PatientName"]
+    at.button(key="pacs_write").click().run()
+    assert "already in the PACS for this study" in at.error[0].value
+
+    # PHI: the canaries are in Orthanc (the positive control) but nowhere this app wrote or said.
+    assert CANARY["PatientID"] == sr.PatientID
+    out, err = capfd.readouterr()
+    places = {"log": isolated["log"].getvalue(), "stdout": out, "stderr": err, "orthanc": server.output(),
+              "page": page_text(at)}
+    for path in written_files([isolated["tmp"], REPO, Path.home() / ".streamlit"], isolated["start"]):
+        places[str(path)] = path.read_bytes().decode("latin-1")
+    leaks = [f"{needle} in {where}" for where, text in places.items() for needle in NEEDLES if needle in text]
+    assert leaks == []
+
+
+def test_bad_settings_and_a_server_that_is_down(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
+    at = page({"url": "ftp://127.0.0.1/dicom-web"})
+    assert "must be an http:// or https:// address" in at.error[0].value
+    at = page({"url": "http://127.0.0.1:9/dicom-web", "timeout": 3})
+    at.button(key="pacs_search").click().run()
+    assert [e.value for e in at.exception] == []
+    assert "cannot be reached (server down or unreachable)" in at.error[0].value

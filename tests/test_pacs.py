@@ -1,0 +1,310 @@
+"""cxr_core.dicomweb, dicom_results and pacs against a real Orthanc (Debian's orthanc + orthanc-dicomweb).
+
+One Orthanc per module, started on a free 127.0.0.1 port by the demo's code path and loaded over STOW-RS with
+canary copies of every file of ../shared/data/dicom (all transfer syntaxes there).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+import subprocess
+import sys
+import threading
+from datetime import date
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from conftest import DICOM
+from pacs_server import (
+    CANARY,
+    DX_J2K,
+    EMPTY_ACCESSION,
+    LATERAL_ACCESSION,
+    NEEDLES,
+    REFUSE_ALL,
+    loaded_orthanc,
+    local_canary_bytes,
+)
+from pydicom.uid import generate_uid
+
+from cxr_core import dicom_results, dicomweb, imaging, models, pacs, pipeline
+from cxr_core.dicomweb import PacsError
+from cxr_core.errors import UnreadableImageError
+from cxr_core.explain import Explainer
+from cxr_core.orthanc import LocalOrthanc, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = sorted(DICOM.rglob("*.dcm"))
+RG1 = DICOM / "pydicom-data" / "RG1_J2KI.dcm"
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    with loaded_orthanc() as (server, client):
+        yield server, client
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    classifier = models.load(tiny_model_dir)
+    return classifier, Explainer(classifier)
+
+
+def loaded_uids() -> dict[Path, str]:
+    """SOP Instance UID of each file as load_folder stored it (later copies of a UID get a derived one)."""
+    seen, out = set(), {}
+    for path in FILES:
+        uid = str(pydicom.dcmread(path, force=True, stop_before_pixels=True).SOPInstanceUID)
+        if uid in seen:
+            uid = generate_uid(entropy_srcs=[uid, path.relative_to(DICOM).as_posix()])
+        seen.add(uid)
+        out[path] = uid
+    return out
+
+
+def study_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, force=True, stop_before_pixels=True).StudyInstanceUID)
+
+
+def instance(client: dicomweb.Client, path: Path) -> dicomweb.Instance:
+    uid = loaded_uids()[path]
+    return next(i for i in client.instances(study_of(path)) if i.sop_uid == uid)
+
+
+def by_accession(client: dicomweb.Client, accession: str) -> dicomweb.Study:
+    (study,) = client.search_studies(accession=accession, modality="")
+    return study
+
+
+def test_search_by_modality_date_accession_and_body_part(orthanc):
+    _, client = orthanc
+    dx = {s.study_uid for s in client.search_studies(modality="DX")}
+    assert dx == {study_of(p) for p in FILES if pydicom.dcmread(p, stop_before_pixels=True, force=True).get(
+        "Modality") == "DX"} and len(dx) == 2
+    everything = client.search_studies()
+    assert {study_of(p) for p in FILES} <= {s.study_uid for s in everything}
+    in_range = client.search_studies(date_from=date(2004, 8, 26), date_to=date(2004, 8, 31))
+    assert {s.study_uid for s in in_range} == {study_of(RG1), study_of(DX_J2K)}
+    (cr,) = client.search_studies(date_from=date(2004, 8, 26), date_to=date(2004, 8, 31), modality="CR")
+    assert (cr.study_uid, cr.date, cr.description, cr.modalities, cr.films) == (study_of(RG1), "2004-08-26",
+                                                                                "THORAX", "CR", 2)
+    (fuji,) = client.search_studies(accession="FUJI95714")
+    assert fuji.study_uid == study_of(DICOM / "fo-dicom" / "CR-MONO1-10-chest.dcm") and fuji.date == ""
+    chest = {s.study_uid for s in client.search_studies(body_part="chest")}
+    assert study_of(RG1) in chest and study_of(DICOM / "non_chest" / "CR-ModalitySequenceLUT.dcm") not in chest
+    with pytest.raises(PacsError, match="starts .* after it ends"):
+        client.search_studies(date_from=date(2005, 1, 1), date_to=date(2004, 1, 1))
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name[:24])
+def test_retrieve_gives_the_stored_transfer_syntax_and_identical_pixels(orthanc, path):
+    _, client = orthanc
+    retrieved = client.retrieve(instance(client, path))
+    remote = pydicom.dcmread(io.BytesIO(retrieved))
+    local = pydicom.dcmread(path, force=True)
+    expected_syntax = local.file_meta.get("TransferSyntaxUID") if "TransferSyntaxUID" in local.file_meta else \
+        pydicom.uid.ImplicitVRLittleEndian
+    assert remote.file_meta.TransferSyntaxUID == expected_syntax
+    assert remote.PixelData == local.PixelData
+    try:
+        expected = imaging.load(path)
+    except UnreadableImageError as err:  # 966.dcm: the same clear error both ways
+        with pytest.raises(UnreadableImageError) as remote_err:
+            imaging.load(retrieved)
+        assert str(remote_err.value) == str(err) and "could not be decoded" in str(err)
+        return
+    got = imaging.load(retrieved)
+    np.testing.assert_array_equal(got.pixels, expected.pixels)
+    assert got.info == expected.info
+
+
+def test_classify_study_equals_classifying_the_file(orthanc, model):
+    _, client = orthanc
+    classifier, explainer = model
+    result = pacs.classify_study(client, classifier, explainer, study_of(DX_J2K))
+    (item,) = result.films
+    direct = pipeline.classify(classifier, explainer, local_canary_bytes(DX_J2K), DX_J2K.name)
+    assert item.result.prediction.probabilities == direct.prediction.probabilities
+    np.testing.assert_array_equal(item.result.heatmap, direct.heatmap)
+    assert str(item.source.SOPInstanceUID) == loaded_uids()[DX_J2K]
+
+
+def read_back(client: dicomweb.Client, study_uid: str, card) -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]:
+    ours = [i for i in client.instances(study_uid) if i.series_description.startswith(dicom_results.RESULT_PREFIX)]
+    datasets = [client.retrieve_dataset(i) for i in ours]
+    return [d for d in datasets if d.Modality == "SR"], [d for d in datasets if d.Modality != "SR"]
+
+
+def test_write_back_sr_and_heatmap_read_back_over_wado(orthanc, model):
+    _, client = orthanc
+    classifier, explainer = model
+    card = classifier.card
+    study_uid = study_of(RG1)
+    result = pacs.classify_study(client, classifier, explainer, study_uid)
+    assert len(result.classified) == 2
+    before = {i.series_uid for i in client.instances(study_uid)}
+    stored = pacs.write_back(client, card, result)
+    assert len(stored) == 4
+    reports, captures = read_back(client, study_uid, card)
+    assert len(reports) == 2 and len(captures) == 2
+    sources = {str(f.source.SOPInstanceUID): f for f in result.classified}
+    for sr in reports:
+        hd.sr.ComprehensiveSR.from_dataset(sr)  # a valid SR for highdicom
+        values = dicom_results.read_report(sr)
+        (ref,) = values.referenced_sop_uids
+        prediction = sources[ref].result.prediction
+        # DICOM decimal strings hold 16 characters: the probabilities to about 1e-14.
+        assert values.probabilities == pytest.approx(prediction.as_dict(), abs=1e-13)
+        assert values.decision == prediction.decision
+        assert values.algorithm["name"] == card.name and values.algorithm["version"] == card.version
+        assert card.weights_sha256 in values.algorithm["parameters"]
+        assert values.comment == dicom_results.UNVERIFIED
+        assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == study_uid
+    for ds in [*reports, *captures]:
+        assert ds.StudyInstanceUID == study_uid and ds.SeriesInstanceUID not in before
+        assert ds.SOPInstanceUID not in sources and str(ds.PatientName) == CANARY["PatientName"]
+        assert ds.PatientID == CANARY["PatientID"] and ds.SeriesDescription.startswith("UNVERIFIED AI")
+    for sc in captures:
+        assert sc.BurnedInAnnotation == "YES" and "UNVERIFIED" in sc.SeriesDescription
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in sources
+        source = sources[sc.SourceImageSequence[0].ReferencedSOPInstanceUID].source
+        assert sc.pixel_array.shape == (source.Rows, source.Columns, 3) and sc.pixel_array.dtype == np.uint8
+    # A second write-back of the same study and model says so and writes nothing ...
+    count = len(client.instances(study_uid))
+    with pytest.raises(PacsError, match="already in the PACS for this study .*Nothing was written"):
+        pacs.write_back(client, card, result)
+    assert len(client.instances(study_uid)) == count
+    # ... unless asked to write again; the results are never classified as films themselves.
+    assert len(pacs.write_back(client, card, result, again=True)) == 4
+    again = pacs.classify_study(client, classifier, explainer, study_uid)
+    assert len(again.films) == 2 and any("written earlier by this application" in n for n in again.notes)
+
+
+def test_server_down_wrong_password_and_timeout(orthanc):
+    server, _ = orthanc
+    down = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{free_port()}/dicom-web", timeout=5))
+    with pytest.raises(PacsError, match="cannot be reached .*server down"):
+        down.search_studies()
+    wrong = dicomweb.Settings(url=server.settings.url, username="cxr", password="not-the-password")
+    with pytest.raises(PacsError, match=r"refused the credentials \(HTTP 401\)") as err:
+        dicomweb.Client(wrong).search_studies()
+    assert server.settings.password not in str(err.value) and "not-the-password" not in str(err.value)
+    assert "not-the-password" not in repr(wrong) and server.settings.password not in repr(server.settings)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        slow = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{port}/dicom-web", timeout=1))
+        with pytest.raises(PacsError, match="did not answer within 1 s"):
+            slow.search_studies()
+
+
+def test_study_without_images_lateral_and_non_chest_films(orthanc, model):
+    _, client = orthanc
+    classifier, explainer = model
+    with pytest.raises(PacsError, match="holds no radiographs"):
+        pacs.classify_study(client, classifier, explainer, by_accession(client, EMPTY_ACCESSION).study_uid)
+    lateral = pacs.classify_study(client, classifier, explainer, by_accession(client, LATERAL_ACCESSION).study_uid)
+    (film,) = lateral.films
+    assert film.result is None and film.film.skip.startswith("Lateral view (LL): not classified")
+    dental = pacs.classify_study(client, classifier, explainer, by_accession(client, "MODALITYLUT-001").study_uid)
+    (item,) = dental.films
+    assert item.quality.probably_not_chest and any("turned on its side" in r for r in item.quality.reasons)
+
+
+def test_undecodable_instance_and_a_study_over_the_cap(orthanc, model):
+    _, client = orthanc
+    classifier, explainer = model
+    broken = pacs.classify_study(client, classifier, explainer, study_of(DICOM / "pylibjpeg-data" / "966.dcm"))
+    errors = [f.error for f in broken.films if f.error]
+    assert len(errors) == 1 and "could not be decoded" in errors[0] and len(broken.classified) == 1
+    capped = pacs.classify_study(client, classifier, explainer, study_of(RG1), cap=1)
+    assert len(capped.classified) == 1 and capped.films[1].film.skip.startswith("Over the limit of 1")
+    assert any("has 2 frontal films; only the first 1 were read" in n for n in capped.notes)
+
+
+def test_a_pacs_that_refuses_stow(model):
+    classifier, explainer = model
+    with LocalOrthanc() as source, LocalOrthanc(lua=REFUSE_ALL) as refusing:
+        client = dicomweb.Client(source.settings)
+        client.store([pydicom.dcmread(DX_J2K)])
+        result = pacs.classify_study(client, classifier, explainer, study_of(DX_J2K))
+        with pytest.raises(PacsError, match=r"did not keep 2 of 2 object\(s\) it was sent"):
+            pacs.write_back(dicomweb.Client(refusing.settings), classifier.card, result)
+
+
+def test_odd_or_missing_qido_fields():
+    odd = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA", "Value": ["2004"]},
+            "00080050": {"vr": "SH"}, "00201208": {"vr": "IS", "Value": ["many"]}, "00081030": "not a dict"},
+           {"00080050": {"vr": "SH", "Value": ["NO-UID"]}}, {"0020000D": {"vr": "UI", "Value": []}}]
+    studies = [dicomweb._study(item) for item in odd]
+    assert studies[0] == dicomweb.Study("1.2.3", "", "", "", "", None) and studies[1:] == [None, None]
+    assert dicomweb._instance({"0020000E": {"Value": ["1.2"]}}, "1") is None  # no SOP UID: not listed
+
+
+def test_settings_from_secrets_or_environment():
+    assert dicomweb.load_settings(None, {}) is None
+    env = {"CXR_PACS_URL": "https://pacs.example.org/dicom-web/", "CXR_PACS_TOKEN": "tok", "CXR_PACS_VERIFY": "0",
+           "CXR_PACS_TIMEOUT": "7.5"}
+    s = dicomweb.load_settings(None, env)
+    assert (s.url, s.token, s.verify, s.timeout, s.username) == ("https://pacs.example.org/dicom-web", "tok", False,
+                                                                 7.5, None)
+    secret = dicomweb.load_settings({"url": "http://127.0.0.1:1/dicom-web", "username": "u", "password": "p"}, env)
+    assert (secret.username, secret.verify) == ("u", True) and "p" not in repr(secret).split("username")[1]
+    bearer = dicomweb.Client(s)._web._session  # the token goes in the header, TLS checks as configured
+    assert bearer.headers["Authorization"] == "Bearer tok" and bearer.auth is None and bearer.verify is False
+    assert dicomweb.Client(secret)._web._session.auth == ("u", "p")
+    with pytest.raises(PacsError, match="must not hold a user name or password"):
+        dicomweb.load_settings({"url": "http://u:p@127.0.0.1/dicom-web"})
+    with pytest.raises(PacsError, match="Unknown PACS setting"):
+        dicomweb.load_settings({"url": "http://127.0.0.1/dicom-web", "pasword": "x"})
+
+
+def test_demo_command_prints_one_line_and_serves_the_films(tmp_path):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    folder.joinpath("chest.dcm").write_bytes(DX_J2K.read_bytes())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_core.pacs", "demo", "--port", str(port), "--load",
+                             str(folder)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        timer = threading.Timer(120, proc.kill)
+        timer.start()
+        line = proc.stdout.readline()
+        timer.cancel()
+        match = re.fullmatch(r"DICOMweb: (http://127\.0\.0\.1:(\d+)/dicom-web) (\S+) (\S+)\n", line)
+        assert match and int(match[2]) == port, line
+        client = dicomweb.Client(dicomweb.Settings(url=match[1], username=match[3], password=match[4]))
+        (study,) = client.search_studies()
+        assert study.study_uid == study_of(DX_J2K) and study.films == 1
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out == "" and "Loaded 1 DICOM file(s)" in err
+    assert not any(needle in err for needle in NEEDLES)
+
+
+def test_score_a_whole_search_as_a_batch(orthanc, model):
+    _, client = orthanc
+    classifier, _ = model
+    studies = client.search_studies(modality="")
+    seen: list[tuple[int, int]] = []
+    rows, notes = pacs.score_studies(client, classifier, studies, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (len(studies), len(studies)) and notes == []
+    errors = {row.name: row.error for row in rows if row.prediction is None}
+    assert any(e.startswith("Lateral view (LL)") for e in errors.values())
+    assert any("could not be decoded" in e for e in errors.values())
+    scored = [row for row in rows if row.prediction is not None]
+    assert len(scored) == len(FILES) - 1  # every film but the corrupt 966.dcm
+    assert len({row.name for row in rows}) == len(rows)  # names made unique for the table
+    (dx,) = [row for row in scored if row.info.metadata.get("TransferSyntax") == "JPEG 2000 Image Compression "
+             "(Lossless Only)" and row.info.width == 1420]
+    direct = pipeline.classify(classifier, Explainer(classifier), local_canary_bytes(DX_J2K), DX_J2K.name)
+    np.testing.assert_allclose(dx.prediction.probabilities, direct.prediction.probabilities, atol=1e-5)
+    limited, notes = pacs.score_studies(client, classifier, studies, limit=1)
+    assert "Only the first 1 films were scored" in notes[0] and len(limited) < len(rows)
