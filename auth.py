@@ -9,7 +9,10 @@ Without ``[auth]`` the app is in local mode: one person on this machine, every f
 ``.streamlit/config.toml`` binds the server to 127.0.0.1; started on any other address without
 ``[auth]``, the features that read the server's folders or the PACS are refused.
 
-This module does not import ``cxr_core``: it decides who may do what, nothing about images.
+A page calls ``require("its action")`` right after the research banner; an action inside a page
+offers its widget only ``if allowed(action)`` and checks ``refusal(action)`` again when it runs, then
+writes its audit line with ``record``. This module does not import ``cxr_core``: it decides who may
+do what, nothing about images.
 """
 
 from __future__ import annotations

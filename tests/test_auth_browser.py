@@ -180,13 +180,14 @@ def _serializer(secret: str):
     return URLSafeTimedSerializer(secret, salt="_streamlit_user")
 
 
-def test_unauthenticated_visits_see_only_the_sign_in_screen(app, browser):
+def test_unauthenticated_visits_see_only_the_sign_in_screen(app, browser, tmp_path):
     url, _, _ = app
     context, page = _new_page(browser)
     try:
         for path in PAGE_URLS:
             page.goto(f"{url}/{path}")
             _expect_sign_in_screen_only(page)
+        _save_screenshot(page, tmp_path, "auth_sign_in.png")
     finally:
         context.close()
 
