@@ -242,8 +242,13 @@ def record(action: str, **fields: Any) -> dict[str, Any] | None:
     if folder is None:
         return None
     user = current_user()
-    return audit_log.AuditLog(folder, audit_key()).record(user.id if user else "anonymous",
-                                                          user.role if user else None, action, **fields)
+    try:
+        return audit_log.AuditLog(folder, audit_key()).record(user.id if user else "anonymous",
+                                                              user.role if user else None, action, **fields)
+    except OSError as err:  # the page goes on, but everyone sees that the trail has a gap
+        st.error(f"The audit trail could not be written to {folder} ({type(err).__name__}: {err.strerror}). "
+                 "Tell the app's administrator.", icon="📝")
+        return None
 
 
 def record_once(marker: str, action: str, **fields: Any) -> dict[str, Any] | None:

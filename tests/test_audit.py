@@ -150,3 +150,17 @@ def test_pacs_actions_write_keyed_hashes_not_uids(env, monkeypatch):
     assert_no_canaries(env / "audit")
     assert all(json.loads(t) for t in audit_text(env / "audit").splitlines())
     assert auth.ACTIONS["pacs_write"] == "pacs-writer"
+
+
+def test_an_unwritable_audit_folder_is_shown_not_a_crash(tmp_path, monkeypatch):
+    blocker = tmp_path / "audit"
+    blocker.write_text("a file where the audit folder should be")
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(blocker))
+    at = AppTest.from_string("import auth\nauth.record('sign_in')\nimport streamlit as st\nst.write('after')",
+                             default_timeout=60)
+    at.secrets["auth"], at.secrets["access"] = AUTH, ACCESS
+    at.user = {"is_logged_in": True, **VIEWER}
+    at.run()
+    assert [e.value for e in at.exception] == []
+    assert f"The audit trail could not be written to {blocker}" in at.error[0].value
+    assert at.markdown[0].value == "after"
