@@ -13,6 +13,7 @@ from typing import Any
 
 import streamlit as st
 
+import auth
 from cxr_core import card as card_lib
 from cxr_core.errors import ModelCardError
 
@@ -36,6 +37,12 @@ def data_root() -> Path | None:
     """The configured root for server-side folders (env CXR_DATA_ROOT), or None when unset."""
     value = os.environ.get("CXR_DATA_ROOT")
     return Path(value).resolve() if value else None
+
+
+def default_model(folders: list[Path]) -> Path:
+    """The model served to users who may not choose: env CXR_DEFAULT_MODEL (a folder name), else the first."""
+    wanted = os.environ.get("CXR_DEFAULT_MODEL")
+    return next((f for f in folders if f.name == wanted), folders[0])
 
 
 def list_models() -> list[Path]:
@@ -102,15 +109,21 @@ def model_sidebar() -> tuple[Any, Any] | None:
         return None
     names = [str(f) for f in folders]
     current = st.session_state.get(MODEL_KEY)
-    index = names.index(current) if current in names else 0
-    choice = st.sidebar.selectbox("Model", names, index=index, format_func=lambda p: Path(p).name,
-                                  key="_model_select")
+    if auth.allowed("choose_model"):
+        index = names.index(current) if current in names else names.index(str(default_model(folders)))
+        choice = st.sidebar.selectbox("Model", names, index=index, format_func=lambda p: Path(p).name,
+                                      key="_model_select")
+    else:  # no selector, and the session's choice is ignored: the role serves the default model only
+        choice = str(default_model(folders))
+        st.sidebar.caption(f"Model: **{Path(choice).name}** (choosing another model needs the admin role)")
     st.session_state[MODEL_KEY] = choice
     try:
         card = card_lib.read(choice)
     except ModelCardError as err:
         st.sidebar.error(str(err))
         return None
+    if current is not None and current != choice:
+        auth.record("model_change", model=card.name, weights_sha256=card.weights_sha256)
     card_summary_ui(card)
     try:
         loaded = load_model(choice, card.weights_sha256)

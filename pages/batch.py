@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+import auth
 import ui
 from cxr_core import imaging, overlay, paths, pipeline, preprocess, review
 from cxr_core.errors import UnreadableImageError
@@ -14,10 +15,15 @@ STATE = "batch_results"
 TABLE_KEY = "batch_table"
 MAX_FILES = 2000
 SOURCES = ("Upload files", "Upload a folder", "Folder on the server")
+AUDIT_SOURCES = dict(zip(SOURCES, ("upload", "folder_upload", "server_folder"), strict=True))
 
 
 def server_folder_ui() -> list[tuple[str, Path]] | None:
     """The files of a folder under the configured data root, once the user asks to score it."""
+    refused = auth.refusal("server_folders")
+    if refused:
+        st.error(refused, icon="🔒")
+        return None
     root = ui.data_root()
     if root is None:
         st.info("Scoring folders on the server is off. Set the environment variable CXR_DATA_ROOT to the folder "
@@ -61,8 +67,11 @@ def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
     return [(name, f.getvalue()) for name, f in zip(names, files, strict=True)]
 
 
-def score_ui(classifier, items: list[tuple[str, Path | bytes]]) -> None:
-    """Score in batches with a progress bar; keep the table and the sources (in memory) in the session."""
+def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str) -> None:
+    """Score in batches with a progress bar; keep the table and the sources (in memory) in the session.
+
+    ``origin`` ("upload", "folder_upload" or "server_folder") goes to the audit line with the counts.
+    """
     bar = st.progress(0.0, text=f"Scoring {len(items)} file(s)...")
 
     def progress(done: int, total: int) -> None:
@@ -72,9 +81,10 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]]) -> None:
     reports = [review.assess_item(item, source if isinstance(source, bytes) else None)
                for item, (_, source) in zip(results, items, strict=True)]
     bar.empty()
-    st.session_state[STATE] = {"model": classifier.card.weights_sha256,
-                               "table": review.batch_table(results, classifier.card.class_names, reports),
-                               "sources": dict(items)}
+    table = review.batch_table(results, classifier.card.class_names, reports)
+    auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
+                counts=review.summary(table))
+    st.session_state[STATE] = {"model": classifier.card.weights_sha256, "table": table, "sources": dict(items)}
     st.session_state.pop(TABLE_KEY, None)
 
 
@@ -153,16 +163,18 @@ def results_ui(classifier, explainer, state: dict) -> None:
 
 
 ui.research_banner()
+auth.require("batch")
 st.title("Batch review")
 loaded = ui.model_sidebar()
 if loaded is None:
     st.info("Choose a working model in the sidebar to score images.")
     st.stop()
 classifier, explainer = loaded
-source = st.radio("Images from", SOURCES, horizontal=True, key="batch_source")
+source = st.radio("Images from", SOURCES if auth.allowed("server_folders") else SOURCES[:2], horizontal=True,
+                  key="batch_source")
 items = server_folder_ui() if source == SOURCES[2] else upload_ui(directory=source == SOURCES[1])
 if items:
-    score_ui(classifier, items)
+    score_ui(classifier, items, AUDIT_SOURCES[source])
 state = st.session_state.get(STATE)
 if state and state["model"] == classifier.card.weights_sha256:
     results_ui(classifier, explainer, state)

@@ -8,6 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+import auth
 import ui
 from cxr_core import imaging, overlay, pipeline, quality, report, windowing
 from cxr_core.errors import UnreadableImageError
@@ -107,6 +108,7 @@ def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
 
 
 ui.research_banner()
+auth.require("classify")
 st.title("Classify a chest radiograph")
 model = ui.model_sidebar()
 if model is None:
@@ -123,11 +125,14 @@ if uploaded is None:
     st.stop()
 data = uploaded.getvalue()
 key = hashlib.sha256(data).hexdigest()[:16] + card.weights_sha256[:8]
+audited = {"model": card.name, "weights_sha256": card.weights_sha256, "source": "upload"}
 try:
     first = classify(classifier, explainer, model_key, data, uploaded.name, None, "gradcam")
 except UnreadableImageError as err:
+    auth.record_once(key, "classify", **audited, counts={"images": 1, "unreadable": 1})
     st.error(str(err))
     st.stop()
+auth.record_once(key, "classify", **audited, counts={"images": 1, "positive": int(first.prediction.positive)})
 prediction, info = first.prediction, first.image.info
 checked = quality.assess(first.image, data)
 

@@ -3,12 +3,14 @@ and the held-out split's most confident errors."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+import auth
 import ui
 from cxr_core import evaluation_view as ev
 from cxr_core import imaging, overlay, paths, preprocess, probe
@@ -56,7 +58,8 @@ def held_out_rows(predictions: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | bytes] | None:
     """The chosen image as (name, path or in-memory bytes), or None with a note."""
-    source = st.radio("Image", SOURCES, horizontal=True, key="instructor_source")
+    offered = SOURCES if auth.allowed("server_folders") else SOURCES[:2]
+    source = st.radio("Image", offered, horizontal=True, key="instructor_source")
     if source == SOURCES[0]:
         upload = st.file_uploader("A radiograph (JPEG, PNG or DICOM)", type=None, key="instructor_upload",
                                   help=ui.UPLOAD_HELP)
@@ -74,6 +77,10 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
             st.warning(f"Cannot find {rows.at[i, 'path']} under the data root or the training folders.")
             return None
         return found.name, found
+    refused = auth.refusal("server_folders")
+    if refused:
+        st.info(refused, icon="🔒")
+        return None
     root = ui.data_root()
     if root is None:
         st.info("Set the environment variable CXR_DATA_ROOT to pick images from a folder on the server.")
@@ -171,6 +178,7 @@ def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | N
 
 
 ui.research_banner()
+auth.require("instructor")
 st.title("Instructor: how the model sees")
 loaded = ui.model_sidebar()
 model_dir = st.session_state.get(ui.MODEL_KEY)
@@ -192,6 +200,11 @@ if chosen is not None:
 if image_pixels is not None:
     model_batch = preprocess.model_input(image_pixels, classifier.input_size)
     prediction = classifier.predict(model_batch)[0]
+    picked_from = ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]
+    marker = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else str(chosen[1]).encode()).hexdigest()
+    auth.record_once(marker + model_card.weights_sha256, "classify", model=model_card.name,
+                     weights_sha256=model_card.weights_sha256, source=picked_from,
+                     counts={"images": 1, "positive": int(prediction.positive)})
     names = list(model_card.class_names)
     target = st.selectbox("Class to explain", names, index=names.index(prediction.top_class), key="instructor_class")
     st.caption(" · ".join(f"P({c}) = {p:.3f}" for c, p in prediction.as_dict().items())

@@ -9,6 +9,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+import auth
 import ui
 from cxr_core import card as card_lib
 from cxr_core import evaluation_view as ev
@@ -203,6 +204,10 @@ def held_out_ui(folder: Path, card: card_lib.ModelCard) -> None:
 
 def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
     st.header("Evaluate on a labelled folder")
+    refused = auth.refusal("evaluate")
+    if refused:
+        st.info(refused, icon="🔒")
+        return
     root = ui.data_root()
     if root is None:
         st.info("Set the environment variable CXR_DATA_ROOT to a folder on the server to evaluate on "
@@ -236,6 +241,8 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
         except ValueError as err:
             st.error(str(err))
             return
+        auth.record("evaluate", model=card.name, weights_sha256=card.weights_sha256, source="server_folder",
+                    folder=str(folder), counts={"images": len(result.predictions), "unreadable": len(result.skipped)})
         st.session_state["folder_evaluation"] = (str(folder), card.weights_sha256, result)
     stored = st.session_state.get("folder_evaluation")
     if stored and stored[1] == card.weights_sha256:
@@ -248,6 +255,7 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
 
 
 ui.research_banner()
+auth.require("metrics")
 st.title("Model metrics")
 loaded = ui.model_sidebar()
 model_dir = st.session_state.get(ui.MODEL_KEY)

@@ -13,8 +13,9 @@ from datetime import date, timedelta
 import pandas as pd
 import streamlit as st
 
+import auth
 import ui
-from cxr_core import dicomweb, overlay, pacs, review
+from cxr_core import dicomweb, familiarity, overlay, pacs, review
 from cxr_core.dicomweb import PacsError
 
 STUDIES, RESULTS, BATCH = "pacs_studies", "pacs_results", "pacs_batch"
@@ -41,6 +42,8 @@ def search_ui(client: dicomweb.Client) -> None:
     except PacsError as err:
         st.error(str(err))
         return
+    auth.record("pacs_search", source="pacs", study_uids=[s.study_uid for s in studies],
+                counts={"studies": len(studies)})
     st.session_state[STUDIES] = studies
     st.session_state.pop(RESULTS, None)
     st.session_state.pop(BATCH, None)
@@ -59,12 +62,18 @@ def study_ui(client: dicomweb.Client, classifier, explainer, study: dicomweb.Stu
     key = (study.study_uid, classifier.card.weights_sha256)
     state = st.session_state.get(RESULTS)
     if state is None or state[0] != key:
+        reason = auth.refusal("pacs_classify")
+        if reason is not None:
+            st.error(reason, icon="🔒")
+            return None
         with st.spinner("Reading and classifying the study's films..."):
             try:
                 result = pacs.classify_study(client, classifier, explainer, study.study_uid)
             except PacsError as err:
                 st.error(str(err))
                 return None
+        auth.record("pacs_classify", source="pacs", study_uids=[study.study_uid], model=classifier.card.name,
+                    weights_sha256=classifier.card.weights_sha256, counts={"films": len(result.classified)})
         st.session_state[RESULTS] = state = (key, result)
     result = state[1]
     for note in result.notes:
@@ -88,8 +97,9 @@ def film_ui(item: pacs.FilmResult, card) -> None:
         st.warning("Probably not a frontal chest radiograph: " + "; ".join(item.quality.reasons)
                    + ". The result below is not meaningful for this film.", icon="🚫")
     if prediction.unfamiliar:
-        st.warning("Unfamiliar image: it does not look like the films this model was trained on "
-                   f"(familiarity {prediction.familiarity:.2f}). Treat the result with caution.", icon="❔")
+        st.warning(f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.2f}, above the "
+                   f"threshold {card.familiarity.get('threshold', float('nan')):.2f} fitted on validation films)",
+                   icon="❔")
     if prediction.low_confidence:
         st.warning(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
                    f"{card.low_confidence:.0%}. Treat this result as uncertain.", icon="⚠️")
@@ -107,7 +117,7 @@ def film_ui(item: pacs.FilmResult, card) -> None:
 
 def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> None:
     """Opt-in write-back of this study's results (SR + heatmap image per film), never automatic."""
-    if not result.classified:
+    if not result.classified or not auth.allowed("pacs_write"):
         return
     st.divider()
     st.markdown("**Write the results back to the PACS** as a DICOM structured report and a heatmap image per "
@@ -115,12 +125,18 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
     again = st.checkbox("Write again even if this model's results are already in the study", key="pacs_again")
     if not st.button("Write back to the PACS", key="pacs_write"):
         return
+    reason = auth.refusal("pacs_write")  # checked again on the server side when the button is pressed
+    if reason is not None:
+        st.error(reason, icon="🔒")
+        return
     try:
         with st.spinner("Storing the results..."):
             stored = pacs.write_back(client, card, result, again=again)
     except PacsError as err:
         st.error(str(err))
         return
+    auth.record("pacs_write", source="pacs", study_uids=[result.study_uid],
+                model=card.name, weights_sha256=card.weights_sha256, counts={"objects": len(stored)})
     st.success(f"Stored {len(stored)} object(s) in the study: a structured report and a heatmap image for each "
                f"of {len(result.classified)} film(s), flagged UNVERIFIED.")
 
@@ -128,6 +144,10 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
 def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study]) -> None:
     """Score the frontal films of every study found, with a progress bar; the Batch review table and CSV."""
     if st.button(f"Score all {len(studies)} studies as a batch", key="pacs_batch_run"):
+        reason = auth.refusal("pacs_classify")
+        if reason is not None:
+            st.error(reason, icon="🔒")
+            return
         bar = st.progress(0.0, text=f"Reading {len(studies)} studies...")
 
         def progress(done: int, total: int) -> None:
@@ -140,6 +160,9 @@ def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study])
             st.error(str(err))
             return
         bar.empty()
+        auth.record("pacs_classify", source="pacs", study_uids=[s.study_uid for s in studies],
+                    model=classifier.card.name, weights_sha256=classifier.card.weights_sha256,
+                    counts={"studies": len(studies), "films": len(rows)})
         table = review.batch_table(rows, classifier.card.class_names, [review.assess_item(r) for r in rows])
         st.session_state[BATCH] = (classifier.card.weights_sha256, table, notes)
     state = st.session_state.get(BATCH)
@@ -158,6 +181,7 @@ def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study])
 
 
 ui.research_banner()
+auth.require("pacs_search")
 st.title("PACS worklist")
 settings = ui.pacs_settings()
 if settings is None:

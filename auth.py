@@ -1,0 +1,263 @@
+"""Who may use the app: sign-in through an OpenID Connect provider, roles, local mode, the audit trail.
+
+With an ``[auth]`` section in ``.streamlit/secrets.toml`` (see ``.streamlit/secrets.toml.example``)
+every page needs a user signed in through Streamlit's ``st.login``, and every page and action asks
+``require``/``allowed`` here, on the server, whatever the browser sends. A user's role comes from the
+ID token's roles claim or from the allow-lists in ``[access]``; each role includes the ones before it.
+
+Without ``[auth]`` the app is in local mode: one person on this machine, every feature, no sign-in.
+``.streamlit/config.toml`` binds the server to 127.0.0.1; started on any other address without
+``[auth]``, the features that read the server's folders or the PACS are refused.
+
+A page calls ``require("its action")`` right after the research banner; an action inside a page
+offers its widget only ``if allowed(action)`` and checks ``refusal(action)`` again when it runs, then
+writes its audit line with ``record``. This module does not import ``cxr_core``: it decides who may
+do what, nothing about images.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+import audit as audit_log
+
+ROLES = ("viewer", "clinician", "pacs-writer", "admin")
+# Each page or action and the least role that may use it.
+ACTIONS: dict[str, str] = {
+    "classify": "viewer",         # classify uploaded images
+    "instructor": "viewer",       # the instructor page
+    "metrics": "viewer",          # the model's held-out results (no patient data)
+    "batch": "clinician",         # the batch review page
+    "server_folders": "clinician",  # read images from folders under CXR_DATA_ROOT
+    "pacs_search": "clinician",
+    "pacs_classify": "clinician",
+    "pacs_write": "pacs-writer",  # write results back to the PACS
+    "choose_model": "admin",      # serve a model other than the default
+    "evaluate": "admin",          # evaluate a model on a labelled server folder
+}
+DESCRIPTIONS = {
+    "classify": "classifying images", "instructor": "the instructor page", "metrics": "the model metrics",
+    "batch": "batch review", "server_folders": "reading folders on the server", "pacs_search": "searching the PACS",
+    "pacs_classify": "classifying studies from the PACS", "pacs_write": "writing results to the PACS",
+    "choose_model": "choosing another model", "evaluate": "evaluating a model on a server folder",
+}
+# Features that reach the server's own files or the PACS: refused in local mode off loopback.
+SERVER_ACTIONS = frozenset({"server_folders", "evaluate", "pacs_search", "pacs_classify", "pacs_write"})
+LOCAL_NOTE = "Local mode, no sign-in: do not expose this server."
+EXPOSED_NOTE = ("This server listens on {address} without sign-in, so reading folders on the server, evaluation "
+                "and the PACS are switched off. Configure sign-in ([auth] in .streamlit/secrets.toml) or run it on "
+                "127.0.0.1 only (server.address in .streamlit/config.toml).")
+AUDITED_SESSION = "_audit_signed_in"
+
+
+@dataclass(frozen=True)
+class User:
+    """Who is using the app: ``id`` is the e-mail (else the subject claim), ``role`` None for no role."""
+
+    id: str
+    name: str
+    role: str | None
+    local: bool = False
+
+
+LOCAL_USER = User(id="local", name="local user", role="admin", local=True)
+
+
+def secrets_section(name: str) -> dict[str, Any]:
+    """A section of st.secrets as a plain dict; {} when there is no secrets file or no such section."""
+    try:
+        section = st.secrets.get(name)
+    except Exception:  # no secrets.toml at all, or an unreadable one: nothing configured
+        return {}
+    return _plain(section) if isinstance(section, Mapping) else {}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def auth_configured() -> bool:
+    """True when secrets have an [auth] section, i.e. users must sign in."""
+    return bool(secrets_section("auth"))
+
+
+def beyond_loopback(address: str | None) -> bool:
+    """True when a server bound to ``address`` is reachable from other machines ('' or None: every interface)."""
+    if not address:
+        return True
+    if address.strip("[]").lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: assume it resolves off the machine
+        return True
+
+
+def server_address() -> str | None:
+    return st.get_option("server.address")
+
+
+def _claim_values(claims: Mapping[str, Any], name: str) -> set[str]:
+    value = claims.get(name)
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, (list, tuple)):
+        return {str(v) for v in value}
+    return set()
+
+
+def role_for(claims: Mapping[str, Any], access: Mapping[str, Any]) -> str | None:
+    """The highest role that the ID-token ``claims`` earn under the ``[access]`` settings, or None.
+
+    A role is earned by naming it in the claim ``access["roles_claim"]`` (default "roles"), or by an
+    entry in the allow-list ``access[role]``: an e-mail address (not if the provider says it is
+    unverified), ``"group:NAME"`` for a value of the claim ``access["groups_claim"]`` (default
+    "groups"), or ``"*"`` for anyone signed in.
+    """
+    earned = _claim_values(claims, str(access.get("roles_claim", "roles"))) & set(ROLES)
+    email = str(claims.get("email") or "").lower()
+    verified = claims.get("email_verified") is not False
+    groups = _claim_values(claims, str(access.get("groups_claim", "groups")))
+    for role in ROLES:
+        entries = access.get(role) or []
+        for entry in [entries] if isinstance(entries, str) else entries:
+            entry = str(entry)
+            if (entry == "*" or (entry.startswith("group:") and entry[6:] in groups)
+                    or (email and verified and entry.lower() == email)):
+                earned.add(role)
+    return max(earned, key=ROLES.index) if earned else None
+
+
+def current_user() -> User | None:
+    """The signed-in user (local mode: the local user), or None when sign-in is needed."""
+    if not auth_configured():
+        return LOCAL_USER
+    if not st.user.is_logged_in:
+        return None
+    claims = st.user.to_dict()
+    user_id = str(claims.get("email") or claims.get("sub") or "unknown")
+    return User(id=user_id, name=str(claims.get("name") or user_id), role=role_for(claims, secrets_section("access")))
+
+
+def refusal_for(action: str, user: User | None, *, auth_on: bool, address: str | None) -> str | None:
+    """Why ``user`` may not do ``action`` (a sentence), or None when allowed."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+    if not auth_on:
+        if action in SERVER_ACTIONS and beyond_loopback(address):
+            return EXPOSED_NOTE.format(address=address or "every network interface")
+        return None
+    if user is None:
+        return "Sign in to use this app."
+    if user.role is None:
+        return (f"You are signed in as {user.id}, but you have no role in this app. "
+                "Ask its administrator to give you one.")
+    needed = ACTIONS[action]
+    if ROLES.index(user.role) < ROLES.index(needed):
+        return (f"Your role ({user.role}) does not allow {DESCRIPTIONS[action]}: it needs the {needed} role "
+                "or a higher one. Ask the app's administrator if you need it.")
+    return None
+
+
+def refusal(action: str) -> str | None:
+    """Why the current user may not do ``action`` here and now, or None when allowed."""
+    return refusal_for(action, current_user(), auth_on=auth_configured(), address=server_address())
+
+
+def allowed(action: str) -> bool:
+    """Whether the current user may do ``action`` (pages use it to decide what to offer)."""
+    return refusal(action) is None
+
+
+def require(action: str) -> User:
+    """Stop the page unless the current user may do ``action``: the sign-in screen, or the reason."""
+    user = current_user()
+    if user is None:
+        sign_in_ui()
+        st.stop()
+    reason = refusal(action)
+    if reason is not None:
+        st.error(reason, icon="🔒")
+        record("refused", refused=action)
+        st.stop()
+    return user
+
+
+def sign_in_ui() -> None:
+    """The sign-in screen (the page shows the research banner above it)."""
+    st.title("Sign in")
+    st.write("This app is only for signed-in users of the hospital. Sign in with your hospital account; "
+             "what you may do depends on the role the hospital gave you.")
+    if st.button("Sign in", type="primary", key="auth_sign_in"):
+        st.login()
+
+
+def sidebar_ui() -> None:
+    """Who is signed in and the sign-out button, or the local-mode notice; audits a new signed-in session."""
+    user = current_user()
+    if user is None:
+        return
+    if user.local:
+        st.sidebar.info(LOCAL_NOTE, icon="💻")
+        reason = refusal_for("server_folders", user, auth_on=False, address=server_address())
+        if reason:
+            st.sidebar.error(reason)
+        return
+    if not st.session_state.get(AUDITED_SESSION):
+        st.session_state[AUDITED_SESSION] = True
+        record("sign_in")
+    st.sidebar.markdown(f"Signed in as **{user.name}** ({user.id}) · role: **{user.role or 'none'}**")
+    if st.sidebar.button("Sign out", key="auth_sign_out", icon=":material/logout:"):
+        record("sign_out")
+        st.session_state.pop(AUDITED_SESSION, None)
+        st.logout()
+    if audit_folder() is None:
+        st.sidebar.caption("The audit trail is off: set CXR_AUDIT_DIR (or [audit] dir in secrets).")
+
+
+def audit_folder() -> str | None:
+    """The operator's audit folder: env CXR_AUDIT_DIR, else [audit] dir in secrets; None when unset."""
+    return os.environ.get("CXR_AUDIT_DIR") or secrets_section("audit").get("dir") or None
+
+
+def audit_key() -> bytes | None:
+    """The secret that keys the hashes of study UIDs: [audit] hmac_key in secrets, else env CXR_AUDIT_KEY."""
+    key = secrets_section("audit").get("hmac_key") or os.environ.get("CXR_AUDIT_KEY")
+    return str(key).encode("utf-8") if key else None
+
+
+def record(action: str, **fields: Any) -> dict[str, Any] | None:
+    """One audit line for the current user (see ``audit.AuditLog.record`` for ``fields``); None when off."""
+    folder = audit_folder()
+    if folder is None:
+        return None
+    user = current_user()
+    try:
+        return audit_log.AuditLog(folder, audit_key()).record(user.id if user else "anonymous",
+                                                              user.role if user else None, action, **fields)
+    except OSError as err:  # the page goes on, but everyone sees that the trail has a gap
+        st.error(f"The audit trail could not be written to {folder} ({type(err).__name__}: {err.strerror}). "
+                 "Tell the app's administrator.", icon="📝")
+        return None
+
+
+def record_once(marker: str, action: str, **fields: Any) -> dict[str, Any] | None:
+    """``record`` the first time this session sees ``marker``: one line per action, not one per rerun.
+
+    Pass a hash (of the image bytes, of the folder) as the marker, never a name.
+    """
+    seen = st.session_state.setdefault("_audit_seen", set())
+    if marker in seen:
+        return None
+    seen.add(marker)
+    return record(action, **fields)

@@ -1,0 +1,166 @@
+"""The audit trail (audit.py): one JSON line per action, with the right user and action and no patient data.
+
+The page tests plant PHI canaries where patient data would come from (DICOM patient tags, file and
+folder names, study UIDs) and search the whole audit folder for them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import DATA, DICOM
+from streamlit.testing.v1 import AppTest
+from test_app_classify import CHEST_DICOMS, SECRETS
+from test_auth import ACCESS, AUTH, CLINICIAN, REPO, VIEWER
+
+import audit
+import auth
+from cxr_core import card
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.99999.424242"
+CANARIES = [*SECRETS.values(), "Doe", "PID-424242", "Jane", STUDY_UID, "CANARY-SMITH"]
+KEY = b"an operator's secret"
+
+
+def audit_text(folder: Path) -> str:
+    return "".join(p.read_text() for p in sorted(folder.glob("audit-*.jsonl")))
+
+
+def assert_no_canaries(folder: Path) -> None:
+    text = audit_text(folder)
+    assert text, "no audit lines were written"
+    for canary in CANARIES:
+        assert canary not in text
+
+
+def test_record_writes_one_json_line_with_hashed_study_uids(tmp_path):
+    log = audit.AuditLog(tmp_path, KEY)
+    line = log.record("c@example.test", "pacs-writer", "pacs_write", model="m", weights_sha256="ab" * 32,
+                      source="pacs", study_uids=[STUDY_UID], counts={"reports": 1})
+    written = audit.read(tmp_path)
+    assert written == [line]
+    assert line["study_refs"] == [audit.keyed_hash(KEY, STUDY_UID)] != [audit.keyed_hash(b"other", STUDY_UID)]
+    assert len(line["study_refs"][0]) == 64 and line["counts"] == {"reports": 1, "studies": 1}
+    assert (line["user"], line["role"], line["action"], line["source"]) == ("c@example.test", "pacs-writer",
+                                                                            "pacs_write", "pacs")
+    log.record("c@example.test", "clinician", "pacs_search", counts={"studies": 3})
+    assert [x["action"] for x in audit.read(tmp_path)] == ["pacs_write", "pacs_search"]
+    assert len(list(tmp_path.glob("audit-*.jsonl"))) == 1
+    assert STUDY_UID not in audit_text(tmp_path)
+
+
+def test_without_a_key_uids_and_folders_are_only_counted(tmp_path):
+    line = audit.AuditLog(tmp_path).record("u", "clinician", "pacs_search", study_uids=[STUDY_UID, "1.2.3"],
+                                           folder="/data/CANARY-SMITH")
+    assert line["counts"] == {"studies": 2} and "study_refs" not in line and "folder_ref" not in line
+    assert_no_canaries(tmp_path)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"action": "read_patient"}, "unknown audit action 'read_patient'"),
+    ({"action": "batch", "source": "/data/CANARY-SMITH"}, "unknown audit source"),
+    ({"action": "batch", "counts": {"files": "CANARY-SMITH"}}, "must be an integer"),
+])
+def test_record_refuses_anything_outside_its_schema(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        audit.AuditLog(tmp_path, KEY).record("u", "admin", **kwargs)
+    assert not list(tmp_path.glob("*"))
+
+
+@pytest.fixture()
+def env(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, root / tiny_model_dir.name)
+    data = tmp_path / "data" / "CANARY-SMITH PID-424242"
+    data.mkdir(parents=True)
+    for path in sorted((DATA / "kermany/train/NORMAL").glob("*.jpeg"))[:2]:
+        shutil.copyfile(path, data / f"Doe_Jane_{path.name}")
+    (data / "CANARY-SMITH-broken.png").write_bytes(b"not an image")
+    monkeypatch.setenv("CXR_MODELS_DIR", str(root))
+    monkeypatch.setenv("CXR_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    monkeypatch.setenv("CXR_AUDIT_KEY", KEY.decode())
+    return tmp_path
+
+
+def page(script: str, claims: dict) -> AppTest:
+    at = AppTest.from_file(str(REPO / script), default_timeout=120)
+    at.secrets["auth"], at.secrets["access"] = AUTH, ACCESS
+    at.user = {"is_logged_in": True, **claims}
+    return at.run()
+
+
+def test_each_page_action_leaves_one_line_with_the_user_and_no_phi(env):
+    weights = card.read(next((env / "models").iterdir())).weights_sha256
+    ds = pydicom.dcmread(DICOM / CHEST_DICOMS[-2])
+    for tag, value in SECRETS.items():
+        setattr(ds, tag, value)
+    ds.StudyInstanceUID = STUDY_UID
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    at = page("pages/classify.py", VIEWER)
+    upload = ("Doe_Jane_PID-424242.dcm", buffer.getvalue(), "application/dicom")
+    at.file_uploader(key="classify_upload").set_value(upload).run()
+    at.selectbox(key="cam_colormap").set_value(at.selectbox(key="cam_colormap").options[-1]).run()  # a rerun
+    assert [e.value for e in at.exception] == []
+
+    at = page("pages/batch.py", CLINICIAN)
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    at.selectbox(key="batch_pick").set_value("CANARY-SMITH PID-424242").run()
+    at.button(key="batch_score_folder").click().run()
+    assert [e.value for e in at.exception] == []
+
+    at = page("pages/batch.py", VIEWER)  # refused: one line saying so
+    assert [t.value for t in at.title] == []
+
+    lines = audit.read(env / "audit")
+    assert [(x["user"], x["role"], x["action"]) for x in lines] == [
+        ("v@example.test", "viewer", "classify"),  # once, although the page ran again
+        ("c@example.test", "clinician", "batch"),
+        ("v@example.test", "viewer", "refused")]
+    classify, batch, refused = lines
+    assert classify["weights_sha256"] == batch["weights_sha256"] == weights
+    assert classify["source"] == "upload" and classify["counts"]["images"] == 1
+    assert batch["source"] == "server_folder" and batch["counts"]["files"] == 3
+    assert batch["counts"]["unreadable"] == 1
+    assert refused["refused"] == "batch"
+    assert_no_canaries(env / "audit")
+
+
+def test_pacs_actions_write_keyed_hashes_not_uids(env, monkeypatch):
+    """What the PACS page calls (auth.record with study UIDs), in a signed-in session."""
+    script = ("import auth\n"
+              f"auth.record('pacs_search', source='pacs', study_uids=[{STUDY_UID!r}, '1.2.3.4'])\n"
+              f"auth.record('pacs_write', source='pacs', study_uids=[{STUDY_UID!r}], counts={{'reports': 1}})\n")
+    at = AppTest.from_string(script, default_timeout=60)
+    at.secrets["auth"], at.secrets["access"] = AUTH, ACCESS
+    at.user = {"is_logged_in": True, **CLINICIAN, "roles": ["pacs-writer"]}
+    at.run()
+    assert [e.value for e in at.exception] == []
+    lines = audit.read(env / "audit")
+    assert [(x["user"], x["role"], x["action"]) for x in lines] == [
+        ("c@example.test", "pacs-writer", "pacs_search"), ("c@example.test", "pacs-writer", "pacs_write")]
+    assert lines[0]["study_refs"][0] == lines[1]["study_refs"][0] == audit.keyed_hash(KEY, STUDY_UID)
+    assert lines[0]["counts"] == {"studies": 2}
+    assert_no_canaries(env / "audit")
+    assert all(json.loads(t) for t in audit_text(env / "audit").splitlines())
+    assert auth.ACTIONS["pacs_write"] == "pacs-writer"
+
+
+def test_an_unwritable_audit_folder_is_shown_not_a_crash(tmp_path, monkeypatch):
+    blocker = tmp_path / "audit"
+    blocker.write_text("a file where the audit folder should be")
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(blocker))
+    at = AppTest.from_string("import auth\nauth.record('sign_in')\nimport streamlit as st\nst.write('after')",
+                             default_timeout=60)
+    at.secrets["auth"], at.secrets["access"] = AUTH, ACCESS
+    at.user = {"is_logged_in": True, **VIEWER}
+    at.run()
+    assert [e.value for e in at.exception] == []
+    assert f"The audit trail could not be written to {blocker}" in at.error[0].value
+    assert at.markdown[0].value == "after"
