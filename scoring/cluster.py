@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,13 @@ def score(model: str | Path, pending: Sequence[rows_lib.Pending], *, batch_size:
         dataset = ray.data.from_items(
             [{"path": p.path, "file": p.file, "known_sha256": p.known_sha256} for p in pending],
             override_num_blocks=max(1, math.ceil(len(pending) / block)))
-        scored = dataset.map_batches(
-            Scorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "batch_size": batch_size},
-            batch_size=block, batch_format="pandas", concurrency=actors or max(1, nodes), num_cpus=1,
-            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        with warnings.catch_warnings():  # Ray 2.60 names no other way to bound restarts and retries
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            scored = dataset.map_batches(
+                Scorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "batch_size": batch_size},
+                batch_size=block, batch_format="pandas", num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(size=actors or max(1, nodes)),
+                max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch.to_pylist()
     finally:
