@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,58 +20,15 @@ import pytest
 from scoring_inputs import film_folder, same_scores
 
 from scoring.job import Config, run
+from scoring.localcluster import REPO, LocalCluster
 
-REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-# Ray 2.60 authenticates every connection with a token: one for this cluster, given to every process by env.
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
-       "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 SUMMARY = re.compile(r"scoring: (\d+) files, (\d+) scored now, (\d+) already done, (\d+) errors")
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _node_ports() -> list[str]:
-    """Free ports for the per-node agents, which would collide between two nodes on one machine."""
-    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
-    return [f"{name}={port}" for name, port in zip(names, _free_ports(len(names)), strict=True)]
-
-
-def _alive_nodes(address: str) -> int:
-    code = (f"import ray; ray.init(address={address!r}, logging_level='ERROR');"
-            "print(sum(1 for n in ray.nodes() if n['Alive']))")
-    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
-    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else 0
-
-
 @pytest.fixture(scope="module")
-def cluster() -> str:
-    port, client_port = _free_ports(2)
-    address = f"127.0.0.1:{port}"
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
-    try:
-        subprocess.run([RAY, "start", "--head", "--port", str(port), "--ray-client-server-port", str(client_port),
-                        "--include-dashboard=false", *common, *_node_ports()],
-                       env=ENV, cwd=REPO, check=True, capture_output=True, timeout=180)
-        subprocess.run([RAY, "start", f"--address={address}", *common, *_node_ports()],
-                       env=ENV, cwd=REPO, check=True, capture_output=True, timeout=180)
-        deadline = time.monotonic() + 120
-        while _alive_nodes(address) < 2:
-            assert time.monotonic() < deadline, "the second Ray node did not join"
-            time.sleep(2)
-        yield address
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+def cluster() -> LocalCluster:
+    with LocalCluster(nodes=2, cpus_per_node=1) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +43,11 @@ def local(films, tiny_model_dir, tmp_path_factory) -> pd.DataFrame:
     return pd.read_parquet(out)
 
 
-def _scoring(films: Path, model: Path, out: Path, address: str, *extra: str) -> subprocess.Popen:
+def _scoring(films: Path, model: Path, out: Path, cluster: LocalCluster, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "scoring", str(films), "--model", str(model), "--out", str(out),
-               "--engine", "ray", "--address", address, "--actors", "2", "--batch-size", "1", *extra]
-    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               "--engine", "ray", "--address", cluster.address, "--actors", "2", "--batch-size", "1", *extra]
+    return subprocess.Popen(command, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def _summary(process: subprocess.Popen) -> tuple[int, int, int, int]:
