@@ -2,8 +2,9 @@
 
 Prints one JSON object: the raw forward throughput, ``--engine local`` (the scoring loop alone, warm,
 and whole runs), and ``--engine ray`` on a two-node Ray cluster started on 127.0.0.1 for the run,
-with one actor and with two; each run's ``steady`` rate counts only the rows after the first block,
-so it leaves out model loading and actor start-up (see scoring/README.md for the last figures).
+with one actor and with two. Each run's ``steady`` rate is taken from the output's ``scored_at``
+times: the rows after the first slice, over the time from the first slice to the last row, so it
+leaves out model loading and actor start-up (see scoring/README.md for the last figures).
 """
 
 from __future__ import annotations
@@ -25,20 +26,33 @@ def log(message: str) -> None:
     print(f"[benchmarks.scoring] {message}", file=sys.stderr, flush=True)
 
 
+def steady_images_per_s(times: list[str], slice_gap_s: float = 0.5) -> float:
+    """Rows per second after the first slice, from ISO ``scored_at`` times (a slice's rows share a time)."""
+    import pandas as pd
+
+    t = pd.to_datetime(pd.Series(times)).sort_values()
+    seconds = (t - t.iloc[0]).dt.total_seconds()
+    later = int((seconds > slice_gap_s).sum())
+    return later / float(seconds.iloc[-1]) if later else 0.0
+
+
 def _run(config, label: str) -> dict:
+    import pandas as pd
+
     from scoring.job import run
 
     log(label)
     s = run(config, log=lambda _: None)
+    steady = steady_images_per_s(pd.read_parquet(config.out, columns=["scored_at"])["scored_at"].tolist())
     return {"files": s.files, "seconds": round(s.seconds, 1), "first_results_s": round(s.first_s, 1),
-            "images_per_s": round(s.images_per_s, 2), "steady_images_per_s": round(s.steady_images_per_s, 2)}
+            "images_per_s": round(s.images_per_s, 2), "steady_images_per_s": round(steady, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scoring", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="64 images (a smoke run)")
     parser.add_argument("--images", type=int, default=256, help="real Kermany JPEGs to score")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="8: slices of 64 files, several per run")
     parser.add_argument("--model", help="model folder (default: as python -m benchmarks chooses)")
     parser.add_argument("--no-ray", action="store_true", help="local figures only")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -57,7 +57,6 @@ class Summary:
     unfamiliar: int
     seconds: float
     first_s: float = 0.0  # until the first rows came back (listing, model loading, actors starting)
-    steady_images_per_s: float = 0.0  # rows per s after the first block: the rate a longer run approaches
 
     @property
     def images_per_s(self) -> float:
@@ -67,8 +66,7 @@ class Summary:
         return (f"scoring: {self.files} files, {self.scored} scored now, {self.skipped} already done, "
                 f"{self.errors} errors, {self.positive} positive, {self.low_confidence} low confidence, "
                 f"{self.not_chest} probably not a chest, {self.unfamiliar} unfamiliar; "
-                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s (first results after {self.first_s:.1f} s, "
-                f"then {self.steady_images_per_s:.2f} images/s)")
+                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s (first results after {self.first_s:.1f} s)")
 
 
 def _progress(total: int, log: Callable[[str], None]) -> Callable[[int], None]:
@@ -115,15 +113,14 @@ def engine_rows(config: Config, pending: list[rows_lib.Pending]) -> Iterator[lis
     yield from _blocks(rows_lib.score(classifier, pending, config.batch_size), config.batch_size)
 
 
-def summarise(table: pd.DataFrame, scored: int, skipped: int, seconds: float, first: tuple[float, int]) -> Summary:
-    """Counts over the committed output; ``first`` is (s, rows) when the first block of rows came back."""
+def summarise(table: pd.DataFrame, scored: int, skipped: int, seconds: float, first_s: float) -> Summary:
+    """Counts over the committed output; ``first_s``: when the first rows came back."""
     errors = table["error"].astype(str) != ""
     return Summary(files=len(table), scored=scored, skipped=skipped,
                    errors=int(errors.sum()), positive=int(table["positive"].astype(bool).sum()),
                    low_confidence=int(table["low_confidence"].astype(bool).sum()),
                    not_chest=int(table["not_chest"].astype(bool).sum()),
-                   unfamiliar=int(table["unfamiliar"].eq(True).sum()), seconds=seconds, first_s=first[0],
-                   steady_images_per_s=(scored - first[1]) / (seconds - first[0]) if seconds > first[0] else 0.0)
+                   unfamiliar=int(table["unfamiliar"].eq(True).sum()), seconds=seconds, first_s=first_s)
 
 
 def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Summary:
@@ -139,10 +136,10 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
     update = _progress(len(pending), log)
     buffer: list[dict[str, Any]] = []
     scored = 0
-    first = (0.0, 0)
+    first_s = 0.0
     for block in engine_rows(config, pending):
         if not scored:
-            first = (time.monotonic() - start, len(block))
+            first_s = time.monotonic() - start
         buffer.extend(block)
         scored += len(block)
         update(len(block))
@@ -153,6 +150,6 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
     if len(pending) > scored:
         update(len(pending) - scored)  # files found unchanged since an earlier run
     table = store.commit(entries, card, csv=config.csv)
-    summary = summarise(table, scored, len(pending) - scored, time.monotonic() - start, first)
+    summary = summarise(table, scored, len(pending) - scored, time.monotonic() - start, first_s)
     log(summary.line())
     return summary

@@ -49,8 +49,8 @@ def schema(class_names: Sequence[str]) -> pa.Schema:
 
 
 def now() -> str:
-    """UTC time as ISO 8601 to the second (the ``scored_at`` column)."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC time as ISO 8601 to the millisecond (the ``scored_at`` column)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def make_row(path: str, item: Any, report: Any, card: ModelCard, sha256: str) -> dict[str, Any]:
