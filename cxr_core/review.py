@@ -56,6 +56,31 @@ def assess_item(item: Any, original: bytes | None = None) -> QualityReport | Non
     return quality.assess(LoadedImage(pixels=pixels, info=item.info), original)
 
 
+def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str]) -> dict[str, Any]:
+    """One item's row without the thumbnail: file, top class and probability, p per class, decision,
+    flags, quality notes, error (the Batch review CSV's columns; ``python -m scoring`` writes the same)."""
+    pred = item.prediction
+    not_chest = report.probably_not_chest if report is not None else None
+    row: dict[str, Any] = {"file": item.name}
+    row["top_class"] = pred.top_class if pred else None
+    row["top_probability"] = pred.top_probability if pred else np.nan
+    for name in class_names:
+        row[f"p_{name}"] = pred.as_dict()[name] if pred else np.nan
+    row["decision"] = pred.decision if pred else None
+    row["positive"] = bool(pred.positive) if pred else False
+    row["low_confidence"] = bool(pred.low_confidence) if pred else False
+    row["not_chest"] = bool(not_chest) if not_chest is not None else False
+    row["quality_notes"] = "; ".join(report.reasons) if report is not None else ""
+    row["error"] = item.error or ""
+    return row
+
+
+def row_columns(class_names: Sequence[str]) -> list[str]:
+    """The columns of ``table_row``, in order."""
+    return ["file", "top_class", "top_probability", *[f"p_{c}" for c in class_names], "decision",
+            "positive", "low_confidence", "not_chest", "quality_notes", "error"]
+
+
 def batch_table(items: Sequence[Any], class_names: Sequence[str],
                 reports: Sequence[QualityReport | None] | None = None) -> pd.DataFrame:
     """One row per item: thumbnail, file, top class and probability, p per class, decision, flags, error.
@@ -63,27 +88,10 @@ def batch_table(items: Sequence[Any], class_names: Sequence[str],
     ``reports`` (aligned with ``items``, see ``assess_item``) fill the not-a-chest flag and its
     reasons. Unreadable items keep their row with empty predictions and the error message.
     """
-    rows = []
     reports = list(reports) if reports is not None else [getattr(i, "quality", None) for i in items]
-    for item, report in zip(items, reports, strict=True):
-        pred = item.prediction
-        not_chest = report.probably_not_chest if report is not None else None
-        reasons = "; ".join(report.reasons) if report is not None else ""
-        row: dict[str, Any] = {THUMBNAIL: thumbnail_uri(getattr(item, "thumbnail", None)), "file": item.name}
-        row["top_class"] = pred.top_class if pred else None
-        row["top_probability"] = pred.top_probability if pred else np.nan
-        for name in class_names:
-            row[f"p_{name}"] = pred.as_dict()[name] if pred else np.nan
-        row["decision"] = pred.decision if pred else None
-        row["positive"] = bool(pred.positive) if pred else False
-        row["low_confidence"] = bool(pred.low_confidence) if pred else False
-        row["not_chest"] = bool(not_chest) if not_chest is not None else False
-        row["quality_notes"] = reasons
-        row["error"] = item.error or ""
-        rows.append(row)
-    columns = [THUMBNAIL, "file", "top_class", "top_probability", *[f"p_{c}" for c in class_names], "decision",
-               "positive", "low_confidence", "not_chest", "quality_notes", "error"]
-    return pd.DataFrame(rows, columns=columns)
+    rows = [{THUMBNAIL: thumbnail_uri(getattr(item, "thumbnail", None)), **table_row(item, report, class_names)}
+            for item, report in zip(items, reports, strict=True)]
+    return pd.DataFrame(rows, columns=[THUMBNAIL, *row_columns(class_names)])
 
 
 def filter_table(table: pd.DataFrame, decisions: Sequence[str] | None = None, flags: Sequence[str] = (),

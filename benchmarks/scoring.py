@@ -1,0 +1,113 @@
+"""``python -m benchmarks.scoring [--quick] [--model DIR] [--images N]``: python -m scoring's throughput.
+
+Prints one JSON object: the raw forward throughput, ``--engine local`` (the scoring loop alone, warm,
+and whole runs), and ``--engine ray`` on a two-node Ray cluster started on 127.0.0.1 for the run,
+with one actor and with two. Each run's ``steady`` rate is taken from the output's ``scored_at``
+times: the rows after the first slice, over the time from the first slice to the last row, so it
+leaves out model loading and actor start-up (see scoring/README.md for the last figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TARGETS = {"local_vs_forward": 0.85, "ray_one_actor_vs_local": 0.8}
+
+
+def log(message: str) -> None:
+    print(f"[benchmarks.scoring] {message}", file=sys.stderr, flush=True)
+
+
+def steady_images_per_s(times: list[str], slice_gap_s: float = 0.5) -> float:
+    """Rows per second after the first slice, from ISO ``scored_at`` times (a slice's rows share a time)."""
+    import pandas as pd
+
+    t = pd.to_datetime(pd.Series(times)).sort_values()
+    seconds = (t - t.iloc[0]).dt.total_seconds()
+    later = int((seconds > slice_gap_s).sum())
+    return later / float(seconds.iloc[-1]) if later else 0.0
+
+
+def _run(config, label: str) -> dict:
+    import pandas as pd
+
+    from scoring.job import run
+
+    log(label)
+    s = run(config, log=lambda _: None)
+    steady = steady_images_per_s(pd.read_parquet(config.out, columns=["scored_at"])["scored_at"].tolist())
+    return {"files": s.files, "seconds": round(s.seconds, 1), "first_results_s": round(s.first_s, 1),
+            "images_per_s": round(s.images_per_s, 2), "steady_images_per_s": round(steady, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scoring", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="64 images (a smoke run)")
+    parser.add_argument("--images", type=int, default=256, help="real Kermany JPEGs to score")
+    parser.add_argument("--batch-size", type=int, default=8, help="8: slices of 64 files, several per run")
+    parser.add_argument("--model", help="model folder (default: as python -m benchmarks chooses)")
+    parser.add_argument("--no-ray", action="store_true", help="local figures only")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    n = 64 if args.quick else args.images
+
+    import pandas as pd
+
+    from benchmarks import serving
+    from benchmarks.machine import machine_info
+    from cxr_core import models
+    from cxr_core.paths import list_images
+    from scoring import rows
+    from scoring.job import Config
+    from scoring.localcluster import LocalCluster
+
+    folder, origin = serving.model_folder(args.model)
+    classifier = models.load(folder)
+    paths = list_images(serving.FOLDER, recursive=False, limit=n)
+    work = Path(tempfile.mkdtemp(prefix="cxr-bench-scoring-"))
+    manifest = work / "manifest.csv"
+    pd.DataFrame({"path": [str(p) for p in paths]}).to_csv(manifest, index=False)
+    figures: dict = {"images": len(paths), "batch_size": args.batch_size}
+
+    log("forward throughput")
+    figures["forward_images_per_s"] = round(serving.forward_images_per_s(classifier.model, n, args.batch_size), 2)
+    log("local scoring loop (warm model)")
+    pending = [rows.Pending(str(p), p.name) for p in paths]
+    list(rows.score(classifier, pending[: args.batch_size], args.batch_size))
+    start = time.perf_counter()
+    scored = list(rows.score(classifier, pending, args.batch_size))
+    figures["local_loop_images_per_s"] = round(len(scored) / (time.perf_counter() - start), 2)
+    base = {"source": str(manifest), "model": str(folder), "batch_size": args.batch_size}
+    figures["local_run"] = _run(Config(**base, out=str(work / "local.parquet")), "python -m scoring, local engine")
+    if not args.no_ray:
+        log("starting a two-node Ray cluster on 127.0.0.1")
+        with LocalCluster(nodes=2, cpus_per_node=1) as cluster:
+            ray_base = {**base, "engine": "ray", "address": cluster.address}
+            for actors in (1, 2):
+                figures[f"ray_{actors}_actor_run"] = _run(
+                    Config(**ray_base, actors=actors, out=str(work / f"ray{actors}.parquet")),
+                    f"python -m scoring, ray engine, {actors} actor(s) on two nodes")
+    local = figures["local_run"]["steady_images_per_s"]
+    ratios = {"local_vs_forward": figures["local_loop_images_per_s"] / figures["forward_images_per_s"]}
+    if not args.no_ray:
+        ratios["ray_one_actor_vs_local"] = figures["ray_1_actor_run"]["steady_images_per_s"] / local
+        ratios["ray_two_actors_vs_local"] = figures["ray_2_actor_run"]["steady_images_per_s"] / local
+    result = {**figures, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+              "targets": {k: {"target": t, "value": round(ratios[k], 3), "pass": ratios[k] >= t}
+                          for k, t in TARGETS.items() if k in ratios},
+              "model": {"folder": str(folder), "origin": origin, "architecture": classifier.card.architecture,
+                        "input_size": classifier.input_size},
+              "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The Ray engine: Ray Data streams the pending files through a pool of model-holding actors.
+
+The driver builds a dataset of (path, file, known_sha256) rows, cut into blocks of a few model
+batches; ``map_batches`` sends each block to one of ``actors`` ``Scorer`` actors (the model is
+loaded once per actor) which reads, hashes and scores the files with ``scoring.rows.score``, the
+same function as the local engine, so both give the same rows. Results stream back to the driver
+as they finish (in any order; the commit puts them in input order).
+
+Fault tolerance is Ray's: a dead actor process is restarted (``max_restarts``) and the block it
+was scoring is sent again (``max_task_retries``); Ray Data emits a block's rows only once its task
+has finished, so a file is never scored twice into the output. Files that fail to read are rows
+with an error, not task failures, so they are never retried by Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from scoring import rows as rows_lib
+
+MAX_RESTARTS = 4  # per actor: a worker process that dies is started again this many times
+MAX_TASK_RETRIES = 4  # per block: sent again to a (restarted) actor after its actor died
+
+
+class Scorer:
+    """One Ray Data actor: the model loaded once, then ``__call__`` per block of pending files."""
+
+    def __init__(self, model: str, batch_size: int):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from cxr_core import models
+
+        self.classifier = models.load(model)
+        self.batch_size = batch_size
+        self.schema = rows_lib.schema(self.classifier.card.class_names)
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        pending = [rows_lib.Pending(p, f, k) for p, f, k in
+                   zip(batch["path"], batch["file"], batch["known_sha256"], strict=True)]
+        return pa.Table.from_pylist(list(rows_lib.score(self.classifier, pending, self.batch_size)),
+                                    schema=self.schema)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` ("auto", "HOST:PORT", "ray://HOST:10001"), or start a local one."""
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+
+
+def score(model: str | Path, pending: Sequence[rows_lib.Pending], *, batch_size: int = 16,
+          actors: int | None = None, address: str | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows for ``pending``, in blocks as the actors finish them; a local Ray is started and stopped
+    around the run when ``address`` is None. ``actors`` defaults to one per node of the cluster."""
+    import ray
+
+    if not pending:
+        return
+    connect(address)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = sys.stderr.isatty()
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        block = rows_lib.SLICE_BATCHES * batch_size
+        dataset = ray.data.from_items(
+            [{"path": p.path, "file": p.file, "known_sha256": p.known_sha256} for p in pending],
+            override_num_blocks=max(1, math.ceil(len(pending) / block)))
+        with warnings.catch_warnings():  # Ray 2.60 names no other way to bound restarts and retries
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            scored = dataset.map_batches(
+                Scorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "batch_size": batch_size},
+                batch_size=block, batch_format="pandas", num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(size=actors or max(1, nodes)),
+                max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield batch.to_pylist()
+    finally:
+        ray.shutdown()

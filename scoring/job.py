@@ -1,0 +1,155 @@
+"""One scoring run: list the source, skip what is done (--resume), score with an engine, commit, summarise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import pandas as pd
+
+from cxr_core import card as card_lib
+from scoring import rows as rows_lib
+from scoring import sources
+from scoring.store import Store
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A run's settings (see ``python -m scoring --help``)."""
+
+    source: str
+    model: str = "models/densenet169-pneumonia"
+    out: str = "results.parquet"
+    engine: str = "local"
+    address: str | None = None  # ray only: "auto", "HOST:PORT" or "ray://HOST:10001"; None starts a local Ray
+    actors: int | None = None  # ray only: model-holding actors (default: one per node)
+    batch_size: int = 16  # images per forward pass
+    resume: bool = False
+    csv: bool = False  # also write OUT with a .csv suffix
+    part_size: int = 1000  # rows per part file: at most this much work is lost to a crash
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {ENGINES}")
+        if self.batch_size < 1 or self.part_size < 1 or (self.actors is not None and self.actors < 1):
+            raise ValueError("--batch-size, --part-size and --actors must be positive")
+        if self.address and self.engine != "ray":
+            raise ValueError("--address needs --engine ray")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did: rows in the output, rows scored by this run, flags over the output, wall time in s."""
+
+    files: int
+    scored: int
+    skipped: int  # done by an earlier run with the same content (--resume)
+    errors: int
+    positive: int
+    low_confidence: int
+    not_chest: int
+    unfamiliar: int
+    seconds: float
+    first_s: float = 0.0  # until the first rows came back (listing, model loading, actors starting)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"scoring: {self.files} files, {self.scored} scored now, {self.skipped} already done, "
+                f"{self.errors} errors, {self.positive} positive, {self.low_confidence} low confidence, "
+                f"{self.not_chest} probably not a chest, {self.unfamiliar} unfamiliar; "
+                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s (first results after {self.first_s:.1f} s)")
+
+
+def _progress(total: int, log: Callable[[str], None]) -> Callable[[int], None]:
+    """A tqdm bar on a terminal, else a plain line at most every 10 s."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="file", desc="scoring")
+
+        def update_bar(n: int) -> None:
+            bar.update(n)
+            if bar.n >= total:
+                bar.close()
+
+        return update_bar
+    state = {"done": 0, "last": time.monotonic()}
+
+    def update(n: int) -> None:
+        state["done"] += n
+        if time.monotonic() - state["last"] >= 10 or state["done"] == total:
+            state["last"] = time.monotonic()
+            log(f"scoring: {state['done']} of {total} files")
+
+    return update
+
+
+def _blocks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    it = iter(rows)
+    while block := list(islice(it, size)):
+        yield block
+
+
+def engine_rows(config: Config, pending: list[rows_lib.Pending]) -> Iterator[list[dict[str, Any]]]:
+    """Blocks of rows from the configured engine (the local one never imports Ray)."""
+    if config.engine == "ray":
+        from scoring import cluster
+
+        yield from cluster.score(config.model, pending, batch_size=config.batch_size, actors=config.actors,
+                                 address=config.address)
+        return
+    from cxr_core import models
+
+    classifier = models.load(config.model)
+    yield from _blocks(rows_lib.score(classifier, pending, config.batch_size), config.batch_size)
+
+
+def summarise(table: pd.DataFrame, scored: int, skipped: int, seconds: float, first_s: float) -> Summary:
+    """Counts over the committed output; ``first_s``: when the first rows came back."""
+    errors = table["error"].astype(str) != ""
+    return Summary(files=len(table), scored=scored, skipped=skipped,
+                   errors=int(errors.sum()), positive=int(table["positive"].astype(bool).sum()),
+                   low_confidence=int(table["low_confidence"].astype(bool).sum()),
+                   not_chest=int(table["not_chest"].astype(bool).sum()),
+                   unfamiliar=int(table["unfamiliar"].eq(True).sum()), seconds=seconds, first_s=first_s)
+
+
+def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Summary:
+    """Score ``config.source`` into ``config.out``; returns the summary (also logged)."""
+    start = time.monotonic()
+    card = card_lib.load(config.model)
+    entries = sources.list_entries(config.source)
+    store = Store(config.out, card.class_names)
+    done = store.start(config.resume)
+    pending = [rows_lib.Pending(e.path, e.file, done.get(e.path, "")) for e in entries if e.problem is None]
+    log(f"scoring: {len(entries)} files from {config.source} with {card.name} on the {config.engine} engine"
+        + (f", {sum(1 for p in pending if p.known_sha256)} done before (checked by content)" if done else ""))
+    update = _progress(len(pending), log)
+    buffer: list[dict[str, Any]] = []
+    scored = 0
+    first_s = 0.0
+    for block in engine_rows(config, pending):
+        if not scored:
+            first_s = time.monotonic() - start
+        buffer.extend(block)
+        scored += len(block)
+        update(len(block))
+        if len(buffer) >= config.part_size:
+            store.write_part(buffer)
+            buffer = []
+    store.write_part(buffer)
+    if len(pending) > scored:
+        update(len(pending) - scored)  # files found unchanged since an earlier run
+    table = store.commit(entries, card, csv=config.csv)
+    summary = summarise(table, scored, len(pending) - scored, time.monotonic() - start, first_s)
+    log(summary.line())
+    return summary

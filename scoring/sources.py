@@ -1,0 +1,166 @@
+"""What to score: a folder, a CSV/Parquet manifest, or another registered source kind; and reading one file.
+
+    entries = list_entries("films/")                 # every image file below, sorted
+    entries = list_entries("archive.parquet")        # its `path` column, in row order
+    data = read_bytes(entries[0].path)               # bytes, or SourceError with a clear message
+
+A source kind is a ``SourceKind`` (does this SOURCE look like mine, and its entries) in ``KINDS``;
+a reader is a function from a path or URL to bytes in ``READERS``, chosen by the URL scheme. A
+DICOMweb search (QIDO-RS to entries whose paths are WADO-RS URLs) plugs in as one more kind plus a
+reader for its scheme, once ``cxr_core`` has the client. Readers run wherever the file is read
+(on every Ray worker), so they must not depend on state of the process that listed the entries.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from cxr_core.paths import list_images
+
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+URL_TIMEOUT_S = 60.0
+
+
+class SourceError(Exception):
+    """A file that could not be fetched (missing, no permission, unreachable URL); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input row: ``path`` as read (absolute path or URL), ``file`` as shown, ``problem`` if not scorable."""
+
+    path: str
+    file: str
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    matches: Callable[[str], bool]
+    entries: Callable[[str], list[Entry]]
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def folder_entries(source: str) -> list[Entry]:
+    """Every image file below ``source`` (recursive, sorted), shown relative to it."""
+    folder = Path(source).resolve(strict=True)
+    return [Entry(str(p), p.relative_to(folder).as_posix()) for p in list_images(folder, limit=2**62)]
+
+
+def _read_manifest(source: str) -> pd.DataFrame:
+    if source.lower().endswith(".csv"):
+        return pd.read_csv(source, dtype=str, keep_default_na=False)
+    return pd.read_parquet(source)
+
+
+def manifest_entries(source: str) -> list[Entry]:
+    """The ``path`` column in row order; relative local paths are relative to the manifest's folder.
+
+    An empty path or a path already listed becomes an entry with a ``problem`` (an error row, not scored).
+    """
+    table = _read_manifest(source)
+    if "path" not in table.columns:
+        raise ValueError(f"the manifest {source} has no 'path' column (it has: {', '.join(map(str, table.columns))}); "
+                         "add one with a file path or URL per row")
+    base = None if is_url(source) else Path(source.removeprefix("file://")).resolve().parent
+    entries: list[Entry] = []
+    first_row: dict[str, int] = {}
+    for row, value in enumerate(table["path"].tolist(), start=1):
+        text = "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
+        if not text:
+            entries.append(Entry("", "", f"manifest row {row} has no path; give a file path or URL"))
+            continue
+        path = text
+        if base is not None and not is_url(text):
+            local = Path(text.removeprefix("file://"))
+            path = str(local if local.is_absolute() else base / local)
+        if path in first_row:
+            entries.append(Entry(path, text, f"duplicate of manifest row {first_row[path]} (the same path); "
+                                             "scored once, at that row"))
+            continue
+        first_row[path] = row
+        entries.append(Entry(path, text))
+    return entries
+
+
+def _dicomweb_entries(source: str) -> list[Entry]:
+    raise ValueError("DICOMweb sources need the PACS client in cxr_core, which this version does not have yet; "
+                     "export the films (or a manifest of their paths) and score those")
+
+
+KINDS: list[SourceKind] = [
+    SourceKind("dicomweb", lambda s: s.startswith(("dicomweb+http://", "dicomweb+https://")), _dicomweb_entries),
+    SourceKind("manifest", lambda s: s.lower().endswith(MANIFEST_SUFFIXES), manifest_entries),
+    SourceKind("folder", lambda s: not is_url(s) and Path(s).is_dir(), folder_entries),
+]
+
+
+def list_entries(source: str) -> list[Entry]:
+    """The entries of the first kind in ``KINDS`` that matches ``source``; ValueError if none does."""
+    for kind in KINDS:
+        if kind.matches(source):
+            return kind.entries(source)
+    raise ValueError(f"'{source}' is neither a folder nor a CSV/Parquet manifest with a 'path' column "
+                     f"(manifest names end in {', '.join(MANIFEST_SUFFIXES)})")
+
+
+def _read_local(path: str) -> bytes:
+    try:
+        return Path(path.removeprefix("file://")).read_bytes()
+    except FileNotFoundError:
+        raise SourceError(f"File not found: {path}. Check the path, or whether the file was moved.") from None
+    except IsADirectoryError:
+        raise SourceError(f"{path} is a folder, not a file; list the files in it instead.") from None
+    except PermissionError:
+        raise SourceError(f"No permission to read {path}; give this account (every worker's) read access.") from None
+    except OSError as exc:
+        raise SourceError(f"Could not read {path} ({exc.strerror or exc}).") from None
+
+
+def _read_http(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        raise SourceError(f"Could not read {url}: the server answered HTTP {exc.code} ({exc.reason}). "
+                          "Check the URL and that the file is still there.") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SourceError(f"Could not read {url}: {reason}. Check the URL and that every worker can reach "
+                          "the server.") from None
+
+
+def _read_fsspec(url: str) -> bytes:
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise SourceError(f"File not found: {url}. Check the URL, or whether the file was moved.") from None
+    except ImportError as exc:
+        raise SourceError(f"Could not read {url}: this machine lacks the fsspec driver for it ({exc}).") from None
+    except Exception as exc:  # any backend's failure (network, auth, unknown protocol) is this file's error
+        raise SourceError(f"Could not read {url} ({exc.__class__.__name__}: {exc}). Check the URL and that "
+                          "every worker can reach it.") from None
+
+
+READERS: dict[str, Callable[[str], bytes]] = {"http": _read_http, "https": _read_http}
+
+
+def read_bytes(path: str) -> bytes:
+    """The content of a local path or URL; raises SourceError (never another exception) when it cannot."""
+    if not is_url(path):
+        return _read_local(path)
+    scheme = path.split("://", 1)[0].lower()
+    return READERS.get(scheme, _read_fsspec)(path)

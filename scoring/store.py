@@ -1,0 +1,104 @@
+"""The output: rows go to part files as they come, and one atomic commit writes the final Parquet (and CSV).
+
+``OUT.parquet.parts/`` holds ``part-<start ns>-<n>.parquet`` files, each written under a temporary
+name and renamed, so a crash leaves whole parts or nothing. ``commit`` merges the previous output
+(on --resume) and every part in the order written (a later row for a path replaces an earlier one),
+puts the rows in input order, writes ``OUT.parquet`` the same way (temporary file, then rename) and
+removes the parts. An interrupted run therefore never leaves a half-written output, and --resume
+knows from the output and the parts which (path, sha256) pairs are done.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scoring import rows as rows_lib
+from scoring.sources import Entry
+
+
+class Store:
+    """Parts and the final output for ``out`` (a ``.parquet`` path)."""
+
+    def __init__(self, out: str | Path, class_names: Sequence[str]):
+        self.out = Path(out)
+        if self.out.suffix != ".parquet":
+            raise ValueError(f"--out must name a .parquet file, got {out!r} (add --csv for a CSV copy beside it)")
+        self.parts = self.out.with_name(self.out.name + ".parts")
+        self.class_names = list(class_names)
+        self.schema = rows_lib.schema(class_names)
+        self._run = time.time_ns()
+        self._count = 0
+
+    def start(self, resume: bool) -> dict[str, str]:
+        """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts."""
+        if not resume:
+            shutil.rmtree(self.parts, ignore_errors=True)
+            return {}
+        done: dict[str, str] = {}
+        for table in self._previous():
+            for path, sha in zip(table["path"].to_pylist(), table["sha256"].to_pylist(), strict=True):
+                if path and sha:  # a file that could not be fetched has no sha256: try it again
+                    done[path] = sha
+        return done
+
+    def _previous(self) -> list[pa.Table]:
+        tables = [pq.read_table(self.out)] if self.out.exists() else []
+        tables += [pq.read_table(p) for p in sorted(self.parts.glob("part-*.parquet"))]
+        wanted = set(self.schema.names)
+        for table in tables:
+            if not wanted <= set(table.column_names):
+                raise ValueError(f"{self.out} (or a part of it) was written for other classes or by another "
+                                 "version; score into a new --out")
+        return tables
+
+    def write_part(self, rows: list[dict[str, Any]]) -> None:
+        """Write ``rows`` as one part file, atomically."""
+        if not rows:
+            return
+        self.parts.mkdir(parents=True, exist_ok=True)
+        name = f"part-{self._run:020d}-{self._count:06d}.parquet"
+        self._count += 1
+        tmp = self.parts / f".{name}.tmp"
+        pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), tmp)
+        os.replace(tmp, self.parts / name)
+
+    def commit(self, entries: Sequence[Entry], card: Any, csv: bool = False) -> pd.DataFrame:
+        """Write the final output in ``entries`` order (one row per entry); returns it as a DataFrame.
+
+        Raises RuntimeError, writing nothing, if an entry has no row (the run did not finish).
+        """
+        tables = self._previous()
+        merged = (pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in tables])
+                  if tables else self.schema.empty_table())
+        latest = merged.to_pandas().drop_duplicates("path", keep="last").set_index("path", drop=False)
+        order = pd.DataFrame({"path": [e.path for e in entries], "bad": [e.problem is not None for e in entries]})
+        found = latest.reindex(order.loc[~order["bad"], "path"])
+        missing = int(found["path"].isna().sum())
+        if missing:
+            raise RuntimeError(f"{missing} of {len(entries)} files have no result yet; run again with --resume")
+        found.index = order.index[~order["bad"]]
+        problems = pd.DataFrame([rows_lib.error_row(e.path, e.file, e.problem, card) for e in entries if e.problem],
+                                index=order.index[order["bad"]], columns=self.schema.names)
+        frame = pd.concat([found, problems]) if len(problems) else found
+        table = pa.Table.from_pandas(frame.sort_index()[self.schema.names], schema=self.schema, preserve_index=False)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_name(f".{self.out.name}.tmp")
+        pq.write_table(table, tmp)
+        frame = table.to_pandas()
+        if csv:
+            csv_path = self.out.with_suffix(".csv")
+            csv_tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+            frame.to_csv(csv_tmp, index=False, float_format="%.6f")
+            os.replace(csv_tmp, csv_path)
+        os.replace(tmp, self.out)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return frame

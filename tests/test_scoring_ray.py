@@ -1,0 +1,117 @@
+"""python -m scoring --engine ray on a real two-node Ray cluster on 127.0.0.1 (started and stopped here).
+
+One cluster for the module (Ray starts slowly on two cores): the same rows as the local engine; a
+killed actor process mid-run still gives every file exactly once; a killed driver, then --resume,
+scores only the rest. ``ray stop`` ends every Ray process of the machine: nothing else here runs Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scoring_inputs import film_folder, same_scores
+
+from scoring.job import Config, run
+from scoring.localcluster import REPO, LocalCluster
+
+SUMMARY = re.compile(r"scoring: (\d+) files, (\d+) scored now, (\d+) already done, (\d+) errors")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> LocalCluster:
+    with LocalCluster(nodes=2, cpus_per_node=1) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory, data_dir) -> Path:
+    return film_folder(tmp_path_factory.mktemp("films"), slow_copies=2)
+
+
+@pytest.fixture(scope="module")
+def local(films, tiny_model_dir, tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("local") / "r.parquet"
+    run(Config(str(films), model=str(tiny_model_dir), out=str(out), batch_size=1), log=lambda _: None)
+    return pd.read_parquet(out)
+
+
+def _scoring(films: Path, model: Path, out: Path, cluster: LocalCluster, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "scoring", str(films), "--model", str(model), "--out", str(out),
+               "--engine", "ray", "--address", cluster.address, "--actors", "2", "--batch-size", "1", *extra]
+    return subprocess.Popen(command, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _summary(process: subprocess.Popen) -> tuple[int, int, int, int]:
+    output, _ = process.communicate(timeout=540)
+    assert process.returncode == 0, output[-3000:]
+    match = SUMMARY.search(output)
+    assert match, output[-3000:]
+    return tuple(int(g) for g in match.groups())
+
+
+def _actor_pids() -> list[int]:
+    """Processes of this cluster's model-holding actors (Ray names them after the Data operator)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::MapWorker(MapBatches(Scorer))"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.with_name(out.name + ".parts").glob("part-*.parquet"))
+
+
+def test_two_node_cluster_gives_the_local_rows(cluster, films, tiny_model_dir, local, tmp_path):
+    out = tmp_path / "r.parquet"
+    files, scored, skipped, errors = _summary(_scoring(films, tiny_model_dir, out, cluster))
+    assert (files, scored, skipped) == (len(local), len(local), 0) and errors == (local["error"] != "").sum() == 3
+    same_scores(pd.read_parquet(out), local)
+
+
+def test_a_killed_actor_process_loses_and_repeats_nothing(cluster, films, tiny_model_dir, local, tmp_path):
+    out = tmp_path / "r.parquet"
+    process = _scoring(films, tiny_model_dir, out, cluster, "--part-size", "1")
+    _wait_for(lambda: _parts(out), "the first scored block")
+    victims = _actor_pids()
+    assert victims and not out.exists(), "the run ended before a worker could be killed"
+    os.kill(victims[0], signal.SIGKILL)
+    files, scored, skipped, _ = _summary(process)
+    assert (files, scored, skipped) == (len(local), len(local), 0)  # every file once: none lost, none twice
+    table = pd.read_parquet(out)
+    assert table["path"].is_unique
+    same_scores(table, local)
+
+
+def test_resume_after_a_killed_driver_scores_only_the_rest(cluster, films, tiny_model_dir, local, tmp_path):
+    out = tmp_path / "r.parquet"
+    process = _scoring(films, tiny_model_dir, out, cluster, "--part-size", "1")
+    _wait_for(lambda: _parts(out), "the first scored block")
+    process.kill()
+    process.wait(timeout=60)
+    assert not out.exists()
+    done = pd.concat([pd.read_parquet(p) for p in _parts(out)])
+    assert 0 < len(done) < len(local) and done["path"].is_unique
+    files, scored, skipped, _ = _summary(_scoring(films, tiny_model_dir, out, cluster, "--resume"))
+    assert (files, scored, skipped) == (len(local), len(local) - len(done), len(done))
+    same_scores(pd.read_parquet(out), local)
