@@ -20,6 +20,7 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
 - ``app_first_render_s``     cold ``streamlit run app.py`` until the classify page is shown
 - ``pacs_classify_ms_p50``   WADO-RS retrieve of that DICOM from a local Orthanc + the same classify path
                              (``disk_classify_ms_p50``: the same file from disk; see ``benchmarks/pacs.py``)
+- ``familiarity_ms_p50``     what the familiarity check (cxr_core.familiarity) adds to one film's prediction
 - ``rss_mb``                 resident memory of a fresh process after loading one model and
                              classifying 20 images; ``rss_both_engines_mb`` after the same with a
                              TensorFlow classifier beside it (both engines loaded)
@@ -42,6 +43,7 @@ TARGETS = {
     "openvino_load": "engines openvino / tensorflow model_load_s <= 2 (conversion included)",
     "rss_both_engines": "rss_both_engines_mb <= 1500",
     "pacs_vs_disk": "pacs_classify_ms_p50 <= 1.5 x disk_classify_ms_p50",
+    "familiarity_cost": "familiarity_ms_p50 <= 5 (what the familiarity check adds to one film)",
 }
 
 
@@ -74,6 +76,7 @@ def check_targets(figures: dict) -> dict[str, dict]:
         "openvino_load": (engine_ratio("openvino", "model_load_s", "tensorflow", "model_load_s"), lambda v: v <= 2),
         "rss_both_engines": (figures.get("rss_both_engines_mb"), lambda v: v <= 1500),
         "pacs_vs_disk": (ratio("pacs_classify_ms_p50", "disk_classify_ms_p50"), lambda v: v <= 1.5),
+        "familiarity_cost": (figures.get("familiarity_ms_p50"), lambda v: v <= 5),
     }
     return {
         key: {"rule": TARGETS[key], "value": None if v is None else round(v, 3), "pass": None if v is None else ok(v)}

@@ -76,6 +76,7 @@ def run(config: Config) -> dict:
     log("classify JPEG")
     figures["classify_ms_p50"] = round(serving.classify_ms(classifier, explainer, serving.JPEG, config.repeat), 1)
     figures["classify_breakdown_ms"] = serving.classify_breakdown(classifier, explainer, serving.JPEG, config.repeat)
+    figures["familiarity_ms_p50"] = round(serving.familiarity_ms(classifier, config.repeat), 2)
     log("classify DICOM")
     figures["classify_dicom_ms_p50"] = round(
         serving.classify_ms(classifier, explainer, serving.DICOM, max(3, config.repeat // 3)), 1)

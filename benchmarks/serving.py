@@ -207,3 +207,40 @@ def batch_images_per_s(classifier, paths: list[Path], batch_size: int) -> tuple[
     rows = pipeline.classify_many(classifier, [(p.name, p) for p in paths], batch_size=batch_size)
     seconds = time.perf_counter() - start
     return len(paths) / seconds, sum(r.prediction is not None for r in rows)
+
+
+def familiarity_ms(classifier, repeat: int) -> float:
+    """Median ms that the familiarity check adds to one film's prediction (``Classifier.predictions`` with a
+    familiarity model minus without), on the classifier's own feature-map shape.
+
+    A folder without a familiarity model (e.g. the random-weights DenseNet) gets one fitted on random
+    features of the right width: the cost depends on the dimensions, not on the values.
+    """
+    import time
+
+    import numpy as np
+
+    from cxr_core import familiarity, preprocess
+
+    batch = preprocess.to_batch(np.zeros((1, classifier.input_size, classifier.input_size), np.uint8))
+    logits, features = classifier.forward(batch)
+    fam = classifier.familiarity
+    if fam is None:
+        rng = np.random.default_rng(0)
+        width = features.shape[-1]
+        fam = familiarity.calibrate(familiarity.fit(rng.normal(size=(600, width)), rng.integers(0, 2, 600)),
+                                    rng.normal(size=(100, width)))
+    saved, times = classifier.familiarity, []
+    try:
+        for _ in range(max(repeat, 5)):
+            classifier.familiarity = None
+            t0 = time.perf_counter()
+            classifier.predictions(logits, features)
+            t1 = time.perf_counter()
+            classifier.familiarity = fam
+            classifier.predictions(logits, features)
+            t2 = time.perf_counter()
+            times.append(((t2 - t1) - (t1 - t0)) * 1000)
+    finally:
+        classifier.familiarity = saved
+    return float(np.median(times))
