@@ -74,6 +74,17 @@ def decision_rule(card: ModelCard) -> str:
     return f"{called}; otherwise {card.negative_class or 'the most probable class'}"
 
 
+def familiarity_line(prediction: Prediction, card: ModelCard) -> str:
+    """The familiarity check's result as one sentence, or "" when the model has no familiarity model."""
+    if prediction.familiarity is None:
+        return ""
+    threshold = card.familiarity.get("threshold")
+    limit = f" (threshold {threshold:.2f}, fitted on validation films)" if threshold is not None else ""
+    verdict = ("UNLIKE the films this model was trained on: treat the result as unreliable" if prediction.unfamiliar
+               else "within the range of the films this model was trained on")
+    return f"Familiarity: distance {prediction.familiarity:.2f}{limit}: {verdict}."
+
+
 def render(
     image: np.ndarray,
     overlay_rgb: np.ndarray,
@@ -130,6 +141,9 @@ def render(
     y += 10
     for warning in warnings:
         y = _paragraph(draw, (MARGIN, y), f"Warning: {warning}", 22, _AMBER, width) + 6
+    line = familiarity_line(prediction, card)
+    if line:
+        y = _paragraph(draw, (MARGIN, y), line, 22, _AMBER if prediction.unfamiliar else _GREY, width) + 6
 
     footer = (
         f"Model: {card.name} (version {card.version}, {card.architecture}, {card.input_size} px), "
