@@ -119,7 +119,12 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = run(parse(sys.argv[1:] if argv is None else argv))
+    import tempfile
+
+    # Converted models go to a folder of this run (the model may be a random one), not the user's cache.
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache:
+        os.environ["CXR_ENGINE_CACHE"] = cache
+        result = run(parse(sys.argv[1:] if argv is None else argv))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -93,15 +93,12 @@ def test_another_head_falls_back_to_compiled_gradcam(kind, images):
     classifier = _other_head_classifier(kind)
     assert classifier.head is None and classifier.engine == "openvino"  # the engine still predicts
     explainer = explain.Explainer(classifier)
-    logits, maps = explainer.raw_gradcam(images, 1)
+    _, maps = explainer.raw_gradcam(images, 1)
+    assert "relu" in explainer._gradcam_fns  # TensorFlow's gradient made the map
     ref_logits, ref_maps = explainer.compiled_gradcam(images, 1)
     np.testing.assert_array_equal(maps, ref_maps)
+    assert ref_maps.max() > 0
     np.testing.assert_allclose(classifier.logits(images), ref_logits, atol=1e-5)
-    if kind == "max":  # CAM from the Dense weights would be wrong here: max pooling's gradient is sparse
-        _, features = classifier.forward(images)
-        kernel = np.asarray(classifier.model.get_layer("logits").kernel)
-        wrong = explain.cam_from_features(features, kernel, np.ones(4, int))
-        assert np.abs(explain.normalize(wrong, SIZE) - explain.normalize(maps, SIZE)).max() > 0.1
 
 
 def test_choose_reads_the_environment_and_rejects_unknown_names(monkeypatch):
