@@ -52,11 +52,8 @@ def engines(config: Config, folder, paths: list) -> dict:
         runs["openvino"] = ("openvino", "f32")
         if engine.bf16_supported():
             runs["openvino_bf16"] = ("openvino", "bf16")
-    out = {}
-    for key, (name, precision) in runs.items():
-        log(f"engine {key}")
-        out[key] = serving.engine_figures(folder, name, precision, config.repeat, paths, config.batch_size)
-    return out
+    log(f"engines {', '.join(runs)}")
+    return serving.engines_side_by_side(folder, runs, config.repeat, paths, config.batch_size)
 
 
 def run(config: Config) -> dict:
