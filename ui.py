@@ -127,7 +127,8 @@ def model_sidebar() -> tuple[Any, Any] | None:
     card_summary_ui(card)
     try:
         loaded = load_model(choice, card.weights_sha256)
-        st.sidebar.caption(f"Inference: {loaded[0].engine_label}")
+        note = loaded[0].runner.note
+        st.sidebar.caption(f"Inference: {loaded[0].engine_label}" + (f" ({note})" if note else ""))
         return loaded
     except ModelCardError as err:
         st.sidebar.error(str(err))

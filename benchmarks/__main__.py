@@ -52,11 +52,8 @@ def engines(config: Config, folder, paths: list) -> dict:
         runs["openvino"] = ("openvino", "f32")
         if engine.bf16_supported():
             runs["openvino_bf16"] = ("openvino", "bf16")
-    out = {}
-    for key, (name, precision) in runs.items():
-        log(f"engine {key}")
-        out[key] = serving.engine_figures(folder, name, precision, config.repeat, paths, config.batch_size)
-    return out
+    log(f"engines {', '.join(runs)}")
+    return serving.engines_side_by_side(folder, runs, config.repeat, paths, config.batch_size)
 
 
 def run(config: Config) -> dict:
@@ -124,7 +121,12 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = run(parse(sys.argv[1:] if argv is None else argv))
+    import tempfile
+
+    # Converted models go to a folder of this run (the model may be a random one), not the user's cache.
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache:
+        os.environ["CXR_ENGINE_CACHE"] = cache
+        result = run(parse(sys.argv[1:] if argv is None else argv))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -58,34 +58,66 @@ def load_seconds(folder: Path, engine: str | None = None, precision: str | None 
     return time.perf_counter() - start, classifier, explainer
 
 
-def engine_figures(folder: Path, engine: str, precision: str, repeat: int, paths: list[Path],
-                   batch_size: int) -> dict:
-    """One engine measured alone: load (a conversion, then from the cache), first Grad-CAM, classify, batch.
+def engines_side_by_side(folder: Path, runs: dict[str, tuple[str, str]], repeat: int, paths: list[Path],
+                         batch_size: int) -> dict:
+    """Each engine in ``runs`` (key -> (engine, precision)) loaded alone, then timed turn by turn.
 
-    OpenVINO's first load converts into an empty cache folder; the second reads the cached model.
+    Loading: OpenVINO's first load converts into an empty cache folder (``model_load_s``), the second
+    reads the cached model (``model_load_cached_s``). Timing is interleaved, one call of each engine in
+    turn, so that load from other processes on a shared machine falls on every engine alike.
     """
     import os
+    import statistics
+
+    from cxr_core import imaging, pipeline, preprocess
 
     figures: dict = {}
-    with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache:
-        previous = os.environ.get("CXR_ENGINE_CACHE")
-        os.environ["CXR_ENGINE_CACHE"] = cache
-        try:
-            load_s, classifier, explainer = load_seconds(folder, engine, precision)
-            if engine == "openvino":
-                figures["model_load_cached_s"] = round(load_seconds(folder, engine, precision)[0], 2)
-        finally:
-            if previous is None:
-                os.environ.pop("CXR_ENGINE_CACHE")
-            else:
-                os.environ["CXR_ENGINE_CACHE"] = previous
-    figures["model_load_s"] = round(load_s, 2)
-    figures["precision"] = classifier.precision
-    figures["label"] = classifier.engine_label
-    figures["first_prediction_s"] = round(warm_up_seconds(classifier, explainer), 2)
-    figures["classify_ms_p50"] = round(classify_ms(classifier, explainer, JPEG, repeat), 1)
-    figures["gradcam_pass_ms_p50"] = classify_breakdown(classifier, explainer, JPEG, repeat)["gradcam_pass"]
-    figures["batch_images_per_s"] = round(batch_images_per_s(classifier, paths, batch_size)[0], 2)
+    loaded: dict = {}
+    for key, (engine, precision) in runs.items():
+        with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache:
+            previous = os.environ.get("CXR_ENGINE_CACHE")
+            os.environ["CXR_ENGINE_CACHE"] = cache
+            try:
+                load_s, classifier, explainer = load_seconds(folder, engine, precision)
+                cached = load_seconds(folder, engine, precision)[0] if engine == "openvino" else None
+            finally:
+                if previous is None:
+                    os.environ.pop("CXR_ENGINE_CACHE")
+                else:
+                    os.environ["CXR_ENGINE_CACHE"] = previous
+        figures[key] = {"model_load_s": round(load_s, 2), "precision": classifier.precision,
+                        "label": classifier.engine_label,
+                        "first_prediction_s": round(warm_up_seconds(classifier, explainer), 2)}
+        if cached is not None:
+            figures[key]["model_load_cached_s"] = round(cached, 2)
+        loaded[key] = (classifier, explainer)
+
+    data = JPEG.read_bytes()
+    x = preprocess.model_input(imaging.load(data, JPEG.name).pixels, next(iter(loaded.values()))[0].input_size)
+    steps = {"classify_ms_p50": lambda c, e: classify_once(c, e, data, JPEG.name),
+             "gradcam_pass_ms_p50": lambda c, e: e.gradcam(x)}
+    for figure, step in steps.items():
+        times: dict[str, list[float]] = {key: [] for key in loaded}
+        for i in range(repeat + 2):  # two warm-up rounds
+            for key, (c, e) in loaded.items():
+                start = time.perf_counter()
+                step(c, e)
+                if i >= 2:
+                    times[key].append((time.perf_counter() - start) * 1000)
+        for key in loaded:
+            figures[key][figure] = round(statistics.median(times[key]), 1)
+
+    items = [(p.name, p) for p in paths]
+    seconds = dict.fromkeys(loaded, 0.0)
+    for c, _ in loaded.values():
+        pipeline.classify_many(c, items[:batch_size], batch_size=batch_size)
+    for start in range(0, len(items), 2 * batch_size):
+        for key, (c, _) in loaded.items():
+            t0 = time.perf_counter()
+            pipeline.classify_many(c, items[start:start + 2 * batch_size], batch_size=batch_size)
+            seconds[key] += time.perf_counter() - t0
+    for key in loaded:
+        figures[key]["batch_images_per_s"] = round(len(items) / seconds[key], 2)
     return figures
 
 

@@ -3,7 +3,7 @@
 Build one ``Explainer`` per loaded model and reuse it (it is shared between app sessions):
 
     explainer = Explainer(classifier)
-    probs, heatmaps = explainer.gradcam(batch)                  # one compiled pass
+    probs, heatmaps = explainer.gradcam(batch)                  # one forward pass
     explanation = explainer.explain(batch[:1], "scorecam", class_index=1)
 
 Grad-CAM at the card's target layer of a model whose head is global average pooling and a Dense layer

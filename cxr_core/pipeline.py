@@ -61,7 +61,7 @@ def classify(
 ) -> Result:
     """Read, predict and explain one image; ``class_index`` None explains the top class.
 
-    Grad-CAM gives prediction and heatmap from one compiled pass; other methods (see
+    Grad-CAM gives prediction and heatmap from one pass (on the classifier's engine); other methods (see
     ``explain.METHODS``) take the prediction from the classifier and then explain.
     ``layer`` (default: the card's target layer) is one of ``explainer.layer_choices()``.
     Raises UnreadableImageError for a file that cannot be read, ValueError for a bad method, layer or class.
