@@ -7,13 +7,18 @@ loaded once per process with ``st.cache_resource`` and shared by every browser s
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 from cxr_core import card as card_lib
+from cxr_core import overlay, viewer
 from cxr_core.errors import ModelCardError
 
 REPO = Path(__file__).resolve().parent
@@ -46,17 +51,73 @@ def list_models() -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / card_lib.CARD_FILE).is_file())
 
 
+class WarmUp(threading.Thread):
+    """Traces a freshly loaded model's graphs in the background, so the first upload finds them ready.
+
+    In the order a clinician needs them: the Grad-CAM pass (prediction and heatmap of an upload),
+    the plain forward pass and Grad-CAM++ (a change of explanation method). It touches no Streamlit
+    state (so it cannot disturb sessions or AppTest's runtime) and needs no lock of its own: a real
+    request for a graph being traced waits on that graph's lock (``tf.function`` traces under its
+    lock; ``Classifier`` and ``Explainer`` serialise the forward pass and tf-keras-vis), then uses
+    the traced graph. ``done`` is set when it has finished (or failed: then the first request traces).
+    """
+
+    def __init__(self, classifier: Any, explainer: Any):
+        super().__init__(name=f"warm-up {classifier.card.name}", daemon=True)
+        self.classifier, self.explainer = classifier, explainer
+        self.done = threading.Event()
+        self.seconds: float | None = None
+        self.error: str | None = None
+
+    def run(self) -> None:
+        import numpy as np
+
+        start = time.perf_counter()
+        name, size = self.classifier.card.name, self.classifier.input_size
+        blank = np.zeros((1, size, size, 3), np.float32)
+        try:
+            self.explainer.warm_up()
+            self.classifier.logits(blank)
+            self.explainer.explain(blank, "gradcam++", class_index=0)
+            self.seconds = time.perf_counter() - start
+            print(f"cxr: warm-up of {name} done in {self.seconds:.1f} s", file=sys.stderr, flush=True)
+        except Exception as err:  # the first request then traces what is missing itself
+            self.error = f"{type(err).__name__}: {err}"
+            print(f"cxr: warm-up of {name} failed ({self.error})", file=sys.stderr, flush=True)
+        finally:
+            self.classifier = self.explainer = None  # a cleared cache frees the model
+            WARM_UPS.discard(self)
+            self.done.set()
+
+
+WARM_UPS: set[WarmUp] = set()  # the ones still running
+
+
+@atexit.register
+def _finish_warm_ups() -> None:
+    """Let a running warm-up finish before the interpreter tears TensorFlow down under it."""
+    for warm in list(WARM_UPS):
+        warm.done.wait(timeout=120)
+
+
 @st.cache_resource(show_spinner="Loading the model (once per server process)...")
 def load_model(folder: str, weights_sha256: str = "") -> tuple[Any, Any]:
     """(Classifier, Explainer) for a model folder, loaded once per process and shared.
 
-    ``weights_sha256`` only keys the cache, so a replaced model folder is loaded afresh.
-    Raises ``ModelCardError`` for a missing, invalid or tampered folder.
+    Returns as soon as the weights are in; a ``WarmUp`` thread then traces the graphs while the
+    page is drawn and the clinician picks a file. ``weights_sha256`` only keys the cache, so a
+    replaced model folder is loaded afresh. Raises ``ModelCardError`` for a missing, invalid or
+    tampered folder.
     """
     from cxr_core import explain, models
 
     classifier = models.load(folder)
-    return classifier, explain.Explainer(classifier)
+    explainer = explain.Explainer(classifier)
+    print(f"cxr: model {classifier.card.name} loaded from {Path(folder).name}", file=sys.stderr, flush=True)
+    warm = WarmUp(classifier, explainer)
+    WARM_UPS.add(warm)
+    warm.start()
+    return classifier, explainer
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -72,16 +133,38 @@ def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+# What each headline figure means, shown on hover beside the figures.
+METRIC_HELP = (
+    "On the split named first (test: held out, never used for training or choices; val: validation). "
+    "n: number of images. accuracy: share of images whose called class is right. auc: area under the ROC "
+    "curve (macro average over classes; 1 is perfect, 0.5 is chance). ece: expected calibration error, the "
+    "average gap between predicted probability and observed frequency. best_epoch: the training epoch kept."
+)
+
+
+def format_metric(name: str, value: float) -> str:
+    """A headline figure as a clinician reads it: counts as integers, rates as percentages."""
+    last = name.split()[-1]
+    if last in ("n", "best_epoch", "epochs") or name.endswith("_n"):
+        return f"{round(value):,}"
+    if last in ("accuracy", "ece", "sensitivity", "specificity", "top_class_accuracy"):
+        return f"{value:.1%}"
+    return f"{value:.3f}"
+
+
 def card_summary_ui(card: card_lib.ModelCard) -> None:
     """The card's summary in the sidebar: classes, decision rule, data, headline metrics, version, hash."""
     st.sidebar.markdown(f"**{card.name}** · version {card.version} · `{card.architecture}` {card.input_size} px")
     st.sidebar.markdown("Classes: " + ", ".join(f"`{c}`" for c in card.class_names))
     if card.thresholds:
         rule = ", ".join(f"{c} ≥ {t:.2f}" for c, t in card.thresholds.items())
-        st.sidebar.caption(f"Decision: {rule}; otherwise {card.negative_class or 'top class'}.")
+        st.sidebar.caption(f"Decision: {rule}; otherwise {card.negative_class or 'top class'}.",
+                           help="A class is called when its calibrated probability (0 to 1) reaches its threshold; "
+                           "thresholds were fitted on the validation split.")
     metrics = headline_metrics(card.metrics)
     if metrics:
-        st.sidebar.markdown(" · ".join(f"{k}: **{v:.3g}**" for k, v in metrics.items()))
+        st.sidebar.markdown(" · ".join(f"{k}: **{format_metric(k, v)}**" for k, v in metrics.items()),
+                            help=METRIC_HELP)
     if card.training_data:
         with st.sidebar.expander("Training data"):
             st.json(card.training_data, expanded=False)
@@ -120,6 +203,42 @@ def model_sidebar() -> tuple[Any, Any] | None:
         st.sidebar.error(f"Model '{card.name}' could not be loaded ({type(err).__name__}: {err}). "
                          "Reinstall the model folder or choose another model.")
     return None
+
+
+VIEWER_CONFIG = {"scrollZoom": True, "displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+OVERLAY_MODES = {"wash": "Colour wash", "contours": "Contour lines"}
+
+
+def viewer_ui(pixels: Any, heatmap: Any, values: Any = None, *, key: str, titles: tuple[str, str],
+              revision: str) -> tuple[float, str]:
+    """The film beside its heatmap (zoom and pan move both), with the overlay controls above it.
+
+    ``pixels`` float32 HxW in [0, 1] as displayed (after the window), ``heatmap`` float32 in [0, 1],
+    ``values`` the DICOM modality values (hover) or None. Widget keys are ``{key}_mode``,
+    ``{key}_levels``, ``{key}_opacity``, ``{key}_colormap`` and the chart ``{key}_viewer``;
+    ``revision`` keeps the zoom while the same film is redrawn. Returns (opacity, colormap).
+    """
+    columns = st.columns([2, 3, 2, 2])
+    mode = columns[0].radio("Overlay", list(OVERLAY_MODES), format_func=OVERLAY_MODES.get, key=f"{key}_mode",
+                            horizontal=True, help="A colour wash over the film, or lines around the regions "
+                            "where the heatmap reaches the chosen levels (the film stays visible).")
+    levels = columns[1].multiselect(
+        "Contour levels", viewer.LEVELS, default=list(viewer.DEFAULT_LEVELS), format_func="{:.0%}".format,
+        key=f"{key}_levels", disabled=mode != "contours",
+        help="A line is drawn where the heatmap reaches this fraction of its own maximum (100 %).")
+    opacity = columns[2].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_opacity",
+                                help="0 shows the film only, 1 the heatmap only (for lines: at least 0.6).")
+    colormap = columns[3].selectbox("Colormap", list(overlay.COLORMAPS), key=f"{key}_colormap",
+                                    help="Colours from low (first colour) to high heatmap weight (last).")
+    shown = viewer.display_copy(pixels, heatmap, values)
+    height = int(min(900, max(420, 680 * shown.shape[0] / shown.shape[1])))
+    fig = viewer.figure(shown, mode, colormap, opacity, levels, titles, height=height, revision=revision)
+    st.plotly_chart(fig, key=f"{key}_viewer", width="stretch", config=VIEWER_CONFIG)
+    st.caption("Drag on either picture to zoom both, double-click to see the whole film again, scroll to zoom, "
+               "hover for the pixel's position" + (" and stored value." if values is not None else " and grey level."))
+    if mode == "contours" and not levels:
+        st.caption("Choose at least one contour level to draw lines.")
+    return opacity, colormap
 
 
 def research_banner() -> None:

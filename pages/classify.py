@@ -131,7 +131,7 @@ except UnreadableImageError as err:
 prediction, info = first.prediction, first.image.info
 checked = quality.assess(first.image, data)
 
-controls = st.columns(4)
+controls = st.columns(2)
 method = controls[0].selectbox("Explanation method", list(METHOD_LABELS), format_func=METHOD_LABELS.get,
                                key="cam_method", help="Grad-CAM is computed with the prediction in one pass.")
 # One widget key for every image, reset to the top class when the image changes. (A key per image
@@ -141,9 +141,8 @@ if st.session_state.get("explain_image") != key:
     st.session_state["explain_image"] = key
     st.session_state["explain_class"] = first.class_index
 explained = controls[1].selectbox("Class to explain", range(len(card.class_names)),
-                                  format_func=card.class_names.__getitem__, key="explain_class")
-opacity = controls[2].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity")
-colormap = controls[3].selectbox("Colormap", list(overlay.COLORMAPS), key="cam_colormap")
+                                  format_func=card.class_names.__getitem__, key="explain_class",
+                                  help="The heatmap shows where the model looked for this class.")
 
 result = first
 if (explained, method) != (first.class_index, "gradcam"):
@@ -151,29 +150,31 @@ if (explained, method) != (first.class_index, "gradcam"):
         result = classify(classifier, explainer, model_key, data, uploaded.name, explained, method)
 
 left, right = st.columns([3, 2])
-with right:
+with left:
     colour = "red" if prediction.positive else "blue"
-    st.markdown(f"### Decision: :{colour}[{prediction.decision}]")
+    st.markdown(f"### Decision: :{colour}[{prediction.decision}]",
+                help="The class called at the model card's thresholds (see the rule below).")
     st.caption(f"Rule: {report.decision_rule(card)}. Probabilities are temperature-calibrated "
                f"(T = {card.temperature:.3g}).")
     sentences = warnings_ui(prediction, card, checked)
     probabilities_ui(prediction, card)
+with right:
     window = None
     if info.format == "DICOM":
         window = window_ui(info, key)
         metadata_ui(info)
+    else:
+        st.caption(f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
 shown = first.image if window is None else read_image(data, uploaded.name, window)
+film_title = f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit"
+heat_title = f"{METHOD_LABELS[method]} for {card.class_names[explained]}"
+opacity, colormap = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key="cam",
+                                 titles=(film_title, heat_title), revision=key)
 blended = overlay.overlay(shown.pixels, result.heatmap, colormap, opacity)
-with left:
-    pictures = st.columns(2)
-    pictures[0].image(shown.pixels, clamp=True, width="stretch",
-                      caption=f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
-    pictures[1].image(blended, width="stretch",
-                      caption=f"{METHOD_LABELS[method]} for {card.class_names[explained]} (red = most weight)")
-    args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
-                method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences)
-    downloads = st.columns(2)
-    downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),
-                                 file_name="cxr-report.png", mime="image/png", key="report_png")
-    downloads[1].download_button("Download report (PDF)", lambda: report.render(**args, fmt="PDF"),
-                                 file_name="cxr-report.pdf", mime="application/pdf", key="report_pdf")
+args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
+            method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences)
+downloads = st.columns(2)
+downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),
+                             file_name="cxr-report.png", mime="image/png", key="report_png")
+downloads[1].download_button("Download report (PDF)", lambda: report.render(**args, fmt="PDF"),
+                             file_name="cxr-report.pdf", mime="application/pdf", key="report_pdf")
