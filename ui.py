@@ -51,73 +51,105 @@ def list_models() -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / card_lib.CARD_FILE).is_file())
 
 
-class WarmUp(threading.Thread):
-    """Traces a freshly loaded model's graphs in the background, so the first upload finds them ready.
+class ModelLoad(threading.Thread):
+    """One model folder loaded in the background, then its compiled graphs warmed, once per process.
 
-    In the order a clinician needs them: the Grad-CAM pass (prediction and heatmap of an upload),
-    the plain forward pass and Grad-CAM++ (a change of explanation method). It touches no Streamlit
-    state (so it cannot disturb sessions or AppTest's runtime) and needs no lock of its own: a real
-    request for a graph being traced waits on that graph's lock (``tf.function`` traces under its
-    lock; ``Classifier`` and ``Explainer`` serialise the forward pass and tf-keras-vis), then uses
-    the traced graph. ``done`` is set when it has finished (or failed: then the first request traces).
+    The page draws (uploader included) while TensorFlow is imported and the weights are read. Once
+    loaded, the same thread traces the graphs a clinician needs: the Grad-CAM pass (an upload's
+    prediction and heatmap), the plain forward pass and Grad-CAM++ (a change of method). It touches
+    no Streamlit state, so it cannot disturb sessions (nor AppTest's process-global runtime).
+    Requests wait for the warm-up (``result()``), so they never run on the model while it traces:
+    a warm-up that let a page request run alongside failed once tracing the forward pass (Keras:
+    "Only input tensors may be passed as positional arguments"), and a first request would pay
+    the same tracing anyway.
+    ``loaded`` and ``warmed`` are set when each part is over (``warmed`` also after a failed load
+    or warm-up: the first request then traces what is missing itself).
     """
 
-    def __init__(self, classifier: Any, explainer: Any):
-        super().__init__(name=f"warm-up {classifier.card.name}", daemon=True)
-        self.classifier, self.explainer = classifier, explainer
-        self.done = threading.Event()
-        self.seconds: float | None = None
-        self.error: str | None = None
+    def __init__(self, folder: str, card: card_lib.ModelCard):
+        super().__init__(name=f"load {card.name}", daemon=True)
+        self.folder, self.card = folder, card
+        self.loaded, self.warmed = threading.Event(), threading.Event()
+        self._model: tuple[Any, Any] | None = None
+        self._error: BaseException | None = None
+        self.load_s: float | None = None
+        self.warm_up_s: float | None = None
+
+    def result(self) -> tuple[Any, Any]:
+        """(Classifier, Explainer), waiting for the load and the warm-up; re-raises what the load raised."""
+        self.warmed.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._model is not None
+        return self._model
 
     def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            from cxr_core import explain, models
+
+            classifier = models.load(self.folder)
+            self._model = classifier, explain.Explainer(classifier)
+            self.load_s = time.perf_counter() - start
+            _say(f"model {self.card.name} loaded in {self.load_s:.1f} s")
+        except BaseException as err:  # shown by the page that waits for it
+            self._error = err
+        finally:
+            self.loaded.set()
+        try:
+            if self._model is not None:
+                self._warm_up(*self._model)
+        finally:
+            self.warmed.set()
+
+    def _warm_up(self, classifier: Any, explainer: Any) -> None:
         import numpy as np
 
         start = time.perf_counter()
-        name, size = self.classifier.card.name, self.classifier.input_size
-        blank = np.zeros((1, size, size, 3), np.float32)
+        blank = np.zeros((1, classifier.input_size, classifier.input_size, 3), np.float32)
         try:
-            self.explainer.warm_up()
-            self.classifier.logits(blank)
-            self.explainer.explain(blank, "gradcam++", class_index=0)
-            self.seconds = time.perf_counter() - start
-            print(f"cxr: warm-up of {name} done in {self.seconds:.1f} s", file=sys.stderr, flush=True)
+            explainer.warm_up()
+            classifier.logits(blank)
+            explainer.explain(blank, "gradcam++", class_index=0)
         except Exception as err:  # the first request then traces what is missing itself
-            self.error = f"{type(err).__name__}: {err}"
-            print(f"cxr: warm-up of {name} failed ({self.error})", file=sys.stderr, flush=True)
-        finally:
-            self.classifier = self.explainer = None  # a cleared cache frees the model
-            WARM_UPS.discard(self)
-            self.done.set()
+            _say(f"warm-up of {self.card.name} failed ({type(err).__name__}: {err})")
+            return
+        self.warm_up_s = time.perf_counter() - start
+        _say(f"warm-up of {self.card.name} done in {self.warm_up_s:.1f} s")
 
 
-WARM_UPS: set[WarmUp] = set()  # the ones still running
+def _say(message: str) -> None:
+    """One line in the server's log (model names and timings only, never patient data)."""
+    print(f"cxr: {message}", file=sys.stderr, flush=True)
+
+
+_LOADS: list[ModelLoad] = []
 
 
 @atexit.register
-def _finish_warm_ups() -> None:
-    """Let a running warm-up finish before the interpreter tears TensorFlow down under it."""
-    for warm in list(WARM_UPS):
-        warm.done.wait(timeout=120)
+def _finish_loads() -> None:
+    """Let a running load or warm-up finish before the interpreter tears TensorFlow down under it."""
+    for load in _LOADS:
+        load.warmed.wait(timeout=120)
 
 
-@st.cache_resource(show_spinner="Loading the model (once per server process)...")
-def load_model(folder: str, weights_sha256: str = "") -> tuple[Any, Any]:
-    """(Classifier, Explainer) for a model folder, loaded once per process and shared.
+@st.cache_resource(show_spinner=False)
+def start_loading(folder: str, weights_sha256: str = "") -> ModelLoad:
+    """The background load of a model folder, started once per process and shared by every session.
 
-    Returns as soon as the weights are in; a ``WarmUp`` thread then traces the graphs while the
-    page is drawn and the clinician picks a file. ``weights_sha256`` only keys the cache, so a
-    replaced model folder is loaded afresh. Raises ``ModelCardError`` for a missing, invalid or
-    tampered folder.
+    Returns after checking the card and the weights' hash (a fraction of a second), without waiting
+    for TensorFlow. ``weights_sha256`` only keys the cache, so a replaced model folder is loaded
+    afresh. Raises ``ModelCardError`` for a missing, invalid or tampered folder (not cached).
     """
-    from cxr_core import explain, models
+    load = ModelLoad(folder, card_lib.load(folder))  # card and weights hash checked here, before the page goes on
+    _LOADS[:] = [*(other for other in _LOADS if not other.warmed.is_set()), load]
+    load.start()
+    return load
 
-    classifier = models.load(folder)
-    explainer = explain.Explainer(classifier)
-    print(f"cxr: model {classifier.card.name} loaded from {Path(folder).name}", file=sys.stderr, flush=True)
-    warm = WarmUp(classifier, explainer)
-    WARM_UPS.add(warm)
-    warm.start()
-    return classifier, explainer
+
+def load_model(folder: str, weights_sha256: str = "") -> tuple[Any, Any]:
+    """(Classifier, Explainer) for a model folder, loaded once per process and shared (waits for the load)."""
+    return start_loading(folder, weights_sha256).result()
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -171,10 +203,12 @@ def card_summary_ui(card: card_lib.ModelCard) -> None:
     st.sidebar.caption(f"Weights sha256 `{card.weights_sha256[:12]}`" + (f" · {card.created}" if card.created else ""))
 
 
-def model_sidebar() -> tuple[Any, Any] | None:
-    """Sidebar model selector; returns the chosen (Classifier, Explainer) or None with a message.
+def model_sidebar(wait: bool = True) -> Any:
+    """Sidebar model selector; returns the chosen (Classifier, Explainer), or None with a message.
 
-    The choice is kept in ``st.session_state["model_dir"]`` so it survives page changes.
+    With ``wait=False`` it returns the ``ModelLoad`` at once (its ``card`` is known, the model may
+    still be loading): pass it to ``wait_for_model`` when the model is needed, so the page can draw
+    first. The choice is kept in ``st.session_state["model_dir"]`` so it survives page changes.
     """
     folders = list_models()
     if not folders:
@@ -196,11 +230,24 @@ def model_sidebar() -> tuple[Any, Any] | None:
         return None
     card_summary_ui(card)
     try:
-        return load_model(choice, card.weights_sha256)
+        loading = start_loading(choice, card.weights_sha256)
+    except ModelCardError as err:
+        st.sidebar.error(str(err))
+        return None
+    return wait_for_model(loading) if wait else loading
+
+
+def wait_for_model(loading: ModelLoad) -> tuple[Any, Any] | None:
+    """The loaded (Classifier, Explainer), with a spinner while it loads; None with a message if it failed."""
+    try:
+        if loading.warmed.is_set():
+            return loading.result()
+        with st.spinner("Loading the model and preparing its graphs (once per server process)..."):
+            return loading.result()
     except ModelCardError as err:
         st.sidebar.error(str(err))
     except Exception as err:  # a broken model folder must not take the page down
-        st.sidebar.error(f"Model '{card.name}' could not be loaded ({type(err).__name__}: {err}). "
+        st.sidebar.error(f"Model '{loading.card.name}' could not be loaded ({type(err).__name__}: {err}). "
                          "Reinstall the model folder or choose another model.")
     return None
 

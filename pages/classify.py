@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 import ui
-from cxr_core import imaging, overlay, pipeline, quality, report, windowing
+from cxr_core import imaging, overlay, quality, report, windowing
 from cxr_core.errors import UnreadableImageError
+
+if TYPE_CHECKING:  # imported where it runs: it brings TensorFlow, which the model's loader thread imports meanwhile
+    from cxr_core import pipeline
 
 METHOD_LABELS = {
     "gradcam": "Grad-CAM",
@@ -37,6 +41,8 @@ def read_image(data: bytes, name: str, window: tuple[float, float] | None) -> im
 def classify(_classifier, _explainer, model_key: str, data: bytes, name: str, class_index: int | None,
              method: str) -> pipeline.Result:
     """Prediction and heatmap for one upload; ``model_key`` (folder + weights hash) keys the cache."""
+    from cxr_core import pipeline
+
     return pipeline.classify(_classifier, _explainer, data, name, class_index=class_index, method=method)
 
 
@@ -108,19 +114,22 @@ def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
 
 ui.research_banner()
 st.title("Classify a chest radiograph")
-model = ui.model_sidebar()
-if model is None:
+loading = ui.model_sidebar(wait=False)  # the uploader shows while TensorFlow and the model load
+if loading is None:
     st.info("Choose a working model in the sidebar to classify images.")
     st.stop()
-classifier, explainer = model
-card = classifier.card
-model_key = f"{classifier.folder}:{card.weights_sha256}"
-
+card = loading.card
 uploaded = st.file_uploader("Chest radiograph (frontal view)", type=None, help=ui.UPLOAD_HELP, key="classify_upload")
 if uploaded is None:
     st.caption(f"Upload one JPEG, PNG or DICOM file. The model '{card.name}' tells "
                + ", ".join(card.class_names) + " apart.")
     st.stop()
+model = ui.wait_for_model(loading)
+if model is None:
+    st.info("Choose a working model in the sidebar to classify images.")
+    st.stop()
+classifier, explainer = model
+model_key = f"{classifier.folder}:{card.weights_sha256}"
 data = uploaded.getvalue()
 key = hashlib.sha256(data).hexdigest()[:16] + card.weights_sha256[:8]
 try:

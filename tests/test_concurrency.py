@@ -89,7 +89,7 @@ def test_concurrent_sessions_share_one_cached_model(tiny_model_dir, tmp_path, im
         return original(path)
 
     monkeypatch.setattr(models, "load", counting_load)
-    ui.load_model.clear()
+    ui.start_loading.clear()
     sha = card_lib.read(folder).weights_sha256
     barrier = threading.Barrier(SESSIONS)
 
@@ -116,7 +116,7 @@ def test_concurrent_sessions_share_one_cached_model(tiny_model_dir, tmp_path, im
     assert len(loads) == 1, f"the page sessions loaded the model again ({len(loads)} loads)"
     del reference, shared
     assert len(_live_classifiers(folder)) == 1
-    ui.load_model.clear()
+    ui.start_loading.clear()
 
 
 def test_memory_does_not_grow_over_200_classifications(served, images):
