@@ -31,13 +31,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models_dir: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``streamlit run app.py`` on 127.0.0.1:port serving the models under ``models_dir`` (headless)."""
+def start_server(models_dir: Path, port: int, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> subprocess.Popen:
+    """``streamlit run app.py`` on 127.0.0.1:port serving the models under ``models_dir`` (headless).
+
+    Its output goes to ``log`` (readable while it runs) when given, else to a pipe that ``stop`` reads.
+    """
     cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]
     full_env = {**os.environ, "CXR_MODELS_DIR": str(models_dir), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if log is None:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = log  # type: ignore[attr-defined]
+    return proc
 
 
 def wait_healthy(port: int, timeout: float) -> None:
@@ -60,7 +69,8 @@ def stop(proc: subprocess.Popen) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    return out.decode(errors="replace")
+    log = getattr(proc, "log_path", None)
+    return log.read_text(errors="replace") if log is not None else out.decode(errors="replace")
 
 
 def first_render(models_dir: Path, timeout: float = 300.0) -> dict[str, object]:
