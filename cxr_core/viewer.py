@@ -150,7 +150,7 @@ def figure(shown: Display, mode: str = "wash", colormap: str = "jet", opacity: f
     fig.update_xaxes(range=[-0.5, w * shown.scale - 0.5], showgrid=False, zeroline=False, constrain="domain")
     fig.update_yaxes(range=[h * shown.scale - 0.5, -0.5], showgrid=False, zeroline=False, constrain="domain")
     fig.update_layout(xaxis2=dict(matches="x"), yaxis=dict(scaleanchor="x"), yaxis2=dict(matches="y"),
-                      height=height, margin=dict(l=0, r=0, t=30, b=0), dragmode="zoom", uirevision=revision,
+                      height=height, margin=dict(l=0, r=0, t=56, b=0), dragmode="zoom", uirevision=revision,
                       showlegend=mode == "contours", legend=dict(orientation="h", y=-0.02, yanchor="top"),
                       plot_bgcolor="black")
     return fig

@@ -77,3 +77,10 @@ def test_model_is_loaded_once_per_process(models_root):
     first = ui.load_model(folder, sha)
     assert ui.load_model(folder, sha) is first
     assert first[0].card.name == "tiny-pneumonia" and first[1].classifier is first[0]
+
+
+def test_headline_figures_read_as_counts_and_percentages():
+    shown = {k: ui.format_metric(k, v) for k, v in {"test n": 1264.0, "test accuracy": 0.95411, "test auc": 0.99547,
+                                                    "test ece": 0.005028, "best_epoch": 7.0}.items()}
+    assert shown == {"test n": "1,264", "test accuracy": "95.4%", "test auc": "0.995", "test ece": "0.5%",
+                     "best_epoch": "7"}
