@@ -107,13 +107,18 @@ class ModelLoad(threading.Thread):
 
         start = time.perf_counter()
         blank = np.zeros((1, classifier.input_size, classifier.input_size, 3), np.float32)
-        try:
-            explainer.warm_up()
-            classifier.logits(blank)
-            explainer.explain(blank, "gradcam++", class_index=0)
-        except Exception as err:  # the first request then traces what is missing itself
-            _say(f"warm-up of {self.card.name} failed ({type(err).__name__}: {err})")
-            return
+        steps = (explainer.warm_up, lambda: classifier.logits(blank),
+                 lambda: explainer.explain(blank, "gradcam++", class_index=0))
+        for step in steps:
+            for attempt in (1, 2):  # a trace that failed leaves nothing behind, so it can be tried again
+                try:
+                    step()
+                    break
+                except Exception as err:  # then the first request traces what is missing itself
+                    _say(f"warm-up of {self.card.name} failed (attempt {attempt}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})")
+            else:
+                return
         self.warm_up_s = time.perf_counter() - start
         _say(f"warm-up of {self.card.name} done in {self.warm_up_s:.1f} s")
 

@@ -83,7 +83,8 @@ def column_config(class_names: list[str]) -> dict:
         review.THUMBNAIL: st.column_config.ImageColumn("Image", width="small"),
         "file": st.column_config.TextColumn("File"),
         "top_class": st.column_config.TextColumn("Top class"),
-        "top_probability": st.column_config.NumberColumn("Top probability", format="%.3f"),
+        "top_probability": st.column_config.NumberColumn(
+            "Top probability", format="%.3f", help="The most probable class's calibrated probability (0 to 1)"),
         "decision": st.column_config.TextColumn("Decision", help="At the model card's thresholds"),
         "positive": st.column_config.CheckboxColumn("Positive"),
         "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
@@ -92,8 +93,8 @@ def column_config(class_names: list[str]) -> dict:
         "error": st.column_config.TextColumn("Error", width="large"),
     }
     for name in class_names:
-        config[f"p_{name}"] = st.column_config.ProgressColumn(f"P({name})", min_value=0.0, max_value=1.0,
-                                                              format="%.3f")
+        config[f"p_{name}"] = st.column_config.ProgressColumn(
+            f"P({name})", min_value=0.0, max_value=1.0, format="%.3f", help=f"Calibrated probability of {name}, 0 to 1")
     return config
 
 

@@ -62,8 +62,11 @@ def window_ui(info: imaging.ImageInfo, key: str) -> tuple[float, float] | None:
 
     st.selectbox("Window preset", list(options), key=pk, on_change=apply_preset,
                  help="Changes what you see, not what the model sees: it is always given the file's default window.")
-    center = st.slider("Window center", c_lo, c_hi, key=ck, step=(c_hi - c_lo) / 400 or 1.0)
-    width = st.slider("Window width", w_lo, w_hi, key=wk, step=(w_hi - w_lo) / 400 or 1.0)
+    units = "in the file's stored-value units (after Rescale Slope/Intercept)"
+    center = st.slider("Window center", c_lo, c_hi, key=ck, step=(c_hi - c_lo) / 400 or 1.0,
+                       help=f"The stored value shown as mid-grey, {units}.")
+    width = st.slider("Window width", w_lo, w_hi, key=wk, step=(w_hi - w_lo) / 400 or 1.0,
+                      help=f"The range of stored values spread from black to white, {units}.")
     return None if (center, width) == default else (center, width)
 
 
@@ -93,6 +96,8 @@ def probabilities_ui(prediction, card) -> None:
         "Probability": [f"{p:.4f}" for p in prediction.probabilities],
         "Threshold": [f"{card.thresholds[n]:.2f}" if n in card.thresholds else "none" for n in prediction.class_names],
     }), hide_index=True)
+    st.caption("Probability: temperature-calibrated, from 0 to 1 (the bars show it as a percentage). Threshold: "
+               "the probability at which the class is called, fitted on the validation split.")
 
 
 def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:

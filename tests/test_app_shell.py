@@ -33,7 +33,7 @@ def test_app_runs_with_navigation_banner_and_model_selector(models_root):
     assert [Path(o).name for o in selector.options] == ["tiny-cxr3", "tiny-pneumonia"]
     summary = " ".join(m.value for m in at.sidebar.markdown)
     assert "**tiny-cxr3** · version 1" in summary and "`COVID-19`" in summary
-    assert "test auc: **0.5**" in summary
+    assert "test auc: **0.500**" in summary
     sha = card.read(models_root / "tiny-cxr3").weights_sha256
     assert any(sha[:12] in c.value for c in at.sidebar.caption)
 
