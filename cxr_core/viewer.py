@@ -111,7 +111,10 @@ def _hover(values: np.ndarray | None) -> tuple[np.ndarray | None, str]:
     if values is None:
         return None, where + "<br>grey level %{z} of 255<extra></extra>"
     integral = np.array_equal(values, np.round(values)) and np.abs(values).max(initial=0) < 2**31
-    data = values.astype(np.int32 if integral else np.float32)
+    # The smallest type that holds the values exactly: this array is most of what a DICOM sends to the browser.
+    lo, hi = float(values.min(initial=0)), float(values.max(initial=0))
+    kinds = (np.uint8, np.int8, np.uint16, np.int16, np.int32) if integral else (np.float32,)
+    data = values.astype(next(k for k in kinds if not integral or np.iinfo(k).min <= lo and hi <= np.iinfo(k).max))
     fmt = "" if integral else ":.6g"
     return data, where + f"<br>stored value %{{customdata{fmt}}} (grey level %{{z}} of 255)<extra></extra>"
 
