@@ -7,7 +7,11 @@ loaded once per process with ``st.cache_resource`` and shared by every browser s
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import streamlit as st
 
 import auth
 from cxr_core import card as card_lib
+from cxr_core import overlay, viewer
 from cxr_core.errors import ModelCardError
 
 REPO = Path(__file__).resolve().parent
@@ -53,17 +58,110 @@ def list_models() -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / card_lib.CARD_FILE).is_file())
 
 
-@st.cache_resource(show_spinner="Loading the model (once per server process)...")
-def load_model(folder: str, weights_sha256: str = "") -> tuple[Any, Any]:
-    """(Classifier, Explainer) for a model folder, loaded once per process and shared.
+class ModelLoad(threading.Thread):
+    """One model folder loaded in the background, then its compiled graphs warmed, once per process.
 
-    ``weights_sha256`` only keys the cache, so a replaced model folder is loaded afresh.
-    Raises ``ModelCardError`` for a missing, invalid or tampered folder.
+    The page draws (uploader included) while TensorFlow is imported and the weights are read. Once
+    loaded, the same thread traces the graphs a clinician needs: the Grad-CAM pass (an upload's
+    prediction and heatmap), the plain forward pass and Grad-CAM++ (a change of method). It touches
+    no Streamlit state, so it cannot disturb sessions (nor AppTest's process-global runtime).
+    Requests wait for the warm-up (``result()``), so they never run on the model while it traces:
+    a warm-up that let a page request run alongside failed once tracing the forward pass (Keras:
+    "Only input tensors may be passed as positional arguments"), and a first request would pay
+    the same tracing anyway.
+    ``loaded`` and ``warmed`` are set when each part is over (``warmed`` also after a failed load
+    or warm-up: the first request then traces what is missing itself).
     """
-    from cxr_core import explain, models
 
-    classifier = models.load(folder)
-    return classifier, explain.Explainer(classifier)
+    def __init__(self, folder: str, card: card_lib.ModelCard):
+        super().__init__(name=f"load {card.name}", daemon=True)
+        self.folder, self.card = folder, card
+        self.loaded, self.warmed = threading.Event(), threading.Event()
+        self._model: tuple[Any, Any] | None = None
+        self._error: BaseException | None = None
+        self.load_s: float | None = None
+        self.warm_up_s: float | None = None
+
+    def result(self) -> tuple[Any, Any]:
+        """(Classifier, Explainer), waiting for the load and the warm-up; re-raises what the load raised."""
+        self.warmed.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._model is not None
+        return self._model
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            from cxr_core import explain, models
+
+            classifier = models.load(self.folder)
+            self._model = classifier, explain.Explainer(classifier)
+            self.load_s = time.perf_counter() - start
+            _say(f"model {self.card.name} loaded in {self.load_s:.1f} s")
+        except BaseException as err:  # shown by the page that waits for it
+            self._error = err
+        finally:
+            self.loaded.set()
+        try:
+            if self._model is not None:
+                self._warm_up(*self._model)
+        finally:
+            self.warmed.set()
+
+    def _warm_up(self, classifier: Any, explainer: Any) -> None:
+        import numpy as np
+
+        start = time.perf_counter()
+        blank = np.zeros((1, classifier.input_size, classifier.input_size, 3), np.float32)
+        steps = (explainer.warm_up, lambda: classifier.logits(blank),
+                 lambda: explainer.explain(blank, "gradcam++", class_index=0))
+        for step in steps:
+            for attempt in (1, 2):  # a trace that failed leaves nothing behind, so it can be tried again
+                try:
+                    step()
+                    break
+                except Exception as err:  # then the first request traces what is missing itself
+                    _say(f"warm-up of {self.card.name} failed (attempt {attempt}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})")
+            else:
+                return
+        self.warm_up_s = time.perf_counter() - start
+        _say(f"warm-up of {self.card.name} done in {self.warm_up_s:.1f} s")
+
+
+def _say(message: str) -> None:
+    """One line in the server's log (model names and timings only, never patient data)."""
+    print(f"cxr: {message}", file=sys.stderr, flush=True)
+
+
+_LOADS: list[ModelLoad] = []
+
+
+@atexit.register
+def _finish_loads() -> None:
+    """Let a running load or warm-up finish before the interpreter tears TensorFlow down under it."""
+    for load in _LOADS:
+        load.warmed.wait(timeout=120)
+
+
+@st.cache_resource(show_spinner=False)
+def start_loading(folder: str, weights_sha256: str = "") -> ModelLoad:
+    """The background load of a model folder, started once per process and shared by every session.
+
+    Returns after checking the card and the weights' hash (a fraction of a second), without waiting
+    for TensorFlow. ``weights_sha256`` only keys the cache, so a replaced model folder is loaded
+    afresh. Raises ``ModelCardError`` for a missing, invalid or tampered folder (not cached).
+    """
+    load = ModelLoad(folder, card_lib.load(folder))  # card and weights hash checked here, before the page goes on
+    _LOADS[:] = [*(other for other in _LOADS if not other.warmed.is_set()), load]
+    load.start()
+    return load
+
+
+def load_model(folder: str, weights_sha256: str = "") -> tuple[Any, Any]:
+    """(Classifier, Explainer) for a model folder, loaded once per process and shared (waits for the load)."""
+    return start_loading(folder, weights_sha256).result()
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -79,26 +177,50 @@ def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+# What each headline figure means, shown on hover beside the figures.
+METRIC_HELP = (
+    "On the split named first (test: held out, never used for training or choices; val: validation). "
+    "n: number of images. accuracy: share of images whose called class is right. auc: area under the ROC "
+    "curve (macro average over classes; 1 is perfect, 0.5 is chance). ece: expected calibration error, the "
+    "average gap between predicted probability and observed frequency. best_epoch: the training epoch kept."
+)
+
+
+def format_metric(name: str, value: float) -> str:
+    """A headline figure as a clinician reads it: counts as integers, rates as percentages."""
+    last = name.split()[-1]
+    if last in ("n", "best_epoch", "epochs") or name.endswith("_n"):
+        return f"{round(value):,}"
+    if last in ("accuracy", "ece", "sensitivity", "specificity", "top_class_accuracy"):
+        return f"{value:.1%}"
+    return f"{value:.3f}"
+
+
 def card_summary_ui(card: card_lib.ModelCard) -> None:
     """The card's summary in the sidebar: classes, decision rule, data, headline metrics, version, hash."""
     st.sidebar.markdown(f"**{card.name}** · version {card.version} · `{card.architecture}` {card.input_size} px")
     st.sidebar.markdown("Classes: " + ", ".join(f"`{c}`" for c in card.class_names))
     if card.thresholds:
         rule = ", ".join(f"{c} ≥ {t:.2f}" for c, t in card.thresholds.items())
-        st.sidebar.caption(f"Decision: {rule}; otherwise {card.negative_class or 'top class'}.")
+        st.sidebar.caption(f"Decision: {rule}; otherwise {card.negative_class or 'top class'}.",
+                           help="A class is called when its calibrated probability (0 to 1) reaches its threshold; "
+                           "thresholds were fitted on the validation split.")
     metrics = headline_metrics(card.metrics)
     if metrics:
-        st.sidebar.markdown(" · ".join(f"{k}: **{v:.3g}**" for k, v in metrics.items()))
+        st.sidebar.markdown(" · ".join(f"{k}: **{format_metric(k, v)}**" for k, v in metrics.items()),
+                            help=METRIC_HELP)
     if card.training_data:
         with st.sidebar.expander("Training data"):
             st.json(card.training_data, expanded=False)
     st.sidebar.caption(f"Weights sha256 `{card.weights_sha256[:12]}`" + (f" · {card.created}" if card.created else ""))
 
 
-def model_sidebar() -> tuple[Any, Any] | None:
-    """Sidebar model selector; returns the chosen (Classifier, Explainer) or None with a message.
+def model_sidebar(wait: bool = True) -> Any:
+    """Sidebar model selector; returns the chosen (Classifier, Explainer), or None with a message.
 
-    The choice is kept in ``st.session_state["model_dir"]`` so it survives page changes.
+    With ``wait=False`` it returns the ``ModelLoad`` at once (its ``card`` is known, the model may
+    still be loading): pass it to ``wait_for_model`` when the model is needed, so the page can draw
+    first. The choice is kept in ``st.session_state["model_dir"]`` so it survives page changes.
     """
     folders = list_models()
     if not folders:
@@ -126,16 +248,70 @@ def model_sidebar() -> tuple[Any, Any] | None:
         auth.record("model_change", model=card.name, weights_sha256=card.weights_sha256)
     card_summary_ui(card)
     try:
-        loaded = load_model(choice, card.weights_sha256)
+        loading = start_loading(choice, card.weights_sha256)
+    except ModelCardError as err:
+        st.sidebar.error(str(err))
+        return None
+    return wait_for_model(loading) if wait else loading
+
+
+def wait_for_model(loading: ModelLoad) -> tuple[Any, Any] | None:
+    """The loaded (Classifier, Explainer), with a spinner while it loads; None with a message if it failed.
+
+    The sidebar then names the inference engine and precision that serve the model.
+    """
+    try:
+        if loading.warmed.is_set():
+            loaded = loading.result()
+        else:
+            with st.spinner("Loading the model and preparing its graphs (once per server process)..."):
+                loaded = loading.result()
         note = loaded[0].runner.note
-        st.sidebar.caption(f"Inference: {loaded[0].engine_label}" + (f" ({note})" if note else ""))
+        st.sidebar.caption(f"Inference: {loaded[0].engine_label}" + (f" ({note})" if note else ""),
+                           help="The engine that runs the forward pass (CXR_ENGINE, CXR_PRECISION override it).")
         return loaded
     except ModelCardError as err:
         st.sidebar.error(str(err))
     except Exception as err:  # a broken model folder must not take the page down
-        st.sidebar.error(f"Model '{card.name}' could not be loaded ({type(err).__name__}: {err}). "
+        st.sidebar.error(f"Model '{loading.card.name}' could not be loaded ({type(err).__name__}: {err}). "
                          "Reinstall the model folder or choose another model.")
     return None
+
+
+VIEWER_CONFIG = {"scrollZoom": True, "displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+OVERLAY_MODES = {"wash": "Colour wash", "contours": "Contour lines"}
+
+
+def viewer_ui(pixels: Any, heatmap: Any, values: Any = None, *, key: str, titles: tuple[str, str],
+              revision: str) -> tuple[float, str]:
+    """The film beside its heatmap (zoom and pan move both), with the overlay controls above it.
+
+    ``pixels`` float32 HxW in [0, 1] as displayed (after the window), ``heatmap`` float32 in [0, 1],
+    ``values`` the DICOM modality values (hover) or None. Widget keys are ``{key}_mode``,
+    ``{key}_levels``, ``{key}_opacity``, ``{key}_colormap`` and the chart ``{key}_viewer``;
+    ``revision`` keeps the zoom while the same film is redrawn. Returns (opacity, colormap).
+    """
+    columns = st.columns([2, 3, 2, 2])
+    mode = columns[0].radio("Overlay", list(OVERLAY_MODES), format_func=OVERLAY_MODES.get, key=f"{key}_mode",
+                            horizontal=True, help="A colour wash over the film, or lines around the regions "
+                            "where the heatmap reaches the chosen levels (the film stays visible).")
+    levels = columns[1].multiselect(
+        "Contour levels", viewer.LEVELS, default=list(viewer.DEFAULT_LEVELS), format_func="{:.0%}".format,
+        key=f"{key}_levels", disabled=mode != "contours",
+        help="A line is drawn where the heatmap reaches this fraction of its own maximum (100 %).")
+    opacity = columns[2].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_opacity",
+                                help="0 shows the film only, 1 the heatmap only (for lines: at least 0.6).")
+    colormap = columns[3].selectbox("Colormap", list(overlay.COLORMAPS), key=f"{key}_colormap",
+                                    help="Colours from low (first colour) to high heatmap weight (last).")
+    shown = viewer.display_copy(pixels, heatmap, values)
+    height = int(min(900, max(420, 680 * shown.shape[0] / shown.shape[1])))
+    fig = viewer.figure(shown, mode, colormap, opacity, levels, titles, height=height, revision=revision)
+    st.plotly_chart(fig, key=f"{key}_viewer", width="stretch", config=VIEWER_CONFIG)
+    st.caption("Drag on either picture to zoom both, double-click to see the whole film again, scroll to zoom, "
+               "hover for the pixel's position" + (" and stored value." if values is not None else " and grey level."))
+    if mode == "contours" and not levels:
+        st.caption("Choose at least one contour level to draw lines.")
+    return opacity, colormap
 
 
 def research_banner() -> None:

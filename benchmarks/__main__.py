@@ -22,6 +22,7 @@ class Config:
     batch_size: int = 16
     model: str | None = None
     app: bool = True
+    app_only: bool = False
 
 
 QUICK = Config(repeat=5, tfkv_repeat=3, batch_images=48, forward_images=48)
@@ -33,9 +34,11 @@ def parse(argv: list[str]) -> Config:
     parser.add_argument("--model", help="model folder to measure (default: models/densenet169-pneumonia, "
                         "else a random-weight DenseNet169 at 224 px)")
     parser.add_argument("--no-app", action="store_true", help="skip the cold app start (streamlit + Chromium)")
+    parser.add_argument("--app-only", action="store_true",
+                        help="only the cold app start, first upload and method switch (streamlit + Chromium)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Config()
-    return Config(**{**base.__dict__, "model": args.model, "app": not args.no_app})
+    return Config(**{**base.__dict__, "model": args.model, "app": not args.no_app, "app_only": args.app_only})
 
 
 def log(message: str) -> None:
@@ -65,6 +68,13 @@ def run(config: Config) -> dict:
     folder, origin = serving.model_folder(config.model)
     log(f"model {folder} ({origin})")
     figures: dict = {}
+    if config.app_only:
+        from benchmarks.app_render import first_render
+
+        log("cold app start, first upload, method switch")
+        figures.update(first_render(folder.parent))
+        return {**figures, "targets": check_targets(figures), "model": {"folder": str(folder), "origin": origin},
+                "config": config.__dict__, "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     load_s, classifier, explainer = serving.load_seconds(folder)
     figures["model_load_s"] = round(load_s, 2)
     figures["first_prediction_s"] = round(serving.warm_up_seconds(classifier, explainer), 2)

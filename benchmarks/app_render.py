@@ -1,8 +1,10 @@
-"""Cold start of the app: ``streamlit run app.py`` until the classify page is shown in a browser."""
+"""Cold start of the app: ``streamlit run app.py`` until the classify page is shown in a browser, then
+the first upload's result and a switch of explanation method, as a clinician meets them."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +17,12 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
 # The classify page is "served" when its uploader is on screen and the sidebar shows the model card.
 READY_SELECTORS = ('[data-testid="stFileUploader"]', 'text=Weights sha256')
+UPLOAD = REPO.parent / "shared" / "data" / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+PICK_S = 5.0  # seconds a clinician takes to pick a file after the page shows (the clock then starts)
+# True once the viewer's heatmap pane (a plotly figure with an image trace) has a title starting with the text.
+VIEWER_SHOWS = """prefix => [...document.querySelectorAll('.js-plotly-plot')].some(gd =>
+    (gd.data || []).some(t => t.type === 'image') &&
+    ((gd.layout && gd.layout.annotations) || []).some(a => (a.text || '').startsWith(prefix)))"""
 
 
 def free_port() -> int:
@@ -23,13 +31,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models_dir: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``streamlit run app.py`` on 127.0.0.1:port serving the models under ``models_dir`` (headless)."""
+def start_server(models_dir: Path, port: int, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> subprocess.Popen:
+    """``streamlit run app.py`` on 127.0.0.1:port serving the models under ``models_dir`` (headless).
+
+    Its output goes to ``log`` (readable while it runs) when given, else to a pipe that ``stop`` reads.
+    """
     cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]
     full_env = {**os.environ, "CXR_MODELS_DIR": str(models_dir), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if log is None:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = log  # type: ignore[attr-defined]
+    return proc
 
 
 def wait_healthy(port: int, timeout: float) -> None:
@@ -52,7 +69,8 @@ def stop(proc: subprocess.Popen) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    return out.decode(errors="replace")
+    log = getattr(proc, "log_path", None)
+    return log.read_text(errors="replace") if log is not None else out.decode(errors="replace")
 
 
 def first_render(models_dir: Path, timeout: float = 300.0) -> dict[str, object]:
@@ -79,7 +97,7 @@ def first_render(models_dir: Path, timeout: float = 300.0) -> dict[str, object]:
                 "app_render_method": "HTTP health endpoint + page HTML (no browser available)"}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
         start = time.perf_counter()
         proc = start_server(models_dir, port)
         try:
@@ -89,13 +107,37 @@ def first_render(models_dir: Path, timeout: float = 300.0) -> dict[str, object]:
             for selector in READY_SELECTORS:
                 page.wait_for_selector(selector, timeout=timeout * 1000)
             seconds = time.perf_counter() - start
+            first_upload, switch = first_result(page, timeout)
         finally:
             browser.close()
             log = stop(proc)
     errors = [line for line in log.splitlines() if "Traceback" in line or "Error" in line]
+    warm = re.search(r"warm-up of .* done in ([0-9.]+) s", log)
     return {"app_server_up_s": round(up, 2), "app_first_render_s": round(seconds, 2),
-            "app_render_method": "Playwright + headless Chromium until the uploader and model card are shown",
+            "app_warm_up_s": float(warm.group(1)) if warm else None,
+            "first_upload_result_s": round(first_upload, 2), "method_switch_s": round(switch, 2),
+            "app_render_method": "Playwright + headless Chromium (1500x1100) until the uploader and model card are "
+                                 f"shown; then, after {PICK_S:.0f} s to pick a file, one real JPEG uploaded until "
+                                 "its decision and heatmap show; then Grad-CAM++ chosen until its heatmap shows",
             "app_log_errors": errors[:5]}
+
+
+def first_result(page, timeout: float) -> tuple[float, float]:
+    """Seconds from setting the first file until its decision and viewer show, and from choosing
+    Grad-CAM++ until its heatmap shows (on a page whose uploader is already on screen)."""
+    page.wait_for_timeout(PICK_S * 1000)
+    start = time.perf_counter()
+    page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
+                         files=[{"name": UPLOAD.name, "mimeType": "image/jpeg", "buffer": UPLOAD.read_bytes()}])
+    page.wait_for_selector('h3:has-text("Decision:")', timeout=timeout * 1000)
+    page.wait_for_function(VIEWER_SHOWS, arg="Grad-CAM for", timeout=timeout * 1000)
+    first_upload = time.perf_counter() - start
+    wait_idle(page, timeout)
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Explanation method").click()
+    start = time.perf_counter()
+    page.get_by_role("option", name="Grad-CAM++").click()
+    page.wait_for_function(VIEWER_SHOWS, arg="Grad-CAM++ for", timeout=timeout * 1000)
+    return first_upload, time.perf_counter() - start
 
 
 def server_rss_mb(pid: int) -> float:

@@ -161,7 +161,9 @@ class Explainer:
                 grad_model = keras.Model(self.model.inputs, [self.model.get_layer(layer).output, self.model.output])
                 spec = (tf.TensorSpec((None, self.size, self.size, 3), tf.float32), tf.TensorSpec((None,), tf.int32))
 
-                @tf.function(input_signature=spec)
+                # autograph=False: nothing here needs converting, and autograph parses and compiles Python
+                # source, which raced with a Streamlit thread compiling at the same moment (Python 3.11).
+                @tf.function(input_signature=spec, autograph=False)
                 def run(images: tf.Tensor, classes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                     with tf.GradientTape() as tape:
                         features, logits = grad_model(images, training=False)

@@ -79,10 +79,15 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """``pixels``: float32 (height, width) in [0, 1], lungs dark and bone bright."""
+    """``pixels``: float32 (height, width) in [0, 1], lungs dark and bone bright.
+
+    ``values`` (DICOM only, else None): float32 (height, width) modality values, i.e. the stored
+    values after Rescale Slope/Intercept or the Modality LUT, before the window (what a viewer's hover shows).
+    """
 
     pixels: np.ndarray
     info: ImageInfo
+    values: np.ndarray | None = None
 
 
 def is_image_name(name: str) -> bool:
@@ -289,6 +294,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     if arr.dtype.kind == "f":  # float pixel data may hold NaN or infinities
         np.nan_to_num(values, copy=False, posinf=0.0, neginf=0.0)
     value_range = (float(values.min()), float(values.max()))
+    modality = values.copy()  # windowing works in place
     pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits)
     # DX requires Presentation LUT Shape INVERSE with MONOCHROME1: the same single inversion, not a second one.
     inverted = photometric == "MONOCHROME1"
@@ -297,7 +303,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     info = ImageInfo(format="DICOM", width=cols, height=rows, bit_depth=bits, photometric=photometric,
                      window=used, window_source=source, value_range=value_range, frames=frames,
                      inverted=inverted, metadata=metadata)
-    return LoadedImage(pixels, info)
+    return LoadedImage(pixels, info, modality)
 
 
 def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, float] | None, colour: bool,

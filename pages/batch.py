@@ -8,7 +8,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import imaging, overlay, paths, pipeline, preprocess, review
+from cxr_core import imaging, paths, pipeline, preprocess, review
 from cxr_core.errors import UnreadableImageError
 
 STATE = "batch_results"
@@ -93,7 +93,8 @@ def column_config(class_names: list[str]) -> dict:
         review.THUMBNAIL: st.column_config.ImageColumn("Image", width="small"),
         "file": st.column_config.TextColumn("File"),
         "top_class": st.column_config.TextColumn("Top class"),
-        "top_probability": st.column_config.NumberColumn("Top probability", format="%.3f"),
+        "top_probability": st.column_config.NumberColumn(
+            "Top probability", format="%.3f", help="The most probable class's calibrated probability (0 to 1)"),
         "decision": st.column_config.TextColumn("Decision", help="At the model card's thresholds"),
         "positive": st.column_config.CheckboxColumn("Positive"),
         "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
@@ -102,8 +103,8 @@ def column_config(class_names: list[str]) -> dict:
         "error": st.column_config.TextColumn("Error", width="large"),
     }
     for name in class_names:
-        config[f"p_{name}"] = st.column_config.ProgressColumn(f"P({name})", min_value=0.0, max_value=1.0,
-                                                              format="%.3f")
+        config[f"p_{name}"] = st.column_config.ProgressColumn(
+            f"P({name})", min_value=0.0, max_value=1.0, format="%.3f", help=f"Calibrated probability of {name}, 0 to 1")
     return config
 
 
@@ -132,15 +133,12 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> No
         st.error(str(err))
         return
     names = list(classifier.card.class_names)
-    controls = st.columns(3)
-    target = controls[0].selectbox("Explain class", names, index=names.index(row["top_class"]), key="batch_class")
-    opacity = controls[1].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="batch_opacity")
-    colormap = controls[2].selectbox("Colormap", list(overlay.COLORMAPS), key="batch_colormap")
+    target = st.selectbox("Explain class", names, index=names.index(row["top_class"]), key="batch_class",
+                          help="The heatmap shows where the model looked for this class.")
     batch = preprocess.model_input(image.pixels, classifier.input_size)
     _, heatmaps = explainer.gradcam(batch, names.index(target))
-    left, right = st.columns(2)
-    left.image(overlay.to_rgb(image.pixels), caption=f"{image.info.format} {image.info.width}x{image.info.height}")
-    right.image(overlay.overlay(image.pixels, heatmaps[0], colormap, opacity), caption=f"Grad-CAM for {target}")
+    ui.viewer_ui(image.pixels, heatmaps[0], image.values, key="batch", revision=name,
+                 titles=(f"{image.info.format} {image.info.width}x{image.info.height}", f"Grad-CAM for {target}"))
 
 
 def results_ui(classifier, explainer, state: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -10,8 +11,11 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import imaging, overlay, pipeline, quality, report, windowing
+from cxr_core import imaging, overlay, quality, report, windowing
 from cxr_core.errors import UnreadableImageError
+
+if TYPE_CHECKING:  # imported where it runs: it brings TensorFlow, which the model's loader thread imports meanwhile
+    from cxr_core import pipeline
 
 METHOD_LABELS = {
     "gradcam": "Grad-CAM",
@@ -38,6 +42,8 @@ def read_image(data: bytes, name: str, window: tuple[float, float] | None) -> im
 def classify(_classifier, _explainer, model_key: str, data: bytes, name: str, class_index: int | None,
              method: str) -> pipeline.Result:
     """Prediction and heatmap for one upload; ``model_key`` (folder + weights hash) keys the cache."""
+    from cxr_core import pipeline
+
     return pipeline.classify(_classifier, _explainer, data, name, class_index=class_index, method=method)
 
 
@@ -57,8 +63,11 @@ def window_ui(info: imaging.ImageInfo, key: str) -> tuple[float, float] | None:
 
     st.selectbox("Window preset", list(options), key=pk, on_change=apply_preset,
                  help="Changes what you see, not what the model sees: it is always given the file's default window.")
-    center = st.slider("Window center", c_lo, c_hi, key=ck, step=(c_hi - c_lo) / 400 or 1.0)
-    width = st.slider("Window width", w_lo, w_hi, key=wk, step=(w_hi - w_lo) / 400 or 1.0)
+    units = "in the file's stored-value units (after Rescale Slope/Intercept)"
+    center = st.slider("Window center", c_lo, c_hi, key=ck, step=(c_hi - c_lo) / 400 or 1.0,
+                       help=f"The stored value shown as mid-grey, {units}.")
+    width = st.slider("Window width", w_lo, w_hi, key=wk, step=(w_hi - w_lo) / 400 or 1.0,
+                      help=f"The range of stored values spread from black to white, {units}.")
     return None if (center, width) == default else (center, width)
 
 
@@ -88,6 +97,8 @@ def probabilities_ui(prediction, card) -> None:
         "Probability": [f"{p:.4f}" for p in prediction.probabilities],
         "Threshold": [f"{card.thresholds[n]:.2f}" if n in card.thresholds else "none" for n in prediction.class_names],
     }), hide_index=True)
+    st.caption("Probability: temperature-calibrated, from 0 to 1 (the bars show it as a percentage). Threshold: "
+               "the probability at which the class is called, fitted on the validation split.")
 
 
 def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
@@ -110,19 +121,22 @@ def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
 ui.research_banner()
 auth.require("classify")
 st.title("Classify a chest radiograph")
-model = ui.model_sidebar()
-if model is None:
+loading = ui.model_sidebar(wait=False)  # the uploader shows while TensorFlow and the model load
+if loading is None:
     st.info("Choose a working model in the sidebar to classify images.")
     st.stop()
-classifier, explainer = model
-card = classifier.card
-model_key = f"{classifier.folder}:{card.weights_sha256}"
-
+card = loading.card
 uploaded = st.file_uploader("Chest radiograph (frontal view)", type=None, help=ui.UPLOAD_HELP, key="classify_upload")
 if uploaded is None:
     st.caption(f"Upload one JPEG, PNG or DICOM file. The model '{card.name}' tells "
                + ", ".join(card.class_names) + " apart.")
     st.stop()
+model = ui.wait_for_model(loading)
+if model is None:
+    st.info("Choose a working model in the sidebar to classify images.")
+    st.stop()
+classifier, explainer = model
+model_key = f"{classifier.folder}:{card.weights_sha256}"
 data = uploaded.getvalue()
 key = hashlib.sha256(data).hexdigest()[:16] + card.weights_sha256[:8]
 audited = {"model": card.name, "weights_sha256": card.weights_sha256, "source": "upload"}
@@ -136,7 +150,7 @@ auth.record_once(key, "classify", **audited, counts={"images": 1, "positive": in
 prediction, info = first.prediction, first.image.info
 checked = quality.assess(first.image, data)
 
-controls = st.columns(4)
+controls = st.columns(2)
 method = controls[0].selectbox("Explanation method", list(METHOD_LABELS), format_func=METHOD_LABELS.get,
                                key="cam_method", help="Grad-CAM is computed with the prediction in one pass.")
 # One widget key for every image, reset to the top class when the image changes. (A key per image
@@ -146,9 +160,8 @@ if st.session_state.get("explain_image") != key:
     st.session_state["explain_image"] = key
     st.session_state["explain_class"] = first.class_index
 explained = controls[1].selectbox("Class to explain", range(len(card.class_names)),
-                                  format_func=card.class_names.__getitem__, key="explain_class")
-opacity = controls[2].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity")
-colormap = controls[3].selectbox("Colormap", list(overlay.COLORMAPS), key="cam_colormap")
+                                  format_func=card.class_names.__getitem__, key="explain_class",
+                                  help="The heatmap shows where the model looked for this class.")
 
 result = first
 if (explained, method) != (first.class_index, "gradcam"):
@@ -156,30 +169,32 @@ if (explained, method) != (first.class_index, "gradcam"):
         result = classify(classifier, explainer, model_key, data, uploaded.name, explained, method)
 
 left, right = st.columns([3, 2])
-with right:
+with left:
     colour = "red" if prediction.positive else "blue"
-    st.markdown(f"### Decision: :{colour}[{prediction.decision}]")
+    st.markdown(f"### Decision: :{colour}[{prediction.decision}]",
+                help="The class called at the model card's thresholds (see the rule below).")
     st.caption(f"Rule: {report.decision_rule(card)}. Probabilities are temperature-calibrated "
                f"(T = {card.temperature:.3g}).")
     sentences = warnings_ui(prediction, card, checked)
     probabilities_ui(prediction, card)
+with right:
     window = None
     if info.format == "DICOM":
         window = window_ui(info, key)
         metadata_ui(info)
+    else:
+        st.caption(f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
 shown = first.image if window is None else read_image(data, uploaded.name, window)
+film_title = f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit"
+heat_title = f"{METHOD_LABELS[method]} for {card.class_names[explained]}"
+opacity, colormap = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key="cam",
+                                 titles=(film_title, heat_title), revision=key)
 blended = overlay.overlay(shown.pixels, result.heatmap, colormap, opacity)
-with left:
-    pictures = st.columns(2)
-    pictures[0].image(shown.pixels, clamp=True, width="stretch",
-                      caption=f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
-    pictures[1].image(blended, width="stretch",
-                      caption=f"{METHOD_LABELS[method]} for {card.class_names[explained]} (red = most weight)")
-    args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
-                method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences,
-                engine=classifier.engine_label)
-    downloads = st.columns(2)
-    downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),
-                                 file_name="cxr-report.png", mime="image/png", key="report_png")
-    downloads[1].download_button("Download report (PDF)", lambda: report.render(**args, fmt="PDF"),
-                                 file_name="cxr-report.pdf", mime="application/pdf", key="report_pdf")
+args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
+            method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences,
+            engine=classifier.engine_label)
+downloads = st.columns(2)
+downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),
+                             file_name="cxr-report.png", mime="image/png", key="report_png")
+downloads[1].download_button("Download report (PDF)", lambda: report.render(**args, fmt="PDF"),
+                             file_name="cxr-report.pdf", mime="application/pdf", key="report_pdf")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import plotly_spec
 import pydicom
 import pytest
 from conftest import DATA, DICOM
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import card, models, pipeline
+from cxr_core import card, imaging, models, overlay, pipeline, viewer
 from cxr_core.explain import Explainer
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "classify.py")
@@ -51,12 +54,22 @@ def _shown_probabilities(at: AppTest) -> dict[str, str]:
     return dict(zip(table["Class"], table["Probability"], strict=True))
 
 
-def _image_urls(at: AppTest) -> list[str]:
-    return [im.proto.imgs[0].url for im in at.image]
+def _shown(at: AppTest) -> tuple[np.ndarray, np.ndarray]:
+    """The viewer's film (uint8 grey levels) and right pane (the wash, RGB) as the page sent them."""
+    spec = plotly_spec.viewer(at)
+    return plotly_spec.film(spec), plotly_spec.right_pane(spec)
+
+
+def _heat_title(at: AppTest) -> str:
+    return plotly_spec.titles(plotly_spec.viewer(at))[1]
 
 
 def _rendered_text(at: AppTest) -> str:
-    """Every element's protobuf as text: what the browser would receive (tables included)."""
+    """Every element's protobuf as text: what the browser would receive (tables included).
+
+    Pixel data (the viewer's base64 arrays and PNGs) is left out: random base64 text holds short
+    words such as 'Doe' by chance, and it encodes pixels, not tags.
+    """
     texts, pending = [], [at._tree]
     while pending:
         node = pending.pop()
@@ -66,7 +79,7 @@ def _rendered_text(at: AppTest) -> str:
             texts.append(str(proto))
     for table in at.table:
         texts.append(table.value.to_csv())
-    return "\n".join(texts)
+    return re.sub(r'bdata[^A-Za-z0-9]*[A-Za-z0-9+/=\\]*|base64,[A-Za-z0-9+/=\\]*', "<pixels>", "\n".join(texts))
 
 
 def _no_exception(at: AppTest) -> None:
@@ -83,7 +96,11 @@ def test_real_jpeg_shows_the_probabilities_cxr_core_gives(models_root):
                                                     expected.prediction.probabilities, strict=True)}
     assert f"Decision: :{'red' if expected.prediction.positive else 'blue'}[{expected.prediction.decision}]" in [
         m.value.replace("### ", "") for m in at.markdown]
-    assert len(at.image) == 2  # the radiograph and its heatmap overlay
+    shown = viewer.display_copy(imaging.load(KERMANY.read_bytes()).pixels, expected.heatmap)
+    film, wash = _shown(at)  # the viewer shows the film and its wash from the right pixels
+    np.testing.assert_array_equal(film, shown.film)
+    assert wash.shape == (*film.shape, 3)  # the overlay has the film's shape
+    np.testing.assert_array_equal(wash, overlay.overlay(shown.film / np.float32(255), shown.heatmap, "jet", 0.4))
     assert at.selectbox(key="explain_class").value == expected.class_index
     assert [b.label for b in at.download_button] == ["Download report (PNG)", "Download report (PDF)"]
     assert at.warning[0].value == card.RESEARCH_USE
@@ -97,21 +114,21 @@ def _key(at: AppTest) -> str:
 def test_switching_method_class_opacity_and_colormap_redraws_the_overlay(models_root):
     at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
     probabilities = _shown_probabilities(at)
-    seen = {_image_urls(at)[1]}
+    seen = [_shown(at)[1]]
     at.selectbox(key="cam_method").set_value("layercam").run()
     _no_exception(at)
-    seen.add(_image_urls(at)[1])
+    seen.append(_shown(at)[1])
     explain = at.selectbox(key="explain_class")
     explain.set_value(1 - explain.value).run()
     _no_exception(at)
-    seen.add(_image_urls(at)[1])
+    seen.append(_shown(at)[1])
     at.slider(key="cam_opacity").set_value(0.9).run()
-    seen.add(_image_urls(at)[1])
+    seen.append(_shown(at)[1])
     at.selectbox(key="cam_colormap").set_value("viridis").run()
-    seen.add(_image_urls(at)[1])
-    assert len(seen) == 5
+    seen.append(_shown(at)[1])
+    assert len({w.tobytes() for w in seen}) == 5
     assert _shown_probabilities(at) == probabilities  # the explanation never changes the prediction
-    assert "LayerCAM for" in at.image[1].proto.imgs[0].caption
+    assert _heat_title(at).startswith("LayerCAM for")
 
 
 def test_a_new_image_explains_its_own_top_class_again(models_root):
@@ -129,7 +146,7 @@ def test_a_new_image_explains_its_own_top_class_again(models_root):
     _no_exception(at)
     expected = pipeline.classify(classifier, explainer, other.read_bytes(), other.name)
     assert _key(at) != first_key and at.selectbox(key="explain_class").value == expected.class_index == top
-    assert f"for {expected.prediction.class_names[expected.class_index]}" in at.image[1].proto.imgs[0].caption
+    assert _heat_title(at).endswith(f"for {expected.prediction.class_names[expected.class_index]}")
 
 
 @pytest.mark.parametrize("name", CHEST_DICOMS)
@@ -142,7 +159,8 @@ def test_real_dicoms_show_deidentified_metadata(models_root, name):
     assert fields["Modality"] == header.Modality
     assert fields["PhotometricInterpretation"] == header.PhotometricInterpretation
     assert fields["Size (width x height)"] == f"{header.Columns} x {header.Rows}"
-    assert len(at.image) == 2
+    film, wash = _shown(at)
+    assert max(film.shape) == min(1024, max(header.Rows, header.Columns)) and wash.shape == (*film.shape, 3)
     assert at.slider(key=f"center_{_key(at)}") is not None
 
 
@@ -165,16 +183,56 @@ def test_patient_tags_never_reach_the_page(models_root):
 def test_window_slider_and_presets_change_the_shown_image(models_root):
     at = _upload(_page(), "chest.dcm", (DICOM / CHEST_DICOMS[0]).read_bytes())
     key = _key(at)
-    probabilities, original = _shown_probabilities(at), _image_urls(at)[0]
+    probabilities, original = _shown_probabilities(at), _shown(at)[0]
     assert at.slider(key=f"center_{key}").value == 550 and at.slider(key=f"width_{key}").value == 1024
     at.slider(key=f"width_{key}").set_value(300.0).run()
     _no_exception(at)
-    narrowed = _image_urls(at)[0]
-    assert narrowed != original
+    narrowed = _shown(at)[0]
+    assert not np.array_equal(narrowed, original)
     at.selectbox(key=f"preset_{key}").set_value("Bone").run()
-    assert _image_urls(at)[0] not in (original, narrowed)
+    bone = _shown(at)[0]
+    assert not np.array_equal(bone, original) and not np.array_equal(bone, narrowed)
     assert at.slider(key=f"width_{key}").value == pytest.approx(512.0)
     assert _shown_probabilities(at) == probabilities  # the model always sees the default window
+
+
+def test_viewer_shows_the_windowed_dicom_and_its_stored_values(models_root):
+    data = (DICOM / CHEST_DICOMS[0]).read_bytes()
+    at = _upload(_page(), "chest.dcm", data)
+    at.slider(key=f"width_{_key(at)}").set_value(300.0).run()
+    _no_exception(at)
+    spec = plotly_spec.viewer(at)
+    windowed = imaging.load(data, window=(550.0, 300.0)).pixels  # 440 x 440: shown pixel for pixel
+    np.testing.assert_array_equal(plotly_spec.film(spec), np.rint(windowed * 255).astype(np.uint8))
+    assert plotly_spec.right_pane(spec).shape == (440, 440, 3)
+    ds = pydicom.dcmread(DICOM / CHEST_DICOMS[0], force=True)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian  # a raw dataset without a meta header
+    stored = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    np.testing.assert_array_equal(plotly_spec.array(spec["data"][0]["customdata"]), stored)
+
+
+def test_contour_mode_draws_lines_at_the_chosen_levels(models_root):
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    at.radio(key="cam_mode").set_value("contours").run()
+    at.multiselect(key="cam_levels").set_value([0.3, 0.6]).run()
+    _no_exception(at)
+    spec = plotly_spec.viewer(at)
+    drawn = plotly_spec.lines(spec)
+    assert list(drawn) == ["heatmap 30%", "heatmap 60%"]
+    classifier = models.load(models_root / "tiny-pneumonia")
+    result = pipeline.classify(classifier, Explainer(classifier), KERMANY.read_bytes(), KERMANY.name)
+    shown = viewer.display_copy(result.image.pixels, result.heatmap)
+    np.testing.assert_array_equal(plotly_spec.right_pane(spec), shown.film)  # the film is left unwashed
+    offset = (shown.scale - 1) / 2
+    padded = np.pad(shown.heatmap, 1, constant_values=-1.0)  # outside the film counts as below any level
+    for level, (x, y) in zip((0.3, 0.6), drawn.values(), strict=True):
+        cols = np.rint((x - offset) / shown.scale).astype(int) + 1
+        rows = np.rint((y - offset) / shown.scale).astype(int) + 1
+        assert len(cols) > 4
+        assert np.all(padded[rows, cols] >= level)  # every point is inside the region at its level...
+        outside = np.minimum.reduce([padded[rows - 1, cols], padded[rows + 1, cols],
+                                     padded[rows, cols - 1], padded[rows, cols + 1]])
+        assert np.all(outside < level)  # ...and on its edge
 
 
 @pytest.mark.parametrize(
@@ -190,11 +248,11 @@ def test_bad_files_give_the_clear_message_and_the_page_keeps_working(models_root
     at = _upload(_page(), name, data)
     _no_exception(at)
     assert len(at.error) == 1 and fragment in at.error[0].value.lower()
-    assert len(at.image) == 0
+    assert len(at.get("plotly_chart")) == 0
     at = _upload(at, KERMANY.name, KERMANY.read_bytes())
     _no_exception(at)
     assert [e.value for e in at.error] == []
-    assert len(at.image) == 2 and len(_shown_probabilities(at)) == 2
+    assert _shown(at)[1].ndim == 3 and len(_shown_probabilities(at)) == 2
 
 
 def test_non_chest_dicom_shows_the_not_a_chest_warning(models_root):

@@ -33,7 +33,7 @@ def test_app_runs_with_navigation_banner_and_model_selector(models_root):
     assert [Path(o).name for o in selector.options] == ["tiny-cxr3", "tiny-pneumonia"]
     summary = " ".join(m.value for m in at.sidebar.markdown)
     assert "**tiny-cxr3** · version 1" in summary and "`COVID-19`" in summary
-    assert "test auc: **0.5**" in summary
+    assert "test auc: **0.500**" in summary
     sha = card.read(models_root / "tiny-cxr3").weights_sha256
     assert any(sha[:12] in c.value for c in at.sidebar.caption)
     assert "Inference: OpenVINO 20" in " ".join(c.value for c in at.sidebar.caption)  # engine and precision
@@ -78,3 +78,10 @@ def test_model_is_loaded_once_per_process(models_root):
     first = ui.load_model(folder, sha)
     assert ui.load_model(folder, sha) is first
     assert first[0].card.name == "tiny-pneumonia" and first[1].classifier is first[0]
+
+
+def test_headline_figures_read_as_counts_and_percentages():
+    shown = {k: ui.format_metric(k, v) for k, v in {"test n": 1264.0, "test accuracy": 0.95411, "test auc": 0.99547,
+                                                    "test ece": 0.005028, "best_epoch": 7.0}.items()}
+    assert shown == {"test n": "1,264", "test accuracy": "95.4%", "test auc": "0.995", "test ece": "0.5%",
+                     "best_epoch": "7"}

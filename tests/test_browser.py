@@ -90,6 +90,27 @@ def _save_screenshot(page, tmp_path: Path, name: str) -> Path:
     return shot
 
 
+AXES = "gd => ['xaxis', 'xaxis2', 'yaxis', 'yaxis2'].map(a => gd._fullLayout[a].range.slice())"
+
+
+def _zoom_moves_both_panes(page, viewer) -> None:
+    """Drag a box on the film: the film's and the heatmap's axes both narrow to the same ranges."""
+    x, x2, y, y2 = before = viewer.evaluate(AXES)
+    assert x == x2 and y == y2
+    viewer.scroll_into_view_if_needed()  # below the decision and probabilities
+    box = viewer.locator('.nsewdrag[data-subplot="xy"]').bounding_box()
+    page.mouse.move(box["x"] + 0.3 * box["width"], box["y"] + 0.3 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.55 * box["height"], steps=8)
+    page.mouse.up()
+    page.wait_for_function(f"([gd, before]) => JSON.stringify(({AXES})(gd)) !== JSON.stringify(before)",
+                           arg=[viewer.element_handle(), before])
+    x, x2, y, y2 = viewer.evaluate(AXES)
+    assert x == pytest.approx(x2) and y == pytest.approx(y2)  # the heatmap pane followed the film
+    assert abs(x[1] - x[0]) < 0.6 * abs(before[0][1] - before[0][0])  # and both zoomed in
+    assert abs(y[1] - y[0]) < 0.6 * abs(before[2][1] - before[2][0])
+
+
 def test_classify_and_batch_in_chromium(server, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium), as .ci/run does")
@@ -114,11 +135,9 @@ def test_classify_and_batch_in_chromium(server, tmp_path):
             expect(page.get_by_text("Research and teaching use only").first).to_be_visible()
             page.locator("[data-testid='stFileUploader'] input[type='file']").set_input_files(str(XRAY))
 
-            images = page.locator("[data-testid='stImage'] img")
-            expect(images).to_have_count(2)  # the radiograph and the heatmap overlay
-            heatmap = images.nth(1)
-            expect(heatmap).to_have_js_property("complete", True)
-            assert heatmap.evaluate("img => img.naturalWidth") == 224  # drawn at the image's own size
+            viewer = page.locator(".js-plotly-plot").filter(has=page.locator(".heatmaplayer"))
+            expect(viewer).to_have_count(1)  # the film beside its heatmap, in one figure
+            _zoom_moves_both_panes(page, viewer)
 
             table = page.locator("[data-testid='stTable'] table").first
             expect(table).to_contain_text("Probability")

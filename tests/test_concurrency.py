@@ -89,7 +89,7 @@ def test_concurrent_sessions_share_one_cached_model(tiny_model_dir, tmp_path, im
         return original(path)
 
     monkeypatch.setattr(models, "load", counting_load)
-    ui.load_model.clear()
+    ui.start_loading.clear()
     sha = card_lib.read(folder).weights_sha256
     barrier = threading.Barrier(SESSIONS)
 
@@ -116,7 +116,7 @@ def test_concurrent_sessions_share_one_cached_model(tiny_model_dir, tmp_path, im
     assert len(loads) == 1, f"the page sessions loaded the model again ({len(loads)} loads)"
     del reference, shared
     assert len(_live_classifiers(folder)) == 1
-    ui.load_model.clear()
+    ui.start_loading.clear()
 
 
 def test_memory_does_not_grow_over_200_classifications(served, images):
@@ -168,8 +168,8 @@ def server(tiny_model_dir, tmp_path):
 
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "served")
     port = free_port()
-    proc = start_server(tmp_path / "models", port, env={"TMPDIR": str(tmp_path)})
-    log = {}
+    log = {"path": tmp_path / "server.log"}
+    proc = start_server(tmp_path / "models", port, env={"TMPDIR": str(tmp_path)}, log=log["path"])
     try:
         wait_healthy(port, 120)
         with sync_playwright() as p:
@@ -195,11 +195,17 @@ def _decision(page) -> str:
 @pytest.mark.browser
 @pytest.mark.slow
 def test_browser_sessions_classify_at_once_on_one_server(server, tiny_model_dir, images):
-    """Four Chromium sessions upload at the same moment; each sees its own image's decision."""
+    """Four Chromium sessions open a cold server and upload at once, while the model is still loading
+    and warming up; each sees its own image's decision, and the server loaded and warmed the model once."""
     from benchmarks.app_render import wait_idle
 
     reference = models.load(tiny_model_dir)
-    pages = [_open_classify(server["browser"], server["url"]) for _ in range(SESSIONS)]
+    pages = [server["browser"].new_page() for _ in range(SESSIONS)]
+    for page in pages:  # no waiting: the sessions' first runs overlap
+        page.goto(server["url"], wait_until="commit")
+    for page in pages:  # the uploader shows before the model has loaded
+        page.wait_for_selector('[data-testid="stFileUploader"]', timeout=120_000)
+    log = server["log"]["path"]
     chosen = [images[i * 41] for i in range(SESSIONS)]
     for page, (name, data) in zip(pages, chosen, strict=True):  # no waiting: the server runs them together
         page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
@@ -210,6 +216,10 @@ def test_browser_sessions_classify_at_once_on_one_server(server, tiny_model_dir,
         expected = reference.predict_pixels([imaging.load(data, name).pixels])[0]
         assert _decision(page).strip() == f"Decision: {expected.decision}", name
         assert page.locator('[data-testid="stException"]').count() == 0
+    text = log.read_text()
+    print([line for line in text.splitlines() if line.startswith("cxr:")])
+    assert text.count(f"cxr: model {tiny_model_dir.name} loaded") == 1, text[-2000:]
+    assert text.count(f"cxr: warm-up of {tiny_model_dir.name} done") == 1, text[-2000:]
 
 
 @pytest.mark.browser
