@@ -25,6 +25,7 @@ FLAGS = {
     "positive": "positive decision",
     "low_confidence": "low confidence",
     "not_chest": "probably not a chest X-ray",
+    "unfamiliar": "unlike the training films",
     "error": "unreadable",
 }
 
@@ -70,6 +71,9 @@ def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str
     row["positive"] = bool(pred.positive) if pred else False
     row["low_confidence"] = bool(pred.low_confidence) if pred else False
     row["not_chest"] = bool(not_chest) if not_chest is not None else False
+    # The familiarity check (empty when the model folder has none): distance, and the flag past its threshold.
+    row["familiarity"] = pred.familiarity if pred and pred.familiarity is not None else np.nan
+    row["unfamiliar"] = bool(pred.unfamiliar) if pred and pred.unfamiliar is not None else False
     row["quality_notes"] = "; ".join(report.reasons) if report is not None else ""
     row["error"] = item.error or ""
     return row
@@ -78,7 +82,7 @@ def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str
 def row_columns(class_names: Sequence[str]) -> list[str]:
     """The columns of ``table_row``, in order."""
     return ["file", "top_class", "top_probability", *[f"p_{c}" for c in class_names], "decision",
-            "positive", "low_confidence", "not_chest", "quality_notes", "error"]
+            "positive", "low_confidence", "not_chest", "familiarity", "unfamiliar", "quality_notes", "error"]
 
 
 def batch_table(items: Sequence[Any], class_names: Sequence[str],
@@ -113,7 +117,7 @@ def filter_table(table: pd.DataFrame, decisions: Sequence[str] | None = None, fl
 def summary(table: pd.DataFrame) -> dict[str, int]:
     """How many files, and how many of them carry each flag."""
     counts = {"files": int(len(table)), "unreadable": int((table["error"].astype(str) != "").sum())}
-    for flag in ("positive", "low_confidence", "not_chest"):
+    for flag in ("positive", "low_confidence", "not_chest", "unfamiliar"):
         counts[flag] = int(table[flag].astype(bool).sum())
     return counts
 

@@ -8,7 +8,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import imaging, paths, pipeline, preprocess, review
+from cxr_core import familiarity, imaging, paths, pipeline, preprocess, review
 from cxr_core.errors import UnreadableImageError
 
 STATE = "batch_results"
@@ -99,6 +99,12 @@ def column_config(class_names: list[str]) -> dict:
         "positive": st.column_config.CheckboxColumn("Positive"),
         "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
         "not_chest": st.column_config.CheckboxColumn("Not a chest X-ray?", help="cxr_core.quality rules"),
+        "familiarity": st.column_config.NumberColumn(
+            "Familiarity", format="%.2f", help="Distance of the film's features from the training films' (about 1 "
+            "for a typical training film; empty when the model has no familiarity check)"),
+        "unfamiliar": st.column_config.CheckboxColumn(
+            "Unlike training films?", help="Past the familiarity threshold fitted on validation films: treat the "
+            "result as unreliable"),
         "quality_notes": st.column_config.TextColumn("Why flagged"),
         "error": st.column_config.TextColumn("Error", width="large"),
     }
@@ -127,6 +133,8 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> No
         return
     if row["quality_notes"]:
         st.warning(f"Probably not a frontal chest radiograph: {row['quality_notes']}.")
+    if row.get("unfamiliar"):
+        st.warning(f"{familiarity.WARNING} (familiarity distance {row['familiarity']:.2f})", icon="❔")
     try:
         image = imaging.load(source, name)
     except UnreadableImageError as err:
@@ -145,7 +153,8 @@ def results_ui(classifier, explainer, state: dict) -> None:
     table = state["table"]
     counts = review.summary(table)
     st.caption(f"{counts['files']} file(s): {counts['positive']} positive, {counts['low_confidence']} low "
-               f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unreadable']} unreadable.")
+               f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unfamiliar']} unlike the "
+               f"training films, {counts['unreadable']} unreadable.")
     decisions, flags, text = filters_ui(table)
     shown = review.filter_table(table, decisions, flags, text)
     event = st.dataframe(shown, column_config=column_config(list(classifier.card.class_names)), hide_index=True,

@@ -11,7 +11,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import imaging, overlay, quality, report, windowing
+from cxr_core import familiarity, imaging, overlay, quality, report, windowing
 from cxr_core.errors import UnreadableImageError
 
 if TYPE_CHECKING:  # imported where it runs: it brings TensorFlow, which the model's loader thread imports meanwhile
@@ -115,7 +115,29 @@ def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
         sentences.append(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
                          f"{card.low_confidence:.0%}.")
         st.warning(sentences[-1] + " Treat this result as uncertain.", icon="⚠️")
+    familiarity_ui(prediction, card)
     return sentences
+
+
+def familiarity_ui(prediction, card) -> None:
+    """The familiarity check: a warning when the film is unlike the training films, else a quiet caption.
+
+    The report draws the same sentence itself (``report.familiarity_line``).
+    """
+    line = report.familiarity_line(prediction, card)
+    if not line:
+        return
+    if prediction.unfamiliar:
+        st.warning(f"{familiarity.WARNING} {line}", icon="❔")
+        with st.expander("How the familiarity check works"):
+            st.markdown(
+                "The model's last feature vector for this film is compared with those of the films it was "
+                "trained on (a Mahalanobis distance to the nearest class; about 1 for a typical training film). "
+                f"Films further than {card.familiarity.get('percentile', 99):g} % of the validation films are "
+                "flagged. A flagged film may come from another kind of scanner, hospital or patient group, or "
+                "not be a frontal chest film at all: the model has no experience to judge it by.")
+    else:
+        st.caption(line)
 
 
 ui.research_banner()

@@ -1,7 +1,7 @@
 """Scoring a list of files into output rows: the one function both engines run (locally or in each Ray actor).
 
 A row holds the Batch review CSV's columns and values (``cxr_core.review.table_row``, the same
-code) plus ``path``, the content's ``sha256``, the familiarity fields, the model's name and weights
+code, familiarity fields included) plus ``path``, the content's ``sha256``, the model's name and weights
 hash, and the time. A file that cannot be fetched or read is a row with its ``error``.
 """
 
@@ -36,8 +36,7 @@ class Pending:
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """Output columns, in order."""
-    return ["path", *review.row_columns(class_names), "familiarity", "unfamiliar", "sha256", "model",
-            "weights_sha256", "scored_at"]
+    return ["path", *review.row_columns(class_names), "sha256", "model", "weights_sha256", "scored_at"]
 
 
 def schema(class_names: Sequence[str]) -> pa.Schema:
@@ -55,10 +54,8 @@ def now() -> str:
 
 def make_row(path: str, item: Any, report: Any, card: ModelCard, sha256: str) -> dict[str, Any]:
     """One output row from a ``pipeline.BatchItem`` and its quality report (None for unreadable files)."""
-    pred = item.prediction
-    return {"path": path, **review.table_row(item, report, card.class_names),
-            "familiarity": pred.familiarity if pred else None, "unfamiliar": pred.unfamiliar if pred else None,
-            "sha256": sha256, "model": card.name, "weights_sha256": card.weights_sha256, "scored_at": now()}
+    return {"path": path, **review.table_row(item, report, card.class_names), "sha256": sha256, "model": card.name,
+            "weights_sha256": card.weights_sha256, "scored_at": now()}
 
 
 def error_row(path: str, file: str, error: str, card: ModelCard, sha256: str = "") -> dict[str, Any]:

@@ -71,3 +71,32 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_model3_dir(tmp_path_factory) -> Path:
     """A three-class (NORMAL, PNEUMONIA, COVID-19) tiny model folder at 64 px."""
     return _train_tiny(tmp_path_factory.mktemp("models") / "tiny-cxr3", ["NORMAL", "PNEUMONIA", "COVID-19"], 64, 2)
+
+
+def familiar_films() -> list[Path]:
+    """The 24 real Kermany films (12 per class) the test familiarity model is fitted on."""
+    kermany = DATA / "kermany" / "train"
+    return sorted((kermany / "NORMAL").iterdir())[:12] + sorted((kermany / "PNEUMONIA").iterdir())[:12]
+
+
+@pytest.fixture(scope="session")
+def familiar_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny two-class model with a familiarity model fitted on the features of 24 real Kermany films
+    (threshold at their 90th percentile), its file hashed in the card like a trained model's."""
+    import shutil
+
+    from cxr_core import card, familiarity, imaging, models, preprocess
+
+    folder = tmp_path_factory.mktemp("familiar") / "tiny-familiar"
+    shutil.copytree(tiny_model_dir, folder)
+    plain = models.load(folder)
+    batch = preprocess.to_batch([preprocess.prepare(imaging.load(p).pixels, plain.input_size)
+                                 for p in familiar_films()])
+    _, features = plain.forward(batch)
+    pooled = features.astype(np.float64).mean(axis=(1, 2))
+    fam = familiarity.calibrate(familiarity.fit(pooled, np.array([0] * 12 + [1] * 12), components=4), pooled, 90)
+    familiarity.save(fam, folder)
+    c = card.read(folder)
+    c.familiarity = {"file": familiarity.FILE, "threshold": fam.threshold, "percentile": 90}
+    card.save(c, folder)
+    return folder

@@ -177,3 +177,24 @@ def test_folder_upload_keeps_image_names_only(at, uploads):
     at.button(key="batch_score_upload").click().run()
     assert table(at)["file"].tolist() == ["IM-0115-0001.jpeg", "CR-MONO1"]
     assert (table(at)["error"] == "").all()
+
+
+def test_batch_table_has_the_familiarity_of_each_film(familiar_model_dir, tmp_path, monkeypatch, uploads):
+    root = tmp_path / "models"
+    shutil.copytree(familiar_model_dir, root / familiar_model_dir.name)
+    monkeypatch.setenv("CXR_MODELS_DIR", str(root))
+    monkeypatch.delenv("CXR_DATA_ROOT", raising=False)
+    classifier = models.load(root / familiar_model_dir.name)
+    at = score_uploads(AppTest.from_file(PAGE, default_timeout=120).run(), uploads)
+    assert not at.exception
+    rows = table(at).set_index("file")
+    for name in ("IM-0115-0001.jpeg", "dental.dcm"):
+        data = dict((u[0], u[1]) for u in uploads)[name]
+        expected = classifier.predict_pixels([imaging.load(data, name).pixels])[0]
+        assert rows.loc[name, "familiarity"] == pytest.approx(expected.familiarity, rel=1e-4)
+        assert bool(rows.loc[name, "unfamiliar"]) == expected.unfamiliar
+    assert np.isnan(rows.loc["notes.txt", "familiarity"]) and not rows.loc["notes.txt", "unfamiliar"]
+    # The dental panoramic film is unlike the chest films the check was fitted on.
+    assert rows.loc["dental.dcm", "unfamiliar"]
+    assert "unlike the training films" in at.caption[0].value or any("unlike the training films" in c.value
+                                                                       for c in at.caption)

@@ -11,7 +11,8 @@ import numpy as np
 import plotly_spec
 import pydicom
 import pytest
-from conftest import DATA, DICOM
+from conftest import DATA, DICOM, familiar_films
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from cxr_core import card, imaging, models, overlay, pipeline, viewer
@@ -307,3 +308,26 @@ def test_invalid_card_gives_a_clear_message(tmp_path, monkeypatch):
     at = _page()
     _no_exception(at)
     assert "not valid JSON" in at.sidebar.error[0].value
+
+
+def test_familiarity_warns_on_a_film_unlike_the_training_films(familiar_model_dir, tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    shutil.copytree(familiar_model_dir, root / familiar_model_dir.name)
+    monkeypatch.setenv("CXR_MODELS_DIR", str(root))
+    classifier = models.load(root / familiar_model_dir.name)
+    # A flat grey square is nothing like a chest film: the page warns, with the distance it was given.
+    grey = io.BytesIO()
+    Image.fromarray(np.full((256, 256), 128, np.uint8)).save(grey, format="PNG")
+    at = _upload(_page(), "grey.png", grey.getvalue())
+    _no_exception(at)
+    expected = classifier.predict_pixels([np.full((256, 256), 128 / 255, np.float32)])[0]
+    assert expected.unfamiliar
+    warned = [w.value for w in at.warning if w.value.startswith("Unlike the films this model was trained on")]
+    assert len(warned) == 1 and f"distance {expected.familiarity:.2f}" in warned[0]
+    # One of the films the check was fitted on: no warning, the distance as a quiet caption.
+    film = familiar_films()[1]
+    at = _upload(_page(), film.name, film.read_bytes())
+    seen = classifier.predict_pixels([imaging.load(film).pixels])[0]
+    assert not seen.unfamiliar
+    assert not [w for w in at.warning if w.value.startswith("Unlike the films")]
+    assert any(f"distance {seen.familiarity:.2f}" in c.value and "within the range" in c.value for c in at.caption)

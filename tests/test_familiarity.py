@@ -98,28 +98,12 @@ def test_the_card_hash_covers_the_familiarity_file(tiny_model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def familiar_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model folder with a familiarity model fitted on the features of 24 real Kermany films."""
-    import shutil
+def familiar_model(familiar_model_dir):
+    from conftest import familiar_films
 
-    from conftest import DATA
+    from cxr_core import familiarity as fam_lib
 
-    from cxr_core import imaging, models, preprocess
-
-    folder = tmp_path_factory.mktemp("familiar") / "tiny"
-    shutil.copytree(tiny_model_dir, folder)
-    plain = models.load(folder)
-    files = sorted((DATA / "kermany" / "train" / "NORMAL").iterdir())[:12]
-    files += sorted((DATA / "kermany" / "train" / "PNEUMONIA").iterdir())[:12]
-    batch = preprocess.to_batch([preprocess.prepare(imaging.load(p).pixels, plain.input_size) for p in files])
-    _, features = plain.forward(batch)
-    pooled = features.mean(axis=(1, 2))
-    model = familiarity.calibrate(familiarity.fit(pooled, np.array([0] * 12 + [1] * 12), components=4), pooled, 90)
-    familiarity.save(model, folder)
-    card = card_lib.read(folder)
-    card.familiarity = {"file": familiarity.FILE, "threshold": model.threshold}
-    card_lib.save(card, folder)
-    return folder, files, model
+    return familiar_model_dir, familiar_films(), fam_lib.load(familiar_model_dir / fam_lib.FILE)
 
 
 def test_every_serving_path_carries_the_familiarity(familiar_model):
