@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ def items() -> list[Item]:
         Item("a.jpeg", decide(CARD, [0.2, 0.8]), None, thumb, QualityReport(False)),
         Item("b.dcm", decide(CARD, [0.55, 0.45]), None, thumb, QualityReport(True, ["it is a colour picture"])),
         Item("broken.dcm", None, "The file is damaged.", None),
-        Item("c.png", decide(CARD, [0.9, 0.1]), None, thumb),
+        Item("c.png", dataclasses.replace(decide(CARD, [0.9, 0.1]), familiarity=2.5, unfamiliar=True), None, thumb),
     ]
 
 
@@ -87,7 +88,15 @@ def test_unique_names():
 
 def test_summary_counts_flags(items):
     table = review.batch_table(items, CARD.class_names)
-    assert review.summary(table) == {"files": 4, "unreadable": 1, "positive": 1, "low_confidence": 1, "not_chest": 1}
+    assert review.summary(table) == {"files": 4, "unreadable": 1, "positive": 1, "low_confidence": 1, "not_chest": 1,
+                                     "unfamiliar": 1}
+
+
+def test_familiarity_columns_and_filter(items):
+    table = review.batch_table(items, CARD.class_names)
+    assert table["unfamiliar"].tolist() == [False, False, False, True]
+    assert np.isnan(table["familiarity"][:3]).all() and table["familiarity"][3] == 2.5
+    assert review.filter_table(table, flags=["unfamiliar"])["file"].tolist() == ["c.png"]
 
 
 def test_assess_item_flags_non_chest_inputs_from_the_batch_thumbnail(tiny_model_dir, data_dir):
