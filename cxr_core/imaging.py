@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import warnings
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -353,8 +354,10 @@ def _parse(fp: BinaryIO, *, stop_at_pixels: bool) -> pydicom.Dataset:
                                    "Export it again from the PACS or modality and retry.") from exc
 
 
-def _inflate(fp: BinaryIO) -> tuple[BinaryIO, str | None]:
+def _inflate(fp: BinaryIO, max_pixels: int) -> tuple[BinaryIO, str | None]:
     """A Deflated-syntax file as Explicit VR Little Endian, inflated in a stream that stops at the limit.
+
+    The header's declared size is checked as soon as the first megabyte is inflated.
 
     Returns (file, the original syntax's name) or (the same file, None) for every other syntax.
     pydicom would inflate the whole dataset at once, however large it grows.
@@ -375,12 +378,14 @@ def _inflate(fp: BinaryIO) -> tuple[BinaryIO, str | None]:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     write_file_meta_info(out, meta, enforce_standard=False)
     start, cap = out.tell(), limits.MAX_DICOM_INFLATED_BYTES
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflater, checked = zlib.decompressobj(-zlib.MAX_WBITS), False
     try:
         while not inflater.eof and (chunk := fp.read(limits.MiB)):
             while chunk:
                 out.write(inflater.decompress(chunk, 4 * limits.MiB))
                 chunk = inflater.unconsumed_tail
+                if not checked and out.tell() - start >= limits.MiB:
+                    checked = _check_partial_header(out, max_pixels)
                 if out.tell() - start > cap:
                     raise UnreadableImageError(
                         f"The compressed DICOM data inflates to more than {cap // limits.MiB} MB, over the limit for "
@@ -389,6 +394,22 @@ def _inflate(fp: BinaryIO) -> tuple[BinaryIO, str | None]:
         raise _damaged("DICOM (deflated)") from exc
     out.seek(0)
     return out, DeflatedExplicitVRLittleEndian.name
+
+
+def _check_partial_header(out: BinaryIO, max_pixels: int) -> bool:
+    """Check the declared size in the part inflated so far; True once the header was there to check."""
+    end = out.tell()
+    with warnings.catch_warnings():  # the partial dataset ends mid-element
+        warnings.simplefilter("ignore")
+        try:
+            header = _parse(out, stop_at_pixels=True)
+        except UnreadableImageError:
+            header = None
+    out.seek(end)
+    if header is None or "Rows" not in header or "Columns" not in header:
+        return False
+    _declared_size(header, max_pixels)
+    return True
 
 
 def _tag_error(tag: str, value: object, why: str) -> UnreadableImageError:
@@ -452,7 +473,7 @@ def _check_native_length(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int
 
 
 def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: int) -> LoadedImage:
-    fp, deflated = _inflate(fp)
+    fp, deflated = _inflate(fp, max_pixels)
     header = _parse(fp, stop_at_pixels=True)  # cheap: stops before the pixel data
     if "Rows" not in header or "Columns" not in header:
         raise UnreadableImageError("The DICOM file contains no image (no Pixel Data): it may be a report, "

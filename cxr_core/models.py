@@ -209,7 +209,7 @@ def load(folder: str | Path) -> Classifier:
         model = build_from_card(card)
     except ValueError as exc:
         raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built ({exc}).") from exc
-    load_weights(model, folder / card.weights_file)
+    load_weights(model, card_lib.weights_path(folder, card))
     return Classifier(card, model, folder)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 import ui
-from cxr_core import imaging, overlay, paths, pipeline, preprocess, review
+from cxr_core import csvsafe, imaging, overlay, paths, pipeline, preprocess, review
 from cxr_core.errors import UnreadableImageError
 
 STATE = "batch_results"
@@ -24,7 +24,7 @@ def server_folder_ui() -> list[tuple[str, Path]] | None:
                 "that holds the images (only folders inside it can be used), then restart the app.")
         return None
     picked = st.selectbox("Folder under the data root", [""] + paths.subfolders(root), key="batch_pick",
-                          format_func=lambda p: p or "(the data root itself)")
+                          format_func=lambda p: csvsafe.safe_text(p) or "(the data root itself)")
     typed = st.text_input("or type a path relative to the data root", key="batch_path")
     recursive = st.checkbox("Include sub-folders", value=True, key="batch_recursive")
     if not st.button("Score folder", type="primary", key="batch_score_folder"):
@@ -35,15 +35,17 @@ def server_folder_ui() -> list[tuple[str, Path]] | None:
         st.error(str(err))
         return None
     if not folder.is_dir():
-        st.error(f"'{typed or picked}' is a file, not a folder. Choose a folder under the data root.")
+        st.error(f"'{csvsafe.safe_text(typed or picked)}' is a file, not a folder. Choose a folder under the data root.")
         return None
     files = paths.list_images(folder, recursive=recursive, limit=MAX_FILES, root=root)
     if not files:
-        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{typed or picked or '.'}'.")
+        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{csvsafe.safe_text(typed or picked or '.')}'.")
         return None
     if len(files) == MAX_FILES:
         st.warning(f"Only the first {MAX_FILES} files are scored; choose a smaller folder for the rest.")
-    return [(p.relative_to(folder).as_posix(), p) for p in files]
+    # Names as shown and exported: valid Unicode (a server file name may hold any bytes) and unique.
+    names = review.unique_names(p.relative_to(folder).as_posix() for p in files)
+    return list(zip(names, files, strict=True))
 
 
 def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
@@ -129,8 +131,9 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> No
     batch = preprocess.model_input(image.pixels, classifier.input_size)
     _, heatmaps = explainer.gradcam(batch, names.index(target))
     left, right = st.columns(2)
-    left.image(overlay.to_rgb(image.pixels), caption=f"{image.info.format} {image.info.width}x{image.info.height}")
-    right.image(overlay.overlay(image.pixels, heatmaps[0], colormap, opacity), caption=f"Grad-CAM for {target}")
+    pixels = overlay.fit(image.pixels)
+    left.image(overlay.to_rgb(pixels), caption=f"{image.info.format} {image.info.width}x{image.info.height}")
+    right.image(overlay.overlay(pixels, heatmaps[0], colormap, opacity), caption=f"Grad-CAM for {target}")
 
 
 def results_ui(classifier, explainer, state: dict) -> None:

@@ -163,14 +163,15 @@ with right:
         window = window_ui(info, key)
         metadata_ui(info)
 shown = first.image if window is None else read_image(data, uploaded.name, window)
-blended = overlay.overlay(shown.pixels, result.heatmap, colormap, opacity)
+pixels = overlay.fit(shown.pixels)  # at most MAX_DISPLAY_SIDE: a 30000 x 10 strip is drawn, not an error
+blended = overlay.overlay(pixels, result.heatmap, colormap, opacity)
 with left:
     pictures = st.columns(2)
-    pictures[0].image(shown.pixels, clamp=True, width="stretch",
+    pictures[0].image(pixels, clamp=True, width="stretch",
                       caption=f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
     pictures[1].image(blended, width="stretch",
                       caption=f"{METHOD_LABELS[method]} for {card.class_names[explained]} (red = most weight)")
-    args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
+    args = dict(image=pixels, overlay_rgb=blended, prediction=prediction, card=card,
                 method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences)
     downloads = st.columns(2)
     downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),

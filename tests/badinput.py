@@ -8,6 +8,7 @@ written to disk; the only inputs are the real files under ``../shared/data``.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -18,6 +19,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -237,7 +239,7 @@ def error_cases() -> list[Case]:
 
 def corpus() -> list[Case]:
     """The whole corpus, good files first."""
-    return ok_cases() + error_cases()
+    return ok_cases() + error_cases() + list(hostile_cases())
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -245,3 +247,132 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         a = np.asarray(Image.fromarray(a.astype(np.float32)).resize(b.shape[::-1], Image.BILINEAR))
     return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+# --- hostile inputs (issue 15): one or more per failure class, made here, never written to disk ----------------
+
+
+def _deflate_segment(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush(zlib.Z_FULL_FLUSH)
+
+
+def deflated_bomb(frames: int = 20, side: int = 4096, *, honest: bool = True) -> bytes:
+    """A Deflated-syntax DICOM whose ``frames`` x ``side`` x ``side`` zero bytes deflate ~1000:1 (1 MB per GB).
+
+    ``honest=False`` declares one 256 x 256 frame in the header, so only the inflation cap can stop it.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = Dataset()
+    head.Modality, head.Rows, head.Columns, head.NumberOfFrames = "CR", side, side, frames
+    if not honest:
+        head.Rows, head.Columns, head.NumberOfFrames = 256, 256, 1
+    head.SamplesPerPixel, head.PhotometricInterpretation = 1, "MONOCHROME2"
+    head.BitsAllocated, head.BitsStored, head.HighBit, head.PixelRepresentation = 8, 8, 7, 0
+    raw = pydicom.filebase.DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(raw, head)
+    buf = pydicom.filebase.DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    pydicom.filewriter.write_file_meta_info(buf, meta, enforce_standard=True)
+    size = frames * side * side
+    body = raw.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, size)
+    # Fully flushed raw-deflate segments stand alone, so one compressed 16 MiB of zeros repeats as often as needed.
+    zeros = _deflate_segment(bytes(1 << 24))
+    parts = [_deflate_segment(body), zeros * (size >> 24), _deflate_segment(bytes(size & ((1 << 24) - 1))),
+             zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS).flush()]
+    return b"\x00" * 128 + b"DICM" + buf.getvalue() + b"".join(parts)
+
+
+def dicom_with(pixels: np.ndarray | None = None, **tags: object) -> bytes:
+    """The real chest (or ``pixels``) as a 16-bit MONOCHROME2 DICOM with ``tags`` set, even values pydicom would
+    refuse to write (set as raw strings)."""
+    data = dicom_bytes(chest_gray().astype(np.uint16) * 257 if pixels is None else pixels)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for key, value in tags.items():
+        if isinstance(value, str):  # written as raw bytes, so that pydicom cannot refuse or fix the value
+            raw = value.encode("latin-1") + b" " * (len(value) % 2)
+            vr = pydicom.datadict.dictionary_VR(key)
+            ds[key] = pydicom.dataelem.RawDataElement(Tag(key), vr, len(raw), raw, 0, False, True)
+        else:
+            setattr(ds, key, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def float_tiff(values: np.ndarray) -> bytes:
+    """A 32-bit float TIFF (Pillow mode F) holding ``values``, NaN and infinities included."""
+    return _encode(Image.fromarray(values.astype(np.float32), mode="F"), "TIFF")
+
+
+def rgb_as_monochrome() -> bytes:
+    """An RGB picture's interleaved bytes labelled MONOCHROME2 with one sample per pixel (a broken export)."""
+    gray = chest_gray()
+    rgb = np.stack([gray, gray // 2, gray // 3], axis=-1)
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(gray)))
+    ds.PixelData = rgb.tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def strip_png(width: int, height: int) -> bytes:
+    """A valid gray PNG of extreme aspect (e.g. 30000 x 10), a gradient so that it is not blank."""
+    row = np.linspace(0, 255, width).astype(np.uint8)
+    return _encode(Image.fromarray(np.repeat(row[None, :], height, axis=0)), "PNG")
+
+
+def rgba_png() -> bytes:
+    """The chest as RGBA whose left half is fully transparent (white underneath)."""
+    gray = chest_gray()
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    rgba[:, : gray.shape[1] // 2, :3] = 255
+    rgba[:, : gray.shape[1] // 2, 3] = 0
+    return _encode(Image.fromarray(rgba, mode="RGBA"), "PNG")
+
+
+FORMULA_NAMES = ("=HYPERLINK(\"http://x\",\"y\").jpeg", "+cmd.jpeg", "-@SUM(1+1).jpeg", "@SUM(1).png",
+                 "\tTAB.png", "\rCR.png")
+
+
+@functools.cache
+def hostile_cases() -> list[Case]:
+    """One case per failure class of issue 15 that a file alone can carry (F1, F3, F6, F7, minor items)."""
+    return [
+        Case("slope_1e300.dcm", dicom_with(RescaleSlope="1e300"), "error", "F1: RescaleSlope 1e300 overflows",
+             fragment="rescaleslope"),
+        Case("slope_inf.dcm", dicom_with(RescaleSlope="inf"), "error", "F1: RescaleSlope inf", fragment="rescaleslope"),
+        Case("slope_nan.dcm", dicom_with(RescaleSlope="NaN"), "error", "F1: RescaleSlope NaN", fragment="rescaleslope"),
+        Case("intercept_nan.dcm", dicom_with(RescaleIntercept="NaN"), "error", "F1: RescaleIntercept NaN",
+             fragment="rescaleintercept"),
+        Case("slope_zero.dcm", dicom_with(RescaleSlope="0"), "error", "RescaleSlope 0 (was taken as 1)",
+             fragment="rescaleslope"),
+        Case("window_text.dcm", dicom_with(WindowCenter="abc", WindowWidth="400"), "error",
+             "malformed WindowCenter", fragment="windowcenter"),
+        Case("width_nan.dcm", dicom_with(WindowCenter="1200", WindowWidth="NaN"), "error", "WindowWidth NaN",
+             fragment="windowwidth"),
+        Case("rgb_as_mono2.dcm", rgb_as_monochrome(), "error", "RGB bytes labelled MONOCHROME2",
+             fragment="times what its header declares"),
+        Case("mono_3samples.dcm", dicom_with(SamplesPerPixel=3), "error", "MONOCHROME2 with 3 samples per pixel",
+             fragment="contradicts itself"),
+        Case("deflated_bomb.dcm", deflated_bomb(20, 4096), "error", "F6: 20 frames of 4096x4096 zeros, deflated",
+             fragment="too large"),
+        Case("deflated_bomb_2gb.dcm", deflated_bomb(128, 4096), "error",
+             "F6: a deflated file inflating to 2 GB", fragment="too large"),
+        Case("deflated_liar.dcm", deflated_bomb(128, 4096, honest=False), "error",
+             "F6: a deflated file whose header declares 256x256 but whose pixel data inflates to 2 GB",
+             fragment="inflates to more than"),
+        Case("zeros.dcm", bytes(10 << 20), "error", "F7: 10 MB of zero bytes named .dcm", fragment="not one"),
+        Case("strip_30000x10.png", strip_png(30000, 10), "ok", "F3: a 30000 x 10 PNG", format="PNG",
+             size=(10, 30000), reference=_unit(np.asarray(Image.open(io.BytesIO(strip_png(30000, 10))).convert("L")))),
+        Case("strip_1x2000000.png", strip_png(2_000_000, 1), "ok", "F3: a 2,000,000 x 1 PNG", format="PNG",
+             size=(1, 2_000_000)),
+        Case("rgba.png", rgba_png(), "ok", "RGBA, left half transparent: composited on black", format="PNG",
+             size=chest_gray().shape, reference=_unit(np.where(np.arange(224) < 112, 0, chest_gray()))),
+        Case("inf.tif", float_tiff(np.where(np.eye(64) > 0, np.inf, np.linspace(0, 1, 64))), "ok",
+             "F1: float TIFF holding +inf: inf shown black, the rest scaled", format="TIFF", size=(64, 64)),
+    ]
