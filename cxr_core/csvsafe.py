@@ -47,5 +47,10 @@ def frame(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_csv(table: pd.DataFrame, path: Any = None, **kwargs: Any) -> str | None:
-    """``DataFrame.to_csv`` of the safe ``frame``: CSV text when ``path`` is None, else written to ``path``."""
+    """``DataFrame.to_csv`` of the safe ``frame``: CSV text when ``path`` is None, else written to ``path``.
+
+    Lines end in CRLF (RFC 4180), which also makes the writer quote any cell holding a lone CR or LF: a
+    name like ``"x\r=cmd"`` stays one cell instead of starting a new row with a formula.
+    """
+    kwargs.setdefault("lineterminator", "\r\n")
     return frame(table).to_csv(path, **kwargs)

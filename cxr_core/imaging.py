@@ -183,11 +183,12 @@ def _open(source: str | PathLike | bytes, filename: str | None, stack: ExitStack
         # No path in the message: file names may carry patient names.
         raise UnreadableImageError("The file could not be found or opened. Check that it still exists "
                                    "and that you may read it, then retry.") from exc
-    fp = stack.enter_context(os.fdopen(fd, "rb"))
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
         raise UnreadableImageError("This is not a regular file (a folder, device, pipe or socket), so it cannot "
                                    "be an image. Choose an image file.")
+    fp = stack.enter_context(os.fdopen(fd, "rb"))
     return fp, filename or Path(source).name, int(info.st_size)
 
 
