@@ -20,6 +20,9 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
 - ``app_first_render_s``     cold ``streamlit run app.py`` until the classify page is shown
 - ``rss_mb``                 resident memory of a fresh process after loading one model and
                              classifying 20 images
+- ``bomb_peak_extra_mb``     peak resident memory above baseline while the worst DICOM decompression
+                             bomb of the corpus is refused (``benchmarks.bombs``, a fresh process)
+- ``zeros_refuse_s``         seconds to refuse 100 MB of zero bytes named ``x.dcm``
 """
 
 TARGETS = {
@@ -27,6 +30,8 @@ TARGETS = {
     "tfkv_speedup": "tfkv_gradcam_ms_p50 / classify_ms_p50 >= 10",
     "batch_vs_forward": "batch_images_per_s >= 0.85 x forward_images_per_s",
     "rss": "rss_mb <= 1500",
+    "bomb_memory": "bomb_peak_extra_mb <= 300",
+    "zeros_refuse": "zeros_refuse_s < 1",
 }
 
 
@@ -42,6 +47,8 @@ def check_targets(figures: dict) -> dict[str, dict]:
         "tfkv_speedup": (ratio("tfkv_gradcam_ms_p50", "classify_ms_p50"), lambda v: v >= 10),
         "batch_vs_forward": (ratio("batch_images_per_s", "forward_images_per_s"), lambda v: v >= 0.85),
         "rss": (figures.get("rss_mb"), lambda v: v <= 1500),
+        "bomb_memory": (figures.get("bomb_peak_extra_mb"), lambda v: v <= 300),
+        "zeros_refuse": (figures.get("zeros_refuse_s"), lambda v: v < 1),
     }
     return {
         key: {"rule": TARGETS[key], "value": None if v is None else round(v, 3), "pass": None if v is None else ok(v)}

@@ -35,7 +35,8 @@ def server_folder_ui() -> list[tuple[str, Path]] | None:
         st.error(str(err))
         return None
     if not folder.is_dir():
-        st.error(f"'{csvsafe.safe_text(typed or picked)}' is a file, not a folder. Choose a folder under the data root.")
+        st.error(f"'{csvsafe.safe_text(typed or picked)}' is a file, not a folder. "
+                 "Choose a folder under the data root.")
         return None
     files = paths.list_images(folder, recursive=recursive, limit=MAX_FILES, root=root)
     if not files:

@@ -28,6 +28,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from benchmarks.bombs import deflated_bomb
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KERMANY_JPEG = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
 CORRUPT_DICOM = DATA / "dicom" / "pylibjpeg-data" / "966.dcm"
@@ -250,41 +252,6 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # --- hostile inputs (issue 15): one or more per failure class, made here, never written to disk ----------------
-
-
-def _deflate_segment(data: bytes) -> bytes:
-    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return packer.compress(data) + packer.flush(zlib.Z_FULL_FLUSH)
-
-
-def deflated_bomb(frames: int = 20, side: int = 4096, *, honest: bool = True) -> bytes:
-    """A Deflated-syntax DICOM whose ``frames`` x ``side`` x ``side`` zero bytes deflate ~1000:1 (1 MB per GB).
-
-    ``honest=False`` declares one 256 x 256 frame in the header, so only the inflation cap can stop it.
-    """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    head = Dataset()
-    head.Modality, head.Rows, head.Columns, head.NumberOfFrames = "CR", side, side, frames
-    if not honest:
-        head.Rows, head.Columns, head.NumberOfFrames = 256, 256, 1
-    head.SamplesPerPixel, head.PhotometricInterpretation = 1, "MONOCHROME2"
-    head.BitsAllocated, head.BitsStored, head.HighBit, head.PixelRepresentation = 8, 8, 7, 0
-    raw = pydicom.filebase.DicomBytesIO()
-    raw.is_little_endian, raw.is_implicit_VR = True, False
-    pydicom.filewriter.write_dataset(raw, head)
-    buf = pydicom.filebase.DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    pydicom.filewriter.write_file_meta_info(buf, meta, enforce_standard=True)
-    size = frames * side * side
-    body = raw.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, size)
-    # Fully flushed raw-deflate segments stand alone, so one compressed 16 MiB of zeros repeats as often as needed.
-    zeros = _deflate_segment(bytes(1 << 24))
-    parts = [_deflate_segment(body), zeros * (size >> 24), _deflate_segment(bytes(size & ((1 << 24) - 1))),
-             zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS).flush()]
-    return b"\x00" * 128 + b"DICM" + buf.getvalue() + b"".join(parts)
 
 
 def dicom_with(pixels: np.ndarray | None = None, **tags: object) -> bytes:
