@@ -81,9 +81,10 @@ class ModelCard:
             raise ModelCardError(f"class_names must be 2 to {limits.MAX_CLASSES} unique non-empty strings, "
                                  f"got {names!r}")
         size = self.input_size
-        if isinstance(size, bool) or not isinstance(size, int) or not (
-                limits.MIN_INPUT_SIZE <= size <= limits.MAX_INPUT_SIZE):
-            raise ModelCardError(f"input_size must be a whole number of pixels from {limits.MIN_INPUT_SIZE} to "
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ModelCardError(f"input_size has the wrong type: a whole number of pixels expected, got {size!r}")
+        if not limits.MIN_INPUT_SIZE <= size <= limits.MAX_INPUT_SIZE:
+            raise ModelCardError(f"input_size must be at least {limits.MIN_INPUT_SIZE} pixels and at most "
                                  f"{limits.MAX_INPUT_SIZE}, got {size!r}")
         if not isinstance(self.thresholds, dict):
             raise ModelCardError(f"thresholds must map class names to probabilities, got {self.thresholds!r}")
@@ -98,7 +99,7 @@ class ModelCard:
         if not _is_number(self.low_confidence) or not 0.0 <= self.low_confidence <= 1.0:
             raise ModelCardError(f"low_confidence must be a probability in [0, 1], got {self.low_confidence!r}")
         if not _is_number(self.temperature) or not self.temperature > 0:
-            raise ModelCardError(f"temperature must be a finite number above 0, got {self.temperature!r}")
+            raise ModelCardError(f"temperature must be positive and finite, got {self.temperature!r}")
         weights = self.weights_file
         if weights in (".", "..") or "/" in weights or "\\" in weights or "\0" in weights or ":" in weights:
             raise ModelCardError(f"weights_file must be a plain file name inside the model folder, got {weights!r}")

@@ -26,12 +26,13 @@ def cell(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     value = safe_text(value)
-    return "'" + value if value.startswith(TRIGGERS) else value
+    # Text already quoted like this ("'=x") gets one more apostrophe, so that ``restore`` gives it back exactly.
+    return "'" + value if value.lstrip("'").startswith(TRIGGERS) else value
 
 
 def restore(value: Any) -> Any:
     """The text ``cell`` was given: the apostrophe it added is removed."""
-    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(TRIGGERS):
+    if isinstance(value, str) and value.startswith("'") and value.lstrip("'").startswith(TRIGGERS):
         return value[1:]
     return value
 

@@ -303,7 +303,7 @@ def rgba_png() -> bytes:
 
 
 FORMULA_NAMES = ("=HYPERLINK(\"http://x\",\"y\").jpeg", "+cmd.jpeg", "-@SUM(1+1).jpeg", "@SUM(1).png",
-                 "\tTAB.png", "\rCR.png", "x\r=cmd.png", "x\n+cmd.png")
+                 "\tTAB.png", "\rCR.png", "x\r=cmd.png", "x\n+cmd.png", "'=already quoted.png")
 
 
 @functools.cache
