@@ -278,3 +278,23 @@ def test_limits_are_documented_in_one_place():
             above.pop()
         assert above[-1].startswith("#"), name  # a sentence on why, right above it
     assert imaging.MAX_PIXELS == limits.MAX_PIXELS  # the reader uses the one value
+
+
+def test_training_csvs_are_spreadsheet_safe_and_read_back_exactly(tmp_path):
+    from training import data
+
+    root = tmp_path / "kermany"
+    root.mkdir()
+    names = [*FORMULA_NAMES, os.fsdecode(b"chest\xff.jpeg")]
+    names = [n for n in names if "/" not in n]
+    records = [data.Record(path=root / n, rel=n, source="kermany", label="NORMAL", split="train", patient=n)
+               for n in names]
+    manifest = data.write_manifest(records, tmp_path / "split.csv")
+    with manifest.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        cells = [row[0] for row in csv.reader(fh)][1:]
+    assert all(not c.startswith(csvsafe.TRIGGERS) for c in cells), cells
+    back = data.read_manifest(manifest, [root])
+    assert [r.rel for r in back] == names and [r.path for r in back] == [root.resolve() / n for n in names]
+    table = pd.DataFrame({"path": names, "p_NORMAL": [-0.0] * len(names)})
+    csvsafe.to_csv(table, tmp_path / "predictions.csv", keep_bytes=True, index=False)
+    assert csvsafe.read_csv(tmp_path / "predictions.csv")["path"].tolist() == names

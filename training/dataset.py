@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from cxr_core import card as card_lib
-from cxr_core import preprocess
+from cxr_core import csvsafe, preprocess
 from training import cache, data
 from training.config import TrainConfig
 
@@ -114,7 +114,7 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
     with (out / "skipped.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "error"])
         writer.writeheader()
-        writer.writerows(decoded.skipped)
+        writer.writerows(csvsafe.row(r) for r in decoded.skipped)
     return Prepared(classes, splits, decoded.skipped, duplicates, unmapped)
 
 

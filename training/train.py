@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core import card as card_lib
-from cxr_core import metrics, models
+from cxr_core import csvsafe, metrics, models
 from training import build, dataset, evaluate, hardware
 from training.config import TrainConfig
 from training.loop import Loop
@@ -123,7 +123,7 @@ def run(config: TrainConfig, log=print) -> Path:
     (out / "metrics.json").write_text(json.dumps(held_out, indent=1) + "\n")
     frames = [evaluate.predictions_frame(card, [r.rel for r in s.records], sources(s), s.labels, p, split=n)
               for n, s, p in (("test", test, test_probs), ("val", val, val_probs)) if len(s.labels)]
-    pd.concat(frames, ignore_index=True).to_csv(out / "predictions.csv", index=False)
+    csvsafe.to_csv(pd.concat(frames, ignore_index=True), out / "predictions.csv", keep_bytes=True, index=False)
 
     wall = time.perf_counter() - started
     card.metrics = {"test": _summary(test_metrics), "val": _summary(val_metrics),
