@@ -61,6 +61,7 @@ _READ_TAGS = METADATA_TAGS + (
     "PixelData", "FloatPixelData", "DoubleFloatPixelData",
 )  # fmt: skip
 _READ_TAG_NUMBERS = [Tag(keyword) for keyword in _READ_TAGS]
+_READS_PER_ELEMENT = 4  # pydicom reads a data element with 1-3 calls (tag and length, long length, value)
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
@@ -327,24 +328,33 @@ class _TooManyElements(Exception):
     pass
 
 
-def _element_budget(stop_at_pixels: bool):
-    """A pydicom ``stop_when`` that stops at the pixel data (if asked) and counts the elements parsed."""
-    count = 0
+class _Budgeted:
+    """A binary file whose ``read`` calls are counted: pydicom reads each data element's header with a call
+    or two, nested sequence items included, so the count bounds the parse's work whatever the nesting."""
 
-    def stop_when(tag: int, vr: str | None, length: int) -> bool:
-        nonlocal count
-        count += 1
-        if count > limits.MAX_DICOM_ELEMENTS:
+    def __init__(self, fp: BinaryIO, reads: int):
+        self._fp, self._left = fp, reads
+        self.name = getattr(fp, "name", None)
+
+    def read(self, size: int = -1) -> bytes:
+        self._left -= 1
+        if self._left < 0:
             raise _TooManyElements
-        return stop_at_pixels and tag >= 0x7FE00000
+        return self._fp.read(size)
 
-    return stop_when
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
 
 
 def _parse(fp: BinaryIO, *, stop_at_pixels: bool) -> pydicom.Dataset:
     fp.seek(0)
+    stop_when = (lambda tag, vr, length: tag >= 0x7FE00000) if stop_at_pixels else None
     try:
-        return read_partial(fp, stop_when=_element_budget(stop_at_pixels), force=True,
+        budgeted = _Budgeted(fp, _READS_PER_ELEMENT * limits.MAX_DICOM_ELEMENTS)
+        return read_partial(budgeted, stop_when=stop_when, force=True,  # type: ignore[arg-type]
                             specific_tags=_READ_TAG_NUMBERS)
     except _TooManyElements as exc:
         raise UnreadableImageError(f"The DICOM file holds more than {limits.MAX_DICOM_ELEMENTS:,} data elements, "

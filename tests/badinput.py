@@ -271,6 +271,16 @@ def dicom_with(pixels: np.ndarray | None = None, **tags: object) -> bytes:
     return out.getvalue()
 
 
+def empty_items_dicom(items: int) -> bytes:
+    """The chest DICOM with an undefined-length sequence of ``items`` empty items before its first tag: cheap
+    bytes (8 per item) that cost a parser per item, nested where a top-level element count does not reach."""
+    base = dicom_bytes(chest_gray())
+    at = base.find(b"\x08\x00\x16\x00")  # SOP Class UID, the dataset's first element
+    sequence = (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+                + struct.pack("<HHI", 0xFFFE, 0xE000, 0) * items + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    return base[:at] + sequence + base[at:]
+
+
 def float_tiff(values: np.ndarray) -> bytes:
     """A 32-bit float TIFF (Pillow mode F) holding ``values``, NaN and infinities included."""
     return _encode(Image.fromarray(values.astype(np.float32), mode="F"), "TIFF")
@@ -333,6 +343,9 @@ def hostile_cases() -> list[Case]:
         Case("deflated_liar.dcm", deflated_bomb(128, 4096, honest=False), "error",
              "F6: a deflated file whose header declares 256x256 but whose pixel data inflates to 2 GB",
              fragment="inflates to more than"),
+        Case("sequence_items.dcm", empty_items_dicom(200_000), "error",
+             "F7: 1.6 MB holding 200,000 empty sequence items (minutes of parsing unbounded)",
+             fragment="data elements"),
         Case("zeros.dcm", bytes(10 << 20), "error", "F7: 10 MB of zero bytes named .dcm", fragment="not one"),
         Case("strip_30000x10.png", strip_png(30000, 10), "ok", "F3: a 30000 x 10 PNG", format="PNG",
              size=(10, 30000), reference=_unit(np.asarray(Image.open(io.BytesIO(strip_png(30000, 10))).convert("L")))),
