@@ -102,6 +102,14 @@ class LoadedImage:
     info: ImageInfo
 
 
+NOTES = ("Transparency", "NonFinitePixels", "Conversion")  # ImageInfo.metadata keys that say what the reader changed
+
+
+def reading_notes(info: ImageInfo) -> list[str]:
+    """What the reader changed in the picture (composited transparency, non-finite samples, colour to gray)."""
+    return [f"{key}: {info.metadata[key]}" for key in NOTES if key in info.metadata]
+
+
 def is_image_name(name: str) -> bool:
     """True for file names ``load`` may read: known suffixes, no suffix, or DICOM UID-like names."""
     path = PurePath(name)

@@ -171,6 +171,8 @@ with left:
                       caption=f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
     pictures[1].image(blended, width="stretch",
                       caption=f"{METHOD_LABELS[method]} for {card.class_names[explained]} (red = most weight)")
+    for note in imaging.reading_notes(info):  # what the reader changed: transparency, non-finite samples
+        st.caption(f"Note: {note}.")
     args = dict(image=pixels, overlay_rgb=blended, prediction=prediction, card=card,
                 method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences)
     downloads = st.columns(2)

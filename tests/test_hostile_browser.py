@@ -111,6 +111,8 @@ def test_hostile_folder_uploads_and_forged_model_in_chromium(tiny_model_dir, tmp
                     assert page.locator('h3:has-text("Decision:")').count() == 0, name
                 else:
                     page.wait_for_selector('h3:has-text("Decision:")')
+                if name == "rgba.png":  # the transparency is stated, not dropped silently
+                    page.get_by_text("composited on black").first.wait_for()
                 if name == "window.dcm":  # F2: the sliders are drawn with the file's own window inside their bounds
                     page.get_by_text("Window center").first.wait_for()
             # Batch review of the server folder.
