@@ -20,6 +20,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+# The real JPEG-baseline DICOM (1024 x 1024) of the shared test data, beside the checkout.
+JPEG_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "torchxrayvision" / "Fake_MONOHR1.dcm"
+
 
 def _deflate_segment(data: bytes) -> bytes:
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -56,11 +59,21 @@ def deflated_bomb(frames: int = 20, side: int = 4096, *, honest: bool = True) ->
     return b"\x00" * 128 + b"DICM" + buf.getvalue() + b"".join(parts)
 
 
+def codestream_bomb(side: int = 30000) -> bytes:
+    """The real JPEG-baseline DICOM whose JPEG codestream (not the DICOM header) declares ``side`` x ``side``:
+    the decoder would allocate that (0.9 GB at 30000, 12.9 GB at 65535 x 3) before any size check."""
+    data = bytearray(JPEG_DICOM.read_bytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = side.to_bytes(2, "big") * 2
+    return bytes(data)
+
+
 def bombs() -> dict[str, bytes]:
     """The corpus' bombs: honest headers (refused from the header) and a liar (stopped by the inflation cap)."""
     return {"20 frames of 4096x4096 (320 MB)": deflated_bomb(20, 4096),
             "128 frames of 4096x4096 (2 GB)": deflated_bomb(128, 4096),
-            "header 256x256, data 2 GB": deflated_bomb(128, 4096, honest=False)}
+            "header 256x256, data 2 GB": deflated_bomb(128, 4096, honest=False),
+            "JPEG codestream 30000x30000 in a 1024x1024 DICOM": codestream_bomb(30000)}
 
 
 def _status_mb(field: str) -> float:

@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps
 from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_partial, read_preamble
 from pydicom.filewriter import write_file_meta_info
@@ -491,6 +492,52 @@ def _check_native_length(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int
             "It would be shown garbled; export the image again from the PACS or modality.")
 
 
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _codestream_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None when not found."""
+    if data.startswith(b"\xff\xd8"):
+        i = 2
+        while i + 10 <= len(data) and data[i] == 0xFF:
+            code = data[i + 1]
+            if code in _JPEG_SOF:
+                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
+            if code == 0xFF:  # fill byte
+                i += 1
+            elif code in (0x01, *range(0xD0, 0xD8)):
+                i += 2
+            else:
+                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        return None
+    at = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (raw codestream or inside a JP2 box)
+    if at < 0 or at + 44 > len(data):
+        return None
+    siz = data[at + 4:]
+    x, y, x0, y0 = (int.from_bytes(siz[k:k + 4], "big") for k in (4, 8, 12, 16))
+    return x - x0, y - y0, int.from_bytes(siz[36:38], "big")
+
+
+def _check_codestream(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int, cols: int, frames: int,
+                      samples: int) -> None:
+    """The first frame's compressed image must declare the header's size: decoders allocate what the codestream
+    says (a 0.1 MB JPEG inside a 1024 x 1024 DICOM declaring 65535 x 65535 x 3 is a 12 GB decode)."""
+    if not syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    except Exception:  # noqa: BLE001 - the decoder gives the message for fragments it cannot find
+        return
+    size = _codestream_size(bytes(frame[:1 << 16]))
+    if size is None or size[1] == 0:  # RLE, or a JPEG height given later (DNL): decoded into Rows x Columns
+        return
+    if size != (cols, rows, samples):
+        raise UnreadableImageError(
+            f"The compressed image inside this DICOM declares {size[0]} x {size[1]} pixels with {size[2]} "
+            f"component(s), but the DICOM header says {cols} x {rows} with {samples}: the file is damaged or forged. "
+            "Export the image again from the PACS or modality and retry.")
+
+
 def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: int) -> LoadedImage:
     fp, deflated = _inflate(fp, max_pixels)
     header = _parse(fp, stop_at_pixels=True)  # cheap: stops before the pixel data
@@ -513,6 +560,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
         ds.file_meta = meta
     syntax = meta.TransferSyntaxUID
     _check_native_length(ds, syntax, rows, cols, frames, samples)
+    _check_codestream(ds, syntax, rows, cols, frames, samples)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric == "PALETTE COLOR":
         raise UnreadableImageError("This DICOM stores a palette-colour image, not a radiograph. "

@@ -28,7 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from benchmarks.bombs import deflated_bomb
+from benchmarks.bombs import codestream_bomb, deflated_bomb
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KERMANY_JPEG = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
@@ -346,6 +346,9 @@ def hostile_cases() -> list[Case]:
         Case("sequence_items.dcm", empty_items_dicom(200_000), "error",
              "F7: 1.6 MB holding 200,000 empty sequence items (minutes of parsing unbounded)",
              fragment="data elements"),
+        Case("jpeg_bomb.dcm", codestream_bomb(), "error",
+             "F6: a JPEG DICOM whose codestream declares 30000x30000 (4.3 GB and 39 s before)",
+             fragment="compressed image inside"),
         Case("zeros.dcm", bytes(10 << 20), "error", "F7: 10 MB of zero bytes named .dcm", fragment="not one"),
         Case("strip_30000x10.png", strip_png(30000, 10), "ok", "F3: a 30000 x 10 PNG", format="PNG",
              size=(10, 30000), reference=_unit(np.asarray(Image.open(io.BytesIO(strip_png(30000, 10))).convert("L")))),
