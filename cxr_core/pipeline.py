@@ -88,7 +88,8 @@ class _Read:
     thumbnail: np.ndarray | None
 
 
-UNEXPECTED = ("This file could not be processed (unexpected {kind}); the other files are unaffected. "
+# For a failure nobody foresaw (a bug, an engine error): no details, which could carry file contents.
+UNEXPECTED = ("This file could not be processed (unexpected {kind}). "
               "Export it again and retry, or report the file if it keeps failing.")
 
 

@@ -128,6 +128,9 @@ try:
 except UnreadableImageError as err:
     st.error(str(err))
     st.stop()
+except Exception as err:  # defence in depth: an unforeseen failure is a message, never a traceback
+    st.error(pipeline.UNEXPECTED.format(kind=type(err).__name__))
+    st.stop()
 prediction, info = first.prediction, first.image.info
 checked = quality.assess(first.image, data)
 
