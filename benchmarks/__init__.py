@@ -33,6 +33,10 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
                              ``first_prediction_s``, ``classify_ms_p50``, ``gradcam_pass_ms_p50``,
                              ``batch_images_per_s``, ``precision``; ``openvino_bf16`` where the CPU has BF16
 - ``cpu``                    the CPU's relevant flags (AVX-512, BF16, AMX) and OpenVINO's capabilities
+                             classifying 20 images
+- ``bomb_peak_extra_mb``     peak resident memory above baseline while the worst DICOM decompression
+                             bomb of the corpus is refused (``benchmarks.bombs``, a fresh process)
+- ``zeros_refuse_s``         seconds to refuse 100 MB of zero bytes named ``x.dcm``
 """
 
 TARGETS = {
@@ -50,6 +54,8 @@ TARGETS = {
     "app_first_render": "app_first_render_s <= 8",
     "first_upload_result": "first_upload_result_s <= 3",
     "method_switch": "method_switch_s <= 3",
+    "bomb_memory": "bomb_peak_extra_mb <= 300",
+    "zeros_refuse": "zeros_refuse_s < 1",
 }
 
 
@@ -86,6 +92,8 @@ def check_targets(figures: dict) -> dict[str, dict]:
         "app_first_render": (figures.get("app_first_render_s"), lambda v: v <= 8),
         "first_upload_result": (figures.get("first_upload_result_s"), lambda v: v <= 3),
         "method_switch": (figures.get("method_switch_s"), lambda v: v <= 3),
+        "bomb_memory": (figures.get("bomb_peak_extra_mb"), lambda v: v <= 300),
+        "zeros_refuse": (figures.get("zeros_refuse_s"), lambda v: v < 1),
     }
     return {
         key: {"rule": TARGETS[key], "value": None if v is None else round(v, 3), "pass": None if v is None else ok(v)}

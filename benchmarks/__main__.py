@@ -112,6 +112,10 @@ def run(config: Config) -> dict:
                             *map(str, paths[:19])], capture_output=True, text=True, check=True,
                            cwd=serving.REPO)
     figures.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+    log("hostile input: DICOM bombs and 100 MB of zeros (fresh process)")
+    bombs = subprocess.run([sys.executable, "-m", "benchmarks.bombs"], capture_output=True, text=True, check=True,
+                           cwd=serving.REPO)
+    figures.update(json.loads(bombs.stdout.strip().splitlines()[-1]))
     if config.app:
         from benchmarks.app_render import first_render
 

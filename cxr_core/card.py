@@ -12,11 +12,15 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
+import os
 import platform
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxr_core import limits
 from cxr_core.errors import ModelCardError
 
 CARD_FILE = "model_card.json"
@@ -69,17 +73,38 @@ class ModelCard:
     card_sha256: str = ""  # sha256 of every other field (see content_sha256), written by save()
 
     def __post_init__(self) -> None:
-        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
-            raise ModelCardError(f"class_names must be unique and non-empty, got {self.class_names!r}")
-        if self.input_size < 16:
-            raise ModelCardError(f"input_size must be at least 16 pixels, got {self.input_size!r}")
-        unknown = set(self.thresholds) - set(self.class_names)
-        if self.negative_class is not None and self.negative_class not in self.class_names:
+        """Every field a forger could set is checked here, so a card that loads is safe to serve."""
+        for key in ("name", "architecture", "target_layer", "weights_file"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise ModelCardError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
+        names = self.class_names
+        if (not isinstance(names, list) or not 2 <= len(names) <= limits.MAX_CLASSES
+                or not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names)):
+            raise ModelCardError(f"class_names must be 2 to {limits.MAX_CLASSES} unique non-empty strings, "
+                                 f"got {names!r}")
+        size = self.input_size
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ModelCardError(f"input_size has the wrong type: a whole number of pixels expected, got {size!r}")
+        if not limits.MIN_INPUT_SIZE <= size <= limits.MAX_INPUT_SIZE:
+            raise ModelCardError(f"input_size must be at least {limits.MIN_INPUT_SIZE} pixels and at most "
+                                 f"{limits.MAX_INPUT_SIZE}, got {size!r}")
+        if not isinstance(self.thresholds, dict):
+            raise ModelCardError(f"thresholds must map class names to probabilities, got {self.thresholds!r}")
+        unknown = set(self.thresholds) - set(names)
+        if self.negative_class is not None and self.negative_class not in names:
             unknown.add(self.negative_class)
         if unknown:
-            raise ModelCardError(f"card names classes that are not in class_names: {sorted(unknown)}")
-        if not self.temperature > 0:
-            raise ModelCardError(f"temperature must be positive, got {self.temperature!r}")
+            raise ModelCardError(f"card names classes that are not in class_names: {sorted(map(str, unknown))}")
+        for name, value in self.thresholds.items():
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ModelCardError(f"the threshold for {name} must be a probability in [0, 1], got {value!r}")
+        if not _is_number(self.low_confidence) or not 0.0 <= self.low_confidence <= 1.0:
+            raise ModelCardError(f"low_confidence must be a probability in [0, 1], got {self.low_confidence!r}")
+        if not _is_number(self.temperature) or not self.temperature > 0:
+            raise ModelCardError(f"temperature must be positive and finite, got {self.temperature!r}")
+        weights = self.weights_file
+        if weights in (".", "..") or "/" in weights or "\\" in weights or "\0" in weights or ":" in weights:
+            raise ModelCardError(f"weights_file must be a plain file name inside the model folder, got {weights!r}")
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +120,11 @@ class ModelCard:
         if missing:
             raise ModelCardError(f"model card lacks required fields: {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (JSON number), not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sha256_of(path: str | Path) -> str:
@@ -186,15 +216,13 @@ def load(folder: str | Path) -> ModelCard:
             "fields), so its classes, input size or thresholds cannot be trusted. Reinstall the model folder; "
             "a card edited on purpose must be written again with cxr_core.card.save."
         )
-    weights = folder / card.weights_file
-    if not weights.is_file():
-        raise ModelCardError(f"model '{card.name}': weights file {weights} is missing.")
-    actual = sha256_of(weights)
-    if actual != card.weights_sha256:
+    weights = weights_path(folder, card)
+    if sha256_of(weights) != card.weights_sha256:
+        # Nothing about the file's content in the message: only the card's own value.
         raise ModelCardError(
-            f"model '{card.name}': the weights file does not match its model card "
-            f"(sha256 {actual[:12]}... expected {card.weights_sha256[:12]}...). The file was changed "
-            "or replaced; reinstall the model folder rather than using it."
+            f"model '{card.name}': the weights file does not match its model card (expected sha256 "
+            f"{card.weights_sha256[:12]}...). The file was changed or replaced; reinstall the model folder "
+            "rather than using it."
         )
     if card.familiarity:
         name = str(card.familiarity.get("file", ""))
@@ -206,3 +234,20 @@ def load(folder: str | Path) -> ModelCard:
             raise ModelCardError(f"model '{card.name}': the familiarity file does not match its model card (it was "
                                  "changed or replaced). Reinstall the model folder rather than using it.")
     return card
+
+
+def weights_path(folder: str | Path, card: ModelCard) -> Path:
+    """The card's weights file: a regular file directly inside ``folder``, not a link to anything.
+
+    The messages name only the card's own field, never what lies outside the folder.
+    """
+    path = Path(folder) / card.weights_file
+    try:
+        info = os.lstat(path)
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        what = "is missing" if info is None else "is a link or not a regular file"
+        raise ModelCardError(f"model '{card.name}': its weights file {card.weights_file} {what}; the weights must "
+                             "be a plain file inside the model folder. Reinstall the model folder.")
+    return path

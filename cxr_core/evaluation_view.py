@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_core import metrics
+from cxr_core import csvsafe, metrics
 from cxr_core.card import ModelCard
 from cxr_core.models import decide
 
@@ -50,7 +50,7 @@ def read_evaluation(folder: str | Path) -> EvaluationFiles:
             found.missing.append(f"{name} ({purpose}): not in the model folder")
             continue
         try:
-            value: Any = json.loads(path.read_text()) if name.endswith(".json") else pd.read_csv(path)
+            value: Any = json.loads(path.read_text()) if name.endswith(".json") else csvsafe.read_csv(path)
         except (OSError, ValueError) as exc:
             found.missing.append(f"{name} ({purpose}): unreadable ({exc})")
             continue

@@ -10,6 +10,10 @@ data never enters memory, the record or an error message.
 from __future__ import annotations
 
 import io
+import os
+import stat
+import warnings
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from os import PathLike
@@ -20,13 +24,24 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps
 from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import get_frame
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset, read_partial, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
+from cxr_core import limits
 from cxr_core.errors import UnreadableImageError
 
-MAX_PIXELS = 50_000_000
+MAX_PIXELS = limits.MAX_PIXELS
 IMAGE_EXTENSIONS = frozenset(
     {".dcm", ".dicom", ".dic", "", ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
@@ -46,12 +61,15 @@ _READ_TAGS = METADATA_TAGS + (
     "ModalityLUTSequence", "VOILUTSequence", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
     "PixelData", "FloatPixelData", "DoubleFloatPixelData",
 )  # fmt: skip
+_READ_TAG_NUMBERS = [Tag(keyword) for keyword in _READ_TAGS]
+_READS_PER_ELEMENT = 4  # pydicom reads a data element with 1-3 calls (tag and length, long length, value)
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
 )  # fmt: skip
 _FORMATS = "DICOM, JPEG, PNG, BMP, TIFF, WebP or GIF"
+BACKGROUND = "black"  # what transparent pixels are composited on: the dark surround of a film on a viewer
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,14 @@ class LoadedImage:
     values: np.ndarray | None = None
 
 
+NOTES = ("Transparency", "NonFinitePixels", "Conversion")  # ImageInfo.metadata keys that say what the reader changed
+
+
+def reading_notes(info: ImageInfo) -> list[str]:
+    """What the reader changed in the picture (composited transparency, non-finite samples, colour to gray)."""
+    return [f"{key}: {info.metadata[key]}" for key in NOTES if key in info.metadata]
+
+
 def is_image_name(name: str) -> bool:
     """True for file names ``load`` may read: known suffixes, no suffix, or DICOM UID-like names."""
     path = PurePath(name)
@@ -113,10 +139,14 @@ def load(
     checked from the header before any decoding.
     """
     try:
-        if window is not None and not float(window[1]) > 0:
-            raise UnreadableImageError(f"The window width must be positive, got {window[1]}. Choose a wider one.")
+        if window is not None and not (np.isfinite(window).all() and float(window[1]) > 0):
+            raise UnreadableImageError(f"The window width must be positive and the window finite, got "
+                                       f"{tuple(window)}. Choose another window.")
         with ExitStack() as stack:
-            fp, name = _open(source, filename, stack)
+            fp, name, size = _open(source, filename, stack)
+            if size > limits.MAX_FILE_BYTES:
+                raise UnreadableImageError(f"The file is too large ({size / limits.MiB:,.0f} MB, over the limit of "
+                                           f"{limits.MAX_FILE_BYTES // limits.MiB} MB). Export a smaller image.")
             head = fp.read(132)
             fp.seek(0)
             if not head:
@@ -126,9 +156,13 @@ def load(
             if fmt is None:
                 raise UnreadableImageError(f"This is {_describe(head)}, not an image. "
                                            f"Upload a chest X-ray as {_FORMATS}.")
-            if fmt == "DICOM":
-                return _read_dicom(fp, window, max_pixels)
-            return _read_pillow(fp, fmt, max_pixels)
+            if fmt == "NOT DICOM":
+                raise UnreadableImageError("The file is named like a DICOM file but is not one: it has neither the "
+                                           "DICM marker nor a DICOM data element at its start. Export the image "
+                                           "again from the PACS or modality and retry.")
+            loaded = _read_dicom(fp, window, max_pixels) if fmt == "DICOM" else _read_pillow(fp, fmt, max_pixels)
+            _check_result(loaded.pixels)
+            return loaded
     except UnreadableImageError:
         raise
     except MemoryError as exc:
@@ -140,22 +174,44 @@ def load(
                                    "or export it again.") from exc
 
 
-def _open(source: str | PathLike | bytes, filename: str | None, stack: ExitStack) -> tuple[BinaryIO, str]:
+def _check_result(pixels: np.ndarray) -> None:
+    """The reader's promise, checked once for every format: finite float32 HxW in [0, 1]."""
+    if pixels.ndim != 2 or pixels.dtype != np.float32 or not np.isfinite(pixels).all():
+        raise UnreadableImageError("The image's pixel values could not be turned into a picture (they are not "
+                                   "finite numbers). Export the image again and retry.")
+    if pixels.size and not (float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0):
+        raise UnreadableImageError("The image's pixel values fall outside the displayable range. "
+                                   "Export the image again and retry.")
+
+
+def _open(source: str | PathLike | bytes, filename: str | None, stack: ExitStack) -> tuple[BinaryIO, str, int]:
+    """The source as a binary file, its name and its size in bytes; paths must be regular files."""
     if isinstance(source, bytes | bytearray | memoryview):
-        return io.BytesIO(bytes(source)), filename or ""
+        data = bytes(source)
+        return io.BytesIO(data), filename or "", len(data)
     if not isinstance(source, str | PathLike):
         raise UnreadableImageError(f"Expected a file path or the file's bytes, got {type(source).__name__}.")
     try:
-        fp = stack.enter_context(open(source, "rb"))  # noqa: SIM115 - closed by the ExitStack
+        # Non-blocking, so a FIFO opens at once instead of waiting for a writer; checked to be a file below.
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         # No path in the message: file names may carry patient names.
         raise UnreadableImageError("The file could not be found or opened. Check that it still exists "
                                    "and that you may read it, then retry.") from exc
-    return fp, filename or Path(source).name
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise UnreadableImageError("This is not a regular file (a folder, device, pipe or socket), so it cannot "
+                                   "be an image. Choose an image file.")
+    fp = stack.enter_context(os.fdopen(fd, "rb"))
+    return fp, filename or Path(source).name, int(info.st_size)
 
 
 def _sniff(head: bytes, name: str) -> str | None:
-    """The format from the magic number; raw DICOM (no preamble) from its first tag group."""
+    """The format from the magic number; raw DICOM (no preamble) from its first tag group.
+
+    "NOT DICOM" for a file named .dcm that starts like no DICOM file: refused before a forced parse.
+    """
     if head[128:132] == b"DICM" or head[:4] == b"DICM":
         return "DICOM"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
@@ -167,8 +223,26 @@ def _sniff(head: bytes, name: str) -> str | None:
     if group in (0x0002, 0x0008) and element <= 0x00FF:
         return "DICOM"
     if PurePath(name).suffix.lower() in (".dcm", ".dicom", ".dic"):
-        return "DICOM"
+        return "DICOM" if _first_element_plausible(head) else "NOT DICOM"
     return None
+
+
+def _first_element_plausible(head: bytes) -> bool:
+    """Whether ``head`` starts with a data element of a raw DICOM dataset (any byte order, any VR encoding).
+
+    The first element of a dataset without a preamble is in an even group between the file meta (0002)
+    and the pixel data (7FE0): zero bytes (group 0000) or text are not.
+    """
+    if len(head) < 8:
+        return False
+    explicit = all(0x41 <= byte <= 0x5A for byte in head[4:6])  # a VR: two capital letters
+    implicit_length = int.from_bytes(head[4:8], "little")
+    for order, ok in (("little", explicit or implicit_length < limits.MAX_FILE_BYTES or implicit_length == 0xFFFFFFFF),
+                      ("big", explicit)):
+        group = int.from_bytes(head[0:2], order)  # type: ignore[arg-type]
+        if ok and 0x0002 <= group <= 0x7FE0 and group % 2 == 0:
+            return True
+    return False
 
 
 def _describe(head: bytes) -> str:
@@ -219,7 +293,8 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
     if orientation in range(2, 9):
         im = ImageOps.exif_transpose(im)
         metadata["ExifOrientation"] = str(orientation)
-    pixels, bit_depth = _pillow_gray(im)
+    pixels, bit_depth, notes = _pillow_gray(im)
+    metadata.update(notes)
     if im.mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         metadata["Conversion"] = f"{im.mode} to grayscale (ITU-R 601 luma)"
     height, width = pixels.shape
@@ -227,39 +302,261 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
                                          photometric=metadata["PillowMode"], frames=frames, metadata=metadata))
 
 
-def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int]:
-    """A decoded Pillow image as float32 HxW in [0, 1] and its bits per sample."""
-    mode = im.mode
+def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
+    """A decoded Pillow image as float32 HxW in [0, 1], its bits per sample, and notes on what was changed.
+
+    Transparent pixels are composited on black (``BACKGROUND``), as a dark viewer shows them; float
+    samples that are NaN or infinite count as missing and become black.
+    """
+    mode, notes = im.mode, {}
     if mode.startswith("I;16"):
-        return np.asarray(im).astype(np.float32) / np.float32(65535), 16
+        return np.asarray(im).astype(np.float32) / np.float32(65535), 16, notes
     if mode in ("I", "F"):
-        arr = np.nan_to_num(np.asarray(im).astype(np.float32))
-        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.asarray(im).astype(np.float64)
+        finite = np.isfinite(arr)
+        if not finite.any():
+            raise UnreadableImageError("The image holds no finite pixel values (all NaN or infinite). "
+                                       "Export it again as an ordinary 8- or 16-bit image.")
+        if not finite.all():
+            notes["NonFinitePixels"] = f"{int(arr.size - finite.sum()):,} NaN or infinite pixels shown black"
+        lo, hi = float(arr[finite].min()), float(arr[finite].max())
+        arr = np.where(finite, arr, lo)
         if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data widened to int32 by some plugins
-            return arr / np.float32(65535), 16
+            return (arr / 65535).astype(np.float32), 16, notes
         if mode == "F" and lo >= 0 and hi <= 1:
-            return arr, 32
-        return (arr - lo) / np.float32(max(hi - lo, 1e-12)), 32
-    if mode in ("LA", "La"):
-        im = im.getchannel(0)
-    elif mode not in ("L", "1", "RGB", "RGBA", "P"):
+            return arr.astype(np.float32), 32, notes
+        return ((arr - lo) / max(hi - lo, 1e-300)).astype(np.float32), 32, notes
+    if "A" in mode or "a" in mode or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is (partly) transparent
+            notes["Transparency"] = f"transparent pixels composited on {BACKGROUND}"
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+    elif mode not in ("L", "1", "RGB", "P"):
         im = im.convert("RGB")
     if im.mode != "L":
         im = im.convert("L")
-    return np.asarray(im).astype(np.float32) / np.float32(255), 1 if mode == "1" else 8
+    return np.asarray(im).astype(np.float32) / np.float32(255), 1 if mode == "1" else 8, notes
 
 
-def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: int) -> LoadedImage:
+class _TooManyElements(Exception):
+    pass
+
+
+class _Budgeted:
+    """A binary file whose ``read`` calls are counted: pydicom reads each data element's header with a call
+    or two, nested sequence items included, so the count bounds the parse's work whatever the nesting."""
+
+    def __init__(self, fp: BinaryIO, reads: int):
+        self._fp, self._left = fp, reads
+        self.name = getattr(fp, "name", None)
+
+    def read(self, size: int = -1) -> bytes:
+        self._left -= 1
+        if self._left < 0:
+            raise _TooManyElements
+        return self._fp.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
+
+
+def _parse(fp: BinaryIO, *, stop_at_pixels: bool) -> pydicom.Dataset:
+    fp.seek(0)
+    stop_when = (lambda tag, vr, length: tag >= 0x7FE00000) if stop_at_pixels else None
     try:
-        ds = pydicom.dcmread(fp, force=True, specific_tags=list(_READ_TAGS))
+        budgeted = _Budgeted(fp, _READS_PER_ELEMENT * limits.MAX_DICOM_ELEMENTS)
+        return read_partial(budgeted, stop_when=stop_when, force=True,  # type: ignore[arg-type]
+                            specific_tags=_READ_TAG_NUMBERS)
+    except _TooManyElements as exc:
+        raise UnreadableImageError(f"The DICOM file holds more than {limits.MAX_DICOM_ELEMENTS:,} data elements, "
+                                   "far more than any radiograph: it is damaged or not an image. Export the image "
+                                   "again from the PACS or modality and retry.") from exc
     except Exception as exc:
         raise UnreadableImageError("The DICOM file could not be parsed: it is damaged or incomplete. "
                                    "Export it again from the PACS or modality and retry.") from exc
-    if not any(tag in ds for tag in _PIXEL_TAGS) or "Rows" not in ds or "Columns" not in ds:
+
+
+def _inflate(fp: BinaryIO, max_pixels: int) -> tuple[BinaryIO, str | None]:
+    """A Deflated-syntax file as Explicit VR Little Endian, inflated in a stream that stops at the limit.
+
+    The header's declared size is checked as soon as the first megabyte is inflated.
+
+    Returns (file, the original syntax's name) or (the same file, None) for every other syntax.
+    pydicom would inflate the whole dataset at once, however large it grows.
+    """
+    fp.seek(0)
+    try:
+        read_preamble(fp, True)
+        meta = FileMetaDataset(read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                                            stop_when=lambda tag, vr, length: tag >> 16 != 2))
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    except Exception:  # not even a file meta: the full parse gives the message
+        deflated = False
+    if not deflated:
+        fp.seek(0)
+        return fp, None
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    write_file_meta_info(out, meta, enforce_standard=False)
+    start, cap = out.tell(), limits.MAX_DICOM_INFLATED_BYTES
+    inflater, checked = zlib.decompressobj(-zlib.MAX_WBITS), False
+    try:
+        while not inflater.eof and (chunk := fp.read(limits.MiB)):
+            while chunk:
+                out.write(inflater.decompress(chunk, 4 * limits.MiB))
+                chunk = inflater.unconsumed_tail
+                if not checked and out.tell() - start >= limits.MiB:
+                    checked = _check_partial_header(out, max_pixels)
+                if out.tell() - start > cap:
+                    raise UnreadableImageError(
+                        f"The compressed DICOM data inflates to more than {cap // limits.MiB} MB, over the limit for "
+                        "one radiograph (a decompression bomb or a huge series). Export the single image again.")
+    except zlib.error as exc:
+        raise _damaged("DICOM (deflated)") from exc
+    out.seek(0)
+    return out, DeflatedExplicitVRLittleEndian.name
+
+
+def _check_partial_header(out: BinaryIO, max_pixels: int) -> bool:
+    """Check the declared size in the part inflated so far; True once the header was there to check."""
+    end = out.tell()
+    with warnings.catch_warnings():  # the partial dataset ends mid-element
+        warnings.simplefilter("ignore")
+        try:
+            header = _parse(out, stop_at_pixels=True)
+        except UnreadableImageError:
+            header = None
+    out.seek(end)
+    if header is None or "Rows" not in header or "Columns" not in header:
+        return False
+    _declared_size(header, max_pixels)
+    return True
+
+
+def _tag_error(tag: str, value: object, why: str) -> UnreadableImageError:
+    shown = str(value)[:40]
+    return UnreadableImageError(f"The DICOM tag {tag} is malformed ({shown!r}: {why}), so the image cannot be shown "
+                                "correctly. Export the image again from the PACS or modality and retry.")
+
+
+def _number(ds: pydicom.Dataset, tag: str, default: float) -> float:
+    """A numeric tag's (first) value; a tag that is not one finite number raises naming the tag."""
+    if tag not in ds or ds[tag].value in (None, "", b""):
+        return default
+    value = ds[tag].value
+    try:
+        number = float(_first(value))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise _tag_error(tag, value, "not a number") from exc
+    if not np.isfinite(number):
+        raise _tag_error(tag, value, "not a finite number")
+    return number
+
+
+def _declared_size(ds: pydicom.Dataset, max_pixels: int) -> tuple[int, int, int, int]:
+    """(rows, columns, frames, samples per pixel), checked against the limits before anything is decoded."""
+    rows, cols = int(_number(ds, "Rows", 0)), int(_number(ds, "Columns", 0))
+    frames, samples = int(_number(ds, "NumberOfFrames", 1)), int(_number(ds, "SamplesPerPixel", 1))
+    bits = int(_number(ds, "BitsAllocated", 16))
+    _check_pixels(cols, rows, max_pixels)
+    if frames < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise _tag_error("NumberOfFrames" if frames < 1 else "SamplesPerPixel" if samples not in (1, 3)
+                         else "BitsAllocated", frames if frames < 1 else samples if samples not in (1, 3) else bits,
+                         "not a value an image can have")
+    frame = rows * cols * samples * max(bits // 8, 1)
+    if frame > limits.MAX_DICOM_FRAME_BYTES or frame * frames > limits.MAX_DICOM_PIXEL_BYTES:
+        raise UnreadableImageError(
+            f"The DICOM image is too large: {frames:,} frame(s) of {cols} x {rows} x {samples} samples at "
+            f"{bits} bits = {frame * frames / limits.MiB:,.0f} MB decoded, over the limit of "
+            f"{limits.MAX_DICOM_FRAME_BYTES // limits.MiB} MB per frame and "
+            f"{limits.MAX_DICOM_PIXEL_BYTES // limits.MiB} MB in all. Export the single radiograph (one frame).")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric.startswith("MONOCHROME") != (samples == 1):
+        raise UnreadableImageError(
+            f"The DICOM header contradicts itself: PhotometricInterpretation {photometric} with SamplesPerPixel "
+            f"{samples} (a colour image labelled grayscale, or the reverse). Export the image again and retry.")
+    return rows, cols, frames, samples
+
+
+def _check_native_length(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int, cols: int, frames: int,
+                         samples: int) -> None:
+    """Uncompressed pixel data must not hold (much) more than the header declares, e.g. RGB labelled MONOCHROME2."""
+    if syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    bits = int(_number(ds, "BitsAllocated", 16))
+    expected = (rows * cols * frames * samples * bits + 7) // 8
+    actual = len(ds.PixelData)
+    if expected and actual >= 2 * expected:
+        raise UnreadableImageError(
+            f"The DICOM pixel data holds {actual / expected:.3g} times what its header declares (Rows x Columns x "
+            f"SamplesPerPixel x NumberOfFrames), e.g. a colour image labelled {ds.get('PhotometricInterpretation')}. "
+            "It would be shown garbled; export the image again from the PACS or modality.")
+
+
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _codestream_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None when not found."""
+    if data.startswith(b"\xff\xd8"):
+        i = 2
+        while i + 10 <= len(data) and data[i] == 0xFF:
+            code = data[i + 1]
+            if code in _JPEG_SOF:
+                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
+            if code == 0xFF:  # fill byte
+                i += 1
+            elif code in (0x01, *range(0xD0, 0xD8)):
+                i += 2
+            else:
+                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        return None
+    at = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (raw codestream or inside a JP2 box)
+    if at < 0 or at + 44 > len(data):
+        return None
+    siz = data[at + 4:]
+    x, y, x0, y0 = (int.from_bytes(siz[k:k + 4], "big") for k in (4, 8, 12, 16))
+    return x - x0, y - y0, int.from_bytes(siz[36:38], "big")
+
+
+def _check_codestream(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int, cols: int, frames: int,
+                      samples: int) -> None:
+    """The first frame's compressed image must declare the header's size: decoders allocate what the codestream
+    says (a 0.1 MB JPEG inside a 1024 x 1024 DICOM declaring 65535 x 65535 x 3 is a 12 GB decode)."""
+    if not syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    except Exception:  # noqa: BLE001 - the decoder gives the message for fragments it cannot find
+        return
+    size = _codestream_size(bytes(frame[:1 << 16]))
+    if size is None or size[1] == 0:  # RLE, or a JPEG height given later (DNL): decoded into Rows x Columns
+        return
+    if size != (cols, rows, samples):
+        raise UnreadableImageError(
+            f"The compressed image inside this DICOM declares {size[0]} x {size[1]} pixels with {size[2]} "
+            f"component(s), but the DICOM header says {cols} x {rows} with {samples}: the file is damaged or forged. "
+            "Export the image again from the PACS or modality and retry.")
+
+
+def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: int) -> LoadedImage:
+    fp, deflated = _inflate(fp, max_pixels)
+    header = _parse(fp, stop_at_pixels=True)  # cheap: stops before the pixel data
+    if "Rows" not in header or "Columns" not in header:
         raise UnreadableImageError("The DICOM file contains no image (no Pixel Data): it may be a report, "
                                    "structured report or presentation state. Export the image itself and retry.")
-    rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
-    _check_pixels(cols, rows, max_pixels)
+    rows, cols, frames, samples = _declared_size(header, max_pixels)
+    del header
+    ds = _parse(fp, stop_at_pixels=False)
+    if deflated:
+        fp.close()  # the inflated copy: the dataset holds what it needs
+    if not any(tag in ds for tag in _PIXEL_TAGS):
+        raise UnreadableImageError("The DICOM file contains no image (no Pixel Data): it may be a report, "
+                                   "structured report or presentation state. Export the image itself and retry.")
     meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if "TransferSyntaxUID" not in meta:  # no file meta header: infer from how the dataset parsed
         implicit, little = ds.original_encoding
@@ -267,6 +564,8 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
         meta.TransferSyntaxUID = explicit if implicit is False else ImplicitVRLittleEndian
         ds.file_meta = meta
     syntax = meta.TransferSyntaxUID
+    _check_native_length(ds, syntax, rows, cols, frames, samples)
+    _check_codestream(ds, syntax, rows, cols, frames, samples)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric == "PALETTE COLOR":
         raise UnreadableImageError("This DICOM stores a palette-colour image, not a radiograph. "
@@ -278,21 +577,9 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
                                    "pixel data is corrupt or uses an unsupported compression. Re-export the image "
                                    "(uncompressed or standard JPEG) from the PACS or modality and retry.") from exc
     metadata = {key: str(ds[key].value) for key in METADATA_TAGS if key in ds}
-    metadata["TransferSyntax"] = syntax.name
-    bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
-    if arr.ndim == 3:  # colour (decoded to RGB by pydicom): luma, on the stored scale
-        values = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        metadata["Conversion"] = f"{photometric} to grayscale (ITU-R 601 luma)"
-    elif "ModalityLUTSequence" in ds:
-        values = apply_modality_lut(arr, ds).astype(np.float32)
-    else:
-        values = arr.astype(np.float32)
-        slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
-        if (slope, intercept) != (1.0, 0.0):
-            values *= np.float32(slope)
-            values += np.float32(intercept)
-    if arr.dtype.kind == "f":  # float pixel data may hold NaN or infinities
-        np.nan_to_num(values, copy=False, posinf=0.0, neginf=0.0)
+    metadata["TransferSyntax"] = deflated or syntax.name
+    bits = int(_number(ds, "BitsStored", arr.dtype.itemsize * 8))
+    values = _modality_values(arr, ds, photometric, metadata)
     value_range = (float(values.min()), float(values.max()))
     modality = values.copy()  # windowing works in place
     pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits)
@@ -304,6 +591,33 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
                      window=used, window_source=source, value_range=value_range, frames=frames,
                      inverted=inverted, metadata=metadata)
     return LoadedImage(pixels, info, modality)
+
+
+def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, metadata: dict[str, str]) -> np.ndarray:
+    """Stored values -> modality values (float32, finite): luma for colour, the Modality LUT or the rescale."""
+    if arr.ndim == 3:  # colour (decoded to RGB by pydicom): luma, on the stored scale
+        metadata["Conversion"] = f"{photometric} to grayscale (ITU-R 601 luma)"
+        return arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if "ModalityLUTSequence" in ds:
+        try:
+            return apply_modality_lut(arr, ds).astype(np.float32)
+        except Exception as exc:
+            raise _tag_error("ModalityLUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table") from exc
+    values = arr.astype(np.float32)
+    if arr.dtype.kind == "f":  # float pixel data may hold NaN or infinities: missing samples, shown as 0
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+    if slope == 0:
+        raise _tag_error("RescaleSlope", ds.RescaleSlope, "zero would make every pixel the same value")
+    if (slope, intercept) != (1.0, 0.0):
+        peak = max(abs(float(values.min())), abs(float(values.max()))) * abs(slope) + abs(intercept)
+        if not peak < limits.MAX_MODALITY_VALUE:
+            raise _tag_error("RescaleSlope" if abs(slope) > 1 else "RescaleIntercept",
+                             ds.get("RescaleSlope") if abs(slope) > 1 else ds.get("RescaleIntercept"),
+                             "the rescaled pixel values overflow")
+        values *= np.float32(slope)
+        values += np.float32(intercept)
+    return values
 
 
 def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, float] | None, colour: bool,
@@ -318,13 +632,16 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
     if colour:
         top = 2.0**bits - 1
         return _linear(values, top / 2, top, "LINEAR_EXACT"), None, "none"
-    if ds.get("VOILUTSequence"):
-        return _voi_lut(values, ds.VOILUTSequence[0]), None, "voi_lut"
+    if "VOILUTSequence" in ds and ds["VOILUTSequence"].value:
+        try:
+            return _voi_lut(values, ds.VOILUTSequence[0]), None, "voi_lut"
+        except Exception as exc:
+            raise _tag_error("VOILUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table") from exc
     step = max(1, int(np.sqrt(values.size / _SAMPLE_PIXELS)))
     sample = values[::step, ::step]
     lo, hi = (float(v) for v in np.percentile(sample, PERCENTILES))
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = (float(_first(ds[key].value)) for key in ("WindowCenter", "WindowWidth"))
+        center, width = (_number(ds, key, np.nan) for key in ("WindowCenter", "WindowWidth"))
         inside = np.count_nonzero((sample >= center - width / 2) & (sample <= center + width / 2)) / sample.size
         # A stored window that leaves most pixels saturated, or squeezes them into a sliver of grey, is wrong
         # for this pixel data (re-encoded files keep stale windows), so it falls back to the percentiles.
@@ -342,7 +659,8 @@ def _first(value: object) -> object:
 def _linear(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2 windowing to [0, 1], in place on float32 ``values``."""
     if function == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))
+        with np.errstate(over="ignore"):  # exp overflows to inf far from the center: 1 / inf = 0, as it should
+            out = 1.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float64) - center) / max(width, 1e-6)))
         return out.astype(np.float32)
     if function == "LINEAR_EXACT":
         low, span = center - width / 2, max(width, 1e-6)
@@ -358,7 +676,9 @@ def _voi_lut(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
     entries, first, _ = (int(v) for v in item.LUTDescriptor)
     data = item.LUTData
     lut = np.frombuffer(data, dtype="<u2") if isinstance(data, bytes) else np.asarray(data, dtype=np.float32)
-    lut = lut.astype(np.float32)[: entries or 65536]
+    lut = lut.astype(np.float32).ravel()[: entries or limits.MAX_LUT_ENTRIES]
+    if not lut.size or not np.isfinite(lut).all():
+        raise ValueError("empty or non-finite LUT")
     lo, hi = float(lut.min()), float(lut.max())
     index = np.clip(np.rint(values) - first, 0, lut.size - 1).astype(np.intp)
     return (lut[index] - lo) / np.float32(max(hi - lo, 1e-6))

@@ -315,7 +315,7 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
         model = build_from_card(card)
     except ValueError as exc:
         raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built ({exc}).") from exc
-    load_weights(model, folder / card.weights_file)
+    load_weights(model, card_lib.weights_path(folder, card))
     fam = None
     if card.familiarity:  # card_lib.load has checked the file's sha256
         try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from cxr_core.limits import MAX_DISPLAY_SIDE
+
 COLORMAPS: dict[str, int] = {
     "jet": cv2.COLORMAP_JET,
     "turbo": cv2.COLORMAP_TURBO,
@@ -79,3 +81,22 @@ def thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     small = cv2.resize(img, (new_w, new_h), interpolation=interp)
     return np.rint(np.clip(small, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def fit(image: np.ndarray, max_side: int = MAX_DISPLAY_SIDE) -> np.ndarray:
+    """An image (float HxW in [0, 1], or uint8 HxW[x3]) shrunk by area averaging so that its longer side is at most
+    ``max_side`` px, aspect kept and every side at least 1 px; returned unchanged when already small enough.
+
+    What the browser and the report get: a 30000 x 10 strip becomes 1400 x 1, not an error or a 0 px image.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale))))
+    # A 49,000,000 x 1 strip is first decimated by striding, so the area resize sees at most ~32768 px a side.
+    step = max(1, -(-max(h, w) // 32767))
+    small = cv2.resize(np.ascontiguousarray(image[::step, ::step]), size, interpolation=cv2.INTER_AREA)
+    return np.clip(small, 0.0, 1.0).astype(image.dtype) if image.dtype != np.uint8 else small

@@ -88,12 +88,35 @@ class _Read:
     thumbnail: np.ndarray | None
 
 
+# For a failure nobody foresaw (a bug, an engine error): no details, which could carry file contents.
+UNEXPECTED = ("This file could not be processed (unexpected {kind}). "
+              "Export it again and retry, or report the file if it keeps failing.")
+
+
 def _read(name: str, source: Source, size: int) -> _Read:
+    """One file read and prepared; any failure, expected or not, becomes the file's error (defence in depth)."""
     try:
         loaded = imaging.load(source, name)
+        return _Read(name, preprocess.prepare(loaded.pixels, size), None, loaded.info,
+                     overlay.thumbnail(loaded.pixels))
     except UnreadableImageError as exc:
         return _Read(name, None, str(exc), None, None)
-    return _Read(name, preprocess.prepare(loaded.pixels, size), None, loaded.info, overlay.thumbnail(loaded.pixels))
+    except Exception as exc:  # noqa: BLE001 - one file must never lose the batch
+        return _Read(name, None, UNEXPECTED.format(kind=type(exc).__name__), None, None)
+
+
+def _predict(classifier: models.Classifier, reads: list[_Read]) -> list[models.Prediction | str]:
+    """Predictions for the readable files, in order; if the batch fails, each file alone, failures as messages."""
+    try:
+        return list(classifier.predict(preprocess.to_batch([r.image for r in reads])))
+    except Exception:  # noqa: BLE001 - retried one by one so only the file at fault gets the error
+        out: list[models.Prediction | str] = []
+        for r in reads:
+            try:
+                out.append(classifier.predict(preprocess.to_batch([r.image]))[0])
+            except Exception as exc:  # noqa: BLE001
+                out.append(UNEXPECTED.format(kind=type(exc).__name__))
+        return out
 
 
 def _chunks(items: Iterable[tuple[str, Source]], size: int) -> Iterator[list[tuple[str, Source]]]:
@@ -134,10 +157,13 @@ def classify_many(
                 break
             pending = pool.submit(read_next)
             good = [r for r in reads if r.image is not None]
-            predictions = iter(classifier.predict(preprocess.to_batch([r.image for r in good])) if good else [])
+            predictions = iter(_predict(classifier, good) if good else [])
             for r in reads:
                 prediction = next(predictions) if r.image is not None else None
-                rows.append(BatchItem(r.name, prediction, r.error, r.info, r.thumbnail))
+                if isinstance(prediction, str):
+                    rows.append(BatchItem(r.name, None, prediction, r.info, r.thumbnail))
+                else:
+                    rows.append(BatchItem(r.name, prediction, r.error, r.info, r.thumbnail))
             if progress is not None:
                 progress(len(rows), total)
     return rows

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxr_core.card import RESEARCH_USE, ModelCard
+from cxr_core.overlay import fit as fit_display
 
 if TYPE_CHECKING:  # models imports Keras; the report only needs the Prediction fields
     from cxr_core.models import Prediction
@@ -36,7 +37,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 def _fit(picture: np.ndarray, box: int) -> Image.Image:
     """float HxW in [0, 1] or uint8 HxWx3 -> PIL RGB image whose longer side is ``box``."""
-    arr = np.asarray(picture)
+    arr = fit_display(np.asarray(picture), box)  # area-shrunk first: Lanczos over a 49,000,000 px row needs GBs
     if arr.dtype != np.uint8:
         arr = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
     img = Image.fromarray(arr).convert("RGB")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_core import quality
+from cxr_core import csvsafe, quality
 from cxr_core.imaging import LoadedImage
 from cxr_core.quality import QualityReport
 
@@ -54,7 +54,10 @@ def assess_item(item: Any, original: bytes | None = None) -> QualityReport | Non
     if item.prediction is None or item.thumbnail is None or item.info is None:
         return None
     pixels = np.asarray(item.thumbnail, dtype=np.float32) / 255.0
-    return quality.assess(LoadedImage(pixels=pixels, info=item.info), original)
+    try:
+        return quality.assess(LoadedImage(pixels=pixels, info=item.info), original)
+    except Exception:  # a quality check is advice: its failure must not cost the batch its table
+        return None
 
 
 def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str]) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str
     flags, quality notes, error (the Batch review CSV's columns; ``python -m scoring`` writes the same)."""
     pred = item.prediction
     not_chest = report.probably_not_chest if report is not None else None
-    row: dict[str, Any] = {"file": item.name}
+    row: dict[str, Any] = {"file": csvsafe.safe_text(item.name)}
     row["top_class"] = pred.top_class if pred else None
     row["top_probability"] = pred.top_probability if pred else np.nan
     for name in class_names:
@@ -123,15 +126,16 @@ def summary(table: pd.DataFrame) -> dict[str, int]:
 
 
 def export_csv(table: pd.DataFrame) -> str:
-    """The table as CSV text without the thumbnail column (probabilities to 6 decimals)."""
-    return table.drop(columns=[THUMBNAIL], errors="ignore").to_csv(index=False, float_format="%.6f")
+    """The table as CSV text without the thumbnail column (probabilities to 6 decimals), safe to open in a
+    spreadsheet (``cxr_core.csvsafe``: no cell becomes a formula, whatever the file names)."""
+    return csvsafe.to_csv(table.drop(columns=[THUMBNAIL], errors="ignore"), index=False, float_format="%.6f")
 
 
 def unique_names(names: Iterable[str]) -> list[str]:
-    """Names made unique by appending ' (2)', ' (3)'... to repeats, order kept."""
+    """Names made valid Unicode (``csvsafe.safe_text``) and unique by appending ' (2)', ' (3)'... to repeats."""
     seen: dict[str, int] = {}
     out = []
-    for name in names:
+    for name in map(csvsafe.safe_text, names):  # shown and exported: valid Unicode whatever the file name's bytes
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
     return out

@@ -9,6 +9,7 @@ stored value is shown darker, "brighter on screen" is a lower stored value.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 AUTO = "File window"
@@ -43,13 +44,20 @@ def presets(info: Any) -> dict[str, tuple[float, float]]:
 
 
 def slider_bounds(info: Any) -> tuple[tuple[float, float], tuple[float, float]]:
-    """((center min, center max), (width min, width max)) covering the value range and every preset."""
-    windows = list(presets(info).values()) or [(0.5, 1.0)]
-    if info.value_range is not None:
+    """((center min, center max), (width min, width max)) covering the value range and every preset.
+
+    Every preset, the file's own window first, lies inside the bounds whatever the value range (one
+    pixel at 65535 beside tissue at 1000-1400 makes the range wide and the file's window narrow).
+    """
+    windows = [(c, w) for c, w in presets(info).values() if math.isfinite(c) and math.isfinite(w)] or [(0.5, 1.0)]
+    if info.value_range is not None and all(math.isfinite(float(v)) for v in info.value_range):
         lo, hi = (float(v) for v in info.value_range)
     else:
         lo, hi = min(c for c, _ in windows), max(c for c, _ in windows)
     span = max(hi - lo, max(w for _, w in windows), 1.0)
     c_lo = min([lo] + [c for c, _ in windows])
     c_hi = max([hi] + [c for c, _ in windows])
-    return (c_lo, c_hi), (span / 100.0, max(2.0 * span, max(w for _, w in windows)))
+    if not c_hi > c_lo:  # a constant image: a slider needs room to move
+        c_lo, c_hi = c_lo - span / 2, c_hi + span / 2
+    w_lo = min([span / 100.0] + [w for _, w in windows])
+    return (c_lo, c_hi), (w_lo, max(2.0 * span, max(w for _, w in windows)))

@@ -8,7 +8,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import familiarity, imaging, paths, pipeline, preprocess, review
+from cxr_core import csvsafe, familiarity, imaging, paths, pipeline, preprocess, review
 from cxr_core.errors import UnreadableImageError
 
 STATE = "batch_results"
@@ -30,7 +30,7 @@ def server_folder_ui() -> list[tuple[str, Path]] | None:
                 "that holds the images (only folders inside it can be used), then restart the app.")
         return None
     picked = st.selectbox("Folder under the data root", [""] + paths.subfolders(root), key="batch_pick",
-                          format_func=lambda p: p or "(the data root itself)")
+                          format_func=lambda p: csvsafe.safe_text(p) or "(the data root itself)")
     typed = st.text_input("or type a path relative to the data root", key="batch_path")
     recursive = st.checkbox("Include sub-folders", value=True, key="batch_recursive")
     if not st.button("Score folder", type="primary", key="batch_score_folder"):
@@ -41,15 +41,18 @@ def server_folder_ui() -> list[tuple[str, Path]] | None:
         st.error(str(err))
         return None
     if not folder.is_dir():
-        st.error(f"'{typed or picked}' is a file, not a folder. Choose a folder under the data root.")
+        st.error(f"'{csvsafe.safe_text(typed or picked)}' is a file, not a folder. "
+                 "Choose a folder under the data root.")
         return None
     files = paths.list_images(folder, recursive=recursive, limit=MAX_FILES, root=root)
     if not files:
-        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{typed or picked or '.'}'.")
+        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{csvsafe.safe_text(typed or picked or '.')}'.")
         return None
     if len(files) == MAX_FILES:
         st.warning(f"Only the first {MAX_FILES} files are scored; choose a smaller folder for the rest.")
-    return [(p.relative_to(folder).as_posix(), p) for p in files]
+    # Names as shown and exported: valid Unicode (a server file name may hold any bytes) and unique.
+    names = review.unique_names(p.relative_to(folder).as_posix() for p in files)
+    return list(zip(names, files, strict=True))
 
 
 def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:

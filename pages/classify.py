@@ -168,6 +168,9 @@ except UnreadableImageError as err:
     auth.record_once(key, "classify", **audited, counts={"images": 1, "unreadable": 1})
     st.error(str(err))
     st.stop()
+except Exception as err:  # defence in depth: an unforeseen failure is a message, never a traceback
+    st.error(pipeline.UNEXPECTED.format(kind=type(err).__name__))
+    st.stop()
 auth.record_once(key, "classify", **audited, counts={"images": 1, "positive": int(first.prediction.positive)})
 prediction, info = first.prediction, first.image.info
 checked = quality.assess(first.image, data)
@@ -211,8 +214,11 @@ film_title = f"{info.format} · {info.width} x {info.height} px · {info.bit_dep
 heat_title = f"{METHOD_LABELS[method]} for {card.class_names[explained]}"
 opacity, colormap = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key="cam",
                                  titles=(film_title, heat_title), revision=key)
-blended = overlay.overlay(shown.pixels, result.heatmap, colormap, opacity)
-args = dict(image=shown.pixels, overlay_rgb=blended, prediction=prediction, card=card,
+for note in imaging.reading_notes(info):  # what the reader changed: transparency, non-finite samples
+    st.caption(f"Note: {note}.")
+pixels = overlay.fit(shown.pixels)  # the report's copy: at most MAX_DISPLAY_SIDE, so a 30000 x 10 strip is drawn
+blended = overlay.overlay(pixels, result.heatmap, colormap, opacity)
+args = dict(image=pixels, overlay_rgb=blended, prediction=prediction, card=card,
             method=METHOD_LABELS[method], explained_class=card.class_names[explained], warnings=sentences,
             engine=classifier.engine_label)
 downloads = st.columns(2)

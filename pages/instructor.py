@@ -12,8 +12,8 @@ import streamlit as st
 
 import auth
 import ui
+from cxr_core import csvsafe, imaging, overlay, paths, preprocess, probe
 from cxr_core import evaluation_view as ev
-from cxr_core import imaging, overlay, paths, preprocess, probe
 from cxr_core.errors import UnreadableImageError
 from cxr_core.explain import METHODS
 
@@ -70,7 +70,8 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
             return None
         rows = held_out.head(500).reset_index(drop=True)
         i = st.selectbox("Held-out image", range(len(rows)), key="instructor_held_out",
-                         format_func=lambda i: f"{rows.at[i, 'path']} (true {rows.at[i, 'true_class']})")
+                         format_func=lambda i: csvsafe.safe_text(f"{rows.at[i, 'path']} "
+                                                                 f"(true {rows.at[i, 'true_class']})"))
         source_name = str(rows.at[i, "source"]) if "source" in rows.columns else ""
         found = paths.locate(str(rows.at[i, "path"]), source_name, search_roots(card))
         if found is None:

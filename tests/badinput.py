@@ -8,6 +8,7 @@ written to disk; the only inputs are the real files under ``../shared/data``.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -18,6 +19,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -25,6 +27,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
+
+from benchmarks.bombs import codestream_bomb, deflated_bomb
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KERMANY_JPEG = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
@@ -237,7 +241,7 @@ def error_cases() -> list[Case]:
 
 def corpus() -> list[Case]:
     """The whole corpus, good files first."""
-    return ok_cases() + error_cases()
+    return ok_cases() + error_cases() + list(hostile_cases())
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -245,3 +249,113 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         a = np.asarray(Image.fromarray(a.astype(np.float32)).resize(b.shape[::-1], Image.BILINEAR))
     return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
+
+
+# --- hostile inputs (issue 15): one or more per failure class, made here, never written to disk ----------------
+
+
+def dicom_with(pixels: np.ndarray | None = None, **tags: object) -> bytes:
+    """The real chest (or ``pixels``) as a 16-bit MONOCHROME2 DICOM with ``tags`` set, even values pydicom would
+    refuse to write (set as raw strings)."""
+    data = dicom_bytes(chest_gray().astype(np.uint16) * 257 if pixels is None else pixels)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for key, value in tags.items():
+        if isinstance(value, str):  # written as raw bytes, so that pydicom cannot refuse or fix the value
+            raw = value.encode("latin-1") + b" " * (len(value) % 2)
+            vr = pydicom.datadict.dictionary_VR(key)
+            ds[key] = pydicom.dataelem.RawDataElement(Tag(key), vr, len(raw), raw, 0, False, True)
+        else:
+            setattr(ds, key, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def empty_items_dicom(items: int) -> bytes:
+    """The chest DICOM with an undefined-length sequence of ``items`` empty items before its first tag: cheap
+    bytes (8 per item) that cost a parser per item, nested where a top-level element count does not reach."""
+    base = dicom_bytes(chest_gray())
+    at = base.find(b"\x08\x00\x16\x00")  # SOP Class UID, the dataset's first element
+    sequence = (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+                + struct.pack("<HHI", 0xFFFE, 0xE000, 0) * items + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    return base[:at] + sequence + base[at:]
+
+
+def float_tiff(values: np.ndarray) -> bytes:
+    """A 32-bit float TIFF (Pillow mode F) holding ``values``, NaN and infinities included."""
+    return _encode(Image.fromarray(values.astype(np.float32), mode="F"), "TIFF")
+
+
+def rgb_as_monochrome() -> bytes:
+    """An RGB picture's interleaved bytes labelled MONOCHROME2 with one sample per pixel (a broken export)."""
+    gray = chest_gray()
+    rgb = np.stack([gray, gray // 2, gray // 3], axis=-1)
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(gray)))
+    ds.PixelData = rgb.tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def strip_png(width: int, height: int) -> bytes:
+    """A valid gray PNG of extreme aspect (e.g. 30000 x 10), a gradient so that it is not blank."""
+    row = np.linspace(0, 255, width).astype(np.uint8)
+    return _encode(Image.fromarray(np.repeat(row[None, :], height, axis=0)), "PNG")
+
+
+def rgba_png() -> bytes:
+    """The chest as RGBA whose left half is fully transparent (white underneath)."""
+    gray = chest_gray()
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    rgba[:, : gray.shape[1] // 2, :3] = 255
+    rgba[:, : gray.shape[1] // 2, 3] = 0
+    return _encode(Image.fromarray(rgba, mode="RGBA"), "PNG")
+
+
+FORMULA_NAMES = ("=HYPERLINK(\"http://x\",\"y\").jpeg", "+cmd.jpeg", "-@SUM(1+1).jpeg", "@SUM(1).png",
+                 "\tTAB.png", "\rCR.png", "x\r=cmd.png", "x\n+cmd.png", "'=already quoted.png")
+
+
+@functools.cache
+def hostile_cases() -> list[Case]:
+    """One case per failure class of issue 15 that a file alone can carry (F1, F3, F6, F7, minor items)."""
+    return [
+        Case("slope_1e300.dcm", dicom_with(RescaleSlope="1e300"), "error", "F1: RescaleSlope 1e300 overflows",
+             fragment="rescaleslope"),
+        Case("slope_inf.dcm", dicom_with(RescaleSlope="inf"), "error", "F1: RescaleSlope inf", fragment="rescaleslope"),
+        Case("slope_nan.dcm", dicom_with(RescaleSlope="NaN"), "error", "F1: RescaleSlope NaN", fragment="rescaleslope"),
+        Case("intercept_nan.dcm", dicom_with(RescaleIntercept="NaN"), "error", "F1: RescaleIntercept NaN",
+             fragment="rescaleintercept"),
+        Case("slope_zero.dcm", dicom_with(RescaleSlope="0"), "error", "RescaleSlope 0 (was taken as 1)",
+             fragment="rescaleslope"),
+        Case("window_text.dcm", dicom_with(WindowCenter="abc", WindowWidth="400"), "error",
+             "malformed WindowCenter", fragment="windowcenter"),
+        Case("width_nan.dcm", dicom_with(WindowCenter="1200", WindowWidth="NaN"), "error", "WindowWidth NaN",
+             fragment="windowwidth"),
+        Case("rgb_as_mono2.dcm", rgb_as_monochrome(), "error", "RGB bytes labelled MONOCHROME2",
+             fragment="times what its header declares"),
+        Case("mono_3samples.dcm", dicom_with(SamplesPerPixel=3), "error", "MONOCHROME2 with 3 samples per pixel",
+             fragment="contradicts itself"),
+        Case("deflated_bomb.dcm", deflated_bomb(20, 4096), "error", "F6: 20 frames of 4096x4096 zeros, deflated",
+             fragment="too large"),
+        Case("deflated_bomb_2gb.dcm", deflated_bomb(128, 4096), "error",
+             "F6: a deflated file inflating to 2 GB", fragment="too large"),
+        Case("deflated_liar.dcm", deflated_bomb(128, 4096, honest=False), "error",
+             "F6: a deflated file whose header declares 256x256 but whose pixel data inflates to 2 GB",
+             fragment="inflates to more than"),
+        Case("sequence_items.dcm", empty_items_dicom(200_000), "error",
+             "F7: 1.6 MB holding 200,000 empty sequence items (minutes of parsing unbounded)",
+             fragment="data elements"),
+        Case("jpeg_bomb.dcm", codestream_bomb(), "error",
+             "F6: a JPEG DICOM whose codestream declares 30000x30000 (4.3 GB and 39 s before)",
+             fragment="compressed image inside"),
+        Case("zeros.dcm", bytes(10 << 20), "error", "F7: 10 MB of zero bytes named .dcm", fragment="not one"),
+        Case("strip_30000x10.png", strip_png(30000, 10), "ok", "F3: a 30000 x 10 PNG", format="PNG",
+             size=(10, 30000), reference=_unit(np.asarray(Image.open(io.BytesIO(strip_png(30000, 10))).convert("L")))),
+        Case("strip_1x2000000.png", strip_png(2_000_000, 1), "ok", "F3: a 2,000,000 x 1 PNG", format="PNG",
+             size=(1, 2_000_000)),
+        Case("rgba.png", rgba_png(), "ok", "RGBA, left half transparent: composited on black", format="PNG",
+             size=chest_gray().shape, reference=_unit(np.where(np.arange(224) < 112, 0, chest_gray()))),
+        Case("inf.tif", float_tiff(np.where(np.eye(64) > 0, np.inf, np.linspace(0, 1, 64))), "ok",
+             "F1: float TIFF holding +inf: inf shown black, the rest scaled", format="TIFF", size=(64, 64)),
+    ]

@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import pytest
-from badinput import DATA, KERMANY_JPEG, chest_gray
+from badinput import DATA, FORMULA_NAMES, KERMANY_JPEG, chest_gray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -200,3 +200,98 @@ def test_unmutated_seed_reads(kind):
     assert image.pixels.shape == expected
     assert 0.2 < float(image.pixels.mean()) < 0.8
     assert len(fields) >= 3
+
+
+# --- issue 15: the hostile classes as strategies ----------------------------------------------------------------
+NUMBER_TEXT = st.one_of(
+    st.sampled_from(["inf", "-inf", "NaN", "nan", "1e300", "-1e300", "1e38", "0", "-0", "", "abc", "1\\2", "1e-300"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda v: repr(v)[:16]),
+    st.integers(-(2**40), 2**40).map(str),
+)
+HOSTILE = settings(max_examples=150, derandomize=True, deadline=None, database=None,
+                   suppress_health_check=[HealthCheck.too_slow])
+
+
+@HOSTILE
+@given(slope=st.none() | NUMBER_TEXT, intercept=st.none() | NUMBER_TEXT, center=st.none() | NUMBER_TEXT,
+       width=st.none() | NUMBER_TEXT)
+def test_rescale_and_window_values_give_finite_pixels_or_name_the_tag(slope, intercept, center, width):
+    from badinput import dicom_with
+
+    tags = {k: v for k, v in {"RescaleSlope": slope, "RescaleIntercept": intercept, "WindowCenter": center,
+                              "WindowWidth": width}.items() if v is not None}
+    pixels = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 200)
+    outcome = read_bounded(dicom_with(pixels, **tags), "x.dcm")
+    check(outcome)
+    if isinstance(outcome, UnreadableImageError):
+        assert any(tag in str(outcome) for tag in tags), (tags, str(outcome))
+    else:
+        lo, hi = outcome.info.value_range
+        assert np.isfinite([lo, hi]).all()
+        from cxr_core import windowing
+
+        (c_lo, c_hi), (w_lo, w_hi) = windowing.slider_bounds(outcome.info)
+        for c, w in windowing.presets(outcome.info).values():
+            assert c_lo <= c <= c_hi and w_lo <= w <= w_hi
+
+
+@HOSTILE
+@given(entries=st.integers(0, 70000), first=st.integers(-70000, 70000), data=st.binary(max_size=512))
+def test_voi_lut_values_give_finite_pixels_or_name_the_tag(entries, first, data):
+    from badinput import dicom_with
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.LUTDescriptor = [entries % 65536, first % 65536, 16]
+    item.LUTData = data + b"\0" * (len(data) % 2)
+    outcome = read_bounded(dicom_with(np.arange(64, dtype=np.uint16).reshape(8, 8), VOILUTSequence=Sequence([item])),
+                           "x.dcm")
+    check(outcome)
+    if isinstance(outcome, UnreadableImageError):
+        assert "VOILUTSequence" in str(outcome), str(outcome)
+
+
+@HOSTILE
+@given(width=st.one_of(st.integers(1, 8), st.integers(9, 200_000)), height=st.integers(1, 12))
+def test_extreme_shapes_read_and_fit_the_display(width, height):
+    from badinput import strip_png
+
+    from cxr_core import limits, overlay
+
+    w, h = (width, height) if width % 2 else (height, width)  # wide and tall strips
+    outcome = read_bounded(strip_png(w, h), "strip.png")
+    check(outcome)
+    assert not isinstance(outcome, UnreadableImageError), str(outcome)
+    shown = overlay.fit(outcome.pixels)
+    assert 1 <= min(shown.shape) and max(shown.shape) <= limits.MAX_DISPLAY_SIDE
+    assert overlay.overlay(shown, np.full((8, 8), 0.5, np.float32)).shape == (*shown.shape, 3)
+
+
+@HOSTILE
+@given(names=st.lists(st.one_of(st.binary(min_size=1, max_size=40), st.sampled_from(FORMULA_NAMES).map(str.encode),
+                                st.sampled_from(["'", "=", "+", "-", "@", "\t", "\r", "\n", ","]).map(str.encode))
+                      .filter(lambda b: b"/" not in b and b"\0" not in b), min_size=1, max_size=6))
+def test_any_file_name_bytes_are_shown_and_exported_safely(names):
+    import csv
+    import os
+
+    from cxr_core import csvsafe, review
+
+    decoded = [os.fsdecode(b) for b in names]
+    shown = review.unique_names(decoded)
+    assert len(set(shown)) == len(shown)
+    table = review.batch_table([_Row(n) for n in shown], ["NORMAL", "PNEUMONIA"], [None] * len(shown))
+    text = review.export_csv(table)
+    text.encode("utf-8")  # valid Unicode: no surrogates left
+    rows = list(csv.reader(io.StringIO(text, newline="")))[1:]
+    assert [r[0] for r in rows] == [csvsafe.cell(n) for n in shown]
+    assert all(not r[0].startswith(csvsafe.TRIGGERS) for r in rows)
+    assert [csvsafe.restore(r[0]) for r in rows] == shown
+
+
+class _Row:
+    """An unreadable batch row with a given name (what ``pipeline.classify_many`` makes of a bad file)."""
+
+    def __init__(self, name: str):
+        self.name, self.prediction, self.error, self.info, self.thumbnail = name, None, "unreadable", None, None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from cxr_core import csvsafe  # noqa: E402
 from training import data  # noqa: E402  (after quieting TensorFlow's C++ logs)
 from training.config import TrainConfig  # noqa: E402
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         table = compare.compare(args.runs)
         print(compare.format_table(table))
-        table.to_csv(args.csv, index=False)
+        csvsafe.to_csv(table, args.csv, index=False)
         print(f"written to {args.csv}")
     return 0
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_core import csvsafe
+
 SPLITS = ("train", "val", "test")
 EXTERNAL = "external"  # a whole source kept out of train and val (--holdout-source), scored on its own
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -231,13 +233,15 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
     A removed duplicate has split "duplicate", names the copy kept in duplicate_of and says "bytes" or "near".
     """
     path = Path(path)
-    with path.open("w", newline="") as fh:
+    # Paths keep their exact bytes (surrogateescape) and are spreadsheet-safe (csvsafe); read_manifest undoes both.
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_FIELDS)
         for r in records:
             split_name = "duplicate" if r.duplicate_of else r.split
-            writer.writerow([r.rel, r.source, r.label, split_name, r.patient, r.sha256, r.duplicate_of,
-                             r.duplicate_kind])
+            writer.writerow([csvsafe.neutralise(v) for v in
+                             (r.rel, r.source, r.label, split_name, r.patient, r.sha256, r.duplicate_of,
+                              r.duplicate_kind)])
     return path
 
 
@@ -250,8 +254,9 @@ def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]
         names.append(name)
         root_of[name] = root.resolve()
     records = []
-    with Path(path).open(newline="") as fh:
-        for row in csv.DictReader(fh):
+    with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        for raw in csv.DictReader(fh):
+            row = {key: csvsafe.restore(value) for key, value in raw.items()}
             if row["source"] not in root_of:
                 raise ValueError(f"manifest {path} names source {row['source']!r}, which is not among {names}")
             records.append(Record(path=root_of[row["source"]] / row["path"], rel=row["path"], source=row["source"],

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from cxr_core import card as card_lib
-from cxr_core import preprocess
+from cxr_core import csvsafe, preprocess
 from training import cache, data, hygiene
 from training.config import TrainConfig
 
@@ -164,7 +164,7 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
     with (out / "skipped.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "error"])
         writer.writeheader()
-        writer.writerows(decoded.skipped)
+        writer.writerows(csvsafe.row(r) for r in decoded.skipped)
     return Prepared(classes, splits, decoded.skipped, duplicates, unmapped, holdout, near)
 
 

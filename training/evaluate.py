@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_core import imaging, metrics, preprocess
+from cxr_core import csvsafe, imaging, metrics, preprocess
 from cxr_core.card import ModelCard
 from cxr_core.errors import UnreadableImageError
 from cxr_core.models import Classifier, decide
@@ -182,5 +182,5 @@ def write(evaluation: Evaluation, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     evaluation.metrics.setdefault("skipped", evaluation.skipped)
     (out / "metrics.json").write_text(json.dumps(evaluation.metrics, indent=1) + "\n")
-    evaluation.predictions.to_csv(out / "predictions.csv", index=False)
+    csvsafe.to_csv(evaluation.predictions, out / "predictions.csv", keep_bytes=True, index=False)
     return out

@@ -19,6 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from cxr_core import csvsafe
 from training import build
 from training.config import TrainConfig
 from training.dataset import Batches
@@ -53,7 +54,7 @@ def write_history(rows: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csvsafe.row(r) for r in rows)
 
 
 class _EarlyStopping(keras.callbacks.EarlyStopping):

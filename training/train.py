@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core import card as card_lib
-from cxr_core import familiarity, metrics, models
+from cxr_core import csvsafe, familiarity, metrics, models
 from training import build, data, dataset, evaluate, hardware
 from training.config import TrainConfig
 from training.loop import Loop
@@ -124,7 +124,7 @@ def score_and_calibrate(model: keras.Model, card: card_lib.ModelCard, config: Tr
     frames = [evaluate.predictions_frame(card, [r.rel for r in sp.records], sources(sp), sp.labels, probs[n],
                                          split=n, familiarity=(distances[n], fam.flags(distances[n])))
               for n, sp in prepared.splits.items() if n != "train" and len(sp.labels)]
-    pd.concat(frames, ignore_index=True).to_csv(out / "predictions.csv", index=False)
+    csvsafe.to_csv(pd.concat(frames, ignore_index=True), out / "predictions.csv", keep_bytes=True, index=False)
 
     card.metrics = {**card.metrics, "test": _summary(test_metrics), "val": _summary(val_metrics)}
     if external is not None:

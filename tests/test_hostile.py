@@ -1,0 +1,300 @@
+"""Issue 15: the eight failure classes of the adversarial pass, each at its mechanism.
+
+The files of F1, F3, F6, F7 and the minor items are in the bad-input corpus (tests/badinput.py), so
+test_bad_input.py sends them through the reader, the pipeline, the classify page and the batch page;
+here are the classes a file alone cannot carry (forged model folders, file names, CSV cells, slider
+bounds, FIFOs) and the mechanisms behind the file classes (limits checked before the work).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from badinput import FORMULA_NAMES, KERMANY_JPEG, deflated_bomb, dicom_with, hostile_cases
+
+from cxr_core import card, csvsafe, imaging, limits, models, overlay, pipeline, report, review, windowing
+from cxr_core.errors import ModelCardError, UnreadableImageError
+
+
+# --- F1 and the reader's promise --------------------------------------------------------------------------------
+@pytest.mark.parametrize("slope", ["1e300", "-1e300", "inf", "-inf", "NaN", "0", "1e38"])
+def test_rescale_slope_that_is_not_usable_is_named(slope):
+    with pytest.raises(UnreadableImageError, match="RescaleSlope"):
+        imaging.load(dicom_with(RescaleSlope=slope), "x.dcm")
+
+
+def test_a_usable_rescale_is_applied_exactly():
+    stored = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    image = imaging.load(dicom_with(stored, RescaleSlope="0.5", RescaleIntercept="-1024"), "x.dcm")
+    assert image.info.value_range == (-1024.0, 63000 * 0.5 - 1024)
+
+
+@pytest.mark.parametrize("tag,value", [("WindowCenter", "abc"), ("WindowWidth", "NaN"), ("WindowCenter", "inf"),
+                                       ("WindowWidth", "1e999")])
+def test_malformed_window_tag_is_named(tag, value):
+    other = {"WindowCenter": "30000", "WindowWidth": "40000"}
+    with pytest.raises(UnreadableImageError, match=tag):
+        imaging.load(dicom_with(**{**other, tag: value}), "x.dcm")
+
+
+def test_malformed_voi_lut_is_named():
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.LUTDescriptor = [0, 0, 16]
+    item.LUTData = b""  # no entries at all
+    with pytest.raises(UnreadableImageError, match="VOILUTSequence"):
+        imaging.load(dicom_with(VOILUTSequence=Sequence([item])), "x.dcm")
+
+
+def test_float_tiff_with_infinities_reads_finite_and_says_so():
+    case = next(c for c in hostile_cases() if c.name == "inf.tif")
+    image = imaging.load(case.data, case.name)
+    assert np.isfinite(image.pixels).all() and image.pixels.min() == 0.0 and image.pixels.max() == 1.0
+    assert np.all(np.diag(image.pixels) == 0.0)  # the +inf diagonal is shown black, not white or NaN
+    assert image.info.metadata["NonFinitePixels"].startswith("64 ")
+
+
+# --- F6 and F7: bounded before the work -------------------------------------------------------------------------
+def test_deflated_bomb_is_refused_from_its_header_before_inflating():
+    start = time.perf_counter()
+    with pytest.raises(UnreadableImageError, match="2,048 MB decoded"):
+        imaging.load(deflated_bomb(128, 4096), "bomb.dcm")
+    assert time.perf_counter() - start < 2  # 2 GB were never inflated (that takes ~3 s)
+
+
+def test_deflated_data_beyond_its_header_stops_at_the_inflation_cap(monkeypatch):
+    monkeypatch.setattr(limits, "MAX_DICOM_INFLATED_BYTES", 8 * limits.MiB)
+    with pytest.raises(UnreadableImageError, match="inflates to more than 8 MB"):
+        imaging.load(deflated_bomb(1, 4096, honest=False), "liar.dcm")
+
+
+def test_frames_count_towards_the_memory_bound():
+    small = np.zeros((8, 8), np.uint16)
+    # 5 frames of 4096 x 4096 at 16 bits = 160 MB declared: each frame is under the frame limit, all are not.
+    with pytest.raises(UnreadableImageError, match="5 frame.* = 160 MB decoded"):
+        imaging.load(dicom_with(small, Rows=4096, Columns=4096, NumberOfFrames="5"), "x.dcm")
+    with pytest.raises(UnreadableImageError) as err:  # one such frame passes the bound, then fails as truncated
+        imaging.load(dicom_with(small, Rows=4096, Columns=4096), "x.dcm")
+    assert "too large" not in str(err.value)
+
+
+def test_zero_bytes_named_dcm_are_refused_at_once(tmp_path):
+    path = tmp_path / "x.dcm"
+    with open(path, "wb") as fh:
+        fh.truncate(100 << 20)  # 100 MB of zeros
+    start = time.perf_counter()
+    with pytest.raises(UnreadableImageError, match="not one"):
+        imaging.load(path)
+    assert time.perf_counter() - start < 1
+
+
+def test_a_forced_parse_stops_after_the_element_budget(monkeypatch):
+    # A raw dataset (no preamble) that is nothing but empty elements: parsed, but only up to the budget.
+    body = b"".join((0x0008).to_bytes(2, "little") + (0x1000 + i % 0xE000).to_bytes(2, "little") + b"\0\0\0\0"
+                    for i in range(5000))
+    monkeypatch.setattr(limits, "MAX_DICOM_ELEMENTS", 1000)
+    with pytest.raises(UnreadableImageError, match="more than 1,000 data elements"):
+        imaging.load(body, "x.dcm")
+
+
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        start = time.perf_counter()
+        with pytest.raises(UnreadableImageError, match="not a regular file"):
+            imaging.load(path)
+        assert time.perf_counter() - start < 1  # no blocking on the FIFO, no endless read of /dev/zero
+
+
+# --- F3: display and report paths ------------------------------------------------------------------------------
+def test_report_and_display_of_a_49_million_pixel_strip():
+    strip = np.linspace(0, 1, 49_000_000, dtype=np.float32)[None, :]
+    shown = overlay.fit(strip)
+    assert shown.shape == (1, limits.MAX_DISPLAY_SIDE) and abs(float(shown.mean()) - 0.5) < 0.01
+    from cxr_core.models import Prediction
+
+    prediction = Prediction(("NORMAL", "PNEUMONIA"), (0.3, 0.7), "PNEUMONIA", 0.7, "PNEUMONIA", True, False)
+    c = card.ModelCard(name="m", architecture="tiny", input_size=64, class_names=["NORMAL", "PNEUMONIA"],
+                       target_layer="relu")
+    png = report.render(strip, overlay.to_rgb(shown), prediction, c)
+    assert png.startswith(b"\x89PNG")
+
+
+# --- F2 ---------------------------------------------------------------------------------------------------------
+def test_slider_bounds_hold_the_file_window_beside_an_outlier():
+    stored = np.full((64, 64), 1200, np.uint16)
+    stored[:, :32] = np.linspace(1000, 1400, 32).astype(np.uint16)
+    stored[0, 0] = 65535
+    info = imaging.load(dicom_with(stored, WindowCenter="1200", WindowWidth="400"), "x.dcm").info
+    assert info.window == (1200.0, 400.0) and info.value_range[1] == 65535.0
+    (c_lo, c_hi), (w_lo, w_hi) = windowing.slider_bounds(info)
+    for center, width in windowing.presets(info).values():
+        assert c_lo <= center <= c_hi and w_lo <= width <= w_hi
+    assert c_lo < c_hi and w_lo < w_hi
+
+
+# --- F4 and F5 --------------------------------------------------------------------------------------------------
+def test_csv_cells_never_become_formulas():
+    table = pd.DataFrame({"file": [*FORMULA_NAMES, "ok.png"], "p": [-0.5] * (len(FORMULA_NAMES) + 1)})
+    text = review.export_csv(table)
+    rows = list(csv.reader(io.StringIO(text, newline="")))[1:]
+    assert all(not row[0].startswith(csvsafe.TRIGGERS) for row in rows), rows
+    assert [row[1] for row in rows] == ["-0.500000"] * len(rows)  # numbers stay numbers
+    assert [csvsafe.restore(row[0]) for row in rows] == [*FORMULA_NAMES, "ok.png"]
+
+
+def test_non_utf8_file_names_are_shown_and_exported(tmp_path, tiny_model_dir):
+    name = os.fsdecode(b"chest\xff.jpeg")  # a surrogate escape, as Python lists such a server file
+    (tmp_path / name).write_bytes(KERMANY_JPEG.read_bytes())
+    names = review.unique_names([name, os.fsdecode(b"chest\xfe.jpeg")])
+    assert names == ["chest\ufffd.jpeg", "chest\ufffd.jpeg (2)"]
+    classifier = models.load(tiny_model_dir)
+    rows = pipeline.classify_many(classifier, [(names[0], tmp_path / name)])
+    table = review.batch_table(rows, classifier.card.class_names)
+    text = review.export_csv(table)
+    assert text.encode("utf-8") and "chest\ufffd.jpeg" in text and rows[0].prediction is not None
+
+
+# --- F8 ---------------------------------------------------------------------------------------------------------
+def _forge(folder: Path, tiny_model_dir: Path, **fields) -> Path:
+    """A copy of the tiny model folder whose card is re-written with ``fields`` and re-hashed (as a forger would)."""
+    shutil.copytree(tiny_model_dir, folder)
+    data = json.loads((folder / card.CARD_FILE).read_text())
+    data.update(fields)
+    from cxr_core.card import content_sha256
+
+    data["card_sha256"] = content_sha256(data)
+    (folder / card.CARD_FILE).write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    ({"input_size": 100000}, "input_size"),
+    ({"input_size": 8}, "input_size"),
+    ({"input_size": True}, "input_size"),
+    ({"class_names": ["NP"]}, "class_names"),
+    ({"class_names": ["NORMAL", ""]}, "class_names"),
+    ({"class_names": ["NORMAL", 7]}, "class_names"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": 0}, "temperature"),
+    ({"thresholds": {"PNEUMONIA": float("nan")}}, "threshold"),
+    ({"thresholds": {"PNEUMONIA": 1.5}}, "threshold"),
+    ({"low_confidence": -1}, "low_confidence"),
+    ({"weights_file": "/etc/passwd"}, "weights_file"),
+    ({"weights_file": "../../../etc/passwd"}, "weights_file"),
+    ({"weights_file": ".."}, "weights_file"),
+])
+def test_forged_card_fields_are_refused_on_load(tmp_path, tiny_model_dir, fields, fragment):
+    folder = _forge(tmp_path / "forged", tiny_model_dir, **fields)
+    with pytest.raises(ModelCardError, match=fragment):
+        models.load(folder)
+
+
+def test_weights_that_link_out_are_refused_without_a_word_about_the_target(tmp_path, tiny_model_dir):
+    outside = tmp_path / "outside.h5"
+    outside.write_bytes(b"secret outside the model folder")
+    folder = _forge(tmp_path / "forged", tiny_model_dir, weights_file="linked.weights.h5")
+    (folder / "linked.weights.h5").symlink_to(outside)
+    with pytest.raises(ModelCardError, match="link") as err:
+        card.load(folder)
+    digest = card.sha256_of(outside)
+    assert digest[:6] not in str(err.value) and str(outside) not in str(err.value)
+
+
+def test_a_hash_mismatch_names_only_the_cards_own_hash(tmp_path, tiny_model_dir):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / card.WEIGHTS_FILE).write_bytes(b"replaced")
+    with pytest.raises(ModelCardError) as err:
+        card.load(folder)
+    assert card.sha256_of(folder / card.WEIGHTS_FILE)[:8] not in str(err.value)
+
+
+# --- defence in depth: one file never loses the batch ----------------------------------------------------------
+def test_classify_many_turns_any_failure_into_that_files_row(tiny_model_dir, monkeypatch):
+    classifier = models.load(tiny_model_dir)
+    jpeg = KERMANY_JPEG.read_bytes()
+    real_load = imaging.load
+
+    def load(source, filename=None, **kwargs):
+        if filename == "boom.jpeg":
+            raise RuntimeError("a bug nobody foresaw")
+        return real_load(source, filename, **kwargs)
+
+    monkeypatch.setattr(imaging, "load", load)
+    rows = pipeline.classify_many(classifier, [("a.jpeg", jpeg), ("boom.jpeg", jpeg), ("b.jpeg", jpeg)])
+    assert [r.prediction is not None for r in rows] == [True, False, True]
+    assert "unexpected RuntimeError" in rows[1].error and "nobody" not in rows[1].error
+
+    class Flaky:
+        """Fails on any batch that holds a constant image, as a broken engine might."""
+
+        def __init__(self, inner):
+            self.inner, self.input_size, self.card = inner, inner.input_size, inner.card
+
+        def predict(self, batch):
+            if any(float(np.ptp(x)) == 0 for x in batch):
+                raise FloatingPointError("engine failure")
+            return self.inner.predict(batch)
+
+    flat = imaging.load(jpeg).pixels * 0  # a black image: constant after preprocessing
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray((flat * 255).astype(np.uint8)).save(buf, format="PNG")
+    rows = pipeline.classify_many(Flaky(classifier), [("a.jpeg", jpeg), ("black.png", buf.getvalue())])
+    assert rows[0].prediction is not None and rows[1].prediction is None
+    assert "unexpected FloatingPointError" in rows[1].error
+
+
+def test_every_hostile_case_is_a_row_or_a_result(tiny_model_dir):
+    classifier = models.load(tiny_model_dir)
+    cases = hostile_cases()
+    rows = pipeline.classify_many(classifier, [(c.name, c.data) for c in cases], batch_size=3)
+    for case, row in zip(cases, rows, strict=True):
+        assert (row.prediction is not None) == case.ok, (case.name, row.error)
+        if not case.ok:
+            assert case.fragment in row.error.lower(), (case.name, row.error)
+
+
+def test_limits_are_documented_in_one_place():
+    source = Path(limits.__file__).read_text()
+    for name in ("MAX_PIXELS", "MAX_FILE_BYTES", "MAX_DICOM_FRAME_BYTES", "MAX_DICOM_PIXEL_BYTES",
+                 "MAX_DICOM_INFLATED_BYTES", "MAX_DICOM_ELEMENTS", "MAX_DISPLAY_SIDE", "MAX_INPUT_SIZE"):
+        above = source[: source.index(f"\n{name} =")].rstrip().splitlines()
+        while " = " in above[-1]:  # a group of related limits shares its comment
+            above.pop()
+        assert above[-1].startswith("#"), name  # a sentence on why, right above it
+    assert imaging.MAX_PIXELS == limits.MAX_PIXELS  # the reader uses the one value
+
+
+def test_training_csvs_are_spreadsheet_safe_and_read_back_exactly(tmp_path):
+    from training import data
+
+    root = tmp_path / "kermany"
+    root.mkdir()
+    names = [*FORMULA_NAMES, os.fsdecode(b"chest\xff.jpeg")]
+    names = [n for n in names if "/" not in n]
+    records = [data.Record(path=root / n, rel=n, source="kermany", label="NORMAL", split="train", patient=n)
+               for n in names]
+    manifest = data.write_manifest(records, tmp_path / "split.csv")
+    with manifest.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        cells = [row[0] for row in csv.reader(fh)][1:]
+    assert all(not c.startswith(csvsafe.TRIGGERS) for c in cells), cells
+    back = data.read_manifest(manifest, [root])
+    assert [r.rel for r in back] == names and [r.path for r in back] == [root.resolve() / n for n in names]
+    table = pd.DataFrame({"path": names, "p_NORMAL": [-0.0] * len(names)})
+    csvsafe.to_csv(table, tmp_path / "predictions.csv", keep_bytes=True, index=False)
+    assert csvsafe.read_csv(tmp_path / "predictions.csv")["path"].tolist() == names
