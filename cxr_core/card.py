@@ -105,6 +105,15 @@ class ModelCard:
         weights = self.weights_file
         if weights in (".", "..") or "/" in weights or "\\" in weights or "\0" in weights or ":" in weights:
             raise ModelCardError(f"weights_file must be a plain file name inside the model folder, got {weights!r}")
+        if not isinstance(self.familiarity, dict):
+            raise ModelCardError(f"familiarity must be an object, got {type(self.familiarity).__name__}")
+        if self.familiarity:
+            name = self.familiarity.get("file")
+            if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0:"):
+                raise ModelCardError(f"familiarity.file must be a plain file name in the model folder, got {name!r}")
+            threshold = self.familiarity.get("threshold")
+            if not _is_number(threshold) or not threshold > 0:
+                raise ModelCardError(f"familiarity.threshold must be a positive finite number, got {threshold!r}")
 
     @property
     def num_classes(self) -> int:
@@ -225,11 +234,7 @@ def load(folder: str | Path) -> ModelCard:
             "rather than using it."
         )
     if card.familiarity:
-        name = str(card.familiarity.get("file", ""))
-        fam = folder / name
-        if Path(name).name != name or not fam.is_file():
-            raise ModelCardError(f"model '{card.name}': its familiarity file {name!r} is missing from the model "
-                                 "folder. Reinstall the model folder.")
+        fam = familiarity_path(folder, card)
         if sha256_of(fam) != card.familiarity.get("sha256"):
             raise ModelCardError(f"model '{card.name}': the familiarity file does not match its model card (it was "
                                  "changed or replaced). Reinstall the model folder rather than using it.")
@@ -250,4 +255,18 @@ def weights_path(folder: str | Path, card: ModelCard) -> Path:
         what = "is missing" if info is None else "is a link or not a regular file"
         raise ModelCardError(f"model '{card.name}': its weights file {card.weights_file} {what}; the weights must "
                              "be a plain file inside the model folder. Reinstall the model folder.")
+    return path
+
+
+def familiarity_path(folder: str | Path, card: ModelCard) -> Path:
+    """The card's familiarity file: a regular file directly inside ``folder`` (a plain name, no link)."""
+    name = str(card.familiarity.get("file", ""))
+    path = Path(folder) / name
+    try:
+        info = os.lstat(path) if name and Path(name).name == name and name not in (".", "..") else None
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise ModelCardError(f"model '{card.name}': its familiarity file {name!r} is missing from the model folder "
+                             "or is not a plain file in it. Reinstall the model folder.")
     return path

@@ -126,12 +126,38 @@ def save(model: Familiarity, folder: str | Path) -> Path:
     return path
 
 
+# A DenseNet169's model is ~1.7 MB (2 x 1664 means, 1664 x 256 directions); 256 MB leaves room for any sane
+# architecture while a forged file that would inflate to gigabytes is refused before it is read.
+MAX_BYTES = 256 * 1024 * 1024
+
+
 def load(path: str | Path) -> Familiarity:
-    """Read a ``familiarity.npz`` (numbers only: no pickled objects are allowed)."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        return Familiarity(data["means"].astype(np.float64), data["components"].astype(np.float64),
-                           data["variances"].astype(np.float64), float(data["residual_variance"]),
-                           float(data["threshold"]))
+    """Read a ``familiarity.npz``: numbers only (no pickled objects), sizes bounded and shapes consistent.
+
+    Raises ValueError naming what is wrong with the file.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(member.file_size for member in archive.infolist())
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path.name} is not a familiarity file (not an .npz archive)") from exc
+    if inflated > MAX_BYTES:
+        raise ValueError(f"{path.name} would take {inflated / 2**20:.0f} MB (at most {MAX_BYTES // 2**20} MB)")
+    with np.load(path, allow_pickle=False) as data:
+        model = Familiarity(data["means"].astype(np.float64), data["components"].astype(np.float64),
+                            data["variances"].astype(np.float64), float(data["residual_variance"]),
+                            float(data["threshold"]))
+    m, u, v = model.means, model.components, model.variances
+    if m.ndim != 2 or u.ndim != 2 or v.ndim != 1 or u.shape != (m.shape[1], v.shape[0]) or not len(m):
+        raise ValueError(f"{path.name} has inconsistent shapes: means {m.shape}, components {u.shape}, "
+                         f"variances {v.shape}")
+    numbers = np.concatenate([m.ravel(), u.ravel(), v, [model.residual_variance, model.threshold]])
+    if not np.isfinite(numbers).all() or (v <= 0).any() or model.residual_variance <= 0 or model.threshold <= 0:
+        raise ValueError(f"{path.name} holds non-finite or non-positive variances or threshold")
+    return model
 
 
 def rates(flags: np.ndarray, groups: list[str] | np.ndarray | None = None) -> dict:

@@ -319,10 +319,13 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
     fam = None
     if card.familiarity:  # card_lib.load has checked the file's sha256
         try:
-            fam = fam_lib.load(folder / card.familiarity["file"])
+            fam = fam_lib.load(card_lib.familiarity_path(folder, card))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read ({exc}). "
                                  "Reinstall the model folder.") from exc
+        if not np.isclose(fam.threshold, float(card.familiarity["threshold"]), rtol=1e-9, atol=0):
+            raise ModelCardError(f"model '{card.name}': its familiarity file's threshold differs from its card's. "
+                                 "Reinstall the model folder.")
     return Classifier(card, model, folder, engine=engine, precision=precision, cache_key=card.weights_sha256,
                       familiarity=fam)
 

@@ -143,8 +143,64 @@ def test_a_familiarity_model_of_other_features_is_refused(familiar_model, tmp_pa
     shutil.copytree(familiar_model[0], folder)
     rng = np.random.default_rng(5)
     x, y = _clusters(rng, 200)  # 40-dimensional features: the tiny model has 16
-    familiarity.save(familiarity.calibrate(familiarity.fit(x, y, components=3), x), folder)
+    other = familiarity.calibrate(familiarity.fit(x, y, components=3), x)
+    familiarity.save(other, folder)
     card = card_lib.read(folder)
+    card.familiarity = {**card.familiarity, "threshold": other.threshold}
     card_lib.save(card, folder)
     with pytest.raises(ModelCardError, match="does not fit the model's features"):
+        models.load(folder)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"file": "../../etc/passwd", "threshold": 1.0}, "familiarity.file must be a plain file name"),
+    ({"file": "/abs/familiarity.npz", "threshold": 1.0}, "familiarity.file must be a plain file name"),
+    ({"file": "familiarity.npz", "threshold": float("nan")}, "familiarity.threshold must be a positive finite"),
+    ({"file": "familiarity.npz", "threshold": -1}, "familiarity.threshold must be a positive finite"),
+])
+def test_forged_familiarity_entries_are_refused(familiar_model_dir, tmp_path, entry, message):
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(familiar_model_dir, folder)
+    data = json.loads((folder / card_lib.CARD_FILE).read_text())
+    data["familiarity"] = {**data["familiarity"], **entry}
+    data["card_sha256"] = card_lib.content_sha256(data)  # re-hashed, as a forger would
+    (folder / card_lib.CARD_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelCardError, match=message):
+        card_lib.load(folder)
+
+
+def test_forged_familiarity_files_are_refused(familiar_model_dir, tmp_path):
+    import os
+    import shutil
+    import zipfile
+
+    from cxr_core import models
+
+    folder = tmp_path / "m"
+    shutil.copytree(familiar_model_dir, folder)
+    # A link out of the folder instead of the file.
+    outside = tmp_path / "outside.npz"
+    shutil.copy(folder / familiarity.FILE, outside)
+    (folder / familiarity.FILE).unlink()
+    os.symlink(outside, folder / familiarity.FILE)
+    with pytest.raises(ModelCardError, match="not a plain file"):
+        card_lib.load(folder)
+    (folder / familiarity.FILE).unlink()
+    # A deflate bomb: 300 MB of zeros in a small archive, written and re-hashed by card.save.
+    with zipfile.ZipFile(folder / familiarity.FILE, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("means.npy", "w", force_zip64=True) as member:
+            for _ in range(300):
+                member.write(bytes(1 << 20))
+    assert (folder / familiarity.FILE).stat().st_size < 2_000_000
+    card_lib.save(card_lib.read(folder), folder)
+    with pytest.raises(ModelCardError, match="would take 300 MB"):
+        models.load(folder)
+    # A well-formed file whose threshold is not the card's.
+    fam = familiarity.load(familiar_model_dir / familiarity.FILE)
+    familiarity.save(fam.with_threshold(fam.threshold * 3), folder)
+    card_lib.save(card_lib.read(folder), folder)
+    with pytest.raises(ModelCardError, match="threshold differs from its card's"):
         models.load(folder)
