@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cxr_core import review
 from scoring import rows as rows_lib
 from scoring.sources import Entry
 
@@ -97,7 +98,8 @@ class Store:
         if csv:
             csv_path = self.out.with_suffix(".csv")
             csv_tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-            frame.to_csv(csv_tmp, index=False, float_format="%.6f")
+            with open(csv_tmp, "w", newline="", encoding="utf-8") as fh:  # spreadsheet-safe, as Batch review's
+                fh.write(review.export_csv(frame))
             os.replace(csv_tmp, csv_path)
         os.replace(tmp, self.out)
         shutil.rmtree(self.parts, ignore_errors=True)
