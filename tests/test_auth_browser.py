@@ -14,14 +14,13 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 from conftest import DATA
-from test_browser import CHROMIUM, REPO, TIMEOUT_MS, _free_port, _save_screenshot, _wait_until_serving
+from test_browser import CHROMIUM, REPO, TIMEOUT_MS, _free_port, _save_screenshot, app_server, stop
 
 import audit
 from cxr_core import card
@@ -34,15 +33,6 @@ CLINICIAN = ("clinician@example.test", "clinician-pass", "Colin Clinician")
 XRAY = DATA / "kermany/train/NORMAL/IM-0115-0001.jpeg"
 PAGE_URLS = ["", "classify", "batch", "metrics", "instructor", "no-such-page"]
 PAGE_TITLES = ["Classify a chest radiograph", "Batch review", "Model metrics", "Instructor: how the model sees"]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +54,7 @@ def provider(tmp_path_factory):
             time.sleep(0.2)
         yield f"http://127.0.0.1:{port}", client_secret, app_port
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +86,8 @@ hmac_key = "{secrets.token_hex(16)}"
     env = {**os.environ, "CXR_MODELS_DIR": str(models_root), "CXR_DATA_ROOT": str(tmp / "data"),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("CXR_AUDIT_DIR", None)
-    log = tmp / "streamlit.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
-             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-             "--secrets.files", str(secrets_file)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_serving(url, proc, log)
+    with app_server(env, tmp / "streamlit.log", "--secrets.files", str(secrets_file), port=port) as url:
         yield url, tmp / "audit", cookie_secret
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ on the Batch review page. Needs /usr/bin/chromium (`.ci/run` installs it with ap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,35 @@ def _wait_until_serving(url: str, server: subprocess.Popen, log: Path, seconds: 
     pytest.fail(f"streamlit did not serve {url} within {seconds} s:\n{log.read_text()[-3000:]}")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server process started by a test: terminate, then kill if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def app_server(env: dict[str, str], log: Path, *args: str, port: int | None = None) -> Iterator[str]:
+    """``streamlit run app.py`` on 127.0.0.1 (a free port unless given) with ``env``, its output in ``log``;
+    yields the URL once it serves and stops it afterwards. ``args``: more ``streamlit run`` options."""
+    port = port or _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false", *args],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_serving(url, proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
 @pytest.fixture()
 def server(tmp_path, tiny_model_dir):
     models_root = tmp_path / "models"
@@ -57,27 +88,10 @@ def server(tmp_path, tiny_model_dir):
     for path in BATCH:
         shutil.copyfile(path, data_root / path.name)
     (data_root / "broken.png").write_bytes(b"not an image at all")
-    port = _free_port()
     env = {**os.environ, "CXR_MODELS_DIR": str(models_root), "CXR_DATA_ROOT": str(data_root),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    log = tmp_path / "streamlit.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
-             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_serving(url, proc, log)
+    with app_server(env, tmp_path / "streamlit.log") as url:
         yield url, models_root / tiny_model_dir.name
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _save_screenshot(page, tmp_path: Path, name: str) -> Path:

@@ -6,13 +6,11 @@ Search, open a study, see its films' heatmaps, write the results back; the SR is
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pydicom
 import pytest
 from pacs_server import DICOM, NEEDLES, loaded_orthanc
-from test_browser import CHROMIUM, REPO, TIMEOUT_MS, _free_port, _save_screenshot, _wait_until_serving
+from test_browser import CHROMIUM, TIMEOUT_MS, _save_screenshot, app_server
 
 from cxr_core import dicom_results
 
@@ -24,27 +22,10 @@ RG1 = DICOM / "pydicom-data" / "RG1_J2KI.dcm"  # study "exam Number", two CR fil
 def server(tmp_path, tiny_model_dir):
     with loaded_orthanc() as (orthanc, client):
         s = orthanc.settings
-        port = _free_port()
         env = {**os.environ, "CXR_MODELS_DIR": str(tiny_model_dir.parent), "TF_CPP_MIN_LOG_LEVEL": "2",
                "CXR_PACS_URL": s.url, "CXR_PACS_USER": s.username, "CXR_PACS_PASSWORD": s.password}
-        log = tmp_path / "streamlit.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
-                 "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_until_serving(url, proc, log)
+        with app_server(env, tmp_path / "streamlit.log") as url:
             yield url, client, orthanc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_pacs_search_open_heatmap_and_write_back_in_chromium(server, tmp_path):
