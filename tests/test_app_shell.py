@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 from streamlit.testing.v1 import AppTest
 
 import ui
@@ -36,6 +37,10 @@ def test_app_runs_with_navigation_banner_and_model_selector(models_root):
     assert "test auc: **0.500**" in summary
     sha = card.read(models_root / "tiny-cxr3").weights_sha256
     assert any(sha[:12] in c.value for c in at.sidebar.caption)
+    # The page draws before the model has loaded; once an image needs it, the sidebar names engine and precision.
+    film = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    at.file_uploader(key="classify_upload").set_value((film.name, film.read_bytes(), "image/jpeg")).run()
+    assert [e.value for e in at.exception] == []
     assert "Inference: OpenVINO 20" in " ".join(c.value for c in at.sidebar.caption)  # engine and precision
 
 
