@@ -103,3 +103,36 @@ def test_bad_settings_and_a_server_that_is_down(tiny_model_dir, monkeypatch):
     at.button(key="pacs_search").click().run()
     assert [e.value for e in at.exception] == []
     assert "cannot be reached (server down or unreachable)" in at.error[0].value
+
+
+@pytest.mark.parametrize(("roles", "writes"), [(["clinician"], False), (["pacs-writer"], True)])
+def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp_path, monkeypatch, roles, writes):
+    """With sign-in on, a clinician searches and classifies but is not offered write-back; a pacs-writer is.
+    The search, the classification and (for the writer) the write-back each leave an audit line without UIDs."""
+    import audit
+
+    server, _ = orthanc
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.secrets["pacs"] = secrets_of(server)
+    at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:9/oauth2callback", "cookie_secret": "x" * 32,
+                          "client_id": "cxr-app", "client_secret": "s",
+                          "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
+    at.secrets["audit"] = {"hmac_key": "k" * 32}
+    at.user = {"is_logged_in": True, "email": "someone@example.test", "name": "Someone", "roles": roles}
+    at.run()
+    assert [e.value for e in at.exception] == []
+    at.selectbox(key="pacs_modality").set_value("DX").run()
+    at.button(key="pacs_search").click().run()
+    at.selectbox(key="pacs_study").set_value(0).run()
+    assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
+    assert at.table[0].value is not None  # classified
+    offered = [b for b in at.button if b.key == "pacs_write"]
+    assert bool(offered) == writes
+    actions = [line["action"] for line in audit.read(tmp_path / "audit")]
+    assert actions[:2] == ["pacs_search", "pacs_classify"]
+    text = "".join(p.read_text() for p in (tmp_path / "audit").iterdir())
+    uids = [s.study_uid for s in at.session_state["pacs_studies"]]
+    assert uids and not [u for u in uids if u in text]  # study UIDs appear only as keyed hashes
+    assert audit.read(tmp_path / "audit")[0]["user"] == "someone@example.test"

@@ -20,9 +20,9 @@ from cxr_core import card
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {"classify": "pages/classify.py", "batch": "pages/batch.py", "metrics": "pages/metrics.py",
-         "instructor": "pages/instructor.py"}
+         "instructor": "pages/instructor.py", "pacs": "pages/pacs.py"}
 TITLES = {"classify": "Classify a chest radiograph", "batch": "Batch review", "metrics": "Model metrics",
-          "instructor": "Instructor: how the model sees"}
+          "instructor": "Instructor: how the model sees", "pacs": "PACS worklist"}
 AUTH = {"redirect_uri": "http://127.0.0.1:9/oauth2callback", "cookie_secret": "x" * 32, "client_id": "cxr-app",
         "client_secret": "s", "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
 ACCESS = {"viewer": ["group:cxr-teaching"], "clinician": ["group:radiology"], "admin": ["Boss@Example.test"]}
@@ -145,6 +145,7 @@ def test_signed_out_every_page_shows_only_the_sign_in_screen(models_root, page):
 @pytest.mark.parametrize(("claims", "page", "served"), [
     (VIEWER, "classify", True), (VIEWER, "instructor", True), (VIEWER, "metrics", True), (VIEWER, "batch", False),
     (CLINICIAN, "batch", True), ({"email": "nobody@example.test"}, "classify", False),
+    (VIEWER, "pacs", False), (CLINICIAN, "pacs", True),
 ])
 def test_a_page_refuses_a_role_below_it_by_itself(models_root, claims, page, served):
     at = signed_in(PAGES[page], claims)  # the page file run directly: as a direct URL or crafted rerun would

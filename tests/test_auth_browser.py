@@ -221,7 +221,7 @@ def test_clinician_gets_batch_review_and_tampered_cookies_are_refused(app, brows
     try:
         _sign_in(page, url, CLINICIAN)
         expect(page.get_by_text("role: clinician")).to_be_visible()
-        assert _nav_links(page) == ["Batch review", "Classify", "Instructor", "Model metrics"]
+        assert _nav_links(page) == ["Batch review", "Classify", "Instructor", "Model metrics", "PACS worklist"]
         page.goto(f"{url}/batch")
         expect(page.get_by_role("heading", name="Batch review")).to_be_visible()
         expect(page.get_by_text("Folder on the server")).to_be_visible()
