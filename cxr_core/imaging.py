@@ -534,8 +534,13 @@ def _check_codestream(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int, c
     except Exception:  # noqa: BLE001 - the decoder gives the message for fragments it cannot find
         return
     size = _codestream_size(bytes(frame[:1 << 16]))
-    if size is None or size[1] == 0:  # RLE, or a JPEG height given later (DNL): decoded into Rows x Columns
+    if size is None:  # RLE, or no codestream header the reader recognises: the decoder gives its own message
         return
+    if size[1] == 0:  # a JPEG whose height comes later (DNL): the decoder then sizes its buffers blindly (~10 GB)
+        raise UnreadableImageError(
+            "The compressed image inside this DICOM does not declare its height (JPEG with a DNL marker), which "
+            "this reader does not decode: the file is damaged or unusual. Export the image again from the PACS or "
+            "modality and retry.")
     if size != (cols, rows, samples):
         raise UnreadableImageError(
             f"The compressed image inside this DICOM declares {size[0]} x {size[1]} pixels with {size[2]} "

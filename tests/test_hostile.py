@@ -89,6 +89,24 @@ def test_frames_count_towards_the_memory_bound():
     assert "too large" not in str(err.value)
 
 
+def test_jpeg_dicom_whose_codestream_has_no_height_is_refused_before_decoding():
+    """A fuzzer case: a JPEG baseline DICOM whose SOF declares height 0 (the height would follow in a DNL marker).
+    The decoder then sized its buffers blindly (9.5 GB for one 127 kB file); it is refused from the codestream."""
+    import resource
+
+    from conftest import DICOM
+
+    data = bytearray((DICOM / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+                     .read_bytes())
+    sof = data.find(b"\xff\xc0\x00\x0b\x08")
+    assert sof > 0 and int.from_bytes(data[sof + 5:sof + 7], "big") == 1024
+    data[sof + 5:sof + 7] = (0).to_bytes(2, "big")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UnreadableImageError, match="does not declare its height"):
+        imaging.load(bytes(data), "no-height.dcm")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300 * 1024  # kB: under 300 MB more
+
+
 def test_zero_bytes_named_dcm_are_refused_at_once(tmp_path):
     path = tmp_path / "x.dcm"
     with open(path, "wb") as fh:
