@@ -82,6 +82,11 @@ class ModelLoad(threading.Thread):
         self.load_s: float | None = None
         self.warm_up_s: float | None = None
 
+    @property
+    def failed(self) -> bool:
+        """Whether the load raised (the error is re-raised by ``result``)."""
+        return self._error is not None
+
     def result(self) -> tuple[Any, Any]:
         """(Classifier, Explainer), waiting for the load and the warm-up; re-raises what the load raised."""
         self.warmed.wait()
@@ -252,7 +257,9 @@ def model_sidebar(wait: bool = True) -> Any:
     except ModelCardError as err:
         st.sidebar.error(str(err))
         return None
-    return wait_for_model(loading) if wait else loading
+    if wait or (loading.loaded.is_set() and loading.failed):  # a load that failed says why on every rerun
+        return wait_for_model(loading)
+    return loading
 
 
 def wait_for_model(loading: ModelLoad) -> tuple[Any, Any] | None:
