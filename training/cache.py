@@ -22,6 +22,11 @@ from training.data import Record, file_sha256
 DEFAULT_CACHE = Path(os.environ.get("CXR_CACHE_DIR", Path.home() / ".cache" / "cxr_toolkit"))
 
 
+def directory(setting: str) -> Path | None:
+    """The pixel cache a ``--cache-dir`` setting names: "" the default, "none" no cache, else that folder."""
+    return None if setting == "none" else Path(setting or DEFAULT_CACHE)
+
+
 @dataclass
 class Decoded:
     """The records that decoded, their pixels uint8 (N, S, S) in record order, and the ones that did not."""

@@ -101,7 +101,7 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
 
     Writes ``split.csv`` and ``skipped.csv`` into ``out``.
     """
-    cache_dir = None if config.cache_dir == "none" else Path(config.cache_dir or cache.DEFAULT_CACHE)
+    cache_dir = cache.directory(config.cache_dir)
     manifest = Path(config.split_manifest) if config.split_manifest else None
     unmapped: list[str] = []
     if manifest is not None:

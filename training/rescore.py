@@ -40,7 +40,7 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
         log(f"external: skipped folder {folder}: it maps to none of the model's classes {prepared.classes}")
     records = [dataclasses.replace(r, split=data.EXTERNAL) for r in found.records if r.label in prepared.classes]
     records, duplicates = data.deduplicate(records)
-    cache_dir = None if config.cache_dir == "none" else Path(config.cache_dir or cache.DEFAULT_CACHE)
+    cache_dir = cache.directory(config.cache_dir)
     decoded = cache.decode(records, config.input_size, cache_dir)
     for item in decoded.skipped:
         log(f"external: skipped unreadable file {item['path']}: {item['error']}")
