@@ -13,7 +13,12 @@ one forward pass (on its engine, OpenVINO or TensorFlow) gives both the predicti
 Other heads and other layers use our compiled ``tf.function``: one forward and one backward pass,
 traced once per (model, layer) because the input signature is fixed and the class index is a tensor.
 The score is the chosen class's *logit* (the models output logits).
-Grad-CAM++, Score-CAM, LayerCAM and SmoothGrad come from tf-keras-vis 0.8.7, built once per model.
+Grad-CAM++ and LayerCAM at that target layer come from the same pass too: with a gradient that is
+constant over positions, tf-keras-vis's Grad-CAM++ alphas are all ``1 / (h * w)`` and its weights
+``exp(score) * ReLU(W[:, c])``, and LayerCAM weights each position by ``ReLU(W[:, c])``: both are
+CAM with the class's positive Dense weights only (equal to tf-keras-vis after normalisation; tested).
+Elsewhere (other layers, other heads), and for Score-CAM and SmoothGrad, they come from
+tf-keras-vis 0.8.7, built once per model.
 Every heatmap is float32 (S, S) in [0, 1] at the model's input size: raw maps are resized
 bilinearly and min-max normalised per image (a constant map becomes all zeros).
 """
@@ -33,6 +38,8 @@ import tensorflow as tf
 from cxr_core import models
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "layercam", "smoothgrad")
+# The methods that the classifier's one forward pass gives at the target layer of a GAP + Dense head.
+ONE_PASS_METHODS = ("gradcam", "gradcam++", "layercam")
 # Faster Score-CAM: only the 64 feature channels with the largest spatial variance are masked in,
 # i.e. 64 extra forward passes per image (a few seconds for DenseNet169 at 224 px on a CPU).
 SCORECAM_MAX_N = 64
@@ -59,13 +66,18 @@ class Explanation:
     layer: str | None
 
 
-def cam_from_features(features: np.ndarray, weights: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def cam_from_features(features: np.ndarray, weights: np.ndarray, classes: np.ndarray,
+                      positive: bool = False) -> np.ndarray:
     """Grad-CAM for a GAP + Dense head: ReLU(sum_k features[..., k] * W[k, c] / (h * w)), float32 (N, h, w).
 
     ``features`` float32 (N, h, w, K), ``weights`` the Dense kernel (K, C), ``classes`` int (N,).
+    ``positive``: only the channels whose weight is positive (Grad-CAM++ and LayerCAM for this head,
+    up to a positive factor per image that normalisation removes).
     """
     n, h, w, _ = features.shape
     chosen = weights[:, classes].T.astype(np.float64) / (h * w)  # (N, K): the mean gradient per channel
+    if positive:
+        chosen = np.maximum(chosen, 0.0)
     maps = np.einsum("nhwk,nk->nhw", features.astype(np.float64), chosen)
     return np.maximum(maps, 0.0).astype(np.float32)
 
@@ -275,21 +287,28 @@ class Explainer:
             logits, cam = self.raw_gradcam(batch, class_index, layer)
             index = int(np.argmax(logits[0])) if class_index is None else int(class_index)
             return Explanation(normalize(cam, self.size)[0], method, index, layer)
+        if method in ONE_PASS_METHODS and layer == self.classifier.feature_layer and self.classifier.head is not None:
+            logits, features = self.classifier.forward(batch)
+            index = int(np.argmax(logits[0])) if class_index is None else int(class_index)
+            cam = cam_from_features(features, self.classifier.head, np.array([index]), positive=True)
+            return Explanation(normalize(cam, self.size)[0], method, index, layer)
+        index = int(np.argmax(self.classifier.logits(batch)[0])) if class_index is None else int(class_index)
+        return Explanation(normalize(self.tf_keras_vis(batch, method, index, layer), self.size)[0], method, index,
+                           None if method == "smoothgrad" else layer)
 
+    def tf_keras_vis(self, batch: np.ndarray, method: str, index: int, layer: str) -> np.ndarray:
+        """tf-keras-vis's raw map (1, h, w) (SmoothGrad: (1, S, S)) for one checked image and class."""
         from tf_keras_vis.utils.scores import CategoricalScore
 
-        index = int(np.argmax(self.classifier.logits(batch)[0])) if class_index is None else int(class_index)
         score = CategoricalScore(index)
         visualizer = self._visualizer(method)
         with self._run_lock:
             if method == "smoothgrad":
-                raw = visualizer(score, batch, smooth_samples=SMOOTHGRAD_SAMPLES, smooth_noise=SMOOTHGRAD_NOISE,
-                                 normalize_map=False)
-                return Explanation(normalize(np.asarray(raw), self.size)[0], method, index, None)
+                return np.asarray(visualizer(score, batch, smooth_samples=SMOOTHGRAD_SAMPLES,
+                                             smooth_noise=SMOOTHGRAD_NOISE, normalize_map=False))
             # seek_penultimate_conv_layer=False: otherwise tf-keras-vis replaces the layer by the
             # nearest Conv2D before it, which on DenseNet is a bottleneck conv, not the feature map.
             channels = int(self.model.get_layer(layer).output.shape[-1])
             options = {"max_N": min(SCORECAM_MAX_N, channels)} if method == "scorecam" else {}
-            raw = visualizer(score, batch, penultimate_layer=layer, seek_penultimate_conv_layer=False,
-                             expand_cam=False, normalize_cam=False, **options)
-        return Explanation(normalize(np.asarray(raw), self.size)[0], method, index, layer)
+            return np.asarray(visualizer(score, batch, penultimate_layer=layer, seek_penultimate_conv_layer=False,
+                                         expand_cam=False, normalize_cam=False, **options))

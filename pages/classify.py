@@ -176,8 +176,11 @@ prediction, info = first.prediction, first.image.info
 checked = quality.assess(first.image, data)
 
 controls = st.columns(2)
+METHOD_HELP = ("Grad-CAM is computed with the prediction in one pass; so are Grad-CAM++ and LayerCAM, which at this "
+               "model's last layer both keep only the features that raise the class's score. Score-CAM and "
+               "SmoothGrad take seconds.")
 method = controls[0].selectbox("Explanation method", list(METHOD_LABELS), format_func=METHOD_LABELS.get,
-                               key="cam_method", help="Grad-CAM is computed with the prediction in one pass.")
+                               key="cam_method", help=METHOD_HELP)
 # One widget key for every image, reset to the top class when the image changes. (A key per image
 # kept each upload's widget alive in the session, and a lambda format_func kept that run's globals,
 # pixels and overlays included, alive with it.)

@@ -105,8 +105,11 @@ def methods_ui(explainer, model_key: str, batch, shown, class_index: int, colorm
     for col, method in zip(cols, methods, strict=True):
         heat = explain(explainer, model_key, batch, method, class_index, None)
         col.image(overlay.overlay(shown, heat, colormap), caption=METHOD_LABELS[method])
-    st.caption("Grad-CAM, Grad-CAM++ and LayerCAM weight the last feature map by gradients; Score-CAM by how much "
-               "each channel alone raises the score; SmoothGrad averages input gradients over noisy copies.")
+    st.caption("Grad-CAM, Grad-CAM++ and LayerCAM weight the last feature map by gradients; Score-CAM by how "
+               "much each channel alone raises the score; SmoothGrad averages input gradients over noisy copies. "
+               "At the last layer of these models (average pooling, then one linear layer) the gradient is the "
+               "same at every position, so Grad-CAM++ and LayerCAM give the same map: Grad-CAM without the "
+               "features that lower the score. At earlier layers they differ.")
 
 
 def layers_ui(explainer, model_key: str, batch, shown, class_index: int, colormap: str) -> None:

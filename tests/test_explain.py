@@ -173,6 +173,37 @@ def test_every_method_gives_a_unit_heatmap(tiny, images, method, class_index):
     assert result.layer == (None if method == "smoothgrad" else "relu")
 
 
+@pytest.mark.parametrize("method", ["gradcam++", "layercam"])
+@pytest.mark.parametrize("which", ["tiny", "tiny3", pytest.param("densenet", marks=pytest.mark.slow)])
+def test_one_pass_gradcam_plus_plus_and_layercam_equal_tf_keras_vis(request, monkeypatch, images, which, method):
+    """At the target layer of a GAP + Dense head both come from the forward pass, no tf-keras-vis call."""
+    ex: explain.Explainer = request.getfixturevalue(which)
+    cases = [(i, c) for i in range(len(images)) for c in range(ex.num_classes)]
+
+    def no_tf_keras_vis(*args, **kwargs):
+        raise AssertionError("tf-keras-vis called on the one-pass path")
+
+    monkeypatch.setattr(ex, "tf_keras_vis", no_tf_keras_vis)
+    ours = {(i, c): ex.explain(images[i : i + 1], method, c) for i, c in cases}
+    monkeypatch.undo()
+    for i, c in cases:
+        assert (ours[i, c].method, ours[i, c].class_index, ours[i, c].layer) == (method, c, ex.target_layer)
+        theirs = explain.normalize(ex.tf_keras_vis(images[i : i + 1], method, c, ex.target_layer), ex.size)[0]
+        assert theirs.max() == pytest.approx(1.0) and np.count_nonzero(theirs) > theirs.size // 4
+        np.testing.assert_allclose(ours[i, c].heatmap, theirs, atol=1e-4)
+    # Not Grad-CAM: the negative weights are left out, so somewhere the maps differ visibly.
+    differ = [np.abs(ours[k].heatmap - ex.explain(images[k[0] : k[0] + 1], "gradcam", k[1]).heatmap).max()
+              for k in cases]
+    assert max(differ) > 0.05
+
+
+def test_other_layers_use_tf_keras_vis(tiny, images):
+    ours = tiny.explain(images[:1], "gradcam++", 1, layer="tiny_relu0")
+    theirs = explain.normalize(tiny.tf_keras_vis(images[:1], "gradcam++", 1, "tiny_relu0"), tiny.size)[0]
+    np.testing.assert_array_equal(ours.heatmap, theirs)
+    assert ours.layer == "tiny_relu0"
+
+
 def test_explain_gradcam_equals_gradcam(tiny, images):
     _, heatmaps = tiny.gradcam(images[:1], class_index=1)
     np.testing.assert_array_equal(tiny.explain(images[:1], "gradcam", 1).heatmap, heatmaps[0])
