@@ -135,6 +135,16 @@ class ModelLoad(threading.Thread):
         _say(f"warm-up of {self.card.name} done in {self.warm_up_s:.1f} s")
 
 
+def first_gradient_note(classifier: Any, method: str, layer: str | None = None) -> str:
+    """" (first use: ...)" when this explanation needs the Keras model and it is not built yet (the model is
+    served from the OpenVINO cache: TensorFlow is imported and the model built on first need); else ""."""
+    one_pass = method in ("gradcam", "gradcam++", "layercam") and layer in (None, classifier.feature_layer) \
+        and classifier.head is not None
+    if one_pass or classifier.model_built:
+        return ""
+    return " (its first use loads TensorFlow and the full model: about 15 s)"
+
+
 def _say(message: str) -> None:
     """One line in the server's log (model names and timings only, never patient data)."""
     print(f"cxr: {message}", file=sys.stderr, flush=True)

@@ -9,9 +9,12 @@ Engines:
 - ``tensorflow``: Keras' own compiled ``predict_on_batch`` on a two-output view of the model (whichever
   Keras backend is loaded; TensorFlow when serving).
 - ``openvino``: the Keras model converted once with ``ov.convert_model`` at load time and compiled for
-  the CPU. The converted model is kept in a user cache folder keyed by the weights' sha256 (env
-  ``CXR_ENGINE_CACHE``: a folder, or ``off``; default ``$XDG_CACHE_HOME/cxr/openvino``), never in the
-  model folder, so a restart skips the conversion.
+  the CPU. The converted model is kept in a user cache folder keyed by the verified weights' sha256 and
+  the card fields that build the model (env ``CXR_ENGINE_CACHE``: a folder, or ``off``; default
+  ``$XDG_CACHE_HOME/cxr/openvino``), never in the model folder, so a restart skips the conversion. Beside
+  it go the feature layer's name and shape and the Dense head's weights, so that ``cached`` can serve
+  the forward pass and CAM from the cache alone: no Keras model built, not even Keras imported
+  (``cxr_core.models.load`` builds the Keras model only when an explanation needs gradients).
 
 Which engine: the argument, else env ``CXR_ENGINE``, else ``openvino`` where it imports and Keras runs
 on TensorFlow, else ``tensorflow``. Which precision: the argument, else env ``CXR_PRECISION``, else
@@ -26,16 +29,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
+
+if TYPE_CHECKING:  # imported where used: the cached OpenVINO path runs without Keras (and TensorFlow)
+    import keras
 
 ENGINES = ("tensorflow", "openvino")
 PRECISIONS = ("f32", "bf16")
-_CONVERTER_VERSION = 1  # bump when the conversion changes, so cached models are converted afresh
+_CONVERTER_VERSION = 2  # bump when the conversion changes, so cached models are converted afresh
+
+
+def keras_backend() -> str:
+    """Keras' backend name, without importing Keras when it is not loaded yet (env, then keras.json)."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    name = os.environ.get("KERAS_BACKEND", "").strip()
+    if name:
+        return name
+    config = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "keras.json"
+    try:
+        return str(json.loads(config.read_text()).get("backend", "tensorflow"))
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
 
 @dataclass(frozen=True)
@@ -49,7 +70,7 @@ class Choice:
 
 def openvino_available() -> bool:
     """True when OpenVINO imports and Keras runs on TensorFlow (what ``ov.convert_model`` converts)."""
-    if keras.backend.backend() != "tensorflow":
+    if keras_backend() != "tensorflow":
         return False
     try:
         import openvino  # noqa: F401
@@ -81,7 +102,7 @@ def choose(engine: str | None = None, precision: str | None = None) -> Choice:
         engine = "openvino" if openvino_available() else "tensorflow"
     elif engine == "openvino" and not openvino_available():
         raise ValueError("the openvino engine needs the openvino package and the TensorFlow Keras backend "
-                         f"(backend here: {keras.backend.backend()}); install openvino or choose 'tensorflow'")
+                         f"(backend here: {keras_backend()}); install openvino or choose 'tensorflow'")
     if precision == "f32":
         return Choice(engine, "f32")
     if engine == "tensorflow":
@@ -93,6 +114,8 @@ def choose(engine: str | None = None, precision: str | None = None) -> Choice:
 
 def _two_outputs(model: keras.Model, feature_layer: str | None) -> keras.Model:
     """A view of ``model`` returning [logits] or [logits, the feature map of ``feature_layer``] (shared weights)."""
+    import keras
+
     outputs = [model.output] + ([model.get_layer(feature_layer).output] if feature_layer else [])
     return keras.Model(model.inputs, outputs, name=f"{model.name}_forward")
 
@@ -104,6 +127,8 @@ class TensorFlowRunner:
     precision = "f32"
 
     def __init__(self, model: keras.Model, feature_layer: str | None, note: str = ""):
+        import keras
+
         self._model = _two_outputs(model, feature_layer)
         self._features = feature_layer is not None
         self.note = note
@@ -134,20 +159,63 @@ def cache_dir() -> Path | None:
     return Path(base) / "cxr" / "openvino"
 
 
+@dataclass(frozen=True)
+class CachedModel:
+    """What the cache keeps beside the converted model: enough to serve without the Keras model."""
+
+    feature_layer: str | None
+    feature_shape: tuple[int, ...] | None  # (h, w, K)
+    head: np.ndarray | None  # the Dense kernel (K, C) of a GAP + Dense head (cxr_core.models.head_weights)
+
+
+def _cache_path(cache_key: str | None) -> Path | None:
+    """``<cache>/<hash>.xml`` for a key (None: no key or the cache is off); ``.bin`` and ``.npz`` beside it."""
+    folder = cache_dir() if cache_key else None
+    if folder is None:
+        return None
+    import openvino as ov
+
+    key = json.dumps([cache_key, ov.__version__, _CONVERTER_VERSION])
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
+
+
+def _read_side(path: Path) -> CachedModel:
+    with np.load(path.with_suffix(".npz"), allow_pickle=False) as side:
+        layer = str(side["feature_layer"]) or None
+        shape = tuple(int(v) for v in side["feature_shape"]) or None
+        head = np.asarray(side["head"], dtype=np.float32)
+    if shape is not None and len(shape) != 3 or head.ndim != 2 or (layer is None) != (shape is None):
+        raise ValueError("damaged cache entry")
+    return CachedModel(layer, shape, head if head.size else None)
+
+
 class OpenVINORunner:
-    """The model converted by ``ov.convert_model`` and compiled for the CPU at ``precision`` (f32 or bf16)."""
+    """The model converted by ``ov.convert_model`` and compiled for the CPU at ``precision`` (f32 or bf16).
+
+    Built from a Keras model (converted, or read from the cache when ``cache_key`` has an entry) or by
+    ``cached`` from the cache alone. ``side`` says the feature layer, its shape and the Dense head.
+    """
 
     name = "openvino"
 
-    def __init__(self, model: keras.Model, feature_layer: str | None, precision: str = "f32",
-                 cache_key: str | None = None, note: str = ""):
+    def __init__(self, model: keras.Model | None, feature_layer: str | None, precision: str = "f32",
+                 cache_key: str | None = None, note: str = "", head: np.ndarray | None = None, *,
+                 _cached: tuple[object, CachedModel] | None = None):
         import openvino as ov
 
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.note = note
         core = ov.Core()
-        ov_model, self.source = self._convert(ov, core, model, feature_layer, cache_key)
+        if _cached is not None:
+            ov_model, self.side = _cached
+            self.source = "cache"
+        else:
+            if model is None:
+                raise ValueError("a Keras model is needed to convert")
+            shape = tuple(model.get_layer(feature_layer).output.shape[1:]) if feature_layer else None
+            self.side = CachedModel(feature_layer, shape, head)
+            ov_model, self.source = self._convert(ov, core, model, self.side, cache_key)
         # LATENCY: one request uses every core for one batch (the Classifier runs one call at a time).
         compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                         "PERFORMANCE_HINT": "LATENCY"})
@@ -156,35 +224,49 @@ class OpenVINORunner:
         # The converter may order the outputs differently from Keras: logits are the rank-2 one.
         ranks = [len(out.get_partial_shape()) for out in compiled.outputs]
         self._logits = ranks.index(2)
-        self._features = ranks.index(4) if feature_layer is not None else None
+        self._features = ranks.index(4) if self.side.feature_layer is not None else None
         self.label = f"OpenVINO {ov.__version__.split('-')[0]} · {self.precision}"
 
+    @classmethod
+    def cached(cls, cache_key: str, precision: str = "f32", note: str = "") -> OpenVINORunner | None:
+        """The runner from the cache entry of ``cache_key`` alone, or None when there is none (or it is damaged)."""
+        path = _cache_path(cache_key)
+        if path is None or not all(path.with_suffix(s).is_file() for s in (".xml", ".bin", ".npz")):
+            return None
+        import openvino as ov
+
+        try:
+            side = _read_side(path)
+            ov_model = ov.Core().read_model(path)
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return None  # the full load converts again and overwrites it
+        return cls(None, side.feature_layer, precision, note=note, _cached=(ov_model, side))
+
     @staticmethod
-    def _convert(ov, core, model: keras.Model, feature_layer: str | None,
-                 cache_key: str | None) -> tuple[object, str]:
+    def _convert(ov, core, model: keras.Model, side: CachedModel, cache_key: str | None) -> tuple[object, str]:
         """(ov.Model, "cache" or "converted"): read from the cache folder, else convert (and cache)."""
-        folder = cache_dir() if cache_key else None
-        path = None
-        if folder is not None:
-            key = json.dumps([cache_key, model.name, list(model.input_shape), feature_layer,
-                              ov.__version__, _CONVERTER_VERSION])
-            path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
-            if path.is_file() and path.with_suffix(".bin").is_file():
-                try:
-                    return core.read_model(path), "cache"
-                except RuntimeError:
-                    pass  # a damaged cache entry: convert again and overwrite it
+        path = _cache_path(cache_key)
+        if path is not None and all(path.with_suffix(s).is_file() for s in (".xml", ".bin", ".npz")):
+            try:
+                _read_side(path)
+                return core.read_model(path), "cache"
+            except (OSError, ValueError, KeyError, RuntimeError):
+                pass  # a damaged cache entry: convert again and overwrite it
         size = tuple(model.input_shape[1:])
         # share_weights=False: the compiled model must not alias Keras' variables, which explanations use.
-        ov_model = ov.convert_model(_two_outputs(model, feature_layer), input=[(-1, *size)], share_weights=False)
+        ov_model = ov.convert_model(_two_outputs(model, side.feature_layer), input=[(-1, *size)], share_weights=False)
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                     tmp_xml = Path(tmp) / path.name
                     ov.save_model(ov_model, tmp_xml, compress_to_fp16=False)  # keep f32 weights
-                    os.replace(tmp_xml.with_suffix(".bin"), path.with_suffix(".bin"))
-                    os.replace(tmp_xml, path)
+                    head = side.head if side.head is not None else np.zeros((0, 0), np.float32)
+                    np.savez(tmp_xml.with_suffix(".npz"), feature_layer=np.str_(side.feature_layer or ""),
+                             feature_shape=np.asarray(side.feature_shape or (), np.int64), head=head)
+                    # The .xml last: an entry counts only when all three files are there.
+                    for suffix in (".npz", ".bin", ".xml"):
+                        os.replace(tmp_xml.with_suffix(suffix), path.with_suffix(suffix))
             except OSError:
                 pass  # an unwritable cache only costs the next start a conversion
         return ov_model, "converted"
@@ -199,9 +281,10 @@ Runner = TensorFlowRunner | OpenVINORunner
 
 
 def create(model: keras.Model, feature_layer: str | None, engine: str | None = None, precision: str | None = None,
-           cache_key: str | None = None) -> Runner:
-    """The runner for ``model``; ``engine``/``precision`` as in ``choose``. ``cache_key``: the weights' sha256
-    (only for weights verified against it), or None to convert without the cache.
+           cache_key: str | None = None, head: np.ndarray | None = None) -> Runner:
+    """The runner for ``model``; ``engine``/``precision`` as in ``choose``. ``cache_key``: a string naming
+    the model exactly (``cxr_core.models.cache_key``: verified weights' sha256 and the card fields that
+    build it), or None to convert without the cache. ``head``: the Dense kernel kept in the cache entry.
 
     With engine ``auto``, a model OpenVINO cannot convert runs on TensorFlow and ``runner.note`` says so.
     """
@@ -210,9 +293,25 @@ def create(model: keras.Model, feature_layer: str | None, engine: str | None = N
     if choice.engine == "tensorflow":
         return TensorFlowRunner(model, feature_layer, choice.note)
     try:
-        return OpenVINORunner(model, feature_layer, choice.precision, cache_key, choice.note)
+        return OpenVINORunner(model, feature_layer, choice.precision, cache_key, choice.note, head)
     except Exception as exc:  # noqa: BLE001  (any conversion failure: serve on TensorFlow instead)
         if explicit:
             raise
         return TensorFlowRunner(model, feature_layer,
                                 f"OpenVINO could not run this model ({type(exc).__name__}: {exc}); using TensorFlow")
+
+
+def cached(cache_key: str, engine: str | None = None, precision: str | None = None) -> OpenVINORunner | None:
+    """The OpenVINO runner straight from the cache entry of ``cache_key``, without a Keras model, when the
+    engine chosen (as in ``choose``) is OpenVINO and the cache holds a sound entry; else None (then build the
+    Keras model and ``create``, which also reports a bad choice)."""
+    try:
+        choice = choose(engine, precision)
+    except ValueError:
+        return None
+    if choice.engine != "openvino":
+        return None
+    try:
+        return OpenVINORunner.cached(cache_key, choice.precision, choice.note)
+    except Exception:  # noqa: BLE001  (the cache is a shortcut: on any failure the full load decides)
+        return None

@@ -29,13 +29,16 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
-import keras
 import numpy as np
-import tensorflow as tf
 
 from cxr_core import models
+
+if TYPE_CHECKING:  # imported where used: the one-pass methods need neither (cxr_core.models.load)
+    import keras
+    import tensorflow as tf
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "layercam", "smoothgrad")
 # The methods that the classifier's one forward pass gives at the target layer of a GAP + Dense head.
@@ -113,7 +116,6 @@ class Explainer:
 
     def __init__(self, classifier: models.Classifier):
         self.classifier = classifier
-        self.model = classifier.model
         self.size = classifier.input_size
         self.num_classes = classifier.card.num_classes
         self.target_layer = classifier.card.target_layer
@@ -122,6 +124,11 @@ class Explainer:
         self._run_lock = threading.Lock()  # tf-keras-vis calls model.predict: one at a time
         self._gradcam_fns: dict[str, Callable] = {}
         self._visualizers: dict[str, object] = {}
+
+    @property
+    def model(self) -> keras.Model:
+        """The Keras model (built on first use when the classifier is served from the engine cache)."""
+        return self.classifier.model
 
     # --- validation -------------------------------------------------------------------------
     def layer_choices(self) -> list[str]:
@@ -136,6 +143,8 @@ class Explainer:
         return [name for name in stages.values() if name != self.target_layer] + [self.target_layer]
 
     def _check_layer(self, layer: str) -> None:
+        if layer is not None and layer == self.classifier.feature_layer:
+            return  # a feature map of the model (checked when the classifier was made)
         try:
             shape = self.model.get_layer(layer).output.shape
         except ValueError:
@@ -168,6 +177,9 @@ class Explainer:
 
     # --- compiled Grad-CAM ------------------------------------------------------------------
     def _gradcam_fn(self, layer: str) -> Callable:
+        import keras
+        import tensorflow as tf
+
         with self._build_lock:
             if layer not in self._gradcam_fns:
                 grad_model = keras.Model(self.model.inputs, [self.model.get_layer(layer).output, self.model.output])
@@ -240,6 +252,8 @@ class Explainer:
         return self._compiled(batch, self._class_vector(class_index, len(batch)), layer)
 
     def _compiled(self, batch: np.ndarray, classes: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        import tensorflow as tf
+
         logits, maps = self._gradcam_fn(layer)(tf.constant(batch), tf.constant(classes))
         return np.asarray(logits, dtype=np.float64), np.asarray(maps, dtype=np.float32)
 

@@ -11,12 +11,13 @@ engine that ``cxr_core.engine`` chooses (OpenVINO where installed, else TensorFl
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from cxr_core import card as card_lib
@@ -24,6 +25,9 @@ from cxr_core import engine as engine_lib
 from cxr_core import familiarity as fam_lib
 from cxr_core import preprocess
 from cxr_core.errors import ModelCardError
+
+if TYPE_CHECKING:  # imported where used: a model served from the engine cache needs no Keras (no TensorFlow)
+    import keras
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def _tiny_backbone(x: keras.KerasTensor) -> keras.KerasTensor:
+    import keras
+
     for i, filters in enumerate((8, 16)):
         x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"tiny_conv{i}")(x)
         x = keras.layers.BatchNormalization(name=f"tiny_bn{i}")(x)
@@ -76,6 +82,8 @@ def build(
     ``weights``: None (random init), "imagenet" (Keras download; needs internet) or the path
     of a Keras application weights file without top, loaded into the backbone.
     """
+    import keras
+
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}")
     arch = ARCHITECTURES[architecture]
@@ -178,6 +186,8 @@ def head_weights(model: keras.Model, layer: str | None) -> np.ndarray | None:
     For such a head the gradient of logit c with respect to the feature map is ``W[:, c] / (h * w)`` at
     every position, so Grad-CAM at ``layer`` equals CAM from the features and ``W`` (cxr_core.explain).
     """
+    import keras
+
     if layer is None or len(model.outputs) != 1:
         return None
     dense = model.outputs[0]._keras_history.operation
@@ -196,25 +206,56 @@ class Classifier:
     """A loaded model, its card and the engine that runs it. Safe to share between threads (one call at a time).
 
     ``engine``/``precision``: see ``cxr_core.engine.choose`` (None: env CXR_ENGINE / CXR_PRECISION, then
-    OpenVINO f32 where installed). ``cache_key``: the verified weights' sha256 (``load`` passes it), so the
-    converted OpenVINO model can be cached. ``model`` (Keras) stays available for the explanations that need
-    gradients.
+    OpenVINO f32 where installed). ``cache_key``: ``cache_key(card)`` of a card whose weights were verified
+    (``load`` passes it), so the converted OpenVINO model can be cached. ``model`` (Keras) stays available for
+    the explanations that need gradients. ``runner`` + ``build``: a runner served from the engine cache
+    (``engine.cached``) and how to build the Keras model, which then happens on the first use of ``model``.
     """
 
-    def __init__(self, card: card_lib.ModelCard, model: keras.Model, folder: Path | None = None, *,
+    def __init__(self, card: card_lib.ModelCard, model: keras.Model | None, folder: Path | None = None, *,
                  engine: str | None = None, precision: str | None = None, cache_key: str | None = None,
-                 familiarity: fam_lib.Familiarity | None = None):
+                 familiarity: fam_lib.Familiarity | None = None, runner: engine_lib.OpenVINORunner | None = None,
+                 build: Callable[[], keras.Model] | None = None):
         self.card = card
-        self.model = model
         self.folder = folder
-        self.feature_layer = _feature_map_layer(model, card.target_layer)
-        self.head = head_weights(model, self.feature_layer)
+        self._model = model
+        self._build = build
+        self._model_lock = threading.Lock()
+        if runner is not None:
+            if model is None and build is None:
+                raise ValueError("a cached runner needs the model or a way to build it")
+            self.feature_layer, self.head = runner.side.feature_layer, runner.side.head
+            self.feature_shape = runner.side.feature_shape
+            self.runner: engine_lib.Runner = runner
+        else:
+            if model is None:
+                raise ValueError("a model is needed (or a cached runner and a way to build the model)")
+            self.feature_layer = _feature_map_layer(model, card.target_layer)
+            self.head = head_weights(model, self.feature_layer)
+            self.feature_shape = (tuple(model.get_layer(self.feature_layer).output.shape[1:])
+                                  if self.feature_layer else None)
+            self.runner = engine_lib.create(model, self.feature_layer, engine, precision, cache_key, self.head)
         if familiarity is not None and (self.head is None or familiarity.dim != self.head.shape[0]):
             raise ModelCardError(f"model '{card.name}': its familiarity model does not fit the model's features "
                                  "(another architecture or head). Reinstall the model folder.")
         self.familiarity = familiarity
-        self.runner = engine_lib.create(model, self.feature_layer, engine, precision, cache_key)
         self._lock = threading.Lock()
+
+    @property
+    def model(self) -> keras.Model:
+        """The Keras model (gradients, other layers); built and its weights loaded on first use when served
+        from the engine cache (seconds: TensorFlow is imported then)."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    assert self._build is not None
+                    self._model = self._build()
+        return self._model
+
+    @property
+    def model_built(self) -> bool:
+        """Whether the Keras model is in memory (False while served from the engine cache alone)."""
+        return self._model is not None
 
     @property
     def input_size(self) -> int:
@@ -258,8 +299,7 @@ class Classifier:
         if self.feature_layer is None:
             raise ValueError(f"the card's target layer {self.card.target_layer!r} is not a feature map of the model")
         if features is None:  # empty batch
-            shape = self.model.get_layer(self.feature_layer).output.shape[1:]
-            features = np.zeros((0, *shape), np.float32)
+            features = np.zeros((0, *self.feature_shape), np.float32)
         return logits, features
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -304,29 +344,52 @@ def load_weights(model: keras.Model, path: str | Path) -> None:
         ) from exc
 
 
+def cache_key(card: card_lib.ModelCard) -> str:
+    """What names a model exactly for the engine cache: the weights' sha256 and the card fields that build it."""
+    return json.dumps(["cxr-model", card.weights_sha256, card.architecture, card.input_size,
+                       list(card.class_names), card.target_layer])
+
+
+def _familiarity(card: card_lib.ModelCard, folder: Path) -> fam_lib.Familiarity | None:
+    if not card.familiarity:
+        return None
+    try:  # card_lib.load has checked the file's sha256
+        fam = fam_lib.load(card_lib.familiarity_path(folder, card))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read ({exc}). "
+                             "Reinstall the model folder.") from exc
+    if not np.isclose(fam.threshold, float(card.familiarity["threshold"]), rtol=1e-9, atol=0):
+        raise ModelCardError(f"model '{card.name}': its familiarity file's threshold differs from its card's. "
+                             "Reinstall the model folder.")
+    return fam
+
+
 def load(folder: str | Path, engine: str | None = None, precision: str | None = None) -> Classifier:
     """Load a model folder: verify the card and weights hash, build, load weights, prepare the engine.
 
     ``engine``/``precision``: see ``cxr_core.engine.choose`` (None: env, then OpenVINO f32 where installed).
+    When OpenVINO is the engine and its cache holds this model (converted at an earlier load), the
+    forward pass is served from the cache at once and the Keras model is built on first use of
+    ``Classifier.model`` (an explanation that needs gradients): no TensorFlow on the way to a prediction.
     """
     folder = Path(folder)
     card = card_lib.load(folder)
-    try:
-        model = build_from_card(card)
-    except ValueError as exc:
-        raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built ({exc}).") from exc
-    load_weights(model, card_lib.weights_path(folder, card))
-    fam = None
-    if card.familiarity:  # card_lib.load has checked the file's sha256
+    fam = _familiarity(card, folder)
+    key = cache_key(card)
+
+    def build_model() -> keras.Model:
         try:
-            fam = fam_lib.load(card_lib.familiarity_path(folder, card))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read ({exc}). "
-                                 "Reinstall the model folder.") from exc
-        if not np.isclose(fam.threshold, float(card.familiarity["threshold"]), rtol=1e-9, atol=0):
-            raise ModelCardError(f"model '{card.name}': its familiarity file's threshold differs from its card's. "
-                                 "Reinstall the model folder.")
-    return Classifier(card, model, folder, engine=engine, precision=precision, cache_key=card.weights_sha256,
+            model = build_from_card(card)
+        except ValueError as exc:
+            raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built "
+                                 f"({exc}).") from exc
+        load_weights(model, card_lib.weights_path(folder, card))
+        return model
+
+    runner = engine_lib.cached(key, engine, precision)
+    if runner is not None:
+        return Classifier(card, None, folder, runner=runner, build=build_model, familiarity=fam)
+    return Classifier(card, build_model(), folder, engine=engine, precision=precision, cache_key=key,
                       familiarity=fam)
 
 

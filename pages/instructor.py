@@ -101,6 +101,9 @@ def methods_ui(explainer, model_key: str, batch, shown, class_index: int, colorm
     slow = st.checkbox("Include Score-CAM (one forward pass per feature channel: slow on large models)",
                        key="instructor_scorecam")
     methods = [m for m in METHODS if m != "scorecam" or slow]
+    if not explainer.classifier.model_built:
+        st.caption("The first map that needs gradients (Score-CAM, SmoothGrad, earlier layers) loads TensorFlow "
+                   "and the full model: about 15 s, once per server.")
     cols = st.columns(len(methods))
     for col, method in zip(cols, methods, strict=True):
         heat = explain(explainer, model_key, batch, method, class_index, None)

@@ -131,16 +131,66 @@ def test_converted_model_is_cached_outside_the_model_folder(tiny_model_dir, tmp_
     first = models.load(tiny_model_dir)
     second = models.load(tiny_model_dir)
     assert (first.runner.source, second.runner.source) == ("converted", "cache")
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".bin", ".xml"]
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".bin", ".npz", ".xml"]
     np.testing.assert_array_equal(first.logits(images), second.logits(images))
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
-    # A damaged cache entry is converted again; 'off' writes nothing.
-    for path in (tmp_path / "cache").glob("*.xml"):
-        path.write_text("not a model")
-    assert models.load(tiny_model_dir).runner.source == "converted"
+    # A damaged cache entry (model or side file) is converted again; 'off' writes nothing.
+    for pattern in ("*.xml", "*.npz"):
+        for path in (tmp_path / "cache").glob(pattern):
+            path.write_text("damaged")
+        again = models.load(tiny_model_dir)
+        assert again.runner.source == "converted" and again.model_built
+        np.testing.assert_array_equal(again.logits(images), first.logits(images))
+        assert models.load(tiny_model_dir).runner.source == "cache"
     monkeypatch.setenv("CXR_ENGINE_CACHE", "off")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert models.load(tiny_model_dir).runner.source == "converted" and not (tmp_path / "home").exists()
+
+
+def test_a_cached_model_serves_without_keras_and_builds_it_on_first_need(tiny_model3_dir, tmp_path, monkeypatch,
+                                                                        images):
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    full = models.load(tiny_model3_dir)
+    fast = models.load(tiny_model3_dir)
+    assert (full.runner.source, full.model_built) == ("converted", True)
+    assert (fast.runner.source, fast.model_built) == ("cache", False)
+    assert (fast.feature_layer, fast.feature_shape) == (full.feature_layer, full.feature_shape)
+    np.testing.assert_array_equal(fast.head, full.head)
+    np.testing.assert_array_equal(fast.logits(images), full.logits(images))
+    assert fast.predict(images) == full.predict(images)
+    ex_fast, ex_full = explain.Explainer(fast), explain.Explainer(full)
+    for method in explain.ONE_PASS_METHODS:
+        for c in range(3):
+            np.testing.assert_array_equal(ex_fast.explain(images[:1], method, c).heatmap,
+                                          ex_full.explain(images[:1], method, c).heatmap)
+    assert not fast.model_built  # none of that needed the Keras model
+    assert fast.forward(images[:0])[1].shape == (0, *full.feature_shape)
+    # A method that needs gradients builds it, with the folder's weights.
+    smooth = ex_fast.explain(images[:1], "smoothgrad", 1)
+    assert fast.model_built and smooth.heatmap.shape == (SIZE, SIZE)
+    np.testing.assert_allclose(np.asarray(fast.model(images)), full.logits(images), rtol=1e-4, atol=1e-4)
+    # TensorFlow asked for: the Keras model, never the cache.
+    assert models.load(tiny_model3_dir, engine="tensorflow").model_built
+
+
+def test_a_cached_model_predicts_in_a_process_without_tensorflow(tiny_model3_dir, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from cxr_core import explain, models\n"
+            f"c = models.load({str(tiny_model3_dir)!r})\n"
+            "x = np.full((1, c.input_size, c.input_size, 3), 128, np.float32)\n"
+            "p, h = explain.Explainer(c).gradcam_predictions(x)\n"
+            "print(c.runner.source, 'tensorflow' in sys.modules, 'keras' in sys.modules, p[0].decision, h.shape)\n")
+    env = {**__import__("os").environ, "CXR_ENGINE_CACHE": str(tmp_path / "cache")}
+    lines = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                            cwd=str(models.__file__).rsplit("/cxr_core/", 1)[0]).stdout.split()
+             for _ in range(2)]
+    decision = models.load(tiny_model3_dir).predict(np.full((1, SIZE, SIZE, 3), 128, np.float32))[0].decision
+    assert lines[0][:3] == ["converted", "True", "True"]
+    assert lines[1][:3] == ["cache", "False", "False"]  # neither Keras nor TensorFlow imported
+    assert lines[0][3] == lines[1][3] == decision
 
 
 def test_auto_falls_back_to_tensorflow_when_openvino_fails(tiny_model_dir, monkeypatch, images):
