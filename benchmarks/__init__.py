@@ -24,11 +24,16 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
 - ``first_upload_result_s``  in that cold app, the first upload (a few seconds after the page shows)
                              until its decision and heatmap show in Chromium
 - ``method_switch_s``        then switching the explanation to Grad-CAM++ until its heatmap shows
+- ``app_model_load_s``       the model's background load in that app (server log); these app figures are
+                             of the usual start, whose OpenVINO cache holds the converted model;
+                             ``app_first_start`` has the same for the first start after install (empty
+                             cache: the model is converted, about 20 s for DenseNet169)
 - ``rss_mb``                 resident memory of a fresh process after loading one model and
                              classifying 20 images; ``rss_both_engines_mb`` after the same with a
                              TensorFlow classifier beside it (both engines loaded)
 - ``engine``                 the default engine that the figures above ran on (cxr_core.engine)
-- ``engines``                per engine, each loaded alone in this run: ``model_load_s`` (OpenVINO:
+- ``engines``                per engine, each loaded alone in this run (``--engines-only``: only these and
+                             ``forward_images_per_s``): ``model_load_s`` (OpenVINO:
                              including the conversion; ``model_load_cached_s`` from the cache),
                              ``first_prediction_s``, ``classify_ms_p50``, ``gradcam_pass_ms_p50``,
                              ``batch_images_per_s``, ``precision``; ``openvino_bf16`` where the CPU has BF16

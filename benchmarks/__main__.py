@@ -23,6 +23,7 @@ class Config:
     model: str | None = None
     app: bool = True
     app_only: bool = False
+    engines_only: bool = False
 
 
 QUICK = Config(repeat=5, tfkv_repeat=3, batch_images=48, forward_images=48)
@@ -36,9 +37,12 @@ def parse(argv: list[str]) -> Config:
     parser.add_argument("--no-app", action="store_true", help="skip the cold app start (streamlit + Chromium)")
     parser.add_argument("--app-only", action="store_true",
                         help="only the cold app start, first upload and method switch (streamlit + Chromium)")
+    parser.add_argument("--engines-only", action="store_true",
+                        help="only the engines side by side and the TensorFlow forward throughput they are compared to")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Config()
-    return Config(**{**base.__dict__, "model": args.model, "app": not args.no_app, "app_only": args.app_only})
+    return Config(**{**base.__dict__, "model": args.model, "app": not args.no_app, "app_only": args.app_only,
+                     "engines_only": args.engines_only})
 
 
 def log(message: str) -> None:
@@ -73,6 +77,19 @@ def run(config: Config) -> dict:
 
         log("cold app start, first upload, method switch")
         figures.update(first_render(folder.parent))
+        return {**figures, "targets": check_targets(figures), "model": {"folder": str(folder), "origin": origin},
+                "config": config.__dict__, "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if config.engines_only:
+        from cxr_core import models
+
+        log("forward throughput (TensorFlow), then engines side by side")
+        reference = models.load(folder, engine="tensorflow")
+        figures["forward_images_per_s"] = round(
+            serving.forward_images_per_s(reference.model, config.forward_images, config.batch_size), 2)
+        del reference
+        paths = list_images(serving.FOLDER, recursive=False, limit=config.batch_images)
+        figures["cpu"] = serving.cpu_flags()
+        figures["engines"] = engines(config, folder, paths)
         return {**figures, "targets": check_targets(figures), "model": {"folder": str(folder), "origin": origin},
                 "config": config.__dict__, "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     load_s, classifier, explainer = serving.load_seconds(folder)

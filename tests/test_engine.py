@@ -232,3 +232,28 @@ def test_training_evaluate_runs_on_the_engine_asked_for(tiny_model_dir, tmp_path
     columns = ["p_NORMAL", "p_PNEUMONIA"]
     assert len(frames["openvino"]) == 6 and frames["openvino"]["path"].tolist() == frames["tensorflow"]["path"].tolist()
     np.testing.assert_allclose(frames["openvino"][columns], frames["tensorflow"][columns], atol=1e-5)
+
+
+def test_prepare_converts_each_model_once_and_reports_bad_folders(tiny_model_dir, tiny_model3_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    import shutil
+
+    from cxr_core import prepare
+
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "models"
+    for folder in (tiny_model_dir, tiny_model3_dir):
+        shutil.copytree(folder, root / folder.name)
+    assert prepare.main([str(root)]) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1].split("(")[0].strip() for line in first] == ["converted", "converted"]
+    assert len(list((tmp_path / "cache").glob("*.xml"))) == 2
+    assert models.load(root / tiny_model_dir.name).runner.source == "cache"  # what the app's start finds
+    # A damaged folder is reported, the others still prepared (already, this time).
+    (root / "broken").mkdir()
+    (root / "broken" / card.CARD_FILE).write_text("{not json")
+    assert prepare.main([str(root)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("broken: cannot be loaded")
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines[1:]] == ["already prepared"] * 2
+    assert prepare.main([str(tmp_path / "none")]) == 1
