@@ -61,9 +61,11 @@ def list_models() -> list[Path]:
 class ModelLoad(threading.Thread):
     """One model folder loaded in the background, then its compiled graphs warmed, once per process.
 
-    The page draws (uploader included) while TensorFlow is imported and the weights are read. Once
-    loaded, the same thread traces the graphs a clinician needs: the Grad-CAM pass (an upload's
-    prediction and heatmap), the plain forward pass and Grad-CAM++ (a change of method). It touches
+    The page draws (uploader included) while the model loads: from the OpenVINO cache in under a second
+    without TensorFlow (``models.load``), or, on a first start or the TensorFlow engine, with TensorFlow's
+    import, the build and the weights. Once loaded, the same thread runs what a clinician needs first: the
+    Grad-CAM pass (an upload's prediction and heatmap), the plain forward pass and Grad-CAM++ (a change
+    of method), which traces them on TensorFlow and compiles nothing more on OpenVINO. It touches
     no Streamlit state, so it cannot disturb sessions (nor AppTest's process-global runtime).
     Requests wait for the warm-up (``result()``), so they never run on the model while it traces:
     a warm-up that let a page request run alongside failed once tracing the forward pass (Keras:
