@@ -33,6 +33,7 @@ ACTIONS: dict[str, str] = {
     "classify": "viewer",         # classify uploaded images
     "instructor": "viewer",       # the instructor page
     "metrics": "viewer",          # the model's held-out results (no patient data)
+    "held_out_films": "viewer",   # the instructor page's films from the model's held-out split (server files)
     "batch": "clinician",         # the batch review page
     "server_folders": "clinician",  # read images from folders under CXR_DATA_ROOT
     "pacs_search": "clinician",
@@ -43,16 +44,21 @@ ACTIONS: dict[str, str] = {
 }
 DESCRIPTIONS = {
     "classify": "classifying images", "instructor": "the instructor page", "metrics": "the model metrics",
+    "held_out_films": "showing films of the model's held-out split",
     "batch": "batch review", "server_folders": "reading folders on the server", "pacs_search": "searching the PACS",
     "pacs_classify": "classifying studies from the PACS", "pacs_write": "writing results to the PACS",
     "choose_model": "choosing another model", "evaluate": "evaluating a model on a server folder",
 }
 # Features that reach the server's own files or the PACS: refused in local mode off loopback.
-SERVER_ACTIONS = frozenset({"server_folders", "evaluate", "pacs_search", "pacs_classify", "pacs_write"})
+# The held-out split's films are files on the server too: a model trained on a hospital's own films would
+# show them to anyone who can reach the port.
+SERVER_ACTIONS = frozenset({"server_folders", "held_out_films", "evaluate", "pacs_search", "pacs_classify",
+                            "pacs_write"})
 LOCAL_NOTE = "Local mode, no sign-in: do not expose this server."
-EXPOSED_NOTE = ("This server listens on {address} without sign-in, so reading folders on the server, evaluation "
-                "and the PACS are switched off. Configure sign-in ([auth] in .streamlit/secrets.toml) or run it on "
-                "127.0.0.1 only (server.address in .streamlit/config.toml).")
+EXPOSED_NOTE = ("This server listens on {address} without sign-in, so reading folders on the server (the "
+                "held-out split's films too), evaluation and the PACS are switched off. Configure sign-in "
+                "([auth] in .streamlit/secrets.toml) or run it on 127.0.0.1 only (server.address in "
+                ".streamlit/config.toml).")
 AUDITED_SESSION = "_audit_signed_in"
 
 

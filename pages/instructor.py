@@ -58,7 +58,7 @@ def held_out_rows(predictions: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | bytes] | None:
     """The chosen image as (name, path or in-memory bytes), or None with a note."""
-    offered = SOURCES if auth.allowed("server_folders") else SOURCES[:2]
+    offered = [s for i, s in enumerate(SOURCES) if i == 0 or auth.allowed(("held_out_films", "server_folders")[i - 1])]
     source = st.radio("Image", offered, horizontal=True, key="instructor_source")
     if source == SOURCES[0]:
         upload = st.file_uploader("A radiograph (JPEG, PNG or DICOM)", type=None, key="instructor_upload",
@@ -156,6 +156,10 @@ def perturbations_ui(classifier, pixels) -> None:
 
 def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | None, colormap: str) -> None:
     st.header("Most confident errors of the held-out split")
+    refused = auth.refusal("held_out_films")
+    if refused:
+        st.info(refused, icon="🔒")
+        return
     if held_out is None:
         st.info("This model folder has no predictions.csv, so there is no gallery of errors.")
         return

@@ -94,9 +94,9 @@ def test_role_claim_names_and_wildcard_are_configurable():
 def test_each_role_allows_exactly_its_actions(role):
     user = auth.User(id="u@x", name="u", role=role)
     allowed = {a for a in auth.ACTIONS if auth.refusal_for(a, user, auth_on=True, address="0.0.0.0") is None}
-    expected = {"viewer": {"classify", "instructor", "metrics"},
-                "clinician": {"classify", "instructor", "metrics", "batch", "server_folders", "pacs_search",
-                              "pacs_classify"}}
+    expected = {"viewer": {"classify", "instructor", "metrics", "held_out_films"},
+                "clinician": {"classify", "instructor", "metrics", "held_out_films", "batch", "server_folders",
+                              "pacs_search", "pacs_classify"}}
     expected["pacs-writer"] = expected["clinician"] | {"pacs_write"}
     expected["admin"] = set(auth.ACTIONS)
     assert allowed == expected[role]
@@ -123,8 +123,8 @@ def test_local_mode_refuses_only_server_features_off_loopback():
     local = auth.LOCAL_USER
     assert all(auth.refusal_for(a, local, auth_on=False, address="127.0.0.1") is None for a in auth.ACTIONS)
     refused = {a for a in auth.ACTIONS if auth.refusal_for(a, local, auth_on=False, address="0.0.0.0")}
-    assert refused == auth.SERVER_ACTIONS == {"server_folders", "evaluate", "pacs_search", "pacs_classify",
-                                              "pacs_write"}
+    assert refused == auth.SERVER_ACTIONS == {"server_folders", "held_out_films", "evaluate", "pacs_search",
+                                              "pacs_classify", "pacs_write"}
     assert "listens on 0.0.0.0 without sign-in" in auth.refusal_for("evaluate", local, auth_on=False,
                                                                     address="0.0.0.0")
 
@@ -228,4 +228,7 @@ def test_local_mode_off_loopback_refuses_server_folders_and_says_why(models_root
     assert any("listens on 0.0.0.0" in i.value for i in metrics.info)
     assert len(metrics.text_input) == 0
     instructor = AppTest.from_file(str(REPO / PAGES["instructor"]), default_timeout=120).run()
-    assert instructor.radio(key="instructor_source").options == ["Upload an image", "From the held-out split"]
+    assert instructor.radio(key="instructor_source").options == ["Upload an image"]
+    # Nor the gallery of the held-out split's errors (films on the server): the reason instead of images.
+    assert texts(instructor, "exception") == [] and len(instructor.get("imgs")) == 0
+    assert any("held-out split's films too" in i.value for i in instructor.info)
