@@ -21,7 +21,8 @@ SHIPPED = {
 # The dataset folders the models were trained on, by the source name training gave each (predictions.csv
 # paths are relative to them).
 SOURCES = {data.source_name(root): root for root in (
-    DATA / "kermany" / "train", DATA / "covid19_radiography", DATA / "covid19_image_dataset" / "train")}
+    DATA / "kermany" / "train", DATA / "covid19_radiography", DATA / "covid19_image_dataset" / "train",
+    DATA / "nih_chestxray14")}
 FILES = ("model.weights.h5", "model_card.json", "history.csv", "split.csv", "metrics.json", "predictions.csv")
 
 
