@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 # predictions.csv paths are relative to the dataset folder that training named each source after.
 SOURCES = {"kermany": DATA / "kermany" / "train", "covid19_radiography": DATA / "covid19_radiography",
-           "covid19_image_dataset": DATA / "covid19_image_dataset" / "train"}
+           "covid19_image_dataset": DATA / "covid19_image_dataset" / "train",
+           "nih_chestxray14": DATA / "nih_chestxray14"}
 
 
 def _batches(batch: np.ndarray, size: int = 32):
