@@ -241,6 +241,19 @@ def load(folder: str | Path) -> ModelCard:
     return card
 
 
+def models_root() -> Path:
+    """Folder holding one sub-folder per model: env CXR_MODELS_DIR, default ``models/`` in the repository."""
+    return Path(os.environ.get("CXR_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models")
+
+
+def model_folders(root: str | Path) -> list[Path]:
+    """The model folders (those holding a model card) directly under ``root``, sorted by name; [] if none."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file())
+
+
 def weights_path(folder: str | Path, card: ModelCard) -> Path:
     """The card's weights file: a regular file directly inside ``folder``, not a link to anything.
 

@@ -21,17 +21,13 @@ from cxr_core import card as card_lib  # noqa: E402
 from cxr_core import engine, models  # noqa: E402
 
 
-def default_root() -> Path:
-    return Path(os.environ.get("CXR_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxr_core.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("models_dir", nargs="?", type=Path, default=None,
                         help="folder of model folders (default: env CXR_MODELS_DIR, else models/)")
     args = parser.parse_args(argv)
-    root = args.models_dir or default_root()
-    folders = sorted(p for p in root.iterdir() if (p / card_lib.CARD_FILE).is_file()) if root.is_dir() else []
+    root = args.models_dir or card_lib.models_root()
+    folders = card_lib.model_folders(root)
     if not folders:
         print(f"no model folders (with {card_lib.CARD_FILE}) in {root}", file=sys.stderr)
         return 1
