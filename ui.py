@@ -35,7 +35,7 @@ MODEL_KEY = "model_dir"
 
 def models_root() -> Path:
     """Folder holding one sub-folder per model: env CXR_MODELS_DIR, default <repo>/models."""
-    return Path(os.environ.get("CXR_MODELS_DIR") or REPO / "models")
+    return card_lib.models_root()
 
 
 def data_root() -> Path | None:
@@ -52,10 +52,7 @@ def default_model(folders: list[Path]) -> Path:
 
 def list_models() -> list[Path]:
     """Model folders (those holding a model_card.json) under ``models_root()``, sorted by name."""
-    root = models_root()
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if (p / card_lib.CARD_FILE).is_file())
+    return card_lib.model_folders(models_root())
 
 
 class ModelLoad(threading.Thread):
@@ -137,12 +134,10 @@ class ModelLoad(threading.Thread):
         _say(f"warm-up of {self.card.name} done in {self.warm_up_s:.1f} s")
 
 
-def first_gradient_note(classifier: Any, method: str, layer: str | None = None) -> str:
+def first_gradient_note(explainer: Any, method: str, layer: str | None = None) -> str:
     """" (first use: ...)" when this explanation needs the Keras model and it is not built yet (the model is
     served from the OpenVINO cache: TensorFlow is imported and the model built on first need); else ""."""
-    one_pass = method in ("gradcam", "gradcam++", "layercam") and layer in (None, classifier.feature_layer) \
-        and classifier.head is not None
-    if one_pass or classifier.model_built:
+    if explainer.one_pass(method, layer) or explainer.classifier.model_built:
         return ""
     return " (its first use loads TensorFlow and the full model: about 15 s)"
 

@@ -142,6 +142,13 @@ class Explainer:
                     stages[match.group(1)] = layer.name
         return [name for name in stages.values() if name != self.target_layer] + [self.target_layer]
 
+    def one_pass(self, method: str, layer: str | None = None) -> bool:
+        """Whether ``method`` at ``layer`` (None: the target layer) comes from the classifier's forward pass
+        (CAM from the features and the GAP + Dense head), i.e. needs neither gradients nor the Keras model."""
+        layer = layer or self.target_layer
+        return method in ONE_PASS_METHODS and layer == self.classifier.feature_layer \
+            and self.classifier.head is not None
+
     def _check_layer(self, layer: str) -> None:
         if layer is not None and layer == self.classifier.feature_layer:
             return  # a feature map of the model (checked when the classifier was made)
@@ -221,7 +228,7 @@ class Explainer:
         layer = layer or self.target_layer
         self._check_layer(layer)
         classes = self._class_vector(class_index, len(batch))
-        if layer != self.classifier.feature_layer or self.classifier.head is None:
+        if not self.one_pass("gradcam", layer):
             return (*self._compiled(batch, classes, layer), None)
         logits, features = self.classifier.forward(batch)
         chosen = np.where(classes < 0, np.argmax(logits, axis=-1), classes)
@@ -301,7 +308,7 @@ class Explainer:
             logits, cam = self.raw_gradcam(batch, class_index, layer)
             index = int(np.argmax(logits[0])) if class_index is None else int(class_index)
             return Explanation(normalize(cam, self.size)[0], method, index, layer)
-        if method in ONE_PASS_METHODS and layer == self.classifier.feature_layer and self.classifier.head is not None:
+        if self.one_pass(method, layer):
             logits, features = self.classifier.forward(batch)
             index = int(np.argmax(logits[0])) if class_index is None else int(class_index)
             cam = cam_from_features(features, self.classifier.head, np.array([index]), positive=True)

@@ -194,7 +194,7 @@ explained = controls[1].selectbox("Class to explain", range(len(card.class_names
 result = first
 if (explained, method) != (first.class_index, "gradcam"):
     with st.spinner(f"Computing {METHOD_LABELS[method]} for {card.class_names[explained]}..."
-                    + ui.first_gradient_note(classifier, method)):
+                    + ui.first_gradient_note(explainer, method)):
         result = classify(classifier, explainer, model_key, data, uploaded.name, explained, method)
 
 left, right = st.columns([3, 2])

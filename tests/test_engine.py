@@ -164,6 +164,8 @@ def test_a_cached_model_serves_without_keras_and_builds_it_on_first_need(tiny_mo
             np.testing.assert_array_equal(ex_fast.explain(images[:1], method, c).heatmap,
                                           ex_full.explain(images[:1], method, c).heatmap)
     assert not fast.model_built  # none of that needed the Keras model
+    assert [ex_fast.one_pass(m) for m in explain.METHODS] == [m in explain.ONE_PASS_METHODS for m in explain.METHODS]
+    assert not ex_fast.one_pass("gradcam", "tiny_relu0") and not fast.model_built
     assert fast.forward(images[:0])[1].shape == (0, *full.feature_shape)
     # A method that needs gradients builds it, with the folder's weights.
     smooth = ex_fast.explain(images[:1], "smoothgrad", 1)
