@@ -179,6 +179,17 @@ def _cache_path(cache_key: str | None) -> Path | None:
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
 
 
+def _read_entry(core, path: Path | None) -> tuple[object, CachedModel] | None:
+    """The cache entry at ``path`` (ov.Model, its side file), or None when it is missing or damaged."""
+    if path is None or not all(path.with_suffix(s).is_file() for s in (".xml", ".bin", ".npz")):
+        return None
+    try:
+        side = _read_side(path)
+        return core.read_model(path), side
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None  # a damaged entry: the next conversion overwrites it
+
+
 def _read_side(path: Path) -> CachedModel:
     with np.load(path.with_suffix(".npz"), allow_pickle=False) as side:
         layer = str(side["feature_layer"]) or None
@@ -230,28 +241,20 @@ class OpenVINORunner:
     @classmethod
     def cached(cls, cache_key: str, precision: str = "f32", note: str = "") -> OpenVINORunner | None:
         """The runner from the cache entry of ``cache_key`` alone, or None when there is none (or it is damaged)."""
-        path = _cache_path(cache_key)
-        if path is None or not all(path.with_suffix(s).is_file() for s in (".xml", ".bin", ".npz")):
-            return None
         import openvino as ov
 
-        try:
-            side = _read_side(path)
-            ov_model = ov.Core().read_model(path)
-        except (OSError, ValueError, KeyError, RuntimeError):
-            return None  # the full load converts again and overwrites it
-        return cls(None, side.feature_layer, precision, note=note, _cached=(ov_model, side))
+        entry = _read_entry(ov.Core(), _cache_path(cache_key))
+        if entry is None:
+            return None  # the full load converts (again) and writes the entry
+        return cls(None, entry[1].feature_layer, precision, note=note, _cached=entry)
 
     @staticmethod
     def _convert(ov, core, model: keras.Model, side: CachedModel, cache_key: str | None) -> tuple[object, str]:
         """(ov.Model, "cache" or "converted"): read from the cache folder, else convert (and cache)."""
         path = _cache_path(cache_key)
-        if path is not None and all(path.with_suffix(s).is_file() for s in (".xml", ".bin", ".npz")):
-            try:
-                _read_side(path)
-                return core.read_model(path), "cache"
-            except (OSError, ValueError, KeyError, RuntimeError):
-                pass  # a damaged cache entry: convert again and overwrite it
+        entry = _read_entry(core, path)
+        if entry is not None:
+            return entry[0], "cache"
         size = tuple(model.input_shape[1:])
         # share_weights=False: the compiled model must not alias Keras' variables, which explanations use.
         ov_model = ov.convert_model(_two_outputs(model, side.feature_layer), input=[(-1, *size)], share_weights=False)
