@@ -63,10 +63,19 @@ def engines(config: Config, folder, paths: list) -> dict:
     return serving.engines_side_by_side(folder, runs, config.repeat, paths, config.batch_size)
 
 
+def result(figures: dict, config: Config, model: dict) -> dict:
+    """The printed JSON: the figures, each target's pass/fail, the model, the run's settings and the machine."""
+    from benchmarks import check_targets
+    from benchmarks.machine import machine_info
+
+    return {**figures, "targets": check_targets(figures), "model": model, "config": config.__dict__,
+            "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
 def run(config: Config) -> dict:
     """Every figure, measured in this one run, with the machine and the targets."""
-    from benchmarks import check_targets, serving
-    from benchmarks.machine import machine_info, rss_mb
+    from benchmarks import serving
+    from benchmarks.machine import rss_mb
     from cxr_core.paths import list_images
 
     folder, origin = serving.model_folder(config.model)
@@ -77,8 +86,7 @@ def run(config: Config) -> dict:
 
         log("cold app start, first upload, method switch")
         figures.update(first_render(folder.parent))
-        return {**figures, "targets": check_targets(figures), "model": {"folder": str(folder), "origin": origin},
-                "config": config.__dict__, "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        return result(figures, config, {"folder": str(folder), "origin": origin})
     if config.engines_only:
         from cxr_core import models
 
@@ -90,8 +98,7 @@ def run(config: Config) -> dict:
         paths = list_images(serving.FOLDER, recursive=False, limit=config.batch_images)
         figures["cpu"] = serving.cpu_flags()
         figures["engines"] = engines(config, folder, paths)
-        return {**figures, "targets": check_targets(figures), "model": {"folder": str(folder), "origin": origin},
-                "config": config.__dict__, "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        return result(figures, config, {"folder": str(folder), "origin": origin})
     load_s, classifier, explainer = serving.load_seconds(folder)
     figures["model_load_s"] = round(load_s, 2)
     figures["first_prediction_s"] = round(serving.warm_up_seconds(classifier, explainer), 2)
@@ -140,15 +147,9 @@ def run(config: Config) -> dict:
         figures.update(first_render(folder.parent))
     else:
         figures["app_first_render_s"] = None
-    return {
-        **figures,
-        "targets": check_targets(figures),
-        "model": {"folder": str(folder), "origin": origin, "architecture": classifier.card.architecture,
-                  "input_size": classifier.input_size},
-        "config": config.__dict__,
-        "machine": machine_info(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-    }
+    return result(figures, config, {"folder": str(folder), "origin": origin,
+                                    "architecture": classifier.card.architecture,
+                                    "input_size": classifier.input_size})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@ from cxr_core.explain import METHODS
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
                  "layercam": "LayerCAM", "smoothgrad": "SmoothGrad"}
 SOURCES = ("Upload an image", "From the held-out split", "From the data root")
+# The sources that read files on the server, and the action each needs (auth.SERVER_ACTIONS).
+SOURCE_ACTIONS = {SOURCES[1]: "held_out_films", SOURCES[2]: "server_folders"}
 DISPLAY_SIZE = 512  # longest side of the pictures drawn here, in pixels
 
 
@@ -58,7 +60,7 @@ def held_out_rows(predictions: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | bytes] | None:
     """The chosen image as (name, path or in-memory bytes), or None with a note."""
-    offered = [s for i, s in enumerate(SOURCES) if i == 0 or auth.allowed(("held_out_films", "server_folders")[i - 1])]
+    offered = [s for s in SOURCES if s not in SOURCE_ACTIONS or auth.allowed(SOURCE_ACTIONS[s])]
     source = st.radio("Image", offered, horizontal=True, key="instructor_source")
     if source == SOURCES[0]:
         upload = st.file_uploader("A radiograph (JPEG, PNG or DICOM)", type=None, key="instructor_upload",
