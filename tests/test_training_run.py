@@ -253,7 +253,7 @@ def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_
     source, tuned = models.load(first_run[0]), models.load(out)
     assert tuned.card.class_names == ["COVID-19", "NORMAL", "PNEUMONIA"]
     assert tuned.model.get_layer("logits").kernel.shape == (16, 3)
-    assert tuned.card.recipe["copied_layers"] == 4  # two convolutions, two BatchNorms
+    assert tuned.card.recipe["copied_layers"] == 5  # two convolutions, two BatchNorms, the NORMAL/PNEUMONIA columns
     # The frozen phase trained only the head: every backbone weight (BatchNorm statistics too) is the source's.
     for name in ("tiny_conv0", "tiny_bn0", "tiny_conv1", "tiny_bn1"):
         for a, b in zip(source.model.get_layer(name).get_weights(), tuned.model.get_layer(name).get_weights(),
@@ -270,17 +270,28 @@ def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_
     assert tuned.card.training_data["sources"]["covid"]["train"] == {"COVID-19": 16}
 
 
-def test_starting_from_our_model_with_the_same_classes_keeps_its_head(first_run):
+def test_starting_from_our_model_keeps_its_head_column_of_each_class(first_run):
     source = models.load(first_run[0])
     config = TrainConfig(data=[], architecture="tiny", input_size=32, weights=str(first_run[0]))
     x = np.linspace(0, 255, 2 * 32 * 32 * 3, dtype=np.float32).reshape(2, 32, 32, 3)
     same, copied = build.build_model(config, ["NORMAL", "PNEUMONIA"])
     assert "logits" in copied and len(copied) == 5
     np.testing.assert_allclose(same.predict_on_batch(x), source.logits(x), atol=1e-6)  # training continues it
-    # Other classes (or the same in another order): the backbone is copied, the head is new.
+    # The same classes in another order: the head is new, each class keeps its own column.
+    kernel, bias = (np.asarray(w) for w in source.model.get_layer("logits").get_weights())
     swapped, copied = build.build_model(config, ["PNEUMONIA", "NORMAL"])
-    assert "logits" not in copied and len(copied) == 4
-    assert not np.allclose(swapped.get_layer("logits").kernel.numpy(), source.model.get_layer("logits").kernel.numpy())
+    assert "logits" not in copied and copied[-1] == "logits[PNEUMONIA,NORMAL]" and len(copied) == 5
+    np.testing.assert_array_equal(swapped.get_layer("logits").get_weights()[0], kernel[:, ::-1])
+    np.testing.assert_array_equal(swapped.get_layer("logits").get_weights()[1], bias[::-1])
+    np.testing.assert_allclose(swapped.predict_on_batch(x), source.logits(x)[:, ::-1], atol=1e-6)
+    # A new class: the two known classes keep their columns, the new one starts fresh (not a copy of either).
+    three, copied = build.build_model(config, ["COVID-19", "NORMAL", "PNEUMONIA"])
+    assert copied[-1] == "logits[NORMAL,PNEUMONIA]"
+    new_kernel, new_bias = three.get_layer("logits").get_weights()
+    np.testing.assert_array_equal(new_kernel[:, 1:], kernel)
+    np.testing.assert_array_equal(new_bias[1:], bias)
+    assert not any(np.allclose(new_kernel[:, 0], kernel[:, i]) for i in range(2))
+    np.testing.assert_allclose(three.predict_on_batch(x)[:, 1:], source.logits(x), atol=1e-6)
 
 
 def test_phases_choose_the_trainable_layers():

@@ -29,7 +29,10 @@ def build_model(config: TrainConfig, class_names: Sequence[str]) -> tuple[keras.
     ``config.weights``: "none", "imagenet", a Keras backbone weights file, or one of our model
     folders, whose backbone weights are copied layer by layer (by name). Its head is copied too
     when it has exactly ``class_names`` (same classes, same order: training continues that
-    model); otherwise the head is rebuilt for the new classes.
+    model). Otherwise the head is new, but each class the two share keeps its own column of the
+    source's Dense layer (matched by name, whatever the order): a 2-class NORMAL/PNEUMONIA model
+    starting a 3-class model hands on what it knows of those two classes, and only the new class
+    starts from a fresh column. Such a partial copy is listed as ``"logits[NORMAL,PNEUMONIA]"``.
     """
     w, n_classes = config.weights, len(class_names)
     if w.lower() == "none" or is_model_dir(w):
@@ -48,7 +51,23 @@ def build_model(config: TrainConfig, class_names: Sequence[str]) -> tuple[keras.
                 continue
             model.get_layer(layer.name).set_weights(layer.get_weights())
             copied.append(layer.name)
+        shared = [c for c in class_names if c in source.card.class_names]
+        if not same_head and shared:
+            copied.append(_copy_head_columns(source.model.get_layer("logits"), model.get_layer("logits"),
+                                             list(source.card.class_names), list(class_names), shared))
     return model, copied
+
+
+def _copy_head_columns(source: keras.layers.Layer, target: keras.layers.Layer, source_classes: list[str],
+                       target_classes: list[str], shared: list[str]) -> str:
+    """Copy the Dense kernel column and bias of each class in ``shared`` from ``source`` to ``target``."""
+    kernel, bias = (np.array(w) for w in target.get_weights())
+    source_kernel, source_bias = source.get_weights()
+    for name in shared:
+        i, j = source_classes.index(name), target_classes.index(name)
+        kernel[:, j], bias[j] = source_kernel[:, i], source_bias[i]
+    target.set_weights([kernel, bias])
+    return f"logits[{','.join(shared)}]"
 
 
 def set_phase(model: keras.Model, phase: str, unfreeze: str = "all", pretrained: bool = True,

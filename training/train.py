@@ -158,6 +158,7 @@ def run(config: TrainConfig, log=print) -> Path:
         model, copied = build.build_model(config, classes)
         if copied:
             head = "its head too (same classes)" if "logits" in copied else f"new head for {classes}"
+            head += "".join(f"; {c} copied by class name" for c in copied if c.startswith("logits["))
             log(f"copied {len(copied)} layers from {config.weights}; {head}")
         loop = Loop(model, build.training_model(model, config), config, out)
         if config.resume and loop.resume():
