@@ -8,13 +8,16 @@ Engines:
 
 - ``tensorflow``: Keras' own compiled ``predict_on_batch`` on a two-output view of the model (whichever
   Keras backend is loaded; TensorFlow when serving).
-- ``openvino``: the Keras model converted once with ``ov.convert_model`` at load time and compiled for
-  the CPU. The converted model is kept in a user cache folder keyed by the verified weights' sha256 and
-  the card fields that build the model (env ``CXR_ENGINE_CACHE``: a folder, or ``off``; default
-  ``$XDG_CACHE_HOME/cxr/openvino``), never in the model folder, so a restart skips the conversion. Beside
-  it go the feature layer's name and shape and the Dense head's weights, so that ``cached`` can serve
-  the forward pass and CAM from the cache alone: no Keras model built, not even Keras imported
-  (``cxr_core.models.load`` builds the Keras model only when an explanation needs gradients).
+- ``openvino``: the Keras model converted once at load time and compiled for the CPU. Converted means
+  written layer by layer as an OpenVINO graph (``cxr_core.ov_graph``, under a second), or, for a layer
+  that module does not know, ``ov.convert_model`` (which traces the model through TensorFlow: 13-19 s
+  for DenseNet169 on two cores). The converted model is kept in a user cache folder keyed by the
+  verified weights' sha256 and the card fields that build the model (env ``CXR_ENGINE_CACHE``: a folder,
+  or ``off``; default ``$XDG_CACHE_HOME/cxr/openvino``), never in the model folder, so a restart skips
+  the conversion. Beside it go the feature layer's name and shape and the Dense head's weights, so that
+  ``cached`` can serve the forward pass and CAM from the cache alone: no Keras model built, not even
+  Keras imported (``cxr_core.models.load`` builds the Keras model only when an explanation needs
+  gradients).
 
 Which engine: the argument, else env ``CXR_ENGINE``, else ``openvino`` where it imports and Keras runs
 on TensorFlow, else ``tensorflow``. Which precision: the argument, else env ``CXR_PRECISION``, else
@@ -42,7 +45,7 @@ if TYPE_CHECKING:  # imported where used: the cached OpenVINO path runs without 
 
 ENGINES = ("tensorflow", "openvino")
 PRECISIONS = ("f32", "bf16")
-_CONVERTER_VERSION = 2  # bump when the conversion changes, so cached models are converted afresh
+_CONVERTER_VERSION = 3  # bump when the conversion changes, so cached models are converted afresh
 
 
 def keras_backend() -> str:
@@ -255,9 +258,15 @@ class OpenVINORunner:
         entry = _read_entry(core, path)
         if entry is not None:
             return entry[0], "cache"
-        size = tuple(model.input_shape[1:])
-        # share_weights=False: the compiled model must not alias Keras' variables, which explanations use.
-        ov_model = ov.convert_model(_two_outputs(model, side.feature_layer), input=[(-1, *size)], share_weights=False)
+        from cxr_core import ov_graph
+
+        try:
+            ov_model = ov_graph.write(model, side.feature_layer)  # the weights are copied: no aliasing
+        except ov_graph.Unsupported:
+            size = tuple(model.input_shape[1:])
+            # share_weights=False: the compiled model must not alias Keras' variables, which explanations use.
+            ov_model = ov.convert_model(_two_outputs(model, side.feature_layer), input=[(-1, *size)],
+                                        share_weights=False)
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_core import card, engine, explain, models
+from cxr_core import card, engine, explain, models, ov_graph
 
 SIZE = 64
 
@@ -92,6 +92,9 @@ def _other_head_classifier(kind: str) -> models.Classifier:
 def test_another_head_falls_back_to_compiled_gradcam(kind, images):
     classifier = _other_head_classifier(kind)
     assert classifier.head is None and classifier.engine == "openvino"  # the engine still predicts
+    if kind != "hidden":  # layers the graph writer does not know: ov.convert_model converted the model
+        with pytest.raises(ov_graph.Unsupported, match="GlobalMaxPooling2D|Flatten"):
+            ov_graph.write(classifier.model, "relu")
     explainer = explain.Explainer(classifier)
     _, maps = explainer.raw_gradcam(images, 1)
     assert "relu" in explainer._gradcam_fns  # TensorFlow's gradient made the map
@@ -259,3 +262,49 @@ def test_prepare_converts_each_model_once_and_reports_bad_folders(tiny_model_dir
     assert lines[0].startswith("broken: cannot be loaded")
     assert [line.split(":")[1].split("(")[0].strip() for line in lines[1:]] == ["already prepared"] * 2
     assert prepare.main([str(tmp_path / "none")]) == 1
+
+
+@pytest.mark.parametrize("architecture", sorted(models.ARCHITECTURES))
+def test_the_written_openvino_graph_equals_keras_on_every_architecture(architecture):
+    """ov_graph writes each architecture we build; BatchNorm statistics are randomised so the folding counts."""
+    import openvino as ov
+
+    arch = models.ARCHITECTURES[architecture]
+    size = max(arch.min_size, 64 if architecture != "tiny" else 32)
+    keras.utils.set_random_seed(3)
+    model = models.build(architecture, 3, size)
+    rng = np.random.default_rng(4)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.2, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.3, 2.0, layer.moving_variance.shape))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+    x = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    reference = keras.Model(model.inputs, [model.output, model.get_layer(arch.target_layer).output])
+    ref_logits, ref_features = (np.asarray(a) for a in reference.predict_on_batch(x))
+    compiled = ov.Core().compile_model(ov_graph.write(model, arch.target_layer), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled.create_infer_request().infer([x])
+    logits, features = np.asarray(out[0]), np.asarray(out[1])
+    assert logits.shape == ref_logits.shape and features.shape == ref_features.shape
+    scale = max(1.0, float(np.abs(ref_features).max()))
+    np.testing.assert_allclose(features, ref_features, atol=2e-6 * scale)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * max(1.0, float(np.abs(ref_logits).max())))
+    # The two images' features differ by far more than the tolerance: the comparison is not vacuous.
+    assert np.abs(ref_features[0] - ref_features[1]).max() > 100 * 2e-6 * scale
+
+
+def test_our_models_are_written_without_convert_model(tiny_model3_dir, tmp_path, monkeypatch, images):
+    """The load-time conversion is the fast graph writer, not ov.convert_model (13-19 s for DenseNet169)."""
+    import openvino as ov
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ov.convert_model was called")
+
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ov, "convert_model", refuse)
+    written = models.load(tiny_model3_dir)
+    assert written.engine == "openvino" and written.runner.source == "converted" and not written.runner.note
+    reference = models.load(tiny_model3_dir, engine="tensorflow")
+    np.testing.assert_allclose(written.logits(images), reference.logits(images), atol=1e-5)
