@@ -230,11 +230,13 @@ class OpenVINORunner:
             shape = tuple(model.get_layer(feature_layer).output.shape[1:]) if feature_layer else None
             self.side = CachedModel(feature_layer, shape, head)
             ov_model, self.source = self._convert(ov, core, model, self.side, cache_key)
-        # LATENCY: one request uses every core for one batch (the Classifier runs one call at a time).
+        # LATENCY: one request uses every core for one film (the Classify page; the Classifier runs one
+        # call at a time). Batches go to a THROUGHPUT compilation made on first use (``_many``).
         compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                         "PERFORMANCE_HINT": "LATENCY"})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # what it runs at
         self._request = compiled.create_infer_request()
+        self._core, self._ov_model, self._queue = core, ov_model, None
         # The converter may order the outputs differently from Keras: logits are the rank-2 one.
         ranks = [len(out.get_partial_shape()) for out in compiled.outputs]
         self._logits = ranks.index(2)
@@ -284,9 +286,39 @@ class OpenVINORunner:
         return ov_model, "converted"
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        result = self._request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if len(batch) > 1:
+            return self._many(batch)
+        result = self._request.infer([batch])
         features = None if self._features is None else np.asarray(result[self._features], dtype=np.float32)
         return np.asarray(result[self._logits]), features
+
+    def _many(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch film by film on OpenVINO's throughput streams (one per core pair or so, each film on one).
+
+        On two cores two streams of one film each run DenseNet169 about 15-20 % faster than one request
+        on the whole batch with both cores (``python -m benchmarks``): each stream keeps its own data in
+        its core's cache. The numbers are the same graph's, film by film, in input order.
+        """
+        import openvino as ov
+
+        if self._queue is None:
+            compiled = self._core.compile_model(self._ov_model, "CPU", {
+                "INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "THROUGHPUT"})
+            self._queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        logits: list[np.ndarray | None] = [None] * len(batch)
+        features: list[np.ndarray | None] = [None] * len(batch)
+
+        def done(request, i: int) -> None:  # the request's buffers are reused: copy out
+            logits[i] = np.array(request.get_output_tensor(self._logits).data)
+            if self._features is not None:
+                features[i] = np.array(request.get_output_tensor(self._features).data, dtype=np.float32)
+
+        self._queue.set_callback(done)
+        for i in range(len(batch)):
+            self._queue.start_async([batch[i:i + 1]], i)
+        self._queue.wait_all()
+        return (np.concatenate(logits), None if self._features is None else np.concatenate(features))
 
 
 Runner = TensorFlowRunner | OpenVINORunner
