@@ -316,7 +316,7 @@ class Classifier:
         out = [decide(self.card, p) for p in softmax(logits, self.card.temperature)]
         if self.familiarity is None or features is None or self.head is None:
             return out
-        distances = self.familiarity.distance(np.asarray(features, np.float64).mean(axis=(1, 2)))
+        distances = self.familiarity.distance(np.asarray(features).mean(axis=(1, 2), dtype=np.float64))
         flags = self.familiarity.flags(distances)
         return [dataclasses.replace(p, familiarity=float(d), unfamiliar=bool(f))
                 for p, d, f in zip(out, distances, flags, strict=True)]
