@@ -29,8 +29,10 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
                              ``app_first_start`` has the same for the first start after install (empty
                              cache: the model is converted, about 20 s for DenseNet169)
 - ``rss_mb``                 resident memory of a fresh process after loading one model and
-                             classifying 20 images; ``rss_both_engines_mb`` after the same with a
-                             TensorFlow classifier beside it (both engines loaded)
+                             classifying 20 images; ``rss_batch_mb`` after one batch review of 16
+                             films too; ``rss_both_engines_mb`` after 20 classifications with a
+                             TensorFlow classifier beside it (both engines loaded);
+                             ``rss_both_engines_tf_batch_mb`` after a batch on TensorFlow as well
 - ``engine``                 the default engine that the figures above ran on (cxr_core.engine)
 - ``engines``                per engine, each loaded alone in this run (``--engines-only``: only these and
                              ``forward_images_per_s``): ``model_load_s`` (OpenVINO:
