@@ -2,9 +2,9 @@
 
 Loads every model folder under MODELS_DIR (default: env ``CXR_MODELS_DIR``, else ``models/`` beside
 this package) the way the app does, so that the OpenVINO conversion (about 3.5 s per DenseNet169 on
-2 cores with the Keras load; 15-25 s where ``ov.convert_model`` is needed) lands in the engine cache (``cxr_core.engine.cache_dir``) now rather than in the app's first
-start. Prints one line per model; exits 1 if a model could not be loaded (the others are still done).
-Nothing is written into the model folders.
+2 cores with the Keras load; 15-25 s where ``ov.convert_model`` is needed) lands in the engine cache
+(``cxr_core.engine.cache_dir``) now rather than in the app's first start. Prints one line per model;
+exits 1 if a model could not be loaded (the others are still done). Nothing is written into the model folders.
 """
 
 from __future__ import annotations
