@@ -21,7 +21,6 @@ about 30 minutes on 2 CPU cores; films over the cap are left out of the manifest
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import sys
 from collections import Counter
@@ -46,9 +45,8 @@ SIZE = 224
 def _old_splits() -> dict[str, str]:
     split_of: dict[str, str] = {}
     for source, path in SPLIT_FROM.items():
-        with open(path, newline="") as fh:
-            split_of.update({f"{r['source']}/{r['path']}": r["split"] for r in csv.DictReader(fh)
-                             if r["source"] == source and r["split"] in data.SPLITS})
+        split_of.update({r.key: r.split for r in data.read_manifest(path, ROOTS)
+                         if r.source == source and r.split in data.SPLITS})
     return split_of
 
 

@@ -10,13 +10,11 @@ manifest is val or test (for a held-out source that an older model trained on in
 from __future__ import annotations
 
 import argparse
-import csv
 
 import numpy as np
 
-from cxr_core import card as card_lib
 from cxr_core import models
-from training import evaluate
+from training import data, evaluate
 from training.recipes.cxr3_split import ROOTS
 
 
@@ -27,23 +25,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--only-old-split", default="")
     args = parser.parse_args(argv)
-    root = {r.name if r.name != "train" else r.parent.name: r for r in ROOTS}
-    with open(args.manifest, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["split"] == args.split]
+    rows = [r for r in data.read_manifest(args.manifest, ROOTS) if r.split == args.split]
     if args.only_old_split:
-        with open(args.only_old_split, newline="") as fh:
-            held = {(r["source"], r["path"]) for r in csv.DictReader(fh) if r["split"] in ("val", "test")}
-        rows = [r for r in rows if (r["source"], r["path"]) in held]
+        held = {r.key for r in data.read_manifest(args.only_old_split, ROOTS) if r.split in ("val", "test")}
+        rows = [r for r in rows if r.key in held]
+    items = [(r.key, r.path) for r in rows]
     for folder in args.models:
-        card = card_lib.read(folder)
         classifier = models.load(folder)
-        items = [(f"{r['source']}/{r['path']}", root[r["source"]] / r["path"]) for r in rows]
+        card = classifier.card
         out = evaluate._read_and_predict(classifier, items, 32, None)
         ok = [(row, p) for row, (_, p, err) in zip(rows, out, strict=True) if err is None]
         index = {c: i for i, c in enumerate(card.class_names)}
-        y = np.array([index[row["class"]] for row, _ in ok])
+        y = np.array([index[row.label] for row, _ in ok])
         probs = np.array([p for _, p in ok])
-        result = evaluate.score(card, y, probs, [row["source"] for row, _ in ok])
+        result = evaluate.score(card, y, probs, [row.source for row, _ in ok])
         print(f"{folder} ({card.input_size} px) on {args.split}: n {len(y)}, accuracy {result['accuracy']:.3f}, "
               f"macro AUC {result['auc']:.3f}")
         aucs = []
