@@ -7,6 +7,7 @@ loaded once per process with ``st.cache_resource`` and shared by every browser s
 
 from __future__ import annotations
 
+import ast
 import atexit
 import os
 import sys
@@ -31,6 +32,34 @@ UPLOAD_HELP = (
     "and never stored."
 )
 MODEL_KEY = "model_dir"
+
+
+def _serialise_ast_parse() -> None:
+    """Make ``ast.parse`` take a process-wide lock, once.
+
+    Python 3.11 keeps the depth counter of its AST constructor in interpreter-wide state
+    (CPython gh-106905), so two threads parsing at the same moment can fail with "SystemError:
+    AST constructor recursion depth mismatch". Here they do: Streamlit parses each page script
+    (``magic.py``) while the model's background warm-up traces TensorFlow functions, whose
+    autograph parses Python source (``gast.parse``); CI saw it on both sides (a page that raised,
+    a warm-up that failed). Both call ``ast.parse`` through the module attribute, so one lock
+    around it keeps them apart; parses take milliseconds, so nobody waits noticeably.
+    """
+    if getattr(ast.parse, "cxr_serialised", False):
+        return
+    parse, lock = ast.parse, threading.RLock()
+
+    def serialised(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return parse(*args, **kwargs)
+
+    serialised.cxr_serialised = True  # type: ignore[attr-defined]
+    serialised.cxr_lock = lock  # type: ignore[attr-defined]
+    serialised.__wrapped__ = parse  # type: ignore[attr-defined]
+    ast.parse = serialised
+
+
+_serialise_ast_parse()
 
 
 def models_root() -> Path:

@@ -109,6 +109,9 @@ def test_real_jpeg_shows_the_probabilities_cxr_core_gives(models_root):
 
 def _key(at: AppTest) -> str:
     """The shown image's key (content hash + weights hash), which keys its window widgets."""
+    if "explain_image" not in at.session_state:  # the page stopped before the image: say what it showed
+        shown = [e.value for e in (*at.exception, *at.error, *at.sidebar.error, *at.info)]
+        raise AssertionError(f"the page shows no classified image; it shows {shown}")
     return at.session_state["explain_image"]
 
 

@@ -239,3 +239,27 @@ def test_server_memory_levels_off_over_many_uploads(server, images):
     print(f"server RSS by upload: {samples}")
     growth = samples[SERVER_UPLOADS] - samples[SERVER_WARM]
     assert growth <= LEAK_BOUND_MB, f"server RSS grew {growth:.1f} MiB: {samples}"
+
+
+def test_ast_parses_of_streamlit_and_autograph_are_serialised():
+    """Python 3.11's AST constructor keeps its depth counter per interpreter (CPython gh-106905), so a page
+    parse racing the warm-up's autograph parse raised 'AST constructor recursion depth mismatch' in CI.
+    ``ui`` puts one lock around ``ast.parse``: with it held, both parsers wait, and go on once it is free."""
+    import ast
+
+    import gast
+    from streamlit.runtime.scriptrunner import magic
+
+    import ui
+
+    assert ui is not None and getattr(ast.parse, "cxr_serialised", False)
+    parsers = {"streamlit page": lambda: magic.add_magic("x = 1\nx\n", "page.py"),
+               "autograph": lambda: gast.parse("def f(y):\n    return y + 1\n")}
+    for name, parse in parsers.items():
+        done = threading.Event()
+        worker = threading.Thread(target=lambda parse=parse, done=done: (parse(), done.set()))
+        with ast.parse.cxr_lock:  # another thread is parsing
+            worker.start()
+            assert not done.wait(0.3), f"the {name} parse did not wait for the lock"
+        assert done.wait(10), f"the {name} parse did not go on once the lock was free"
+        worker.join()
