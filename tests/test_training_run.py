@@ -247,7 +247,7 @@ def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_
     _link(COVID_SET / "Covid", tmp_path / "covid" / "Covid", 20)
     config = TrainConfig(data=[str(data_dir), str(tmp_path / "covid")], out=str(tmp_path / "tiny-3"),
                          architecture="tiny", input_size=32,
-                         weights=str(first_run[0]), epochs=1, freeze_epochs=1, batch_size=16,
+                         weights=str(first_run[0]), epochs=1, batch_size=16,  # freeze_epochs auto: a new head
                          class_map={"Covid": "COVID-19"}, cache_dir=str(work / "cache"), verbose=0)
     out = run(config, log=lambda _: None)
     source, tuned = models.load(first_run[0]), models.load(out)
@@ -260,6 +260,7 @@ def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_
                         strict=True):
             np.testing.assert_array_equal(a, b)
     assert pd.read_csv(out / "history.csv")["phase"].tolist() == ["frozen"]
+    assert tuned.card.recipe["freeze_epochs"] == 3  # auto: a new head (a new class) trains alone first
     # Two sources: the held-out metrics are broken down by source, and the card warns about it.
     test = pd.read_csv(out / "predictions.csv").query("split == 'test'")
     by_source = json.loads((out / "metrics.json").read_text())["by_source"]
@@ -268,6 +269,21 @@ def test_fine_tune_from_our_model_folder_rebuilds_the_head(first_run, work, tmp_
     assert list(by_source["covid"]["per_class"]) == ["COVID-19"]
     assert any("source instead of the disease" in note for note in tuned.card.limitations)
     assert tuned.card.training_data["sources"]["covid"]["train"] == {"COVID-19": 16}
+
+
+def test_continuing_our_model_with_its_head_trains_the_whole_model_from_the_first_epoch(first_run, work):
+    """--freeze-epochs is auto: a copied head (same classes) needs no frozen phase, so none is spent."""
+    out = work / "runs" / "tiny-continued"
+    result = _cli("train", str(work / "cxr"), *SMOKE, "--epochs", "1", "--weights", str(first_run[0]),
+                  "--out", str(out), "--cache-dir", str(work / "cache"))
+    assert "--freeze-epochs 0 (auto: the head is copied" in result.stdout
+    source, continued = models.load(first_run[0]), models.load(out)
+    assert continued.card.recipe["freeze_epochs"] == 0
+    assert pd.read_csv(out / "history.csv")["phase"].tolist() == ["fine-tune"]
+    moved = [name for name in ("tiny_conv0", "tiny_conv1")  # the backbone trained in that one epoch
+             if not np.array_equal(source.model.get_layer(name).get_weights()[0],
+                                   continued.model.get_layer(name).get_weights()[0])]
+    assert moved == ["tiny_conv0", "tiny_conv1"]
 
 
 def test_starting_from_our_model_keeps_its_head_column_of_each_class(first_run):

@@ -20,7 +20,9 @@ HELP = {
     "negative_class": "class called when no positive class reaches its threshold",
     "architecture": "densenet169, densenet121, resnet50, vgg16, inceptionv3 (tiny: tests only)",
     "input_size": "model input in pixels", "weights": "none | imagenet | PATH.h5 | MODEL_DIR (fine-tune one of ours)",
-    "epochs": "total epochs, frozen phase included", "freeze_epochs": "epochs with the backbone frozen (pretrained)",
+    "epochs": "total epochs, frozen phase included",
+    "freeze_epochs": "epochs with the backbone frozen (pretrained weights); -1 (auto): 0 when the starting "
+                     "model's head is copied (one of ours, same classes), else 3",
     "unfreeze": "all | top:K layers | top:0.3 of them, for the fine-tune phase",
     "fine_tune_lr": "learning rate after unfreezing",
     "freeze_batchnorm": "from pretrained weights keep BatchNorm in inference mode (false: it trains when fine-tuning)",

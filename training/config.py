@@ -23,7 +23,9 @@ class TrainConfig:
     dropout: float = 0.2
     # optimisation
     epochs: int = 20  # total, including the frozen phase
-    freeze_epochs: int = 3  # epochs with the backbone frozen; only when starting from pretrained weights
+    # epochs with the backbone frozen, only from pretrained weights; -1 (auto): 0 when the starting model's
+    # head is copied (one of ours, same classes: no new head to settle first), else 3
+    freeze_epochs: int = -1
     freeze_batchnorm: bool = True  # from pretrained weights: keep BatchNorm in inference mode (off: it trains)
     unfreeze: str = "all"  # all | top:K (last K weighted layers) | top:0.3 (a fraction of them)
     batch_size: int = 32
@@ -87,12 +89,22 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be auto, off, float16 or bfloat16, got {self.mixed_precision!r}")
         if self.unfreeze != "all" and not self.unfreeze.startswith("top:"):
             raise ValueError(f"unfreeze must be all or top:K, got {self.unfreeze!r}")
-        if self.epochs < 0 or self.freeze_epochs < 0 or self.batch_size < 1:
-            raise ValueError("epochs and freeze_epochs must be >= 0 and batch_size >= 1")
+        if self.epochs < 0 or self.freeze_epochs < -1 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0, freeze_epochs >= 0 (or -1: auto) and batch_size >= 1")
 
     @property
     def holdout_sources(self) -> list[str]:
         return [s.strip() for s in self.holdout_source.split(",") if s.strip()]
+
+    def with_freeze_epochs(self, head_copied: bool) -> TrainConfig:
+        """This config with ``freeze_epochs`` decided: auto (-1) becomes 0 when the head was copied, else 3.
+
+        A frozen phase lets a new head settle before the backbone moves; a copied head has nothing to settle,
+        and freezing the backbone under it only spends epochs (a 224 px cxr3 run lost 38 minutes to it).
+        """
+        if self.freeze_epochs >= 0:
+            return self
+        return dataclasses.replace(self, freeze_epochs=0 if head_copied else 3)
 
     @property
     def pretrained(self) -> bool:

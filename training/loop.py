@@ -40,6 +40,8 @@ def phases(config: TrainConfig) -> list[tuple[str, int, float]]:
     """(phase, last epoch, learning rate): frozen then fine-tune from pretrained weights, else scratch."""
     if not config.pretrained:
         return [("scratch", config.epochs, config.lr)]
+    if config.freeze_epochs < 0:
+        raise ValueError("freeze_epochs is auto (-1): decide it first (TrainConfig.with_freeze_epochs)")
     frozen = min(config.freeze_epochs, config.epochs)
     return [("frozen", frozen, config.lr), ("fine-tune", config.epochs, config.fine_tune_lr)]
 
