@@ -160,12 +160,12 @@ def run(config: TrainConfig, log=print) -> Path:
             head = "its head too (same classes)" if "logits" in copied else f"new head for {classes}"
             head += "".join(f"; {c} copied by class name" for c in copied if c.startswith("logits["))
             log(f"copied {len(copied)} layers from {config.weights}; {head}")
-        if config.pretrained and config.freeze_epochs < 0:
-            config = config.with_freeze_epochs("logits" in copied)
+        auto = config.freeze_epochs < 0
+        config = config.with_freeze_epochs("logits" in copied)
+        if config.pretrained and auto:
             log(f"--freeze-epochs {config.freeze_epochs} (auto: "
                 + ("the head is copied, so the whole model trains from the first epoch)" if config.freeze_epochs == 0
                    else "a new head trains alone first, then the backbone is unfrozen)"))
-        config = config.with_freeze_epochs("logits" in copied)
         loop = Loop(model, build.training_model(model, config), config, out)
         if config.resume and loop.resume():
             log(f"resuming after epoch {loop.state['epoch']}")
