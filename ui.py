@@ -41,8 +41,9 @@ def _serialise_ast_parse() -> None:
     (CPython gh-106905), so two threads parsing at the same moment can fail with "SystemError:
     AST constructor recursion depth mismatch". Here they do: Streamlit parses each page script
     (``magic.py``) while the model's background warm-up traces TensorFlow functions, whose
-    autograph parses Python source (``gast.parse``); CI saw it on both sides (a page that raised,
-    a warm-up that failed). Both call ``ast.parse`` through the module attribute, so one lock
+    autograph parses Python source (``gast.parse``). CI saw it raised in a page; a later CI page that
+    never showed its image fits a warm-up that failed the same way (its log did not say). Both
+    call ``ast.parse`` through the module attribute, so one lock
     around it keeps them apart; parses take milliseconds, so nobody waits noticeably.
     """
     if getattr(ast.parse, "cxr_serialised", False):
