@@ -126,6 +126,31 @@ def test_resume_continues_from_the_last_epoch(first_run, resumed_run):
     assert card_lib.load(out).recipe["epochs_run"] == 2
 
 
+def test_time_budget_stops_between_epochs_saves_the_model_and_resume_continues(work, tmp_path):
+    """--time-budget: no epoch starts that would end past it; the model is saved; --resume finishes the run."""
+    out = tmp_path / "tiny-budget"
+    base = dict(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                epochs=3, cache_dir=str(work / "cache"), verbose=0)
+    lines: list[str] = []
+    run(TrainConfig(**base, time_budget=1e-6), log=lines.append)  # any epoch is longer than 60 microseconds
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1]
+    assert any("--time-budget 1e-06 min: stopped after epoch 1 of 3" in line for line in lines), lines
+    card = models.load(out).card  # a complete, loadable model folder
+    assert card.recipe["stopped_by_time_budget"] is True and card.recipe["epochs_run"] == 1
+    state = json.loads((out / ".ckpt" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["done"] == []  # not early stopping: the phase is not finished
+    run(TrainConfig(**base, resume=True, time_budget=60), log=lambda _: None)
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
+    assert models.load(out).card.recipe["stopped_by_time_budget"] is False
+
+
+def test_time_budget_does_not_count_the_last_epoch_as_stopped(work, tmp_path):
+    out = tmp_path / "tiny-budget-last"
+    run(TrainConfig(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                    epochs=1, cache_dir=str(work / "cache"), verbose=0, time_budget=1e-6), log=lambda _: None)
+    assert card_lib.load(out).recipe["stopped_by_time_budget"] is False
+
+
 def test_starting_over_an_earlier_run_needs_resume(first_run, work):
     config = TrainConfig(data=[str(work / "cxr")], out=str(first_run[0]), architecture="tiny", input_size=32)
     with pytest.raises(FileExistsError, match="--resume"):

@@ -34,6 +34,7 @@ class FitResult:
     best_val_loss: float | None
     train_seconds: float
     images_seen: int
+    stopped_by_time_budget: bool = False
 
 
 def phases(config: TrainConfig) -> list[tuple[str, int, float]]:
@@ -89,6 +90,25 @@ class _ReduceLR(keras.callbacks.ReduceLROnPlateau):
                 "best": None if np.isinf(self.best) else float(self.best)}
 
 
+class _TimeBudget(keras.callbacks.Callback):
+    """Stops before an epoch that the mean epoch of this process says would end past ``minutes``.
+
+    Unlike early stopping the phase is not done: ``--resume`` continues it (``Loop.budget_hit``).
+    """
+
+    def __init__(self, loop: Loop, minutes: float):
+        super().__init__()
+        self.loop, self.budget = loop, minutes * 60
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = self.loop.process_seconds + (time.perf_counter() - self.loop.fit_started)
+        epochs = self.loop.process_epochs + 1
+        more = epoch + 1 < self.loop.config.epochs  # the run's last epoch ends it anyway
+        if self.budget > 0 and more and seconds + seconds / epochs > self.budget:
+            self.loop.budget_hit = True
+            self.model.stop_training = True
+
+
 class _Checkpoint(keras.callbacks.Callback):
     """Saves the run's full state after every epoch; must come after the other callbacks."""
 
@@ -105,7 +125,11 @@ class _Checkpoint(keras.callbacks.Callback):
         seconds = time.perf_counter() - self.started
         row = {"epoch": epoch + 1, "phase": self.phase, "lr": self.lr, "seconds": round(seconds, 3)}
         row.update({k: float(logs[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs})
-        self.loop.end_epoch(row, seconds, stopped=bool(self.model.stop_training),
+        self.loop.process_epochs += 1
+        # Early stopping ends the phase for good; the time budget only pauses it (--resume continues).
+        early_stopped = epoch > 0 and self.early.stopped_epoch == epoch
+        stopped = bool(self.model.stop_training) and (early_stopped or not self.loop.budget_hit)
+        self.loop.end_epoch(row, seconds, stopped=stopped,
                             callbacks={"early": self.early.state(), "plateau": self.plateau.state()})
 
 
@@ -118,6 +142,9 @@ class Loop:
         self.state: dict[str, Any] = {"epoch": 0, "history": [], "done": [], "best": None, "best_epoch": 0,
                                       "phase": None, "callbacks": None, "lr": None, "train_seconds": 0.0,
                                       "images_seen": 0}
+        # this process's training time and epochs, for --time-budget (a resumed run starts a new budget)
+        self.process_seconds, self.process_epochs, self.budget_hit = 0.0, 0, False
+        self.fit_started = 0.0
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one; True when the run continues from it."""
@@ -183,12 +210,18 @@ class Loop:
                                 patience=self.config.lr_patience, min_lr=1e-7)
             train.epoch = s["epoch"]
             train.order = train._order()
+            budget = _TimeBudget(self, self.config.time_budget)
+            self.fit_started = time.perf_counter()
             self.train_model.fit(train, validation_data=val, initial_epoch=s["epoch"], epochs=last_epoch,
-                                 callbacks=[early, plateau, _Checkpoint(self, phase, early, plateau)],
+                                 callbacks=[early, plateau, budget, _Checkpoint(self, phase, early, plateau)],
                                  verbose=verbose)
+            self.process_seconds += time.perf_counter() - self.fit_started
+            if self.budget_hit:
+                break  # out of time: scored and saved as it stands; --resume continues this phase
             if s["epoch"] < last_epoch and phase != "frozen":
                 break  # early stopping ends the run
         if (self.ckpt / "best.weights.h5").is_file():
             self.model.load_weights(str(self.ckpt / "best.weights.h5"))
         s = self.state
-        return FitResult(s["history"], s["best_epoch"], s["best"], s["train_seconds"], s["images_seen"])
+        return FitResult(s["history"], s["best_epoch"], s["best"], s["train_seconds"], s["images_seen"],
+                         self.budget_hit)

@@ -172,6 +172,9 @@ def run(config: TrainConfig, log=print) -> Path:
         fit = loop.run(dataset.Batches(train, config.batch_size, weights, shuffle=True, seed=config.seed),
                        dataset.Batches(val, config.batch_size), config.verbose)
     keras.mixed_precision.set_global_policy("float32")
+    if fit.stopped_by_time_budget:
+        log(f"--time-budget {config.time_budget:g} min: stopped after epoch {len(fit.history)} of {config.epochs} "
+            f"(the next would have ended past it); scoring the best epoch so far. --resume continues the run")
 
     card = _card(config, prepared, name)
     card.metrics = {"best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss}
@@ -182,6 +185,7 @@ def run(config: TrainConfig, log=print) -> Path:
     wall = time.perf_counter() - started
     card.recipe = {**config.to_dict(), "dropout": config.dropout, "hardware": hardware.describe(),
                    "precision_policy": policy, "distribution": distribution, "epochs_run": len(fit.history),
+                   "stopped_by_time_budget": fit.stopped_by_time_budget,
                    "train_seconds": round(fit.train_seconds, 1), "wall_seconds": round(wall, 1),
                    "images_per_second": round(fit.images_seen / fit.train_seconds, 1) if fit.train_seconds else None,
                    "copied_layers": len(copied), "augmentation": build.describe_augmentation(config)}
