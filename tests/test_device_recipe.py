@@ -141,3 +141,26 @@ def test_a_starting_model_inside_the_repository_keeps_its_path_there(tmp_path):
     assert device._repo_relative(REPO / "models" / "densenet169-cxr3") == "models/densenet169-cxr3"
     assert device._repo_relative(tmp_path) == ""
     assert device._repo_relative(None) == ""
+
+
+def test_exclude_and_include_weights_round_trip_in_a_repository(tmp_path, monkeypatch):
+    """The calls' tree leaves out the shipped weights, and afterwards git's index is as committed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    weights = tmp_path / "models" / "m" / "model.weights.h5"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"w" * 100)
+    (tmp_path / "models" / "m" / "model_card.json").write_text("{}")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.chdir(tmp_path)
+    assert device.exclude_weights() == ["models/m/model.weights.h5"]
+    assert git("ls-files").split() == ["models/m/model_card.json"]
+    # a staged deletion, and not untracked either (ignored): the tool's tree holds it only where carried
+    assert git("status", "--porcelain", "--untracked-files=all") == "D  models/m/model.weights.h5\n"
+    assert weights.read_bytes() == b"w" * 100  # the file itself stays
+    assert device.include_weights() == ["models/m/model.weights.h5"]
+    assert git("status", "--porcelain", "--untracked-files=all") == ""
+    assert device.WEIGHTS_GLOB not in (tmp_path / ".git" / "info" / "exclude").read_text()
