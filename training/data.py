@@ -245,14 +245,18 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
     return path
 
 
-def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]:
-    """Records from a manifest, resolved against the same dataset folders (by source name)."""
-    names: list[str] = []
+def roots_by_source(roots: Sequence[str | Path]) -> dict[str, Path]:
+    """Each dataset folder (resolved) under its source name, as a run names the sources of its manifest."""
     root_of: dict[str, Path] = {}
     for root in map(Path, roots):
-        name = source_name(root, names)
-        names.append(name)
-        root_of[name] = root.resolve()
+        root_of[source_name(root, list(root_of))] = root.resolve()
+    return root_of
+
+
+def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]:
+    """Records from a manifest, resolved against the same dataset folders (by source name)."""
+    root_of = roots_by_source(roots)
+    names = list(root_of)
     records = []
     with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
         for raw in csv.DictReader(fh):

@@ -21,7 +21,6 @@ tracked tree is over 64 MiB with them) and put them back. training/README.md has
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import subprocess
@@ -29,19 +28,13 @@ import sys
 import tarfile
 from pathlib import Path
 
+from cxr_core.card import sha256_of
+
 PAYLOAD = "payload.json"
 PART = "payload.part-"
 RESULT = "result.part-"
 START_FILES = ("model_card.json", "model.weights.h5", "familiarity.npz")
 WEIGHTS_GLOB = "models/*/model.weights.h5"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _members(manifest: Path, roots: list[Path], data_root: Path, start: Path | None,
@@ -129,7 +122,7 @@ def pack(manifest: Path, roots: list[Path], data_root: Path, out: Path, part_mib
         for name, path in members:
             tar.add(path, arcname=name, recursive=False)
     parts.close()
-    info = {"parts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in parts.paths],
+    info = {"parts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in parts.paths],
             "files": len(members), "films": sum(1 for name, _ in members if name.startswith("data/")),
             "start": start is not None, "wheels": sum(1 for name, _ in members if name.startswith("wheels/")),
             # where the run there finds the starting model (the same relative path as here, so that its card
@@ -167,9 +160,7 @@ def check(folder: Path, roots: list[Path], split: str, n: int) -> float:
     from training import data, evaluate
 
     classifier = models.load(folder, engine="tensorflow")
-    root_of: dict[str, Path] = {}
-    for root in roots:
-        root_of[data.source_name(root, list(root_of))] = root
+    root_of = data.roots_by_source(roots)
     with (folder / "predictions.csv").open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == split][:n]
     if not rows:
