@@ -101,8 +101,8 @@ class _TimeBudget(keras.callbacks.Callback):
         self.loop, self.budget = loop, minutes * 60
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = self.loop.process_seconds + (time.perf_counter() - self.loop.fit_started)
-        epochs = self.loop.process_epochs + 1
+        seconds = time.perf_counter() - self.loop.run_started
+        epochs = epoch + 1 - self.loop.first_epoch  # the epochs this process has run
         more = epoch + 1 < self.loop.config.epochs  # the run's last epoch ends it anyway
         if self.budget > 0 and more and seconds + seconds / epochs > self.budget:
             self.loop.budget_hit = True
@@ -125,7 +125,6 @@ class _Checkpoint(keras.callbacks.Callback):
         seconds = time.perf_counter() - self.started
         row = {"epoch": epoch + 1, "phase": self.phase, "lr": self.lr, "seconds": round(seconds, 3)}
         row.update({k: float(logs[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs})
-        self.loop.process_epochs += 1
         # Early stopping ends the phase for good; the time budget only pauses it (--resume continues).
         early_stopped = epoch > 0 and self.early.stopped_epoch == epoch
         stopped = bool(self.model.stop_training) and (early_stopped or not self.loop.budget_hit)
@@ -142,9 +141,9 @@ class Loop:
         self.state: dict[str, Any] = {"epoch": 0, "history": [], "done": [], "best": None, "best_epoch": 0,
                                       "phase": None, "callbacks": None, "lr": None, "train_seconds": 0.0,
                                       "images_seen": 0}
-        # this process's training time and epochs, for --time-budget (a resumed run starts a new budget)
-        self.process_seconds, self.process_epochs, self.budget_hit = 0.0, 0, False
-        self.fit_started = 0.0
+        # when this process began training and from which epoch, for --time-budget (a resumed run starts a
+        # new budget), and whether the budget ended it
+        self.run_started, self.first_epoch, self.budget_hit = 0.0, 0, False
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one; True when the run continues from it."""
@@ -192,6 +191,7 @@ class Loop:
         self.n_train = len(train.split.labels)
         if verbose < 0:
             verbose = 1 if sys.stdout.isatty() else 2
+        self.run_started, self.first_epoch = time.perf_counter(), self.state["epoch"]
         for phase, last_epoch, lr in phases(self.config):
             s = self.state
             if phase in s["done"] or s["epoch"] >= last_epoch:
@@ -211,11 +211,9 @@ class Loop:
             train.epoch = s["epoch"]
             train.order = train._order()
             budget = _TimeBudget(self, self.config.time_budget)
-            self.fit_started = time.perf_counter()
             self.train_model.fit(train, validation_data=val, initial_epoch=s["epoch"], epochs=last_epoch,
                                  callbacks=[early, plateau, budget, _Checkpoint(self, phase, early, plateau)],
                                  verbose=verbose)
-            self.process_seconds += time.perf_counter() - self.fit_started
             if self.budget_hit:
                 break  # out of time: scored and saved as it stands; --resume continues this phase
             if s["epoch"] < last_epoch and phase != "frozen":
