@@ -71,9 +71,8 @@ run="$stage/run"
 rm -rf "$run"
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} JAX_DEFAULT_MATMUL_PRECISION=highest PYTHONUNBUFFERED=1
 status=0
-"$python" -m training train "${args[@]}" --out "$run" --cache-dir "$stage/cache" --mixed-precision off \
-  > >(tee "$out/train.log") 2>&1 || status=$?
-sleep 1  # let tee finish writing the log
+"$python" -m training train "${args[@]}" --out "$run" --cache-dir "$stage/cache" --mixed-precision off 2>&1 \
+  | tee "$out/train.log" || status=$?  # pipefail: the status is training's
 if [ -f "$run/model_card.json" ]; then
   # The model folder without its checkpoint, cut to what comes back (16 MiB a file, 8 files).
   tar -c -C "$stage" --exclude .ckpt run | split -b 15M -d - "$out/result.part-"
