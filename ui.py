@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import gc
 import os
 import sys
 import threading
@@ -61,6 +62,36 @@ def _serialise_ast_parse() -> None:
 
 
 _serialise_ast_parse()
+
+
+def _keep_keras_state_between_runs() -> None:
+    """Stop Streamlit from calling ``keras.backend.clear_session()`` after every script run, once.
+
+    Streamlit's script runner does that whenever ``keras`` is imported (``_clean_problem_modules``),
+    for apps that build a new model on each run. This app builds its models once per process and shares
+    them (``st.cache_resource``), so the call only costs: a second full garbage collection after each
+    rerun of each session (about 0.25 s with TensorFlow loaded: 70 % of an upload's rerun in AppTest),
+    TensorFlow's kernel cache emptied, and Keras' global state replaced for every thread, including a
+    background load building a model at that moment. Matplotlib's figures are still closed as before.
+    Without the private hook (another Streamlit release) nothing changes.
+    """
+    from streamlit.runtime.scriptrunner import script_runner
+
+    clean = getattr(script_runner, "_clean_problem_modules", None)
+    if clean is None or getattr(clean, "cxr_keeps_keras", False):
+        return
+
+    def clean_without_keras() -> None:
+        gc.collect(1)
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")
+
+    clean_without_keras.cxr_keeps_keras = True  # type: ignore[attr-defined]
+    clean_without_keras.__wrapped__ = clean  # type: ignore[attr-defined]
+    script_runner._clean_problem_modules = clean_without_keras
+
+
+_keep_keras_state_between_runs()
 
 
 def models_root() -> Path:

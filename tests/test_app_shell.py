@@ -90,3 +90,17 @@ def test_headline_figures_read_as_counts_and_percentages():
                                                     "test ece": 0.005028, "best_epoch": 7.0}.items()}
     assert shown == {"test n": "1,264", "test accuracy": "95.4%", "test auc": "0.995", "test ece": "0.5%",
                      "best_epoch": "7"}
+
+
+def test_a_page_run_leaves_keras_global_state_alone(models_root):
+    """Streamlit calls keras.backend.clear_session() after each script run when keras is imported; ui turns
+    that off (models are built once per process and shared), so Keras state set before a run survives it."""
+    from keras.src.backend.common import global_state
+
+    global_state.set_global_attribute("cxr_probe", "kept")
+    try:
+        at = AppTest.from_file(APP, default_timeout=120).run()
+        assert [e.value for e in at.exception] == []
+        assert global_state.get_global_attribute("cxr_probe") == "kept"
+    finally:
+        global_state.set_global_attribute("cxr_probe", None)
