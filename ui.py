@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import atexit
-import gc
 import os
 import sys
 import threading
@@ -82,7 +81,6 @@ def _keep_keras_state_between_runs() -> None:
         return
 
     def clean_without_keras() -> None:
-        gc.collect(1)
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close("all")
 
