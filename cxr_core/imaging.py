@@ -38,6 +38,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+import cxr_core
 from cxr_core import limits
 from cxr_core.errors import UnreadableImageError
 
@@ -138,6 +139,7 @@ def load(
     modality units that replaces the DICOM file's own; ``max_pixels`` caps width x height,
     checked from the header before any decoding.
     """
+    cxr_core.keep_dicom_values_out_of_logs()
     try:
         if window is not None and not (np.isfinite(window).all() and float(window[1]) > 0):
             raise UnreadableImageError(f"The window width must be positive and the window finite, got "

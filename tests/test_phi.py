@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,12 +85,38 @@ def written_files(folders: list[Path], since: float) -> Iterator[Path]:
                     continue
 
 
+def damaged_with_phi() -> bytes:
+    """study1 with PHI whose Transfer Syntax UID element (0002,0010) claims a length that runs on through the
+    patient's name and id: pydicom then warns "Invalid value for VR UI: '...'" quoting those bytes."""
+    blob = bytearray(with_phi(SOURCES["study1.dcm"]))
+    at = blob.index(b"\x02\x00\x10\x00UI")
+    end = max(blob.index(PHI[key].encode()) + len(PHI[key]) for key in ("PatientName", "PatientID"))
+    blob[at + 6:at + 8] = (end + 2 - (at + 8)).to_bytes(2, "little")
+    return bytes(blob)
+
+
 @pytest.fixture()
 def uploads() -> dict[str, bytes]:
     data = {name: with_phi(path) for name, path in SOURCES.items()}
     for name, blob in data.items():  # the test is only meaningful if the uploads do carry the PHI
         assert MARKER.encode() in blob and PHI["PatientID"].encode() in blob, name
     return data
+
+
+@pytest.fixture()
+def damaged() -> tuple[str, bytes]:
+    """The damaged upload, checked to make pydicom quote the patient's name and id when read (the test is
+    only meaningful if it does)."""
+    blob = damaged_with_phi()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            pydicom.dcmread(io.BytesIO(blob), force=True)
+        except Exception:
+            pass
+    quoted = " ".join(str(w.message) for w in said)
+    assert PHI["PatientName"] in quoted and PHI["PatientID"] in quoted, quoted[:300]
+    return "damaged.dcm", blob
 
 
 @pytest.fixture()
@@ -132,7 +159,7 @@ def page_text(at: AppTest) -> str:
     return "\n".join(parts)
 
 
-def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, isolated, monkeypatch, capfd):
+def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, damaged, isolated, monkeypatch, capfd):
     saved: list[tuple[object, str | None]] = []
     deferred: list[tuple[object, str | None]] = []
     store = MemoryMediaFileStorage.load_and_get_id
@@ -156,12 +183,15 @@ def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, isolated
         assert not classify.exception, [e.value for e in classify.exception]
         assert any(m.value.startswith("### Decision:") for m in classify.markdown), name  # it really ran
         texts.append((page_text(classify), f"classify page for {name}"))
+    classify.file_uploader(key="classify_upload").set_value((*damaged, "application/dicom")).run()
+    assert not classify.exception and classify.error, "the damaged DICOM got no clear error"
+    texts.append((page_text(classify), "classify page for the damaged DICOM"))
     reports = [(fn(), file_name) for fn, file_name in deferred if file_name and file_name.startswith("cxr-report")]
     assert {name for _, name in reports} >= {"cxr-report.png", "cxr-report.pdf"}
     assert all(len(blob) > 10_000 for blob, _ in reports)
 
     batch = AppTest.from_file(str(REPO / "pages" / "batch.py"), default_timeout=180).run()
-    files = [(n, d, "application/dicom") for n, d in uploads.items()]
+    files = [(n, d, "application/dicom") for n, d in [*uploads.items(), damaged]]
     files.append(("normal.jpeg", KERMANY_JPEG.read_bytes(), "image/jpeg"))
     batch.file_uploader(key="batch_upload").set_value(files).run()
     batch.button(key="batch_score_upload").click().run()
@@ -170,7 +200,7 @@ def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, isolated
     csvs = [data for data, filename in saved if filename == "batch_review.csv"]
     assert csvs, "the batch page offered no CSV"
     csv = csvs[-1] if isinstance(csvs[-1], bytes) else str(csvs[-1]).encode()
-    assert b"study1.dcm" in csv and b"study2.dcm" in csv and b"normal.jpeg" in csv  # the real export
+    assert all(name.encode() in csv for name in ("study1.dcm", "study2.dcm", "damaged.dcm", "normal.jpeg"))
 
     out, err = capfd.readouterr()
     # The detector itself finds every needle where they are (the uploads), in either encoding.
@@ -224,7 +254,7 @@ def download(page, label: str, tries: int = 3) -> bytes:
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_no_patient_data_through_a_real_server(uploads, tiny_model_dir, tmp_path):
+def test_no_patient_data_through_a_real_server(uploads, damaged, tiny_model_dir, tmp_path):
     """The same search against ``streamlit run app.py`` driven by Chromium: the server's own output, its
     TMPDIR, the pages' HTML, and the report and CSV as the browser downloads them."""
     from playwright.sync_api import sync_playwright
@@ -252,21 +282,24 @@ def test_no_patient_data_through_a_real_server(uploads, tiny_model_dir, tmp_path
                 html.append(page.content())
             for label in ("Download report (PNG)", "Download report (PDF)"):
                 downloads[label] = download(page, label)
+            upload(page, damaged[0], damaged[1], "application/dicom")  # pydicom quotes the PHI reading it
+            page.locator('[data-testid="stAlert"]', has_text="The DICOM file").wait_for(timeout=60_000)
+            html.append(page.content())
             page.goto(f"http://127.0.0.1:{port}/batch")
             page.wait_for_selector('[data-testid="stFileUploader"]', timeout=120_000)
+            batch = [*uploads.items(), damaged]
             page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',
-                                 files=[{"name": n, "mimeType": "application/dicom", "buffer": d}
-                                        for n, d in uploads.items()])
-            page.get_by_role("button", name=f"Score {len(uploads)} file(s)").click(timeout=60_000)
-            page.get_by_role("button", name=f"Download these {len(uploads)} rows as CSV").wait_for(timeout=120_000)
-            downloads["CSV"] = download(page, f"Download these {len(uploads)} rows as CSV")
+                                 files=[{"name": n, "mimeType": "application/dicom", "buffer": d} for n, d in batch])
+            page.get_by_role("button", name=f"Score {len(batch)} file(s)").click(timeout=60_000)
+            page.get_by_role("button", name=f"Download these {len(batch)} rows as CSV").wait_for(timeout=120_000)
+            downloads["CSV"] = download(page, f"Download these {len(batch)} rows as CSV")
             html.append(page.content())
             browser.close()
     finally:
         output = stop(proc)
     assert downloads["Download report (PNG)"].startswith(b"\x89PNG")
     assert downloads["Download report (PDF)"].startswith(b"%PDF")
-    assert b"study1.dcm" in downloads["CSV"] and b"study2.dcm" in downloads["CSV"]
+    assert all(name.encode() in downloads["CSV"] for name in ("study1.dcm", "study2.dcm", "damaged.dcm"))
     leaks = find_needles(output, "server stdout/stderr")
     for i, text in enumerate(html):
         leaks += find_needles(text, f"page HTML {i}")
