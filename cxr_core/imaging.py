@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 import zlib
@@ -65,6 +66,7 @@ _READ_TAGS = METADATA_TAGS + (
 _READ_TAG_NUMBERS = [Tag(keyword) for keyword in _READ_TAGS]
 _READS_PER_ELEMENT = 4  # pydicom reads a data element with 1-3 calls (tag and length, long length, value)
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # a UID's characters (PS3.5 9.1); at most 64 of them
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
@@ -553,6 +555,13 @@ def _check_codestream(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int, c
 def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: int) -> LoadedImage:
     fp, deflated = _inflate(fp, max_pixels)
     header = _parse(fp, stop_at_pixels=True)  # cheap: stops before the pixel data
+    meta = getattr(header, "file_meta", None)
+    syntax_uid = str(meta.get("TransferSyntaxUID", "") if meta is not None else "").rstrip("\x00 ")
+    if syntax_uid and (len(syntax_uid) > 64 or not _UID.fullmatch(syntax_uid)):
+        raise UnreadableImageError("The DICOM file's header is damaged: its transfer syntax is not a DICOM UID "
+                                   "(damaged bytes, or an element length that runs into the data after it), so "
+                                   "the rest of the file cannot be read reliably. Export the image again from the "
+                                   "PACS or modality and retry.")
     if "Rows" not in header or "Columns" not in header:
         raise UnreadableImageError("The DICOM file contains no image (no Pixel Data): it may be a report, "
                                    "structured report or presentation state. Export the image itself and retry.")

@@ -444,3 +444,19 @@ def test_only_unreadable_image_error_escapes():
 def test_image_names():
     assert all(map(imaging.is_image_name, ["a.dcm", "A.JPG", "b.png", "IM0001", "1.2.840.113619.2.55.3", "c.tiff"]))
     assert not any(map(imaging.is_image_name, ["notes.txt", "report.pdf", ".DS_Store", "._x.jpg", "data.csv"]))
+
+
+@pytest.mark.parametrize("damage", ["length runs on", "not a uid"])
+def test_a_damaged_transfer_syntax_uid_is_refused_as_a_damaged_header(damage):
+    """A Transfer Syntax UID whose length swallows the elements after it (or that holds no UID at all) is
+    named as the damage, not read on into a misleading message (it used to say 'no Pixel Data: a report')."""
+    good = bytearray(_dicom(_gradient().astype(np.uint16), PatientName="Doe^Jane"))
+    at = good.index(b"\x02\x00\x10\x00UI")
+    length = struct.unpack("<H", good[at + 6:at + 8])[0]
+    assert imaging.load(bytes(good), "x.dcm").pixels.shape == (32, 64)  # the same file, undamaged, reads
+    if damage == "length runs on":
+        good[at + 6:at + 8] = struct.pack("<H", good.index(b"Doe^Jane") + 8 - (at + 8))
+    else:
+        good[at + 8:at + 8 + length] = b"1.2.840.x0008.1.2.1\x00"[:length].ljust(length, b"\x00")
+    with pytest.raises(UnreadableImageError, match="header is damaged: its transfer syntax is not a DICOM UID"):
+        imaging.load(bytes(good), "x.dcm")
