@@ -17,56 +17,19 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from badinput import DATA, KERMANY_JPEG
+from badinput import KERMANY_JPEG
+from phi_inputs import MARKER, NEEDLES, PHI, SOURCES, damaged_with_phi, find_needles, with_phi
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = {  # upload name -> real file (JPEG baseline with file meta; implicit VR without file meta)
-    "study1.dcm": DATA / "dicom" / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
-    "study2.dcm": DATA / "dicom" / "fo-dicom" / "CR-MONO1-10-chest.dcm",
-}
-PHI = {
-    "PatientName": "Quibbleworth^Zenobia",
-    "PatientID": "PID-86753091",
-    "PatientBirthDate": "19230417",
-    "AccessionNumber": "ACC77341902",
-    "InstitutionName": "Saint Marmaduke Infirmary",
-    "ReferringPhysicianName": "Fennimore^Ulysses",
-    "OtherPatientIDs": "OPID-4417730",
-}
-MARKER = f"UPLOAD-MARKER-{uuid.uuid4().hex}"
-# What must never appear: each value and each part of the person names.
-NEEDLES = sorted({v for v in PHI.values()} | {p for v in PHI.values() for p in v.split("^")} | {MARKER})
-
-
-def with_phi(path: Path) -> bytes:
-    """The real file with PHI set and MARKER in a private tag, as bytes (written like the original)."""
-    ds = pydicom.dcmread(path, force=True)
-    for key, value in PHI.items():
-        setattr(ds, key, value)
-    ds.private_block(0x0011, "PHI TEST", create=True).add_new(0x01, "LO", MARKER)
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
-
-
-def find_needles(blob: bytes | str, where: str) -> list[str]:
-    data = blob.encode("utf-8", "replace") if isinstance(blob, str) else blob
-    found = []
-    for needle in NEEDLES:
-        for encoding in ("utf-8", "utf-16-le"):
-            if needle.encode(encoding) in data:
-                found.append(f"{needle!r} ({encoding}) in {where}")
-    return found
 
 
 def written_files(folders: list[Path], since: float) -> Iterator[Path]:
@@ -83,16 +46,6 @@ def written_files(folders: list[Path], since: float) -> Iterator[Path]:
                         yield path
                 except OSError:
                     continue
-
-
-def damaged_with_phi() -> bytes:
-    """study1 with PHI whose Transfer Syntax UID element (0002,0010) claims a length that runs on through the
-    patient's name and id: pydicom then warns "Invalid value for VR UI: '...'" quoting those bytes."""
-    blob = bytearray(with_phi(SOURCES["study1.dcm"]))
-    at = blob.index(b"\x02\x00\x10\x00UI")
-    end = max(blob.index(PHI[key].encode()) + len(PHI[key]) for key in ("PatientName", "PatientID"))
-    blob[at + 6:at + 8] = (end + 2 - (at + 8)).to_bytes(2, "little")
-    return bytes(blob)
 
 
 @pytest.fixture()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from phi_inputs import SOURCES, damaged_with_phi, find_needles, with_phi
 from scoring_inputs import film_folder, same_scores
 
 from scoring.job import Config, run
@@ -52,6 +53,7 @@ def _scoring(films: Path, model: Path, out: Path, cluster: LocalCluster, *extra:
 
 def _summary(process: subprocess.Popen) -> tuple[int, int, int, int]:
     output, _ = process.communicate(timeout=540)
+    process.output = output  # type: ignore[attr-defined]
     assert process.returncode == 0, output[-3000:]
     match = SUMMARY.search(output)
     assert match, output[-3000:]
@@ -78,6 +80,11 @@ def _wait_for(condition, what: str, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
+def ray_temp_dir() -> Path:
+    """Where ``ray start`` keeps its sessions (Ray's default: $RAY_TMPDIR, else $TMPDIR, else /tmp; then ray/)."""
+    return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
+
+
 def _parts(out: Path) -> list[Path]:
     return sorted(out.with_name(out.name + ".parts").glob("part-*.parquet"))
 
@@ -87,6 +94,29 @@ def test_two_node_cluster_gives_the_local_rows(cluster, films, tiny_model_dir, l
     files, scored, skipped, errors = _summary(_scoring(films, tiny_model_dir, out, cluster))
     assert (files, scored, skipped) == (len(local), len(local), 0) and errors == (local["error"] != "").sum() == 3
     same_scores(pd.read_parquet(out), local)
+
+
+def test_no_patient_data_in_the_output_or_any_log_of_the_cluster(cluster, tiny_model_dir, tmp_path):
+    """A damaged DICOM that makes pydicom quote its patient's name and id, beside a good one: the patient data
+    reaches neither the driver's output, the result, nor any log file of the cluster (each worker's stdout
+    and stderr are files under Ray's session folder)."""
+    films = tmp_path / "films"
+    films.mkdir()
+    (films / "damaged.dcm").write_bytes(damaged_with_phi())
+    (films / "good.dcm").write_bytes(with_phi(SOURCES["study2.dcm"]))
+    out = tmp_path / "r.parquet"
+    started = time.time() - 1
+    process = _scoring(films, tiny_model_dir, out, cluster)
+    assert _summary(process)[:2] == (2, 2)
+    errors = pd.read_parquet(out).set_index("path")["error"]
+    assert "header is damaged" in errors[str(films / "damaged.dcm")] and errors[str(films / "good.dcm")] == ""
+    logs = [p for p in (ray_temp_dir() / "session_latest" / "logs").rglob("*")
+            if p.is_file() and p.stat().st_mtime >= started]
+    assert any(p.name.startswith("worker-") for p in logs), "no worker log of this run was found"
+    leaks = find_needles(process.output, "driver output") + find_needles(out.read_bytes(), "result")
+    for path in logs:
+        leaks += find_needles(path.read_bytes(), str(path))
+    assert not leaks, "\n".join(leaks)
 
 
 def test_a_killed_actor_process_loses_and_repeats_nothing(cluster, films, tiny_model_dir, local, tmp_path):
