@@ -271,6 +271,16 @@ def dicom_with(pixels: np.ndarray | None = None, **tags: object) -> bytes:
     return out.getvalue()
 
 
+def transfer_syntax_running_through(data: bytes, *through: bytes) -> bytes:
+    """``data`` (a DICOM file with file meta) with its Transfer Syntax UID (0002,0010) claiming a length that
+    runs on through the last of the byte strings ``through`` (each found in the file), and 2 bytes past it."""
+    blob = bytearray(data)
+    at = blob.index(b"\x02\x00\x10\x00UI")  # explicit VR: tag, VR, 2-byte length, value
+    end = max(blob.index(part) + len(part) for part in through)
+    blob[at + 6:at + 8] = struct.pack("<H", end + 2 - (at + 8))
+    return bytes(blob)
+
+
 def empty_items_dicom(items: int) -> bytes:
     """The chest DICOM with an undefined-length sequence of ``items`` empty items before its first tag: cheap
     bytes (8 per item) that cost a parser per item, nested where a top-level element count does not reach."""

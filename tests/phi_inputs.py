@@ -8,12 +8,10 @@ import uuid
 from pathlib import Path
 
 import pydicom
-from badinput import DATA
+from badinput import CR_DICOM, SIIM_DICOM, transfer_syntax_running_through
 
-SOURCES = {  # upload name -> real file (JPEG baseline with file meta; implicit VR without file meta)
-    "study1.dcm": DATA / "dicom" / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
-    "study2.dcm": DATA / "dicom" / "fo-dicom" / "CR-MONO1-10-chest.dcm",
-}
+# upload name -> real file (JPEG baseline with file meta; implicit VR without file meta)
+SOURCES = {"study1.dcm": SIIM_DICOM, "study2.dcm": CR_DICOM}
 PHI = {
     "PatientName": "Quibbleworth^Zenobia",
     "PatientID": "PID-86753091",
@@ -52,8 +50,5 @@ def find_needles(blob: bytes | str, where: str) -> list[str]:
 def damaged_with_phi() -> bytes:
     """study1 with PHI whose Transfer Syntax UID element (0002,0010) claims a length that runs on through the
     patient's name and id: pydicom then warns "Invalid value for VR UI: '...'" quoting those bytes."""
-    blob = bytearray(with_phi(SOURCES["study1.dcm"]))
-    at = blob.index(b"\x02\x00\x10\x00UI")
-    end = max(blob.index(PHI[key].encode()) + len(PHI[key]) for key in ("PatientName", "PatientID"))
-    blob[at + 6:at + 8] = (end + 2 - (at + 8)).to_bytes(2, "little")
-    return bytes(blob)
+    return transfer_syntax_running_through(with_phi(SOURCES["study1.dcm"]),
+                                           PHI["PatientName"].encode(), PHI["PatientID"].encode())

@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pydicom
 import pytest
+from badinput import transfer_syntax_running_through
 from conftest import DATA, DICOM
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -450,13 +451,13 @@ def test_image_names():
 def test_a_damaged_transfer_syntax_uid_is_refused_as_a_damaged_header(damage):
     """A Transfer Syntax UID whose length swallows the elements after it (or that holds no UID at all) is
     named as the damage, not read on into a misleading message (it used to say 'no Pixel Data: a report')."""
-    good = bytearray(_dicom(_gradient().astype(np.uint16), PatientName="Doe^Jane"))
-    at = good.index(b"\x02\x00\x10\x00UI")
-    length = struct.unpack("<H", good[at + 6:at + 8])[0]
-    assert imaging.load(bytes(good), "x.dcm").pixels.shape == (32, 64)  # the same file, undamaged, reads
+    good = _dicom(_gradient().astype(np.uint16), PatientName="Doe^Jane")
+    assert imaging.load(good, "x.dcm").pixels.shape == (32, 64)  # the same file, undamaged, reads
     if damage == "length runs on":
-        good[at + 6:at + 8] = struct.pack("<H", good.index(b"Doe^Jane") + 8 - (at + 8))
+        damaged = transfer_syntax_running_through(good, b"Doe^Jane")
     else:
-        good[at + 8:at + 8 + length] = b"1.2.840.x0008.1.2.1\x00"[:length].ljust(length, b"\x00")
+        uid = ExplicitVRLittleEndian.encode() + b"\x00"  # as written (padded to an even length)
+        damaged = good.replace(uid, b"1.2.840.x0008.1.2.1\x00"[:len(uid)], 1)
+        assert damaged != good
     with pytest.raises(UnreadableImageError, match="header is damaged: its transfer syntax is not a DICOM UID"):
-        imaging.load(bytes(good), "x.dcm")
+        imaging.load(damaged, "x.dcm")
