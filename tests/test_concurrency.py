@@ -150,9 +150,8 @@ def test_page_memory_does_not_grow_over_200_uploads(tiny_model_dir, tmp_path, im
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "page-model")
     monkeypatch.setenv("CXR_MODELS_DIR", str(tmp_path / "models"))
     at = AppTest.from_file(str(REPO / "pages" / "classify.py"), default_timeout=180).run()
-    samples, alive = {}, {}
     try:
-        _upload_all(at, images, samples, alive)
+        samples, alive = _upload_all(at, images)
     finally:
         gc.unfreeze()
     print(f"page RSS by upload: {samples}; report argument dicts alive: {alive}")
@@ -160,7 +159,9 @@ def test_page_memory_does_not_grow_over_200_uploads(tiny_model_dir, tmp_path, im
     assert max(alive.values()) <= 2, f"earlier runs' page globals are still alive: {alive}"
 
 
-def _upload_all(at, images, samples: dict, alive: dict) -> None:
+def _upload_all(at, images) -> tuple[dict[int, float], dict[int, int]]:
+    """RSS (MiB) and the number of report argument dicts alive, after uploads 20, 100 and 200."""
+    samples, alive = {}, {}
     for i, (name, data) in enumerate(images, start=1):
         at.file_uploader(key="classify_upload").set_value((name, data, "image/jpeg")).run()
         assert not at.exception and any(m.value.startswith("### Decision:") for m in at.markdown), name
@@ -174,6 +175,7 @@ def _upload_all(at, images, samples: dict, alive: dict) -> None:
             samples[i] = rss_mb()
             alive[i] = sum(1 for o in gc.get_objects()
                            if isinstance(o, dict) and "overlay_rgb" in o and "explained_class" in o)
+    return samples, alive
 
 
 @pytest.fixture()
