@@ -328,6 +328,16 @@ def model_sidebar(wait: bool = True) -> Any:
     return loading
 
 
+def require_model(hint: str) -> tuple[Any, Any, str]:
+    """The sidebar's model as (Classifier, Explainer, model folder); without one, ``hint`` and the page stops."""
+    loaded = model_sidebar()
+    model_dir = st.session_state.get(MODEL_KEY)
+    if loaded is None or not model_dir:
+        st.info(hint)
+        st.stop()
+    return (*loaded, model_dir)
+
+
 def wait_for_model(loading: ModelLoad) -> tuple[Any, Any] | None:
     """The loaded (Classifier, Explainer), with a spinner while it loads; None with a message if it failed.
 

@@ -175,11 +175,7 @@ def results_ui(classifier, explainer, state: dict) -> None:
 ui.research_banner()
 auth.require("batch")
 st.title("Batch review")
-loaded = ui.model_sidebar()
-if loaded is None:
-    st.info("Choose a working model in the sidebar to score images.")
-    st.stop()
-classifier, explainer = loaded
+classifier, explainer, _model_dir = ui.require_model("Choose a working model in the sidebar to score images.")
 source = st.radio("Images from", SOURCES if auth.allowed("server_folders") else SOURCES[:2], horizontal=True,
                   key="batch_source")
 items = server_folder_ui() if source == SOURCES[2] else upload_ui(directory=source == SOURCES[1])

@@ -193,12 +193,7 @@ def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | N
 ui.research_banner()
 auth.require("instructor")
 st.title("Instructor: how the model sees")
-loaded = ui.model_sidebar()
-model_dir = st.session_state.get(ui.MODEL_KEY)
-if loaded is None or not model_dir:
-    st.info("Choose a working model in the sidebar.")
-    st.stop()
-classifier, explainer = loaded
+classifier, explainer, model_dir = ui.require_model("Choose a working model in the sidebar.")
 model_card = classifier.card
 model_key = f"{model_dir}:{model_card.weights_sha256}"
 held_out = held_out_rows(ev.read_evaluation(model_dir).predictions)

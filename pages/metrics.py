@@ -257,12 +257,7 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
 ui.research_banner()
 auth.require("metrics")
 st.title("Model metrics")
-loaded = ui.model_sidebar()
-model_dir = st.session_state.get(ui.MODEL_KEY)
-if loaded is None or not model_dir:
-    st.info("Choose a working model in the sidebar to see its metrics.")
-    st.stop()
-classifier, _explainer = loaded
+classifier, _explainer, model_dir = ui.require_model("Choose a working model in the sidebar to see its metrics.")
 model_card = classifier.card
 st.header(f"Held-out results of {model_card.name}")
 held_out_ui(Path(model_dir), model_card)

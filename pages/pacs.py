@@ -189,11 +189,7 @@ if settings is None:
             ".streamlit/secrets.toml.example) or set CXR_PACS_URL (and CXR_PACS_USER, CXR_PACS_PASSWORD), then "
             "restart the app. To try it, `python -m cxr_core.pacs demo` starts a local archive with sample films.")
     st.stop()
-loaded = ui.model_sidebar()
-if loaded is None:
-    st.info("Choose a working model in the sidebar to classify studies.")
-    st.stop()
-classifier, explainer = loaded
+classifier, explainer, _model_dir = ui.require_model("Choose a working model in the sidebar to classify studies.")
 st.caption(f"Archive: {settings.host}. Patient names and IDs are not shown; films are read into memory only.")
 client = dicomweb.Client(settings)
 search_ui(client)

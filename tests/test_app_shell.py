@@ -61,6 +61,20 @@ def test_every_page_shows_the_research_banner(models_root, page):
     assert at.warning[0].value == card.RESEARCH_USE
 
 
+@pytest.mark.parametrize(("page", "hint"), [
+    ("pages/batch.py", "to score images"), ("pages/metrics.py", "to see its metrics"),
+    ("pages/instructor.py", "Choose a working model in the sidebar."), ("pages/pacs.py", "to classify studies")])
+def test_a_page_without_a_working_model_says_so_and_stops(tmp_path, monkeypatch, page, hint):
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("CXR_PACS_URL", "http://127.0.0.1:9/dicom-web")  # settings only: no request is made
+    at = AppTest.from_file(str(Path(APP).parent / page), default_timeout=120).run()
+    assert [e.value for e in at.exception] == []
+    assert "No models found" in at.sidebar.error[0].value
+    assert [i.value for i in at.info if i.value.startswith("Choose a working model")] == [i.value for i in at.info]
+    assert any(hint in i.value for i in at.info)
+    assert not at.file_uploader and not at.button and not at.get("plotly_chart")  # the page stopped there
+
+
 def test_list_models_and_roots(models_root, monkeypatch, tmp_path):
     assert ui.models_root() == models_root
     assert [p.name for p in ui.list_models()] == ["tiny-cxr3", "tiny-pneumonia"]
