@@ -173,15 +173,18 @@ def server_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def upload(page, name: str, data: bytes, mime: str = "application/octet-stream", timeout: float = 120.0) -> None:
+def upload(page, name: str, data: bytes, mime: str = "application/octet-stream", timeout: float = 120.0,
+           settled: bool = False) -> None:
     """Put one file in the page's (first) uploader and wait until the script run it started has finished.
 
     A file set while the uploader is being redrawn can be dropped by the page (its chip never shows):
-    then it is set again, up to three times within ``timeout``.
+    then it is set again, up to three times within ``timeout``. ``settled``: the page is known to be idle
+    (the previous ``upload`` waited for it and nothing has happened since), so the first wait is skipped.
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    wait_idle(page, timeout)
+    if not settled:
+        wait_idle(page, timeout)
     chip = f'[data-testid="stFileChipName"]:text-is("{name}")'
     for attempt in range(3):
         page.set_input_files('[data-testid="stFileUploader"] input[type="file"]',

@@ -250,7 +250,7 @@ def test_server_memory_levels_off_over_many_uploads(server, images):
     page = _open_classify(server["browser"], server["url"])
     samples = {}
     for i, (name, data) in enumerate(images[:SERVER_UPLOADS], start=1):
-        upload(page, name, data, "image/jpeg")
+        upload(page, name, data, "image/jpeg", settled=i > 1)  # the last upload waited for the page
         page.wait_for_selector('h3:has-text("Decision:")', timeout=60_000)
         assert page.locator('[data-testid="stException"]').count() == 0, name
         if i in (SERVER_WARM, SERVER_UPLOADS // 2, SERVER_UPLOADS):
