@@ -43,7 +43,8 @@ class Record:
     patient: str = ""
     sha256: str = ""
     duplicate_of: str = ""  # "source/rel" of the copy kept, when this file is a duplicate
-    duplicate_kind: str = ""  # "bytes" (identical file) or "near" (same film re-encoded; training.hygiene)
+    duplicate_kind: str = ""  # "bytes" (identical file), "near" (same film re-encoded; training.hygiene) or
+    # "seen" (a val/test/external film that the starting weights trained on, or a copy of one: not held out)
 
     @property
     def key(self) -> str:
@@ -251,6 +252,15 @@ def roots_by_source(roots: Sequence[str | Path]) -> dict[str, Path]:
     for root in map(Path, roots):
         root_of[source_name(root, list(root_of))] = root.resolve()
     return root_of
+
+
+def trained_keys(path: str | Path) -> set[str]:
+    """The ``source/path`` keys a model trained on, from its ``split.csv``: its train split, and the copies of
+    those films that its run dropped as duplicates (the same film under another name)."""
+    with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        rows = [{key: csvsafe.restore(value) for key, value in raw.items()} for raw in csv.DictReader(fh)]
+    trained = {f"{r['source']}/{r['path']}" for r in rows if r["split"] == "train"}
+    return trained | {f"{r['source']}/{r['path']}" for r in rows if r.get("duplicate_of") in trained}
 
 
 def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]:

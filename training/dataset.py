@@ -49,13 +49,15 @@ class Prepared:
         kept = [r for s in self.splits.values() for r in s.records]
         cross = [d for d in self.duplicates if d.split and d.split != "train"]
         near = [d for d in self.duplicates if d.duplicate_kind == "near"]
+        seen = [d for d in self.duplicates if d.duplicate_kind == "seen"]
         return {
             "sources": data.counts(kept),
             "classes": self.classes,
             "images": {name: len(s.records) for name, s in self.splits.items()},
             "duplicates_removed": len(self.duplicates),
-            "byte_duplicates_removed": len(self.duplicates) - len(near),
+            "byte_duplicates_removed": len(self.duplicates) - len(near) - len(seen),
             "near_duplicates_removed": len(near),
+            "seen_by_starting_weights_removed": len(seen),
             "near_duplicates_by_source": self.near_duplicates,
             "held_out_duplicates_removed": len(cross),
             "holdout_sources": self.holdout,
@@ -96,8 +98,42 @@ def _hold_out(records: list[data.Record], holdout: list[str], from_manifest: boo
     return [dataclasses.replace(r, split=data.EXTERNAL) if r.source in holdout else r for r in records]
 
 
+HELD_OUT = ("val", "test", data.EXTERNAL)
+
+
+def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicates: list[data.Record], log
+                       ) -> tuple[list[int], list[data.Record]]:
+    """Leave out of val, test and external the films that the starting weights trained on.
+
+    A run that starts from one of our model folders (``--weights MODEL_DIR``) inherits what that model
+    learnt: a film in its train split (or a copy of one: the same bytes, or a near-copy this run found) is
+    not held out from the new model, so scoring it would inflate the figures. Such films are dropped from
+    scoring and recorded as duplicates of kind "seen". The check reads the starting folder's
+    ``split.csv`` as it is now; a source that this run does not read cannot be checked for copies.
+    Returns (indices of ``records`` kept, the dropped records).
+    """
+    manifest = Path(config.weights, "split.csv")
+    if not manifest.is_file() or not Path(config.weights, card_lib.CARD_FILE).is_file():
+        return list(range(len(records))), []
+    trained = data.trained_keys(manifest)
+    via: dict[str, str] = {r.key: r.key for r in records if r.key in trained}
+    for d in duplicates:  # a kept film whose dropped copy the starting weights trained on
+        if d.duplicate_of and d.key in trained:
+            via.setdefault(d.duplicate_of, d.key)
+    dropped_idx = {i: via[r.key] for i, r in enumerate(records) if r.split in HELD_OUT and r.key in via}
+    dropped = [dataclasses.replace(records[i], duplicate_of=key, duplicate_kind="seen")
+               for i, key in sorted(dropped_idx.items())]
+    if dropped:
+        by_split = Counter(d.split for d in dropped)
+        log(f"the starting weights ({config.weights}) trained on {len(dropped)} films of this run's held-out splits, "
+            "or on copies of them: left out of scoring ("
+            + ", ".join(f"{name} {by_split[name]}" for name in HELD_OUT if by_split[name]) + ")")
+    return [i for i in range(len(records)) if i not in dropped_idx], dropped
+
+
 def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
-    """Scan, de-duplicate (bytes), hold sources out, decode (once, cached), drop near-copies, split.
+    """Scan, de-duplicate (bytes), hold sources out, decode (once, cached), drop near-copies, split; leave out of
+    the held-out splits what the starting weights trained on.
 
     Writes ``split.csv`` and ``skipped.csv`` into ``out``.
     """
@@ -137,9 +173,21 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
         images = decoded.images[kept_idx]
         records = data.split([records[i] for i in kept_idx], config.split, config.seed)
         duplicates = [*duplicates, *dropped]
-    else:
-        images = decoded.images
+    else:  # the manifest's split stands; a near-copy of a film in an earlier split is not held out from it
+        kept_idx, dropped = hygiene.collapse(records, decoded.images, config.near_duplicate_threshold,
+                                             across_splits_only=True)
+        if dropped:
+            by_split = Counter(d.split for d in dropped)
+            log(f"near-duplicates across the manifest's splits (thumbnail correlation >= "
+                f"{config.near_duplicate_threshold}): left {len(dropped)} films out of "
+                + ", ".join(f"{name} ({n})" for name, n in sorted(by_split.items())))
+        images = decoded.images[kept_idx]
+        records = [records[i] for i in kept_idx]
+        duplicates = [*duplicates, *dropped]
         near = hygiene.summary([d for d in duplicates if d.duplicate_kind == "near"], [*records, *duplicates])
+    kept_idx, seen = not_seen_by_start(config, records, duplicates, log)
+    if seen:
+        images, records, duplicates = images[kept_idx], [records[i] for i in kept_idx], [*duplicates, *seen]
     pixels = {r.key: img for r, img in zip(records, images, strict=True)}
     classes = sorted({r.label for r in records if r.split != data.EXTERNAL})
     if len(classes) < 2:

@@ -84,25 +84,35 @@ def groups(n: int, pairs: np.ndarray) -> list[list[int]]:
     return [m for m in members.values() if len(m) > 1]
 
 
-def _keep_key(record: Record) -> tuple:
-    return (record.patient == "", _KEEP_RANK.get(record.split, 1), record.source, record.rel)
+def _keep_key(record: Record, split_first: bool = False) -> tuple:
+    origin, split = record.patient == "", _KEEP_RANK.get(record.split, 1)
+    return (split, origin, record.source, record.rel) if split_first else (origin, split, record.source, record.rel)
 
 
-def collapse(records: Sequence[Record], images: np.ndarray, threshold: float = THRESHOLD
-             ) -> tuple[list[int], list[Record]]:
+def collapse(records: Sequence[Record], images: np.ndarray, threshold: float = THRESHOLD, split_first: bool = False,
+             across_splits_only: bool = False) -> tuple[list[int], list[Record]]:
     """Find near-copies among ``records`` (pixels ``images``, uint8 (N, S, S), same order).
 
     Returns (indices of the records kept, in order; the dropped records with ``duplicate_of``
     naming the copy kept and ``duplicate_kind`` "near").
+
+    ``split_first``: the copy kept is the one on the training side whatever its name says, so that a
+    film already split (a held-out film, or the split of a manifest) never outranks a training copy.
+    ``across_splits_only``: for records already split (a manifest): drop only the copies that sit in a
+    later split than another copy of their group (train, then val, test, external); copies within one
+    split stay as the manifest has them.
     """
     if len(records) != len(images):
         raise ValueError(f"{len(records)} records but {len(images)} images")
     found = groups(len(records), similar_pairs(thumbnails(images), threshold))
+    split_first = split_first or across_splits_only
     dropped_idx: dict[int, str] = {}
     for members in found:
-        members = sorted(members, key=lambda i: _keep_key(records[i]))
-        kept = records[members[0]].key
-        dropped_idx.update({i: kept for i in members[1:]})
+        members = sorted(members, key=lambda i: _keep_key(records[i], split_first))
+        kept = records[members[0]]
+        first = _KEEP_RANK.get(kept.split, 1)
+        dropped_idx.update({i: kept.key for i in members[1:]
+                            if not across_splits_only or _KEEP_RANK.get(records[i].split, 1) > first})
     kept_idx = [i for i in range(len(records)) if i not in dropped_idx]
     dropped = [dataclasses.replace(records[i], duplicate_of=key, duplicate_kind="near")
                for i, key in sorted(dropped_idx.items())]

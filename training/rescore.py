@@ -34,7 +34,8 @@ def _config(card: card_lib.ModelCard, folder: Path, cache_dir: str, batch_size: 
 
 def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[str, str] | None,
               config: TrainConfig, log) -> dataset.Split:
-    """Labelled folders never trained on, as one split; films that near-copy a training film are dropped."""
+    """Labelled folders never trained on, as one split; films that near-copy a training film, or that the starting
+    weights of the model's run trained on, are dropped."""
     found = data.scan(roots, class_map, known=prepared.classes)
     for folder in found.unmapped:
         log(f"external: skipped folder {folder}: it maps to none of the model's classes {prepared.classes}")
@@ -46,12 +47,18 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
         log(f"external: skipped unreadable file {item['path']}: {item['error']}")
     train = prepared.splits["train"]
     both = [*train.records, *decoded.records]
+    # split first: a training film is the copy kept, even where the external copy's name carries a patient id
     kept, dropped = hygiene.collapse(both, np.concatenate([train.images, decoded.images]),
-                                     config.near_duplicate_threshold)
+                                     config.near_duplicate_threshold, split_first=True)
     keep = [i - len(train.records) for i in kept if i >= len(train.records)]
+    trained = {r.key for r in train.records}
     gone = [d for d in dropped if d.split == data.EXTERNAL]
+    copies = sum(1 for d in gone if d.duplicate_of in trained)
     log(f"external: {len(keep)} films from {sorted({r.source for r in decoded.records})}; dropped {len(duplicates)} "
-        f"byte-identical and {len(gone)} near-copies of training films")
+        f"byte-identical, {copies} near-copies of training films and {len(gone) - copies} near-copies of other "
+        "external films")
+    fresh, _seen = dataset.not_seen_by_start(config, [decoded.records[i] for i in keep], [*duplicates, *gone], log)
+    keep = [keep[i] for i in fresh]
     recs = [decoded.records[i] for i in keep]
     index = {c: i for i, c in enumerate(prepared.classes)}
     return dataset.Split(recs, decoded.images[keep], np.array([index[r.label] for r in recs], dtype=np.int64))

@@ -1,0 +1,180 @@
+"""What a run may score as held out: no near-copy of a training film across a reused manifest's splits, no
+film that the starting weights trained on, and no external film whose copy trained the model (``rescore``).
+Real Kermany films; ``dataset.prepare`` only, no training."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA
+from PIL import Image
+
+from training import cache, data, dataset, hygiene, rescore
+from training.config import TrainConfig
+
+KERMANY = DATA / "kermany" / "train"
+SIZE = 64
+
+
+def _link(src: Path, dst: Path, n: int) -> list[Path]:
+    dst.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name in sorted(p.name for p in src.iterdir())[:n]:
+        (dst / name).symlink_to(src / name)
+        made.append(dst / name)
+    return made
+
+
+def _reencoded_copy(film: Path, dst: Path) -> Path:
+    """The film saved again under a compilation's name, as a redistributor would (other size and quality)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(film).convert("L").resize((300, 280), Image.BILINEAR).save(dst, quality=75)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lineage")
+    _link(KERMANY / "NORMAL", root / "kermany" / "NORMAL", 20)
+    _link(KERMANY / "PNEUMONIA", root / "kermany" / "PNEUMONIA", 20)
+    return {"root": root, "kermany": root / "kermany", "cache": root / "cache"}
+
+
+def _config(films, out: Path, sources: list[Path], **kw) -> TrainConfig:
+    return TrainConfig(data=[str(s) for s in sources], out=str(out), architecture="tiny", input_size=SIZE,
+                       cache_dir=str(films["cache"]), **kw)
+
+
+def _manifest(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_manifest(rows: list[dict[str, str]], path: Path) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=data.MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _keys(prepared: dataset.Prepared, split: str) -> set[str]:
+    return {r.key for r in prepared.splits[split].records}
+
+
+def test_a_reused_manifest_does_not_hold_out_a_near_copy_of_a_training_film(films, tmp_path):
+    """A split written before the near-duplicate check (or by hand) put a film in train and its re-encoded
+    copy in test: the copy is left out of scoring, recorded as a near duplicate of the training film."""
+    fresh = dataset.prepare(_config(films, tmp_path / "a", [films["kermany"]]), tmp_path / "a", log=lambda _: None)
+    rows = _manifest(tmp_path / "a" / "split.csv")
+    film = next(r for r in fresh.splits["train"].records if r.label == "NORMAL")
+    copy = _reencoded_copy(film.path, tmp_path / "compilation" / "NORMAL" / "Normal-1.jpeg")
+    twin = next(r for r in rows if r["split"] == "val")  # two val films that are copies stay as the manifest says
+    twin_copy = _reencoded_copy(films["kermany"] / twin["path"], tmp_path / "compilation" / "NORMAL" / "Normal-2.jpeg")
+    rows += [{**dict.fromkeys(data.MANIFEST_FIELDS, ""), "path": f"NORMAL/{p.name}", "source": "compilation",
+              "class": "NORMAL", "split": split} for p, split in ((copy, "test"), (twin_copy, "val"))]
+    manifest = _write_manifest(rows, tmp_path / "manifest.csv")
+    lines: list[str] = []
+    config = _config(films, tmp_path / "b", [films["kermany"], tmp_path / "compilation"],
+                     split_manifest=str(manifest))
+    prepared = dataset.prepare(config, tmp_path / "b", log=lines.append)
+    assert "compilation/NORMAL/Normal-1.jpeg" not in _keys(prepared, "test")
+    assert "compilation/NORMAL/Normal-2.jpeg" in _keys(prepared, "val")  # same split: kept
+    assert film.key in _keys(prepared, "train")
+    assert any("left 1 films out of test (1)" in line for line in lines), lines
+    dropped = [r for r in _manifest(tmp_path / "b" / "split.csv") if r["path"] == "NORMAL/Normal-1.jpeg"]
+    assert [(r["split"], r["duplicate_of"], r["duplicate_kind"]) for r in dropped] == [("duplicate", film.key, "near")]
+    assert prepared.summary()["near_duplicates_removed"] == 1
+    # Every other film keeps the manifest's split.
+    for name in ("train", "val", "test"):
+        assert _keys(prepared, name) - {"compilation/NORMAL/Normal-2.jpeg"} == _keys(fresh, name)
+
+
+def _starting_folder(tiny_model_dir: Path, rows: list[dict[str, str]], dst: Path) -> Path:
+    shutil.copytree(tiny_model_dir, dst)
+    _write_manifest(rows, dst / "split.csv")
+    return dst
+
+
+def test_films_the_starting_weights_trained_on_are_not_scored_as_held_out(films, tmp_path, tiny_model_dir):
+    """Fine-tuning from one of our models: a val/test/external film in the starting model's train split, or
+    whose dropped copy was, is left out of scoring, so the figures stay about films the weights never saw."""
+    fresh = dataset.prepare(_config(films, tmp_path / "a", [films["kermany"]]), tmp_path / "a", log=lambda _: None)
+    rows = _manifest(tmp_path / "a" / "split.csv")
+    val_film = sorted(_keys(fresh, "val"))[0]
+    test_film = sorted(_keys(fresh, "test"))[0]
+    via_copy = sorted(_keys(fresh, "test"))[1]  # the starting model trained on a compilation's copy of it
+    copy = _reencoded_copy(films["kermany"] / via_copy.split("/", 1)[1],
+                           tmp_path / "compilation" / "NORMAL" / "Normal-9.jpeg")
+    start_rows = [{**r, "split": "train" if f"{r['source']}/{r['path']}" in (val_film, test_film) else r["split"]}
+                  for r in rows]
+    start_rows.append({**dict.fromkeys(data.MANIFEST_FIELDS, ""), "path": f"NORMAL/{copy.name}",
+                       "source": "compilation", "class": "NORMAL", "split": "train"})
+    start = _starting_folder(tiny_model_dir, start_rows, tmp_path / "start")
+    lines: list[str] = []
+    out = tmp_path / "b"
+    # A fresh split of the Kermany films and the compilation: the compilation's copy is dropped as a near-copy
+    # of the Kermany original (its name carries the patient), which lands in test as before.
+    config = _config(films, out, [films["kermany"], tmp_path / "compilation"], weights=str(start))
+    prepared = dataset.prepare(config, out, log=lines.append)
+    assert val_film not in _keys(prepared, "val") and test_film not in _keys(prepared, "test")
+    assert via_copy not in _keys(prepared, "test")
+    assert _keys(prepared, "val") == _keys(fresh, "val") - {val_film}
+    assert _keys(prepared, "test") == _keys(fresh, "test") - {test_film, via_copy}
+    assert any("trained on 3 films of this run's held-out splits" in line and "val 1, test 2" in line
+               for line in lines), lines
+    written = {f"{r['source']}/{r['path']}": r for r in _manifest(out / "split.csv")}
+    assert written[val_film]["duplicate_kind"] == "seen" and written[val_film]["duplicate_of"] == val_film
+    assert written[via_copy]["duplicate_of"] == "compilation/NORMAL/Normal-9.jpeg"
+    assert prepared.summary()["seen_by_starting_weights_removed"] == 3
+    # Reading that split back (``--resume``, ``rescore``) keeps them out.
+    again = dataset.prepare(dataclasses.replace(config, split_manifest=str(out / "split.csv")), tmp_path / "c",
+                            log=lambda _: None)
+    assert _keys(again, "train") == _keys(prepared, "train")
+    assert _keys(again, "val") == _keys(prepared, "val") and _keys(again, "test") == _keys(prepared, "test")
+    # A start from weights with no split of ours (none, imagenet, a .h5 file) changes nothing.
+    plain = dataset.prepare(dataclasses.replace(config, weights="none"), tmp_path / "d", log=lambda _: None)
+    assert _keys(plain, "test") == _keys(fresh, "test") and _keys(plain, "val") == _keys(fresh, "val")
+
+
+def test_rescore_external_drops_a_copy_of_a_training_film_even_when_its_name_carries_a_patient(films, tmp_path):
+    """The training split holds a compilation's copy of a Kermany film (no patient id in its name); scored as an
+    external source, the Kermany original must not count as a film the model never saw."""
+    original = sorted((films["kermany"] / "NORMAL").iterdir())[0]
+    other = sorted((films["kermany"] / "NORMAL").iterdir())[1]
+    copy = _reencoded_copy(original, tmp_path / "compilation" / "NORMAL" / "Normal-1.jpeg")
+    train_records = [data.Record(copy, "NORMAL/Normal-1.jpeg", "compilation", "NORMAL", split="train")]
+    train_images = cache.decode(train_records, SIZE, None).images
+    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": dataset.Split(train_records, train_images,
+                                                                                np.zeros(1, np.int64))})
+    external = tmp_path / "external"
+    for film in (original, other):
+        (external / "NORMAL").mkdir(parents=True, exist_ok=True)
+        (external / "NORMAL" / film.name).symlink_to(film)
+    lines: list[str] = []
+    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
+                              lines.append)
+    assert [r.rel for r in split.records] == [f"NORMAL/{other.name}"]
+    assert data.patient_id(original.name)  # the original's name carries a patient id: it still goes
+    assert any("1 near-copies of training films" in line for line in lines), lines
+
+
+def test_split_first_keeps_the_training_copy_and_across_splits_only_keeps_copies_within_a_split():
+    root = Path("/x")
+    base = np.random.default_rng(0).integers(0, 255, (32, 32)).astype(np.uint8)
+    other = np.random.default_rng(1).integers(0, 255, (32, 32)).astype(np.uint8)
+    named = data.Record(root / "IM-0001-0001.jpeg", "N/IM-0001-0001.jpeg", "kermany", "N", split="external",
+                        patient="IM-0001")
+    train_copy = data.Record(root / "Normal-1.png", "N/Normal-1.png", "compilation", "N", split="train")
+    records, images = [named, train_copy], np.stack([base, base])
+    assert hygiene.collapse(records, images)[0] == [0]  # by name: the film that carries a patient id
+    assert hygiene.collapse(records, images, split_first=True)[0] == [1]
+    manifest = [data.Record(root / n, n, "s", "N", split=s) for n, s in
+                (("a", "val"), ("b", "val"), ("c", "train"), ("d", "test"), ("e", "test"))]
+    kept, dropped = hygiene.collapse(manifest, np.stack([base, base, base, other, other]), across_splits_only=True)
+    assert kept == [2, 3, 4] and {(d.rel, d.duplicate_of) for d in dropped} == {("a", "s/c"), ("b", "s/c")}
