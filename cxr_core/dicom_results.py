@@ -50,12 +50,30 @@ TYPE2 = (("PatientName", "PN"), ("PatientID", "LO"), ("PatientBirthDate", "DA"),
          ("ReferringPhysicianName", "PN"))
 
 
+SEXES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"}  # PS3.3 C.7.1.1: M, F or O
+
+
+def _needs_utf8(charset) -> bool:
+    """Whether highdicom would refuse this Specific Character Set: several values (ISO 2022 code extensions, as
+    Japanese and Korean sites send, e.g. ``\\ISO 2022 IR 87``) or a single code-extension value."""
+    values = [charset] if isinstance(charset, str) else list(charset or [])
+    return len(values) > 1 or any(str(v).startswith("ISO 2022") for v in values)
+
+
 def patient_study_source(source: pydicom.Dataset) -> pydicom.Dataset:
     """A shallow copy of ``source`` whose patient and study fields highdicom can copy: missing ones present
-    but empty, and dates or times that do not parse (anonymisers leave hashes there) emptied."""
+    but empty, dates or times that do not parse (anonymisers leave hashes there) emptied, a Patient's Sex
+    outside M/F/O (``U``, ``m``, ``MALE``) mapped or emptied, and text in an ISO 2022 character set that
+    highdicom refuses re-encoded as UTF-8 (the names stay the same characters)."""
     clean = pydicom.Dataset()
     clean.update(source)
     clean.file_meta = getattr(source, "file_meta", pydicom.dataset.FileMetaDataset())
+    if _needs_utf8(source.get("SpecificCharacterSet")):
+        clean.walk(lambda _ds, _element: None)  # decode every value with the source's character set first
+        clean.SpecificCharacterSet = "ISO_IR 192"
+    sex = str(source.get("PatientSex") or "").strip().upper()
+    if sex and SEXES.get(sex) != source.get("PatientSex"):
+        clean.add_new("PatientSex", "CS", SEXES.get(sex, ""))
     for element in list(source):
         parse = {"DA": DA, "TM": TM, "DT": DT}.get(element.VR)
         if parse is None or element.value in (None, ""):
@@ -96,7 +114,7 @@ def structured_report(source: pydicom.Dataset, prediction: Prediction, card: Mod
                                    relationship_type="CONTAINS")
               for name, p in zip(prediction.class_names, prediction.probabilities, strict=True)]
     items.append(_text(codes.DCM.Finding, prediction.decision))
-    root = hd.sr.ContainerContentItem(name=REPORT_TITLE)
+    root = hd.sr.ContainerContentItem(name=REPORT_TITLE, is_content_continuous=False)  # separate items
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
         evidence=[source], content=root, series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
@@ -113,14 +131,18 @@ def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: Mode
     pixels = np.ascontiguousarray(overlay_rgb, dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"overlay_rgb must be uint8 (H, W, 3), got shape {pixels.shape}")
-    orientation = tuple(str(v) for v in source.get("PatientOrientation") or ())
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=hd.UID(), series_number=SC_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
-        patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
+        patient_orientation=("L", "F"),  # replaced below: highdicom takes single letters only
         series_description=series_description(card, "heatmap"),
     )
+    # The film's own orientation as it is (refined values such as LP\F, or empty: Type 2), never an invented one.
+    sc.PatientOrientation = source.get("PatientOrientation") or ""
+    sc.copy_patient_and_study_information(source)  # the whole Patient and Study modules, as the SR has them
+    if str(source.get("LossyImageCompression", "")) == "01":  # PS3.3 C.7.6.1.1.5: a lossy source stays marked
+        sc.LossyImageCompression = "01"
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{UNVERIFIED}. Grad-CAM for {explained_class}, {card.name} v{card.version}."[:10240]
     sc.DerivationDescription = f"Grad-CAM heatmap over the source film ({card.name} v{card.version})"

@@ -27,8 +27,10 @@ from pacs_server import (
     LATERAL_ACCESSION,
     NEEDLES,
     REFUSE_ALL,
+    SIIM,
     loaded_orthanc,
     local_canary_bytes,
+    new_study,
 )
 from pydicom.uid import generate_uid
 
@@ -308,3 +310,42 @@ def test_score_a_whole_search_as_a_batch(orthanc, model):
     np.testing.assert_allclose(dx.prediction.probabilities, direct.prediction.probabilities, atol=1e-5)
     limited, notes = pacs.score_studies(client, classifier, studies, limit=1)
     assert "Only the first 1 films were scored" in notes[0] and len(limited) < len(rows)
+
+
+# Sites send what highdicom refuses to copy as it is: ISO 2022 character sets with code extensions (Japanese,
+# Korean; PS3.5 Annex H, I), a Patient's Sex outside M/F/O, refined or empty Patient Orientation (PS3.3 C.7.6.1.1.1).
+SITES = [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", "U", ["LP", "F"], ""),
+         (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "m", None, "M"),
+         ("ISO 2022 IR 100", "Müller^Jürgen", "MALE", ["", ""], "M")]
+
+
+@pytest.mark.parametrize(("charset", "name", "sex", "orientation", "expected_sex"), SITES)
+def test_write_back_for_sites_with_iso2022_names_odd_sex_and_orientation(orthanc, model, charset, name, sex,
+                                                                         orientation, expected_sex):
+    """Written last in this module (it adds studies). The results are built, stored and read back over WADO
+    with the patient's name in the same characters, a valid sex, and the film's own orientation."""
+    _, client = orthanc
+    classifier, explainer = model
+    film = new_study(SIIM, f"SITE-{[site[1] for site in SITES].index(name)}")
+    film.SpecificCharacterSet, film.PatientName, film.PatientSex = charset, name, sex
+    film.LossyImageCompression = "01"
+    if orientation is None:
+        film.pop("PatientOrientation", None)
+    else:
+        film.PatientOrientation = orientation
+    client.store([film])
+    study_uid = str(film.StudyInstanceUID)
+    result = pacs.classify_study(client, classifier, explainer, study_uid)
+    assert len(result.classified) == 1
+    assert str(result.classified[0].source.PatientName) == name  # as the PACS sends it back
+    assert len(pacs.write_back(client, classifier.card, result)) == 2
+    reports, captures = read_back(client, study_uid, classifier.card)
+    assert len(reports) == 1 and len(captures) == 1
+    for ds in [*reports, *captures]:
+        assert str(ds.PatientName) == name and ds.PatientID == CANARY["PatientID"]
+        assert ds.PatientSex == expected_sex and ds.SpecificCharacterSet == "ISO_IR 192"
+    assert dicom_results.read_report(reports[0]).decision == result.classified[0].result.prediction.decision
+    assert reports[0].ContinuityOfContent == "SEPARATE"
+    (capture,) = captures
+    assert list(capture.get("PatientOrientation") or []) == (orientation or [])  # not invented, not refined away
+    assert capture.LossyImageCompression == "01" and capture.AccessionNumber == film.AccessionNumber
