@@ -30,7 +30,10 @@ UNVERIFIED = "UNVERIFIED - research use only, not for diagnosis"
 RESULT_PREFIX = "UNVERIFIED AI"
 MANUFACTURER = "cxr_core (research software)"
 SCHEME = "99CXR"  # private coding scheme for the per-class probabilities
-REPORT_TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging report")
+# A CAD title, not LOINC's "Diagnostic imaging report": a RIS must never file these results as the study's report.
+REPORT_TITLE = hd.sr.CodedConcept.from_code(codes.DCM.ChestCADReport)
+CODING_SCHEME = hd.coding_schemes.CodingSchemeIdentificationItem(
+    designator=SCHEME, name="cxr_core class probabilities", responsible_organization=MANUFACTURER)
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 
 
@@ -120,6 +123,7 @@ def structured_report(source: pydicom.Dataset, prediction: Prediction, card: Mod
         evidence=[source], content=root, series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         is_final=False, is_verified=False, series_description=series_description(card, "SR"),
+        coding_schemes=[CODING_SCHEME],  # declares the private scheme of the probability codes
     )
     return sr
 

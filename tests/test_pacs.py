@@ -157,6 +157,9 @@ def test_write_back_sr_and_heatmap_read_back_over_wado(orthanc, model):
     sources = {str(f.source.SOPInstanceUID): f for f in result.classified}
     for sr in reports:
         hd.sr.ComprehensiveSR.from_dataset(sr)  # a valid SR for highdicom
+        title = sr.ConceptNameCodeSequence[0]  # a CAD report, never filed as the study's diagnostic report
+        assert (title.CodeValue, title.CodingSchemeDesignator) == ("112000", "DCM")  # "Chest CAD Report"
+        assert [s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence] == [dicom_results.SCHEME]
         values = dicom_results.read_report(sr)
         (ref,) = values.referenced_sop_uids
         prediction = sources[ref].result.prediction
