@@ -33,6 +33,19 @@ def test_patient_ids_follow_the_kermany_names():
     assert data.patient_id("NORMAL2-IM-0383-0001.jpeg") == "NORMAL2-IM-0383"
     assert data.patient_id("NORMAL2-IM-0587-0001-0002.jpeg") == "NORMAL2-IM-0587"
     assert data.patient_id("COVID-1.jpeg") == ""
+    assert data.patient_id("COVID-00003a.jpeg") == data.patient_id("COVID-00003b.jpeg") == "COVID-00003"
+    assert data.patient_id("COVID-00003.jpeg") == ""  # an unlettered film is a case of its own
+
+
+def test_lettered_covid19_image_dataset_films_of_one_case_share_a_split():
+    found = data.scan([DATA / "covid19_image_dataset" / "train"], {"Covid": "COVID-19", "Normal": "NORMAL",
+                                                                  "Viral Pneumonia": "PNEUMONIA"})
+    cases: dict[str, set[str]] = {}
+    for record in data.split(found.records, seed=7):
+        if record.patient:
+            cases.setdefault(record.patient, set()).add(record.split)
+    assert len(cases) == 3  # COVID-00003, -00013 and -00015 each have an a and a b film
+    assert all(len(splits) == 1 for splits in cases.values()), cases
 
 
 def test_full_kermany_split_keeps_each_patient_in_one_split():

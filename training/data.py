@@ -26,8 +26,10 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
                   "test": "test", "testing": "test"}
 # Kermany names: person1234_bacteria_5678.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0383-0001.jpeg;
 # NIH ChestX-ray14 image ids: 00001280_004.jpeg (the first 8 digits are the patient).
+# Kermany (person1234_..., IM-0115-0001, NORMAL2-IM-0383-0001), NIH (00001280_004), and the COVID-19 Image
+# Dataset's lettered series of one case (COVID-00003a, COVID-00003b: different films of one patient).
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.IGNORECASE), re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+"),
-                     re.compile(r"^(\d{8})_\d{3}$"))
+                     re.compile(r"^(\d{8})_\d{3}$"), re.compile(r"^(COVID-\d{5})[a-z]$"))
 MANIFEST_FIELDS = ("path", "source", "class", "split", "patient", "sha256", "duplicate_of", "duplicate_kind")
 
 
@@ -97,7 +99,8 @@ def map_folder(folder: str, class_map: dict[str, str] | None, known: Iterable[st
 def patient_id(filename: str) -> str:
     """The patient a file name encodes, or "".
 
-    Kermany: ``person1234``, ``IM-0115``, ``NORMAL2-IM-0383``; NIH ChestX-ray14: ``00001280``.
+    Kermany: ``person1234``, ``IM-0115``, ``NORMAL2-IM-0383``; NIH ChestX-ray14: ``00001280``; the COVID-19 Image
+    Dataset's lettered films of one case: ``COVID-00003a`` -> ``COVID-00003``.
     """
     stem = Path(filename).stem
     for pattern in _PATIENT_PATTERNS:
