@@ -90,6 +90,7 @@ def test_a_reused_manifest_does_not_hold_out_a_near_copy_of_a_training_film(film
     dropped = [r for r in _manifest(tmp_path / "b" / "split.csv") if r["path"] == "NORMAL/Normal-1.jpeg"]
     assert [(r["split"], r["duplicate_of"], r["duplicate_kind"]) for r in dropped] == [("duplicate", film.key, "near")]
     assert prepared.summary()["near_duplicates_removed"] == 1
+    assert prepared.summary()["films_with_patient_id"] == {"compilation": "0 of 1", "kermany": "40 of 40"}
     # Every other film keeps the manifest's split.
     for name in ("train", "val", "test"):
         assert _keys(prepared, name) - {"compilation/NORMAL/Normal-2.jpeg"} == _keys(fresh, name)
@@ -178,3 +179,15 @@ def test_split_first_keeps_the_training_copy_and_across_splits_only_keeps_copies
                 (("a", "val"), ("b", "val"), ("c", "train"), ("d", "test"), ("e", "test"))]
     kept, dropped = hygiene.collapse(manifest, np.stack([base, base, base, other, other]), across_splits_only=True)
     assert kept == [2, 3, 4] and {(d.rel, d.duplicate_of) for d in dropped} == {("a", "s/c"), ("b", "s/c")}
+
+
+def test_external_rows_of_a_manifest_are_said_to_go_unscored_without_holdout_source(films, tmp_path):
+    dataset.prepare(_config(films, tmp_path / "a", [films["kermany"]]), tmp_path / "a", log=lambda _: None)
+    rows = _manifest(tmp_path / "a" / "split.csv")
+    rows[0]["split"] = "external"
+    manifest = _write_manifest(rows, tmp_path / "manifest.csv")
+    lines: list[str] = []
+    prepared = dataset.prepare(_config(films, tmp_path / "b", [films["kermany"]], split_manifest=str(manifest)),
+                               tmp_path / "b", log=lines.append)
+    assert "external" not in prepared.splits
+    assert any("marks 1 films external; they are not scored without --holdout-source" in line for line in lines)

@@ -63,7 +63,9 @@ class Prepared:
             "holdout_sources": self.holdout,
             "skipped_unreadable": len(self.skipped),
             "unmapped_folders": self.unmapped,
-            "patient_level_split": True,
+            "patient_level_split": True,  # where a source's names carry the patient (below); else each film alone
+            "films_with_patient_id": {src: f"{sum(1 for r in kept if r.source == src and r.patient)} of "
+                                           f"{sum(1 for r in kept if r.source == src)}" for src in self.sources},
         }
 
 
@@ -156,6 +158,9 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
         records, duplicates = data.deduplicate(held)
     if manifest is not None:
         records = _hold_out(records, config.holdout_sources, True)
+        unscored = sum(1 for r in records if r.split == data.EXTERNAL and not config.holdout_sources)
+        if unscored:
+            log(f"the split manifest marks {unscored} films external; they are not scored without --holdout-source")
     if duplicates and manifest is None:
         held_out = sum(1 for d in duplicates if d.split in ("val", "test", data.EXTERNAL))
         log(f"collapsed {len(duplicates)} byte-identical duplicate files ({held_out} removed from val/test/external)")
