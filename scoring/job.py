@@ -129,7 +129,7 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
     card = card_lib.load(config.model)
     entries = sources.list_entries(config.source)
     store = Store(config.out, card.class_names)
-    done = store.start(config.resume)
+    done = store.start(config.resume, card.weights_sha256)
     pending = [rows_lib.Pending(e.path, e.file, done.get(e.path, "")) for e in entries if e.problem is None]
     log(f"scoring: {len(entries)} files from {config.source} with {card.name} on the {config.engine} engine"
         + (f", {sum(1 for p in pending if p.known_sha256)} done before (checked by content)" if done else ""))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr_core.csvsafe import safe_text
 from cxr_core.paths import list_images
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -51,10 +52,19 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def _folder_entry(path: Path, folder: Path) -> Entry:
+    shown = path.relative_to(folder).as_posix()
+    if safe_text(str(path)) == str(path):
+        return Entry(str(path), shown)
+    # Bytes that are not UTF-8 cannot go into the output's text columns (nor through Arrow to the workers).
+    return Entry(safe_text(str(path)), safe_text(shown), "The file name is not valid UTF-8 (the undecodable bytes are "
+                 "shown as \ufffd), so it cannot be written to the output: rename the file and score it again.")
+
+
 def folder_entries(source: str) -> list[Entry]:
     """Every image file below ``source`` (recursive, sorted), shown relative to it."""
     folder = Path(source).resolve(strict=True)
-    return [Entry(str(p), p.relative_to(folder).as_posix()) for p in list_images(folder, limit=2**62)]
+    return [_folder_entry(p, folder) for p in list_images(folder, limit=2**62)]
 
 
 def _read_manifest(source: str) -> pd.DataFrame:
@@ -160,7 +170,12 @@ READERS: dict[str, Callable[[str], bytes]] = {"http": _read_http, "https": _read
 
 def read_bytes(path: str) -> bytes:
     """The content of a local path or URL; raises SourceError (never another exception) when it cannot."""
-    if not is_url(path):
-        return _read_local(path)
-    scheme = path.split("://", 1)[0].lower()
-    return READERS.get(scheme, _read_fsspec)(path)
+    try:
+        if not is_url(path):
+            return _read_local(path)
+        scheme = path.split("://", 1)[0].lower()
+        return READERS.get(scheme, _read_fsspec)(path)
+    except SourceError:
+        raise
+    except Exception as exc:  # a malformed path or URL (a NUL byte, "http://[::1/x", a space), a truncated body
+        raise SourceError(f"Could not read {path} ({type(exc).__name__}: {exc}). Check the path or URL.") from None

@@ -38,21 +38,38 @@ class Store:
         self.schema = rows_lib.schema(class_names)
         self._run = time.time_ns()
         self._count = 0
+        self._resume = False
 
-    def start(self, resume: bool) -> dict[str, str]:
-        """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts."""
+    def start(self, resume: bool, weights_sha256: str = "") -> dict[str, str]:
+        """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts.
+
+        A row that another model (other weights) scored is not done: this run scores it again and replaces it,
+        so that one output never mixes models.
+        """
+        self._resume = resume
         if not resume:
             shutil.rmtree(self.parts, ignore_errors=True)
             return {}
-        done: dict[str, str] = {}
+        latest: dict[str, tuple[str, str]] = {}  # path -> (sha256, weights) of its last row, as commit keeps it
         for table in self._previous():
-            for path, sha in zip(table["path"].to_pylist(), table["sha256"].to_pylist(), strict=True):
-                if path and sha:  # a file that could not be fetched has no sha256: try it again
-                    done[path] = sha
-        return done
+            latest.update(zip(table["path"].to_pylist(), zip(table["sha256"].to_pylist(),
+                                                             table["weights_sha256"].to_pylist(), strict=True),
+                              strict=True))
+        # A file that could not be fetched has no sha256: it is tried again.
+        return {path: sha for path, (sha, weights) in latest.items()
+                if path and sha and (not weights_sha256 or weights == weights_sha256)}
 
     def _previous(self) -> list[pa.Table]:
-        tables = [pq.read_table(self.out)] if self.out.exists() else []
+        """The earlier output (only on --resume: without it a run starts afresh) and every part, in order.
+
+        A path listed twice in a manifest has its scored row first and the 'duplicate' error row after it in
+        the output: only the first row of a path counts there (parts hold one row per path).
+        """
+        tables = []
+        if self._resume and self.out.exists():
+            earlier = pq.read_table(self.out)
+            first = earlier.to_pandas().drop_duplicates("path", keep="first").index.to_numpy()
+            tables.append(earlier.take(first))
         tables += [pq.read_table(p) for p in sorted(self.parts.glob("part-*.parquet"))]
         wanted = set(self.schema.names)
         for table in tables:

@@ -169,3 +169,86 @@ def test_cli_refuses_bad_arguments_with_a_message(tmp_path, tiny_model_dir, caps
     (tmp_path / "m.csv").write_text("file\na.png\n")
     assert main([str(tmp_path / "m.csv"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r.parquet")]) == 2
     assert "has no 'path' column" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_scored_row_of_a_path_listed_twice(tmp_path, tiny_model_dir, data_dir):
+    """The output holds a duplicate's error row after its scored row; --resume must not let it win."""
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    (tmp_path / "b.jpeg").write_bytes(FILMS[1].read_bytes())
+    pd.DataFrame({"path": ["a.jpeg", "b.jpeg", "a.jpeg"]}).to_csv(tmp_path / "list.csv", index=False)
+    config = Config(str(tmp_path / "list.csv"), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet"))
+    first_summary = run(config, log=lambda _: None)
+    first = pd.read_parquet(tmp_path / "r.parquet")
+    summary = run(Config(**{**config.__dict__, "resume": True}), log=lambda _: None)
+    again = pd.read_parquet(tmp_path / "r.parquet")
+    assert (summary.scored, summary.skipped, summary.errors) == (0, 2, 1)
+    assert again.loc[0, "error"] == "" and again.loc[0, "sha256"] == sha256(FILMS[0])
+    assert again.loc[2, "error"].startswith("duplicate of manifest row 1")
+    assert (summary.positive, summary.errors) == (first_summary.positive, first_summary.errors)
+    pd.testing.assert_frame_equal(again.drop(columns="scored_at"), first.drop(columns="scored_at"))
+
+
+def test_resume_with_another_model_scores_its_rows_again(tmp_path, tiny_model_dir, data_dir):
+    """Same classes, other weights: rows of the first model are not 'done', so one output never mixes models."""
+    from conftest import _train_tiny
+
+    from cxr_core import card as card_lib
+
+    other = _train_tiny(tmp_path / "tiny-other", ["NORMAL", "PNEUMONIA"], 64, 5)
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for i, film in enumerate(FILMS[:3]):
+        (folder / f"{i}.jpeg").write_bytes(film.read_bytes())
+    out = tmp_path / "r.parquet"
+    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    (folder / "3.jpeg").write_bytes(FILMS[3].read_bytes())
+    summary = run(Config(str(folder), model=str(other), out=str(out), resume=True), log=lambda _: None)
+    table = pd.read_parquet(out)
+    assert (summary.scored, summary.skipped) == (4, 0)
+    assert set(table["weights_sha256"]) == {card_lib.read(other).weights_sha256}
+
+
+def test_a_run_without_resume_replaces_an_output_of_other_classes(tmp_path, tiny_model_dir, tiny_model3_dir,
+                                                                    data_dir):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
+    out = tmp_path / "r.parquet"
+    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    assert run(Config(str(folder), model=str(tiny_model3_dir), out=str(out)), log=lambda _: None).scored == 1
+    assert "p_COVID-19" in pd.read_parquet(out).columns  # replaced, as the README says
+    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    assert "p_COVID-19" not in pd.read_parquet(out).columns
+    with pytest.raises(ValueError, match="written for other classes"):  # --resume still refuses to mix them
+        run(Config(str(folder), model=str(tiny_model3_dir), out=str(out), resume=True), log=lambda _: None)
+
+
+def test_malformed_paths_and_urls_become_error_rows(tmp_path, tiny_model_dir, data_dir):
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    paths = ["a.jpeg", "http://[::1/x.jpeg", f"http://127.0.0.1:{_closed_port()}/John Smith.jpeg", "bad\x00name.jpeg"]
+    pd.DataFrame({"path": paths}).to_parquet(tmp_path / "list.parquet")
+    out = tmp_path / "r.parquet"
+    summary = run(Config(str(tmp_path / "list.parquet"), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    table = pd.read_parquet(out)
+    assert summary.files == 4 and summary.errors == 3 and table.loc[0, "error"] == ""
+    for error in table.loc[1:, "error"]:
+        assert error.startswith("Could not read") and "Check the path or URL" in error, error
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_row_and_the_rest_are_scored(tmp_path, tiny_model_dir, data_dir):
+    import os
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    with open(os.path.join(os.fsencode(folder), b"M\xfcller.jpeg"), "wb") as fh:  # a Latin-1 name
+        fh.write(FILMS[1].read_bytes())
+    out = tmp_path / "r.parquet"
+    summary = run(Config(str(folder), model=str(tiny_model_dir), out=str(out), csv=True), log=lambda _: None)
+    table = pd.read_parquet(out)
+    assert (summary.files, summary.errors) == (2, 1)
+    bad = table[table["error"] != ""].iloc[0]
+    assert bad["file"] == "M\ufffdller.jpeg" and "not valid UTF-8" in bad["error"] and "rename" in bad["error"]
+    assert table[table["error"] == ""]["file"].tolist() == ["a.jpeg"]
+    assert run(Config(str(folder), model=str(tiny_model_dir), out=str(out), resume=True),
+               log=lambda _: None).scored == 0
