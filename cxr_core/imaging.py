@@ -111,11 +111,13 @@ class LoadedImage:
     values: np.ndarray | None = None
 
 
-NOTES = ("Transparency", "NonFinitePixels", "Conversion")  # ImageInfo.metadata keys that say what the reader changed
+# ImageInfo.metadata keys that say what the reader changed
+NOTES = ("Transparency", "NonFinitePixels", "Conversion", "Polarity")
 
 
 def reading_notes(info: ImageInfo) -> list[str]:
-    """What the reader changed in the picture (composited transparency, non-finite samples, colour to gray)."""
+    """What the reader changed in the picture (composited transparency, non-finite samples, colour to gray,
+    a MONOCHROME2 film whose values run the wrong way)."""
     return [f"{key}: {info.metadata[key]}" for key in NOTES if key in info.metadata]
 
 
@@ -601,12 +603,34 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits)
     # DX requires Presentation LUT Shape INVERSE with MONOCHROME1: the same single inversion, not a second one.
     inverted = photometric == "MONOCHROME1"
+    if photometric == "MONOCHROME2" and arr.ndim == 2 and lungs_brighter_than_mediastinum(modality):
+        inverted = True  # the values run opposite to the header: a converter wrote raw detector values
+        metadata["Polarity"] = ("the film's values run opposite to its MONOCHROME2 header (the lung fields are "
+                                "brighter than the mediastinum): shown inverted, lungs dark")
     if inverted:
         np.subtract(np.float32(1), pixels, out=pixels)
     info = ImageInfo(format="DICOM", width=cols, height=rows, bit_depth=bits, photometric=photometric,
                      window=used, window_source=source, value_range=value_range, frames=frames,
                      inverted=inverted, metadata=metadata)
     return LoadedImage(pixels, info, modality)
+
+
+def lungs_brighter_than_mediastinum(values: np.ndarray) -> bool:
+    """Whether a frontal chest film's values run the wrong way: both lung fields (the outer fifths of the middle
+    half of the film's height) brighter than the mediastinum (its central sixth) by ``limits.POLARITY_MARGIN`` of
+    the film's 1-99 percentile range. A MONOCHROME1 header is an explicit statement and is not second-guessed."""
+    h, w = values.shape
+    step = max(1, min(h, w) // 256)
+    lo, hi = np.percentile(values[::step, ::step], (1, 99))
+    if not hi > lo:
+        return False
+    band = values[h // 4: 3 * h // 4]
+
+    def mean(a: float, b: float) -> float:
+        return float(band[:, int(w * a): int(w * b)].mean())
+
+    lungs, center = min(mean(0.15, 0.35), mean(0.65, 0.85)), mean(0.42, 0.58)
+    return (lungs - center) / (hi - lo) > limits.POLARITY_MARGIN
 
 
 def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, metadata: dict[str, str]) -> np.ndarray:

@@ -12,9 +12,13 @@ on real images from ../shared/data, see ``build_template.py``):
 5. template: the 32x32 rank thumbnail (see ``thumbnail``) hardly correlates with the mean upright chest film
    (below ``TEMPLATE_MIN``), or correlates weakly (below ``SIDEWAYS_BELOW``) and better
    with that mean turned 90 degrees (a film on its side, a dental panoramic); a strongly
-   negative correlation (below ``INVERTED_BELOW``) is reported as a negative (inverted) film.
+   negative correlation (below ``INVERTED_BELOW``) is reported as a negative (inverted) film;
+   a correlation with that mean turned upside down higher than upright by ``UPSIDE_DOWN_MARGIN``
+   is reported as an upside-down film.
 
-Upside-down films are not reliably caught (about a third are), nor lateral views.
+Lateral views are not reliably caught. Of 1451 real films turned upside down, 1331 (92 %) are flagged:
+96-100 % of the adult collections' films, 76-83 % of Kermany's children and 79 % of the COVID-19 Image
+Dataset's viral pneumonias; upright, none of them fires the upside-down rule (largest margin 0.15).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ ASPECT_RANGE = (0.5, 2.0)
 TEMPLATE_MIN = 0.1
 SIDEWAYS_BELOW = 0.3
 INVERTED_BELOW = -0.2  # a negative film (lungs bright) anti-correlates with the template
+UPSIDE_DOWN_MARGIN = 0.25  # upright real films: upside-down corr - upright corr at most 0.15 (1451 films)
 RADIOGRAPHY = {"", "CR", "DX", "DR", "RG", "OT"}
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO", "RIB")
 
@@ -52,7 +57,8 @@ RULES = (
     "DICOM modality other than CR/DX, or a body part other than the chest",
     f"width/height ratio outside {ASPECT_RANGE[0]:g}-{ASPECT_RANGE[1]:g}",
     f"correlation of the 32x32 thumbnail with the average upright chest film below {TEMPLATE_MIN:g}, "
-    f"or below {SIDEWAYS_BELOW:g} and lower than with that average turned 90 degrees",
+    f"or below {SIDEWAYS_BELOW:g} and lower than with that average turned 90 degrees, "
+    f"or lower by more than {UPSIDE_DOWN_MARGIN:g} than with it turned upside down",
 )
 
 
@@ -94,7 +100,8 @@ def thumbnail(pixels: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
 
 
 def template_scores(pixels: np.ndarray) -> dict[str, float]:
-    """Pearson correlation of the image's thumbnail with the template upright and turned 90 degrees (best side)."""
+    """Pearson correlation of the image's thumbnail with the template upright, turned 90 degrees (best side)
+    and upside down."""
     thumb = thumbnail(pixels)
     t = template()
     n = t.size
@@ -105,6 +112,7 @@ def template_scores(pixels: np.ndarray) -> dict[str, float]:
     return {
         "template_corr": corr(t),
         "sideways_corr": max(corr(np.rot90(t, 1)), corr(np.rot90(t, 3))),
+        "upside_down_corr": corr(np.flipud(t)),
     }
 
 
@@ -166,12 +174,16 @@ def assess(loaded: Any, original: bytes | None = None) -> QualityReport:
         reasons.append(f"it is a colour picture (colourfulness {scores['colourfulness']:.1f} > {COLOUR_MAX:g})")
     if scores["pixel_std"] < BLANK_STD:
         reasons.append(f"it is blank or nearly uniform (pixel std {scores['pixel_std']:.3f} < {BLANK_STD:g})")
-        scores.update(template_corr=0.0, sideways_corr=0.0)
+        scores.update(template_corr=0.0, sideways_corr=0.0, upside_down_corr=0.0)
     else:
         scores.update(template_scores(pixels))
         if scores["template_corr"] < INVERTED_BELOW:
             reasons.append(f"it looks like a negative, lungs bright and bones dark (correlation with the average "
                            f"chest {scores['template_corr']:.2f}); check the file's photometric interpretation")
+        elif scores["upside_down_corr"] > scores["template_corr"] + UPSIDE_DOWN_MARGIN:
+            reasons.append(f"it looks upside down (correlation with the average chest {scores['template_corr']:.2f}, "
+                           f"with it turned upside down {scores['upside_down_corr']:.2f}); check the film's "
+                           "orientation")
         elif scores["template_corr"] < TEMPLATE_MIN:
             reasons.append(f"it does not look like a chest film (correlation with the average chest "
                            f"{scores['template_corr']:.2f} < {TEMPLATE_MIN:g})")

@@ -35,7 +35,7 @@ DICOM_FILES = {
     "non_chest/CR-ModalitySequenceLUT.dcm": ("MONOCHROME1", 10, 1576, 1976),
 }
 CHESTS = ["fo-dicom/CR-MONO1-10-chest.dcm", "pydicom-data/RG1_J2KI.dcm", "pylibjpeg-data/RG1_JLSN.dcm",
-          "pylibjpeg-data/966_fixed.dcm", SIIM]  # fmt: skip
+          "pylibjpeg-data/966_fixed.dcm", SIIM, "pylibjpeg-data/JPEG2KLossless_1s_1f_u_16_16.dcm"]  # fmt: skip
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-73519", "PatientBirthDate": "19610704",
            "AccessionNumber": "ACC-88412", "InstitutionName": "St Example Hospital", "StudyDate": "20240229",
            "ReferringPhysicianName": "Who^Doctor", "OtherPatientIDs": "OTHER-4417"}  # fmt: skip
@@ -123,7 +123,9 @@ def test_every_dicom_loads_or_fails_as_documented(data_dir, name):
     assert 0.0 <= img.pixels.min() < 0.2 and 0.8 < img.pixels.max() <= 1.0
     info = img.info
     assert (info.format, info.width, info.height, info.frames) == ("DICOM", cols, rows, 1)
-    assert (info.photometric, info.bit_depth, info.inverted) == (photometric, bits, photometric == "MONOCHROME1")
+    # MONOCHROME1 is shown inverted; so is the one MONOCHROME2 chest whose values run the wrong way (below).
+    inverted = photometric == "MONOCHROME1" or name == "pylibjpeg-data/JPEG2KLossless_1s_1f_u_16_16.dcm"
+    assert (info.photometric, info.bit_depth, info.inverted) == (photometric, bits, inverted)
     assert info.metadata["PhotometricInterpretation"] == photometric
     assert info.value_range[0] < info.value_range[1] < 2**bits
     assert info.window_source in ("file", "percentile")
@@ -145,6 +147,24 @@ def test_fake_monochrome1_is_exact_inverse_of_siim_sample(data_dir):
     assert not a.info.inverted and b.info.inverted
     np.testing.assert_allclose(1.0 - a.pixels, b.pixels, atol=1e-6)
     assert a.pixels.std() > 0.15
+
+
+def test_a_monochrome2_film_whose_values_run_the_wrong_way_is_shown_inverted_and_says_so(data_dir):
+    """The JPEG 2000 DX chest says MONOCHROME2, but its lungs hold the high values (a converter's raw detector
+    data): it is shown inverted, with a reading note; a MONOCHROME2 film the right way round is not touched,
+    whatever window the viewer asks for."""
+    name = "pylibjpeg-data/JPEG2KLossless_1s_1f_u_16_16.dcm"
+    img = _load(name)
+    assert img.info.photometric == "MONOCHROME2" and img.info.inverted
+    assert any(note.startswith("Polarity: the film's values run opposite") for note in imaging.reading_notes(img.info))
+    windowed = _load(name, window=img.info.window)
+    np.testing.assert_allclose(windowed.pixels, img.pixels, atol=1e-3)  # the viewer's re-render is not flipped
+    assert imaging.lungs_brighter_than_mediastinum(img.values)
+    siim = _load(SIIM)
+    assert not siim.info.inverted and "Polarity" not in siim.info.metadata
+    assert not imaging.lungs_brighter_than_mediastinum(siim.values)
+    assert imaging.lungs_brighter_than_mediastinum(siim.values.max() - siim.values)  # the same film, values reversed
+    assert not imaging.lungs_brighter_than_mediastinum(np.full((64, 64), 7.0, np.float32))  # flat: no opinion
 
 
 def test_jpeg2000_lossy_and_jpegls_near_lossless_agree(data_dir):
