@@ -32,7 +32,7 @@ def no_role_page() -> None:
     st.error(auth.refusal("classify"), icon="🔒")
 
 
-if auth.current_user() is None:
+if auth.user_or_stop() is None:  # (stops with the reason when the secrets file cannot be read)
     st.navigation([st.Page(sign_in_page, title="Sign in", icon=":material/login:", default=True)],
                   position="hidden").run()
 else:

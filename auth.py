@@ -21,6 +21,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -75,13 +76,36 @@ class User:
 LOCAL_USER = User(id="local", name="local user", role="admin", local=True)
 
 
+class SecretsUnreadable(RuntimeError):
+    """A secrets file exists but cannot be read: sign-in may be configured in it, so nothing may run."""
+
+
 def secrets_section(name: str) -> dict[str, Any]:
-    """A section of st.secrets as a plain dict; {} when there is no secrets file or no such section."""
+    """A section of st.secrets as a plain dict; {} when there is no secrets file or no such section.
+
+    Raises SecretsUnreadable when a secrets file exists but cannot be read (a TOML error, a half-saved file,
+    no permission): failing open would turn a hospital's sign-in into local mode, everyone an admin.
+    """
     try:
         section = st.secrets.get(name)
-    except Exception:  # no secrets.toml at all, or an unreadable one: nothing configured
-        return {}
+    except Exception as exc:
+        present = [str(p) for p in st.get_option("secrets.files") or [] if Path(p).exists()]
+        if present:
+            raise SecretsUnreadable(
+                f"The secrets file {present[0]} exists but could not be read ({type(exc).__name__}). Sign-in may "
+                "be configured there, so the app is closed until the file is fixed: check its TOML syntax and "
+                "that this account may read it, then reload the page.") from None
+        return {}  # no secrets file at all: nothing configured (local mode)
     return _plain(section) if isinstance(section, Mapping) else {}
+
+
+def user_or_stop() -> User | None:
+    """``current_user``, or the page stops with the reason when the secrets cannot be read."""
+    try:
+        return current_user()
+    except SecretsUnreadable as err:
+        st.error(str(err), icon="🔒")
+        st.stop()
 
 
 def _plain(value: Any) -> Any:
@@ -187,7 +211,7 @@ def allowed(action: str) -> bool:
 
 def require(action: str) -> User:
     """Stop the page unless the current user may do ``action``: the sign-in screen, or the reason."""
-    user = current_user()
+    user = user_or_stop()
     if user is None:
         sign_in_ui()
         st.stop()

@@ -232,3 +232,49 @@ def test_local_mode_off_loopback_refuses_server_folders_and_says_why(models_root
     # Nor the gallery of the held-out split's errors (films on the server): the reason instead of images.
     assert texts(instructor, "exception") == [] and len(instructor.get("imgs")) == 0
     assert any("held-out split's films too" in i.value for i in instructor.info)
+
+
+@pytest.fixture()
+def secrets_file(tmp_path, monkeypatch):
+    """Point Streamlit at one secrets file of the test's (a fresh st.secrets reads it); restore after.
+
+    st.user reads the module's own secrets singleton, which caches what it parsed: it is cleared on both sides.
+    """
+    import streamlit
+    from streamlit.runtime.secrets import Secrets, secrets_singleton
+
+    before = config.get_option("secrets.files")
+    path = tmp_path / "secrets.toml"
+    config.set_option("secrets.files", [str(path)])
+    secrets_singleton._reset()
+    monkeypatch.setattr(streamlit, "secrets", Secrets())
+    yield path
+    config.set_option("secrets.files", before)
+    secrets_singleton._reset()
+
+
+@pytest.mark.parametrize("broken", ['[auth]\nclient_id = "cxr-app"\n[access]\nadmin = ["a@example.test"\n',
+                                    "[auth]\nredirect_uri = \n"])
+def test_a_secrets_file_that_cannot_be_read_closes_the_app_instead_of_opening_local_mode(
+        models_root, secrets_file, broken, address):
+    """A TOML error in secrets.toml (a typo, a half-saved file) must not turn sign-in off: everyone would be an
+    admin of the local mode behind the hospital's proxy."""
+    address("127.0.0.1")
+    secrets_file.write_text(broken)
+    for script in ("app.py", PAGES["batch"], PAGES["pacs"]):
+        at = AppTest.from_file(str(REPO / script), default_timeout=120).run()
+        assert texts(at, "exception") == []
+        assert any(f"The secrets file {secrets_file} exists but could not be read" in e.value for e in at.error)
+        assert texts(at, "title") == [] and len(at.sidebar.selectbox) == 0, script  # nothing of the app
+        assert auth.LOCAL_NOTE not in [i.value for i in at.sidebar.info]
+    with pytest.raises(auth.SecretsUnreadable):
+        auth.secrets_section("auth")
+
+
+def test_no_secrets_file_is_local_mode_and_a_readable_one_signs_in(models_root, secrets_file, address):
+    address("127.0.0.1")
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()  # the file does not exist
+    assert texts(at, "title") == [TITLES["classify"]] and [i.value for i in at.sidebar.info] == [auth.LOCAL_NOTE]
+    secrets_file.write_text("[auth]\n" + "".join(f'{k} = "{v}"\n' for k, v in AUTH.items()))
+    signed_out = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    assert texts(signed_out, "exception") == [] and texts(signed_out, "title") == ["Sign in"]
