@@ -41,17 +41,18 @@ def resolve_under(root: Path, user_path: str) -> Path:
     candidate = Path(text) if text else Path(".")
     if not candidate.is_absolute():
         candidate = real_root / candidate
+    # Outside the root as written: one answer whether or not it exists, so that nobody can probe the server's
+    # other folders (/etc/passwd and /etc/nope get the same message).
+    if not is_inside(real_root, Path(os.path.normpath(candidate))):
+        raise _refusal(real_root, text, "is outside the data root")
     try:
         real = candidate.resolve(strict=True)
     except FileNotFoundError:
-        lexical = Path(os.path.normpath(candidate))
-        if not is_inside(real_root, lexical):
-            raise _refusal(real_root, text, "is outside the data root") from None
         raise _refusal(real_root, text, "does not exist") from None
     except (OSError, RuntimeError) as exc:  # symlink loops, permission errors
         raise _refusal(real_root, text, f"cannot be resolved ({exc.__class__.__name__})") from None
     if not is_inside(real_root, real):
-        raise _refusal(real_root, text, "is outside the data root (through '..', an absolute path or a symlink)")
+        raise _refusal(real_root, text, "is outside the data root (through a symlink)")
     return real
 
 

@@ -52,6 +52,18 @@ def test_absolute_path_elsewhere_is_refused(tree):
         resolve_under(root, "/etc")
 
 
+def test_paths_outside_the_root_get_one_answer_whether_or_not_they_exist(tree):
+    """No probing of the server's other folders: /etc/passwd and /etc/nope are refused alike."""
+    root, outside = tree
+    messages = []
+    for user_path in ("/etc/passwd", "/etc/no-such-file-here", str(outside / "secret.png"), str(outside / "nope"),
+                      "../nope", "../" + outside.name):
+        with pytest.raises(ValueError) as err:
+            resolve_under(root, user_path)
+        messages.append(str(err.value).replace(user_path, "PATH"))
+    assert len(set(messages)) == 1 and "outside the data root" in messages[0], messages
+
+
 def test_missing_path_inside_root_says_it_does_not_exist(tree):
     root, _ = tree
     with pytest.raises(ValueError, match="does not exist"):
