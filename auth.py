@@ -156,7 +156,8 @@ def role_for(claims: Mapping[str, Any], access: Mapping[str, Any]) -> str | None
     """
     earned = _claim_values(claims, str(access.get("roles_claim", "roles"))) & set(ROLES)
     email = str(claims.get("email") or "").lower()
-    verified = claims.get("email_verified") is not False
+    # Not verified when the provider says so, as a boolean or as the string some providers send.
+    verified = str(claims.get("email_verified", "")).strip().lower() not in ("false", "0")
     groups = _claim_values(claims, str(access.get("groups_claim", "groups")))
     for role in ROLES:
         entries = access.get(role) or []

@@ -18,8 +18,8 @@ SOURCES = ("Upload files", "Upload a folder", "Folder on the server")
 AUDIT_SOURCES = dict(zip(SOURCES, ("upload", "folder_upload", "server_folder"), strict=True))
 
 
-def server_folder_ui() -> list[tuple[str, Path]] | None:
-    """The files of a folder under the configured data root, once the user asks to score it."""
+def server_folder_ui() -> tuple[list[tuple[str, Path]], Path] | None:
+    """The files of a folder under the configured data root and the folder, once the user asks to score it."""
     refused = auth.refusal("server_folders")
     if refused:
         st.error(refused, icon="🔒")
@@ -52,7 +52,7 @@ def server_folder_ui() -> list[tuple[str, Path]] | None:
         st.warning(f"Only the first {MAX_FILES} files are scored; choose a smaller folder for the rest.")
     # Names as shown and exported: valid Unicode (a server file name may hold any bytes) and unique.
     names = review.unique_names(p.relative_to(folder).as_posix() for p in files)
-    return list(zip(names, files, strict=True))
+    return list(zip(names, files, strict=True)), folder
 
 
 def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
@@ -70,10 +70,11 @@ def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
     return [(name, f.getvalue()) for name, f in zip(names, files, strict=True)]
 
 
-def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str) -> None:
+def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, folder: Path | None = None) -> None:
     """Score in batches with a progress bar; keep the table and the sources (in memory) in the session.
 
-    ``origin`` ("upload", "folder_upload" or "server_folder") goes to the audit line with the counts.
+    ``origin`` ("upload", "folder_upload" or "server_folder") goes to the audit line with the counts, and a
+    server ``folder`` as its keyed hash (the audit never holds its name).
     """
     bar = st.progress(0.0, text=f"Scoring {len(items)} file(s)...")
 
@@ -86,7 +87,7 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str) -> 
     bar.empty()
     table = review.batch_table(results, classifier.card.class_names, reports)
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
-                counts=review.summary(table))
+                counts=review.summary(table), folder=str(folder) if folder is not None else None)
     st.session_state[STATE] = {"model": classifier.card.weights_sha256, "table": table, "sources": dict(items)}
     st.session_state.pop(TABLE_KEY, None)
 
@@ -178,9 +179,12 @@ st.title("Batch review")
 classifier, explainer, _model_dir = ui.require_model("Choose a working model in the sidebar to score images.")
 source = st.radio("Images from", SOURCES if auth.allowed("server_folders") else SOURCES[:2], horizontal=True,
                   key="batch_source")
-items = server_folder_ui() if source == SOURCES[2] else upload_ui(directory=source == SOURCES[1])
+if source == SOURCES[2]:
+    items, folder = server_folder_ui() or (None, None)
+else:
+    items, folder = upload_ui(directory=source == SOURCES[1]), None
 if items:
-    score_ui(classifier, items, AUDIT_SOURCES[source])
+    score_ui(classifier, items, AUDIT_SOURCES[source], folder)
 state = st.session_state.get(STATE)
 if state and state["model"] == classifier.card.weights_sha256:
     results_ui(classifier, explainer, state)

@@ -128,6 +128,10 @@ def test_each_page_action_leaves_one_line_with_the_user_and_no_phi(env):
     assert classify["source"] == "upload" and classify["counts"]["images"] == 1
     assert batch["source"] == "server_folder" and batch["counts"]["files"] == 3
     assert batch["counts"]["unreadable"] == 1
+    # The scored server folder as its keyed hash, as folder evaluation writes it: an auditor with the key can
+    # match the lines about one folder; its name (a patient's here) is not in the trail.
+    assert batch["folder_ref"] == audit.keyed_hash(KEY, str((env / "data" / "CANARY-SMITH PID-424242").resolve()))
+    assert "folder_ref" not in classify
     assert refused["refused"] == "batch"
     assert_no_canaries(env / "audit")
 

@@ -75,6 +75,8 @@ def texts(at: AppTest, kind: str) -> list[str]:
     ({"email": "a@x.org", "roles": ["pacs-writer"], "groups": ["cxr-teaching"]}, "pacs-writer"),
     ({"email": "BOSS@example.test"}, "admin"),  # e-mail matched without case
     ({"email": "boss@example.test", "email_verified": False}, None),  # an unverified address earns nothing
+    ({"email": "boss@example.test", "email_verified": "false"}, None),  # also when the claim is a string
+    ({"email": "boss@example.test", "email_verified": True}, "admin"),
     ({"email": "a@x.org", "roles": ["superuser"], "groups": ["radiology-other"]}, None),
     ({"sub": "123"}, None),
 ])
