@@ -90,7 +90,11 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
         return None
     folder = st.selectbox("Folder", [""] + paths.subfolders(root), key="instructor_folder",
                           format_func=lambda p: p or "(the data root itself)")
-    files = paths.list_images(paths.resolve_under(root, folder), recursive=False, limit=500, root=root)
+    try:  # the folder may have gone since the list was drawn
+        files = paths.list_images(paths.resolve_under(root, folder), recursive=False, limit=500, root=root)
+    except (ValueError, OSError) as err:
+        st.error(str(err) if isinstance(err, ValueError) else f"The folder could not be read ({type(err).__name__}).")
+        return None
     if not files:
         st.info("No images directly in this folder; choose a sub-folder.")
         return None

@@ -98,6 +98,20 @@ def test_image_from_the_held_out_split_and_from_the_data_root(env, monkeypatch):
     assert "Grad-CAM" in captions(at)
 
 
+def test_a_folder_removed_after_it_was_listed_gives_a_message_not_a_traceback(env, monkeypatch):
+    """The folder list is drawn, then the folder goes (another user, a cleanup job) before the page reads it."""
+    from cxr_core import paths
+
+    models_root, root, _, _, _ = env
+    listed = paths.subfolders
+    monkeypatch.setattr(paths, "subfolders", lambda folder: [*listed(folder), "gone-soon"])  # listed, not there
+    at = run_page(monkeypatch, models_root, root)
+    at.radio(key="instructor_source").set_value("From the data root").run()
+    at.selectbox(key="instructor_folder").set_value("gone-soon").run()
+    assert not at.exception
+    assert any("does not exist" in e.value for e in at.error), [e.value for e in at.error]
+
+
 def test_gallery_shows_the_most_confident_errors_and_says_when_a_file_is_missing(env, monkeypatch, tmp_path):
     _, root, folder, predictions, _ = env
     errors = probe.confident_errors(predictions, ["NORMAL", "PNEUMONIA"], k=8)
