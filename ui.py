@@ -391,7 +391,8 @@ def viewer_ui(pixels: Any, heatmap: Any, values: Any = None, *, key: str, titles
     fig = viewer.figure(shown, mode, colormap, opacity, levels, titles, height=height, revision=revision)
     st.plotly_chart(fig, key=f"{key}_viewer", width="stretch", config=VIEWER_CONFIG)
     st.caption("Drag on either picture to zoom both, double-click to see the whole film again, scroll to zoom, "
-               "hover for the pixel's position" + (" and stored value." if values is not None else " and grey level."))
+               "hover for the pixel's position"
+               + (" and value (after rescale)." if values is not None else " and grey level."))
     if mode == "contours" and not levels:
         st.caption("Choose at least one contour level to draw lines.")
     return opacity, colormap

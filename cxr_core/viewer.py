@@ -116,7 +116,8 @@ def _hover(values: np.ndarray | None) -> tuple[np.ndarray | None, str]:
     kinds = (np.uint8, np.int8, np.uint16, np.int16, np.int32) if integral else (np.float32,)
     data = values.astype(next(k for k in kinds if not integral or np.iinfo(k).min <= lo and hi <= np.iinfo(k).max))
     fmt = "" if integral else ":.6g"
-    return data, where + f"<br>stored value %{{customdata{fmt}}} (grey level %{{z}} of 255)<extra></extra>"
+    return data, where + (f"<br>value %{{customdata{fmt}}} (after rescale or modality LUT; "
+                          "grey level %{z} of 255)<extra></extra>")
 
 
 def figure(shown: Display, mode: str = "wash", colormap: str = "jet", opacity: float = 0.4,

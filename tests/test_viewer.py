@@ -88,7 +88,7 @@ def test_dicom_hover_shows_stored_values():
                                                               np.zeros((3, 4), np.float32), values)))
     trace = spec["data"][0]
     np.testing.assert_array_equal(plotly_spec.array(trace["customdata"]), values.astype(np.int32))
-    assert "stored value" in trace["hovertemplate"]
+    assert "value %{customdata" in trace["hovertemplate"] and "after rescale or modality LUT" in trace["hovertemplate"]
 
 
 def test_bad_mode_is_refused():
