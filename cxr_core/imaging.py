@@ -674,7 +674,8 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
         return _linear(values, top / 2, top, "LINEAR_EXACT"), None, "none"
     if "VOILUTSequence" in ds and ds["VOILUTSequence"].value:
         try:
-            return _voi_lut(values, ds.VOILUTSequence[0]), None, "voi_lut"
+            little = (getattr(ds, "original_encoding", None) or (None, True))[1] is not False
+            return _voi_lut(values, ds.VOILUTSequence[0], little), None, "voi_lut"
         except Exception as exc:
             raise _tag_error("VOILUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table") from exc
     step = max(1, int(np.sqrt(values.size / _SAMPLE_PIXELS)))
@@ -711,11 +712,15 @@ def _linear(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip(values, 0, 1, out=values)
 
 
-def _voi_lut(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
-    """Apply a VOI LUT Sequence item, scaled by the LUT's own output range to [0, 1]."""
+def _voi_lut(values: np.ndarray, item: pydicom.Dataset, little_endian: bool = True) -> np.ndarray:
+    """Apply a VOI LUT Sequence item, scaled by the LUT's own output range to [0, 1].
+
+    LUT Data held as OW bytes is in the file's byte order (Explicit VR Big Endian files are big-endian).
+    """
     entries, first, _ = (int(v) for v in item.LUTDescriptor)
     data = item.LUTData
-    lut = np.frombuffer(data, dtype="<u2") if isinstance(data, bytes) else np.asarray(data, dtype=np.float32)
+    order = "<u2" if little_endian else ">u2"
+    lut = np.frombuffer(data, dtype=order) if isinstance(data, bytes) else np.asarray(data, dtype=np.float32)
     lut = lut.astype(np.float32).ravel()[: entries or limits.MAX_LUT_ENTRIES]
     if not lut.size or not np.isfinite(lut).all():
         raise ValueError("empty or non-finite LUT")

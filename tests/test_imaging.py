@@ -358,6 +358,32 @@ def test_voi_lut_sequence_is_applied():
     np.testing.assert_allclose(img.pixels, np.minimum(4 * stored, 1000) / 1000.0, atol=1e-6)
 
 
+def test_voi_lut_stored_as_ow_bytes_follows_the_files_byte_order():
+    """In an Explicit VR Big Endian file (retired, still in archives) LUT Data as OW bytes is big-endian."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import ExplicitVRBigEndian
+
+    stored = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (4, 1))
+    lut = np.array([min(4 * v, 1000) for v in range(256)], dtype=np.uint16)
+    for syntax, order in ((ExplicitVRLittleEndian, "<u2"), (ExplicitVRBigEndian, ">u2")):
+        ds = pydicom.dcmread(io.BytesIO(_dicom(stored, BitsStored=16)))
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = stored.astype(order).tobytes()
+        item = Dataset()
+        item.LUTDescriptor = [256, 0, 16]
+        item.add_new("LUTData", "OW", lut.astype(order).tobytes())
+        ds.VOILUTSequence = Sequence([item])
+        fp = DicomBytesIO()
+        fp.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+        fp.is_little_endian, fp.is_implicit_VR = syntax == ExplicitVRLittleEndian, False
+        write_dataset(fp, ds)
+        img = imaging.load(fp.getvalue())
+        assert img.info.window_source == "voi_lut", syntax
+        np.testing.assert_allclose(img.pixels, np.minimum(4 * stored, 1000) / 1000.0, atol=1e-6, err_msg=str(syntax))
+
+
 def test_float_dicom_with_nan_stays_finite():
     values = np.tile(np.linspace(-1, 1, 16, dtype=np.float32), (4, 1))
     values[0, 0] = np.nan
