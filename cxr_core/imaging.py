@@ -61,6 +61,7 @@ METADATA_TAGS = (
 _READ_TAGS = METADATA_TAGS + (
     "SpecificCharacterSet", "HighBit", "PixelRepresentation", "PlanarConfiguration", "RescaleType",
     "ModalityLUTSequence", "VOILUTSequence", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "PixelPaddingValue", "PixelPaddingRangeLimit",
     "PixelData", "FloatPixelData", "DoubleFloatPixelData",
 )  # fmt: skip
 _READ_TAG_NUMBERS = [Tag(keyword) for keyword in _READ_TAGS]
@@ -600,7 +601,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     values = _modality_values(arr, ds, photometric, metadata)
     value_range = (float(values.min()), float(values.max()))
     modality = values.copy()  # windowing works in place
-    pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits)
+    pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits, _padding_mask(arr, ds))
     # DX requires Presentation LUT Shape INVERSE with MONOCHROME1: the same single inversion, not a second one.
     inverted = photometric == "MONOCHROME1"
     if photometric == "MONOCHROME2" and arr.ndim == 2 and lungs_brighter_than_mediastinum(modality):
@@ -660,10 +661,28 @@ def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, met
     return values
 
 
+def _padding_mask(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """Pixels that are padding, not anatomy (Pixel Padding Value, up to Pixel Padding Range Limit; stored values,
+    PS3.3 C.7.5.1.1.2), or None when the file declares none (or everything would be padding)."""
+    if arr.ndim != 2 or "PixelPaddingValue" not in ds:
+        return None
+    try:  # a malformed padding tag only costs the better window, never the film
+        pad = _number(ds, "PixelPaddingValue", np.nan)
+        limit = _number(ds, "PixelPaddingRangeLimit", pad) if "PixelPaddingRangeLimit" in ds else pad
+    except Exception:  # noqa: BLE001 (not a number, or bytes pydicom cannot convert)
+        return None
+    if not (np.isfinite(pad) and np.isfinite(limit)):
+        return None
+    mask = (arr >= min(pad, limit)) & (arr <= max(pad, limit))
+    return mask if mask.any() and not mask.all() else None
+
+
 def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, float] | None, colour: bool,
-                  bits: int) -> tuple[np.ndarray, tuple[float, float] | None, str]:
+                  bits: int, padding: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float] | None, str]:
     """Map modality values to [0, 1] in place: the caller's window, the file's VOI LUT or window, else percentiles.
 
+    The percentiles, and the check of the file's window against the pixels, leave ``padding`` pixels out: a
+    film padded to a rectangle would otherwise get a window stretched over the padding.
     Returns (pixels, (center, width) or None, window_source).
     """
     if window is not None:
@@ -680,6 +699,8 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
             raise _tag_error("VOILUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table") from exc
     step = max(1, int(np.sqrt(values.size / _SAMPLE_PIXELS)))
     sample = values[::step, ::step]
+    if padding is not None and not padding[::step, ::step].all():
+        sample = sample[~padding[::step, ::step]]
     lo, hi = (float(v) for v in np.percentile(sample, PERCENTILES))
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = (_number(ds, key, np.nan) for key in ("WindowCenter", "WindowWidth"))

@@ -384,6 +384,26 @@ def test_voi_lut_stored_as_ow_bytes_follows_the_files_byte_order():
         np.testing.assert_allclose(img.pixels, np.minimum(4 * stored, 1000) / 1000.0, atol=1e-6, err_msg=str(syntax))
 
 
+def test_pixel_padding_is_left_out_of_the_automatic_window():
+    """A film padded to a rectangle (40 % of its pixels at the padding value 0, anatomy 1000-2000, no window):
+    the automatic window spans the anatomy, not the padding."""
+    stored = np.zeros((50, 100), np.uint16)
+    stored[:, 40:] = np.tile(np.linspace(1000, 2000, 60).astype(np.uint16), (50, 1))
+    anatomy = np.s_[:, 40:]
+    plain = imaging.load(_dicom(stored))
+    padded = imaging.load(_dicom(stored, PixelPaddingValue=0))
+    assert plain.pixels[anatomy].min() > 0.3  # stretched over the padding: the anatomy loses a third of the greys
+    assert padded.info.window_source == "percentile"
+    assert padded.pixels[anatomy].min() < 0.02 and padded.pixels[anatomy].max() > 0.98
+    ranged = imaging.load(_dicom(stored, PixelPaddingValue=0, PixelPaddingRangeLimit=10))
+    np.testing.assert_allclose(ranged.pixels, padded.pixels, atol=1e-6)
+    ds = pydicom.dcmread(io.BytesIO(_dicom(stored)))
+    ds.add_new(0x00280120, "LO", "none")  # a malformed Pixel Padding Value: ignored, the film still loads
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    np.testing.assert_allclose(imaging.load(buf.getvalue()).pixels, plain.pixels, atol=1e-6)
+
+
 def test_float_dicom_with_nan_stays_finite():
     values = np.tile(np.linspace(-1, 1, 16, dtype=np.float32), (4, 1))
     values[0, 0] = np.nan
