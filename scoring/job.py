@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -127,8 +128,12 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
     """Score ``config.source`` into ``config.out``; returns the summary (also logged)."""
     start = time.monotonic()
     card = card_lib.load(config.model)
-    entries = sources.list_entries(config.source)
     store = Store(config.out, card.class_names)
+    outputs = [store.out, *([store.out.with_suffix(".csv")] if config.csv else [])]
+    if not sources.is_url(config.source) and Path(config.source).resolve() in [o.resolve() for o in outputs]:
+        raise ValueError(f"the output {config.out}{' (and its .csv copy)' if config.csv else ''} would overwrite "
+                         f"the source {config.source}: choose another --out")
+    entries = sources.list_entries(config.source)
     done = store.start(config.resume, card.weights_sha256)
     pending = [rows_lib.Pending(e.path, e.file, done.get(e.path, "")) for e in entries if e.problem is None]
     log(f"scoring: {len(entries)} files from {config.source} with {card.name} on the {config.engine} engine"

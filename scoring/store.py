@@ -26,6 +26,14 @@ from scoring import rows as rows_lib
 from scoring.sources import Entry
 
 
+def _durable_replace(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` over ``final`` once its bytes are on disk: a power cut leaves the old file or the new one,
+    never a truncated file that --resume would have to be told to ignore."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
 class Store:
     """Parts and the final output for ``out`` (a ``.parquet`` path)."""
 
@@ -87,7 +95,7 @@ class Store:
         self._count += 1
         tmp = self.parts / f".{name}.tmp"
         pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), tmp)
-        os.replace(tmp, self.parts / name)
+        _durable_replace(tmp, self.parts / name)
 
     def commit(self, entries: Sequence[Entry], card: Any, csv: bool = False) -> pd.DataFrame:
         """Write the final output in ``entries`` order (one row per entry); returns it as a DataFrame.
@@ -117,7 +125,7 @@ class Store:
             csv_tmp = csv_path.with_name(f".{csv_path.name}.tmp")
             with open(csv_tmp, "w", newline="", encoding="utf-8") as fh:  # spreadsheet-safe, as Batch review's
                 fh.write(review.export_csv(frame))
-            os.replace(csv_tmp, csv_path)
-        os.replace(tmp, self.out)
+            _durable_replace(csv_tmp, csv_path)
+        _durable_replace(tmp, self.out)
         shutil.rmtree(self.parts, ignore_errors=True)
         return frame

@@ -169,6 +169,12 @@ def test_cli_refuses_bad_arguments_with_a_message(tmp_path, tiny_model_dir, caps
     (tmp_path / "m.csv").write_text("file\na.png\n")
     assert main([str(tmp_path / "m.csv"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r.parquet")]) == 2
     assert "has no 'path' column" in capsys.readouterr().err
+    # SOURCE films.csv with --out films.parquet --csv would write the results over the manifest itself.
+    (tmp_path / "films.csv").write_text("path\na.png\n")
+    assert main([str(tmp_path / "films.csv"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "films.parquet"),
+                 "--csv"]) == 2
+    assert "would overwrite the source" in capsys.readouterr().err
+    assert (tmp_path / "films.csv").read_text() == "path\na.png\n"
 
 
 def test_resume_keeps_the_scored_row_of_a_path_listed_twice(tmp_path, tiny_model_dir, data_dir):
