@@ -99,13 +99,31 @@ def secrets_section(name: str) -> dict[str, Any]:
     return _plain(section) if isinstance(section, Mapping) else {}
 
 
+MIN_SECRET_CHARS = 32  # the example's `secrets.token_hex(32)` gives 64
+
+
+def weak_cookie_secret(section: Mapping[str, Any]) -> str | None:
+    """Why the [auth] cookie_secret cannot protect the session cookie (it carries the user's roles), or None."""
+    secret = str(section.get("cookie_secret") or "")
+    if "CHANGE-ME" in secret.upper() or len(secret) < MIN_SECRET_CHARS:
+        return ("The [auth] cookie_secret in .streamlit/secrets.toml is still the example's placeholder or shorter "
+                f"than {MIN_SECRET_CHARS} characters: anyone could forge a signed-in session with any role. The app "
+                "is closed until it is a long random string: "
+                "python -c \"import secrets; print(secrets.token_hex(32))\"")
+    return None
+
+
 def user_or_stop() -> User | None:
-    """``current_user``, or the page stops with the reason when the secrets cannot be read."""
+    """``current_user``, or the page stops with the reason when the secrets cannot be read or the cookie secret
+    is a placeholder."""
     try:
-        return current_user()
+        weak = weak_cookie_secret(secrets_section("auth")) if auth_configured() else None
+        if weak is None:
+            return current_user()
     except SecretsUnreadable as err:
-        st.error(str(err), icon="🔒")
-        st.stop()
+        weak = str(err)
+    st.error(weak, icon="🔒")
+    st.stop()
 
 
 def _plain(value: Any) -> Any:
@@ -254,6 +272,9 @@ def sidebar_ui() -> None:
         st.logout()
     if audit_folder() is None:
         st.sidebar.caption("The audit trail is off: set CXR_AUDIT_DIR (or [audit] dir in secrets).")
+    elif audit_key() is None:
+        st.sidebar.caption("The audit trail counts studies and server folders but cannot name them: set [audit] "
+                           "hmac_key in secrets (or CXR_AUDIT_KEY) so that an auditor can match its lines.")
 
 
 def audit_folder() -> str | None:

@@ -280,3 +280,26 @@ def test_no_secrets_file_is_local_mode_and_a_readable_one_signs_in(models_root, 
     secrets_file.write_text("[auth]\n" + "".join(f'{k} = "{v}"\n' for k, v in AUTH.items()))
     signed_out = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     assert texts(signed_out, "exception") == [] and texts(signed_out, "title") == ["Sign in"]
+
+
+@pytest.mark.parametrize("secret", ["CHANGE-ME", "change-me-please-0123456789abcdef0123", "short-secret"])
+def test_a_placeholder_or_short_cookie_secret_closes_the_app(models_root, secret):
+    """The cookie carries the user's roles, signed with cookie_secret: the example's placeholder would let anyone
+    forge an admin session."""
+    for script in ("app.py", PAGES["classify"]):
+        at = AppTest.from_file(str(REPO / script), default_timeout=120)
+        at.secrets["auth"], at.secrets["access"] = {**AUTH, "cookie_secret": secret}, ACCESS
+        at.user = {"is_logged_in": True, **ADMIN}
+        at.run()
+        assert texts(at, "exception") == [] and texts(at, "title") == []
+        assert any("cookie_secret" in e.value and "placeholder" in e.value for e in at.error), script
+
+
+def test_an_audit_trail_without_a_key_says_it_cannot_name_studies(models_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    monkeypatch.delenv("CXR_AUDIT_KEY", raising=False)
+    at = signed_in("app.py", VIEWER)
+    assert any("cannot name them: set [audit] hmac_key" in c.value for c in at.sidebar.caption)
+    monkeypatch.setenv("CXR_AUDIT_KEY", "k" * 40)
+    at = signed_in("app.py", VIEWER)
+    assert not any("hmac_key" in c.value for c in at.sidebar.caption)
