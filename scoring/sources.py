@@ -14,6 +14,7 @@ reader for its scheme, once ``cxr_core`` has the client. Readers run wherever th
 from __future__ import annotations
 
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,19 @@ def _read_manifest(source: str) -> pd.DataFrame:
     return pd.read_parquet(source)
 
 
+def _has_credentials(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return bool(parts.username or parts.password)
+    except ValueError:  # a malformed URL: read_bytes says so
+        return False
+
+
+def _without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
 def manifest_entries(source: str) -> list[Entry]:
     """The ``path`` column in row order; relative local paths are relative to the manifest's folder.
 
@@ -89,6 +103,12 @@ def manifest_entries(source: str) -> list[Entry]:
         text = "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
         if not text:
             entries.append(Entry("", "", f"manifest row {row} has no path; give a file path or URL"))
+            continue
+        if is_url(text) and _has_credentials(text):
+            shown = _without_credentials(text)
+            entries.append(Entry(shown, shown, f"manifest row {row}: the URL carries a user name or password, which "
+                                               "would be written to the output; give credentials to the workers "
+                                               "another way (environment, .netrc, the storage's own config)"))
             continue
         path = text
         if base is not None and not is_url(text):

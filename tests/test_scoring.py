@@ -231,14 +231,18 @@ def test_a_run_without_resume_replaces_an_output_of_other_classes(tmp_path, tiny
 
 def test_malformed_paths_and_urls_become_error_rows(tmp_path, tiny_model_dir, data_dir):
     (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
-    paths = ["a.jpeg", "http://[::1/x.jpeg", f"http://127.0.0.1:{_closed_port()}/John Smith.jpeg", "bad\x00name.jpeg"]
+    paths = ["a.jpeg", "http://[::1/x.jpeg", f"http://127.0.0.1:{_closed_port()}/John Smith.jpeg", "bad\x00name.jpeg",
+             "https://scorer:s3cret-pw@archive.example/films/x.dcm"]
     pd.DataFrame({"path": paths}).to_parquet(tmp_path / "list.parquet")
     out = tmp_path / "r.parquet"
     summary = run(Config(str(tmp_path / "list.parquet"), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
     table = pd.read_parquet(out)
-    assert summary.files == 4 and summary.errors == 3 and table.loc[0, "error"] == ""
-    for error in table.loc[1:, "error"]:
+    assert summary.files == 5 and summary.errors == 4 and table.loc[0, "error"] == ""
+    for error in table.loc[1:3, "error"]:
         assert error.startswith("Could not read") and "Check the path or URL" in error, error
+    assert "carries a user name or password" in table.loc[4, "error"]
+    assert table.loc[4, "path"] == table.loc[4, "file"] == "https://archive.example/films/x.dcm"
+    assert not any("s3cret" in str(v) for v in table.to_numpy().ravel())  # the password is not in the output
 
 
 def test_a_file_name_that_is_not_utf8_is_an_error_row_and_the_rest_are_scored(tmp_path, tiny_model_dir, data_dir):
