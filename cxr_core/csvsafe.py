@@ -71,6 +71,9 @@ def to_csv(table: pd.DataFrame, path: Any = None, *, keep_bytes: bool = False, *
 
 def read_csv(path: Any, **kwargs: Any) -> pd.DataFrame:
     """A CSV written by ``to_csv`` (or by hand) as a DataFrame with the text ``to_csv`` was given."""
+    # round_trip: floats come back bit for bit (the default parser is off by an ulp for 4 in 10 probabilities,
+    # which flips a decision at a threshold fitted to one of them).
+    kwargs.setdefault("float_precision", "round_trip")
     table = pd.read_csv(path, encoding_errors="surrogateescape", **kwargs)
     for column in table.columns:
         if table[column].dtype == object:

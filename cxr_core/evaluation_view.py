@@ -111,10 +111,14 @@ class OperatingPoint:
 
 
 def operating_point(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive_class: str,
-                    threshold: float, negative_label: str | None = None) -> OperatingPoint:
-    """``positive_class`` called when its probability >= ``threshold``; the rest is the negative label."""
+                    threshold: float, negative_label: str | None = None,
+                    called: np.ndarray | None = None) -> OperatingPoint:
+    """``positive_class`` called when its probability >= ``threshold`` (or where ``called``, bool (N,): what a
+    rule with more than two classes decides); the rest is the negative label."""
     c = list(class_names).index(positive_class)
-    rates = metrics.binary_at_threshold((np.asarray(y) == c).astype(int), np.asarray(probs)[:, c], threshold)
+    scores = np.asarray(probs)[:, c] if called is None else np.asarray(called, dtype=np.float64)
+    cut = threshold if called is None else 0.5
+    rates = metrics.binary_at_threshold((np.asarray(y) == c).astype(int), scores, cut)
     counts = np.array([[rates["tn"], rates["fp"]], [rates["fn"], rates["tp"]]], dtype=int)
     negative = negative_label or f"not {positive_class}"
     return OperatingPoint(positive_class, float(threshold), (negative, positive_class), counts, rates)
@@ -174,14 +178,16 @@ def split_facts(split: pd.DataFrame) -> dict[str, int]:
     return facts
 
 
-def per_source(predictions: pd.DataFrame, class_names: Sequence[str], split: str | None = None) -> pd.DataFrame:
-    """n, accuracy (top class) and AUC per data source; empty when there is no source column."""
+def per_source(predictions: pd.DataFrame, card: ModelCard, split: str | None = None) -> pd.DataFrame:
+    """n, accuracy (under the card's rule, as every other figure of the page) and AUC per data source; empty
+    when there is no source column."""
     if "source" not in predictions.columns:
         return pd.DataFrame()
+    class_names = list(card.class_names)
     y, probs, rows = labelled(predictions, class_names, split)
     out = []
     for source, idx in rows.groupby(rows["source"].astype(str)).indices.items():
-        result = metrics.evaluate(y[idx], probs[idx], class_names)
+        result = metrics.evaluate(y[idx], probs[idx], class_names, decisions(card, probs[idx]))
         out.append({"source": source, "n": result["n"], "accuracy": result["accuracy"], "auc": result["auc"]})
     return pd.DataFrame(out).set_index("source") if out else pd.DataFrame()
 

@@ -62,11 +62,22 @@ def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
     positive = positives[0] if binary else st.selectbox("Positive class (one against the rest)", positives,
                                                          key=f"{key}_positive")
     default = float(card.thresholds.get(positive, 0.5))
+    ruled = not binary and bool(card.thresholds)  # the card's rule decides among several classes
+    if binary:
+        rule = f"{positive} is called when its probability is at or above the threshold."
+    elif ruled:
+        rule = (f"Under the card's rule: {positive} is called when its probability reaches this threshold and no other "
+                "class that reaches its own threshold is more probable.")
+    else:
+        rule = (f"One against the rest: {positive} counted as called when its probability reaches the threshold. This "
+                "card calls the most probable class; the threshold is not part of its rule.")
+    card_value = f" The card's threshold is {default:.4f}." if positive in card.thresholds else ""
     threshold = st.slider(f"Threshold on P({positive})", 0.0, 1.0, default, 0.01, key=f"{key}_threshold",
-                          help=f"{positive} is called when its probability is at or above the threshold. "
-                               f"The card's threshold is {default:.2f}.")
+                          help=rule + card_value)
     negative = card.negative_class if binary and card.negative_class else None
-    point = ev.operating_point(y, probs, names, positive, threshold, negative_label=negative)
+    c = names.index(positive)
+    called = ev.decisions(card, probs, {positive: threshold}) == c if ruled else None
+    point = ev.operating_point(y, probs, names, positive, threshold, negative_label=negative, called=called)
     cols = st.columns(4)
     cols[0].metric("Sensitivity", fmt(point.rates["sensitivity"]), help="TP / (TP + FN)")
     cols[1].metric("Specificity", fmt(point.rates["specificity"]), help="TN / (TN + FP)")
@@ -78,10 +89,11 @@ def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
     right.plotly_chart(confusion_figure(point.counts, labels, "Row-normalised (fraction of each true class)", True),
                        key=f"{key}_cm_norm")
     if not binary:
-        decided = ev.decisions(card, probs, {positive: threshold})
+        decided = ev.decisions(card, probs, {positive: threshold}) if ruled else ev.decisions(card, probs)
+        title = ("All classes under the card's rule at this threshold" if ruled
+                 else "All classes under the card's rule (the most probable class)")
         full = metrics.confusion(y, decided, len(names))
-        st.plotly_chart(confusion_figure(full, names, "All classes under the card's rule at this threshold", False),
-                        key=f"{key}_cm_full")
+        st.plotly_chart(confusion_figure(full, names, title, False), key=f"{key}_cm_full")
 
 
 def report_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
@@ -107,8 +119,8 @@ def calibration_ui(y, probs, key: str) -> None:
     st.plotly_chart(fig, key=f"{key}_calibration")
 
 
-def per_source_ui(predictions: pd.DataFrame, class_names: list[str], split: str | None, key: str) -> None:
-    table = ev.per_source(predictions, class_names, split)
+def per_source_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: str | None, key: str) -> None:
+    table = ev.per_source(predictions, card, split)
     if len(table) > 1:
         st.subheader("Per data source")
         st.caption("A model trained on several sources can learn the source instead of the disease; "
@@ -131,7 +143,7 @@ def evaluation_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: st
     threshold_ui(y, probs, card, key)
     report_ui(y, probs, card, key)
     calibration_ui(y, probs, key)
-    per_source_ui(predictions, list(card.class_names), split, key)
+    per_source_ui(predictions, card, split, key)
 
 
 PERCENT_COLUMNS = ("accuracy", "AUC", "unfamiliar", "unfamiliar when right", "unfamiliar when wrong",

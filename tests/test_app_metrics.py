@@ -13,7 +13,8 @@ import pytest
 from app_models import evaluated_model, labelled_folder
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import metrics
+from cxr_core import evaluation_view as ev
+from cxr_core import metrics, models
 from cxr_core.card import RESEARCH_USE
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "metrics.py")
@@ -160,16 +161,30 @@ def test_tampered_model_folder_gives_a_message_not_a_traceback(setup, tmp_path, 
 
 def test_three_class_model_thresholds_one_class_against_the_rest(setup, tiny_model3_dir, tmp_path, monkeypatch):
     root, _, _, _ = setup
-    _, predictions = evaluated_model(tiny_model3_dir, tmp_path, root / "eval")
+    folder, predictions = evaluated_model(tiny_model3_dir, tmp_path, root / "eval")
+    # Half the PNEUMONIA films also reach the COVID-19 threshold, with COVID-19 more probable: the card's rule
+    # calls them COVID-19, while P(PNEUMONIA) alone passes a low threshold.
+    both = predictions.index[predictions["true_class"] == "PNEUMONIA"][::2]
+    predictions.loc[both, ["p_NORMAL", "p_PNEUMONIA", "p_COVID-19"]] = [0.1, 0.3, 0.6]
+    predictions.to_csv(folder / "predictions.csv", index=False)
     at = run_page(monkeypatch, tmp_path, root)
     assert not at.exception
     assert any("COVID-19: no ROC curve" in c.value for c in at.caption)
     at.selectbox(key="held_out_positive").set_value("PNEUMONIA").run()
-    at.slider(key="held_out_threshold").set_value(0.4).run()
+    card = models.load(tiny_model3_dir).card
+    assert card.thresholds  # the card's rule: the most probable of the classes that reach their thresholds
     y = (predictions["true_class"] == "PNEUMONIA").to_numpy(int)
-    rates = metrics.binary_at_threshold(y, predictions["p_PNEUMONIA"].to_numpy(float), 0.4)
-    assert metric(at, "Sensitivity") == f"{rates['sensitivity']:.3f}"
-    assert metric(at, "Specificity") == f"{rates['specificity']:.3f}"
+    probs = predictions[[f"p_{c}" for c in card.class_names]].to_numpy(float)
+    differs = False
+    for threshold in (0.05, 0.2, 0.4):
+        at.slider(key="held_out_threshold").set_value(threshold).run()
+        called = ev.decisions(card, probs, {"PNEUMONIA": threshold}) == card.class_names.index("PNEUMONIA")
+        rates = metrics.binary_at_threshold(y, called.astype(float), 0.5)  # what the card's rule calls
+        assert metric(at, "Sensitivity") == f"{rates['sensitivity']:.3f}", threshold
+        assert metric(at, "Specificity") == f"{rates['specificity']:.3f}", threshold
+        plain = metrics.binary_at_threshold(y, probs[:, card.class_names.index("PNEUMONIA")], threshold)
+        differs |= (plain["sensitivity"], plain["specificity"]) != (rates["sensitivity"], rates["specificity"])
+    assert differs  # somewhere one-against-the-rest would have shown other figures than the rule gives
     titles = [c["layout"].get("title", {}).get("text") for c in charts(at)]
     assert "All classes under the card's rule at this threshold" in titles
     at.selectbox(key="held_out_positive").set_value("COVID-19").run()

@@ -102,10 +102,26 @@ def test_data_summary_counts_per_source_class_split():
 
 
 def test_per_source_results(predictions):
-    table = ev.per_source(predictions, CLASSES, "test")
+    table = ev.per_source(predictions, card(), "test")
     assert table.loc["kermany", "n"] == 5 and table.loc["covid", "n"] == 2
     assert table.loc["kermany", "accuracy"] == pytest.approx(4 / 5)
     assert table.loc["kermany", "auc"] == pytest.approx(5 / 6)  # 0.55 (PNEUMONIA) ranks below 0.7 (NORMAL)
+
+
+def test_per_source_accuracy_follows_the_cards_rule_not_the_top_class():
+    rows = pd.DataFrame({"source": ["s"] * 4, "true_class": ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"],
+                         "p_NORMAL": [0.9, 0.9, 0.6, 0.7], "p_PNEUMONIA": [0.1, 0.1, 0.4, 0.3], "split": "test"})
+    low = card({"PNEUMONIA": 0.2})  # PNEUMONIA called from 0.2: every film right, though NORMAL is the top class
+    assert ev.per_source(rows, low, "test").loc["s", "accuracy"] == pytest.approx(1.0)
+    assert ev.per_source(rows, card({"PNEUMONIA": 0.5}), "test").loc["s", "accuracy"] == pytest.approx(0.5)
+
+
+def test_probabilities_read_back_bit_for_bit(tmp_path):
+    """A threshold fitted to one validation probability must compare with that probability exactly as trained."""
+    values = np.random.default_rng(5).random(2000)
+    pd.DataFrame({"p_PNEUMONIA": values, "true_class": "NORMAL"}).to_csv(tmp_path / "predictions.csv", index=False)
+    back = ev.read_evaluation(tmp_path).predictions["p_PNEUMONIA"].to_numpy()
+    assert (back == values).all()
 
 
 def test_read_evaluation_names_what_is_missing(tmp_path, predictions):
