@@ -284,7 +284,7 @@ class OpenVINORunner:
                     # The .xml last: an entry counts only when all three files are there.
                     for suffix in (".npz", ".bin", ".xml"):
                         os.replace(tmp_xml.with_suffix(suffix), path.with_suffix(suffix))
-            except OSError:
+            except (OSError, RuntimeError):  # OpenVINO reports a failed write (a full disk) as RuntimeError
                 pass  # an unwritable cache only costs the next start a conversion
         return ov_model, "converted"
 

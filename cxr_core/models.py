@@ -333,15 +333,35 @@ class Classifier:
         return self.predict(batch)
 
 
-def load_weights(model: keras.Model, path: str | Path) -> None:
-    """Load a ``.weights.h5`` file (written under any Keras 3 backend) into ``model``."""
+def load_weights(model: keras.Model, path: str | Path, shown: str | Path | None = None) -> None:
+    """Load a ``.weights.h5`` file (written under any Keras 3 backend) into ``model``; errors name ``shown``."""
     try:
         model.load_weights(str(path))
     except (ValueError, OSError, KeyError) as exc:
         raise ModelCardError(
-            f"the weights in {path} do not fit the model its card describes ({exc}). "
+            f"the weights in {shown or path} do not fit the model its card describes ({exc}). "
             "Reinstall the model folder."
         ) from exc
+
+
+def load_checked_weights(model: keras.Model, card: card_lib.ModelCard, path: Path) -> None:
+    """Load the weights file's bytes only if they are still the ones the card's sha256 names.
+
+    ``card_lib.load`` hashed the file; Keras reads it again later (seconds after, or at the first explanation that
+    needs gradients). The bytes are read once, checked, and loaded from a private copy, so a file replaced in
+    between (a reinstall) can neither serve other weights under this card's hash nor enter the engine cache.
+    """
+    import hashlib
+    import tempfile
+
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != card.weights_sha256:
+        raise ModelCardError(f"model '{card.name}': its weights file changed since it was checked (it no longer "
+                             "matches its model card's sha256). Reload the page, or reinstall the model folder.")
+    with tempfile.TemporaryDirectory(prefix="cxr-weights-") as tmp:
+        private = Path(tmp) / Path(path).name
+        private.write_bytes(data)
+        load_weights(model, private, shown=path)
 
 
 def cache_key(card: card_lib.ModelCard) -> str:
@@ -383,7 +403,7 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
         except ValueError as exc:
             raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built "
                                  f"({exc}).") from exc
-        load_weights(model, card_lib.weights_path(folder, card))
+        load_checked_weights(model, card, card_lib.weights_path(folder, card))
         return model
 
     runner = engine_lib.cached(key, engine, precision)

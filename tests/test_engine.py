@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import keras
 import numpy as np
 import pytest
 
 from cxr_core import card, engine, explain, models, ov_graph
+from cxr_core.errors import ModelCardError
 
 SIZE = 64
 
@@ -327,3 +330,44 @@ def test_a_batch_runs_film_by_film_on_the_throughput_streams(tiny_model3_dir, im
     reversed_logits, reversed_features = runner(images[::-1])
     np.testing.assert_allclose(reversed_logits, logits[::-1], atol=1e-6)
     np.testing.assert_allclose(reversed_features, features[::-1], atol=1e-6)
+
+
+def test_a_failed_cache_write_still_serves_on_openvino(tiny_model_dir, tmp_path, monkeypatch, images):
+    """OpenVINO reports a failed write (a full disk) as RuntimeError: the model still loads, only uncached."""
+    import openvino as ov
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ov, "save_model", full_disk)
+    served = models.load(tiny_model_dir, engine="openvino")
+    assert served.runner.source == "converted" and served.engine_label.startswith("OpenVINO")
+    np.testing.assert_allclose(served.logits(images), models.load(tiny_model_dir, engine="tensorflow").logits(images),
+                               atol=1e-5)
+    assert not list((tmp_path / "cache").glob("*.xml"))
+
+
+def test_weights_replaced_after_the_check_are_refused_not_served(tiny_model3_dir, tmp_path, monkeypatch, images):
+    """The card's sha256 is checked at load; a weights file swapped before Keras reads it (a reinstall racing a
+    start, or before the first gradient explanation of a cache-served model) must not be served under that hash,
+    nor enter the engine cache."""
+    from conftest import _train_tiny
+
+    from cxr_core import card as card_lib
+
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model3_dir, folder)
+    other = _train_tiny(tmp_path / "other", ["NORMAL", "PNEUMONIA", "COVID-19"], 64, 9)
+    checked = card_lib.load
+
+    def swap_after_check(path):  # the check passes, then the file changes
+        card = checked(path)
+        shutil.copyfile(card_lib.weights_path(other, card_lib.read(other)), card_lib.weights_path(folder, card))
+        return card
+
+    monkeypatch.setattr(card_lib, "load", swap_after_check)
+    with pytest.raises(ModelCardError, match="changed since it was checked"):
+        models.load(folder, engine="openvino")
+    assert not list((tmp_path / "cache").glob("*.xml"))
