@@ -166,7 +166,7 @@ def decide(card: card_lib.ModelCard, probabilities: Sequence[float]) -> Predicti
         top_probability=probs[top],
         decision=decision,
         positive=card.negative_class is not None and decision != card.negative_class,
-        low_confidence=probs[top] < card.low_confidence,
+        low_confidence=not probs[top] >= card.low_confidence,  # NaN (a broken model) is never confident
     )
 
 

@@ -218,3 +218,9 @@ def test_weights_written_under_jax_load_under_tensorflow(tmp_path):
     expected = np.array(made["logits"])
     assert np.abs(expected).max() > 0.1
     np.testing.assert_allclose(loaded.logits(_fixed_input(32)), expected, atol=1e-5)
+
+
+def test_non_finite_probabilities_are_never_a_confident_result():
+    """A broken model's NaN output used to read as a confident NORMAL (NaN < 0.6 is False)."""
+    pred = models.decide(CARD3, (float("nan"), float("nan"), float("nan")))
+    assert pred.low_confidence and not pred.positive
