@@ -117,7 +117,8 @@ def user_or_stop() -> User | None:
     """``current_user``, or the page stops with the reason when the secrets cannot be read or the cookie secret
     is a placeholder."""
     try:
-        weak = weak_cookie_secret(secrets_section("auth")) if auth_configured() else None
+        section = secrets_section("auth")  # read once: {} is local mode
+        weak = weak_cookie_secret(section) if section else None
         if weak is None:
             return current_user()
     except SecretsUnreadable as err:

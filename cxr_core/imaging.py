@@ -669,7 +669,7 @@ def _padding_mask(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
     try:  # a malformed padding tag only costs the better window, never the film
         pad = _number(ds, "PixelPaddingValue", np.nan)
         limit = _number(ds, "PixelPaddingRangeLimit", pad) if "PixelPaddingRangeLimit" in ds else pad
-    except Exception:  # noqa: BLE001 (not a number, or bytes pydicom cannot convert)
+    except Exception:  # not a number, or bytes pydicom cannot convert
         return None
     if not (np.isfinite(pad) and np.isfinite(limit)):
         return None

@@ -257,11 +257,16 @@ def roots_by_source(roots: Sequence[str | Path]) -> dict[str, Path]:
     return root_of
 
 
+def _manifest_rows(path: str | Path) -> list[dict[str, str]]:
+    """A manifest's rows with their text as ``write_manifest`` was given it (file-name bytes, formula cells)."""
+    with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return [{key: csvsafe.restore(value) for key, value in raw.items()} for raw in csv.DictReader(fh)]
+
+
 def trained_keys(path: str | Path) -> set[str]:
     """The ``source/path`` keys a model trained on, from its ``split.csv``: its train split, and the copies of
     those films that its run dropped as duplicates (the same film under another name)."""
-    with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        rows = [{key: csvsafe.restore(value) for key, value in raw.items()} for raw in csv.DictReader(fh)]
+    rows = _manifest_rows(path)
     trained = {f"{r['source']}/{r['path']}" for r in rows if r["split"] == "train"}
     return trained | {f"{r['source']}/{r['path']}" for r in rows if r.get("duplicate_of") in trained}
 
@@ -271,13 +276,11 @@ def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]
     root_of = roots_by_source(roots)
     names = list(root_of)
     records = []
-    with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        for raw in csv.DictReader(fh):
-            row = {key: csvsafe.restore(value) for key, value in raw.items()}
-            if row["source"] not in root_of:
-                raise ValueError(f"manifest {path} names source {row['source']!r}, which is not among {names}")
-            records.append(Record(path=root_of[row["source"]] / row["path"], rel=row["path"], source=row["source"],
-                                  label=row["class"], split=row["split"], patient=row["patient"],
-                                  sha256=row["sha256"], duplicate_of=row["duplicate_of"],
-                                  duplicate_kind=row.get("duplicate_kind") or ("bytes" if row["duplicate_of"] else "")))
+    for row in _manifest_rows(path):
+        if row["source"] not in root_of:
+            raise ValueError(f"manifest {path} names source {row['source']!r}, which is not among {names}")
+        records.append(Record(path=root_of[row["source"]] / row["path"], rel=row["path"], source=row["source"],
+                              label=row["class"], split=row["split"], patient=row["patient"],
+                              sha256=row["sha256"], duplicate_of=row["duplicate_of"],
+                              duplicate_kind=row.get("duplicate_kind") or ("bytes" if row["duplicate_of"] else "")))
     return records
