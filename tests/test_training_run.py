@@ -126,6 +126,50 @@ def test_resume_continues_from_the_last_epoch(first_run, resumed_run):
     assert card_lib.load(out).recipe["epochs_run"] == 2
 
 
+def test_resume_on_another_validation_split_re_measures_the_best_epoch(first_run, work, tmp_path):
+    """A resumed run whose validation films changed (here half moved to test) compares its epochs with the best
+    epoch's weights measured on the new films, not with a val_loss of films it no longer has."""
+    out = tmp_path / "tiny-moved"
+    shutil.copytree(first_run[0], out)
+    with (out / "split.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    val = [r for r in rows if r["split"] == "val"]
+    moved = {r["path"] for r in val[: len(val) // 2]}
+    for r in rows:
+        r["split"] = "test" if r["path"] in moved else r["split"]
+    with (out / "split.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    before = json.loads((out / ".ckpt" / "state.json").read_text())
+    assert before["best_epoch"] == 1 and len(before["val_split"]) == 64  # the first run's validation films
+
+    # The expected value, independently: epoch 1's (the first run's served model's) cross-entropy on the films
+    # still in val, from its predictions.csv (calibrated probabilities, undone with the card's temperature).
+    preds = pd.read_csv(first_run[0] / "predictions.csv", float_precision="round_trip")
+    kept = preds[(preds["split"] == "val") & ~preds["path"].isin(moved)]
+    assert 0 < len(kept) < len(val)
+    card = card_lib.load(first_run[0])
+    logits = card.temperature * np.log(kept[[f"p_{c}" for c in card.class_names]].to_numpy())
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    labels = kept["true_class"].map(card.class_names.index).to_numpy()
+    expected = float(-log_p[np.arange(len(kept)), labels].mean())
+    assert abs(expected - before["best"]) > 1e-3  # the old number is really not this split's
+
+    lines: list[str] = []
+    run(TrainConfig(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                    epochs=2, cache_dir=str(work / "cache"), verbose=0, resume=True), log=lines.append)
+    said = [line for line in lines if "re-measured" in line]
+    assert len(said) == 1 and f"val_loss {before['best']:.4f} -> " in said[0], lines
+    remeasured = float(said[0].split(" -> ")[1].split()[0])
+    assert remeasured == pytest.approx(expected, abs=1e-4)
+    state = json.loads((out / ".ckpt" / "state.json").read_text())
+    epoch2 = state["history"][1]["val_loss"]
+    assert state["best"] == pytest.approx(min(remeasured, epoch2), abs=1e-4)
+    assert state["best_epoch"] == (2 if epoch2 < state["best"] + 1e-9 and epoch2 <= remeasured else 1)
+    assert len(state["val_split"]) == 64 and state["val_split"] != before["val_split"]
+
+
 def test_time_budget_stops_between_epochs_saves_the_model_and_resume_continues(work, tmp_path):
     """--time-budget: no epoch starts that would end past it; the model is saved; --resume finishes the run."""
     out = tmp_path / "tiny-budget"

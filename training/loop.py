@@ -2,12 +2,14 @@
 
 ``OUT/.ckpt/`` holds ``last.weights.h5`` (model after the last completed epoch),
 ``optimizer.npz`` (optimizer variables), ``best.weights.h5`` (lowest val_loss) and
-``state.json`` (epoch, phase, history, callback state). Keras 3 APIs only: any backend.
+``state.json`` (epoch, phase, history, callback state, and a fingerprint of the validation split
+that the best epoch was measured on). Keras 3 APIs only: any backend.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -45,6 +47,14 @@ def phases(config: TrainConfig) -> list[tuple[str, int, float]]:
         raise ValueError("freeze_epochs is auto (-1): decide it first (TrainConfig.with_freeze_epochs)")
     frozen = min(config.freeze_epochs, config.epochs)
     return [("frozen", frozen, config.lr), ("fine-tune", config.epochs, config.fine_tune_lr)]
+
+
+def val_fingerprint(batches: Batches) -> str:
+    """sha256 of the validation films and labels: val_loss is only comparable on the same films."""
+    digest = hashlib.sha256()
+    for record, label in zip(batches.split.records, batches.split.labels, strict=True):
+        digest.update(f"{record.source}/{record.rel}\t{int(label)}\n".encode())
+    return digest.hexdigest()
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -135,8 +145,8 @@ class _Checkpoint(keras.callbacks.Callback):
 class Loop:
     """Runs the phases of one training run and keeps its checkpoint in ``out/.ckpt``."""
 
-    def __init__(self, model: keras.Model, train_model: keras.Model, config: TrainConfig, out: Path):
-        self.model, self.train_model, self.config, self.out = model, train_model, config, out
+    def __init__(self, model: keras.Model, train_model: keras.Model, config: TrainConfig, out: Path, log=print):
+        self.model, self.train_model, self.config, self.out, self.log = model, train_model, config, out, log
         self.ckpt = out / ".ckpt"
         self.state: dict[str, Any] = {"epoch": 0, "history": [], "done": [], "best": None, "best_epoch": 0,
                                       "phase": None, "callbacks": None, "lr": None, "train_seconds": 0.0,
@@ -175,6 +185,35 @@ class Loop:
         _atomic_json(self.ckpt / "state.json", s)
         write_history(s["history"], self.out / "history.csv")
 
+    def _rebase_best(self, val: Batches) -> None:
+        """Re-measure the best epoch's weights when the validation split is not the one they were measured on.
+
+        A resumed run can meet another validation split (films moved or left out since, e.g. by the check of
+        what the starting weights saw); the best val_loss so far, and the callbacks' own best, would then come
+        from other films, and an epoch could win or lose against a number it cannot be compared with.
+        """
+        s, fingerprint = self.state, val_fingerprint(val)
+        if s.get("val_split") == fingerprint:
+            return
+        s["val_split"] = fingerprint
+        best_weights = self.ckpt / "best.weights.h5"
+        if s["best"] is None or not best_weights.is_file():
+            return
+        self.model.load_weights(str(best_weights))
+        build.compile_for(self.train_model, self.config, s["lr"] or self.config.lr)
+        loss = float(self.train_model.evaluate(val, verbose=0, return_dict=True)["loss"])
+        self.model.load_weights(str(self.ckpt / "last.weights.h5"))
+        self.log(f"the validation split ({len(val.split.labels)} films) is not the one the checkpoint's best epoch "
+                 f"({s['best_epoch']}) was measured on: its weights re-measured on this one, val_loss "
+                 f"{s['best']:.4f} -> {loss:.4f} (history.csv's earlier val_loss rows are on the old split)")
+        # The callbacks' best is the same epoch's (re-measured) or another's of this phase (unknown now: the
+        # next epoch starts their comparison afresh; their patience counters are kept).
+        for state in (s["callbacks"] or {}).values():
+            if state.get("best") is not None:
+                state["best"] = loss if state["best"] == s["best"] else None
+        s["best"] = loss
+        _atomic_json(self.ckpt / "state.json", s)
+
     def _restore_optimizer(self) -> None:
         opt = self.train_model.optimizer
         opt.build(self.train_model.trainable_variables)
@@ -191,6 +230,7 @@ class Loop:
         self.n_train = len(train.split.labels)
         if verbose < 0:
             verbose = 1 if sys.stdout.isatty() else 2
+        self._rebase_best(val)
         self.run_started, self.first_epoch = time.perf_counter(), self.state["epoch"]
         for phase, last_epoch, lr in phases(self.config):
             s = self.state

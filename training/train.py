@@ -166,7 +166,7 @@ def run(config: TrainConfig, log=print) -> Path:
             log(f"--freeze-epochs {config.freeze_epochs} (auto: "
                 + ("the head is copied, so the whole model trains from the first epoch)" if config.freeze_epochs == 0
                    else "a new head trains alone first, then the backbone is unfrozen)"))
-        loop = Loop(model, build.training_model(model, config), config, out)
+        loop = Loop(model, build.training_model(model, config), config, out, log)
         if config.resume and loop.resume():
             log(f"resuming after epoch {loop.state['epoch']}")
         fit = loop.run(dataset.Batches(train, config.batch_size, weights, shuffle=True, seed=config.seed),
