@@ -5,6 +5,17 @@ model folder (missing card, tampered weights) ends as ``ModelCardError``. Both c
 message written for a clinician: what was wrong and what to do about it.
 """
 
+import re
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9 .,+\-_/]")
+
+
+def quoted(value: object, limit: int = 40) -> str:
+    """A value read from the file, fit to quote in a message: at most ``limit`` characters, and only letters,
+    digits, spaces and ``.,+-_/`` (any other character becomes ``?``), so that a crafted tag cannot put a link,
+    an image or other Markdown into a page that shows the message."""
+    return _UNSAFE.sub("?", str(value)[:limit])
+
 
 class UnreadableImageError(ValueError):
     """The input could not be read as an image. ``str(err)`` says why and what to do."""

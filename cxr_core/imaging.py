@@ -41,7 +41,7 @@ from pydicom.uid import (
 
 import cxr_core
 from cxr_core import limits
-from cxr_core.errors import UnreadableImageError
+from cxr_core.errors import UnreadableImageError, quoted
 
 MAX_PIXELS = limits.MAX_PIXELS
 IMAGE_EXTENSIONS = frozenset(
@@ -445,8 +445,8 @@ def _check_partial_header(out: BinaryIO, max_pixels: int) -> bool:
 
 
 def _tag_error(tag: str, value: object, why: str) -> UnreadableImageError:
-    shown = str(value)[:40]
-    return UnreadableImageError(f"The DICOM tag {tag} is malformed ({shown!r}: {why}), so the image cannot be shown "
+    shown = quoted(value)
+    return UnreadableImageError(f"The DICOM tag {tag} is malformed ('{shown}': {why}), so the image cannot be shown "
                                 "correctly. Export the image again from the PACS or modality and retry.")
 
 

@@ -33,6 +33,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cxr_core.errors import quoted
+
 TEMPLATE_FILE = Path(__file__).with_name("chest_template.png")
 TEMPLATE_SIZE = 32
 BORDER = 0.05
@@ -147,11 +149,11 @@ def colourfulness(data: bytes | np.ndarray | None) -> float:
 def _tag_reasons(metadata: dict[str, Any]) -> list[str]:
     reasons = []
     modality = str(metadata.get("Modality", "") or "").strip().upper()
-    if modality not in RADIOGRAPHY:
-        reasons.append(f"DICOM modality is {modality}, not chest radiography (CR/DX)")
+    if modality not in RADIOGRAPHY:  # quoted: the file's own text goes into a sentence a page shows
+        reasons.append(f"DICOM modality is {quoted(modality, 16)}, not chest radiography (CR/DX)")
     part = str(metadata.get("BodyPartExamined", "") or "").strip().upper()
     if part and not any(p in part for p in CHEST_PARTS):
-        reasons.append(f"DICOM body part is {part}, not the chest")
+        reasons.append(f"DICOM body part is {quoted(part, 16)}, not the chest")
     return reasons
 
 

@@ -57,6 +57,32 @@ def test_malformed_voi_lut_is_named():
         imaging.load(dicom_with(VOILUTSequence=Sequence([item])), "x.dcm")
 
 
+MARKDOWN = "[SEE ADVICE](HTTPS://EV.IL/A) ![](HTTPS://EV.IL/P.PNG) :RED[X] $X$"
+
+
+def _inert(text: str) -> bool:
+    """No character that Markdown or Streamlit's directives act on (the pages show these sentences as Markdown)."""
+    return not set(text) & set("[]()!:$*_`<>#|~")
+
+
+def test_dicom_text_in_the_not_a_chest_reasons_cannot_carry_markdown():
+    from cxr_core import quality
+
+    image = imaging.load(dicom_with(Modality=MARKDOWN[:16], BodyPartExamined=MARKDOWN[16:32]), "x.dcm")
+    assert image.info.metadata["Modality"].startswith("[SEE")  # the file really carries it
+    reasons = quality.assess(image).reasons
+    said = [r for r in reasons if r.startswith("DICOM modality is")] + [r for r in reasons if "body part" in r]
+    assert len(said) == 2, reasons
+    assert said[0] == "DICOM modality is ?SEE ADVICE??HTT, not chest radiography (CR/DX)"
+    assert all(_inert(r.split(" is ", 1)[1].split(", not ")[0]) for r in said), said
+
+
+def test_a_malformed_tag_is_quoted_without_markdown():
+    with pytest.raises(UnreadableImageError, match="WindowCenter") as err:
+        imaging.load(dicom_with(WindowCenter="[A](HTTP://EV.IL)", WindowWidth="40000"), "x.dcm")
+    assert "('?A??HTTP?//EV.IL?': not a number)" in str(err.value), str(err.value)
+
+
 def test_float_tiff_with_infinities_reads_finite_and_says_so():
     case = next(c for c in hostile_cases() if c.name == "inf.tif")
     image = imaging.load(case.data, case.name)
