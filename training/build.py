@@ -147,7 +147,10 @@ class RandomNoise(keras.layers.Layer):
     def call(self, images, training=None):
         if not training or not self.stddev:
             return images
-        noise = keras.random.normal(keras.ops.shape(images), stddev=self.stddev, seed=self.generator)
+        # One noise field per film, the same in R, G and B: served films are grey (R = G = B), so noise that
+        # differed between channels would teach the model on inputs it never meets.
+        shape = keras.ops.shape(images)
+        noise = keras.random.normal((*shape[:-1], 1), stddev=self.stddev, seed=self.generator)
         return keras.ops.clip(images + noise, 0.0, 255.0)
 
     def compute_output_shape(self, input_shape):
@@ -160,8 +163,8 @@ class RandomNoise(keras.layers.Layer):
 def augmentation(config: TrainConfig) -> keras.Sequential:
     """Random acquisition shift on 0..255 images; identity at inference.
 
-    Geometry (positioning, field of view): flip (off by default), rotation, zoom (a random
-    resized crop when zooming in), shift. Exposure and processing: contrast, brightness, gamma.
+    Geometry (positioning, field of view): flip (off by default), rotation, zoom (about the
+    centre), shift. Exposure and processing: contrast, brightness, gamma.
     Resolution and detector: blur, sharpening, noise. Each is off at 0.
     """
     layers: list[keras.layers.Layer] = []
@@ -184,7 +187,11 @@ def augmentation(config: TrainConfig) -> keras.Sequential:
     if config.gamma:
         layers.append(RandomGamma(config.gamma, seed=seed + 7, name="random_gamma"))
     if config.sharpen:
-        layers.append(keras.layers.RandomSharpness(config.sharpen, value_range=(0, 255), seed=seed + 8))
+        # Keras's factor f gives film + (1 - 2f)(smoothed - film): 0.5 leaves the film as it is, below 0.5
+        # blurs, above sharpens. A single float s draws f from [0, s], which blurred every film; sharpening
+        # by up to s times the film's difference from its 3x3 smoothing is f in [0.5, 0.5 + s/2].
+        layers.append(keras.layers.RandomSharpness((0.5, min(1.0, 0.5 + config.sharpen / 2)), value_range=(0, 255),
+                                                   seed=seed + 8))
     if config.noise:
         layers.append(RandomNoise(config.noise, seed=seed + 9, name="random_noise"))
     return keras.Sequential(layers, name="augmentation")
@@ -198,14 +205,17 @@ def describe_augmentation(config: TrainConfig) -> dict[str, str]:
     text = {
         "flip": "none: the heart stays on its side" if c.flip == "none" else "random horizontal mirror",
         "rotation": f"uniform within +-{c.rotation * 360:.0f} degrees (patient positioning)",
-        "zoom": f"uniform zoom in or out by up to {c.zoom:.0%}; zooming in is a random resized crop (field of view)",
+        "zoom": f"uniform zoom in or out by up to {c.zoom:.0%} about the centre (field of view)",
         "shift": f"uniform translation by up to {c.shift:.0%} of each side (collimation, centring)",
         "contrast": f"contrast factor uniform in [{1 - c.contrast:.2f}, {1 + c.contrast:.2f}] (exposure, processing)",
         "brightness": f"brightness shift uniform within +-{c.brightness:.0%} of full range (exposure)",
         "gamma": f"gamma log-uniform in [{1 / (1 + c.gamma):.2f}, {1 + c.gamma:.2f}] (detector response curve)",
-        "blur": f"Gaussian blur, 3x3, sigma 1, factor {c.blur} (lower resolution, motion)",
-        "sharpen": f"sharpening factor up to {c.sharpen} (edge enhancement of other vendors)",
-        "noise": f"additive Gaussian noise, std {c.noise} of 255 (detector and dose noise)",
+        "blur": f"3x3 Gaussian blur on each film with a probability uniform in [0, {c.blur}] (about "
+                f"{c.blur / 2:.0%} of films), sigma uniform in (0, 1] per batch (lower resolution, motion)",
+        "sharpen": f"sharpening: the film plus up to {min(c.sharpen, 1.0)} times its difference from a 3x3 "
+                   "smoothing, uniform per film (edge enhancement of other vendors)",
+        "noise": f"additive Gaussian noise, std {c.noise} of 255, the same in the three channels (detector and "
+                 "dose noise)",
     }
     active = {"flip": c.flip != "none", "rotation": c.rotation, "zoom": c.zoom, "shift": c.shift,
               "contrast": c.contrast, "brightness": c.brightness, "gamma": c.gamma, "blur": c.blur,
