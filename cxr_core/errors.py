@@ -7,6 +7,10 @@ message written for a clinician: what was wrong and what to do about it.
 
 import re
 
+# For a failure nobody foresaw (a bug, an engine error): no details, which could carry file contents.
+UNEXPECTED = ("This file could not be processed (unexpected {kind}). "
+              "Export it again and retry, or report the file if it keeps failing.")
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9 .,+\-_/]")
 
 

@@ -20,7 +20,7 @@ from os import PathLike
 import numpy as np
 
 from cxr_core import imaging, models, overlay, preprocess
-from cxr_core.errors import UnreadableImageError
+from cxr_core.errors import UNEXPECTED, UnreadableImageError
 from cxr_core.explain import METHODS, Explainer
 
 Source = str | PathLike | bytes
@@ -59,7 +59,8 @@ def classify(
     method: str = "gradcam",
     layer: str | None = None,
 ) -> Result:
-    """Read, predict and explain one image; ``class_index`` None explains the top class.
+    """Read, predict and explain one image; ``class_index`` None explains the class called (the decision at the
+    card's thresholds, which can be less probable than the top class).
 
     Grad-CAM gives prediction and heatmap from one pass (on the classifier's engine); other methods (see
     ``explain.METHODS``) take the prediction from the classifier and then explain.
@@ -72,10 +73,16 @@ def classify(
     batch = preprocess.model_input(image.pixels, classifier.input_size)
     if method == "gradcam":
         predictions, heatmaps = explainer.gradcam_predictions(batch, class_index, layer)
-        index = int(np.argmax(predictions[0].probabilities)) if class_index is None else int(class_index)
-        return Result(image, predictions[0], heatmaps[0], index, method)
+        prediction = predictions[0]
+        if class_index is not None:
+            return Result(image, prediction, heatmaps[0], int(class_index), method)
+        called = prediction.class_names.index(prediction.decision)
+        if called != int(np.argmax(prediction.probabilities)):  # a threshold called a less probable class: its map
+            heatmaps = explainer.gradcam(batch, called, layer)[1]
+        return Result(image, prediction, heatmaps[0], called, method)
     prediction = classifier.predict(batch)[0]
-    explanation = explainer.explain(batch, method, class_index, layer)
+    index = prediction.class_names.index(prediction.decision) if class_index is None else class_index
+    explanation = explainer.explain(batch, method, index, layer)
     return Result(image, prediction, explanation.heatmap, explanation.class_index, method)
 
 
@@ -88,9 +95,6 @@ class _Read:
     thumbnail: np.ndarray | None
 
 
-# For a failure nobody foresaw (a bug, an engine error): no details, which could carry file contents.
-UNEXPECTED = ("This file could not be processed (unexpected {kind}). "
-              "Export it again and retry, or report the file if it keeps failing.")
 
 
 def _read(name: str, source: Source, size: int) -> _Read:

@@ -12,7 +12,7 @@ import streamlit as st
 import auth
 import ui
 from cxr_core import familiarity, imaging, overlay, quality, report, windowing
-from cxr_core.errors import UnreadableImageError
+from cxr_core.errors import UNEXPECTED, UnreadableImageError
 
 if TYPE_CHECKING:  # imported where it runs: it brings TensorFlow, which the model's loader thread imports meanwhile
     from cxr_core import pipeline
@@ -169,7 +169,7 @@ except UnreadableImageError as err:
     st.error(str(err))
     st.stop()
 except Exception as err:  # defence in depth: an unforeseen failure is a message, never a traceback
-    st.error(pipeline.UNEXPECTED.format(kind=type(err).__name__))
+    st.error(UNEXPECTED.format(kind=type(err).__name__))
     st.stop()
 auth.record_once(key, "classify", **audited, counts={"images": 1, "positive": int(first.prediction.positive)})
 prediction, info = first.prediction, first.image.info
@@ -195,7 +195,13 @@ result = first
 if (explained, method) != (first.class_index, "gradcam"):
     with st.spinner(f"Computing {METHOD_LABELS[method]} for {card.class_names[explained]}..."
                     + ui.first_gradient_note(explainer, method)):
-        result = classify(classifier, explainer, model_key, data, uploaded.name, explained, method)
+        try:
+            result = classify(classifier, explainer, model_key, data, uploaded.name, explained, method)
+        except Exception as err:  # e.g. Score-CAM or SmoothGrad failing: the decision stays, with Grad-CAM
+            st.error(f"{METHOD_LABELS[method]} could not be computed for this film (unexpected "
+                     f"{type(err).__name__}); the heatmap below is Grad-CAM for {card.class_names[first.class_index]}."
+                     " Choose another method or class, or report it if it keeps failing.")
+            method, explained = "gradcam", first.class_index
 
 left, right = st.columns([3, 2])
 with left:

@@ -16,6 +16,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from cxr_core import card, imaging, models, overlay, pipeline, viewer
+from cxr_core.errors import UNEXPECTED
 from cxr_core.explain import Explainer
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "classify.py")
@@ -135,7 +136,7 @@ def test_switching_method_class_opacity_and_colormap_redraws_the_overlay(models_
     assert _heat_title(at).startswith("LayerCAM for")
 
 
-def test_a_new_image_explains_its_own_top_class_again(models_root):
+def test_a_new_image_explains_its_own_called_class_again(models_root):
     classifier = models.load(models_root / "tiny-pneumonia")
     explainer = Explainer(classifier)
     top = pipeline.classify(classifier, explainer, KERMANY.read_bytes(), KERMANY.name).class_index
@@ -151,6 +152,31 @@ def test_a_new_image_explains_its_own_top_class_again(models_root):
     expected = pipeline.classify(classifier, explainer, other.read_bytes(), other.name)
     assert _key(at) != first_key and at.selectbox(key="explain_class").value == expected.class_index == top
     assert _heat_title(at).endswith(f"for {expected.prediction.class_names[expected.class_index]}")
+
+
+def test_an_unforeseen_failure_is_a_message_and_a_failing_method_falls_back_to_gradcam(models_root, monkeypatch):
+    real = pipeline.classify
+    failing = {"gradcam", "layercam"}
+
+    def classify(*args, method="gradcam", **kwargs):
+        if method in failing:
+            raise RuntimeError("engine fault")
+        return real(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(pipeline, "classify", classify)
+    films = sorted((KERMANY.parent.parent / "NORMAL").iterdir())[-2:]  # files no other test caches
+    at = _upload(_page(), films[0].name, films[0].read_bytes())
+    _no_exception(at)
+    assert [e.value for e in at.error] == [UNEXPECTED.format(kind="RuntimeError")]
+
+    failing.discard("gradcam")  # the decision and Grad-CAM work; LayerCAM fails
+    at = _upload(at, films[1].name, films[1].read_bytes())
+    _no_exception(at)
+    assert at.error == [] and _heat_title(at).startswith("Grad-CAM for")
+    at.selectbox(key="cam_method").set_value("layercam").run()
+    _no_exception(at)
+    assert len(at.error) == 1 and at.error[0].value.startswith("LayerCAM could not be computed"), at.error
+    assert _heat_title(at).startswith("Grad-CAM for") and len(_shown_probabilities(at)) == 2
 
 
 @pytest.mark.parametrize("name", CHEST_DICOMS)

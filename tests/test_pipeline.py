@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import DATA, DICOM
 
-from cxr_core import explain, imaging, models, pipeline
+from cxr_core import explain, imaging, models, pipeline, preprocess
 from cxr_core.errors import UnreadableImageError
 
 JPEG = DATA / "kermany" / "train" / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"
@@ -38,9 +38,35 @@ def test_classify_real_file_matches_the_classifier(data_dir, classifier, explain
     _assert_same(result.prediction, expected)
     assert result.heatmap.shape == (64, 64) and result.heatmap.dtype == np.float32
     assert result.heatmap.min() == 0.0 and result.heatmap.max() == 1.0
-    assert result.class_index == int(np.argmax(expected.probabilities))
+    assert result.class_index == list(expected.class_names).index(expected.decision)
     assert result.method == "gradcam"
     assert result.image.pixels.shape == (result.image.info.height, result.image.info.width)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_the_heatmap_first_shown_explains_the_class_called_not_the_top_class(data_dir, tiny_model_dir, tmp_path,
+                                                                             method):
+    """At a card's thresholds the class called can be the less probable one: the heatmap shown with the decision
+    (class_index None) is that class's, as the page, the report and the PACS write-back title it."""
+    import shutil
+
+    from cxr_core import card as card_lib
+
+    folder = tmp_path / "called"
+    shutil.copytree(tiny_model_dir, folder)
+    top = models.load(folder).predict_pixels([imaging.load(JPEG).pixels])[0].top_class
+    card = card_lib.load(folder)
+    card.thresholds = {"PNEUMONIA": 0.999999 if top == "PNEUMONIA" else 1e-9}  # calls the other class
+    card_lib.save(card, folder)
+    classifier = models.load(folder)
+    explainer = explain.Explainer(classifier)
+    result = pipeline.classify(classifier, explainer, JPEG, method=method)
+    assert result.prediction.top_class == top and result.prediction.decision != top
+    called = ["NORMAL", "PNEUMONIA"].index(result.prediction.decision)
+    assert result.class_index == called
+    batch = preprocess.model_input(result.image.pixels, classifier.input_size)
+    np.testing.assert_allclose(result.heatmap, explainer.explain(batch, method, called).heatmap, atol=1e-6)
+    assert not np.allclose(result.heatmap, explainer.explain(batch, method, 1 - called).heatmap, atol=1e-3)
 
 
 def test_classify_from_bytes_equals_from_path(data_dir, classifier, explainer):
