@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import atexit
 import os
+import re
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ import streamlit as st
 
 import auth
 from cxr_core import card as card_lib
-from cxr_core import overlay, viewer
+from cxr_core import csvsafe, overlay, viewer
 from cxr_core.errors import ModelCardError
 
 REPO = Path(__file__).resolve().parent
@@ -98,9 +99,26 @@ def models_root() -> Path:
 
 
 def data_root() -> Path | None:
-    """The configured root for server-side folders (env CXR_DATA_ROOT), or None when unset."""
+    """The configured root for server-side folders (env CXR_DATA_ROOT), or None when unset or not a folder
+    (then the page says so: every listing under it would fail)."""
     value = os.environ.get("CXR_DATA_ROOT")
-    return Path(value).resolve() if value else None
+    if not value:
+        return None
+    root = Path(value).resolve()
+    if not root.is_dir():
+        st.error(f"CXR_DATA_ROOT is set to '{plain(value)}', which is not a folder on this server. Set it to the "
+                 "folder that holds the images and restart the app.")
+        return None
+    return root
+
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]()#!|<>~$:])")  # what makes links, images, emphasis, directives, maths
+
+
+def plain(text: object) -> str:
+    """``text`` (a file name, anything a user or a file supplied) as valid Unicode with every character that
+    Markdown or Streamlit's directives act on escaped, for ``st.markdown``, ``st.subheader``, ``st.error``..."""
+    return _MARKDOWN.sub(r"\\\1", csvsafe.safe_text(str(text)))
 
 
 def default_model(folders: list[Path]) -> Path:

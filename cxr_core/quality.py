@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from functools import lru_cache
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -118,17 +119,17 @@ def template_scores(pixels: np.ndarray) -> dict[str, float]:
     }
 
 
-def colourfulness(data: bytes | np.ndarray | None) -> float:
+def colourfulness(data: bytes | str | PathLike | np.ndarray | None) -> float:
     """Hasler-Suesstrunk colourfulness of an image (0 = grey, about 30+ = a colourful photo).
 
-    Takes the original file's bytes (read with PIL; files PIL cannot read, e.g. DICOM,
+    Takes the original file's bytes or path (read with PIL; files PIL cannot read, e.g. DICOM,
     score 0) or a uint8 HxWx3 RGB array.
     """
     if data is None:
         return 0.0
-    if isinstance(data, (bytes, bytearray)):
+    if isinstance(data, (bytes, bytearray, str, PathLike)):
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as im:
                 im.draft("RGB", (256, 256))
                 if im.mode in ("L", "I", "I;16", "F", "1", "LA"):
                     return 0.0

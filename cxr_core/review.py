@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterable, Sequence
+from os import PathLike
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,12 @@ def thumbnail_uri(thumbnail: np.ndarray | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def assess_item(item: Any, original: bytes | None = None) -> QualityReport | None:
+def assess_item(item: Any, original: bytes | str | PathLike | None = None) -> QualityReport | None:
     """cxr_core.quality rules for a scored batch item, from its thumbnail and ImageInfo (no second decode).
 
     The thumbnail (uint8, longer side ~96 px) stands in for the full image: the template rule
     works on 32x32 anyway, blank images stay blank, and the aspect ratio comes from ImageInfo.
-    ``original`` (the file's bytes) enables the colour rule. None for unreadable items.
+    ``original`` (the file's bytes, or its path) enables the colour rule. None for unreadable items.
     """
     if getattr(item, "quality", None) is not None:  # the pipeline already assessed it
         return item.quality
@@ -133,9 +134,14 @@ def export_csv(table: pd.DataFrame) -> str:
 
 def unique_names(names: Iterable[str]) -> list[str]:
     """Names made valid Unicode (``csvsafe.safe_text``) and unique by appending ' (2)', ' (3)'... to repeats."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in map(csvsafe.safe_text, names):  # shown and exported: valid Unicode whatever the file name's bytes
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    names = [csvsafe.safe_text(n) for n in names]  # shown and exported: valid Unicode whatever the file name's bytes
+    taken, repeats, out = set(names), dict.fromkeys(names, 2), []
+    for name in names:
+        if name not in out:  # the first of its name keeps it
+            out.append(name)
+            continue
+        while f"{name} ({repeats[name]})" in taken:  # never another file's own name, e.g. a real 'a.png (2)'
+            repeats[name] += 1
+        out.append(f"{name} ({repeats[name]})")
+        taken.add(out[-1])
     return out

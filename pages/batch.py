@@ -13,6 +13,7 @@ from cxr_core.errors import UnreadableImageError
 
 STATE = "batch_results"
 TABLE_KEY = "batch_table"
+DECISIONS_KEY = "batch_decisions"
 MAX_FILES = 2000
 SOURCES = ("Upload files", "Upload a folder", "Folder on the server")
 AUDIT_SOURCES = dict(zip(SOURCES, ("upload", "folder_upload", "server_folder"), strict=True))
@@ -64,6 +65,9 @@ def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
         return None
     if directory:  # a folder upload brings every file along; keep those with image names
         files = [f for f in files if imaging.is_image_name(f.name)]
+        if not files:
+            st.warning("No image files (JPEG, PNG, DICOM...) in this folder. Choose the folder that holds the films.")
+            return None
     if not st.button(f"Score {len(files)} file(s)", type="primary", key="batch_score_upload"):
         return None
     names = review.unique_names(f.name for f in files)
@@ -82,14 +86,16 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
         bar.progress(done / max(total, 1), text=f"Scored {done} of {total} file(s)")
 
     results = pipeline.classify_many(classifier, items, batch_size=16, progress=progress)
-    reports = [review.assess_item(item, source if isinstance(source, bytes) else None)
-               for item, (_, source) in zip(results, items, strict=True)]
+    # The file (bytes or server path) for the colour rule, whichever way it came.
+    reports = [review.assess_item(item, source) for item, (_, source) in zip(results, items, strict=True)]
     bar.empty()
     table = review.batch_table(results, classifier.card.class_names, reports)
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
                 counts=review.summary(table), folder=str(folder) if folder is not None else None)
     st.session_state[STATE] = {"model": classifier.card.weights_sha256, "table": table, "sources": dict(items)}
-    st.session_state.pop(TABLE_KEY, None)
+    # A new table: the old selection and decision filter (its options were the old table's) go with the old one.
+    for key in (TABLE_KEY, DECISIONS_KEY, "batch_class_file"):
+        st.session_state.pop(key, None)
 
 
 def column_config(class_names: list[str]) -> dict:
@@ -121,7 +127,7 @@ def column_config(class_names: list[str]) -> dict:
 def filters_ui(table) -> tuple[list[str] | None, list[str], str]:
     left, middle, right = st.columns(3)
     options = sorted(table["decision"].dropna().unique().tolist())
-    chosen = left.multiselect("Decision", options, default=options, key="batch_decisions")
+    chosen = left.multiselect("Decision", options, default=options, key=DECISIONS_KEY)
     flags = middle.multiselect("Only rows flagged", list(review.FLAGS), format_func=review.FLAGS.get,
                                key="batch_flags")
     text = right.text_input("File name contains", key="batch_search")
@@ -131,7 +137,7 @@ def filters_ui(table) -> tuple[list[str] | None, list[str], str]:
 
 def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> None:
     """One file's image beside its Grad-CAM for a chosen class."""
-    st.subheader(name)
+    st.subheader(ui.plain(name))
     if row["error"]:
         st.error(row["error"])
         return
@@ -145,8 +151,11 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> No
         st.error(str(err))
         return
     names = list(classifier.card.class_names)
-    target = st.selectbox("Explain class", names, index=names.index(row["top_class"]), key="batch_class",
-                          help="The heatmap shows where the model looked for this class.")
+    if st.session_state.get("batch_class_file") != name:  # another row: explain what it was called, anew
+        st.session_state["batch_class_file"] = name
+        st.session_state["batch_class"] = row["decision"]
+    target = st.selectbox("Explain class", names, key="batch_class",
+                          help="The heatmap shows where the model looked for this class; first, the class called.")
     batch = preprocess.model_input(image.pixels, classifier.input_size)
     _, heatmaps = explainer.gradcam(batch, names.index(target))
     ui.viewer_ui(image.pixels, heatmaps[0], image.values, key="batch", revision=name,

@@ -4,6 +4,7 @@ and the held-out split's most confident errors."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -89,7 +90,7 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
         st.info("Set the environment variable CXR_DATA_ROOT to pick images from a folder on the server.")
         return None
     folder = st.selectbox("Folder", [""] + paths.subfolders(root), key="instructor_folder",
-                          format_func=lambda p: p or "(the data root itself)")
+                          format_func=lambda p: csvsafe.safe_text(p) or "(the data root itself)")
     try:  # the folder may have gone since the list was drawn
         files = paths.list_images(paths.resolve_under(root, folder), recursive=False, limit=500, root=root)
     except (ValueError, OSError) as err:
@@ -98,7 +99,7 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
     if not files:
         st.info("No images directly in this folder; choose a sub-folder.")
         return None
-    picked = st.selectbox("File", files, format_func=lambda p: p.name, key="instructor_file")
+    picked = st.selectbox("File", files, format_func=lambda p: csvsafe.safe_text(p.name), key="instructor_file")
     return picked.name, picked
 
 
@@ -213,12 +214,16 @@ if image_pixels is not None:
     model_batch = preprocess.model_input(image_pixels, classifier.input_size)
     prediction = classifier.predict(model_batch)[0]
     picked_from = ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]
-    marker = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else str(chosen[1]).encode()).hexdigest()
+    marker = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else os.fsencode(chosen[1])).hexdigest()
     auth.record_once(marker + model_card.weights_sha256, "classify", model=model_card.name,
                      weights_sha256=model_card.weights_sha256, source=picked_from,
                      counts={"images": 1, "positive": int(prediction.positive)})
     names = list(model_card.class_names)
-    target = st.selectbox("Class to explain", names, index=names.index(prediction.top_class), key="instructor_class")
+    explained_for = marker + model_card.weights_sha256
+    if st.session_state.get("instructor_class_for") != explained_for:  # another image or model: explain anew
+        st.session_state["instructor_class_for"] = explained_for  # the class it was called
+        st.session_state["instructor_class"] = prediction.decision
+    target = st.selectbox("Class to explain", names, key="instructor_class")
     st.caption(" · ".join(f"P({c}) = {p:.3f}" for c, p in prediction.as_dict().items())
                + f" · decision {prediction.decision}")
     shown_image = display(image_pixels)

@@ -131,6 +131,73 @@ def test_selecting_a_row_shows_its_image_and_gradcam(at, uploads):
     assert at.subheader[0].value == "966.dcm" and at.error and "table" not in at.error[0].value.lower()
 
 
+def test_a_new_batch_is_not_filtered_by_the_old_batchs_decisions(at, uploads):
+    score_uploads(at, [uploads[3]])  # only an unreadable file: no decision to choose
+    assert at.multiselect(key="batch_decisions").value == [] and len(table(at)) == 1
+    score_uploads(at, [uploads[0], uploads[2]])
+    assert not at.exception
+    assert table(at)["file"].tolist() == ["IM-0115-0001.jpeg", "CR-MONO1"]
+    assert set(at.multiselect(key="batch_decisions").value) == set(table(at)["decision"])
+
+
+def test_explain_class_starts_at_each_rows_called_class(at, uploads):
+    score_uploads(at, uploads)
+    rows = table(at)
+    for i in (0, 2):
+        at.session_state["batch_table"] = {"selection": {"rows": [i], "columns": [], "cells": []}}
+        at.run()
+        assert at.selectbox(key="batch_class").value == rows.loc[i, "decision"]
+        other = "NORMAL" if rows.loc[2, "decision"] == "PNEUMONIA" else "PNEUMONIA"
+        at.selectbox(key="batch_class").set_value(other).run()  # a choice the next row must not inherit
+        assert plotly_spec.titles(plotly_spec.viewer(at))[1] == f"Grad-CAM for {other}"
+
+
+def test_a_file_name_cannot_put_markdown_on_the_page(at, uploads):
+    name = "[see](https://ev.il) ![](https://ev.il/p.png) :red[x].jpeg"
+    score_uploads(at, [(name, uploads[0][1], "image/jpeg")])
+    at.session_state["batch_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert at.subheader[0].value == r"\[see\]\(https\://ev.il\) \!\[\]\(https\://ev.il/p.png\) \:red\[x\].jpeg"
+
+
+def test_a_data_root_that_is_not_a_folder_is_a_message(env, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_MODELS_DIR", str(env[0]))
+    monkeypatch.setenv("CXR_DATA_ROOT", str(tmp_path / "no-such-root"))
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    assert not at.exception
+    assert any("CXR_DATA_ROOT is set to" in e.value and "not a folder" in e.value for e in at.error), at.error
+
+
+def test_a_folder_upload_without_images_says_so(at, uploads):
+    at.radio(key="batch_source").set_value("Upload a folder").run()
+    at.file_uploader(key="batch_folder_upload").set_value([uploads[3]]).run()
+    assert not at.exception
+    assert [w.value for w in at.warning][-1].startswith("No image files (JPEG, PNG, DICOM...) in this folder")
+    assert not [b for b in at.button if b.key == "batch_score_upload"]
+
+
+def test_a_colour_picture_in_a_server_folder_is_flagged_as_in_an_upload(at, env, uploads):
+    from PIL import Image
+
+    _, root, _ = env
+    grey = Image.open(io.BytesIO(uploads[0][1])).convert("RGB")
+    r, g, b = grey.split()
+    tinted = io.BytesIO()
+    Image.merge("RGB", (r, g.point(lambda v: v // 2), b.point(lambda v: v // 4))).save(tinted, format="JPEG")
+    (root / "colour").mkdir(exist_ok=True)
+    (root / "colour" / "tinted.jpeg").write_bytes(tinted.getvalue())
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    at.selectbox(key="batch_pick").set_value("colour").run()
+    at.button(key="batch_score_folder").click().run()
+    from_folder = table(at).iloc[0]
+    at.radio(key="batch_source").set_value("Upload files").run()
+    score_uploads(at, [("tinted.jpeg", tinted.getvalue(), "image/jpeg")])
+    from_upload = table(at).iloc[0]
+    assert from_upload["not_chest"] and "colour picture" in from_upload["quality_notes"]
+    assert from_folder["not_chest"] and from_folder["quality_notes"] == from_upload["quality_notes"]
+
+
 def test_server_folder_scores_all_good_files_and_lists_the_bad_one(at):
     at.radio(key="batch_source").set_value("Folder on the server").run()
     at.selectbox(key="batch_pick").set_value("eval").run()

@@ -98,6 +98,44 @@ def test_image_from_the_held_out_split_and_from_the_data_root(env, monkeypatch):
     assert "Grad-CAM" in captions(at)
 
 
+def test_names_that_are_not_utf8_are_listed_and_read(env, monkeypatch, tmp_path, data_dir):
+    """A server folder and file whose names' bytes are not UTF-8 (e.g. Latin-1 from an old share)."""
+    import os
+
+    models_root, _, _, _, _ = env
+    film = data_dir / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(folder)
+    shutil.copyfile(film, os.path.join(folder, b"r\xe9sum\xe9.jpeg"))
+    at = run_page(monkeypatch, models_root, tmp_path)
+    at.radio(key="instructor_source").set_value("From the data root").run()
+    at.selectbox(key="instructor_folder").set_value(os.fsdecode(b"caf\xe9")).run()
+    assert not at.exception
+    assert at.selectbox(key="instructor_file").value.name == os.fsdecode(b"r\xe9sum\xe9.jpeg")
+    assert "Grad-CAM" in captions(at)
+
+
+def test_a_new_image_is_explained_for_its_called_class(env, monkeypatch, data_dir):
+    models_root, root, _, _, classifier = env
+    films = [data_dir / "kermany" / "train" / c / n for c, n in (("NORMAL", "IM-0115-0001.jpeg"),
+                                                               ("PNEUMONIA", "person1000_bacteria_2931.jpeg"))]
+    called = [classifier.predict_pixels([imaging.load(f).pixels])[0].decision for f in films]
+    at = run_page(monkeypatch, models_root, root)
+    for film, decision in zip(films, called, strict=True):
+        at.file_uploader(key="instructor_upload").set_value((film.name, film.read_bytes(), "image/jpeg")).run()
+        assert not at.exception and at.selectbox(key="instructor_class").value == decision
+        other = "NORMAL" if called[1] == "PNEUMONIA" else "PNEUMONIA"  # a choice the next film must not inherit
+        at.selectbox(key="instructor_class").set_value(other).run()
+
+
+def test_a_data_root_that_is_not_a_folder_is_a_message(env, monkeypatch, tmp_path):
+    models_root, _, _, _, _ = env
+    at = run_page(monkeypatch, models_root, tmp_path / "no-such-root")
+    at.radio(key="instructor_source").set_value("From the data root").run()
+    assert not at.exception
+    assert any("CXR_DATA_ROOT is set to" in e.value and "not a folder" in e.value for e in at.error), at.error
+
+
 def test_a_folder_removed_after_it_was_listed_gives_a_message_not_a_traceback(env, monkeypatch):
     """The folder list is drawn, then the folder goes (another user, a cleanup job) before the page reads it."""
     from cxr_core import paths

@@ -84,6 +84,9 @@ def test_export_csv_matches_the_table_without_thumbnails(items):
 
 def test_unique_names():
     assert review.unique_names(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
+    # A file really named like a repeat keeps its name; the repeat takes the next free one.
+    assert review.unique_names(["a.png", "a.png", "a.png (2)"]) == ["a.png", "a.png (3)", "a.png (2)"]
+    assert review.unique_names(["a (2)", "a", "a"]) == ["a (2)", "a", "a (3)"]
 
 
 def test_summary_counts_flags(items):
