@@ -45,8 +45,9 @@ def search_ui(client: dicomweb.Client) -> None:
     auth.record("pacs_search", source="pacs", study_uids=[s.study_uid for s in studies],
                 counts={"studies": len(studies)})
     st.session_state[STUDIES] = studies
-    st.session_state.pop(RESULTS, None)
-    st.session_state.pop(BATCH, None)
+    # A new list: nothing of the old one stays chosen (the chosen position would open another study by itself).
+    for key in (RESULTS, BATCH, "pacs_study"):
+        st.session_state.pop(key, None)
 
 
 def studies_table(studies: list[dicomweb.Study]) -> pd.DataFrame:

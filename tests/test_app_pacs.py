@@ -67,7 +67,7 @@ def test_search_classify_batch_and_write_back(orthanc, isolated, capfd, tiny_mod
     direct = pipeline.classify(classifier, Explainer(classifier), local_canary_bytes(DX_J2K), DX_J2K.name)
     assert shown == {n: f"{p:.4f}" for n, p in direct.prediction.as_dict().items()}
     assert any(f"Decision: :{c}[{direct.prediction.decision}]" in m.value for m in at.markdown for c in ("red", "blue"))
-    assert f"Grad-CAM for {direct.prediction.top_class}" in page_text(at)
+    assert f"Grad-CAM for {direct.prediction.decision}" in page_text(at)
 
     at.button(key="pacs_batch_run").click().run()
     batch = at.dataframe[1].value
@@ -83,6 +83,8 @@ def test_search_classify_batch_and_write_back(orthanc, isolated, capfd, tiny_mod
     assert values.decision == direct.prediction.decision and str(sr.PatientName) == CANARY["PatientName"]
     at.button(key="pacs_write").click().run()
     assert "already in the PACS for this study" in at.error[0].value
+    at.button(key="pacs_search").click().run()  # a new search opens no study by itself
+    assert at.selectbox(key="pacs_study").value is None and len(at.table) == 0 and not at.exception
 
     # PHI: the canaries are in Orthanc (the positive control) but nowhere this app wrote or said.
     assert CANARY["PatientID"] == sr.PatientID
