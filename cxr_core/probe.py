@@ -130,11 +130,12 @@ def perturbation_table(classifier: Any, pixels: np.ndarray,
 
 def confident_errors(predictions: pd.DataFrame, class_names: Sequence[str], k: int = 8,
                      split: str | None = "test") -> pd.DataFrame:
-    """The ``k`` wrong predictions with the highest top-class probability, most confident first.
+    """The ``k`` wrong predictions with the highest probability of the class called, most confident first.
 
     ``predictions`` has predictions.csv's columns (true_class, p_<CLASS>..., predicted_class,
     optional split). Only rows of ``split`` are used when the column exists (None: all rows).
-    Adds ``confidence`` (max probability) to the returned rows.
+    Adds ``confidence`` (the called class's probability: at a threshold it can be below the top class's,
+    which for a wrong call is often the true class's) to the returned rows.
     """
     prob_cols = [f"p_{c}" for c in class_names]
     missing = {"true_class", "predicted_class", *prob_cols} - set(predictions.columns)
@@ -145,5 +146,7 @@ def confident_errors(predictions: pd.DataFrame, class_names: Sequence[str], k: i
         rows = rows[rows["split"].astype(str) == split]
     rows = rows[rows["true_class"].isin(list(class_names))]
     wrong = rows[rows["true_class"].astype(str) != rows["predicted_class"].astype(str)].copy()
-    wrong["confidence"] = wrong[prob_cols].to_numpy(dtype=np.float64).max(axis=1) if len(wrong) else []
+    wrong = wrong[wrong["predicted_class"].isin(list(class_names))]
+    called = [prob_cols.index(f"p_{c}") for c in wrong["predicted_class"].astype(str)]
+    wrong["confidence"] = wrong[prob_cols].to_numpy(dtype=np.float64)[np.arange(len(wrong)), called] if called else []
     return wrong.sort_values("confidence", ascending=False, kind="stable").head(k).reset_index(drop=True)

@@ -129,6 +129,13 @@ def test_confident_errors_picks_wrong_test_rows_by_confidence():
     assert probe.confident_errors(df, ["NORMAL", "PNEUMONIA"], k=1)["path"].tolist() == ["f"]
     assert probe.confident_errors(df, ["NORMAL", "PNEUMONIA"], split=None)["path"].tolist()[:2] == ["e", "f"]
     assert probe.confident_errors(df[df["path"] == "c"], ["NORMAL", "PNEUMONIA"]).empty
+    # Called PNEUMONIA at a low threshold while NORMAL (the truth) was the more probable: its confidence is the
+    # called class's 0.3, not the true class's 0.7, so it ranks last.
+    low = df.assign(predicted_class=["PNEUMONIA", "PNEUMONIA", "NORMAL", "PNEUMONIA", "PNEUMONIA", "PNEUMONIA"])
+    low.loc[1, "true_class"] = "NORMAL"
+    errors = probe.confident_errors(low, ["NORMAL", "PNEUMONIA"])
+    assert errors["path"].tolist() == ["f", "a", "b"]
+    np.testing.assert_allclose(errors["confidence"], [0.9, 0.8, 0.3])
 
 
 def test_occlusion_heatmap_keeps_drops_scaled_to_one():
