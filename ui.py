@@ -290,7 +290,7 @@ def card_summary_ui(card: card_lib.ModelCard) -> None:
     st.sidebar.markdown(f"**{card.name}** · version {card.version} · `{card.architecture}` {card.input_size} px")
     st.sidebar.markdown("Classes: " + ", ".join(f"`{c}`" for c in card.class_names))
     if card.thresholds:
-        rule = ", ".join(f"{c} ≥ {t:.2f}" for c, t in card.thresholds.items())
+        rule = ", ".join(f"{c} ≥ {t:.4f}" for c, t in card.thresholds.items())
         st.sidebar.caption(f"Decision: {rule}; otherwise {card.negative_class or 'top class'}.",
                            help="A class is called when its calibrated probability (0 to 1) reaches its threshold; "
                            "thresholds were fitted on the validation split.")

@@ -71,7 +71,7 @@ def decision_rule(card: ModelCard) -> str:
     """The card's decision rule in words, e.g. 'PNEUMONIA if P >= 0.50; otherwise NORMAL'."""
     if not card.thresholds:
         return "the most probable class"
-    called = "; ".join(f"{c} if P({c}) >= {t:.2f}" for c, t in card.thresholds.items())
+    called = "; ".join(f"{c} if P({c}) >= {t:.4f}" for c, t in card.thresholds.items())
     return f"{called}; otherwise {card.negative_class or 'the most probable class'}"
 
 
@@ -80,10 +80,10 @@ def familiarity_line(prediction: Prediction, card: ModelCard) -> str:
     if prediction.familiarity is None:
         return ""
     threshold = card.familiarity.get("threshold")
-    limit = f" (threshold {threshold:.2f}, fitted on validation films)" if threshold is not None else ""
+    limit = f" (threshold {threshold:.4f}, fitted on validation films)" if threshold is not None else ""
     verdict = ("UNLIKE the films this model was trained on: treat the result as unreliable" if prediction.unfamiliar
                else "within the range of the films this model was trained on")
-    return f"Familiarity: distance {prediction.familiarity:.2f}{limit}: {verdict}."
+    return f"Familiarity: distance {prediction.familiarity:.4f}{limit}: {verdict}."
 
 
 def render(

@@ -110,7 +110,7 @@ def column_config(class_names: list[str]) -> dict:
         "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
         "not_chest": st.column_config.CheckboxColumn("Not a chest X-ray?", help="cxr_core.quality rules"),
         "familiarity": st.column_config.NumberColumn(
-            "Familiarity", format="%.2f", help="Distance of the film's features from the training films' (about 1 "
+            "Familiarity", format="%.4f", help="Distance of the film's features from the training films' (about 1 "
             "for a typical training film; empty when the model has no familiarity check)"),
         "unfamiliar": st.column_config.CheckboxColumn(
             "Unlike training films?", help="Past the familiarity threshold fitted on validation films: treat the "
@@ -144,7 +144,7 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> No
     if row["quality_notes"]:
         st.warning(f"Probably not a frontal chest radiograph: {row['quality_notes']}.")
     if row.get("unfamiliar"):
-        st.warning(f"{familiarity.WARNING} (familiarity distance {row['familiarity']:.2f})", icon="❔")
+        st.warning(f"{familiarity.WARNING} (familiarity distance {row['familiarity']:.4f})", icon="❔")
     try:
         image = imaging.load(source, name)
     except UnreadableImageError as err:

@@ -95,7 +95,7 @@ def probabilities_ui(prediction, card) -> None:
     st.table(pd.DataFrame({
         "Class": list(prediction.class_names),
         "Probability": [f"{p:.4f}" for p in prediction.probabilities],
-        "Threshold": [f"{card.thresholds[n]:.2f}" if n in card.thresholds else "none" for n in prediction.class_names],
+        "Threshold": [f"{card.thresholds[n]:.4f}" if n in card.thresholds else "none" for n in prediction.class_names],
     }), hide_index=True)
     st.caption("Probability: temperature-calibrated, from 0 to 1 (the bars show it as a percentage). Threshold: "
                "the probability at which the class is called, fitted on the validation split.")

@@ -98,8 +98,8 @@ def film_ui(item: pacs.FilmResult, card) -> None:
         st.warning("Probably not a frontal chest radiograph: " + "; ".join(item.quality.reasons)
                    + ". The result below is not meaningful for this film.", icon="🚫")
     if prediction.unfamiliar:
-        st.warning(f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.2f}, above the "
-                   f"threshold {card.familiarity.get('threshold', float('nan')):.2f} fitted on validation films)",
+        st.warning(f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.4f}, above the "
+                   f"threshold {card.familiarity.get('threshold', float('nan')):.4f} fitted on validation films)",
                    icon="❔")
     if prediction.low_confidence:
         st.warning(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "

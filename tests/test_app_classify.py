@@ -352,11 +352,11 @@ def test_familiarity_warns_on_a_film_unlike_the_training_films(familiar_model_di
     expected = classifier.predict_pixels([np.full((256, 256), 128 / 255, np.float32)])[0]
     assert expected.unfamiliar
     warned = [w.value for w in at.warning if w.value.startswith("Unlike the films this model was trained on")]
-    assert len(warned) == 1 and f"distance {expected.familiarity:.2f}" in warned[0]
+    assert len(warned) == 1 and f"distance {expected.familiarity:.4f}" in warned[0]
     # One of the films the check was fitted on: no warning, the distance as a quiet caption.
     film = familiar_films()[1]
     at = _upload(_page(), film.name, film.read_bytes())
     seen = classifier.predict_pixels([imaging.load(film).pixels])[0]
     assert not seen.unfamiliar
     assert not [w for w in at.warning if w.value.startswith("Unlike the films")]
-    assert any(f"distance {seen.familiarity:.2f}" in c.value and "within the range" in c.value for c in at.caption)
+    assert any(f"distance {seen.familiarity:.4f}" in c.value and "within the range" in c.value for c in at.caption)

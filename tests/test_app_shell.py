@@ -51,7 +51,7 @@ def test_choosing_another_model_updates_summary_and_session(models_root):
     summary = " ".join(m.value for m in at.sidebar.markdown)
     assert "**tiny-pneumonia**" in summary and "COVID-19" not in summary
     assert at.session_state[ui.MODEL_KEY] == str(models_root / "tiny-pneumonia")
-    assert any("PNEUMONIA ≥ 0.50" in c.value for c in at.sidebar.caption)
+    assert any("PNEUMONIA ≥ 0.5000" in c.value for c in at.sidebar.caption)
 
 
 @pytest.mark.parametrize("page", ["pages/classify.py", "pages/batch.py", "pages/metrics.py", "pages/instructor.py"])

@@ -95,7 +95,10 @@ def test_unknown_format_is_refused(parts):
 
 
 def test_decision_rule_in_words(parts):
-    assert report.decision_rule(parts[2]) == "PNEUMONIA if P(PNEUMONIA) >= 0.50; otherwise NORMAL"
+    assert report.decision_rule(parts[2]) == "PNEUMONIA if P(PNEUMONIA) >= 0.5000; otherwise NORMAL"
+    # As many decimals as the probabilities shown: a film at P 0.2705 is not called at 0.27241 ("0.27" said it was).
+    fitted = dataclasses.replace(parts[2], thresholds={"PNEUMONIA": 0.27241})
+    assert report.decision_rule(fitted) == "PNEUMONIA if P(PNEUMONIA) >= 0.2724; otherwise NORMAL"
 
 
 def test_report_carries_the_familiarity(parts):
@@ -105,9 +108,9 @@ def test_report_carries_the_familiarity(parts):
     familiar = dataclasses.replace(plain, familiarity=0.9, unfamiliar=False)
     unfamiliar = dataclasses.replace(plain, familiarity=3.2, unfamiliar=True)
     assert report.familiarity_line(plain, c) == ""
-    assert report.familiarity_line(familiar, c) == ("Familiarity: distance 0.90 (threshold 1.40, fitted on validation "
+    assert report.familiarity_line(familiar, c) == ("Familiarity: distance 0.9000 (threshold 1.4000, fitted on validation "
                                                     "films): within the range of the films this model was trained on.")
-    assert "distance 3.20" in report.familiarity_line(unfamiliar, c)
+    assert "distance 3.2000" in report.familiarity_line(unfamiliar, c)
     assert "UNLIKE the films this model was trained on" in report.familiarity_line(unfamiliar, c)
     pages = [report.render(pixels, blended, p, c, when=WHEN) for p in (plain, familiar, unfamiliar)]
     assert len(set(pages)) == 3  # the line is drawn, and differs with the verdict
