@@ -108,8 +108,9 @@ def test_report_carries_the_familiarity(parts):
     familiar = dataclasses.replace(plain, familiarity=0.9, unfamiliar=False)
     unfamiliar = dataclasses.replace(plain, familiarity=3.2, unfamiliar=True)
     assert report.familiarity_line(plain, c) == ""
-    assert report.familiarity_line(familiar, c) == ("Familiarity: distance 0.9000 (threshold 1.4000, fitted on validation "
-                                                    "films): within the range of the films this model was trained on.")
+    assert report.familiarity_line(familiar, c) == ("Familiarity: distance 0.9000 (threshold 1.4000, fitted on "
+                                                    "validation films): within the range of the films this model was "
+                                                    "trained on.")
     assert "distance 3.2000" in report.familiarity_line(unfamiliar, c)
     assert "UNLIKE the films this model was trained on" in report.familiarity_line(unfamiliar, c)
     pages = [report.render(pixels, blended, p, c, when=WHEN) for p in (plain, familiar, unfamiliar)]
