@@ -163,6 +163,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
 
 def test_flags_and_config_file_make_one_config(tmp_path):
     from training.__main__ import config_from_args, parse
+    from training.config import TrainConfig
 
     settings = tmp_path / "run.json"
     settings.write_text(json.dumps({"architecture": "densenet121", "epochs": 7, "lr": 0.01,
@@ -179,3 +180,14 @@ def test_flags_and_config_file_make_one_config(tmp_path):
     assert config.optimizer == "adamax" and config.input_size == 224  # the seeds' defaults
     with pytest.raises(SystemExit):
         parse(["train", "/data/a", "--optimizer", "sgd"])
+    # A file's split is used (a tuple flag default never equalled the file's list); a flag given on the command
+    # line wins even when it repeats the default.
+    settings.write_text(json.dumps({"split": [0.6, 0.2, 0.2], "epochs": 7, "batch_size": 64}))
+    default_epochs = TrainConfig(data=[]).epochs
+    config = config_from_args(parse(["/data/a", "--config", str(settings), "--epochs", str(default_epochs)]))
+    assert config.split == (0.6, 0.2, 0.2) and config.batch_size == 64 and config.epochs == default_epochs
+    # A yes/no flag never swallows a data folder, and a misspelt value is an error, not "no".
+    for argv in (["--augment", "/data/a", "/data/b"], ["/data/a", "--freeze-batchnorm", "flase"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
+    assert config_from_args(parse(["/data/a", "--freeze-batchnorm", "off", "--augment"])).augment is True

@@ -60,7 +60,11 @@ def _fraction_triple(text: str) -> tuple[float, float, float]:
 
 
 def _bool(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes", "on")
+    """A yes/no flag's value; anything else is an error (``--augment DIR`` must not swallow a data folder)."""
+    word = text.lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected yes/no (true/false, on/off, 1/0), got {text!r}")
+    return word in ("1", "true", "yes", "on")
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -88,12 +92,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig for parsed ``train`` flags (a --config file supplies defaults; flags win)."""
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "map", "map_file")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "map", "map_file", "given")}
     if args.config:
         from_file = json.loads(Path(args.config).read_text())
+        given = getattr(args, "given", None)
         defaults = TrainConfig(data=[]).to_dict()
         for key, value in from_file.items():
-            if key == "class_map" or key not in values or values[key] == defaults.get(key):
+            # A flag on the command line wins, even one that repeats the default (``parse`` records which were).
+            explicit = key in given if given is not None else values.get(key) != defaults.get(key)
+            if key == "class_map" or key not in values or not explicit:
                 values[key] = value
     class_map = dict(values.pop("class_map", {}) or {})
     if args.map_file:
@@ -133,7 +140,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     cmp = sub.add_parser("compare", help="side-by-side table of model folders or evaluation folders")
     cmp.add_argument("runs", nargs="+")
     cmp.add_argument("--csv", help="where to write the table (default: comparison.csv here)", default="comparison.csv")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "train":  # which settings the command line gave, so that a --config file fills only the rest
+        train = sub.choices["train"]
+        saved = [(action, action.default) for action in train._actions]
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        try:
+            args.given = set(vars(parser.parse_args(argv))) - {"command"}
+        finally:
+            for action, default in saved:
+                action.default = default
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
