@@ -251,6 +251,17 @@ def test_compare_tables_two_runs(first_run, resumed_run, tmp_path):
         assert float(row["accuracy"]) == pytest.approx(m["accuracy"]) and row["architecture"] == "tiny"
 
 
+def test_compare_gives_the_learning_rates_the_epochs_ran_at(tmp_path):
+    from training import compare
+
+    pd.DataFrame({"epoch": [1, 2, 3], "lr": [1e-4, 1e-4, 2e-5]}).to_csv(tmp_path / "history.csv", index=False)
+    recipe = {"lr": 1e-3, "fine_tune_lr": 1e-4, "pretrained": True, "freeze_epochs": 0}
+    assert compare._rates(tmp_path, recipe) == "0.0001 -> 2e-05"  # not the unused lr of 0.001
+    (tmp_path / "history.csv").unlink()
+    assert compare._rates(tmp_path, recipe) == 1e-4
+    assert compare._rates(tmp_path, {**recipe, "freeze_epochs": 2}) == 1e-3
+
+
 _OTHER_BACKEND_SCRIPT = """
 import importlib.abc, importlib.machinery, json, sys
 # A GPU box with JAX or PyTorch and no TensorFlow: importing tensorflow fails. The finder answers
@@ -507,7 +518,8 @@ def test_source_class_weights_give_every_cell_the_same_total():
     # A cell of two films is capped instead of being repeated into overfitting.
     tiny = _split(["a"] * 998 + ["b"] * 2, [0] * 500 + [1] * 498 + [1] * 2)
     wt = dataset.sample_weights(tiny, 2, "source-class")
-    assert wt[-1] / wt[0] == pytest.approx(dataset.MAX_CELL_WEIGHT / (1000 / (3 * 500)), rel=1e-6)
+    assert wt[-1] == pytest.approx(dataset.MAX_CELL_WEIGHT, rel=1e-5) and wt.mean() == pytest.approx(1.0)
+    assert wt[:500].sum() == pytest.approx(wt[500:998].sum(), rel=1e-5)  # the other cells keep equal totals
     assert dataset.sample_weights(split, 2, "none") is None
 
 

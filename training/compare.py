@@ -11,10 +11,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cxr_core import card as card_lib
 from cxr_core.errors import ModelCardError
+
+
+def _rates(folder: Path, recipe: dict[str, Any]) -> str | None:
+    """The learning rates the epochs ran at, in order ("0.0001 -> 2e-05"), from history.csv; else the recipe's
+    rate for its first phase (``lr`` alone misreports a run that only fine-tuned, at ``fine_tune_lr``)."""
+    try:
+        rates = pd.read_csv(folder / "history.csv")["lr"].dropna().tolist()
+    except (OSError, KeyError, ValueError):
+        rates = []
+    if rates:
+        distinct = [r for i, r in enumerate(rates) if i == 0 or not np.isclose(r, rates[i - 1], rtol=1e-6)]
+        return " -> ".join(f"{r:.3g}" for r in distinct)
+    fine_tune_only = recipe.get("pretrained") and recipe.get("freeze_epochs") == 0
+    return recipe.get("fine_tune_lr" if fine_tune_only else "lr")
 
 
 def _row(folder: Path) -> dict[str, Any]:
@@ -25,11 +40,13 @@ def _row(folder: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"run": folder.name, "model": m.get("model")}
     try:
         # An evaluation folder names the model folder it scored.
-        card = card_lib.read(folder if (folder / card_lib.CARD_FILE).is_file() else m.get("model_dir", folder))
+        card_dir = Path(folder if (folder / card_lib.CARD_FILE).is_file() else m.get("model_dir", folder))
+        card = card_lib.read(card_dir)
         row["model"] = card.name
         recipe = card.recipe
         row.update({"architecture": card.architecture, "input_size": card.input_size, "weights": recipe.get("weights"),
-                    "optimizer": recipe.get("optimizer"), "lr": recipe.get("lr"), "epochs": recipe.get("epochs_run"),
+                    "optimizer": recipe.get("optimizer"), "lr": _rates(card_dir, recipe),
+                    "epochs": recipe.get("epochs_run"),
                     "train_images": card.training_data.get("images", {}).get("train"),
                     "temperature": round(card.temperature, 3)})
     except ModelCardError:

@@ -246,7 +246,13 @@ def sample_weights(split: Split, n_classes: int, mode: str) -> np.ndarray | None
         cells = [(r.source, int(y)) for r, y in zip(split.records, labels, strict=True)]
         count = Counter(cells)
         w = np.array([len(cells) / (len(count) * count[c]) for c in cells], dtype=np.float64)
-        w = np.minimum(w, MAX_CELL_WEIGHT)
+        # Capping lowers the mean, and rescaling to mean 1 would lift the capped cells past the cap again:
+        # repeat both until the cap holds (a few rounds; capped cells end at the cap, times the mean of 1).
+        for _ in range(100):
+            w = w / w.mean()
+            if w.max() <= MAX_CELL_WEIGHT * (1 + 1e-9):
+                break
+            w = np.minimum(w, MAX_CELL_WEIGHT)
     else:
         raise ValueError(f"unknown weighting {mode!r}")
     return (w / w.mean()).astype(np.float32) if len(w) else w.astype(np.float32)
