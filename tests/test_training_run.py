@@ -170,6 +170,43 @@ def test_resume_on_another_validation_split_re_measures_the_best_epoch(first_run
     assert len(state["val_split"]) == 64 and state["val_split"] != before["val_split"]
 
 
+def test_a_run_killed_while_saving_an_epoch_resumes_from_the_last_whole_epoch(work, tmp_path, monkeypatch):
+    """Killed after epoch 2's weights and optimizer were written but before state.json: the resumed run starts
+    from epoch 1's weights and optimizer (not epoch 2's weights under epoch 1's state), and trains epoch 2 again."""
+    from training import loop
+
+    out = tmp_path / "torn"
+    base = dict(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                cache_dir=str(work / "cache"), verbose=0)
+    run(TrainConfig(**base, epochs=1), log=lambda _: None)
+    ckpt = out / ".ckpt"
+    first = json.loads((ckpt / "state.json").read_text())
+    epoch1 = models.build("tiny", 2, 32)
+    epoch1.load_weights(str(ckpt / first["files"]["last"]))
+
+    def killed(path, data):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(loop, "_atomic_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(**base, epochs=2, resume=True), log=lambda _: None)
+    monkeypatch.undo()
+    assert (ckpt / "last-2.weights.h5").is_file()  # epoch 2 was written, but does not count
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 1 and state["files"] == first["files"]
+    served = models.build("tiny", 2, 32)
+    served.load_weights(str(ckpt / state["files"]["last"]))
+    for a, b in zip(served.get_weights(), epoch1.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    lines: list[str] = []
+    run(TrainConfig(**base, epochs=2, resume=True), log=lines.append)
+    assert "resuming after epoch 1" in lines
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 2 and [r["epoch"] for r in state["history"]] == [1, 2]
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted({*state["files"].values(), "state.json"})
+
+
 def test_time_budget_stops_between_epochs_saves_the_model_and_resume_continues(work, tmp_path):
     """--time-budget: no epoch starts that would end past it; the model is saved; --resume finishes the run."""
     out = tmp_path / "tiny-budget"

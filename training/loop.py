@@ -1,9 +1,12 @@
 """The epochs: phases (frozen backbone, then fine-tuning), a checkpoint each epoch, ``--resume``.
 
-``OUT/.ckpt/`` holds ``last.weights.h5`` (model after the last completed epoch),
-``optimizer.npz`` (optimizer variables), ``best.weights.h5`` (lowest val_loss) and
-``state.json`` (epoch, phase, history, callback state, and a fingerprint of the validation split
-that the best epoch was measured on). Keras 3 APIs only: any backend.
+``OUT/.ckpt/`` holds ``last-N.weights.h5`` (model after the last completed epoch N),
+``optimizer-N.npz`` (optimizer variables), ``best-M.weights.h5`` (lowest val_loss, epoch M) and
+``state.json`` (epoch, phase, history, callback state, the files above, and a fingerprint of the
+validation split that the best epoch was measured on). An epoch's files are written first and
+``state.json`` last, replacing the old one in one step: a run killed at any moment resumes from a
+consistent epoch. (Checkpoints from before kept ``last.weights.h5``, ``optimizer.npz`` and
+``best.weights.h5``; they still resume.) Keras 3 APIs only: any backend.
 """
 
 from __future__ import annotations
@@ -161,29 +164,45 @@ class Loop:
         if not path.is_file():
             return False
         self.state = json.loads(path.read_text())
-        self.model.load_weights(str(self.ckpt / "last.weights.h5"))
+        self.model.load_weights(str(self.ckpt / self.files()["last"]))
         return True
 
     def end_epoch(self, row: dict[str, Any], seconds: float, stopped: bool, callbacks: dict) -> None:
         s = self.state
-        s["epoch"] = row["epoch"]
+        epoch = row["epoch"]
+        s["epoch"] = epoch
         s["history"].append(row)
         s["train_seconds"] += seconds
         s["images_seen"] += self.n_train
         s["callbacks"] = callbacks
         s["lr"] = float(keras.ops.convert_to_numpy(self.train_model.optimizer.learning_rate))
+        files = self.files()
         val = row.get("val_loss")
         if val is not None and np.isfinite(val) and (s["best"] is None or val < s["best"]):
-            s["best"], s["best_epoch"] = val, row["epoch"]
-            self.model.save_weights(str(self.ckpt / "best.weights.h5"))
+            s["best"], s["best_epoch"] = val, epoch
+            files["best"] = f"best-{epoch}.weights.h5"
+            self.model.save_weights(str(self.ckpt / files["best"]))
         if stopped:
             s["done"].append(s["phase"])
-        self.model.save_weights(str(self.ckpt / "last.weights.h5"))
+        files["last"] = f"last-{epoch}.weights.h5"
+        self.model.save_weights(str(self.ckpt / files["last"]))
+        files["optimizer"] = f"optimizer-{epoch}.npz"
         variables = self.train_model.optimizer.variables
-        np.savez(self.ckpt / "optimizer.tmp.npz", *[keras.ops.convert_to_numpy(v) for v in variables])
-        os.replace(self.ckpt / "optimizer.tmp.npz", self.ckpt / "optimizer.npz")
-        _atomic_json(self.ckpt / "state.json", s)
+        np.savez(self.ckpt / files["optimizer"], *[keras.ops.convert_to_numpy(v) for v in variables])
+        s["files"] = files
+        _atomic_json(self.ckpt / "state.json", s)  # the epoch counts from here on
+        for path in self.ckpt.iterdir():  # what no epoch refers to any more
+            if path.name not in (*files.values(), "state.json"):
+                path.unlink()
         write_history(s["history"], self.out / "history.csv")
+
+    def files(self) -> dict[str, str]:
+        """The checkpoint's files (names in ``.ckpt``) that ``state.json`` refers to."""
+        files = self.state.get("files")
+        if files is not None:
+            return dict(files)
+        old = {"last": "last.weights.h5", "optimizer": "optimizer.npz"}  # a checkpoint from before the names
+        return {**old, "best": "best.weights.h5"} if (self.ckpt / "best.weights.h5").is_file() else old
 
     def _rebase_best(self, val: Batches) -> None:
         """Re-measure the best epoch's weights when the validation split is not the one they were measured on.
@@ -196,13 +215,13 @@ class Loop:
         if s.get("val_split") == fingerprint:
             return
         s["val_split"] = fingerprint
-        best_weights = self.ckpt / "best.weights.h5"
-        if s["best"] is None or not best_weights.is_file():
+        files = self.files()
+        if s["best"] is None or "best" not in files:
             return
-        self.model.load_weights(str(best_weights))
+        self.model.load_weights(str(self.ckpt / files["best"]))
         build.compile_for(self.train_model, self.config, s["lr"] or self.config.lr)
         loss = float(self.train_model.evaluate(val, verbose=0, return_dict=True)["loss"])
-        self.model.load_weights(str(self.ckpt / "last.weights.h5"))
+        self.model.load_weights(str(self.ckpt / files["last"]))
         self.log(f"the validation split ({len(val.split.labels)} films) is not the one the checkpoint's best epoch "
                  f"({s['best_epoch']}) was measured on: its weights re-measured on this one, val_loss "
                  f"{s['best']:.4f} -> {loss:.4f} (history.csv's earlier val_loss rows are on the old split)")
@@ -217,7 +236,7 @@ class Loop:
     def _restore_optimizer(self) -> None:
         opt = self.train_model.optimizer
         opt.build(self.train_model.trainable_variables)
-        with np.load(self.ckpt / "optimizer.npz") as saved:
+        with np.load(self.ckpt / self.files()["optimizer"]) as saved:
             values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
         if len(values) != len(opt.variables):
             raise ValueError("the checkpoint's optimizer state does not fit this model; start without --resume")
@@ -258,8 +277,9 @@ class Loop:
                 break  # out of time: scored and saved as it stands; --resume continues this phase
             if s["epoch"] < last_epoch and phase != "frozen":
                 break  # early stopping ends the run
-        if (self.ckpt / "best.weights.h5").is_file():
-            self.model.load_weights(str(self.ckpt / "best.weights.h5"))
+        best = self.files().get("best")
+        if best is not None and (self.ckpt / best).is_file():
+            self.model.load_weights(str(self.ckpt / best))
         s = self.state
         return FitResult(s["history"], s["best_epoch"], s["best"], s["train_seconds"], s["images_seen"],
                          self.budget_hit)
