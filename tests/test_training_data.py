@@ -153,12 +153,34 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
 
     expected = preprocess.prepare(imaging.load(good).pixels, 32)
     np.testing.assert_array_equal(decoded.images[0], expected)
-    # A second pass reads the cache (the .npy exists) and remembers the unreadable files.
-    assert len(list((tmp_path / "cache" / "32").rglob("*.npy"))) == 1
-    assert len(list((tmp_path / "cache" / "32").rglob("*.err"))) == 3
+    # A second pass reads the cache (the .npy exists); unreadable files are tried again (not remembered).
+    (npy,) = (tmp_path / "cache").rglob("*.npy")
+    assert npy.relative_to(tmp_path / "cache").parts[:2] == (cache.reader_key(), "32")
+    assert not list((tmp_path / "cache").rglob("*.err"))
     again = cache.decode(records, 32, tmp_path / "cache")
     np.testing.assert_array_equal(again.images, decoded.images)
     assert again.skipped == decoded.skipped
+
+
+def test_cached_pixels_belong_to_the_reader_that_made_them(tmp_path, monkeypatch):
+    """Pixels cached by another reader (before a windowing fix, another decoder) are not served; a film replaced
+    on disk since its manifest gave it a sha256 is refused, not served the old film's pixels."""
+    good = KERMANY / "NORMAL" / "IM-0115-0001.jpeg"
+    (tmp_path / "d" / "NORMAL").mkdir(parents=True)
+    shutil.copyfile(good, tmp_path / "d" / "NORMAL" / "a.jpeg")
+    records, _ = data.deduplicate(data.scan([tmp_path / "d"]).records)
+    fresh = cache.decode(records, 32, tmp_path / "cache").images[0]
+    (npy,) = (tmp_path / "cache").rglob("*.npy")
+    np.save(npy, np.zeros((32, 32), np.uint8))  # what an older reader made of the file
+    assert cache.decode(records, 32, tmp_path / "cache").images[0].max() == 0  # this reader's entry: served
+    monkeypatch.setattr(cache, "reader_key", lambda: "another-reader")
+    np.testing.assert_array_equal(cache.decode(records, 32, tmp_path / "cache").images[0], fresh)
+    monkeypatch.undo()
+
+    other = KERMANY / "NORMAL" / "IM-0117-0001.jpeg"
+    shutil.copyfile(other, tmp_path / "d" / "NORMAL" / "a.jpeg")  # replaced after the split was written
+    replaced = cache.decode(records, 32, tmp_path / "cache")
+    assert replaced.records == [] and "changed since the split manifest" in replaced.skipped[0]["error"]
 
 
 def test_flags_and_config_file_make_one_config(tmp_path):

@@ -1,21 +1,26 @@
 """Decode each image once through cxr_core and keep the model-size uint8 pixels on disk.
 
-Cache entries are keyed by the file's sha256 and the input size:
-``CACHE/<size>/<sha[:2]>/<sha>.npy`` holds ``cxr_core.preprocess.prepare(pixels, size)``
-(uint8 (S, S)); ``<sha>.err`` holds the reason a file could not be read, so a bad file is
-not decoded again either. Only pixels and error text are written: no DICOM tags.
+Cache entries are keyed by the reader, the file's sha256 and the input size:
+``CACHE/<reader>/<size>/<sha[:2]>/<sha>.npy`` holds ``cxr_core.preprocess.prepare(pixels, size)``
+(uint8 (S, S)). ``<reader>`` is a hash of the code and libraries that turn a file into those
+pixels (``reader_key``): when the reader changes (a windowing or inversion fix, a new decoder),
+every film is decoded again, so what trains is what is served. An unreadable file is not
+remembered (a decoder installed later may read it). A file whose bytes no longer match the sha256
+a split manifest gave it is refused. Only pixels are written: no DICOM tags.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from cxr_core import imaging, preprocess
+from cxr_core import imaging, limits, preprocess
 from cxr_core.errors import UnreadableImageError
 from training.data import Record, file_sha256
 
@@ -36,8 +41,28 @@ class Decoded:
     skipped: list[dict[str, str]]  # {"path": "source/rel", "error": reason}
 
 
+@lru_cache(maxsize=1)
+def reader_key() -> str:
+    """12 hex digits naming the pixels' reader: the source of the cxr_core modules that read, window and
+    prepare a film, and the versions of the libraries that decode it."""
+    import importlib.metadata as meta
+
+    from cxr_core import windowing
+
+    digest = hashlib.sha256()
+    for module in (imaging, preprocess, windowing, limits):
+        digest.update(Path(module.__file__).read_bytes())
+    for package in ("numpy", "pillow", "pydicom", "opencv-python-headless", "pylibjpeg", "pylibjpeg-libjpeg",
+                    "pylibjpeg-openjpeg", "pyjpegls"):
+        try:
+            digest.update(f"{package}={meta.version(package)};".encode())
+        except meta.PackageNotFoundError:
+            digest.update(f"{package}=none;".encode())
+    return digest.hexdigest()[:12]
+
+
 def _entry(cache_dir: Path, sha: str, size: int) -> Path:
-    return cache_dir / str(size) / sha[:2] / sha
+    return cache_dir / reader_key() / str(size) / sha[:2] / sha
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -50,26 +75,22 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 def pixels(record: Record, size: int, cache_dir: Path | None = DEFAULT_CACHE) -> np.ndarray:
     """uint8 (size, size) pixels of one file, from the cache or decoded once and cached.
 
-    Raises ``UnreadableImageError`` (also for a file remembered as unreadable).
+    Raises ``UnreadableImageError``, also for a file whose bytes are not the sha256 its record carries (a
+    split manifest's film replaced on disk since: its place in the split was decided on other pixels).
     """
-    sha = record.sha256 or file_sha256(record.path)
+    sha = file_sha256(record.path) if cache_dir is not None or record.sha256 else ""
+    if record.sha256 and sha != record.sha256:
+        raise UnreadableImageError("the file changed since the split manifest was written (its sha256 differs); "
+                                   "write the split again or restore the file")
     entry = _entry(cache_dir, sha, size) if cache_dir is not None else None
     if entry is not None:
-        npy, err = entry.with_suffix(".npy"), entry.with_suffix(".err")
+        npy = entry.with_suffix(".npy")
         if npy.is_file():
             try:
                 return np.load(npy)
             except (OSError, ValueError):
                 npy.unlink(missing_ok=True)  # a torn write from an interrupted run: decode again
-        if err.is_file():
-            raise UnreadableImageError(err.read_text())
-    try:
-        image = imaging.load(record.path, record.path.name)
-    except UnreadableImageError as exc:
-        if entry is not None:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            entry.with_suffix(".err").write_text(str(exc))
-        raise
+    image = imaging.load(record.path, record.path.name)
     prepared = preprocess.prepare(image.pixels, size)
     if entry is not None:
         _atomic_save(entry.with_suffix(".npy"), prepared)
