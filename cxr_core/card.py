@@ -105,6 +105,16 @@ class ModelCard:
         weights = self.weights_file
         if weights in (".", "..") or "/" in weights or "\\" in weights or "\0" in weights or ":" in weights:
             raise ModelCardError(f"weights_file must be a plain file name inside the model folder, got {weights!r}")
+        # The descriptive fields every page, the sidebar and the report read: their types, so that a hand-edited
+        # card is this clear error rather than a crash later (the sidebar reads cards without the hash check).
+        for key in ("weights_sha256", "created", "version", "intended_use", "card_sha256"):
+            if not isinstance(getattr(self, key), str):
+                raise ModelCardError(f"{key} must be a string, got {type(getattr(self, key)).__name__}")
+        for key in ("preprocessing", "training_data", "metrics", "recipe", "versions"):
+            if not isinstance(getattr(self, key), dict):
+                raise ModelCardError(f"{key} must be an object, got {type(getattr(self, key)).__name__}")
+        if not isinstance(self.limitations, list) or not all(isinstance(x, str) for x in self.limitations):
+            raise ModelCardError(f"limitations must be a list of sentences, got {self.limitations!r}"[:200])
         if not isinstance(self.familiarity, dict):
             raise ModelCardError(f"familiarity must be an object, got {type(self.familiarity).__name__}")
         if self.familiarity:
@@ -114,6 +124,9 @@ class ModelCard:
             threshold = self.familiarity.get("threshold")
             if not _is_number(threshold) or not threshold > 0:
                 raise ModelCardError(f"familiarity.threshold must be a positive finite number, got {threshold!r}")
+            percentile = self.familiarity.get("percentile", 99)
+            if not _is_number(percentile) or not 0 < percentile <= 100:
+                raise ModelCardError(f"familiarity.percentile must be a number in (0, 100], got {percentile!r}")
 
     @property
     def num_classes(self) -> int:

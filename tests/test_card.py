@@ -163,8 +163,15 @@ def test_unknown_fields_are_ignored(folder):
         ({"input_size": 8}, "at least 16"),
         ({"temperature": 0.0}, "temperature must be positive"),
         ({"temperature": float("nan")}, "temperature must be positive"),
+        ({"metrics": None}, "metrics must be an object"),
+        ({"recipe": []}, "recipe must be an object"),
+        ({"weights_sha256": None}, "weights_sha256 must be a string"),
+        ({"intended_use": 5}, "intended_use must be a string"),
+        ({"limitations": ["ok", 3]}, "limitations must be a list of sentences"),
+        ({"familiarity": {"file": "f.npz", "threshold": 2.0, "percentile": "99"}}, "familiarity.percentile"),
     ],
-    ids=["threshold-class", "negative-class", "duplicates", "empty", "input-size", "temperature", "nan-temperature"],
+    ids=["threshold-class", "negative-class", "duplicates", "empty", "input-size", "temperature", "nan-temperature",
+         "metrics-null", "recipe-list", "hash-null", "intended-use-number", "limitation-number", "percentile-text"],
 )
 def test_invalid_cards_raise_clear_errors(folder, overrides, message):
     with pytest.raises(ModelCardError, match=message):
