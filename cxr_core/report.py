@@ -75,6 +75,22 @@ def decision_rule(card: ModelCard) -> str:
     return f"{called}; otherwise {card.negative_class or 'the most probable class'}"
 
 
+def _short_rule(card: ModelCard, prediction: Prediction) -> str:
+    """``decision_rule`` for the report: with many thresholds, the called class's and a pointer to the card."""
+    if len(card.thresholds) <= 4:
+        return decision_rule(card)
+    own = card.thresholds.get(prediction.decision)
+    called = f"; {prediction.decision}'s threshold is {own:.4f}" if own is not None else ""
+    return (f"each of {len(card.thresholds)} classes is called when its probability reaches its threshold (the most "
+            f"probable of those called), otherwise {card.negative_class or 'the most probable class'}{called}; "
+            "every threshold is in the model card")
+
+
+def _height(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> int:
+    """The height ``_paragraph`` gives ``text``."""
+    return len(_wrap(draw, text, _font(size), width)) * int(size * 1.35)
+
+
 def familiarity_line(prediction: Prediction, card: ModelCard) -> str:
     """The familiarity check's result as one sentence, or "" when the model has no familiarity model."""
     if prediction.familiarity is None:
@@ -127,10 +143,26 @@ def render(
     y = IMAGE_TOP + IMAGE_BOX + 70
     colour = _RED if prediction.positive else _BLUE
     draw.text((MARGIN, y), f"Decision: {prediction.decision}", font=_font(40), fill=colour)
-    y = _paragraph(draw, (MARGIN, y + 56), f"Rule: {decision_rule(card)}.", 22, _GREY, width) + 20
+    y = _paragraph(draw, (MARGIN, y + 56), f"Rule: {_short_rule(card, prediction)}.", 22, _GREY, width) + 20
 
+    # Everything above the footer: the warnings and the familiarity line first, then as many class bars as fit
+    # (a card may have up to limits.MAX_CLASSES classes; bars past the page would push the warnings off it).
+    line = familiarity_line(prediction, card)
+    notes = [(f"Warning: {w}", _AMBER) for w in warnings]
+    notes += [(line, _AMBER if prediction.unfamiliar else _GREY)] if line else []
+    footer_top = PAGE[1] - MARGIN - 130 - 26
+    notes_h = 10 + sum(_height(draw, text, 22, width) + 6 for text, _ in notes)
     label_w, bar_w, bar_h = 300, width - 300 - 140, 34
-    for name, p in zip(prediction.class_names, prediction.probabilities, strict=True):
+    rows = list(zip(prediction.class_names, prediction.probabilities, strict=True))
+    fit = max(1, (footer_top - notes_h - y) // (bar_h + 16))
+    rest = []
+    if len(rows) > fit:  # the most probable classes (the called one among them) in card order, then a summary
+        keep = sorted(range(len(rows)), key=lambda i: -rows[i][1])[:max(fit - 1, 1)]
+        called = prediction.class_names.index(prediction.decision)
+        keep = sorted(keep if called in keep else [*keep[:-1], called])
+        rest = [p for i, (_, p) in enumerate(rows) if i not in keep]
+        rows = [rows[i] for i in keep]
+    for name, p in rows:
         draw.text((MARGIN, y + 4), name, font=_font(24), fill=_INK)
         x0 = MARGIN + label_w
         draw.rectangle((x0, y, x0 + bar_w, y + bar_h), outline=_GREY)
@@ -138,13 +170,14 @@ def render(
                        else _GREY)
         draw.text((x0 + bar_w + 16, y + 4), f"{p:.4f}", font=_font(24), fill=_INK)
         y += bar_h + 16
+    if rest:
+        draw.text((MARGIN, y + 4), f"{len(rest)} more classes, each at P <= {max(rest):.4f} (all in the app)",
+                  font=_font(24), fill=_GREY)
+        y += bar_h + 16
 
     y += 10
-    for warning in warnings:
-        y = _paragraph(draw, (MARGIN, y), f"Warning: {warning}", 22, _AMBER, width) + 6
-    line = familiarity_line(prediction, card)
-    if line:
-        y = _paragraph(draw, (MARGIN, y), line, 22, _AMBER if prediction.unfamiliar else _GREY, width) + 6
+    for text, fill in notes:
+        y = _paragraph(draw, (MARGIN, y), text, 22, fill, width) + 6
 
     footer = (
         f"Model: {card.name} (version {card.version}, {card.architecture}, {card.input_size} px), "

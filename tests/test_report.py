@@ -61,6 +61,31 @@ def test_probability_bars_have_lengths_proportional_to_the_probabilities(parts):
     assert length == pytest.approx(0.75 * bar_w, abs=2)
 
 
+def test_many_classes_keep_the_warnings_and_the_called_class_above_the_footer(parts):
+    """A card may have up to 100 classes: the bars that fit are drawn (the called class among them), the rest
+    summarised, and the warnings and familiarity line stay on the page above the footer."""
+    pixels, blended, _ = parts
+    names = [f"C{i}" for i in range(40)]
+    c = card.ModelCard(name="many", architecture="tiny", input_size=64, class_names=names, target_layer="relu",
+                       negative_class="C0", thresholds={n: 0.02 for n in names[1:]}, weights_sha256="0" * 64,
+                       familiarity={"file": "f.npz", "threshold": 1.0})
+    probs = np.full(40, 0.3 / 38)
+    probs[0], probs[37] = 0.5, 0.2  # C37 is called (above its threshold), C0 is merely the most probable
+    prediction = dataclasses.replace(models.decide(c, probs), familiarity=3.0, unfamiliar=True)
+    assert prediction.decision == "C37"
+    warnings = ["Low confidence.", "Not a chest."]
+    rendered = report.render(pixels, blended, prediction, c, when=WHEN, warnings=warnings)
+    page = np.asarray(Image.open(io.BytesIO(rendered)).convert("RGB")).astype(int)
+    rule_y = report.PAGE[1] - report.MARGIN - 130 - 16
+    below = report.IMAGE_TOP + report.IMAGE_BOX + 40  # under the pictures (the heatmap has amber in it)
+    amber = np.nonzero(((np.abs(page[below:] - report._AMBER) < 40).all(axis=-1)).any(axis=1))[0] + below
+    assert amber.size > 40 and amber.max() < rule_y  # 2 warnings and the familiarity line, above the footer rule
+    red = (page[..., 0] > 150) & (page[..., 1] < 60) & (page[..., 2] < 60)
+    x0, bar_w = report.MARGIN + 300, report.PAGE[0] - 2 * report.MARGIN - 300 - 140
+    solid = red[below:rule_y, x0:x0 + bar_w].sum(axis=1) >= 0.18 * bar_w  # rows of a bar at P 0.2, not text
+    assert solid.sum() > 20  # C37's bar is drawn between the pictures and the footer
+
+
 def test_different_inputs_give_different_pages(parts):
     base = _render(parts)
     assert _render(parts) == base  # deterministic for the same inputs and time
