@@ -207,6 +207,22 @@ def test_a_run_killed_while_saving_an_epoch_resumes_from_the_last_whole_epoch(wo
     assert sorted(p.name for p in ckpt.iterdir()) == sorted({*state["files"].values(), "state.json"})
 
 
+def test_a_mixed_precision_run_is_scored_as_it_is_served(work, tmp_path):
+    """Trained in mixed bfloat16, calibrated and scored in float32: predictions.csv (and so the thresholds and
+    temperature fitted from it) is what the served float32 model gives, not the bfloat16 model's numbers."""
+    out = tmp_path / "bf16"
+    run(TrainConfig(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                    epochs=1, cache_dir=str(work / "cache"), verbose=0, mixed_precision="bfloat16"),
+        log=lambda _: None)
+    classifier = models.load(out)
+    assert classifier.card.recipe["precision_policy"] == "mixed_bfloat16"
+    preds = pd.read_csv(out / "predictions.csv", float_precision="round_trip")
+    test = preds[preds["split"] == "test"]
+    pixels = [imaging.load(work / "cxr" / p).pixels for p in test["path"]]
+    served = np.array([p.probabilities for p in classifier.predict_pixels(pixels)])
+    np.testing.assert_allclose(served, test[["p_NORMAL", "p_PNEUMONIA"]].to_numpy(), atol=1e-5)
+
+
 def test_time_budget_stops_between_epochs_saves_the_model_and_resume_continues(work, tmp_path):
     """--time-budget: no epoch starts that would end past it; the model is saved; --resume finishes the run."""
     out = tmp_path / "tiny-budget"

@@ -119,7 +119,7 @@ class RandomGamma(keras.layers.Layer):
             return images
         bound = float(np.log1p(self.factor))
         batch = keras.ops.shape(images)[0]
-        log_gamma = keras.random.uniform((batch, 1, 1, 1), -bound, bound, seed=self.generator)
+        log_gamma = keras.random.uniform((batch, 1, 1, 1), -bound, bound, seed=self.generator, dtype=images.dtype)
         x = keras.ops.clip(images / 255.0, 1e-6, 1.0)
         return keras.ops.power(x, keras.ops.exp(log_gamma)) * 255.0
 
@@ -150,7 +150,8 @@ class RandomNoise(keras.layers.Layer):
         # One noise field per film, the same in R, G and B: served films are grey (R = G = B), so noise that
         # differed between channels would teach the model on inputs it never meets.
         shape = keras.ops.shape(images)
-        noise = keras.random.normal((*shape[:-1], 1), stddev=self.stddev, seed=self.generator)
+        # In the images' dtype: under mixed precision they are float16/bfloat16, and float32 noise would not add.
+        noise = keras.random.normal((*shape[:-1], 1), stddev=self.stddev, seed=self.generator, dtype=images.dtype)
         return keras.ops.clip(images + noise, 0.0, 255.0)
 
     def compute_output_shape(self, input_shape):

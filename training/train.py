@@ -172,6 +172,12 @@ def run(config: TrainConfig, log=print) -> Path:
         fit = loop.run(dataset.Batches(train, config.batch_size, weights, shuffle=True, seed=config.seed),
                        dataset.Batches(val, config.batch_size), config.verbose)
     keras.mixed_precision.set_global_policy("float32")
+    if policy != "float32":
+        # Calibrate, score and save what is served: the same weights in a float32 model (the trained model keeps
+        # computing in float16/bfloat16, whose outputs differ by up to ~1e-2 from the served model's).
+        served = models.build(config.architecture, len(classes), config.input_size, dropout=config.dropout)
+        served.set_weights(model.get_weights())
+        model = served
     if fit.stopped_by_time_budget:
         log(f"--time-budget {config.time_budget:g} min: stopped after epoch {len(fit.history)} of {config.epochs} "
             f"(the next would have ended past it); scoring the best epoch so far. --resume continues the run")
