@@ -223,6 +223,22 @@ def test_a_mixed_precision_run_is_scored_as_it_is_served(work, tmp_path):
     np.testing.assert_allclose(served, test[["p_NORMAL", "p_PNEUMONIA"]].to_numpy(), atol=1e-5)
 
 
+def test_a_float16_run_resumes_in_float32(work, tmp_path):
+    """Started on a GPU (mixed float16: a LossScaleOptimizer with variables of its own), continued on a CPU in
+    float32: the optimizer's moments carry over instead of the resume being refused."""
+    out = tmp_path / "fp16"
+    base = dict(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                cache_dir=str(work / "cache"), verbose=0)
+    run(TrainConfig(**base, epochs=1, mixed_precision="float16"), log=lambda _: None)
+    with np.load(out / ".ckpt" / "optimizer-1.npz") as saved:
+        moments = [saved[k] for k in saved.files]
+    run(TrainConfig(**base, epochs=2, mixed_precision="off", resume=True), log=lambda _: None)
+    state = json.loads((out / ".ckpt" / "state.json").read_text())
+    assert [r["epoch"] for r in state["history"]] == [1, 2]
+    assert card_lib.load(out).recipe["precision_policy"] == "float32"
+    assert len(moments) > 2 and any(np.abs(m).max() > 0 for m in moments[1:])  # real moments were kept
+
+
 def test_time_budget_stops_between_epochs_saves_the_model_and_resume_continues(work, tmp_path):
     """--time-budget: no epoch starts that would end past it; the model is saved; --resume finishes the run."""
     out = tmp_path / "tiny-budget"

@@ -170,31 +170,35 @@ def augmentation(config: TrainConfig) -> keras.Sequential:
     """
     layers: list[keras.layers.Layer] = []
     seed = config.seed
+    # In float32 whatever the precision policy: the images come in as float32, and Keras's blur does not run
+    # in float16 on TensorFlow (the model casts its input to the policy's dtype itself).
+    f32 = {"dtype": "float32"}
     if config.flip == "horizontal":
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, **f32))
     if config.rotation:
-        layers.append(keras.layers.RandomRotation(config.rotation, fill_mode="constant", seed=seed + 1))
+        layers.append(keras.layers.RandomRotation(config.rotation, fill_mode="constant", seed=seed + 1, **f32))
     if config.zoom:
-        layers.append(keras.layers.RandomZoom(config.zoom, fill_mode="constant", seed=seed + 2))
+        layers.append(keras.layers.RandomZoom(config.zoom, fill_mode="constant", seed=seed + 2, **f32))
     if config.shift:
-        layers.append(keras.layers.RandomTranslation(config.shift, config.shift, fill_mode="constant", seed=seed + 3))
+        layers.append(keras.layers.RandomTranslation(config.shift, config.shift, fill_mode="constant", seed=seed + 3,
+                                                     **f32))
     if config.contrast:
-        layers.append(keras.layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 4))
+        layers.append(keras.layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 4, **f32))
     if config.brightness:
-        layers.append(keras.layers.RandomBrightness(config.brightness, value_range=(0, 255), seed=seed + 5))
+        layers.append(keras.layers.RandomBrightness(config.brightness, value_range=(0, 255), seed=seed + 5, **f32))
     if config.blur:
         layers.append(keras.layers.RandomGaussianBlur(config.blur, kernel_size=3, sigma=1.0,
-                                                      value_range=(0, 255), seed=seed + 6))
+                                                      value_range=(0, 255), seed=seed + 6, **f32))
     if config.gamma:
-        layers.append(RandomGamma(config.gamma, seed=seed + 7, name="random_gamma"))
+        layers.append(RandomGamma(config.gamma, seed=seed + 7, name="random_gamma", **f32))
     if config.sharpen:
         # Keras's factor f gives film + (1 - 2f)(smoothed - film): 0.5 leaves the film as it is, below 0.5
         # blurs, above sharpens. A single float s draws f from [0, s], which blurred every film; sharpening
         # by up to s times the film's difference from its 3x3 smoothing is f in [0.5, 0.5 + s/2].
         layers.append(keras.layers.RandomSharpness((0.5, min(1.0, 0.5 + config.sharpen / 2)), value_range=(0, 255),
-                                                   seed=seed + 8))
+                                                   seed=seed + 8, **f32))
     if config.noise:
-        layers.append(RandomNoise(config.noise, seed=seed + 9, name="random_noise"))
+        layers.append(RandomNoise(config.noise, seed=seed + 9, name="random_noise", **f32))
     return keras.Sequential(layers, name="augmentation")
 
 

@@ -60,6 +60,12 @@ def val_fingerprint(batches: Batches) -> str:
     return digest.hexdigest()
 
 
+def _inner(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer whose state the checkpoint keeps: inside a float16 run's LossScaleOptimizer, the wrapped
+    one (its loss scale re-adapts in a few steps), so that a run can resume on a machine of another precision."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
 def _atomic_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -187,7 +193,7 @@ class Loop:
         files["last"] = f"last-{epoch}.weights.h5"
         self.model.save_weights(str(self.ckpt / files["last"]))
         files["optimizer"] = f"optimizer-{epoch}.npz"
-        variables = self.train_model.optimizer.variables
+        variables = _inner(self.train_model.optimizer).variables
         np.savez(self.ckpt / files["optimizer"], *[keras.ops.convert_to_numpy(v) for v in variables])
         s["files"] = files
         _atomic_json(self.ckpt / "state.json", s)  # the epoch counts from here on
@@ -234,7 +240,7 @@ class Loop:
         _atomic_json(self.ckpt / "state.json", s)
 
     def _restore_optimizer(self) -> None:
-        opt = self.train_model.optimizer
+        opt = _inner(self.train_model.optimizer)
         opt.build(self.train_model.trainable_variables)
         with np.load(self.ckpt / self.files()["optimizer"]) as saved:
             values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
