@@ -124,7 +124,7 @@ def manifest_entries(source: str) -> list[Entry]:
 
 
 def _dicomweb_entries(source: str) -> list[Entry]:
-    raise ValueError("DICOMweb sources need the PACS client in cxr_core, which this version does not have yet; "
+    raise ValueError("DICOMweb sources are not wired to scoring yet (the app's PACS page reads DICOMweb); "
                      "export the films (or a manifest of their paths) and score those")
 
 

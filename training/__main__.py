@@ -1,4 +1,4 @@
-"""``python -m training {train,evaluate,compare} ...`` (``train`` is the default subcommand)."""
+"""``python -m training {train,evaluate,rescore,compare} ...`` (``train`` is the default subcommand)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         if field in ("data", "class_map", "split"):
             continue
         flags = ["--arch", "--architecture"] if field == "architecture" else ["--" + field.replace("_", "-")]
-        extra = {"help": HELP.get(field), "choices": CHOICES.get(field)}
+        extra = {"help": HELP.get(field) or field.replace("_", " "), "choices": CHOICES.get(field)}
         if isinstance(value, bool):
             p.add_argument(*flags, dest=field, nargs="?", const=True, default=value, type=_bool, **extra)
         else:
