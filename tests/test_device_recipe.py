@@ -7,11 +7,13 @@ each "call" seeing only the part it carries, as a device call does.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,8 @@ def test_pack_stage_train_under_jax_unpack_and_check(setup):
     assert len(parts) == len(info["parts"]) >= 3  # the weights alone are larger than a part here
     assert all(p.stat().st_size <= 0.2 * 2**20 for p in parts)
     assert info["films"] == 48 and info["start"] is True
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        assert "start/split.csv" in tar.getnames()  # there, the run leaves out what the start trained on
 
     first = _call(setup, parts[:1], "stage")
     assert first.returncode == 0, first.stderr
@@ -94,7 +98,8 @@ def test_pack_stage_train_under_jax_unpack_and_check(setup):
     assert (root / "linked" / "data").resolve() == (root / "stage" / "x" / "data").resolve()
     val = sum(1 for r in csv.DictReader((folder / "predictions.csv").open()) if r["split"] == "val")
     assert val > 0
-    assert device.check(folder, [films], "val", 64) < 1e-4  # TensorFlow here scores the JAX run's weights the same
+    worst, compared = device.check(folder, [films], "val", 64)
+    assert worst < 1e-4 and compared == val  # TensorFlow here scores the JAX run's weights the same
 
     # The check is a real comparison: a predictions.csv that is off by 0.01 is reported as such.
     rows = list(csv.DictReader((folder / "predictions.csv").open()))
@@ -105,7 +110,17 @@ def test_pack_stage_train_under_jax_unpack_and_check(setup):
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    assert device.check(folder, [films], "val", 64) == pytest.approx(0.01, abs=1e-4)
+    assert device.check(folder, [films], "val", 64)[0] == pytest.approx(0.01, abs=1e-4)
+
+
+def test_pack_refuses_a_start_folder_without_its_split(setup, tmp_path):
+    """Without the starting model's split.csv the run there could not leave out the films it trained on."""
+    start = tmp_path / "start"
+    shutil.copytree(setup["start"], start)
+    (start / "split.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="split.csv"):
+        device.pack(setup["start"] / "split.csv", [setup["films"]], setup["root"] / "data", tmp_path / "p", 0.2,
+                    start=start)
 
 
 def test_unpack_refuses_an_existing_folder_and_an_empty_result(tmp_path):

@@ -115,7 +115,11 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
     Returns (indices of ``records`` kept, the dropped records).
     """
     manifest = Path(config.weights, "split.csv")
-    if not manifest.is_file() or not Path(config.weights, card_lib.CARD_FILE).is_file():
+    if not Path(config.weights, card_lib.CARD_FILE).is_file():
+        return list(range(len(records))), []
+    if not manifest.is_file():
+        log(f"the starting weights' folder {config.weights} has no split.csv: the films they trained on cannot be "
+            "left out of this run's val, test and external splits, whose figures may flatter the model")
         return list(range(len(records))), []
     trained = data.trained_keys(manifest)
     via: dict[str, str] = {r.key: r.key for r in records if r.key in trained}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,7 +34,9 @@ from cxr_core.card import sha256_of
 PAYLOAD = "payload.json"
 PART = "payload.part-"
 RESULT = "result.part-"
-START_FILES = ("model_card.json", "model.weights.h5", "familiarity.npz")
+# split.csv: the films the starting weights trained on, which every run leaves out of val/test/external
+# (dataset.not_seen_by_start); without it there the check would pass silently and the held-out figures flatter.
+START_FILES = ("model_card.json", "model.weights.h5", "familiarity.npz", "split.csv")
 WEIGHTS_GLOB = "models/*/model.weights.h5"
 
 
@@ -58,6 +61,9 @@ def _members(manifest: Path, roots: list[Path], data_root: Path, start: Path | N
                 members.append((f"start/{file}", start / file))
         if not (start / "model.weights.h5").is_file():
             raise FileNotFoundError(f"{start} holds no model.weights.h5 (is it a model folder?)")
+        if not (start / "split.csv").is_file():
+            raise FileNotFoundError(f"{start} holds no split.csv: the run could not leave out of its held-out "
+                                    "splits the films these weights trained on; use a model folder with its split")
     if wheels is not None:
         found = sorted(wheels.glob("*.whl"))
         if not found:
@@ -141,6 +147,8 @@ def unpack(files_at: Path, dest: Path) -> Path:
         raise FileExistsError(f"{dest} exists: choose another folder")
     joined = io.BytesIO(b"".join(p.read_bytes() for p in parts))
     staging = dest.parent / f".{dest.name}.unpacking"
+    if staging.exists():  # left by an unpack that failed
+        shutil.rmtree(staging)
     staging.mkdir(parents=True)
     with tarfile.open(fileobj=joined, mode="r:") as tar:
         tar.extractall(staging, filter="data")
@@ -152,8 +160,9 @@ def unpack(files_at: Path, dest: Path) -> Path:
     return dest
 
 
-def check(folder: Path, roots: list[Path], split: str, n: int) -> float:
-    """Largest |probability difference| between TensorFlow here and the run's ``predictions.csv`` on ``n`` films."""
+def check(folder: Path, roots: list[Path], split: str, n: int) -> tuple[float, int]:
+    """Largest |probability difference| between TensorFlow here and the run's ``predictions.csv`` on up to ``n``
+    films of ``split``, and how many films were compared."""
     import csv
 
     from cxr_core import models
@@ -176,7 +185,7 @@ def check(folder: Path, roots: list[Path], split: str, n: int) -> float:
             raise ValueError(f"{row['path']}: {error}")
         for name, p in zip(classifier.card.class_names, probs, strict=True):
             worst = max(worst, abs(float(row[f"p_{name}"]) - float(p)))
-    return worst
+    return worst, len(rows)
 
 
 def _git(*args: str) -> str:
@@ -240,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "unpack":
         print(f"model folder: {unpack(args.files_at, args.dest)}")
     elif args.command == "check":
-        worst = check(args.folder, args.root or ROOTS, args.split, args.n)
+        worst, compared = check(args.folder, args.root or ROOTS, args.split, args.n)
         ok = worst <= args.tolerance
-        print(f"{args.n} {args.split} films: largest probability difference TensorFlow vs the run {worst:.2e} "
+        print(f"{compared} {args.split} films: largest probability difference TensorFlow vs the run {worst:.2e} "
               f"({'within' if ok else 'over'} {args.tolerance:g})"
               + ("" if ok else f"; rescore here: python -m training rescore {args.folder}"))
         return 0 if ok else 1

@@ -56,7 +56,7 @@ elif [ -e "$link" ]; then
 else
   mkdir -p "$(dirname "$link")" && ln -s "$x/data" "$link"
 fi
-start=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["start_path"])' "$stage/payload.json")
+start=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("start_path", ""))' "$stage/payload.json")
 if [ -n "$start" ]; then
   mkdir -p "$start" && cp "$x"/start/* "$start/"  # the weights beside the card and familiarity model it has
 else
