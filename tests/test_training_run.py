@@ -257,6 +257,27 @@ def test_time_budget_stops_between_epochs_saves_the_model_and_resume_continues(w
     assert models.load(out).card.recipe["stopped_by_time_budget"] is False
 
 
+def test_time_budget_forecasts_from_the_last_epoch_not_the_compile_heavy_first(monkeypatch):
+    from types import SimpleNamespace
+
+    from training import loop
+
+    clock = iter([0.0, 200.0, 200.0, 220.0, 220.0, 240.0])  # epoch 1 compiles (200 s), epochs 2-3 take 20 s
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    state = SimpleNamespace(run_started=0.0, first_epoch=0, config=SimpleNamespace(epochs=10), budget_hit=False)
+    budget = loop._TimeBudget(state, 290 / 60)
+    budget.set_model(SimpleNamespace(stop_training=False))
+    stopped = []
+    for epoch in range(3):  # each decision alone (stop_training reset), as if the run had gone on
+        budget.model.stop_training = False
+        budget.on_epoch_begin(epoch)
+        budget.on_epoch_end(epoch)
+        stopped.append(budget.model.stop_training)
+    # After epoch 1: 200 s + 200 s forecast > 290 s. After epoch 2: 220 + 20 < 290 (the mean of 110 s would
+    # have stopped it), after epoch 3: 240 + 20 < 290.
+    assert stopped == [True, False, False]
+
+
 def test_time_budget_does_not_count_the_last_epoch_as_stopped(work, tmp_path):
     out = tmp_path / "tiny-budget-last"
     run(TrainConfig(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,

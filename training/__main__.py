@@ -41,7 +41,7 @@ HELP = {
     "threshold_rule": "sensitivity | argmax", "mixed_precision": "auto (GPU only) | off | float16 | bfloat16",
     "distribute": "data parallel over all local devices (JAX / TensorFlow)",
     "resume": "continue the run in --out from its last completed epoch",
-    "time_budget": "minutes of training for this process: no epoch starts that the mean epoch says would "
+    "time_budget": "minutes of training for this process: no epoch starts that the last epoch says would "
                    "end past them; the run scores and saves, and --resume continues it later (0 = no limit)",
     "verbose": "-1 auto, 0 silent, 1 progress bar, 2 one line per epoch",
     "note": "free text kept in the card's recipe (how and where the run was made, what to do next)",

@@ -110,7 +110,11 @@ class _ReduceLR(keras.callbacks.ReduceLROnPlateau):
 
 
 class _TimeBudget(keras.callbacks.Callback):
-    """Stops before an epoch that the mean epoch of this process says would end past ``minutes``.
+    """Stops before an epoch that the last one's duration says would end past ``minutes``.
+
+    The last epoch, not the mean: the first epoch of a process also pays for compiling (minutes under JAX on
+    a GPU, against seconds for the epochs after it), which the mean would carry into every later forecast.
+    (After the first epoch the forecast is that epoch, compile included: a budget should leave room for it.)
 
     Unlike early stopping the phase is not done: ``--resume`` continues it (``Loop.budget_hit``).
     """
@@ -119,11 +123,14 @@ class _TimeBudget(keras.callbacks.Callback):
         super().__init__()
         self.loop, self.budget = loop, minutes * 60
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self.loop.run_started
-        epochs = epoch + 1 - self.loop.first_epoch  # the epochs this process has run
+        now = time.perf_counter()
+        seconds, last = now - self.loop.run_started, now - self.started
         more = epoch + 1 < self.loop.config.epochs  # the run's last epoch ends it anyway
-        if self.budget > 0 and more and seconds + seconds / epochs > self.budget:
+        if self.budget > 0 and more and seconds + last > self.budget:
             self.loop.budget_hit = True
             self.model.stop_training = True
 

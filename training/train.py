@@ -24,14 +24,17 @@ from training.config import TrainConfig
 from training.loop import Loop
 
 
-def _outputs(model: keras.Model, split: dataset.Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits float64 (N, C) and pooled penultimate features float32 (N, D) of a split, in one pass."""
-    pooled = model.get_layer("avg_pool").output
-    both = keras.Model(model.inputs, [model.output, pooled], name="logits_and_features")
+def _outputs(both: keras.Model, split: dataset.Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits float64 (N, C) and pooled penultimate features float32 (N, D) of a split, in one pass of ``both``
+    (``_logits_and_features``: one model for every split, so that its predict function is compiled once)."""
     if not len(split.labels):
-        return np.zeros((0, model.output_shape[-1])), np.zeros((0, pooled.shape[-1]), np.float32)
+        return np.zeros((0, both.output_shape[0][-1])), np.zeros((0, both.output_shape[1][-1]), np.float32)
     logits, features = both.predict(dataset.Batches(split, batch_size), verbose=0)
     return np.asarray(logits, dtype=np.float64), np.asarray(features, dtype=np.float32)
+
+
+def _logits_and_features(model: keras.Model) -> keras.Model:
+    return keras.Model(model.inputs, [model.output, model.get_layer("avg_pool").output], name="logits_and_features")
 
 
 def fit_thresholds(y_val: np.ndarray, probs: np.ndarray, classes: list[str], negative: str | None,
@@ -87,7 +90,8 @@ def score_and_calibrate(model: keras.Model, card: card_lib.ModelCard, config: Tr
     """
     classes, train, val = prepared.classes, prepared.splits["train"], prepared.splits["val"]
     log("scoring every split (logits and penultimate features) for calibration, metrics and the familiarity check")
-    outputs = {n: _outputs(model, sp, config.batch_size) for n, sp in prepared.splits.items()}
+    both = _logits_and_features(model)
+    outputs = {n: _outputs(both, sp, config.batch_size) for n, sp in prepared.splits.items()}
     card.temperature = metrics.fit_temperature(outputs["val"][0], val.labels)
     probs = {n: models.softmax(lg, card.temperature) for n, (lg, _) in outputs.items()}
     card.thresholds = fit_thresholds(val.labels, probs["val"], classes, card.negative_class, config, log)
