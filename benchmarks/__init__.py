@@ -7,13 +7,19 @@ pass/fail. ``benchmarks/README.md`` holds the table of the last full run.
 
 Figures (medians after warm-up; ms are wall-clock milliseconds):
 
-- ``forward_ms_p50``         raw compiled forward pass, batch 1
+- ``forward_ms_p50``         TensorFlow's raw compiled forward pass, batch 1
+- ``engine_forward_ms_p50``  the default engine's raw forward pass (logits and feature map), batch 1: what
+                             ``classify_ms_p50`` is compared with
 - ``classify_ms_p50``        cxr_core's whole path for one 224 px JPEG: read, preprocess, predict,
                              Grad-CAM, overlay
 - ``classify_dicom_ms_p50``  the same on the real 1955x1841 JPEG 2000 DICOM
 - ``tfkv_gradcam_ms_p50``    tf-keras-vis ``Gradcam`` on the same input (the reference library)
-- ``forward_images_per_s``   raw compiled forward over preloaded batches
-- ``batch_images_per_s``     ``cxr_core.pipeline.classify_many`` over a folder of real images
+- ``forward_images_per_s``   TensorFlow's raw compiled forward over preloaded batches (the reference of the
+                             OpenVINO batch target)
+- ``engine_forward_images_per_s`` the default engine's raw forward over the same batches (OpenVINO: on its
+                             throughput streams): what ``batch_images_per_s`` is compared with
+- ``batch_images_per_s``     ``cxr_core.pipeline.classify_many`` over a folder of real images (None when
+                             not every image was scored: then it would time reading and errors)
 - ``model_load_s``           ``models.load`` (hash check, build, weights) plus the ``Explainer``
 - ``first_prediction_s``     the first prediction and Grad-CAM after loading (graph tracing)
 - ``classify_breakdown_ms``  ``classify_ms_p50``'s steps: read, preprocess, Grad-CAM pass, overlay
@@ -40,22 +46,25 @@ Figures (medians after warm-up; ms are wall-clock milliseconds):
                              ``first_prediction_s``, ``classify_ms_p50``, ``gradcam_pass_ms_p50``,
                              ``batch_images_per_s``, ``precision``; ``openvino_bf16`` where the CPU has BF16
 - ``cpu``                    the CPU's relevant flags (AVX-512, BF16, AMX) and OpenVINO's capabilities
-                             classifying 20 images
 - ``bomb_peak_extra_mb``     peak resident memory above baseline while the worst DICOM decompression
                              bomb of the corpus is refused (``benchmarks.bombs``, a fresh process)
 - ``zeros_refuse_s``         seconds to refuse 100 MB of zero bytes named ``x.dcm``
+- ``errors``                 a stage that failed (its figures missing, their targets None) and why
+
+Memory targets are in MiB (2**20 bytes): 1500 MiB is 1.57 GB and 1.46 GiB, below the issue's "1.5 GB"
+read as GiB (1536 MiB) and above it read as 10**9 bytes (1430 MiB); each figure is printed in MiB.
 """
 
 TARGETS = {
-    "classify_vs_forward": "classify_ms_p50 <= 1.5 x forward_ms_p50",
+    "classify_vs_forward": "classify_ms_p50 <= 1.5 x engine_forward_ms_p50 (the same engine's forward pass)",
     "tfkv_speedup": "tfkv_gradcam_ms_p50 / classify_ms_p50 >= 10",
-    "batch_vs_forward": "batch_images_per_s >= 0.85 x forward_images_per_s",
-    "rss": "rss_mb <= 1500",
+    "batch_vs_forward": "batch_images_per_s >= 0.85 x engine_forward_images_per_s (the same engine's throughput)",
+    "rss": "rss_mb <= 1500 (MiB)",
     "openvino_classify_speedup": "engines tensorflow / openvino classify_ms_p50 >= 1.7",
     "openvino_bf16_classify_speedup": "engines tensorflow / openvino_bf16 classify_ms_p50 >= 3 (BF16 CPUs)",
     "openvino_batch_vs_forward": "engines openvino batch_images_per_s >= 1.5 x forward_images_per_s",
     "openvino_load": "engines openvino / tensorflow model_load_s <= 2 (conversion included)",
-    "rss_both_engines": "rss_both_engines_mb <= 1500",
+    "rss_both_engines": "rss_both_engines_mb <= 1500 (MiB; TensorFlow and OpenVINO both loaded)",
     "pacs_vs_disk": "pacs_classify_ms_p50 <= 1.5 x disk_classify_ms_p50",
     "familiarity_cost": "familiarity_ms_p50 <= 5 (what the familiarity check adds to one film)",
     "app_first_render": "app_first_render_s <= 8",
@@ -82,9 +91,9 @@ def check_targets(figures: dict) -> dict[str, dict]:
     forward = figures.get("forward_images_per_s")
     ov_batch = eng.get("openvino", {}).get("batch_images_per_s")
     tests = {
-        "classify_vs_forward": (ratio("classify_ms_p50", "forward_ms_p50"), lambda v: v <= 1.5),
+        "classify_vs_forward": (ratio("classify_ms_p50", "engine_forward_ms_p50"), lambda v: v <= 1.5),
         "tfkv_speedup": (ratio("tfkv_gradcam_ms_p50", "classify_ms_p50"), lambda v: v >= 10),
-        "batch_vs_forward": (ratio("batch_images_per_s", "forward_images_per_s"), lambda v: v >= 0.85),
+        "batch_vs_forward": (ratio("batch_images_per_s", "engine_forward_images_per_s"), lambda v: v >= 0.85),
         "rss": (figures.get("rss_mb"), lambda v: v <= 1500),
         "openvino_classify_speedup": (engine_ratio("tensorflow", "classify_ms_p50", "openvino", "classify_ms_p50"),
                                       lambda v: v >= 1.7),
@@ -93,7 +102,8 @@ def check_targets(figures: dict) -> dict[str, dict]:
         "openvino_batch_vs_forward": (None if ov_batch is None or not forward else ov_batch / forward,
                                       lambda v: v >= 1.5),
         "openvino_load": (engine_ratio("openvino", "model_load_s", "tensorflow", "model_load_s"), lambda v: v <= 2),
-        "rss_both_engines": (figures.get("rss_both_engines_mb"), lambda v: v <= 1500),
+        "rss_both_engines": (figures.get("rss_both_engines_mb") if len(figures.get("rss_engines") or ()) == 2
+                             else None, lambda v: v <= 1500),
         "pacs_vs_disk": (ratio("pacs_classify_ms_p50", "disk_classify_ms_p50"), lambda v: v <= 1.5),
         "familiarity_cost": (figures.get("familiarity_ms_p50"), lambda v: v <= 5),
         "app_first_render": (figures.get("app_first_render_s"), lambda v: v <= 8),

@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--model DIR] [--no-app]``: measure, print one JSON object."""
+"""``python -m benchmarks [--quick] [--model DIR] [--no-app | --app-only | --engines-only]``: measure, print one
+JSON object."""
 
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def parse(argv: list[str]) -> Config:
     parser.add_argument("--quick", action="store_true", help="few repetitions and 48 images (a smoke run)")
     parser.add_argument("--model", help="model folder to measure (default: models/densenet169-pneumonia, "
                         "else a random-weight DenseNet169 at 224 px)")
-    parser.add_argument("--no-app", action="store_true", help="skip the cold app start (streamlit + Chromium)")
-    parser.add_argument("--app-only", action="store_true",
-                        help="only the cold app start, first upload and method switch (streamlit + Chromium)")
-    parser.add_argument("--engines-only", action="store_true",
-                        help="only the engines side by side and the TensorFlow forward throughput they are compared to")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--no-app", action="store_true", help="skip the cold app start (streamlit + Chromium)")
+    what.add_argument("--app-only", action="store_true",
+                      help="only the cold app start, first upload and method switch (streamlit + Chromium)")
+    what.add_argument("--engines-only", action="store_true",
+                      help="only the engines side by side and the TensorFlow forward throughput they are compared to")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Config()
     return Config(**{**base.__dict__, "model": args.model, "app": not args.no_app, "app_only": args.app_only,
@@ -47,6 +49,50 @@ def parse(argv: list[str]) -> Config:
 
 def log(message: str) -> None:
     print(f"[benchmarks] {message}", file=sys.stderr, flush=True)
+
+
+class MissingData(Exception):
+    """The real films the figures are measured on are not there."""
+
+
+def check_data(config: Config) -> None:
+    """Refuse at once (not after minutes of measuring) when the real films are missing."""
+    from benchmarks import bombs, serving
+
+    needed = [serving.JPEG] if config.app_only else [serving.JPEG, serving.FOLDER]
+    if not (config.app_only or config.engines_only):
+        needed += [serving.DICOM, bombs.JPEG_DICOM]
+    missing = [str(p) for p in needed if not p.exists()]
+    if not missing and not config.app_only:
+        from cxr_core.paths import list_images
+
+        if not list_images(serving.FOLDER, recursive=False, limit=1):
+            missing.append(f"the images in {serving.FOLDER}")
+    if missing:
+        raise MissingData(f"missing: {', '.join(missing)}. The benchmarks measure the real films of "
+                          f"../shared/data (its README says where they come from); put them there and run again.")
+
+
+def stage(figures: dict, name: str, measure) -> None:
+    """Run one stage; a failure is logged and recorded under ``errors`` so that the other figures survive."""
+    try:
+        figures.update(measure())
+    except Exception as exc:  # noqa: BLE001  (any failure of one stage must not lose the run)
+        log(f"{name} failed: {type(exc).__name__}: {exc}")
+        figures.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+
+
+def child(module: str, *args: str) -> dict:
+    """A ``python -m module args`` in a fresh process; its last line of output is a JSON object of figures.
+    A failing child raises with its own error output (its last lines), not only its exit status."""
+    from benchmarks import serving
+
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=serving.REPO)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{module} exited with {done.returncode}: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def engines(config: Config, folder, paths: list) -> dict:
@@ -85,7 +131,7 @@ def run(config: Config) -> dict:
         from benchmarks.app_render import first_render
 
         log("cold app start, first upload, method switch")
-        figures.update(first_render(folder.parent))
+        figures.update(first_render(folder))
         return result(figures, config, {"folder": str(folder), "origin": origin})
     if config.engines_only:
         from cxr_core import models
@@ -104,6 +150,7 @@ def run(config: Config) -> dict:
     figures["first_prediction_s"] = round(serving.warm_up_seconds(classifier, explainer), 2)
     log("forward pass")
     figures["forward_ms_p50"] = round(serving.forward_ms(classifier.model, config.repeat), 1)
+    figures["engine_forward_ms_p50"] = round(serving.engine_forward_ms(classifier, config.repeat), 1)
     log("classify JPEG")
     figures["classify_ms_p50"] = round(serving.classify_ms(classifier, explainer, serving.JPEG, config.repeat), 1)
     figures["classify_breakdown_ms"] = serving.classify_breakdown(classifier, explainer, serving.JPEG, config.repeat)
@@ -114,16 +161,19 @@ def run(config: Config) -> dict:
     log("PACS retrieve + classify (local Orthanc) vs disk")
     from benchmarks.pacs import pacs_figures
 
-    figures.update(pacs_figures(classifier, explainer, max(3, config.repeat // 3)))
+    stage(figures, "pacs", lambda: pacs_figures(classifier, explainer, max(3, config.repeat // 3)))
     log("tf-keras-vis Gradcam")
     figures["tfkv_gradcam_ms_p50"] = round(serving.tfkv_gradcam_ms(classifier, serving.JPEG, config.tfkv_repeat), 1)
     log("forward throughput")
     figures["forward_images_per_s"] = round(
         serving.forward_images_per_s(classifier.model, config.forward_images, config.batch_size), 2)
+    figures["engine_forward_images_per_s"] = round(
+        serving.engine_forward_images_per_s(classifier, config.forward_images, config.batch_size), 2)
     log("batch review throughput")
     paths = list_images(serving.FOLDER, recursive=False, limit=config.batch_images)
     per_s, scored = serving.batch_images_per_s(classifier, paths, config.batch_size)
-    figures["batch_images_per_s"] = round(per_s, 2)
+    # A batch whose films were not all scored measured reading and errors, not the engine: no figure.
+    figures["batch_images_per_s"] = round(per_s, 2) if scored == len(paths) else None
     figures["batch_images"] = len(paths)
     figures["batch_scored"] = scored
     log("engines side by side")
@@ -132,19 +182,15 @@ def run(config: Config) -> dict:
     figures["engines"] = engines(config, folder, paths)
     figures["bench_process_rss_mb"] = round(rss_mb(), 1)
     log("resident memory (fresh process)")
-    probe = subprocess.run([sys.executable, "-m", "benchmarks.rss_probe", str(folder), str(serving.JPEG),
-                            *map(str, paths[:19])], capture_output=True, text=True, check=True,
-                           cwd=serving.REPO)
-    figures.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+    stage(figures, "rss_probe",
+          lambda: child("benchmarks.rss_probe", str(folder), str(serving.JPEG), *map(str, paths[:19])))
     log("hostile input: DICOM bombs and 100 MB of zeros (fresh process)")
-    bombs = subprocess.run([sys.executable, "-m", "benchmarks.bombs"], capture_output=True, text=True, check=True,
-                           cwd=serving.REPO)
-    figures.update(json.loads(bombs.stdout.strip().splitlines()[-1]))
+    stage(figures, "bombs", lambda: child("benchmarks.bombs"))
     if config.app:
         from benchmarks.app_render import first_render
 
         log("cold app start")
-        figures.update(first_render(folder.parent))
+        stage(figures, "app", lambda: first_render(folder))
     else:
         figures["app_first_render_s"] = None
     return result(figures, config, {"folder": str(folder), "origin": origin,
@@ -156,9 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     # Converted models go to a folder of this run (the model may be a random one), not the user's cache.
+    config = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        check_data(config)
+    except MissingData as exc:
+        print(f"python -m benchmarks: {exc}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache:
         os.environ["CXR_ENGINE_CACHE"] = cache
-        result = run(parse(sys.argv[1:] if argv is None else argv))
+        result = run(config)
     print(json.dumps(result, indent=2))
     return 0
 
