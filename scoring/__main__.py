@@ -42,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ModelCardError, RuntimeError) as exc:
         print(f"scoring: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # Ray: no cluster at --address
+        print(f"scoring: cannot reach the Ray cluster ({exc}); check --address, or leave it out to start a "
+              "local Ray", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder, file or disk problem (full disk, permissions) not foreseen above
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"scoring: {exc.strerror or exc}{where}; the parts written so far are kept: fix it and rerun with "
+              "--resume", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"scoring: {exc.name or exc} is not installed (pip install -r requirements.txt)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("scoring: interrupted; the parts written so far are kept: rerun with --resume", file=sys.stderr)
         return 130

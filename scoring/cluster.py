@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -49,14 +50,47 @@ class Scorer:
                                     schema=self.schema)
 
 
+def _this_machine_only() -> None:
+    """Keep Ray on loopback in this process and the ones it starts.
+
+    Ray 2.60 turns 127.0.0.1 / localhost into the machine's network address, so that other machines could
+    join, and then listens on every interface. For the Ray that a run starts for itself that exposes it
+    for nothing. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is
+    Ray's own switch for that case (its default on Windows and macOS): the local address stays loopback.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when Ray is imported (and by its children)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process, in case Ray was imported before
+
+
+def reachable(address: str, timeout: float = 10.0) -> None:
+    """Raise ConnectionError when nothing accepts a connection at ``address`` ("HOST:PORT" or
+    "ray://HOST:PORT"; "auto" is Ray's to find). Ray itself retries an address that does not answer for
+    minutes without end, so a mistyped --address would hang the run instead of saying so."""
+    if address == "auto":
+        return
+    rest = address.split("://", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r}: give auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from exc
+
+
 def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` ("auto", "HOST:PORT", "ray://HOST:10001"), or start a local one."""
+    """Join the cluster at ``address`` ("auto", "HOST:PORT", "ray://HOST:10001"), or start a local one
+    (``address="local"``: never a cluster that happens to run on this machine; stopped after the run)."""
     import ray
 
-    if address:
+    if address:  # (a cluster's own processes decide where it listens; scoring.localcluster: loopback)
+        reachable(address)
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        _this_machine_only()
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 
 
 def score(model: str | Path, pending: Sequence[rows_lib.Pending], *, batch_size: int = 16,

@@ -130,7 +130,8 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
     card = card_lib.load(config.model)
     store = Store(config.out, card.class_names)
     outputs = [store.out, *([store.out.with_suffix(".csv")] if config.csv else [])]
-    if not sources.is_url(config.source) and Path(config.source).resolve() in [o.resolve() for o in outputs]:
+    local = None if sources.is_url(config.source) else Path(config.source.removeprefix("file://"))  # as it is read
+    if local is not None and local.resolve() in [o.resolve() for o in outputs]:
         raise ValueError(f"the output {config.out}{' (and its .csv copy)' if config.csv else ''} would overwrite "
                          f"the source {config.source}: choose another --out")
     entries = sources.list_entries(config.source)

@@ -41,7 +41,18 @@ class Store:
         self.out = Path(out)
         if self.out.suffix != ".parquet":
             raise ValueError(f"--out must name a .parquet file, got {out!r} (add --csv for a CSV copy beside it)")
+        if self.out.is_dir():
+            raise ValueError(f"--out {out} is a folder: name a .parquet file (in it, or elsewhere)")
+        folder = self.out.parent
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise ValueError(f"--out {out}: {folder} {what}; create the folder or choose another --out")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: {folder} is not writable; choose another --out")
         self.parts = self.out.with_name(self.out.name + ".parts")
+        if self.parts.exists() and not self.parts.is_dir():
+            raise ValueError(f"--out {out}: {self.parts} (where the parts go) is a file; move it or choose "
+                             "another --out")
         self.class_names = list(class_names)
         self.schema = rows_lib.schema(class_names)
         self._run = time.time_ns()

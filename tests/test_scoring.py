@@ -175,6 +175,47 @@ def test_cli_refuses_bad_arguments_with_a_message(tmp_path, tiny_model_dir, caps
                  "--csv"]) == 2
     assert "would overwrite the source" in capsys.readouterr().err
     assert (tmp_path / "films.csv").read_text() == "path\na.png\n"
+    # The same manifest named as a file:// URL (read as that file) is the same source.
+    pd.DataFrame({"path": ["a.png"]}).to_parquet(tmp_path / "list.parquet")
+    before = (tmp_path / "list.parquet").read_bytes()
+    assert main([f"file://{tmp_path / 'list.parquet'}", "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "list.parquet")]) == 2
+    assert "would overwrite the source" in capsys.readouterr().err
+    assert (tmp_path / "list.parquet").read_bytes() == before
+
+
+def test_cli_refuses_an_output_it_could_not_write_before_scoring(tmp_path, tiny_model_dir, data_dir, capsys):
+    """Checked before any film is scored (these failed after the whole run, at the first part or the commit)."""
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "done.parquet").mkdir()
+    (tmp_path / "busy.parquet.parts").write_text("x")
+    cases = {str(tmp_path / "afile" / "r.parquet"): "is not a folder",
+             str(tmp_path / "no" / "such" / "r.parquet"): "does not exist",
+             str(tmp_path / "done.parquet"): "is a folder",
+             str(tmp_path / "busy.parquet"): "(where the parts go) is a file"}
+    for out, message in cases.items():
+        assert main([str(tmp_path), "--model", str(tiny_model_dir), "--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (out, err)
+        assert not err.count("scoring: ") > 1
+
+
+def test_cli_says_when_the_ray_cluster_cannot_be_reached(tmp_path, tiny_model_dir, data_dir):
+    """--address with no Ray there: a message, not a traceback (run as a user would, in its own process)."""
+    import subprocess
+    import sys
+
+    from scoring.localcluster import free_ports
+
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    done = subprocess.run([sys.executable, "-m", "scoring", str(tmp_path), "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "r.parquet"), "--engine", "ray",
+                           "--address", f"127.0.0.1:{free_ports(1)[0]}"],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cannot reach the Ray cluster" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r.parquet").exists()
 
 
 def test_resume_keeps_the_scored_row_of_a_path_listed_twice(tmp_path, tiny_model_dir, data_dir):
