@@ -7,6 +7,9 @@ and the loader that fills it with a folder of DICOM films over STOW-RS (``load_f
 
 The configuration is generated into a temporary folder that also holds the storage and the index;
 both are deleted on exit. The DICOM (DIMSE) port is off: only DICOMweb over HTTP on 127.0.0.1 is used.
+Orthanc 1.10 (Debian's) has no setting for the address it listens on (``HttpBindAddresses`` came in a later
+release), so its HTTP port is open on every interface; ``RemoteAccessAllowed: false`` makes it refuse every
+client that is not on this machine, even with the password (tested).
 Orthanc's own output is kept in memory (``server.output()``), never written to a file.
 """
 
