@@ -1,7 +1,7 @@
 """Inference engines for a loaded Keras classifier: one forward pass gives logits and a feature map.
 
     choice = engine.choose()                  # Choice("openvino", "f32", note) where OpenVINO is installed
-    runner = engine.create(model, "relu", choice, cache_key=card.weights_sha256)
+    runner = engine.create(model, "relu", choice.engine, choice.precision, cache_key=models.cache_key(card))
     logits, features = runner(batch)          # float32 (N, C) and (N, h, w, K)
 
 Engines:
@@ -14,7 +14,9 @@ Engines:
   for DenseNet169 on two cores). The converted model is kept in a user cache folder keyed by the
   verified weights' sha256 and the card fields that build the model (env ``CXR_ENGINE_CACHE``: a folder,
   or ``off``; default ``$XDG_CACHE_HOME/cxr/openvino``), never in the model folder, so a restart skips
-  the conversion. Beside it go the feature layer's name and shape and the Dense head's weights, so that
+  the conversion (an entry is written only once its model compiled with the outputs the runner needs, and
+  served only while its files' sha256, kept beside them, still match). Beside it go the feature layer's
+  name and shape and the Dense head's weights, so that
   ``cached`` can serve the forward pass and CAM from the cache alone: no Keras model built, not even
   Keras imported (``cxr_core.models.load`` builds the Keras model only when an explanation needs
   gradients).
@@ -182,25 +184,67 @@ def _cache_path(cache_key: str | None) -> Path | None:
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
 
 
+def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> None:
+    """The cache entry at ``path``: the graph, its weights and the side file with their sha256. Written in a
+    temporary folder and moved in file by file, the ``.xml`` last (an entry counts only when all three are
+    there, and only with matching hashes). A cache that cannot be written only costs the next start a
+    conversion."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            tmp_xml = Path(tmp) / path.name
+            ov.save_model(ov_model, tmp_xml, compress_to_fp16=False)  # keep f32 weights
+            head = side.head if side.head is not None else np.zeros((0, 0), np.float32)
+            np.savez(tmp_xml.with_suffix(".npz"), feature_layer=np.str_(side.feature_layer or ""),
+                     feature_shape=np.asarray(side.feature_shape or (), np.int64), head=head,
+                     xml_sha256=np.str_(_sha256(tmp_xml)), bin_sha256=np.str_(_sha256(tmp_xml.with_suffix(".bin"))))
+            for suffix in (".npz", ".bin", ".xml"):
+                os.replace(tmp_xml.with_suffix(suffix), path.with_suffix(suffix))
+    except (OSError, RuntimeError):  # OpenVINO reports a failed write (a full disk) as RuntimeError
+        pass
+
+
+def _remove_entry(path: Path) -> None:
+    for suffix in (".xml", ".bin", ".npz"):
+        path.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_entry(core, path: Path | None) -> tuple[object, CachedModel] | None:
-    """The cache entry at ``path`` (ov.Model, its side file), or None when it is missing or damaged."""
+    """The cache entry at ``path`` (ov.Model, its side file), or None when it is missing or damaged.
+
+    The side file holds the sha256 of the graph and its weights as written: a ``.bin`` changed since (a
+    flipped bit, a crash between the write and the disk, another user's file in a shared cache folder) is
+    a damaged entry, not weights to serve under the model card's verified hash (0.1 s for DenseNet169).
+    """
     if path is None or not all(path.with_suffix(s).is_file() for s in (".xml", ".bin", ".npz")):
         return None
     try:
-        side = _read_side(path)
+        side, digests = _read_side(path)
+        if digests != (_sha256(path), _sha256(path.with_suffix(".bin"))):
+            return None
         return core.read_model(path), side
     except (OSError, ValueError, KeyError, RuntimeError):
         return None  # a damaged entry: the next conversion overwrites it
 
 
-def _read_side(path: Path) -> CachedModel:
+def _read_side(path: Path) -> tuple[CachedModel, tuple[str, str]]:
+    """The side file: what it keeps for serving, and the sha256 of the ``.xml`` and ``.bin`` it was written with."""
     with np.load(path.with_suffix(".npz"), allow_pickle=False) as side:
         layer = str(side["feature_layer"]) or None
         shape = tuple(int(v) for v in side["feature_shape"]) or None
         head = np.asarray(side["head"], dtype=np.float32)
+        digests = (str(side["xml_sha256"]), str(side["bin_sha256"]))  # KeyError: an entry written before them
     if shape is not None and len(shape) != 3 or head.ndim != 2 or (layer is None) != (shape is None):
         raise ValueError("damaged cache entry")
-    return CachedModel(layer, shape, head if head.size else None)
+    return CachedModel(layer, shape, head if head.size else None), digests
 
 
 class OpenVINORunner:
@@ -221,6 +265,7 @@ class OpenVINORunner:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.note = note
         core = ov.Core()
+        path = _cache_path(cache_key)
         if _cached is not None:
             ov_model, self.side = _cached
             self.source = "cache"
@@ -229,7 +274,23 @@ class OpenVINORunner:
                 raise ValueError("a Keras model is needed to convert")
             shape = tuple(model.get_layer(feature_layer).output.shape[1:]) if feature_layer else None
             self.side = CachedModel(feature_layer, shape, head)
-            ov_model, self.source = self._convert(ov, core, model, self.side, cache_key)
+            ov_model, self.source = self._convert(ov, core, model, self.side, path)
+        try:
+            compiled = self._compile(core, ov_model, precision, model)
+        except Exception:
+            if path is not None and self.source == "cache":
+                _remove_entry(path)  # an entry that cannot be served is not found again on the next start
+            raise
+        if self.source == "converted" and path is not None:
+            _write_entry(ov, ov_model, self.side, path)  # only a model that compiled and gave the right outputs
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # what it runs at
+        self._request = compiled.create_infer_request()
+        self._core, self._ov_model, self._queue = core, ov_model, None
+        self.label = f"OpenVINO {ov.__version__.split('-')[0]} · {self.precision}"
+
+    def _compile(self, core, ov_model, precision: str, model: keras.Model | None):
+        """``ov_model`` at batch 1, compiled for the CPU; finds the logits and feature outputs and checks their
+        shapes against the Keras model (when there is one) and the side file. Raises ValueError otherwise."""
         # Every request holds one film (batches run film by film, ``_many``), so the shape is fixed at
         # batch 1: a static shape compiles to kernels about 7 % faster than the dynamic batch axis.
         ov_model.reshape([1, *(d.get_length() for d in list(ov_model.input(0).get_partial_shape())[1:])])
@@ -237,14 +298,22 @@ class OpenVINORunner:
         # call at a time). Batches go to a THROUGHPUT compilation made on first use (``_many``).
         compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                         "PERFORMANCE_HINT": "LATENCY"})
-        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # what it runs at
-        self._request = compiled.create_infer_request()
-        self._core, self._ov_model, self._queue = core, ov_model, None
         # The converter may order the outputs differently from Keras: logits are the rank-2 one.
-        ranks = [len(out.get_partial_shape()) for out in compiled.outputs]
+        shapes = [tuple(out.get_partial_shape().to_shape()) for out in compiled.outputs]
+        ranks = [len(shape) for shape in shapes]
+        wanted = [2] + ([4] if self.side.feature_layer is not None else [])
+        if sorted(ranks) != sorted(wanted):
+            raise ValueError(f"the converted model's outputs have shapes {shapes}: expected (1, classes) logits"
+                             + (" and a (1, h, w, K) feature map" if len(wanted) == 2 else ""))
         self._logits = ranks.index(2)
         self._features = ranks.index(4) if self.side.feature_layer is not None else None
-        self.label = f"OpenVINO {ov.__version__.split('-')[0]} · {self.precision}"
+        if model is not None and shapes[self._logits][1] != model.output.shape[-1]:
+            raise ValueError(f"the converted model gives {shapes[self._logits][1]} logits, the model "
+                             f"{model.output.shape[-1]}")
+        if self._features is not None and shapes[self._features][1:] != tuple(self.side.feature_shape):
+            raise ValueError(f"the converted model's feature map is {shapes[self._features][1:]}, expected "
+                             f"{tuple(self.side.feature_shape)}")
+        return compiled
 
     @classmethod
     def cached(cls, cache_key: str, precision: str = "f32", note: str = "") -> OpenVINORunner | None:
@@ -254,39 +323,24 @@ class OpenVINORunner:
         entry = _read_entry(ov.Core(), _cache_path(cache_key))
         if entry is None:
             return None  # the full load converts (again) and writes the entry
-        return cls(None, entry[1].feature_layer, precision, note=note, _cached=entry)
+        return cls(None, entry[1].feature_layer, precision, cache_key, note=note, _cached=entry)
 
     @staticmethod
-    def _convert(ov, core, model: keras.Model, side: CachedModel, cache_key: str | None) -> tuple[object, str]:
-        """(ov.Model, "cache" or "converted"): read from the cache folder, else convert (and cache)."""
-        path = _cache_path(cache_key)
+    def _convert(ov, core, model: keras.Model, side: CachedModel, path: Path | None) -> tuple[object, str]:
+        """(ov.Model, "cache" or "converted"): read from the cache entry at ``path``, else convert (the
+        caller writes the entry once the model has compiled)."""
         entry = _read_entry(core, path)
         if entry is not None:
             return entry[0], "cache"
         from cxr_core import ov_graph
 
         try:
-            ov_model = ov_graph.write(model, side.feature_layer)  # the weights are copied: no aliasing
+            return ov_graph.write(model, side.feature_layer), "converted"  # the weights are copied: no aliasing
         except ov_graph.Unsupported:
             size = tuple(model.input_shape[1:])
             # share_weights=False: the compiled model must not alias Keras' variables, which explanations use.
-            ov_model = ov.convert_model(_two_outputs(model, side.feature_layer), input=[(-1, *size)],
-                                        share_weights=False)
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                    tmp_xml = Path(tmp) / path.name
-                    ov.save_model(ov_model, tmp_xml, compress_to_fp16=False)  # keep f32 weights
-                    head = side.head if side.head is not None else np.zeros((0, 0), np.float32)
-                    np.savez(tmp_xml.with_suffix(".npz"), feature_layer=np.str_(side.feature_layer or ""),
-                             feature_shape=np.asarray(side.feature_shape or (), np.int64), head=head)
-                    # The .xml last: an entry counts only when all three files are there.
-                    for suffix in (".npz", ".bin", ".xml"):
-                        os.replace(tmp_xml.with_suffix(suffix), path.with_suffix(suffix))
-            except (OSError, RuntimeError):  # OpenVINO reports a failed write (a full disk) as RuntimeError
-                pass  # an unwritable cache only costs the next start a conversion
-        return ov_model, "converted"
+            return ov.convert_model(_two_outputs(model, side.feature_layer), input=[(-1, *size)],
+                                    share_weights=False), "converted"
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -318,9 +372,13 @@ class OpenVINORunner:
                 features[i] = np.array(request.get_output_tensor(self._features).data, dtype=np.float32)
 
         self._queue.set_callback(done)
-        for i in range(len(batch)):
-            self._queue.start_async([batch[i:i + 1]], i)
-        self._queue.wait_all()
+        try:
+            for i in range(len(batch)):
+                self._queue.start_async([batch[i:i + 1]], i)
+            self._queue.wait_all()
+        finally:  # the queue outlives the call: it must not keep this batch's outputs (patient-derived) alive
+            self._queue.wait_all()
+            self._queue.set_callback(lambda *_: None)
         return (np.concatenate(logits), None if self._features is None else np.concatenate(features))
 
 

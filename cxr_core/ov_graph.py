@@ -175,13 +175,42 @@ def _add(layer, xs):
     return y
 
 
-# Layer class name -> writer of its operations; the last two take a list of inputs.
-_ONE_INPUT: dict[str, Callable] = {
-    "Rescaling": _rescaling, "ZeroPadding2D": _zero_padding, "Conv2D": _conv2d, "BatchNormalization": _batch_norm,
-    "MaxPooling2D": _pool, "AveragePooling2D": _pool, "Activation": _activation_layer, "ReLU": _relu_layer,
-    "GlobalAveragePooling2D": _global_average, "Dense": _dense, "Dropout": _identity,
+# Keras layer class name -> (writer of its operations, the input rank it is written for; None: any).
+# Matched on the class itself (``_writer``), so that an operation of the same name (``keras.ops.add`` in a
+# functional model is an ``ops.numpy.Add``, whose constant operand is not an input) or a subclass with its
+# own behaviour is not mistaken for the layer.
+_ONE_INPUT: dict[str, tuple[Callable, int | None]] = {
+    "Rescaling": (_rescaling, 4), "ZeroPadding2D": (_zero_padding, 4), "Conv2D": (_conv2d, 4),
+    "BatchNormalization": (_batch_norm, 4), "MaxPooling2D": (_pool, 4), "AveragePooling2D": (_pool, 4),
+    "Activation": (_activation_layer, None), "ReLU": (_relu_layer, None),
+    "GlobalAveragePooling2D": (_global_average, 4), "Dense": (_dense, 2), "Dropout": (_identity, None),
 }
 _MANY_INPUTS: dict[str, Callable] = {"Concatenate": _concatenate, "Add": _add}
+
+
+def _rank(out) -> int:
+    """The rank of an operation's (first) output: ``out`` is an ov Node or one of its Outputs."""
+    shape = out.get_partial_shape() if hasattr(out, "get_partial_shape") else out.get_output_partial_shape(0)
+    return len(shape)
+
+
+def _writer(layer, ranks: list[int]) -> tuple[Callable, bool]:
+    """(writer, takes a list of inputs) for ``layer`` given its inputs' ranks, or raise ``Unsupported``."""
+    import keras
+
+    kind = type(layer).__name__
+    if getattr(keras.layers, kind, None) is not type(layer):
+        raise Unsupported(f"{layer.name} ({type(layer).__module__}.{kind}) is not a Keras layer written here")
+    if kind in _MANY_INPUTS:
+        if len(set(ranks)) != 1 or ranks[0] not in (2, 4):
+            raise Unsupported(f"{layer.name} ({kind}) on inputs of rank {ranks}")
+        return _MANY_INPUTS[kind], True
+    if kind in _ONE_INPUT and len(ranks) == 1:
+        writer, rank = _ONE_INPUT[kind]
+        if rank is not None and ranks[0] != rank or ranks[0] not in (2, 4):
+            raise Unsupported(f"{layer.name} ({kind}) on an input of rank {ranks[0]}")
+        return writer, False
+    raise Unsupported(f"layer {layer.name} ({kind})")
 
 
 def write(model: keras.Model, feature_layer: str | None = None) -> object:
@@ -203,20 +232,21 @@ def write(model: keras.Model, feature_layer: str | None = None) -> object:
                 continue
             if any(id(t) not in values for t in node.input_tensors):
                 continue  # not on the path from the input (Keras skips it too)
-            layer, kind = node.operation, type(node.operation).__name__
+            layer = node.operation
             inputs = [values[id(t)] for t in node.input_tensors]
-            if kind in _MANY_INPUTS:
-                out = _MANY_INPUTS[kind](layer, inputs)
-            elif kind in _ONE_INPUT and len(inputs) == 1:
-                out = _ONE_INPUT[kind](layer, inputs[0])
-            else:
-                raise Unsupported(f"layer {layer.name} ({kind})")
+            writer, many = _writer(layer, [len(t.shape) for t in node.input_tensors])
             if len(node.outputs) != 1:
                 raise Unsupported(f"layer {layer.name} has {len(node.outputs)} outputs")
+            out = writer(layer, inputs) if many else writer(layer, inputs[0])
+            if _rank(out) != len(node.outputs[0].shape):
+                raise Unsupported(f"{layer.name}: written with rank {_rank(out)}, "
+                                  f"Keras gives rank {len(node.outputs[0].shape)}")
             values[id(node.outputs[0])] = out
     logits = values.get(id(model.outputs[0]))
     if logits is None:
         raise Unsupported("the output is not reachable from the input")
+    if len(model.outputs[0].shape) != 2:
+        raise Unsupported(f"the output has shape {tuple(model.outputs[0].shape)}: (N, classes) logits are expected")
     results = [ops.result(logits)]
     if feature_layer is not None:
         features = values.get(id(model.get_layer(feature_layer).output))

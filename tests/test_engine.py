@@ -153,6 +153,49 @@ def test_converted_model_is_cached_outside_the_model_folder(tiny_model_dir, tmp_
     assert models.load(tiny_model_dir).runner.source == "converted" and not (tmp_path / "home").exists()
 
 
+def test_a_cache_entry_whose_weights_changed_is_converted_again_not_served(tiny_model3_dir, tmp_path, monkeypatch,
+                                                                           images):
+    """The .bin changed in place (same size, other weights: a flipped bit, another user's file in a shared
+    cache folder) is not served under the card's verified hash: the entry's hashes no longer match."""
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    first = models.load(tiny_model3_dir)
+    assert first.runner.source == "converted"
+    (weights,) = (tmp_path / "cache").glob("*.bin")
+    data = bytearray(weights.read_bytes())
+    floats = np.frombuffer(data, np.float32)
+    big = int(np.argmax(np.abs(floats) * np.isfinite(floats)))  # a large weight, so that the change shows
+    floats_view = np.ndarray(floats.shape, np.float32, buffer=data)
+    floats_view[big] *= -3.0
+    weights.write_bytes(bytes(data))
+    # Without the hash check OpenVINO would serve it (the control: the altered graph gives other logits).
+    import openvino as ov
+
+    (xml,) = (tmp_path / "cache").glob("*.xml")
+    altered = ov.Core().compile_model(ov.Core().read_model(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    changed = np.asarray(altered.create_infer_request().infer([images[:1]])[0])
+    assert np.abs(changed - first.logits(images[:1])).max() > 1e-3
+    assert engine.cached(models.cache_key(first.card), "openvino", "f32") is None
+    again = models.load(tiny_model3_dir)
+    assert again.runner.source == "converted"
+    np.testing.assert_array_equal(again.logits(images), first.logits(images))
+    assert models.load(tiny_model3_dir).runner.source == "cache"
+
+
+def test_a_graph_that_cannot_be_served_is_never_cached(tiny_model_dir, tmp_path, monkeypatch, images):
+    """A converted graph without the outputs the runner needs (here: no feature map) is refused at load, is
+    not written to the cache (every later start would read and refuse it again), and auto serves TensorFlow."""
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
+    real_write = ov_graph.write
+    monkeypatch.setattr(ov_graph, "write", lambda model, feature_layer=None: real_write(model, None))
+    served = models.load(tiny_model_dir)
+    assert served.engine == "tensorflow" and "feature map" in served.runner.note
+    assert not list((tmp_path / "cache").glob("*.xml"))
+    with pytest.raises(ValueError, match="feature map"):
+        models.load(tiny_model_dir, engine="openvino")
+    monkeypatch.setattr(ov_graph, "write", real_write)
+    assert models.load(tiny_model_dir).engine == "openvino"
+
+
 def test_a_cached_model_serves_without_keras_and_builds_it_on_first_need(tiny_model3_dir, tmp_path, monkeypatch,
                                                                         images):
     monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
@@ -269,7 +312,8 @@ def test_prepare_converts_each_model_once_and_reports_bad_folders(tiny_model_dir
 
 @pytest.mark.parametrize("architecture", sorted(models.ARCHITECTURES))
 def test_the_written_openvino_graph_equals_keras_on_every_architecture(architecture):
-    """ov_graph writes each architecture we build; BatchNorm statistics are randomised so the folding counts."""
+    """ov_graph writes each architecture we build; BatchNorm statistics, BatchNorm offsets and every bias are
+    randomised (they start at zero), so that the folding and a dropped bias or offset count."""
     import openvino as ov
 
     arch = models.ARCHITECTURES[architecture]
@@ -283,6 +327,10 @@ def test_the_written_openvino_graph_equals_keras_on_every_architecture(architect
             layer.moving_variance.assign(rng.uniform(0.3, 2.0, layer.moving_variance.shape))
             if layer.scale:
                 layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.2, layer.beta.shape))
+        elif getattr(layer, "use_bias", False):  # Conv2D and Dense
+            layer.bias.assign(rng.normal(0, 0.2, layer.bias.shape))
     x = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
     x[1] = np.linspace(0, 255, size, dtype=np.float32)[None, :, None]  # a ramp: unlike noise even after pooling
     reference = keras.Model(model.inputs, [model.output, model.get_layer(arch.target_layer).output])
@@ -299,6 +347,44 @@ def test_the_written_openvino_graph_equals_keras_on_every_architecture(architect
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * max(1.0, float(np.abs(ref_logits).max())))
     # The two images' features differ by far more than the tolerance: the comparison is not vacuous.
     assert np.abs(ref_features[0] - ref_features[1]).max() > 100 * tol
+
+
+def _odd_models() -> dict[str, keras.Model]:
+    """Models ov_graph must not write as if they were ours: each would come out wrong (or broken)."""
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((32, 32, 3))
+    shifted = inputs + (-127.5)  # keras.ops' Add, with a constant operand: not the Add layer
+    conv = keras.layers.Conv2D(4, 3, name="features")
+    head = keras.layers.Dense(2)
+    pooled = keras.layers.GlobalAveragePooling2D()
+    odd = {"ops_add": keras.Model(inputs, head(pooled(conv(shifted))))}
+    inputs = keras.Input((32, 32, 3))
+    features = keras.layers.Conv2D(4, 3, name="features")(inputs)
+    normed = keras.layers.BatchNormalization()(keras.layers.GlobalAveragePooling2D()(features))  # rank 2
+    odd["bn_head"] = keras.Model(inputs, keras.layers.Dense(2)(normed))
+    for model in odd.values():
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.beta.assign(np.full(layer.beta.shape, 0.5, np.float32))
+                layer.moving_variance.assign(np.full(layer.moving_variance.shape, 4.0, np.float32))
+    return odd
+
+
+@pytest.mark.parametrize("kind", ["ops_add", "bn_head"])
+def test_what_the_graph_writer_does_not_know_is_converted_another_way(kind, tmp_path, monkeypatch):
+    """An operation named like a layer it writes, or a layer on an input of another rank, is refused
+    (``Unsupported``), and the engine's other converter serves it equal to Keras (it used to be written: a
+    dropped constant, 14.9 off; a (1, 4, 1, 3) output; or an engine that could not start)."""
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path))
+    model = _odd_models()[kind]
+    with pytest.raises(ov_graph.Unsupported):
+        ov_graph.write(model, "features")
+    runner = engine.create(model, "features", "openvino", "f32", cache_key=f"odd-{kind}")
+    x = np.random.default_rng(8).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    logits, features = runner(x)
+    reference = np.asarray(model.predict_on_batch(x))
+    assert logits.shape == reference.shape == (1, 2) and features.shape == (1, 30, 30, 4)
+    np.testing.assert_allclose(logits, reference, atol=1e-4 * max(1.0, float(np.abs(reference).max())))
 
 
 def test_our_models_are_written_without_convert_model(tiny_model3_dir, tmp_path, monkeypatch, images):
