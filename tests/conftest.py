@@ -13,9 +13,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "CXR_ENGINE_CACHE" not in os.environ:
     os.environ["CXR_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="cxr-engine-cache-")
     atexit.register(shutil.rmtree, os.environ["CXR_ENGINE_CACHE"], True)
+# Hypothesis keeps its example database and caches in ./.hypothesis by default: in a folder of this test session
+# instead (read when Hypothesis first needs it, after this), and no example database at all, so that a run leaves
+# nothing in the checkout and no test replays examples saved by an earlier run.
+if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = tempfile.mkdtemp(prefix="cxr-hypothesis-")
+    atexit.register(shutil.rmtree, os.environ["HYPOTHESIS_STORAGE_DIRECTORY"], True)
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+settings.register_profile("cxr-tests", database=None)
+settings.load_profile("cxr-tests")
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DICOM = DATA / "dicom"

@@ -77,12 +77,18 @@ def test_dicom_upload_and_bad_files(env, monkeypatch, data_dir):
     at.file_uploader(key="instructor_upload").set_value(("CR-MONO1", dicom.read_bytes(), "application/octet-stream"))
     at.run()
     assert not at.exception and not at.error and "Grad-CAM" in captions(at)
-    for name, data in (("966.dcm", (data_dir / "dicom" / "pylibjpeg-data" / "966.dcm").read_bytes()),
-                       ("notes.txt", b"not an image at all"), ("empty.png", b"")):
+    bad = [("966.dcm", (data_dir / "dicom" / "pylibjpeg-data" / "966.dcm").read_bytes(),
+            "The DICOM image data could not be decoded (JPEG 2000 Image Compression (Lossless Only))"),
+           ("notes.txt", b"not an image at all", "This is a text file, not an image."),
+           ("empty.png", b"", "The file is empty (0 bytes)")]
+    for name, data, start in bad:
+        with pytest.raises(imaging.UnreadableImageError) as raised:
+            imaging.load(data, name)
         at.file_uploader(key="instructor_upload").set_value((name, data, "application/octet-stream")).run()
         assert not at.exception
-        assert len(at.error) == 1 and at.error[0].value
-        assert "Traceback" not in at.error[0].value
+        # The reader's own message for this file, word for word (what it is and what to do), not a generic one.
+        assert [e.value for e in at.error] == [str(raised.value)], name
+        assert str(raised.value).startswith(start), name
         assert "Most confident errors of the held-out split" in [h.value for h in at.header]
 
 

@@ -138,13 +138,14 @@ def test_paths_outside_the_data_root_are_refused(setup, monkeypatch, path):
 def test_symlink_out_of_the_data_root_is_refused(setup, monkeypatch, tmp_path):
     root, models_root, _, _ = setup
     link = root / "escape"
-    if not link.exists():
-        link.symlink_to(tmp_path, target_is_directory=True)
-    at = run_page(monkeypatch, models_root, root)
-    at.text_input(key="eval_path").set_value("escape")
-    at.button(key="eval_run").click().run()
-    assert any("outside the data root" in e.value for e in at.error)
-    link.unlink()
+    link.symlink_to(tmp_path, target_is_directory=True)
+    try:
+        at = run_page(monkeypatch, models_root, root)
+        at.text_input(key="eval_path").set_value("escape")
+        at.button(key="eval_run").click().run()
+        assert any("outside the data root" in e.value for e in at.error)
+    finally:
+        link.unlink()
 
 
 def test_tampered_model_folder_gives_a_message_not_a_traceback(setup, tmp_path, monkeypatch):

@@ -132,9 +132,24 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
     assert at.table[0].value is not None  # classified
     offered = [b for b in at.button if b.key == "pacs_write"]
     assert bool(offered) == writes
-    actions = [line["action"] for line in audit.read(tmp_path / "audit")]
-    assert actions[:2] == ["pacs_search", "pacs_classify"]
-    text = "".join(p.read_text() for p in (tmp_path / "audit").iterdir())
+    if writes:
+        # An earlier test of this module may have written this study's results already: write again.
+        at.checkbox(key="pacs_again").check()
+        at.button(key="pacs_write").click().run()
+        assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
+        assert "Stored 2 object(s) in the study" in at.success[0].value
+    lines = audit.read(tmp_path / "audit")
+    assert [line["action"] for line in lines] == ["pacs_search", "pacs_classify"] + (["pacs_write"] if writes else [])
+    assert {line["user"] for line in lines} == {"someone@example.test"}
+    key = b"k" * 32
     uids = [s.study_uid for s in at.session_state["pacs_studies"]]
+    chosen = uids[0]
+    assert lines[0]["study_refs"] == [audit.keyed_hash(key, u) for u in uids]
+    assert lines[1]["study_refs"] == [audit.keyed_hash(key, chosen)]
+    if writes:
+        written = lines[2]
+        assert written["study_refs"] == [audit.keyed_hash(key, chosen)]
+        assert written["counts"] == {"objects": 2, "studies": 1}  # an SR and a heatmap for the study's one film
+        assert (written["source"], written["role"]) == ("pacs", "pacs-writer")
+    text = "".join(p.read_text() for p in (tmp_path / "audit").iterdir())
     assert uids and not [u for u in uids if u in text]  # study UIDs appear only as keyed hashes
-    assert audit.read(tmp_path / "audit")[0]["user"] == "someone@example.test"

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 from streamlit import config
 from streamlit.testing.v1 import AppTest
 
@@ -184,17 +185,34 @@ def test_clinician_batch_offers_server_folders_but_not_evaluation(models_root):
 
 
 def test_admin_chooses_models_and_evaluates(models_root, tmp_path, monkeypatch):
+    import audit
+
+    key = "an operator's audit key"
     monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    monkeypatch.setenv("CXR_AUDIT_KEY", key)
+    data = tmp_path / "data"  # the fixture's data root, with two real films in its NORMAL folder
+    for film in sorted((DATA / "kermany" / "train" / "NORMAL").glob("*.jpeg"))[:2]:
+        shutil.copyfile(film, data / "NORMAL" / film.name)
     at = signed_in(PAGES["metrics"], ADMIN)
     assert texts(at, "exception") == []
     assert at.text_input(key="eval_path") is not None
     at.sidebar.selectbox(key="_model_select").set_value(str(models_root / "tiny-pneumonia")).run()
-    import audit
+    at.text_input(key="eval_path").set_value(".")
+    at.button(key="eval_run").click().run()
+    assert texts(at, "exception") == [] and texts(at, "error") == []
+    assert any("Evaluated 2 images under" in s for s in texts(at, "success"))
 
     lines = audit.read(tmp_path / "audit")
-    assert [(x["user"], x["role"], x["action"], x["model"]) for x in lines] == [
-        ("boss@example.test", "admin", "model_change", "tiny-pneumonia")]
-    assert lines[0]["weights_sha256"] == card.read(models_root / "tiny-pneumonia").weights_sha256
+    weights = card.read(models_root / "tiny-pneumonia").weights_sha256
+    assert [(x["user"], x["role"], x["action"], x["model"], x["weights_sha256"]) for x in lines] == [
+        ("boss@example.test", "admin", "model_change", "tiny-pneumonia", weights),
+        ("boss@example.test", "admin", "evaluate", "tiny-pneumonia", weights)]
+    evaluate = lines[1]
+    assert evaluate["source"] == "server_folder"
+    assert evaluate["counts"] == {"images": 2, "unreadable": 0}
+    # The folder as its keyed hash (of the resolved path, as audit.py writes it), never its path.
+    assert evaluate["folder_ref"] == audit.keyed_hash(key.encode(), str(data.resolve()))
+    assert str(data) not in "".join(p.read_text() for p in (tmp_path / "audit").iterdir())
 
 
 def test_app_navigation_and_sidebar_per_user(models_root):

@@ -359,8 +359,8 @@ SITES = [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろ�
 @pytest.mark.parametrize(("charset", "name", "sex", "orientation", "expected_sex"), SITES)
 def test_write_back_for_sites_with_iso2022_names_odd_sex_and_orientation(orthanc, model, charset, name, sex,
                                                                          orientation, expected_sex):
-    """Adds studies (accession SITE-n, which the batch test leaves out). The results are built, stored and read back over WADO
-    with the patient's name in the same characters, a valid sex, and the film's own orientation."""
+    """Adds studies (accession SITE-n, which the batch test leaves out). The results are built, stored and read
+    back over WADO with the patient's name in the same characters, a valid sex, and the film's own orientation."""
     _, client = orthanc
     classifier, explainer = model
     film = new_study(SIIM, f"SITE-{[site[1] for site in SITES].index(name)}")

@@ -108,12 +108,6 @@ def test_pdf_is_a_single_page_pdf(parts):
     assert b"/Count 1" in data
 
 
-def test_report_holds_no_patient_data_it_was_never_given(parts):
-    data = _render(parts) + _render(parts, fmt="PDF")
-    for secret in (b"Doe^Jane", b"PID-424242", b"19700101"):
-        assert secret not in data
-
-
 def test_unknown_format_is_refused(parts):
     with pytest.raises(ValueError, match="PNG"):
         _render(parts, fmt="TIFF")
