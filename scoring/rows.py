@@ -91,4 +91,7 @@ def score(classifier: Any, pending: Sequence[Pending], batch_size: int = 16) -> 
                 yield error_row(p.path, p.file, error, card)
             elif sha != p.known_sha256:
                 item = next(results)
-                yield make_row(p.path, item, review.assess_item(item, data), card, sha)
+                # A file that was read but not scored (the model failed on it: memory, an engine error) keeps no
+                # sha256, so that --resume tries it again; an unreadable file's content will not change its answer.
+                failed = item.prediction is None and item.info is not None
+                yield make_row(p.path, item, review.assess_item(item, data), card, "" if failed else sha)

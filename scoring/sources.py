@@ -13,6 +13,7 @@ reader for its scheme, once ``cxr_core`` has the client. Readers run wherever th
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr_core import limits
 from cxr_core.csvsafe import safe_text
 from cxr_core.paths import list_images
 
@@ -144,9 +146,26 @@ def list_entries(source: str) -> list[Entry]:
                      f"(manifest names end in {', '.join(MANIFEST_SUFFIXES)})")
 
 
+def _too_large(size: int) -> SourceError:
+    return SourceError(f"The file is too large ({size / limits.MiB:,.0f} MB or more, over the limit of "
+                       f"{limits.MAX_FILE_BYTES // limits.MiB} MB). Export a smaller image.")
+
+
+def _capped(fh, declared: int | None = None) -> bytes:
+    """At most ``limits.MAX_FILE_BYTES`` from ``fh``; SourceError for more (read no further than one byte
+    past the limit: a huge file or an endless body must not fill a worker's memory before it is refused)."""
+    if declared is not None and declared > limits.MAX_FILE_BYTES:
+        raise _too_large(declared)
+    data = fh.read(limits.MAX_FILE_BYTES + 1)
+    if len(data) > limits.MAX_FILE_BYTES:
+        raise _too_large(len(data))
+    return data
+
+
 def _read_local(path: str) -> bytes:
     try:
-        return Path(path.removeprefix("file://")).read_bytes()
+        with open(path.removeprefix("file://"), "rb") as fh:
+            return _capped(fh, os.fstat(fh.fileno()).st_size)
     except FileNotFoundError:
         raise SourceError(f"File not found: {path}. Check the path, or whether the file was moved.") from None
     except IsADirectoryError:
@@ -160,7 +179,8 @@ def _read_local(path: str) -> bytes:
 def _read_http(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-            return response.read()
+            length = response.headers.get("Content-Length", "")
+            return _capped(response, int(length) if length.isdigit() else None)
     except urllib.error.HTTPError as exc:
         raise SourceError(f"Could not read {url}: the server answered HTTP {exc.code} ({exc.reason}). "
                           "Check the URL and that the file is still there.") from None
@@ -175,7 +195,9 @@ def _read_fsspec(url: str) -> bytes:
 
     try:
         with fsspec.open(url, "rb") as fh:
-            return fh.read()
+            return _capped(fh, getattr(fh, "size", None) if isinstance(getattr(fh, "size", None), int) else None)
+    except SourceError:
+        raise
     except FileNotFoundError:
         raise SourceError(f"File not found: {url}. Check the URL, or whether the file was moved.") from None
     except ImportError as exc:

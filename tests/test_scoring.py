@@ -303,3 +303,66 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_and_the_rest_are_scored(tm
     assert table[table["error"] == ""]["file"].tolist() == ["a.jpeg"]
     assert run(Config(str(folder), model=str(tiny_model_dir), out=str(out), resume=True),
                log=lambda _: None).scored == 0
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """A huge file (here sparse, 300 MB) is an error row, refused from its size before its bytes fill the
+    worker's memory; the film beside it is scored. Over HTTP, a body is never read past the limit."""
+    import tracemalloc
+
+    from cxr_core import limits
+    from scoring import sources
+
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    with open(tmp_path / "huge.dcm", "wb") as f:
+        f.truncate(300 * limits.MiB)
+    tracemalloc.start()
+    with pytest.raises(sources.SourceError, match=r"too large \(300 MB or more, over the limit of 256 MB\)"):
+        sources.read_bytes(str(tmp_path / "huge.dcm"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 * limits.MiB
+    summary = run(Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet")), log=lambda _: None)
+    table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
+    assert (summary.files, summary.scored, summary.errors) == (2, 2, 1)
+    assert table.loc["huge.dcm", "error"].startswith("The file is too large") and table.loc["a.jpeg", "error"] == ""
+    # HTTP, with and without a Content-Length (a stream), against a small limit.
+    monkeypatch.setattr(limits, "MAX_FILE_BYTES", 1000)
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "big.png").write_bytes(b"x" * 5000)
+    server, url = _serve(tmp_path / "web")
+    try:
+        with pytest.raises(sources.SourceError, match="too large"):
+            sources.read_bytes(f"{url}/big.png")
+        monkeypatch.setattr(http.server.SimpleHTTPRequestHandler, "send_header",
+                            lambda self, k, v: None if k == "Content-Length" else
+                            http.server.BaseHTTPRequestHandler.send_header(self, k, v))
+        with pytest.raises(sources.SourceError, match="too large"):
+            sources.read_bytes(f"{url}/big.png")
+    finally:
+        server.shutdown()
+
+
+def test_resume_tries_again_the_files_the_model_failed_on(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """A film that was read but that the model failed on (memory, an engine error) is not 'done': --resume
+    scores it; an unreadable file (its content decides) stays done."""
+    for i, film in enumerate(FILMS[:2]):
+        (tmp_path / f"{i}.jpeg").write_bytes(film.read_bytes())
+    (tmp_path / "notes.png").write_bytes(b"not an image")
+    config = Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet"))
+
+    def failing(self, batch):
+        raise MemoryError("engine out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models.Classifier, "predict", failing)
+        first = run(config, log=lambda _: None)
+    table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
+    assert first.errors == 3 and table.loc["0.jpeg", "error"].startswith("This file could not be processed")
+    assert table.loc[["0.jpeg", "1.jpeg"], "sha256"].tolist() == ["", ""]
+    assert table.loc["notes.png", "sha256"] != ""
+    again = run(Config(**{**config.__dict__, "resume": True}), log=lambda _: None)
+    assert (again.scored, again.skipped, again.errors) == (2, 1, 1)
+    table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
+    assert table.loc[["0.jpeg", "1.jpeg"], "error"].tolist() == ["", ""]
+    assert table.loc[["0.jpeg", "1.jpeg"], "sha256"].tolist() == [sha256(f) for f in FILMS[:2]]
