@@ -90,7 +90,9 @@ def _without_credentials(url: str) -> str:
 
 
 def manifest_entries(source: str) -> list[Entry]:
-    """The ``path`` column in row order; relative local paths are relative to the manifest's folder.
+    """The ``path`` column in row order; relative paths are relative to the manifest's folder (a manifest
+    read from a URL: to that URL's folder, so that every worker reads the file beside the manifest, not a
+    file of the same name in its own working folder).
 
     An empty path or a path already listed becomes an entry with a ``problem`` (an error row, not scored).
     """
@@ -116,6 +118,8 @@ def manifest_entries(source: str) -> list[Entry]:
         if base is not None and not is_url(text):
             local = Path(text.removeprefix("file://"))
             path = str(local if local.is_absolute() else base / local)
+        elif base is None and not is_url(text) and not text.startswith(("/", "file://")):
+            path = _beside_url(source, text)
         if path in first_row:
             entries.append(Entry(path, text, f"duplicate of manifest row {first_row[path]} (the same path); "
                                              "scored once, at that row"))
@@ -123,6 +127,14 @@ def manifest_entries(source: str) -> list[Entry]:
         first_row[path] = row
         entries.append(Entry(path, text))
     return entries
+
+
+def _beside_url(manifest_url: str, relative: str) -> str:
+    """``relative`` resolved against the folder of ``manifest_url`` (http(s): as a browser would, ``..``
+    included; other schemes such as s3://: appended to the manifest's folder)."""
+    if manifest_url.split("://", 1)[0].lower() in ("http", "https"):
+        return urllib.parse.urljoin(manifest_url, relative)
+    return manifest_url[: manifest_url.rfind("/") + 1] + relative
 
 
 def _dicomweb_entries(source: str) -> list[Entry]:

@@ -366,3 +366,30 @@ def test_resume_tries_again_the_files_the_model_failed_on(tmp_path, tiny_model_d
     table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
     assert table.loc[["0.jpeg", "1.jpeg"], "error"].tolist() == ["", ""]
     assert table.loc[["0.jpeg", "1.jpeg"], "sha256"].tolist() == [sha256(f) for f in FILMS[:2]]
+
+
+def test_relative_paths_in_a_manifest_read_from_a_url_are_beside_that_manifest(tmp_path, tiny_model_dir, data_dir,
+                                                                                 monkeypatch):
+    """A manifest at http://host/dir/list.csv naming "a.jpeg" means http://host/dir/a.jpeg, not a file called
+    a.jpeg in the worker's working folder (which, here, holds another film under that name)."""
+    web = tmp_path / "web" / "dir"
+    web.mkdir(parents=True)
+    (web / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    (web / "sub").mkdir()
+    (web / "sub" / "b.jpeg").write_bytes(FILMS[1].read_bytes())
+    pd.DataFrame({"path": ["a.jpeg", "sub/b.jpeg", "../dir/a.jpeg"]}).to_csv(web / "list.csv", index=False)
+    decoy = tmp_path / "cwd"
+    decoy.mkdir()
+    (decoy / "a.jpeg").write_bytes(FILMS[2].read_bytes())
+    monkeypatch.chdir(decoy)
+    server, url = _serve(tmp_path / "web")
+    try:
+        summary = run(Config(f"{url}/dir/list.csv", model=str(tiny_model_dir), out=str(tmp_path / "r.parquet")),
+                      log=lambda _: None)
+    finally:
+        server.shutdown()
+    table = pd.read_parquet(tmp_path / "r.parquet")
+    assert table["path"].tolist() == [f"{url}/dir/a.jpeg", f"{url}/dir/sub/b.jpeg", f"{url}/dir/a.jpeg"]
+    assert table["sha256"].tolist()[:2] == [sha256(FILMS[0]), sha256(FILMS[1])]
+    assert table["error"].tolist()[2].startswith("duplicate of manifest row 1")
+    assert summary.errors == 1
