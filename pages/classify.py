@@ -152,6 +152,7 @@ uploaded = st.file_uploader("Chest radiograph (frontal view)", type=None, help=u
 if uploaded is None:
     st.caption(f"Upload one JPEG, PNG or DICOM file. The model '{card.name}' tells "
                + ", ".join(card.class_names) + " apart.")
+    ui.preload_viewer()
     st.stop()
 model = ui.wait_for_model(loading)
 if model is None:

@@ -147,6 +147,12 @@ def test_classify_and_batch_in_chromium(server, tmp_path):
             page.goto(url)
             expect(page.get_by_text("Classify a chest radiograph")).to_be_visible()
             expect(page.get_by_text("Research and teaching use only").first).to_be_visible()
+            # While no file is chosen, an empty Plotly chart is drawn hidden, so that Plotly's code is loaded
+            # before the first upload (ui.preload_viewer); nothing of it shows.
+            preload = page.locator(".st-key-cxr_viewer_preload .js-plotly-plot")
+            expect(preload).to_have_count(1)
+            expect(preload).to_be_hidden()
+            expect(page.locator(".js-plotly-plot:visible")).to_have_count(0)
             page.locator("[data-testid='stFileUploader'] input[type='file']").set_input_files(str(XRAY))
 
             viewer = page.locator(".js-plotly-plot").filter(has=page.locator(".heatmaplayer"))
