@@ -12,12 +12,12 @@ import auth
 import ui
 
 st.set_page_config(page_title="Chest X-ray toolkit", page_icon="🩻", layout="wide")
-PAGES = [  # (action the page needs, page)
-    ("classify", st.Page("pages/classify.py", title="Classify", icon=":material/radiology:", default=True)),
-    ("batch", st.Page("pages/batch.py", title="Batch review", icon=":material/table_view:")),
-    ("pacs_search", st.Page("pages/pacs.py", title="PACS worklist", icon=":material/cloud_sync:")),
-    ("metrics", st.Page("pages/metrics.py", title="Model metrics", icon=":material/monitoring:")),
-    ("instructor", st.Page("pages/instructor.py", title="Instructor", icon=":material/school:")),
+PAGES = [  # (action the page needs, script, title, icon)
+    ("classify", "pages/classify.py", "Classify", ":material/radiology:"),
+    ("batch", "pages/batch.py", "Batch review", ":material/table_view:"),
+    ("pacs_search", "pages/pacs.py", "PACS worklist", ":material/cloud_sync:"),
+    ("metrics", "pages/metrics.py", "Model metrics", ":material/monitoring:"),
+    ("instructor", "pages/instructor.py", "Instructor", ":material/school:"),
 ]
 
 
@@ -37,7 +37,13 @@ if auth.user_or_stop() is None:  # (stops with the reason when the secrets file 
                   position="hidden").run()
 else:
     auth.sidebar_ui()
-    pages = [page for action, page in PAGES if auth.allowed(action)]
-    if not pages:  # signed in with no role (every role has the default page, Classify)
-        pages = [st.Page(no_role_page, title="No access", icon=":material/lock:", default=True)]
+    # The navigation lists the pages the role allows; the others stay reachable by their address but hidden,
+    # so that a direct URL runs the page, whose own auth.require refuses and audits the attempt (unregistered,
+    # it would only be "Page not found", with no trace).
+    allowed = {action: auth.allowed(action) for action, *_ in PAGES}
+    pages = [st.Page(script, title=title, icon=icon, default=action == "classify" and allowed[action],
+                     visibility="visible" if allowed[action] else "hidden")
+             for action, script, title, icon in PAGES]
+    if not any(allowed.values()):  # signed in with no role (every role has the default page, Classify)
+        pages.insert(0, st.Page(no_role_page, title="No access", icon=":material/lock:", default=True))
     st.navigation(pages).run()

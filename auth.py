@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ def secrets_section(name: str) -> dict[str, Any]:
 
 
 MIN_SECRET_CHARS = 32  # the example's `secrets.token_hex(32)` gives 64
+MAX_SESSION_HOURS = 12  # a sign-in older than this (the ID token's iat) signs in again
 
 
 def weak_cookie_secret(section: Mapping[str, Any]) -> str | None:
@@ -165,18 +167,39 @@ def _claim_values(claims: Mapping[str, Any], name: str) -> set[str]:
     return set()
 
 
+def email_verified(claims: Mapping[str, Any], access: Mapping[str, Any]) -> bool:
+    """Whether the provider vouches for the ``email`` claim: ``email_verified`` true (a boolean or the string
+    some providers send). A provider that never sends the claim (Microsoft Entra ID among them) lets users
+    whose addresses it does not check name any address, so its e-mails count only with ``[access]
+    trust_unverified_email = true``, for a provider where every address is the hospital's own."""
+    value = claims.get("email_verified")
+    if value is None:
+        return access.get("trust_unverified_email") is True
+    return str(value).strip().lower() in ("true", "1")
+
+
+def session_expired(claims: Mapping[str, Any], access: Mapping[str, Any], now: float | None = None) -> bool:
+    """Whether the sign-in is older than ``[access] max_session_hours`` (default ``MAX_SESSION_HOURS``), from
+    the ID token's ``iat``. Streamlit keeps the token's claims, roles included, in a signed cookie for 30 days;
+    without this a role taken away at the provider would last that long."""
+    issued = claims.get("iat")
+    if not isinstance(issued, int | float) or isinstance(issued, bool):
+        return False  # OpenID Connect ID tokens always carry iat
+    hours = access.get("max_session_hours", MAX_SESSION_HOURS)
+    return (time.time() if now is None else now) - float(issued) > float(hours) * 3600
+
+
 def role_for(claims: Mapping[str, Any], access: Mapping[str, Any]) -> str | None:
     """The highest role that the ID-token ``claims`` earn under the ``[access]`` settings, or None.
 
     A role is earned by naming it in the claim ``access["roles_claim"]`` (default "roles"), or by an
-    entry in the allow-list ``access[role]``: an e-mail address (not if the provider says it is
-    unverified), ``"group:NAME"`` for a value of the claim ``access["groups_claim"]`` (default
+    entry in the allow-list ``access[role]``: an e-mail address (only one the provider verified:
+    ``email_verified``), ``"group:NAME"`` for a value of the claim ``access["groups_claim"]`` (default
     "groups"), or ``"*"`` for anyone signed in.
     """
     earned = _claim_values(claims, str(access.get("roles_claim", "roles"))) & set(ROLES)
     email = str(claims.get("email") or "").lower()
-    # Not verified when the provider says so, as a boolean or as the string some providers send.
-    verified = str(claims.get("email_verified", "")).strip().lower() not in ("false", "0")
+    verified = email_verified(claims, access)
     groups = _claim_values(claims, str(access.get("groups_claim", "groups")))
     for role in ROLES:
         entries = access.get(role) or []
@@ -195,8 +218,17 @@ def current_user() -> User | None:
     if not st.user.is_logged_in:
         return None
     claims = st.user.to_dict()
-    user_id = str(claims.get("email") or claims.get("sub") or "unknown")
-    return User(id=user_id, name=str(claims.get("name") or user_id), role=role_for(claims, secrets_section("access")))
+    access = secrets_section("access")
+    if session_expired(claims, access):
+        return None  # the sign-in screen: signing in again brings the provider's current roles
+    email = str(claims.get("email") or "")
+    # The audit names a user by an address the provider vouches for, else by the provider's subject id: an
+    # unverified address could be anyone's.
+    if email and email_verified(claims, access):
+        user_id = email
+    else:
+        user_id = f"sub:{claims['sub']}" if claims.get("sub") else "unknown"
+    return User(id=user_id, name=str(claims.get("name") or user_id), role=role_for(claims, access))
 
 
 def refusal_for(action: str, user: User | None, *, auth_on: bool, address: str | None) -> str | None:
@@ -246,6 +278,9 @@ def require(action: str) -> User:
 def sign_in_ui() -> None:
     """The sign-in screen (the page shows the research banner above it)."""
     st.title("Sign in")
+    if auth_configured() and st.user.is_logged_in:  # shown here while signed in: the sign-in is too old
+        hours = secrets_section("access").get("max_session_hours", MAX_SESSION_HOURS)
+        st.info(f"Your sign-in is older than {hours} hours: sign in again (your role is read afresh).")
     st.write("This app is only for signed-in users of the hospital. Sign in with your hospital account; "
              "what you may do depends on the role the hospital gave you.")
     if st.button("Sign in", type="primary", key="auth_sign_in"):
@@ -273,6 +308,11 @@ def sidebar_ui() -> None:
         st.logout()
     if audit_folder() is None:
         st.sidebar.caption("The audit trail is off: set CXR_AUDIT_DIR (or [audit] dir in secrets).")
+    elif audit_key() is None and _given_audit_key():
+        st.sidebar.warning(f"The [audit] hmac_key (or CXR_AUDIT_KEY) is the example's placeholder or shorter than "
+                           f"{MIN_SECRET_CHARS} characters, so it is not used: the audit trail counts studies and "
+                           "server folders but cannot name them. Set a long random key: "
+                           "python -c \"import secrets; print(secrets.token_hex(32))\"")
     elif audit_key() is None:
         st.sidebar.caption("The audit trail counts studies and server folders but cannot name them: set [audit] "
                            "hmac_key in secrets (or CXR_AUDIT_KEY) so that an auditor can match its lines.")
@@ -283,10 +323,21 @@ def audit_folder() -> str | None:
     return os.environ.get("CXR_AUDIT_DIR") or secrets_section("audit").get("dir") or None
 
 
+def _given_audit_key() -> str:
+    return str(secrets_section("audit").get("hmac_key") or os.environ.get("CXR_AUDIT_KEY") or "")
+
+
+def weak_audit_key(key: str) -> bool:
+    """The example's placeholder or a short key: whoever reads the audit files could hash candidate study
+    UIDs (structured, often guessable) under it and see who opened which study."""
+    return "CHANGE-ME" in key.upper() or len(key) < MIN_SECRET_CHARS
+
+
 def audit_key() -> bytes | None:
-    """The secret that keys the hashes of study UIDs: [audit] hmac_key in secrets, else env CXR_AUDIT_KEY."""
-    key = secrets_section("audit").get("hmac_key") or os.environ.get("CXR_AUDIT_KEY")
-    return str(key).encode("utf-8") if key else None
+    """The secret that keys the hashes of study UIDs: [audit] hmac_key in secrets, else env CXR_AUDIT_KEY;
+    None when neither is set or the key is weak (``weak_audit_key``: then studies are counted, not named)."""
+    key = _given_audit_key()
+    return key.encode("utf-8") if key and not weak_audit_key(key) else None
 
 
 def record(action: str, **fields: Any) -> dict[str, Any] | None:

@@ -122,7 +122,8 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
                           "client_id": "cxr-app", "client_secret": "s",
                           "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
     at.secrets["audit"] = {"hmac_key": "k" * 32}
-    at.user = {"is_logged_in": True, "email": "someone@example.test", "name": "Someone", "roles": roles}
+    at.user = {"is_logged_in": True, "email": "someone@example.test", "email_verified": True, "name": "Someone",
+               "roles": roles}
     at.run()
     assert [e.value for e in at.exception] == []
     at.selectbox(key="pacs_modality").set_value("DX").run()

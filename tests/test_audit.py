@@ -24,7 +24,7 @@ from cxr_core import card
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.99999.424242"
 CANARIES = [*SECRETS.values(), "Doe", "PID-424242", "Jane", STUDY_UID, "CANARY-SMITH"]
-KEY = b"an operator's secret"
+KEY = b"an operator's secret, 32 characters or more"
 
 
 def audit_text(folder: Path) -> str:

@@ -27,9 +27,9 @@ TITLES = {"classify": "Classify a chest radiograph", "batch": "Batch review", "m
 AUTH = {"redirect_uri": "http://127.0.0.1:9/oauth2callback", "cookie_secret": "x" * 32, "client_id": "cxr-app",
         "client_secret": "s", "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
 ACCESS = {"viewer": ["group:cxr-teaching"], "clinician": ["group:radiology"], "admin": ["Boss@Example.test"]}
-VIEWER = {"email": "v@example.test", "name": "Vera", "groups": ["cxr-teaching"]}
-CLINICIAN = {"email": "c@example.test", "name": "Colin", "roles": ["clinician"]}
-ADMIN = {"email": "boss@example.test", "name": "Boss"}
+VIEWER = {"email": "v@example.test", "email_verified": True, "name": "Vera", "groups": ["cxr-teaching"]}
+CLINICIAN = {"email": "c@example.test", "email_verified": True, "name": "Colin", "roles": ["clinician"]}
+ADMIN = {"email": "boss@example.test", "email_verified": True, "name": "Boss"}
 
 
 @pytest.fixture()
@@ -74,7 +74,9 @@ def texts(at: AppTest, kind: str) -> list[str]:
     ({"email": "a@x.org", "groups": "radiology"}, "clinician"),  # a claim may be one string
     ({"email": "a@x.org", "groups": ["cxr-teaching", "radiology"]}, "clinician"),  # the highest wins
     ({"email": "a@x.org", "roles": ["pacs-writer"], "groups": ["cxr-teaching"]}, "pacs-writer"),
-    ({"email": "BOSS@example.test"}, "admin"),  # e-mail matched without case
+    ({"email": "BOSS@example.test", "email_verified": True}, "admin"),  # e-mail matched without case
+    ({"email": "boss@example.test"}, None),  # a provider that does not say it verified the address: not trusted
+    ({"email": "boss@example.test", "email_verified": "true"}, "admin"),
     ({"email": "boss@example.test", "email_verified": False}, None),  # an unverified address earns nothing
     ({"email": "boss@example.test", "email_verified": "false"}, None),  # also when the claim is a string
     ({"email": "boss@example.test", "email_verified": True}, "admin"),
@@ -83,6 +85,57 @@ def texts(at: AppTest, kind: str) -> list[str]:
 ])
 def test_role_for_claims_and_allow_lists(claims, role):
     assert auth.role_for(claims, ACCESS) == role
+
+
+def test_unverified_addresses_count_only_where_the_operator_trusts_them():
+    """Entra ID sends no email_verified: its e-mails earn roles only with trust_unverified_email = true."""
+    trusting = {**ACCESS, "trust_unverified_email": True}
+    assert auth.role_for({"email": "boss@example.test"}, trusting) == "admin"
+    assert auth.role_for({"email": "boss@example.test", "email_verified": False}, trusting) is None
+
+
+def test_an_unverified_address_is_not_the_users_name_in_the_audit(models_root, tmp_path, monkeypatch):
+    """Someone whose role comes from a group, at a provider that lets users type any address: the audit and
+    the sidebar name them by the provider's subject id, not by the (someone else's) address they typed."""
+    import audit
+
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    claims = {"email": "boss@example.test", "email_verified": False, "sub": "attacker-sub", "groups": ["radiology"]}
+    at = signed_in("app.py", claims)
+    assert texts(at, "exception") == []
+    assert any("(sub:attacker-sub) · role: **clinician**" in m.value for m in at.sidebar.markdown)
+    assert [(line["user"], line["role"]) for line in audit.read(tmp_path / "audit")] == [("sub:attacker-sub",
+                                                                                         "clinician")]
+
+
+def test_a_sign_in_older_than_the_session_limit_signs_in_again(models_root):
+    """The cookie keeps the token's roles for 30 days: past max_session_hours (default 12) of its iat the user
+    signs in again, so a role taken away at the provider ends with the day."""
+    import time
+
+    old = signed_in(PAGES["batch"], {**CLINICIAN, "iat": int(time.time()) - 13 * 3600})
+    assert texts(old, "exception") == [] and texts(old, "title") == ["Sign in"]
+    assert any("older than 12 hours" in i.value for i in old.info)
+    assert len(old.radio) == 0  # nothing of the page
+    fresh = signed_in(PAGES["batch"], {**CLINICIAN, "iat": int(time.time()) - 3600})
+    assert texts(fresh, "title") == ["Batch review"]
+    assert auth.session_expired({"iat": 1000.0}, {"max_session_hours": 1}, now=1000.0 + 3601)
+    assert not auth.session_expired({"iat": 1000.0}, {"max_session_hours": 1}, now=1000.0 + 3599)
+
+
+def test_a_page_off_the_navigation_refuses_a_direct_visit_and_audits_it(models_root, tmp_path, monkeypatch):
+    """A viewer sent to the batch page (its address typed or bookmarked): the page's own check refuses it and
+    the attempt is in the audit (unregistered, it was only Streamlit's "Page not found", with no trace)."""
+    import audit
+
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    at = signed_in("app.py", VIEWER)
+    at.switch_page("pages/batch.py").run()
+    assert texts(at, "exception") == [] and "Batch review" not in texts(at, "title")
+    assert any("Your role (viewer) does not allow" in e.value for e in at.error)
+    assert len(at.radio) == len(at.file_uploader) == 0
+    refused = [line for line in audit.read(tmp_path / "audit") if line["action"] == "refused"]
+    assert [(r["user"], r["refused"]) for r in refused] == [("v@example.test", "batch")]
 
 
 def test_role_claim_names_and_wildcard_are_configurable():
@@ -187,7 +240,7 @@ def test_clinician_batch_offers_server_folders_but_not_evaluation(models_root):
 def test_admin_chooses_models_and_evaluates(models_root, tmp_path, monkeypatch):
     import audit
 
-    key = "an operator's audit key"
+    key = "an operator's audit key, 32 characters or more"
     monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
     monkeypatch.setenv("CXR_AUDIT_KEY", key)
     data = tmp_path / "data"  # the fixture's data root, with two real films in its NORMAL folder
@@ -320,4 +373,10 @@ def test_an_audit_trail_without_a_key_says_it_cannot_name_studies(models_root, t
     assert any("cannot name them: set [audit] hmac_key" in c.value for c in at.sidebar.caption)
     monkeypatch.setenv("CXR_AUDIT_KEY", "k" * 40)
     at = signed_in("app.py", VIEWER)
-    assert not any("hmac_key" in c.value for c in at.sidebar.caption)
+    assert not any("hmac_key" in c.value for c in at.sidebar.caption) and not at.sidebar.warning
+    # The example's placeholder (or a short key) is not used: whoever reads the files could hash guessed UIDs.
+    for weak in ("CHANGE-ME-another-long-random-string", "k" * 31):
+        monkeypatch.setenv("CXR_AUDIT_KEY", weak)
+        assert auth.audit_key() is None
+        at = signed_in("app.py", VIEWER)
+        assert any("placeholder or shorter than 32" in w.value for w in at.sidebar.warning), weak

@@ -186,15 +186,13 @@ def test_viewer_sees_viewer_pages_only_and_signs_out(app, browser, tmp_path):
         page.locator("[data-testid='stFileUploader'] input[type='file']").set_input_files(str(XRAY))
         expect(page.get_by_role("button", name="Download report (PNG)")).to_be_visible()
 
-        page.goto(f"{url}/batch")  # a clinician page by direct URL: not served to a viewer
-        dialog = page.get_by_role("dialog")
-        expect(dialog).to_contain_text("Page not found")  # Streamlit's own answer: no page of that name for you
-        expect(page.get_by_role("heading", name="Classify a chest radiograph")).to_be_visible()
+        page.goto(f"{url}/batch")  # a clinician page by direct URL: refused by the page itself, and audited
+        expect(page.get_by_text("Your role (viewer) does not allow")).to_be_visible()
         expect(page.get_by_role("heading", name="Batch review")).to_have_count(0)
         expect(page.get_by_text("Folder on the server")).to_have_count(0)
+        expect(page.locator("[data-testid='stFileUploader']")).to_have_count(0)
+        assert _nav_links(page) == ["Classify", "Instructor", "Model metrics"]  # still not in the navigation
         _save_screenshot(page, tmp_path, "auth_viewer_direct_url.png")
-        page.keyboard.press("Escape")
-        expect(dialog).to_have_count(0)
 
         page.get_by_role("button", name="Sign out").click()
         page.get_by_role("button", name="Yes, sign me out").click()  # the provider ends its session too
@@ -207,6 +205,8 @@ def test_viewer_sees_viewer_pages_only_and_signs_out(app, browser, tmp_path):
     lines = [(line["user"], line["role"], line["action"]) for line in audit.read(audit_dir)]
     assert ("viewer@example.test", "viewer", "sign_in") in lines
     assert ("viewer@example.test", "viewer", "sign_out") in lines
+    refused = [line for line in audit.read(audit_dir) if line["action"] == "refused"]
+    assert [(r["user"], r["refused"]) for r in refused] == [("viewer@example.test", "batch")]
     classified = [line for line in audit.read(audit_dir) if line["action"] == "classify"]
     assert len(classified) == 1 and classified[0]["user"] == "viewer@example.test"
     assert classified[0]["weights_sha256"] == card.read(next((audit_dir.parent / "models").iterdir())).weights_sha256
