@@ -191,3 +191,56 @@ def test_external_rows_of_a_manifest_are_said_to_go_unscored_without_holdout_sou
                                tmp_path / "b", log=lines.append)
     assert "external" not in prepared.splits
     assert any("marks 1 films external; they are not scored without --holdout-source" in line for line in lines)
+
+
+def test_a_patients_other_film_and_a_film_under_another_layout_are_not_held_out_from_the_start(films, tmp_path,
+                                                                                               tiny_model_dir):
+    """The split is by patient: when the starting weights trained on one film of a patient, the patient's other
+    films are not held out from them either. And a film the start trained on is found by its content when the
+    start's split names it under another folder layout (its run was given the parent folder, say)."""
+    fresh = dataset.prepare(_config(films, tmp_path / "a", [films["kermany"]]), tmp_path / "a", log=lambda _: None)
+    rows = _manifest(tmp_path / "a" / "split.csv")
+    held = {r["path"]: r for r in rows if r["split"] in ("val", "test")}
+    by_patient: dict[str, list[str]] = {}
+    for path, r in held.items():
+        by_patient.setdefault(r["patient"], []).append(path)
+    patient, (trained_film, sibling, *_) = next((p, sorted(f)) for p, f in sorted(by_patient.items()) if len(f) > 1)
+    moved = next(p for p in sorted(held) if held[p]["patient"] != patient)  # named under another layout there
+    start_rows = []
+    for r in rows:
+        if r["path"] == trained_film:
+            r = {**r, "split": "train"}
+        elif r["path"] == moved:
+            r = {**r, "split": "train", "path": f"train/{moved}"}
+        start_rows.append(r)
+    start = _starting_folder(tiny_model_dir, start_rows, tmp_path / "start")
+    lines: list[str] = []
+    prepared = dataset.prepare(_config(films, tmp_path / "b", [films["kermany"]], weights=str(start)), tmp_path / "b",
+                               log=lines.append)
+    scored = _keys(prepared, "val") | _keys(prepared, "test")
+    for path in (trained_film, sibling, moved):
+        assert f"kermany/{path}" not in scored, path
+    assert scored == (_keys(fresh, "val") | _keys(fresh, "test")) - {f"kermany/{p}" for p in by_patient[patient]} \
+        - {f"kermany/{moved}"}
+    written = {r["path"]: r for r in _manifest(tmp_path / "b" / "split.csv")}
+    assert written[sibling]["duplicate_kind"] == "seen"
+    assert written[sibling]["duplicate_of"] == f"kermany/{trained_film}"
+
+
+def test_what_a_model_trained_on_includes_what_its_own_start_trained_on(tmp_path):
+    """A model fine-tuned from another inherits its training films: the child's split.csv marks them "seen"
+    (held out from the child's scoring), and a grandchild must leave them out too, with their copies."""
+    blank = dict.fromkeys(data.MANIFEST_FIELDS, "")
+    rows = [
+        {**blank, "path": "A/1.png", "source": "s", "split": "train", "patient": "p1", "sha256": "a1"},
+        {**blank, "path": "A/2.png", "source": "s", "split": "duplicate", "patient": "p2", "sha256": "a2",
+         "duplicate_of": "s/A/2.png", "duplicate_kind": "seen"},  # the grandparent trained on it
+        {**blank, "path": "A/3.png", "source": "s", "split": "duplicate", "sha256": "a3",
+         "duplicate_of": "t/B/9.png", "duplicate_kind": "seen"},  # ... on a copy of it, t/B/9.png
+        {**blank, "path": "C/4.png", "source": "c", "split": "duplicate", "sha256": "a4",
+         "duplicate_of": "s/A/3.png", "duplicate_kind": "near"},  # a copy of an inherited film
+        {**blank, "path": "A/5.png", "source": "s", "split": "val", "patient": "p5", "sha256": "a5"},
+    ]
+    trained = data.trained_films(_write_manifest(rows, tmp_path / "split.csv"))
+    assert trained.keys == {"s/A/1.png", "s/A/2.png", "s/A/3.png", "t/B/9.png", "c/C/4.png"}
+    assert trained.sha256 == {"a1", "a2", "a3", "a4"} and trained.patients == {("s", "p1"), ("s", "p2")}

@@ -263,12 +263,38 @@ def _manifest_rows(path: str | Path) -> list[dict[str, str]]:
         return [{key: csvsafe.restore(value) for key, value in raw.items()} for raw in csv.DictReader(fh)]
 
 
-def trained_keys(path: str | Path) -> set[str]:
-    """The ``source/path`` keys a model trained on, from its ``split.csv``: its train split, and the copies of
-    those films that its run dropped as duplicates (the same film under another name)."""
+@dataclass(frozen=True)
+class Trained:
+    """What a model folder's weights trained on, from its ``split.csv``: film keys (``source/path``), their
+    contents' sha256 (a film found under another folder layout or name), and patients (``(source, patient)``:
+    another film of a patient the weights trained on is not held out from them either)."""
+
+    keys: frozenset[str]
+    sha256: frozenset[str]
+    patients: frozenset[tuple[str, str]]
+
+
+def trained_films(path: str | Path) -> Trained:
+    """What the weights of the model whose ``split.csv`` is ``path`` trained on: its train split; the films
+    its own start had trained on (rows of kind "seen", and the films they name), which these weights
+    inherit; and the copies of any of those that its run dropped as duplicates (the same film elsewhere)."""
     rows = _manifest_rows(path)
-    trained = {f"{r['source']}/{r['path']}" for r in rows if r["split"] == "train"}
-    return trained | {f"{r['source']}/{r['path']}" for r in rows if r.get("duplicate_of") in trained}
+    key = {id(r): f"{r['source']}/{r['path']}" for r in rows}
+    trained = {key[id(r)] for r in rows if r["split"] == "train" or r.get("duplicate_kind") == "seen"}
+    trained |= {r["duplicate_of"] for r in rows if r.get("duplicate_kind") == "seen" and r.get("duplicate_of")}
+    while True:  # copies of trained films, and copies of those
+        more = {key[id(r)] for r in rows if r.get("duplicate_of") in trained} - trained
+        if not more:
+            break
+        trained |= more
+    chosen = [r for r in rows if key[id(r)] in trained]
+    return Trained(keys=frozenset(trained), sha256=frozenset(r["sha256"] for r in chosen if r.get("sha256")),
+                   patients=frozenset((r["source"], r["patient"]) for r in chosen if r.get("patient")))
+
+
+def trained_keys(path: str | Path) -> set[str]:
+    """The ``source/path`` keys a model trained on (``trained_films``)."""
+    return set(trained_films(path).keys)
 
 
 def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]:

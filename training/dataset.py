@@ -108,8 +108,10 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
     """Leave out of val, test and external the films that the starting weights trained on.
 
     A run that starts from one of our model folders (``--weights MODEL_DIR``) inherits what that model
-    learnt: a film in its train split (or a copy of one: the same bytes, or a near-copy this run found) is
-    not held out from the new model, so scoring it would inflate the figures. Such films are dropped from
+    learnt: a film it trained on (``data.trained_films``: its train split and what its own start trained on;
+    matched by key or by content), a copy of one (the same bytes, or a near-copy this run found), or another
+    film of a patient it trained on is not held out from the new model, so scoring it would inflate the
+    figures. Such films are dropped from
     scoring and recorded as duplicates of kind "seen". The check reads the starting folder's
     ``split.csv`` as it is now; a source that this run does not read cannot be checked for copies.
     Returns (indices of ``records`` kept, the dropped records).
@@ -121,18 +123,24 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
         log(f"the starting weights' folder {config.weights} has no split.csv: the films they trained on cannot be "
             "left out of this run's val, test and external splits, whose figures may flatter the model")
         return list(range(len(records))), []
-    trained = data.trained_keys(manifest)
-    via: dict[str, str] = {r.key: r.key for r in records if r.key in trained}
+    trained = data.trained_films(manifest)
+    via: dict[str, str] = {r.key: r.key for r in records if r.key in trained.keys or r.sha256 in trained.sha256}
     for d in duplicates:  # a kept film whose dropped copy the starting weights trained on
-        if d.duplicate_of and d.key in trained:
+        if d.duplicate_of and (d.key in trained.keys or d.sha256 in trained.sha256):
             via.setdefault(d.duplicate_of, d.key)
+    # Another film of a patient the starting weights trained on: the split is by patient, so it is not held out
+    # from them either.
+    patient_film = {(r.source, r.patient): r.key for r in records if r.key in via and r.patient}
+    for r in records:
+        if r.patient and (r.source, r.patient) in trained.patients and r.key not in via:
+            via[r.key] = patient_film.get((r.source, r.patient), f"{r.source}/patient {r.patient}")
     dropped_idx = {i: via[r.key] for i, r in enumerate(records) if r.split in HELD_OUT and r.key in via}
     dropped = [dataclasses.replace(records[i], duplicate_of=key, duplicate_kind="seen")
                for i, key in sorted(dropped_idx.items())]
     if dropped:
         by_split = Counter(d.split for d in dropped)
         log(f"the starting weights ({config.weights}) trained on {len(dropped)} films of this run's held-out splits, "
-            "or on copies of them: left out of scoring ("
+            "on copies of them or on their patients' other films: left out of scoring ("
             + ", ".join(f"{name} {by_split[name]}" for name in HELD_OUT if by_split[name]) + ")")
     return [i for i in range(len(records)) if i not in dropped_idx], dropped
 
