@@ -23,7 +23,8 @@ from cxr_core import explain, imaging, models, overlay, pipeline, quality
 REPO = Path(__file__).resolve().parents[1]
 SESSIONS = 4
 LEAK_BOUND_MB = 50
-SERVER_UPLOADS, SERVER_WARM = 60, 20
+# 30 uploads after 15 of warm-up: a leak of 1.7 MiB per upload (a film's pixels or overlay kept) passes the bound.
+SERVER_UPLOADS, SERVER_WARM = 45, 15
 
 
 def rss_mb() -> float:
@@ -244,7 +245,8 @@ def test_browser_sessions_classify_at_once_on_one_server(server, tiny_model_dir,
 @pytest.mark.browser
 @pytest.mark.slow
 def test_server_memory_levels_off_over_many_uploads(server, images):
-    """One session uploads image after image; the server's RSS after upload 60 is within the bound of upload 20."""
+    """One session uploads image after image; the server's RSS after the last upload is within the bound of its
+    RSS after the warm-up uploads."""
     from benchmarks.app_render import server_rss_mb, upload
 
     page = _open_classify(server["browser"], server["url"])
