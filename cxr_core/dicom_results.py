@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # models imports Keras
     from cxr_core.models import Prediction
 
 UNVERIFIED = "UNVERIFIED - research use only, not for diagnosis"
+BANNER = "UNVERIFIED - research use only"  # burned into the heatmap's pixels: a screenshot keeps it
 RESULT_PREFIX = "UNVERIFIED AI"
 MANUFACTURER = "cxr_core (research software)"
 SCHEME = "99CXR"  # private coding scheme for the per-class probabilities
@@ -57,23 +59,50 @@ SEXES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"}
 
 
 def _needs_utf8(charset) -> bool:
-    """Whether highdicom would refuse this Specific Character Set: several values (ISO 2022 code extensions, as
-    Japanese and Korean sites send, e.g. ``\\ISO 2022 IR 87``) or a single code-extension value."""
-    values = [charset] if isinstance(charset, str) else list(charset or [])
-    return len(values) > 1 or any(str(v).startswith("ISO 2022") for v in values)
+    """Whether this Specific Character Set must be rewritten before highdicom copies it: several values (ISO 2022
+    code extensions, as Japanese and Korean sites send, e.g. ``\\ISO 2022 IR 87``), or a value highdicom refuses:
+    a single code-extension value, an empty one, or one outside its list (``hd.SpecificCharacterSetValues``), such
+    as ``ISO_IR 6``, a common misspelling of the default repertoire that pydicom reads. Absent: nothing to do."""
+    if charset is None:
+        return False
+    values = [charset] if isinstance(charset, str) else list(charset)
+    if len(values) != 1:
+        return True
+    value = str(values[0])
+    accepted = {v.value for v in hd.SpecificCharacterSetValues if not v.value.startswith("ISO 2022")}
+    return value not in accepted
+
+
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
+
+
+def _all_ascii(ds: pydicom.Dataset) -> bool:
+    """Whether every text value of the dataset (sequences included) is plain ASCII, once decoded."""
+    for element in ds.iterall():
+        if element.VR not in TEXT_VRS:
+            continue
+        values = element.value if isinstance(element.value, list | tuple | pydicom.multival.MultiValue) \
+            else [element.value]
+        if not all(str(v).isascii() for v in values if v is not None):
+            return False
+    return True
 
 
 def patient_study_source(source: pydicom.Dataset) -> pydicom.Dataset:
     """A shallow copy of ``source`` whose patient and study fields highdicom can copy: missing ones present
     but empty, dates or times that do not parse (anonymisers leave hashes there) emptied, a Patient's Sex
-    outside M/F/O (``U``, ``m``, ``MALE``) mapped or emptied, and text in an ISO 2022 character set that
-    highdicom refuses re-encoded as UTF-8 (the names stay the same characters)."""
+    outside M/F/O (``U``, ``m``, ``MALE``) mapped or emptied, and text in a character set that highdicom refuses
+    (ISO 2022 code extensions, an empty or misspelt value such as ``ISO_IR 6``) re-encoded as UTF-8 (the names stay
+    the same characters), or without a Specific Character Set when all of it is ASCII (the default repertoire)."""
     clean = pydicom.Dataset()
     clean.update(source)
     clean.file_meta = getattr(source, "file_meta", pydicom.dataset.FileMetaDataset())
     if _needs_utf8(source.get("SpecificCharacterSet")):
         clean.walk(lambda _ds, _element: None)  # decode every value with the source's character set first
-        clean.SpecificCharacterSet = "ISO_IR 192"
+        if _all_ascii(clean):
+            del clean.SpecificCharacterSet
+        else:
+            clean.SpecificCharacterSet = "ISO_IR 192"
     sex = str(source.get("PatientSex") or "").strip().upper()
     if sex and SEXES.get(sex) != source.get("PatientSex"):
         clean.add_new("PatientSex", "CS", SEXES.get(sex, ""))
@@ -130,11 +159,13 @@ def structured_report(source: pydicom.Dataset, prediction: Prediction, card: Mod
 
 def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: ModelCard,
                     explained_class: str) -> hd.sc.SCImage:
-    """A secondary capture (RGB, 8 bit) of the Grad-CAM overlay ``overlay_rgb`` (uint8 HxWx3), same study,
-    new series, BurnedInAnnotation YES and an UNVERIFIED series description."""
+    """A secondary capture (RGB, 8 bit) of the Grad-CAM overlay ``overlay_rgb`` (uint8 HxWx3) with the ``BANNER``
+    burned in at the top, same study, new series, an UNVERIFIED series description, and the source film's Burned
+    In Annotation (it tells whether the pixels identify the patient; the banner does not)."""
     pixels = np.ascontiguousarray(overlay_rgb, dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"overlay_rgb must be uint8 (H, W, 3), got shape {pixels.shape}")
+    pixels = burn_banner(pixels)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=hd.UID(), series_number=SC_SERIES_NUMBER,
@@ -147,11 +178,43 @@ def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: Mode
     sc.copy_patient_and_study_information(source)  # the whole Patient and Study modules, as the SR has them
     if str(source.get("LossyImageCompression", "")) == "01":  # PS3.3 C.7.6.1.1.5: a lossy source stays marked
         sc.LossyImageCompression = "01"
-    sc.BurnedInAnnotation = "YES"
+    burned = str(source.get("BurnedInAnnotation") or "").strip().upper()
+    sc.BurnedInAnnotation = burned if burned in ("YES", "NO") else "NO"
     sc.ImageComments = f"{UNVERIFIED}. Grad-CAM for {explained_class}, {card.name} v{card.version}."[:10240]
     sc.DerivationDescription = f"Grad-CAM heatmap over the source film ({card.name} v{card.version})"
     sc.SourceImageSequence = [_reference(source)]
     return sc
+
+
+def _banner_layout(cols: int, rows: int) -> tuple[float, int, int, tuple[int, int]]:
+    """(font scale, stroke thickness, band rows, text origin) for the banner on a cols x rows image: the text
+    spans nine tenths of the width, the band holds it with its descenders and a margin (a quarter of the image at
+    most)."""
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (unit_width, _), _ = cv2.getTextSize(BANNER, font, 1.0, 2)
+    scale = max(0.3, 0.9 * cols / unit_width)
+    thickness = max(1, round(scale * 2))
+    (width, height), baseline = cv2.getTextSize(BANNER, font, scale, thickness)
+    margin = max(2, height // 3)
+    band = min(max(1, rows // 4), height + baseline + thickness + 2 * margin)
+    return scale, thickness, band, (max(0, (cols - width) // 2), min(band - 1, margin + height))
+
+
+def banner_height(cols: int, rows: int) -> int:
+    """Rows of the black band that ``burn_banner`` draws across the top of a cols x rows image."""
+    return _banner_layout(cols, rows)[2]
+
+
+def burn_banner(rgb: np.ndarray) -> np.ndarray:
+    """A copy of ``rgb`` (uint8 HxWx3) with ``BANNER`` in yellow on a black band across the top, sized to the
+    image (the text spans about nine tenths of its width): legible at the film's size and in any screenshot."""
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    rows, cols = out.shape[:2]
+    scale, thickness, band, origin = _banner_layout(cols, rows)
+    out[:band] = 0
+    cv2.putText(out, BANNER, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), thickness, cv2.LINE_AA)
+    out[band:] = rgb[band:]  # the film below the band stays exactly as it was
+    return out
 
 
 def _reference(source: pydicom.Dataset) -> pydicom.Dataset:

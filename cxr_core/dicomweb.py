@@ -2,7 +2,7 @@
 
     settings = dicomweb.load_settings(secrets.get("pacs"))     # or env CXR_PACS_URL... ; None: PACS off
     client = dicomweb.Client(settings)
-    studies = client.search_studies(modality="CR", date_from=date(2004, 1, 1))
+    studies = client.search_studies(modality="CR", date_from=date(2004, 1, 1))   # .truncated: more than the limit
     data = client.retrieve(client.instances(studies[0].study_uid)[0])   # DICOM Part 10 bytes, in memory
 
 Built on ``dicomweb-client``. Retrieval asks for the stored transfer syntax (``transfer-syntax=*``), so
@@ -91,13 +91,21 @@ class Settings:
         return urlsplit(self.url).netloc
 
 
-def _flag(value: Any) -> bool | str:
+def _verify(value: Any, setting: str) -> bool | str:
+    """The TLS ``verify`` setting: true/false (yes/no, on/off, 1/0), or the path of a CA bundle (a file, or a folder
+    of certificates) that must exist: a typo such as ``flase`` would otherwise be taken as a path and fail only at
+    the first request, as if the PACS were at fault."""
     if isinstance(value, bool):
         return value
     text = str(value).strip()
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    return True if text.lower() in ("", "1", "true", "yes", "on") else text
+    if text.lower() in ("", "1", "true", "yes", "on"):
+        return True
+    if not os.path.exists(text):
+        raise PacsError(f"The PACS setting {setting} is {text!r}: it must be true, false, or the path of an existing "
+                        "CA bundle file (a PEM file of the PACS's certificate authority). Fix it and restart the app.")
+    return text
 
 
 def load_settings(section: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
@@ -106,17 +114,20 @@ def load_settings(section: Mapping[str, Any] | None = None, environ: Mapping[str
     names a URL (the PACS features are then off). Raises PacsError for settings that are present but wrong."""
     environ = os.environ if environ is None else environ
     values = dict(section or {})
+    verify_setting = "'verify' in the [pacs] settings"
     if not values.get("url"):
         values = {key: environ[name] for key, name in ENV.items() if environ.get(name)}
+        verify_setting = ENV["verify"]
     if not values.get("url"):
         return None
     unknown = sorted(set(values) - set(ENV))
     if unknown:
         raise PacsError(f"Unknown PACS setting(s) {', '.join(unknown)}; the known ones are {', '.join(ENV)}.")
+    verify = _verify(values.get("verify", True), verify_setting)
     try:
         return Settings(url=str(values["url"]).rstrip("/"), username=values.get("username") or None,
                         password=values.get("password") or None, token=values.get("token") or None,
-                        verify=_flag(values.get("verify", True)), timeout=float(values.get("timeout", 30)),
+                        verify=verify, timeout=float(values.get("timeout", 30)),
                         max_instances=int(values.get("max_instances", 50)))
     except (TypeError, ValueError) as exc:
         raise PacsError("The PACS 'timeout' and 'max_instances' settings must be numbers.") from exc
@@ -146,7 +157,22 @@ class Instance:
     view_position: str
     body_part: str
     series_description: str
-    number: int | None
+    number: int | None  # InstanceNumber
+    series_number: int | None = None  # SeriesNumber: the study's films are taken in series, then instance order
+
+    @property
+    def order(self) -> tuple:
+        """Sort key: series number, series UID, instance number, SOP UID (numbers missing: after the others)."""
+        return (self.series_number is None, self.series_number or 0, self.series_uid, self.number is None,
+                self.number or 0, self.sop_uid)
+
+
+class Studies(list):
+    """``search_studies``' answer: a list of ``Study``; ``truncated`` when the PACS had more than the limit
+    (the list then holds only the first ``limit`` it answered: the user must narrow the search)."""
+
+    truncated: bool = False
+    limit: int = 0
 
 
 def _value(item: Mapping[str, Any], keyword: str) -> str:
@@ -167,7 +193,7 @@ def _value(item: Mapping[str, Any], keyword: str) -> str:
 def _int(text: str) -> int | None:
     try:
         return int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
@@ -190,7 +216,8 @@ def _instance(item: Mapping[str, Any], study_uid: str) -> Instance | None:
         return None
     return Instance(study_uid, series, sop, _value(item, "SOPClassUID"), _value(item, "Modality").upper(),
                     _value(item, "ViewPosition").upper(), _value(item, "BodyPartExamined").upper(),
-                    _value(item, "SeriesDescription"), _int(_value(item, "InstanceNumber")))
+                    _value(item, "SeriesDescription"), _int(_value(item, "InstanceNumber")),
+                    _int(_value(item, "SeriesNumber")))
 
 
 def _date_range(start: date | None, end: date | None) -> str | None:
@@ -247,19 +274,24 @@ class Client:
 
     def search_studies(self, *, date_from: date | None = None, date_to: date | None = None, accession: str = "",
                        modality: str | Sequence[str] = RADIOGRAPHY, body_part: str = "", limit: int = 100
-                       ) -> list[Study]:
-        """Studies matching all given criteria, newest first; ``modality`` one code or several (any of)."""
+                       ) -> Studies:
+        """Studies matching all given criteria, newest first; ``modality`` one code or several (any of). At most
+        ``limit``: each query asks for one more, and when the PACS has more the answer is marked ``truncated``."""
         filters: dict[str, str] = {}
         if (dates := _date_range(date_from, date_to)) is not None:
             filters["StudyDate"] = dates
         if accession.strip():
             filters["AccessionNumber"] = accession.strip()
         found: dict[str, Study] = {}
+        truncated = False
         for code in [modality] if isinstance(modality, str) else list(modality):
             query = {**filters, "ModalitiesInStudy": code} if code else filters
             answer = self._call("searching for studies", self._web.search_for_studies, search_filters=query,
-                                fields=list(STUDY_FIELDS), limit=limit)
-            for item in answer if isinstance(answer, list) else []:
+                                fields=list(STUDY_FIELDS), limit=limit + 1)
+            answer = answer if isinstance(answer, list) else []
+            if len(answer) > limit:  # the PACS has more than the limit: keep its first ``limit``, say so
+                truncated, answer = True, answer[:limit]
+            for item in answer:
                 study = _study(item) if isinstance(item, Mapping) else None
                 if study is not None:
                     found.setdefault(study.study_uid, study)
@@ -268,14 +300,18 @@ class Client:
             found = {uid: study for uid, study in found.items()
                      if self._call("searching for series by body part", self._web.search_for_series,
                                    study_instance_uid=uid, search_filters=part, fields=["BodyPartExamined"], limit=1)}
-        return sorted(found.values(), key=lambda s: (s.date, s.accession), reverse=True)[:limit]
+        out = Studies(sorted(found.values(), key=lambda s: (s.date, s.accession), reverse=True))
+        out.truncated, out.limit = truncated or len(out) > limit, limit  # several modalities: up to limit each
+        del out[limit:]
+        return out
 
     def instances(self, study_uid: str) -> list[Instance]:
-        """Every instance of a study (images, reports...), in series and instance order."""
+        """Every instance of a study (images, reports...), in series and instance order (``Instance.order``: by
+        number, not by the text of the UIDs)."""
         answer = self._call("listing the study's images", self._web.search_for_instances,
                             study_instance_uid=study_uid, fields=list(INSTANCE_FIELDS))
         found = [_instance(item, study_uid) for item in answer if isinstance(item, Mapping)]
-        return sorted((i for i in found if i is not None), key=lambda i: (i.series_uid, i.number or 0, i.sop_uid))
+        return sorted((i for i in found if i is not None), key=lambda i: i.order)
 
     def series_descriptions(self, study_uid: str) -> dict[str, str]:
         """Series UID -> description for every series of a study."""
@@ -296,25 +332,84 @@ class Client:
 
     def store(self, datasets: Sequence[pydicom.Dataset]) -> list[str]:
         """STOW-RS the datasets as one request, then check by QIDO that each one is there (some archives
-        answer success and drop what their filters refuse). Their SOP Instance UIDs; PacsError otherwise."""
-        with quiet():
-            answer = self._call("storing results", self._web.store_instances, list(datasets))
-        failed = answer.get("FailedSOPSequence") if answer is not None else None
+        answer success and drop what their filters refuse). Their SOP Instance UIDs; PacsError otherwise, which
+        says why the PACS refused (its failure reasons) and, when it kept some, which ones."""
+        host, count = self.settings.host, len(datasets)
         advice = ("Ask its administrator whether it accepts DICOM SR and secondary-capture objects from this "
                   "application.")
-        if failed:
-            reasons = ", ".join(sorted({str(item.get("FailureReason", "?")) for item in failed}))
-            raise PacsError(f"The PACS at {self.settings.host} refused {len(failed)} of {len(datasets)} object(s) "
-                            f"(failure reason {reasons}). {advice}")
+        try:
+            with quiet():
+                answer = self._call("storing results", self._web.store_instances, list(datasets))
+        except PacsError as err:
+            response = getattr(err.__cause__, "response", None)
+            if response is None or response.status_code != 409:
+                raise
+            # 409 Conflict: the PACS stored none of them; its answer names a failure reason per object.
+            reasons = _failure_reasons(_stow_answer(response).get("FailedSOPSequence"))
+            warning = str(response.headers.get("Warning", ""))[:300]
+            raise PacsError(f"The PACS at {host} refused all {count} object(s) (HTTP 409 Conflict; "
+                            f"{reasons or 'it gave no failure reason'}{'; it says: ' + warning if warning else ''}). "
+                            f"Nothing was stored. {advice}") from err
+        answer = answer if isinstance(answer, pydicom.Dataset) else pydicom.Dataset()
         uids = [str(ds.SOPInstanceUID) for ds in datasets]
+        failed = answer.get("FailedSOPSequence")
+        if failed:  # 202 Accepted: some stored, some refused
+            refused = {str(item.get("ReferencedSOPInstanceUID", "")) for item in failed}
+            referenced = answer.get("ReferencedSOPSequence")
+            if referenced is not None:
+                kept = {str(item.get("ReferencedSOPInstanceUID", "")) for item in referenced}
+            else:
+                kept = set(uids) - refused
+            raise PacsError(f"The PACS at {host} refused {len(failed)} of {count} object(s) "
+                            f"({_failure_reasons(failed)}). {_stored(datasets, kept)} {advice}")
         found: set[str] = set()
         for study_uid in {str(ds.StudyInstanceUID) for ds in datasets}:
             found |= {i.sop_uid for i in self.instances(study_uid)}
         missing = [uid for uid in uids if uid not in found]
         if missing:
-            raise PacsError(f"The PACS at {self.settings.host} did not keep {len(missing)} of {len(datasets)} "
-                            f"object(s) it was sent (it refused them). {advice}")
+            raise PacsError(f"The PACS at {host} did not keep {len(missing)} of {count} object(s) it was sent "
+                            f"(it refused them). {_stored(datasets, found)} {advice}")
         return uids
+
+
+# PS3.4 Table B.2-1 and PS3.18 Table 10.5.3-1: the failure reasons a STOW-RS answer gives per refused object.
+FAILURE_REASONS = {0x0110: "processing failure", 0x0111: "duplicate SOP instance", 0x0117: "invalid object instance",
+                   0x0122: "SOP class not supported", 0x0124: "not authorized", 0x0211: "unrecognized operation",
+                   0xA700: "out of resources", 0xA900: "data set does not match its SOP class",
+                   0xC000: "cannot understand", 0xC122: "transfer syntax not supported"}  # fmt: skip
+FAILURE_RANGES = {0xA7: "out of resources", 0xA9: "data set does not match its SOP class", 0xC0: "cannot understand"}
+
+
+def _stow_answer(response: requests.Response) -> pydicom.Dataset:
+    """The DICOM JSON body of a STOW-RS answer; an empty dataset when it has none or it does not parse."""
+    try:
+        with quiet():
+            return pydicom.Dataset.from_json(response.json())
+    except Exception:  # noqa: BLE001 - XML, HTML or nothing: the status code alone must do
+        return pydicom.Dataset()
+
+
+def _failure_reasons(failed: Sequence[pydicom.Dataset] | None) -> str:
+    """'failure reason 0xA900 (data set does not match its SOP class) for 2 object(s), ...'; '' when none given."""
+    counts: dict[str, int] = {}
+    for item in failed or []:
+        code = item.get("FailureReason")
+        try:
+            meaning = FAILURE_REASONS.get(int(code)) or FAILURE_RANGES.get(int(code) >> 8, "unknown reason")
+            text = f"0x{int(code):04X} ({meaning})"
+        except (TypeError, ValueError):
+            text = "not given"
+        counts[text] = counts.get(text, 0) + 1
+    return ", ".join(f"failure reason {text} for {n} object(s)" for text, n in sorted(counts.items()))
+
+
+def _stored(datasets: Sequence[pydicom.Dataset], kept: set[str]) -> str:
+    """Which of the datasets the PACS kept, by series description and SOP Instance UID (no patient data)."""
+    names = [f"{ds.get('SeriesDescription') or ds.get('Modality', 'object')} (SOP Instance UID {ds.SOPInstanceUID})"
+             for ds in datasets if str(ds.SOPInstanceUID) in kept]
+    if not names:
+        return "Nothing was stored."
+    return f"It stored {len(names)} of them, now in the study: {'; '.join(names)}."
 
 
 def to_bytes(ds: pydicom.Dataset) -> bytes:

@@ -16,6 +16,7 @@ loads DIR's DICOM films over STOW-RS and prints one line ``DICOMweb: URL user PA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,18 @@ if TYPE_CHECKING:  # pipeline imports Keras: the demo command does without it
     from cxr_core import pipeline
 
 LATERAL = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LEFT LATERAL", "RIGHT LATERAL"})
+OBLIQUE = frozenset({"RLO", "LLO", "RAO", "LAO", "RPO", "LPO", "OBL", "OBLIQUE"})
+# View Code Sequence (CID 4010) codes of frontal chest views: postero-anterior, antero-posterior, frontal (SNOMED CT,
+# and the SNOMED RT codes older modalities send). Any other view code that says lateral or oblique is not frontal.
+FRONTAL_CODES = frozenset({"272479007", "399348003", "399033003", "R-10214", "R-10206", "R-10202"})
+NON_FRONTAL_WORDS = ("lateral", "oblique", "axial", "sagittal", "tangential")
 MODALITIES = frozenset({"", "CR", "DX", "DR"})
 IMAGE_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",  # CR, DX For Presentation
     "1.2.840.10008.5.1.4.1.1.7",  # secondary capture: some archives keep digitised films as SC
 })  # fmt: skip
+FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"  # DX For Processing: raw detector data, never shown to a reader
+FRONTAL_ONLY = "not classified, the model reads frontal (PA/AP) chest films only."
 MAX_BATCH_FILMS = 500
 
 
@@ -79,12 +87,69 @@ def _label(instance: Instance) -> str:
     return f"{instance.modality or 'image'} {instance.series_description or 'series'} #{instance.number or '?'}{view}"
 
 
+def skip_reason(*, view: str = "", view_code: tuple[str, str] = ("", ""), body_part: str = "", modality: str = "",
+                sop_class: str = "", intent: str = "") -> str | None:
+    """Why a film is not classified (None: a frontal chest radiograph as far as its tags say): a lateral or oblique
+    view (View Position, or the View Code Sequence's code and meaning), raw detector data (DX For Processing), a
+    body part other than the chest, a modality other than radiography. The same rules for a QIDO answer and for
+    the retrieved dataset (``dataset_skip``), which may say more."""
+    view, (code, meaning) = view.strip().upper(), view_code
+    said = view or meaning or code
+    if view in LATERAL or "LATERAL" in view:
+        return f"Lateral view ({said}): {FRONTAL_ONLY}"
+    if view in OBLIQUE or "OBLIQUE" in view:
+        return f"Oblique view ({said}): {FRONTAL_ONLY}"
+    words = meaning.lower()
+    if code not in FRONTAL_CODES and any(word in words for word in NON_FRONTAL_WORDS):
+        kind = "Lateral" if "lateral" in words and "oblique" not in words else \
+            "Oblique" if "oblique" in words else "Not a frontal"
+        return f"{kind} view ({meaning}): {FRONTAL_ONLY}"
+    if sop_class == FOR_PROCESSING or intent.strip().upper() == "FOR PROCESSING":
+        return ("Raw detector data (DX For Processing): not classified, the model reads films processed for "
+                "presentation. Open the film's For Presentation version in the PACS.")
+    body = body_part.strip().upper()
+    if body and not any(part in body for part in quality.CHEST_PARTS):
+        return f"Body part {body}, not the chest: not classified, the model reads chest films only."
+    if modality.strip().upper() not in MODALITIES:
+        return f"Modality {modality.strip().upper()}, not radiography (CR/DX): not classified."
+    return None
+
+
+def _view_code(ds: pydicom.Dataset) -> tuple[str, str]:
+    """(code value, code meaning) of the dataset's View Code Sequence; empty strings when it has none."""
+    try:
+        item = ds.ViewCodeSequence[0]
+        return str(item.get("CodeValue") or item.get("LongCodeValue") or ""), str(item.get("CodeMeaning") or "")
+    except (AttributeError, IndexError, TypeError, KeyError):
+        return "", ""
+
+
+def dataset_skip(ds: pydicom.Dataset) -> str | None:
+    """``skip_reason`` for a retrieved film: its own tags, which the QIDO answer may have lacked or got wrong."""
+    with quiet():  # a value that does not parse is read as text, without a warning that quotes it
+        tags = {key: str(ds.get(keyword) or "") for key, keyword in (
+            ("view", "ViewPosition"), ("body_part", "BodyPartExamined"), ("modality", "Modality"),
+            ("sop_class", "SOPClassUID"), ("intent", "PresentationIntentType"))}
+        return skip_reason(view_code=_view_code(ds), **tags)
+
+
+def recheck(film: Film, ds: pydicom.Dataset) -> Film:
+    """The film as its retrieved dataset describes it: skipped when its own tags say it is no frontal chest
+    radiograph (the QIDO answer may lack View Position, body part...), labelled with the dataset's view."""
+    skip = dataset_skip(ds)
+    if skip is None:
+        return film
+    view = str(ds.get("ViewPosition") or "").strip().upper() or film.instance.view_position
+    instance = dataclasses.replace(film.instance, view_position=view)
+    return Film(instance, _label(instance), skip)
+
+
 def films(instances: Sequence[Instance], cap: int) -> tuple[list[Film], list[str]]:
-    """The study's films (result series and non-image objects left out), lateral or non-chest ones with a
-    skip reason, at most ``cap`` of those to classify; plus notes saying what was left out."""
+    """The study's films (result series and non-image objects left out), lateral, oblique, raw or non-chest ones
+    with a skip reason, at most ``cap`` of those to classify; plus notes saying what was left out."""
     notes: list[str] = []
     ours = [i for i in instances if i.series_description.startswith(dicom_results.RESULT_PREFIX)]
-    images = [i for i in instances if i not in ours and i.sop_class in IMAGE_SOP_CLASSES]
+    images = [i for i in instances if i not in ours and i.sop_class in IMAGE_SOP_CLASSES | {FOR_PROCESSING}]
     others = len(instances) - len(ours) - len(images)
     if others:
         notes.append(f"{others} object(s) that are not radiographs (reports, presentation states...) were left out.")
@@ -92,14 +157,8 @@ def films(instances: Sequence[Instance], cap: int) -> tuple[list[Film], list[str
         notes.append(f"{len(ours)} object(s) written earlier by this application (UNVERIFIED AI results) left out.")
     out: list[Film] = []
     for instance in images:
-        skip = None
-        if instance.view_position in LATERAL:
-            skip = (f"Lateral view ({instance.view_position}): not classified, the model reads frontal "
-                    "(PA/AP) chest films only.")
-        elif instance.body_part and not any(part in instance.body_part for part in quality.CHEST_PARTS):
-            skip = f"Body part {instance.body_part}, not the chest: not classified, the model reads chest films only."
-        elif instance.modality not in MODALITIES:
-            skip = f"Modality {instance.modality}, not radiography (CR/DX): not classified."
+        skip = skip_reason(view=instance.view_position, body_part=instance.body_part, modality=instance.modality,
+                           sop_class=instance.sop_class)
         out.append(Film(instance, _label(instance), skip))
     todo = [f for f in out if f.skip is None]
     if len(todo) > cap:
@@ -127,6 +186,10 @@ def classify_study(client: Client, classifier, explainer, study_uid: str, *,
             continue
         try:
             source = client.retrieve_dataset(film.instance)
+            checked = recheck(film, source)
+            if checked.skip is not None:  # the film's own tags say lateral, oblique, raw, not the chest...
+                results.append(FilmResult(checked))
+                continue
             data = to_bytes(source)
             result = pipeline.classify(classifier, explainer, data, film.label)
             results.append(FilmResult(film, result, quality.assess(result.image, data), source))
@@ -203,7 +266,12 @@ def score_studies(client: Client, classifier, studies: Sequence[Study], *,
                 named.append((name, None, film.skip))
                 continue
             try:
-                named.append((name, client.retrieve(film.instance), None))
+                source = client.retrieve_dataset(film.instance)
+                checked = recheck(film, source)
+                if checked.skip is not None:
+                    named.append((f"{study_name(study)} · {checked.label}", None, checked.skip))
+                else:
+                    named.append((name, to_bytes(source), None))
             except PacsError as err:
                 named.append((name, None, str(err)))
         if progress is not None:

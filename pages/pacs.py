@@ -19,6 +19,7 @@ from cxr_core import dicomweb, familiarity, overlay, pacs, review
 from cxr_core.dicomweb import PacsError
 
 STUDIES, RESULTS, BATCH = "pacs_studies", "pacs_results", "pacs_batch"
+AGAIN, AGAIN_FOR, AGAIN_USED = "pacs_again", "pacs_again_study", "pacs_again_used"
 MODALITY_CHOICES = {"CR, DX or DR": dicomweb.RADIOGRAPHY, "CR": "CR", "DX": "DX", "DR": "DR"}
 
 
@@ -116,6 +117,13 @@ def film_ui(item: pacs.FilmResult, card) -> None:
                               "Probability": [f"{p:.4f}" for p in prediction.probabilities]}), hide_index=True)
 
 
+def _take_again() -> None:
+    """The write button's callback, run before the page is drawn again: "write again" counts for this write
+    only and is unticked at once (a second press, or a later study, is guarded again)."""
+    st.session_state[AGAIN_USED] = bool(st.session_state.get(AGAIN, False))
+    st.session_state[AGAIN] = False
+
+
 def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> None:
     """Opt-in write-back of this study's results (SR + heatmap image per film), never automatic."""
     if not result.classified or not auth.allowed("pacs_write"):
@@ -123,9 +131,13 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
     st.divider()
     st.markdown("**Write the results back to the PACS** as a DICOM structured report and a heatmap image per "
                 "film, in new series of this study, flagged *UNVERIFIED - research use only*.")
-    again = st.checkbox("Write again even if this model's results are already in the study", key="pacs_again")
-    if not st.button("Write back to the PACS", key="pacs_write"):
+    if st.session_state.get(AGAIN_FOR) != result.study_uid:  # another study: "write again" starts unticked
+        st.session_state[AGAIN] = False
+        st.session_state[AGAIN_FOR] = result.study_uid
+    st.checkbox("Write again even if this model's results are already in the study", key=AGAIN)
+    if not st.button("Write back to the PACS", key="pacs_write", on_click=_take_again):
         return
+    again = bool(st.session_state.pop(AGAIN_USED, False))
     reason = auth.refusal("pacs_write")  # checked again on the server side when the button is pressed
     if reason is not None:
         st.error(reason, icon="🔒")
@@ -200,6 +212,10 @@ if studies is None:
 if not studies:
     st.warning("No study matches this search. Widen the dates or clear the other fields.")
     st.stop()
+if getattr(studies, "truncated", False):
+    st.warning(f"The PACS has more studies matching this search than the {len(studies)} listed here (the list "
+               "stops at its limit). Narrow the search (a shorter date range, the accession number, the modality or "
+               "the body part) to see the rest.", icon="✂️")
 st.dataframe(studies_table(studies), hide_index=True, key="pacs_studies_table")
 tabs = st.tabs(["One study", "Whole search as a batch"])
 with tabs[0]:

@@ -7,8 +7,11 @@ real films: one whose only film is a lateral view, and one that holds no image a
 from __future__ import annotations
 
 import io
+import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom
 from conftest import DICOM
@@ -67,3 +70,53 @@ def local_canary_bytes(path) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def stow_answer(stored: list[str], failed: dict[str, int]) -> dict:
+    """A STOW-RS answer in DICOM JSON: ReferencedSOPSequence for ``stored`` UIDs, FailedSOPSequence with each
+    refused UID's FailureReason (PS3.18 Table 10.5.3-1)."""
+    answer: dict = {"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]}} for uid in stored]}}
+    if failed:
+        answer["00081198"] = {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]},
+                                                     "00081197": {"vr": "US", "Value": [reason]}}
+                                                    for uid, reason in failed.items()]}
+    return answer
+
+
+@contextmanager
+def stow_answering(status: int, answer: dict, warning: str = "") -> Iterator[dicomweb.Client]:
+    """A client of a fake DICOMweb server on 127.0.0.1 that answers every STOW-RS with ``status`` and ``answer``
+    (DICOM JSON) and a ``Warning`` header if given, as archives that refuse objects do (Orthanc 1.10 answers
+    200 even when its filter refused them)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            if "Content-Length" in self.headers:
+                self.rfile.read(int(self.headers["Content-Length"]))
+            else:  # chunked, as dicomweb-client sends large requests
+                self._chunks()
+            body = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            if warning:
+                self.send_header("Warning", warning)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _chunks(self) -> None:
+            while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
+                self.rfile.read(size + 2)
+            self.rfile.readline()
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web", timeout=10))
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,7 +16,7 @@ from pacs_server import CANARY, DX_J2K, NEEDLES, loaded_orthanc, local_canary_by
 from streamlit.testing.v1 import AppTest
 from test_phi import REPO, isolated, page_text, written_files  # noqa: F401 - isolated is a fixture
 
-from cxr_core import dicom_results, models, pipeline
+from cxr_core import dicom_results, dicomweb, models, pipeline
 from cxr_core.explain import Explainer
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "pacs.py")
@@ -139,6 +139,7 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
         at.button(key="pacs_write").click().run()
         assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
         assert "Stored 2 object(s) in the study" in at.success[0].value
+        assert at.checkbox(key="pacs_again").value is False  # "write again" counted for that write only
     lines = audit.read(tmp_path / "audit")
     assert [line["action"] for line in lines] == ["pacs_search", "pacs_classify"] + (["pacs_write"] if writes else [])
     assert {line["user"] for line in lines} == {"someone@example.test"}
@@ -154,3 +155,29 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
         assert (written["source"], written["role"]) == ("pacs", "pacs-writer")
     text = "".join(p.read_text() for p in (tmp_path / "audit").iterdir())
     assert uids and not [u for u in uids if u in text]  # study UIDs appear only as keyed hashes
+
+
+def test_a_cut_search_says_so_and_write_again_is_unticked_for_another_study(orthanc, tiny_model_dir, monkeypatch):
+    """More studies than the search's limit: the page says the list was cut and to narrow the search. "Write again",
+    ticked for one study, is unticked when another study is opened."""
+    server, _ = orthanc
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
+    search = dicomweb.Client.search_studies
+    limit = {"value": 1}
+    monkeypatch.setattr(dicomweb.Client, "search_studies",
+                        lambda self, **kwargs: search(self, **{**kwargs, "limit": limit["value"]}))
+    at = page(secrets_of(server))
+    at.selectbox(key="pacs_modality").set_value("DX").run()
+    at.button(key="pacs_search").click().run()
+    assert [e.value for e in at.exception] == [] and len(at.dataframe[0].value) == 1
+    (cut,) = [w.value for w in at.warning if "listed" in w.value]
+    assert "more studies matching this search than the 1 listed" in cut and "Narrow the search" in cut
+    limit["value"] = 100
+    at.button(key="pacs_search").click().run()
+    assert len(at.dataframe[0].value) == 2 and not [w for w in at.warning if "listed" in w.value]  # nothing cut
+    at.selectbox(key="pacs_study").set_value(0).run()
+    at.checkbox(key="pacs_again").check().run()
+    assert at.checkbox(key="pacs_again").value is True
+    at.selectbox(key="pacs_study").set_value(1).run()
+    assert [e.value for e in at.exception] == [] and at.table  # the other study, classified
+    assert at.checkbox(key="pacs_again").value is False

@@ -14,6 +14,7 @@ import sys
 import threading
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import highdicom as hd
 import numpy as np
@@ -31,10 +32,12 @@ from pacs_server import (
     loaded_orthanc,
     local_canary_bytes,
     new_study,
+    stow_answer,
+    stow_answering,
 )
 from pydicom.uid import generate_uid
 
-from cxr_core import dicom_results, dicomweb, imaging, models, pacs, pipeline
+from cxr_core import dicom_results, dicomweb, imaging, models, overlay, pacs, pipeline
 from cxr_core.dicomweb import PacsError
 from cxr_core.errors import UnreadableImageError
 from cxr_core.explain import Explainer
@@ -101,6 +104,19 @@ def test_search_by_modality_date_accession_and_body_part(orthanc):
     assert study_of(RG1) in chest and study_of(DICOM / "non_chest" / "CR-ModalitySequenceLUT.dcm") not in chest
     with pytest.raises(PacsError, match="starts .* after it ends"):
         client.search_studies(date_from=date(2005, 1, 1), date_to=date(2004, 1, 1))
+
+
+def test_a_search_cut_at_its_limit_says_so(orthanc):
+    """The PACS has more studies than the limit: the answer says it was cut (one more row is asked for)."""
+    _, client = orthanc
+    everything = client.search_studies(modality="")
+    assert not everything.truncated and len(everything) > 2
+    cut = client.search_studies(modality="", limit=2)
+    assert cut.truncated and len(cut) == 2 and cut.limit == 2
+    exact = client.search_studies(modality="", limit=len(everything))  # exactly the limit: nothing was left out
+    assert not exact.truncated and len(exact) == len(everything)
+    several = client.search_studies(limit=len(everything) - 1)  # CR, DX, DR asked one by one: their union is cut
+    assert several.truncated and len(several) == len(everything) - 1
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name[:24])
@@ -175,10 +191,15 @@ def test_write_back_sr_and_heatmap_read_back_over_wado(orthanc, model):
         assert ds.SOPInstanceUID not in sources and str(ds.PatientName) == CANARY["PatientName"]
         assert ds.PatientID == CANARY["PatientID"] and ds.SeriesDescription.startswith("UNVERIFIED AI")
     for sc in captures:
-        assert sc.BurnedInAnnotation == "YES" and "UNVERIFIED" in sc.SeriesDescription
+        assert "UNVERIFIED" in sc.SeriesDescription
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in sources
-        source = sources[sc.SourceImageSequence[0].ReferencedSOPInstanceUID].source
+        item = sources[sc.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        source = item.source
+        assert sc.BurnedInAnnotation == source.get("BurnedInAnnotation", "NO") == "NO"  # the film's: no name in it
         assert sc.pixel_array.shape == (source.Rows, source.Columns, 3) and sc.pixel_array.dtype == np.uint8
+        # The overlay with the UNVERIFIED banner burned in across the top, the rest exactly the overlay.
+        blended = overlay.overlay(item.result.image.pixels, item.result.heatmap, "jet", 0.4)
+        np.testing.assert_array_equal(sc.pixel_array, dicom_results.burn_banner(blended))
     # A second write-back of the same study and model says so and writes nothing ...
     count = len(client.instances(study_uid))
     with pytest.raises(PacsError, match="already in the PACS for this study .*Nothing was written"):
@@ -188,6 +209,26 @@ def test_write_back_sr_and_heatmap_read_back_over_wado(orthanc, model):
     assert len(pacs.write_back(client, card, result, again=True)) == 4
     again = pacs.classify_study(client, classifier, explainer, study_uid)
     assert len(again.films) == 2 and any("written earlier by this application" in n for n in again.notes)
+
+
+def test_heatmap_capture_keeps_the_films_burned_in_annotation_and_burns_a_banner():
+    card = SimpleNamespace(name="tiny", version="1")
+    film = pydicom.dcmread(SIIM)
+    rgb = np.full((int(film.Rows), int(film.Columns), 3), 90, np.uint8)
+    with dicomweb.quiet():
+        plain = dicom_results.heatmap_capture(film, rgb, card, "PNEUMONIA")
+        assert "BurnedInAnnotation" not in film and plain.BurnedInAnnotation == "NO"
+        film.BurnedInAnnotation = "YES"  # a film with the patient's name burned in: the capture says so too
+        assert dicom_results.heatmap_capture(film, rgb, card, "PNEUMONIA").BurnedInAnnotation == "YES"
+    band = dicom_results.banner_height(rgb.shape[1], rgb.shape[0])
+    assert 20 <= band <= rgb.shape[0] // 4
+    pixels = plain.pixel_array
+    np.testing.assert_array_equal(pixels[band:], rgb[band:])  # the film below the banner is untouched
+    top = pixels[:band]
+    text = (top[..., 0] > 200) & (top[..., 1] > 200) & (top[..., 2] < 60)  # yellow on black
+    assert (top == 0).all(axis=2).mean() > 0.5 and text.mean() > 0.05
+    columns = np.flatnonzero(text.any(axis=0))  # the text spans most of the width: legible at the film's size
+    assert columns[-1] - columns[0] > 0.8 * rgb.shape[1]
 
 
 def test_server_down_wrong_password_and_timeout(orthanc):
@@ -255,6 +296,84 @@ def test_study_without_images_lateral_and_non_chest_films(orthanc, model):
     assert item.quality.probably_not_chest and any("turned on its side" in r for r in item.quality.reasons)
 
 
+class FakeClient:
+    """The PACS as ``pacs.classify_study`` and ``score_studies`` use it: a QIDO answer and the retrieved datasets."""
+
+    def __init__(self, datasets: dict[str, pydicom.Dataset], answers: list[dicomweb.Instance]) -> None:
+        self.settings = dicomweb.Settings(url="http://127.0.0.1:9/dicom-web")
+        self.datasets, self.answers = datasets, answers
+
+    def instances(self, study_uid: str) -> list[dicomweb.Instance]:
+        return list(self.answers)
+
+    def retrieve_dataset(self, instance: dicomweb.Instance) -> pydicom.Dataset:
+        return self.datasets[instance.sop_uid]
+
+    def retrieve(self, instance: dicomweb.Instance) -> bytes:
+        return dicomweb.to_bytes(self.retrieve_dataset(instance))
+
+
+def test_the_retrieved_film_is_checked_again_lateral_oblique_or_raw(model):
+    """The QIDO answer says nothing of the view (or a PACS leaves it out); the film itself says lateral (View
+    Position LL), oblique (a View Code Sequence), or raw detector data: none is classified. Oblique View Positions
+    and DX For Processing are skipped from the QIDO answer alone."""
+    classifier, explainer = model
+    frontal = new_study(SIIM, "FAKE-1")
+    lateral, oblique, raw = (new_study(SIIM, "FAKE-1") for _ in range(3))
+    for ds in (lateral, oblique, raw):
+        ds.StudyInstanceUID = frontal.StudyInstanceUID
+    lateral.ViewPosition = "LL"
+    oblique.ViewPosition = ""
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "399135007", "SCT", "left anterior oblique"
+    oblique.ViewCodeSequence = [code]
+    raw.PresentationIntentType = "FOR PROCESSING"
+    films = [frontal, lateral, oblique, raw]
+    answers = [dicomweb.Instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                 str(ds.SOPClassUID), "CR", "", "CHEST", "chest", n, 1)  # no View Position
+               for n, ds in enumerate(films, 1)]
+    client = FakeClient({str(ds.SOPInstanceUID): ds for ds in films}, answers)
+    result = pacs.classify_study(client, classifier, explainer, str(frontal.StudyInstanceUID))
+    assert [f.film.instance.sop_uid for f in result.classified] == [str(frontal.SOPInstanceUID)]
+    skips = [f.film.skip for f in result.films[1:]]
+    assert skips[0].startswith("Lateral view (LL): not classified") and result.films[1].film.label.endswith("(LL)")
+    assert skips[1].startswith("Oblique view (left anterior oblique): not classified")
+    assert skips[2].startswith("Raw detector data (DX For Processing): not classified")
+    assert all(f.result is None and f.error is None for f in result.films[1:])
+    rows, _ = pacs.score_studies(client, classifier, [dicomweb.Study(str(frontal.StudyInstanceUID), "FAKE-1", "",
+                                                                     "", "CR", 4)])
+    assert [row.prediction is not None for row in rows] == [True, False, False, False]
+    assert [row.error.split(" ")[0] for row in rows[1:]] == ["Lateral", "Oblique", "Raw"]
+    # From the QIDO answer alone: oblique View Positions and the DX For Processing SOP class.
+    qido = [dicomweb.Instance("1", "2", f"3.{n}", sop, "DX", view, "CHEST", "", n, 1) for n, (sop, view) in enumerate(
+        [(pacs.FOR_PROCESSING, "PA"), ("1.2.840.10008.5.1.4.1.1.1.1", "RLO"), ("1.2.840.10008.5.1.4.1.1.1.1", "LLO"),
+         ("1.2.840.10008.5.1.4.1.1.1.1", "PA")])]
+    chosen, notes = pacs.films(qido, cap=10)
+    assert [f.skip.split(" ")[0] if f.skip else None for f in chosen] == ["Raw", "Oblique", "Oblique", None]
+    assert notes == []
+
+
+def test_films_are_taken_in_series_number_order_not_uid_text_order(monkeypatch):
+    """Series 1.2.10 (number 10) sorts before 1.2.9 (number 9) as text: the cap must keep series 9's films."""
+    def item(series: str, series_number: int, sop: str, number: int) -> dict:
+        return {"0020000E": {"vr": "UI", "Value": [series]}, "00080018": {"vr": "UI", "Value": [sop]},
+                "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.1"]},
+                "00080060": {"vr": "CS", "Value": ["CR"]},
+                "00200011": {"vr": "IS", "Value": [series_number]}, "00200013": {"vr": "IS", "Value": [number]}}
+
+    answer = [item("1.2.10", 10, "9.1", 1), item("1.2.9", 9, "9.3", 2), item("1.2.9", 9, "9.2", 10),
+              item("1.2.8", None, "9.4", 1)]
+    answer[3].pop("00200011")  # no series number: after the numbered ones
+    client = dicomweb.Client(dicomweb.Settings(url="http://127.0.0.1:9/dicom-web"))
+    monkeypatch.setattr(client._web, "search_for_instances", lambda **kwargs: answer)
+    found = client.instances("1.2")
+    assert [(i.series_number, i.number, i.sop_uid) for i in found] == [(9, 2, "9.3"), (9, 10, "9.2"), (10, 1, "9.1"),
+                                                                        (None, 1, "9.4")]
+    chosen, notes = pacs.films(found, cap=2)
+    assert [f.instance.sop_uid for f in chosen if f.skip is None] == ["9.3", "9.2"]
+    assert any("only the first 2 were read" in n for n in notes)
+
+
 def test_undecodable_instance_and_a_study_over_the_cap(orthanc, model):
     _, client = orthanc
     classifier, explainer = model
@@ -272,8 +391,33 @@ def test_a_pacs_that_refuses_stow(model):
         client = dicomweb.Client(source.settings)
         client.store([pydicom.dcmread(DX_J2K)])
         result = pacs.classify_study(client, classifier, explainer, study_of(DX_J2K))
-        with pytest.raises(PacsError, match=r"did not keep 2 of 2 object\(s\) it was sent"):
+        with pytest.raises(PacsError, match=r"did not keep 2 of 2 object\(s\) it was sent") as err:
             pacs.write_back(dicomweb.Client(refusing.settings), classifier.card, result)
+        assert "Nothing was stored" in str(err.value)
+
+
+def test_stow_refused_all_409_or_partly_202_says_why_and_what_was_stored():
+    """Archives answer 409 when they refuse every object, 202 when they keep some (PS3.18 10.5.3): the message
+    gives the failure reasons the server sent, and which objects were stored."""
+    first, second = new_study(SIIM, "STOW-1"), new_study(SIIM, "STOW-1")
+    second.StudyInstanceUID, second.SeriesDescription = first.StudyInstanceUID, "UNVERIFIED AI tiny v1 heatmap"
+    first.SeriesDescription = "UNVERIFIED AI tiny v1 SR"
+    uids = [str(first.SOPInstanceUID), str(second.SOPInstanceUID)]
+    refused = stow_answer([], {uids[0]: 0x0122, uids[1]: 0x0122})
+    with stow_answering(409, refused, warning='299 pacs: "SR objects are not accepted"') as client, \
+            pytest.raises(PacsError) as err:
+        client.store([first, second])
+    message = str(err.value)
+    assert "refused all 2 object(s) (HTTP 409 Conflict" in message and "Nothing was stored" in message
+    assert "failure reason 0x0122 (SOP class not supported) for 2 object(s)" in message
+    assert "SR objects are not accepted" in message and "names its DICOMweb root" not in message
+    partly = stow_answer([uids[1]], {uids[0]: 0xA700})
+    with stow_answering(202, partly) as client, pytest.raises(PacsError) as err:
+        client.store([first, second])
+    message = str(err.value)
+    assert "refused 1 of 2 object(s) (failure reason 0xA700 (out of resources) for 1 object(s))" in message
+    assert f"It stored 1 of them, now in the study: UNVERIFIED AI tiny v1 heatmap (SOP Instance UID {uids[1]})" \
+        in message and uids[0] not in message
 
 
 def test_odd_or_missing_qido_fields():
@@ -301,6 +445,22 @@ def test_settings_from_secrets_or_environment():
         dicomweb.load_settings({"url": "http://u:p@127.0.0.1/dicom-web"})
     with pytest.raises(PacsError, match="Unknown PACS setting"):
         dicomweb.load_settings({"url": "http://127.0.0.1/dicom-web", "pasword": "x"})
+
+
+def test_verify_is_true_false_or_an_existing_ca_bundle(tmp_path):
+    """A typo in 'verify' is said at once, naming the setting, not taken as a CA-bundle path that fails later
+    as if the PACS were at fault."""
+    url = "https://pacs.example.org/dicom-web"
+    for text, expected in [("yes", True), ("TRUE", True), ("off", False), ("False", False)]:
+        assert dicomweb.load_settings({"url": url, "verify": text}).verify is expected
+    assert dicomweb.load_settings({"url": url, "verify": False}).verify is False
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert dicomweb.load_settings(None, {"CXR_PACS_URL": url, "CXR_PACS_VERIFY": str(bundle)}).verify == str(bundle)
+    with pytest.raises(PacsError, match=r"setting CXR_PACS_VERIFY is 'flase': it must be true, false, or the path"):
+        dicomweb.load_settings(None, {"CXR_PACS_URL": url, "CXR_PACS_VERIFY": "flase"})
+    with pytest.raises(PacsError, match=r"'verify' in the \[pacs\] settings is '.*missing.pem'"):
+        dicomweb.load_settings({"url": url, "verify": str(tmp_path / "missing.pem")})
 
 
 def test_demo_command_prints_one_line_and_serves_the_films(tmp_path):
@@ -351,14 +511,18 @@ def test_score_a_whole_search_as_a_batch(orthanc, model):
 
 # Sites send what highdicom refuses to copy as it is: ISO 2022 character sets with code extensions (Japanese,
 # Korean; PS3.5 Annex H, I), a Patient's Sex outside M/F/O, refined or empty Patient Orientation (PS3.3 C.7.6.1.1.1).
-SITES = [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", "U", ["LP", "F"], ""),
-         (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "m", None, "M"),
-         ("ISO 2022 IR 100", "Müller^Jürgen", "MALE", ["", ""], "M")]
+# Also a Specific Character Set highdicom does not know: "ISO_IR 6" (a common misspelling of the default repertoire,
+# which pydicom reads) or empty; the results then carry UTF-8, or no Specific Character Set when all text is ASCII.
+SITES = [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", "U", ["LP", "F"], "", "ISO_IR 192"),
+         (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "m", None, "M", "ISO_IR 192"),
+         ("ISO 2022 IR 100", "Müller^Jürgen", "MALE", ["", ""], "M", "ISO_IR 192"),
+         ("ISO_IR 6", "Smith^John", "M", ["L", "F"], "M", None),
+         ("", "Núñez^José", "F", ["L", "F"], "F", "ISO_IR 192")]
 
 
-@pytest.mark.parametrize(("charset", "name", "sex", "orientation", "expected_sex"), SITES)
+@pytest.mark.parametrize(("charset", "name", "sex", "orientation", "expected_sex", "expected_charset"), SITES)
 def test_write_back_for_sites_with_iso2022_names_odd_sex_and_orientation(orthanc, model, charset, name, sex,
-                                                                         orientation, expected_sex):
+                                                                         orientation, expected_sex, expected_charset):
     """Adds studies (accession SITE-n, which the batch test leaves out). The results are built, stored and read
     back over WADO with the patient's name in the same characters, a valid sex, and the film's own orientation."""
     _, client = orthanc
@@ -380,7 +544,7 @@ def test_write_back_for_sites_with_iso2022_names_odd_sex_and_orientation(orthanc
     assert len(reports) == 1 and len(captures) == 1
     for ds in [*reports, *captures]:
         assert str(ds.PatientName) == name and ds.PatientID == CANARY["PatientID"]
-        assert ds.PatientSex == expected_sex and ds.SpecificCharacterSet == "ISO_IR 192"
+        assert ds.PatientSex == expected_sex and ds.get("SpecificCharacterSet") == expected_charset
     assert dicom_results.read_report(reports[0]).decision == result.classified[0].result.prediction.decision
     assert reports[0].ContinuityOfContent == "SEPARATE"
     (capture,) = captures
