@@ -246,25 +246,35 @@ def score_studies(client: Client, classifier, studies: Sequence[Study], *,
                   progress: Callable[[int, int], None] | None = None, limit: int = MAX_BATCH_FILMS
                   ) -> tuple[list[pipeline.BatchItem], list[str]]:
     """Batch rows (``pipeline.classify_many``) for the frontal films of many studies; films that could not be
-    retrieved keep an error row; ``progress(done, total)`` counts studies read. Returns (rows, notes)."""
+    retrieved keep an error row, and a study with no film to classify has a row saying so; ``progress(done,
+    total)`` counts studies read. Returns (rows, notes).
+
+    Each study's films are scored as soon as they are retrieved and their bytes let go, so that the server holds
+    one study's films at a time (500 uncompressed CR films held at once were 5-10 GB). ``limit`` counts the films
+    retrieved to be scored, not those skipped from their tags."""
     from cxr_core import pipeline
 
-    named: list[tuple[str, bytes | None, str | None]] = []
+    rows: list[pipeline.BatchItem] = []
     notes: list[str] = []
+    retrieved = 0
     for n, study in enumerate(studies, 1):
-        if len(named) >= limit:
+        if retrieved >= limit:
             notes.append(f"Only the first {limit} films were scored; narrow the search for the rest.")
             break
+        named: list[tuple[str, bytes | None, str | None]] = []
         try:
             chosen, _ = films(client.instances(study.study_uid), client.settings.max_instances)
         except PacsError as err:
-            named.append((study_name(study), None, str(err)))
-            continue
+            chosen, named = [], [(study_name(study), None, str(err))]
         for film in chosen:
             name = f"{study_name(study)} · {film.label}"
             if film.skip is not None:
                 named.append((name, None, film.skip))
                 continue
+            if retrieved >= limit:
+                named.append((name, None, f"Not scored: the batch stops at {limit} films."))
+                continue
+            retrieved += 1
             try:
                 source = client.retrieve_dataset(film.instance)
                 checked = recheck(film, source)
@@ -274,13 +284,18 @@ def score_studies(client: Client, classifier, studies: Sequence[Study], *,
                     named.append((name, to_bytes(source), None))
             except PacsError as err:
                 named.append((name, None, str(err)))
+        if not named:
+            named.append((study_name(study), None, "No radiographs in this study: nothing to classify."))
+        readable = [(name, data) for name, data, _ in named if data is not None]
+        scored = iter(pipeline.classify_many(classifier, readable))
+        rows += [next(scored) if data is not None else pipeline.BatchItem(name, None, error, None, None)
+                 for name, data, error in named]
+        del named, readable  # this study's bytes
         if progress is not None:
             progress(n, len(studies))
-    names = review.unique_names(name for name, _, _ in named)
-    readable = [(name, data) for name, (_, data, _) in zip(names, named, strict=True) if data is not None]
-    scored = iter(pipeline.classify_many(classifier, readable))
-    rows = [next(scored) if data is not None else pipeline.BatchItem(name, None, error, None, None)
-            for name, (_, data, error) in zip(names, named, strict=True)]
+    names = review.unique_names(row.name for row in rows)  # the table's rows need distinct names
+    rows = [row if row.name == name else dataclasses.replace(row, name=name) for row, name in zip(rows, names,
+                                                                                               strict=True)]
     return rows, notes
 
 

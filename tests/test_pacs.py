@@ -498,6 +498,9 @@ def test_score_a_whole_search_as_a_batch(orthanc, model):
     errors = {row.name: row.error for row in rows if row.prediction is None}
     assert any(e.startswith("Lateral view (LL)") for e in errors.values())
     assert any("could not be decoded" in e for e in errors.values())
+    # A study with no film to classify (a presentation state only) has its row, not nothing.
+    assert [name for name, e in errors.items() if e.startswith("No radiographs in this study")] \
+        == [pacs.study_name(s) for s in studies if s.accession == EMPTY_ACCESSION]
     scored = [row for row in rows if row.prediction is not None]
     assert len(scored) == len(FILES) - 1  # every film but the corrupt 966.dcm
     assert len({row.name for row in rows}) == len(rows)  # names made unique for the table
