@@ -218,10 +218,20 @@ def test_a_patients_other_film_and_a_film_under_another_layout_are_not_held_out_
     prepared = dataset.prepare(_config(films, tmp_path / "b", [films["kermany"]], weights=str(start)), tmp_path / "b",
                                log=lines.append)
     scored = _keys(prepared, "val") | _keys(prepared, "test")
+    everything = _keys(fresh, "val") | _keys(fresh, "test")
     for path in (trained_film, sibling, moved):
         assert f"kermany/{path}" not in scored, path
-    assert scored == (_keys(fresh, "val") | _keys(fresh, "test")) - {f"kermany/{p}" for p in by_patient[patient]} \
-        - {f"kermany/{moved}"}
+    assert scored == everything - {f"kermany/{p}" for p in by_patient[patient]} - {f"kermany/{moved}"}
+    # A start that trained on a compilation's copy of the film (the Kermany original counts as seen through the
+    # copy this run finds): the patient's other film goes too.
+    copy = _reencoded_copy(films["kermany"] / trained_film, tmp_path / "compilation" / "NORMAL" / "Normal-7.jpeg")
+    via_copy = [*rows, {**dict.fromkeys(data.MANIFEST_FIELDS, ""), "path": f"NORMAL/{copy.name}",
+                        "source": "compilation", "class": "NORMAL", "split": "train"}]
+    start2 = _starting_folder(tiny_model_dir, via_copy, tmp_path / "start2")
+    prepared2 = dataset.prepare(_config(films, tmp_path / "c", [films["kermany"], tmp_path / "compilation"],
+                                        weights=str(start2)), tmp_path / "c", log=lambda _: None)
+    assert _keys(prepared2, "val") | _keys(prepared2, "test") == everything - {f"kermany/{p}"
+                                                                               for p in by_patient[patient]}
     written = {r["path"]: r for r in _manifest(tmp_path / "b" / "split.csv")}
     assert written[sibling]["duplicate_kind"] == "seen"
     assert written[sibling]["duplicate_of"] == f"kermany/{trained_film}"

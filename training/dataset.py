@@ -131,8 +131,9 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
     # Another film of a patient the starting weights trained on: the split is by patient, so it is not held out
     # from them either.
     patient_film = {(r.source, r.patient): r.key for r in records if r.key in via and r.patient}
+    patients = trained.patients | set(patient_film)  # a patient's film trained on under a compilation's name too
     for r in records:
-        if r.patient and (r.source, r.patient) in trained.patients and r.key not in via:
+        if r.patient and (r.source, r.patient) in patients and r.key not in via:
             via[r.key] = patient_film.get((r.source, r.patient), f"{r.source}/patient {r.patient}")
     dropped_idx = {i: via[r.key] for i, r in enumerate(records) if r.split in HELD_OUT and r.key in via}
     dropped = [dataclasses.replace(records[i], duplicate_of=key, duplicate_kind="seen")
