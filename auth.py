@@ -104,10 +104,15 @@ MIN_SECRET_CHARS = 32  # the example's `secrets.token_hex(32)` gives 64
 MAX_SESSION_HOURS = 12  # a sign-in older than this (the ID token's iat) signs in again
 
 
+def weak_secret(secret: str) -> bool:
+    """The example's placeholder (CHANGE-ME...) or shorter than ``MIN_SECRET_CHARS``: the cookie secret and the
+    audit key alike."""
+    return "CHANGE-ME" in secret.upper() or len(secret) < MIN_SECRET_CHARS
+
+
 def weak_cookie_secret(section: Mapping[str, Any]) -> str | None:
     """Why the [auth] cookie_secret cannot protect the session cookie (it carries the user's roles), or None."""
-    secret = str(section.get("cookie_secret") or "")
-    if "CHANGE-ME" in secret.upper() or len(secret) < MIN_SECRET_CHARS:
+    if weak_secret(str(section.get("cookie_secret") or "")):
         return ("The [auth] cookie_secret in .streamlit/secrets.toml is still the example's placeholder or shorter "
                 f"than {MIN_SECRET_CHARS} characters: anyone could forge a signed-in session with any role. The app "
                 "is closed until it is a long random string: "
@@ -327,17 +332,12 @@ def _given_audit_key() -> str:
     return str(secrets_section("audit").get("hmac_key") or os.environ.get("CXR_AUDIT_KEY") or "")
 
 
-def weak_audit_key(key: str) -> bool:
-    """The example's placeholder or a short key: whoever reads the audit files could hash candidate study
-    UIDs (structured, often guessable) under it and see who opened which study."""
-    return "CHANGE-ME" in key.upper() or len(key) < MIN_SECRET_CHARS
-
-
 def audit_key() -> bytes | None:
     """The secret that keys the hashes of study UIDs: [audit] hmac_key in secrets, else env CXR_AUDIT_KEY;
-    None when neither is set or the key is weak (``weak_audit_key``: then studies are counted, not named)."""
+    None when neither is set or the key is weak (``weak_secret``: whoever reads the audit files could hash
+    candidate study UIDs, structured and often guessable, under it; then studies are counted, not named)."""
     key = _given_audit_key()
-    return key.encode("utf-8") if key and not weak_audit_key(key) else None
+    return key.encode("utf-8") if key and not weak_secret(key) else None
 
 
 def record(action: str, **fields: Any) -> dict[str, Any] | None:

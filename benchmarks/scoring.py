@@ -60,16 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     n = 128 if args.quick else args.images
     # Converted models and the outputs go to folders of this run (the model may be a random one).
-    with tempfile.TemporaryDirectory(prefix="cxr-bench-scoring-") as work:
-        previous = os.environ.get("CXR_ENGINE_CACHE")
-        os.environ["CXR_ENGINE_CACHE"] = str(Path(work) / "engine-cache")
-        try:
-            result = measure(args, n, Path(work))
-        finally:
-            if previous is None:
-                os.environ.pop("CXR_ENGINE_CACHE", None)
-            else:
-                os.environ["CXR_ENGINE_CACHE"] = previous
+    from benchmarks.serving import engine_cache
+
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-scoring-") as work, engine_cache(Path(work) / "engine-cache"):
+        result = measure(args, n, Path(work))
     print(json.dumps(result, indent=2))
     return 0
 

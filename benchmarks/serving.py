@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,21 @@ def model_folder(explicit: str | None = None) -> tuple[Path, str]:
     return folder, origin
 
 
+@contextmanager
+def engine_cache(folder: str | Path) -> Iterator[None]:
+    """``CXR_ENGINE_CACHE`` set to ``folder`` for the block (converted models go there, not to the user's cache),
+    then as it was."""
+    previous = os.environ.get("CXR_ENGINE_CACHE")
+    os.environ["CXR_ENGINE_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("CXR_ENGINE_CACHE", None)
+        else:
+            os.environ["CXR_ENGINE_CACHE"] = previous
+
+
 def load_seconds(folder: Path, engine: str | None = None, precision: str | None = None) -> tuple[float, object, object]:
     """Seconds for ``models.load`` (hash check, build, weights, engine) plus building the Explainer."""
     from cxr_core import explain
@@ -70,7 +88,6 @@ def engines_side_by_side(folder: Path, runs: dict[str, tuple[str, str]], repeat:
     reads the cached model (``model_load_cached_s``). Timing is interleaved, one call of each engine in
     turn, so that load from other processes on a shared machine falls on every engine alike.
     """
-    import os
     import statistics
 
     from cxr_core import imaging, pipeline, preprocess
@@ -78,17 +95,9 @@ def engines_side_by_side(folder: Path, runs: dict[str, tuple[str, str]], repeat:
     figures: dict = {}
     loaded: dict = {}
     for key, (engine, precision) in runs.items():
-        with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache:
-            previous = os.environ.get("CXR_ENGINE_CACHE")
-            os.environ["CXR_ENGINE_CACHE"] = cache
-            try:
-                load_s, classifier, explainer = load_seconds(folder, engine, precision)
-                cached = load_seconds(folder, engine, precision)[0] if engine == "openvino" else None
-            finally:
-                if previous is None:
-                    os.environ.pop("CXR_ENGINE_CACHE")
-                else:
-                    os.environ["CXR_ENGINE_CACHE"] = previous
+        with tempfile.TemporaryDirectory(prefix="cxr-bench-cache-") as cache, engine_cache(cache):
+            load_s, classifier, explainer = load_seconds(folder, engine, precision)
+            cached = load_seconds(folder, engine, precision)[0] if engine == "openvino" else None
         figures[key] = {"model_load_s": round(load_s, 2), "precision": classifier.precision,
                         "label": classifier.engine_label,
                         "first_prediction_s": round(warm_up_seconds(classifier, explainer), 2)}
@@ -204,18 +213,24 @@ def engine_forward_ms(classifier, repeat: int) -> float:
     return median_ms(lambda: classifier.runner(x), repeat, warmup=3)
 
 
+def _images_per_s(step, shape: tuple[int, ...], n_images: int, batch_size: int, convert=lambda b: b) -> float:
+    """Images per second of ``step`` over preloaded random batches of ``batch_size`` images of ``shape``
+    (``convert``: each batch as ``step`` takes it), after one warm-up call."""
+    rng = np.random.default_rng(1)
+    batches = [convert(rng.uniform(0, 255, (batch_size, *shape)).astype(np.float32))
+               for _ in range(max(1, n_images // batch_size))]
+    step(batches[0])
+    start = time.perf_counter()
+    for b in batches:
+        step(b)
+    return len(batches) * batch_size / (time.perf_counter() - start)
+
+
 def engine_forward_images_per_s(classifier, n_images: int, batch_size: int) -> float:
     """Images per second of the classifier's own engine over preloaded batches of ``batch_size`` (OpenVINO: on
     its throughput streams, as a batch review runs): the batch path without reading or decisions."""
-    rng = np.random.default_rng(1)
     size = classifier.input_size
-    batches = [rng.uniform(0, 255, (batch_size, size, size, 3)).astype(np.float32)
-               for _ in range(max(1, n_images // batch_size))]
-    classifier.runner(batches[0])
-    start = time.perf_counter()
-    for b in batches:
-        classifier.runner(b)
-    return len(batches) * batch_size / (time.perf_counter() - start)
+    return _images_per_s(classifier.runner, (size, size, 3), n_images, batch_size)
 
 
 def forward_images_per_s(model, n_images: int, batch_size: int) -> float:
@@ -223,14 +238,7 @@ def forward_images_per_s(model, n_images: int, batch_size: int) -> float:
     import tensorflow as tf
 
     fn = compiled_forward(model)
-    rng = np.random.default_rng(1)
-    batches = [tf.constant(rng.uniform(0, 255, (batch_size, *model.input_shape[1:])).astype(np.float32))
-               for _ in range(max(1, n_images // batch_size))]
-    fn(batches[0]).numpy()
-    start = time.perf_counter()
-    for b in batches:
-        fn(b).numpy()
-    return len(batches) * batch_size / (time.perf_counter() - start)
+    return _images_per_s(lambda b: fn(b).numpy(), tuple(model.input_shape[1:]), n_images, batch_size, tf.constant)
 
 
 def classify_once(classifier, explainer, data: bytes, name: str) -> np.ndarray:

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cxr_core.card import sha256_of
+
 if TYPE_CHECKING:  # imported where used: the cached OpenVINO path runs without Keras (and TensorFlow)
     import keras
 
@@ -197,7 +199,7 @@ def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> None:
             head = side.head if side.head is not None else np.zeros((0, 0), np.float32)
             np.savez(tmp_xml.with_suffix(".npz"), feature_layer=np.str_(side.feature_layer or ""),
                      feature_shape=np.asarray(side.feature_shape or (), np.int64), head=head,
-                     xml_sha256=np.str_(_sha256(tmp_xml)), bin_sha256=np.str_(_sha256(tmp_xml.with_suffix(".bin"))))
+                     xml_sha256=np.str_(sha256_of(tmp_xml)), bin_sha256=np.str_(sha256_of(tmp_xml.with_suffix(".bin"))))
             for suffix in (".npz", ".bin", ".xml"):
                 os.replace(tmp_xml.with_suffix(suffix), path.with_suffix(suffix))
     except (OSError, RuntimeError):  # OpenVINO reports a failed write (a full disk) as RuntimeError
@@ -207,14 +209,6 @@ def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> None:
 def _remove_entry(path: Path) -> None:
     for suffix in (".xml", ".bin", ".npz"):
         path.with_suffix(suffix).unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_entry(core, path: Path | None) -> tuple[object, CachedModel] | None:
@@ -228,7 +222,7 @@ def _read_entry(core, path: Path | None) -> tuple[object, CachedModel] | None:
         return None
     try:
         side, digests = _read_side(path)
-        if digests != (_sha256(path), _sha256(path.with_suffix(".bin"))):
+        if digests != (sha256_of(path), sha256_of(path.with_suffix(".bin"))):
             return None
         return core.read_model(path), side
     except (OSError, ValueError, KeyError, RuntimeError):

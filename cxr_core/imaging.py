@@ -152,8 +152,7 @@ def load(
         with ExitStack() as stack:
             fp, name, size = _open(source, filename, stack)
             if size > limits.MAX_FILE_BYTES:
-                raise UnreadableImageError(f"The file is too large ({size / limits.MiB:,.0f} MB, over the limit of "
-                                           f"{limits.MAX_FILE_BYTES // limits.MiB} MB). Export a smaller image.")
+                raise UnreadableImageError(limits.file_too_large(size))
             head = fp.read(132)
             fp.seek(0)
             if not head:

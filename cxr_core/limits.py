@@ -18,6 +18,13 @@ MAX_PIXELS = 50_000_000
 # limit is 200 MB. Larger files are refused from their size alone, before a byte is parsed.
 MAX_FILE_BYTES = 256 * MiB
 
+
+def file_too_large(size: int, at_least: bool = False) -> str:
+    """What a user is told about a file over ``MAX_FILE_BYTES`` of ``size`` bytes (``at_least``: the size is a
+    lower bound, e.g. what was read before stopping)."""
+    return (f"The file is too large ({size / MiB:,.0f} MB{' or more' if at_least else ''}, over the limit of "
+            f"{MAX_FILE_BYTES // MiB} MB). Export a smaller image.")
+
 # --- DICOM ------------------------------------------------------------------------------------------------
 # One decoded frame (rows x columns x samples x bytes per sample). The largest detector's 16-bit frame is
 # 37 MB and a 4300 x 4300 RGB secondary capture 55 MB; a compressed bomb is refused before it is decoded.

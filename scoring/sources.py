@@ -158,19 +158,14 @@ def list_entries(source: str) -> list[Entry]:
                      f"(manifest names end in {', '.join(MANIFEST_SUFFIXES)})")
 
 
-def _too_large(size: int) -> SourceError:
-    return SourceError(f"The file is too large ({size / limits.MiB:,.0f} MB or more, over the limit of "
-                       f"{limits.MAX_FILE_BYTES // limits.MiB} MB). Export a smaller image.")
-
-
 def _capped(fh, declared: int | None = None) -> bytes:
     """At most ``limits.MAX_FILE_BYTES`` from ``fh``; SourceError for more (read no further than one byte
     past the limit: a huge file or an endless body must not fill a worker's memory before it is refused)."""
     if declared is not None and declared > limits.MAX_FILE_BYTES:
-        raise _too_large(declared)
+        raise SourceError(limits.file_too_large(declared, at_least=True))
     data = fh.read(limits.MAX_FILE_BYTES + 1)
     if len(data) > limits.MAX_FILE_BYTES:
-        raise _too_large(len(data))
+        raise SourceError(limits.file_too_large(len(data), at_least=True))
     return data
 
 
@@ -207,7 +202,8 @@ def _read_fsspec(url: str) -> bytes:
 
     try:
         with fsspec.open(url, "rb") as fh:
-            return _capped(fh, getattr(fh, "size", None) if isinstance(getattr(fh, "size", None), int) else None)
+            size = getattr(fh, "size", None)
+            return _capped(fh, size if isinstance(size, int) else None)
     except SourceError:
         raise
     except FileNotFoundError:

@@ -292,11 +292,6 @@ def trained_films(path: str | Path) -> Trained:
                    patients=frozenset((r["source"], r["patient"]) for r in chosen if r.get("patient")))
 
 
-def trained_keys(path: str | Path) -> set[str]:
-    """The ``source/path`` keys a model trained on (``trained_films``)."""
-    return set(trained_films(path).keys)
-
-
 def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]:
     """Records from a manifest, resolved against the same dataset folders (by source name)."""
     root_of = roots_by_source(roots)
