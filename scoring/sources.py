@@ -14,6 +14,7 @@ reader for its scheme, once ``cxr_core`` has the client. Readers run wherever th
 from __future__ import annotations
 
 import os
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -171,8 +172,17 @@ def _capped(fh, declared: int | None = None) -> bytes:
 
 def _read_local(path: str) -> bytes:
     try:
-        with open(path.removeprefix("file://"), "rb") as fh:
-            return _capped(fh, os.fstat(fh.fileno()).st_size)
+        # Non-blocking, so that a FIFO listed in a manifest opens at once instead of waiting for a writer
+        # for ever; anything but a regular file is refused below (as cxr_core.imaging does).
+        fd = os.open(path.removeprefix("file://"), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(info.st_mode):
+                raise SourceError(f"{path} is not a regular file (a device, pipe or socket), so it cannot be an "
+                                  "image; list image files only.")
+            return _capped(fh, info.st_size)
     except FileNotFoundError:
         raise SourceError(f"File not found: {path}. Check the path, or whether the file was moved.") from None
     except IsADirectoryError:

@@ -305,6 +305,41 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_and_the_rest_are_scored(tm
                log=lambda _: None).scored == 0
 
 
+def test_a_pipe_or_folder_in_a_manifest_is_an_error_row_not_a_hang(tmp_path, tiny_model_dir, data_dir):
+    """A FIFO listed in a manifest must not block a worker for ever waiting for a writer (open() would)."""
+    import os
+    import threading
+
+    from scoring import sources
+
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    os.mkfifo(tmp_path / "pipe.dcm")
+    (tmp_path / "sub").mkdir()
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(sources.read_bytes(str(tmp_path / "pipe.dcm")))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():
+        with open(tmp_path / "pipe.dcm", "wb"):  # a writer, so that the blocked reader ends
+            pass
+        pytest.fail("reading a FIFO blocked")
+    assert isinstance(outcome[0], sources.SourceError) and "not a regular file" in str(outcome[0])
+    paths = [str(tmp_path / name) for name in ("a.jpeg", "pipe.dcm", "sub")]
+    pd.DataFrame({"path": paths}).to_csv(tmp_path / "list.csv", index=False)
+    out = tmp_path / "r.parquet"
+    summary = run(Config(str(tmp_path / "list.csv"), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    table = pd.read_parquet(out)
+    assert (summary.files, summary.errors) == (3, 2) and table.loc[0, "error"] == ""
+    assert "not a regular file" in table.loc[1, "error"] and "is a folder" in table.loc[2, "error"]
+
+
 def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     """A huge file (here sparse, 300 MB) is an error row, refused from its size before its bytes fill the
     worker's memory; the film beside it is scored. Over HTTP, a body is never read past the limit."""
