@@ -287,13 +287,12 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
         raise UnreadableImageError(f"The image is too large (over the limit of {max_pixels:,} pixels). "
                                    "Export a smaller version and retry.") from exc
     except Exception as exc:
-        raise _damaged(fmt) from exc
+        raise _undecodable(fp, fmt) from exc
     _check_pixels(*im.size, max_pixels)
     try:
         im.load()  # decodes now, so a truncated file fails here instead of coming out half grey
-        frames = getattr(im, "n_frames", 1)
     except Exception as exc:
-        raise _damaged(fmt) from exc
+        raise _undecodable(fp, fmt) from exc
     metadata = {"PillowMode": im.mode}
     orientation = im.getexif().get(0x0112, 1)
     if orientation in range(2, 9):
@@ -301,11 +300,65 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
         metadata["ExifOrientation"] = str(orientation)
     pixels, bit_depth, notes = _pillow_gray(im)
     metadata.update(notes)
+    frames = _frame_count(im)
     if im.mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         metadata["Conversion"] = f"{im.mode} to grayscale (ITU-R 601 luma)"
     height, width = pixels.shape
     return LoadedImage(pixels, ImageInfo(format=fmt, width=width, height=height, bit_depth=bit_depth,
                                          photometric=metadata["PillowMode"], frames=frames, metadata=metadata))
+
+
+_MAX_FRAMES_COUNTED = 1000
+
+
+def _frame_count(im: Image.Image) -> int:
+    """How many frames (pages) the file holds, counted to at most ``_MAX_FRAMES_COUNTED``: Pillow's ``n_frames``
+    walks a TIFF's every page at a cost that grows with the square of their number (40,000 chained pages in a
+    4.6 MB file took 40 s, a 200 MB one would take hours). Only the first frame is read."""
+    if not getattr(im, "is_animated", False) and im.format != "TIFF":
+        return 1
+    if im.format != "TIFF":
+        return int(getattr(im, "n_frames", 1))
+    count = 1
+    try:
+        while count < _MAX_FRAMES_COUNTED:
+            im.seek(count)
+            count += 1
+    except (EOFError, OSError, ValueError):
+        pass
+    return count
+
+
+_LOSSLESS_SOF = {0xC3: "lossless JPEG (process 14)", 0xC7: "lossless JPEG (process 14)", 0xCB: "lossless JPEG",
+                 0xCF: "lossless JPEG", 0xF7: "JPEG-LS"}
+
+
+def _undecodable(fp: BinaryIO, fmt: str) -> UnreadableImageError:
+    """Why a file Pillow could not decode failed: damaged, or (for an intact JPEG coded in a way Pillow does not
+    decode: lossless JPEG or JPEG-LS, as some modalities export) a coding that exporting the same way again would
+    not help with."""
+    try:
+        fp.seek(0)
+        head = fp.read(1 << 20) if fmt == "JPEG" else b""
+    except Exception:  # noqa: BLE001 - only a better message was at stake
+        head = b""
+    at = _jpeg_sof(head)
+    kind = _LOSSLESS_SOF.get(head[at + 1]) if at is not None else None
+    if kind is None:
+        return _damaged(fmt)
+    return UnreadableImageError(f"This JPEG file is coded as {kind}, which this reader cannot decode. Export the "
+                                "image as PNG, as a standard (baseline) JPEG or as DICOM, and retry.")
+
+
+def _scaled_by_bits_used(values: np.ndarray, notes: dict[str, str]) -> np.ndarray:
+    """16-bit samples to [0, 1] by the bits they use: 10-, 12- and 14-bit detector data saved in a 16-bit PNG or
+    TIFF (values up to 1023, 4095 or 16383) would come out nearly black divided by 65535, and be called blank.
+    The full 16 bits are used as they are."""
+    peak = float(values.max(initial=0.0))
+    bits = min(max(int(np.ceil(np.log2(peak + 1))), 8), 16) if peak > 0 else 16
+    if bits < 16:
+        notes["BitsUsed"] = f"{bits}-bit values in a 16-bit image: scaled to {2 ** bits - 1} as white"
+    return values / np.float32(2 ** bits - 1)
 
 
 def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
@@ -316,7 +369,7 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
     """
     mode, notes = im.mode, {}
     if mode.startswith("I;16"):
-        return np.asarray(im).astype(np.float32) / np.float32(65535), 16, notes
+        return _scaled_by_bits_used(np.asarray(im).astype(np.float32), notes), 16, notes
     if mode in ("I", "F"):
         arr = np.asarray(im).astype(np.float64)
         finite = np.isfinite(arr)
@@ -328,7 +381,7 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
         lo, hi = float(arr[finite].min()), float(arr[finite].max())
         arr = np.where(finite, arr, lo)
         if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data widened to int32 by some plugins
-            return (arr / 65535).astype(np.float32), 16, notes
+            return _scaled_by_bits_used(arr.astype(np.float32), notes), 16, notes
         if mode == "F" and lo >= 0 and hi <= 1:
             return arr.astype(np.float32), 32, notes
         return ((arr - lo) / max(hi - lo, 1e-300)).astype(np.float32), 32, notes
@@ -443,9 +496,17 @@ def _check_partial_header(out: BinaryIO, max_pixels: int) -> bool:
     return True
 
 
-def _tag_error(tag: str, value: object, why: str) -> UnreadableImageError:
-    shown = quoted(value)
-    return UnreadableImageError(f"The DICOM tag {tag} is malformed ('{shown}': {why}), so the image cannot be shown "
+# What a numeric tag's value may look like to be quoted in a message: digits, signs, exponents, decimal points,
+# separators; or inf/nan. Anything else is not quoted: a value whose length was damaged runs on through the
+# elements after it, which may be a physician's name or an admission id, and messages reach pages, CSVs and logs.
+_QUOTABLE = re.compile(r"[0-9eE+\-., \\\[\]']{1,32}|[+-]?(?i:inf|infinity|nan)")
+
+
+def _tag_error(tag: str, value: object, why: str, *, ours: bool = False) -> UnreadableImageError:
+    """``value`` is read from the file (quoted only when it looks like a number), or ``ours`` (our own words)."""
+    text = str(value)
+    shown = f"'{quoted(text)}'" if ours or _QUOTABLE.fullmatch(text) else "its value, not shown"
+    return UnreadableImageError(f"The DICOM tag {tag} is malformed ({shown}: {why}), so the image cannot be shown "
                                 "correctly. Export the image again from the PACS or modality and retry.")
 
 
@@ -506,22 +567,44 @@ def _check_native_length(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int
 _JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
 
 
-def _codestream_size(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None when not found."""
-    if data.startswith(b"\xff\xd8"):
-        i = 2
-        while i + 10 <= len(data) and data[i] == 0xFF:
-            code = data[i + 1]
-            if code in _JPEG_SOF:
-                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
-            if code == 0xFF:  # fill byte
-                i += 1
-            elif code in (0x01, *range(0xD0, 0xD8)):
-                i += 2
-            else:
-                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _jpeg_sof(data: bytes) -> int | None:
+    """Where a JPEG's frame header (SOF) starts, found by walking its marker segments from SOI: a segment's length
+    skips its body, so the walk costs one step per segment however long the segments (up to 64 KiB each) are."""
+    if not data.startswith(b"\xff\xd8"):
         return None
-    at = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (raw codestream or inside a JP2 box)
+    i = 2
+    while i + 10 <= len(data) and data[i] == 0xFF:
+        code = data[i + 1]
+        if code in _JPEG_SOF:
+            return i
+        if code == 0xFF:  # fill byte
+            i += 1
+        elif code in (0x01, *range(0xD0, 0xD8)):
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _codestream_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None when not found.
+
+    The whole codestream is searched: segments or boxes placed before the frame header must not hide it (two
+    legal 64 KiB APP segments once did, and the decoder was handed a 30000 x 30000 frame)."""
+    if data.startswith(b"\xff\xd8"):
+        i = _jpeg_sof(data)
+        if i is None:
+            return None
+        return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
+    if data.startswith(b"\xff\x4f\xff\x51"):  # JPEG 2000: SOC then SIZ
+        at = 0
+    elif data.startswith(_JP2_SIGNATURE):  # a JP2 file: the codestream sits in its jp2c box, after the others
+        at = data.find(b"\xff\x4f\xff\x51")
+    else:
+        return None
     if at < 0 or at + 44 > len(data):
         return None
     siz = data[at + 4:]
@@ -539,7 +622,7 @@ def _check_codestream(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int, c
         frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
     except Exception:  # noqa: BLE001 - the decoder gives the message for fragments it cannot find
         return
-    size = _codestream_size(bytes(frame[:1 << 16]))
+    size = _codestream_size(bytes(frame))
     if size is None:  # RLE, or no codestream header the reader recognises: the decoder gives its own message
         return
     if size[1] == 0:  # a JPEG whose height comes later (DNL): the decoder then sizes its buffers blindly (~10 GB)
@@ -588,13 +671,24 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     if photometric == "PALETTE COLOR":
         raise UnreadableImageError("This DICOM stores a palette-colour image, not a radiograph. "
                                    "Export the X-ray as MONOCHROME or RGB and retry.")
+    assumed = {}
+    if "PhotometricInterpretation" not in ds and samples == 1:  # required, but a grey image has one reading
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        assumed["PhotometricInterpretation"] = "missing from the file: read as MONOCHROME2"
     try:
         arr = pixel_array(ds, index=0)  # the first frame only, even for multi-frame files
     except Exception as exc:
-        raise UnreadableImageError(f"The DICOM image data could not be decoded ({syntax.name}): the compressed "
-                                   "pixel data is corrupt or uses an unsupported compression. Re-export the image "
-                                   "(uncompressed or standard JPEG) from the PACS or modality and retry.") from exc
-    metadata = {key: str(ds[key].value) for key in METADATA_TAGS if key in ds}
+        if syntax.is_encapsulated:
+            raise UnreadableImageError(
+                f"The DICOM image data could not be decoded ({syntax.name}): the compressed pixel data is corrupt "
+                "or uses an unsupported compression. Re-export the image (uncompressed or standard JPEG) from the "
+                "PACS or modality and retry.") from exc
+        raise UnreadableImageError(
+            "The DICOM image data could not be read: the uncompressed pixel data does not fit what the header "
+            "declares (the file is cut short, or tags such as BitsAllocated, BitsStored, PixelRepresentation, "
+            "PhotometricInterpretation or NumberOfFrames hold values the data cannot have). Export the image again "
+            "from the PACS or modality and retry.") from exc
+    metadata = {key: str(ds[key].value) for key in METADATA_TAGS if key in ds} | assumed
     metadata["TransferSyntax"] = deflated or syntax.name
     bits = int(_number(ds, "BitsStored", arr.dtype.itemsize * 8))
     values = _modality_values(arr, ds, photometric, metadata)
@@ -642,7 +736,8 @@ def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, met
         try:
             return apply_modality_lut(arr, ds).astype(np.float32)
         except Exception as exc:
-            raise _tag_error("ModalityLUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table") from exc
+            raise _tag_error("ModalityLUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table",
+                             ours=True) from exc
     values = arr.astype(np.float32)
     if arr.dtype.kind == "f":  # float pixel data may hold NaN or infinities: missing samples, shown as 0
         np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
@@ -695,7 +790,7 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
             little = (getattr(ds, "original_encoding", None) or (None, True))[1] is not False
             return _voi_lut(values, ds.VOILUTSequence[0], little), None, "voi_lut"
         except Exception as exc:
-            raise _tag_error("VOILUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table") from exc
+            raise _tag_error("VOILUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table", ours=True) from exc
     step = max(1, int(np.sqrt(values.size / _SAMPLE_PIXELS)))
     sample = values[::step, ::step]
     if padding is not None and not padding[::step, ::step].all():

@@ -24,6 +24,7 @@ Dataset's viral pneumonias; upright, none of them fires the upside-down rule (la
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from os import PathLike
@@ -34,7 +35,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cxr_core import limits
 from cxr_core.errors import quoted
+
+_PILLOW_FORMATS = ["JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF"]  # cxr_core.imaging's, DICOM aside
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")
 
 TEMPLATE_FILE = Path(__file__).with_name("chest_template.png")
 TEMPLATE_SIZE = 32
@@ -129,13 +134,21 @@ def colourfulness(data: bytes | str | PathLike | np.ndarray | None) -> float:
         return 0.0
     if isinstance(data, (bytes, bytearray, str, PathLike)):
         try:
-            with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as im:
-                im.draft("RGB", (256, 256))
-                if im.mode in ("L", "I", "I;16", "F", "1", "LA"):
+            with io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb") as source:
+                if source.read(132)[128:] == b"DICM":  # a DICOM (whatever its preamble says): grey by definition
                     return 0.0
-                im = im.convert("RGB")
-                im.thumbnail((256, 256))
-                rgb = np.asarray(im, dtype=np.float32)
+                source.seek(0)
+                # Only the formats the reader takes (a DICOM whose preamble is a TIFF header is no TIFF), and no
+                # bigger than it takes: the image was read once already, within the limits.
+                with Image.open(source, formats=_PILLOW_FORMATS) as im:
+                    if im.width * im.height > limits.MAX_PIXELS:
+                        return 0.0
+                    im.draft("RGB", (256, 256))
+                    if im.mode in ("L", "I", "I;16", "F", "1", "LA"):
+                        return 0.0
+                    im = im.convert("RGB")
+                    im.thumbnail((256, 256))
+                    rgb = np.asarray(im, dtype=np.float32)
         except Exception:  # not a picture PIL knows (DICOM, corrupt): no colour evidence
             return 0.0
     else:
@@ -147,14 +160,22 @@ def colourfulness(data: bytes | str | PathLike | np.ndarray | None) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+def _code(value: str) -> str:
+    """A DICOM code string (CS) fit to quote: its own characters only (upper-case letters, digits, space,
+    underscore, at most 16). Anything else is not quoted: a value whose length was damaged runs on into the
+    elements after it (a referring physician's name follows the modality), and the sentence reaches pages, CSVs
+    and logs."""
+    return quoted(value, 16) if _CODE_STRING.fullmatch(value) else "a value that is no DICOM code"
+
+
 def _tag_reasons(metadata: dict[str, Any]) -> list[str]:
     reasons = []
     modality = str(metadata.get("Modality", "") or "").strip().upper()
-    if modality not in RADIOGRAPHY:  # quoted: the file's own text goes into a sentence a page shows
-        reasons.append(f"DICOM modality is {quoted(modality, 16)}, not chest radiography (CR/DX)")
+    if modality not in RADIOGRAPHY:  # the file's own text goes into a sentence a page shows
+        reasons.append(f"DICOM modality is {_code(modality)}, not chest radiography (CR/DX)")
     part = str(metadata.get("BodyPartExamined", "") or "").strip().upper()
     if part and not any(p in part for p in CHEST_PARTS):
-        reasons.append(f"DICOM body part is {quoted(part, 16)}, not the chest")
+        reasons.append(f"DICOM body part is {_code(part)}, not the chest")
     return reasons
 
 

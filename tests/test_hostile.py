@@ -73,14 +73,41 @@ def test_dicom_text_in_the_not_a_chest_reasons_cannot_carry_markdown():
     reasons = quality.assess(image).reasons
     said = [r for r in reasons if r.startswith("DICOM modality is")] + [r for r in reasons if "body part" in r]
     assert len(said) == 2, reasons
-    assert said[0] == "DICOM modality is ?SEE ADVICE??HTT, not chest radiography (CR/DX)"
+    assert said[0] == "DICOM modality is a value that is no DICOM code, not chest radiography (CR/DX)"
     assert all(_inert(r.split(" is ", 1)[1].split(", not ")[0]) for r in said), said
+    # A real code is quoted.
+    reasons = quality.assess(imaging.load(dicom_with(Modality="CT", BodyPartExamined="HEAD"), "x.dcm")).reasons
+    assert "DICOM modality is CT, not chest radiography (CR/DX)" in reasons and "DICOM body part is HEAD, not the " \
+        "chest" in reasons, reasons
 
 
-def test_a_malformed_tag_is_quoted_without_markdown():
+def test_a_malformed_tag_is_named_and_its_text_not_quoted():
     with pytest.raises(UnreadableImageError, match="WindowCenter") as err:
         imaging.load(dicom_with(WindowCenter="[A](HTTP://EV.IL)", WindowWidth="40000"), "x.dcm")
-    assert "('?A??HTTP?//EV.IL?': not a number)" in str(err.value), str(err.value)
+    assert "(its value, not shown: not a number)" in str(err.value) and "EV.IL" not in str(err.value), str(err.value)
+    with pytest.raises(UnreadableImageError, match="WindowWidth") as err:
+        imaging.load(dicom_with(WindowCenter="30000", WindowWidth="1e999"), "x.dcm")
+    assert "('1e999': not a finite number)" in str(err.value), str(err.value)  # a number is quoted
+
+
+def test_a_tag_whose_length_runs_into_the_next_elements_does_not_quote_them():
+    """A damaged RescaleSlope length swallows the elements after it (here a physician's name and an admission
+    id): the message names the tag and quotes none of it, since messages reach pages, CSVs and logs."""
+    import struct
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_with(RescaleSlope="1", RescaleIntercept="0")))
+    ds.RequestingPhysician = "DOE^JANE"
+    ds.AdmissionID = "ADM4711"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    blob = bytearray(out.getvalue())
+    at = blob.index(b"\x28\x00\x53\x10DS")  # RescaleSlope, explicit VR little endian: tag, VR, 2-byte length
+    blob[at + 6:at + 8] = struct.pack("<H", blob.index(b"ADM4711") + 8 - (at + 8))
+    with pytest.raises(UnreadableImageError, match="RescaleSlope") as err:
+        imaging.load(bytes(blob), "x.dcm")
+    assert "JANE" not in str(err.value) and "4711" not in str(err.value), str(err.value)
 
 
 def test_float_tiff_with_infinities_reads_finite_and_says_so():
@@ -342,3 +369,129 @@ def test_training_csvs_are_spreadsheet_safe_and_read_back_exactly(tmp_path):
     table = pd.DataFrame({"path": names, "p_NORMAL": [-0.0] * len(names)})
     csvsafe.to_csv(table, tmp_path / "predictions.csv", keep_bytes=True, index=False)
     assert csvsafe.read_csv(tmp_path / "predictions.csv")["path"].tolist() == names
+
+
+# --- found by the ninth session's review --------------------------------------------------------------------------
+def _jpeg_dicom_declaring(side: int, padding: int) -> bytes:
+    """The JPEG DICOM of the corpus, its codestream declaring ``side`` x ``side``, with ``padding`` legal 64 KiB APP15
+    segments before the frame header (SOF)."""
+    import pydicom
+    from pydicom.encaps import encapsulate, get_frame
+
+    from benchmarks.bombs import JPEG_DICOM
+
+    ds = pydicom.dcmread(JPEG_DICOM)
+    frame = bytearray(get_frame(ds.PixelData, 0, number_of_frames=1))
+    sof = frame.find(b"\xff\xc0")
+    frame[sof + 5:sof + 9] = side.to_bytes(2, "big") * 2
+    segment = b"\xff\xef" + (65535).to_bytes(2, "big") + bytes(65533)
+    ds.PixelData = encapsulate([bytes(frame[:2] + segment * padding + frame[2:])])
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_a_jpeg_frame_size_hidden_behind_large_segments_is_still_checked(padding):
+    """The header check once read only the first 64 KiB of the codestream: two APP segments pushed the frame header
+    past it and the decoder was handed what the codestream declared (6000 x 6000 here: +171 MiB; 30000 x 30000:
+    about 4 GB)."""
+    with pytest.raises(UnreadableImageError, match=r"declares 6000 x 6000 pixels .* header says 1024 x 1024"):
+        imaging.load(_jpeg_dicom_declaring(6000, padding), "x.dcm")
+
+
+def _tiff_pages(n: int) -> bytes:
+    """A 1 x 1 grey TIFF of ``n`` chained pages (IFDs), all pointing at one byte."""
+    import struct
+
+    def entry(tag: int, kind: int, value: int) -> bytes:
+        return struct.pack("<HHII", tag, kind, 1, value)
+
+    out = bytearray(b"II*\x00" + struct.pack("<I", 9) + b"\x80")
+    for i in range(n):
+        entries = [entry(256, 4, 1), entry(257, 4, 1), entry(258, 3, 8), entry(259, 3, 1), entry(262, 3, 1),
+                   entry(273, 4, 8), entry(277, 3, 1), entry(278, 4, 1), entry(279, 4, 1)]
+        following = len(out) + 2 + 12 * len(entries) + 4 if i < n - 1 else 0
+        out += struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", following)
+    return bytes(out)
+
+
+def test_a_tiff_of_many_pages_is_counted_only_so_far():
+    """Pillow's n_frames walks every page at a cost growing with the square of their number (40,000 pages: 40 s);
+    the reader counts to imaging._MAX_FRAMES_COUNTED and reads the first page."""
+    image = imaging.load(_tiff_pages(3000), "x.tif")
+    assert image.info.frames == imaging._MAX_FRAMES_COUNTED == 1000 and image.pixels.shape == (1, 1)
+    assert imaging.load(_tiff_pages(3), "x.tif").info.frames == 3
+
+
+def test_twelve_bit_values_in_a_16_bit_png_are_scaled_by_the_bits_they_use():
+    """A 12-bit detector's values (0-4095) in a 16-bit PNG came out nearly black (max 0.06) and were called blank."""
+    from PIL import Image
+
+    from cxr_core import quality
+
+    film = np.asarray(Image.open(KERMANY_JPEG).convert("L"))
+    buf = io.BytesIO()
+    Image.fromarray(film.astype(np.uint16) * 16).save(buf, "PNG")  # 8-bit film x 16: 12-bit values, max 4080
+    image = imaging.load(buf.getvalue(), "chest12.png")
+    np.testing.assert_allclose(image.pixels, film / 255.0 * (255 * 16) / 4095, atol=1e-6)
+    assert image.info.metadata["BitsUsed"].startswith("12-bit")
+    assert not quality.assess(image, buf.getvalue()).probably_not_chest
+    buf = io.BytesIO()
+    Image.fromarray(film.astype(np.uint16) * 257).save(buf, "PNG")  # the full 16 bits: as before
+    np.testing.assert_allclose(imaging.load(buf.getvalue(), "chest16.png").pixels, film / 255.0, atol=1e-6)
+
+
+def test_a_lossless_or_jpeg_ls_file_is_named_as_such_not_as_damaged(data_dir):
+    import pydicom
+    from pydicom.encaps import get_frame
+
+    for path, kind in (("dicom/non_chest/CR-ModalitySequenceLUT.dcm", "lossless JPEG"),
+                       ("dicom/pylibjpeg-data/RG1_JLSN.dcm", "JPEG-LS")):
+        frame = get_frame(pydicom.dcmread(data_dir / path).PixelData, 0, number_of_frames=1)
+        with pytest.raises(UnreadableImageError, match=f"coded as {kind}") as err:
+            imaging.load(bytes(frame), "film.jpg")
+        assert "damaged" not in str(err.value) and "Export the image as PNG" in str(err.value)
+    with pytest.raises(UnreadableImageError, match="damaged or incomplete"):  # a cut baseline JPEG still is
+        imaging.load(KERMANY_JPEG.read_bytes()[:2000], "film.jpg")
+
+
+def test_an_uncompressed_dicom_that_cannot_be_read_is_not_called_compressed():
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_with()))
+    ds.PixelRepresentation = 2  # neither unsigned (0) nor signed (1)
+    out = io.BytesIO()
+    ds.save_as(out)
+    for data in (dicom_with()[:-3000], out.getvalue()):
+        with pytest.raises(UnreadableImageError, match="uncompressed pixel data does not fit") as err:
+            imaging.load(data, "x.dcm")
+        assert "compressed pixel data is corrupt" not in str(err.value)
+
+
+def test_a_grey_dicom_without_photometric_interpretation_is_read_as_monochrome2():
+    import pydicom
+
+    reference = imaging.load(dicom_with(), "x.dcm")
+    ds = pydicom.dcmread(io.BytesIO(dicom_with()))
+    del ds.PhotometricInterpretation
+    out = io.BytesIO()
+    ds.save_as(out)
+    image = imaging.load(out.getvalue(), "x.dcm")
+    np.testing.assert_array_equal(image.pixels, reference.pixels)
+    assert image.info.metadata["PhotometricInterpretation"].startswith("missing from the file")
+
+
+def test_the_colour_check_decodes_nothing_over_the_pixel_limit(monkeypatch):
+    from cxr_core import quality
+
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[:, :32, 0] = 255
+    rgb[:, 32:, 2] = 255
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(rgb).save(buf, "PNG")
+    assert quality.colourfulness(buf.getvalue()) > 30
+    monkeypatch.setattr(limits, "MAX_PIXELS", 64 * 64 - 1)
+    assert quality.colourfulness(buf.getvalue()) == 0.0
