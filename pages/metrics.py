@@ -72,8 +72,13 @@ def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
         rule = (f"One against the rest: {positive} counted as called when its probability reaches the threshold. This "
                 "card calls the most probable class; the threshold is not part of its rule.")
     card_value = f" The card's threshold is {default:.4f}." if positive in card.thresholds else ""
-    threshold = st.slider(f"Threshold on P({positive})", 0.0, 1.0, default, 0.01, key=f"{key}_threshold",
-                          help=rule + card_value)
+    # A keyed slider keeps its value while its bounds stay the same: another positive class or another model
+    # would be shown at the previous one's threshold under this one's label. Start it again at the card's value.
+    shown_for, slider_key = f"{key}_threshold_for", f"{key}_threshold"
+    if st.session_state.get(shown_for) != (card.name, card.weights_sha256, positive):
+        st.session_state[shown_for] = (card.name, card.weights_sha256, positive)
+        st.session_state[slider_key] = default
+    threshold = st.slider(f"Threshold on P({positive})", 0.0, 1.0, step=0.01, key=slider_key, help=rule + card_value)
     negative = card.negative_class if binary and card.negative_class else None
     c = names.index(positive)
     called = ev.decisions(card, probs, {positive: threshold}) == c if ruled else None

@@ -4,6 +4,7 @@ slider, a folder without evaluation files, and evaluate-on-a-labelled-folder wit
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from app_models import evaluated_model, labelled_folder
 from streamlit.testing.v1 import AppTest
 
+from cxr_core import card as card_lib
 from cxr_core import evaluation_view as ev
 from cxr_core import metrics, models
 from cxr_core.card import RESEARCH_USE
@@ -190,6 +192,24 @@ def test_three_class_model_thresholds_one_class_against_the_rest(setup, tiny_mod
     assert "All classes under the card's rule at this threshold" in titles
     at.selectbox(key="held_out_positive").set_value("COVID-19").run()
     assert metric(at, "Sensitivity") == "n/a"  # no COVID-19 image in this set
+
+
+def test_the_threshold_starts_at_the_card_threshold_of_each_positive_class(setup, tiny_model3_dir, tmp_path,
+                                                                          monkeypatch):
+    """The slider once kept the previous class's threshold (COVID-19's) under the label of the next (PNEUMONIA)."""
+    root, _, _, _ = setup
+    evaluated_model(tiny_model3_dir, tmp_path, root / "eval")
+    thresholds = {"COVID-19": 0.3042, "PNEUMONIA": 0.7636}
+    card_path = tmp_path / tiny_model3_dir.name
+    card_lib.save(dataclasses.replace(card_lib.read(card_path), thresholds=thresholds), card_path)
+    at = run_page(monkeypatch, tmp_path, root)
+    assert not at.exception
+    for positive in ("COVID-19", "PNEUMONIA", "COVID-19"):
+        at.selectbox(key="held_out_positive").set_value(positive).run()
+        assert at.slider(key="held_out_threshold").value == pytest.approx(thresholds[positive]), positive
+        assert at.slider(key="held_out_threshold").label == f"Threshold on P({positive})"
+    at.slider(key="held_out_threshold").set_value(0.5).run()  # a value the user chose stays while the class does
+    assert at.slider(key="held_out_threshold").value == 0.5
 
 
 def test_folder_with_a_class_folder_linked_out_of_the_root_is_refused(setup, monkeypatch, tmp_path):
