@@ -141,11 +141,13 @@ def confident_errors(predictions: pd.DataFrame, class_names: Sequence[str], k: i
     missing = {"true_class", "predicted_class", *prob_cols} - set(predictions.columns)
     if missing:
         raise ValueError(f"predictions lack columns {sorted(missing)}")
-    rows = predictions
+    # As text: a CSV read back gives class names that look like numbers ("0", "1") as integers.
+    rows = predictions.assign(true_class=predictions["true_class"].astype(str),
+                              predicted_class=predictions["predicted_class"].astype(str))
     if split is not None and "split" in rows.columns:
         rows = rows[rows["split"].astype(str) == split]
     rows = rows[rows["true_class"].isin(list(class_names))]
-    wrong = rows[rows["true_class"].astype(str) != rows["predicted_class"].astype(str)].copy()
+    wrong = rows[rows["true_class"] != rows["predicted_class"]].copy()
     wrong = wrong[wrong["predicted_class"].isin(list(class_names))]
     called = [prob_cols.index(f"p_{c}") for c in wrong["predicted_class"].astype(str)]
     wrong["confidence"] = wrong[prob_cols].to_numpy(dtype=np.float64)[np.arange(len(wrong)), called] if called else []

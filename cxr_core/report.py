@@ -119,7 +119,9 @@ def render(
 
     ``image``: float32 HxW in [0, 1] (the radiograph as shown); ``overlay_rgb``: uint8 HxWx3
     (the heatmap over it); ``warnings``: sentences shown in amber (low confidence, not a chest);
-    ``engine``: the inference engine and precision (``Classifier.engine_label``), named in the footer.
+    ``engine``: the inference engine and precision (``Classifier.engine_label``), named in the footer;
+    ``explained_class``: the class the heatmap explains (default: the class called, which ``pipeline.classify``
+    explains unless told otherwise; at a threshold it can differ from the most probable class).
     """
     if fmt not in FORMATS:
         raise ValueError(f"report format must be one of {sorted(FORMATS)}, got {fmt!r}")
@@ -132,7 +134,7 @@ def render(
     _paragraph(draw, (MARGIN, 112), RESEARCH_USE, 22, _RED, width)
 
     for i, (picture, caption) in enumerate(
-        ((image, "Radiograph"), (overlay_rgb, f"{method} heatmap for {explained_class or prediction.top_class}"))
+        ((image, "Radiograph"), (overlay_rgb, f"{method} heatmap for {explained_class or prediction.decision}"))
     ):
         left = MARGIN + i * (IMAGE_BOX + width - 2 * IMAGE_BOX)
         fitted = _fit(picture, IMAGE_BOX)

@@ -172,7 +172,12 @@ def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | N
         return
     card = classifier.card
     k = st.slider("How many", 2, 16, 8, key="instructor_gallery_k")
-    errors = probe.confident_errors(held_out, card.class_names, k=k, split=None)
+    try:
+        errors = probe.confident_errors(held_out, card.class_names, k=k, split=None)
+    except ValueError as err:  # a predictions.csv of another version or other classes
+        st.warning(f"This model folder's predictions.csv does not fit its card ({err}), so there is no gallery of "
+                   "errors. Score the model again (`python -m training rescore MODEL`).")
+        return
     if errors.empty:
         st.success("No wrong predictions in the held-out split.")
         return

@@ -180,3 +180,14 @@ def test_model_without_predictions_explains_the_missing_gallery(tiny_model3_dir,
     at = run_page(monkeypatch, tmp_path, root)
     assert not at.exception
     assert any("no predictions.csv" in i.value for i in at.info)
+
+
+def test_predictions_that_do_not_fit_the_card_give_a_message_not_a_traceback(env, monkeypatch, tmp_path):
+    _, root, folder, predictions, _ = env
+    other = tmp_path / "models" / folder.name
+    shutil.copytree(folder, other)
+    predictions.drop(columns=["predicted_class"]).to_csv(other / "predictions.csv", index=False)
+    at = run_page(monkeypatch, tmp_path / "models", root)
+    assert not at.exception
+    assert any("does not fit its card" in w.value and "predicted_class" in w.value for w in at.warning), \
+        [w.value for w in at.warning]

@@ -114,7 +114,7 @@ def test_perturbation_table_matches_direct_predictions(tiny_model_dir, xray):
     assert rows[1]["change"] == pytest.approx(direct[1].probabilities[top] - direct[0].probabilities[top], abs=1e-9)
 
 
-def test_confident_errors_picks_wrong_test_rows_by_confidence():
+def test_confident_errors_picks_wrong_test_rows_by_confidence(tmp_path):
     df = pd.DataFrame({
         "path": ["a", "b", "c", "d", "e", "f"],
         "true_class": ["NORMAL", "PNEUMONIA", "NORMAL", "PNEUMONIA", "NORMAL", "NORMAL"],
@@ -131,6 +131,16 @@ def test_confident_errors_picks_wrong_test_rows_by_confidence():
     assert probe.confident_errors(df[df["path"] == "c"], ["NORMAL", "PNEUMONIA"]).empty
     # Called PNEUMONIA at a low threshold while NORMAL (the truth) was the more probable: its confidence is the
     # called class's 0.3, not the true class's 0.7, so it ranks last.
+    # Class names that look like numbers (folders 0 and 1) come back from the CSV as integers.
+    from cxr_core import csvsafe
+
+    numbered = df.assign(true_class=df["true_class"].map({"NORMAL": "0", "PNEUMONIA": "1"}),
+                         predicted_class=df["predicted_class"].map({"NORMAL": "0", "PNEUMONIA": "1"}))
+    numbered.columns = [{"p_NORMAL": "p_0", "p_PNEUMONIA": "p_1"}.get(c, c) for c in numbered.columns]
+    csvsafe.to_csv(numbered, tmp_path / "predictions.csv", index=False)
+    read_back = csvsafe.read_csv(tmp_path / "predictions.csv")
+    assert read_back["true_class"].dtype.kind == "i"  # what made the gallery empty
+    assert probe.confident_errors(read_back, ["0", "1"], k=8)["path"].tolist() == ["f", "a", "b"]
     low = df.assign(predicted_class=["PNEUMONIA", "PNEUMONIA", "NORMAL", "PNEUMONIA", "PNEUMONIA", "PNEUMONIA"])
     low.loc[1, "true_class"] = "NORMAL"
     errors = probe.confident_errors(low, ["NORMAL", "PNEUMONIA"])
