@@ -124,37 +124,42 @@ def template_scores(pixels: np.ndarray) -> dict[str, float]:
     }
 
 
+def colour_sample(data: bytes | str | PathLike) -> np.ndarray | None:
+    """What the colour rule scores of a file: its RGB thumbnail (uint8, longer side at most 256 px), or None for
+    a grey image, a DICOM or a file PIL cannot read (no colour evidence). Small enough to keep in place of the
+    file's bytes (``python -m scoring`` holds one per file of a slice; a DX DICOM is 30-60 MB)."""
+    try:
+        with io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb") as source:
+            if source.read(132)[128:] == b"DICM":  # a DICOM (whatever its preamble says): grey by definition
+                return None
+            source.seek(0)
+            # Only the formats the reader takes (a DICOM whose preamble is a TIFF header is no TIFF), and no
+            # bigger than it takes: the image was read once already, within the limits.
+            with Image.open(source, formats=_PILLOW_FORMATS) as im:
+                if im.width * im.height > limits.MAX_PIXELS:
+                    return None
+                im.draft("RGB", (256, 256))
+                if im.mode in ("L", "I", "I;16", "F", "1", "LA"):
+                    return None
+                im = im.convert("RGB")
+                im.thumbnail((256, 256))
+                return np.asarray(im, dtype=np.uint8)
+    except Exception:  # not a picture PIL knows (DICOM, corrupt): no colour evidence
+        return None
+
+
 def colourfulness(data: bytes | str | PathLike | np.ndarray | None) -> float:
     """Hasler-Suesstrunk colourfulness of an image (0 = grey, about 30+ = a colourful photo).
 
-    Takes the original file's bytes or path (read with PIL; files PIL cannot read, e.g. DICOM,
-    score 0) or a uint8 HxWx3 RGB array.
+    Takes the original file's bytes or path (``colour_sample``), or a uint8 HxWx3 RGB array (such a sample).
     """
+    if isinstance(data, (bytes, bytearray, str, PathLike)):
+        data = colour_sample(data)
     if data is None:
         return 0.0
-    if isinstance(data, (bytes, bytearray, str, PathLike)):
-        try:
-            with io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb") as source:
-                if source.read(132)[128:] == b"DICM":  # a DICOM (whatever its preamble says): grey by definition
-                    return 0.0
-                source.seek(0)
-                # Only the formats the reader takes (a DICOM whose preamble is a TIFF header is no TIFF), and no
-                # bigger than it takes: the image was read once already, within the limits.
-                with Image.open(source, formats=_PILLOW_FORMATS) as im:
-                    if im.width * im.height > limits.MAX_PIXELS:
-                        return 0.0
-                    im.draft("RGB", (256, 256))
-                    if im.mode in ("L", "I", "I;16", "F", "1", "LA"):
-                        return 0.0
-                    im = im.convert("RGB")
-                    im.thumbnail((256, 256))
-                    rgb = np.asarray(im, dtype=np.float32)
-        except Exception:  # not a picture PIL knows (DICOM, corrupt): no colour evidence
-            return 0.0
-    else:
-        rgb = np.asarray(data, dtype=np.float32)
-        if rgb.ndim != 3 or rgb.shape[-1] < 3:
-            return 0.0
+    rgb = np.asarray(data, dtype=np.float32)
+    if rgb.ndim != 3 or rgb.shape[-1] < 3:
+        return 0.0
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     rg, yb = r - g, 0.5 * (r + g) - b
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
@@ -179,8 +184,9 @@ def _tag_reasons(metadata: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def assess(loaded: Any, original: bytes | None = None) -> QualityReport:
-    """Apply the rules above to a ``cxr_core.imaging.LoadedImage`` (and its original bytes for colour).
+def assess(loaded: Any, original: bytes | str | PathLike | np.ndarray | None = None) -> QualityReport:
+    """Apply the rules above to a ``cxr_core.imaging.LoadedImage`` (and, for colour, its original bytes or path or
+    their ``colour_sample``).
 
     ``loaded.pixels`` is float32 HxW in [0, 1]; ``loaded.info`` gives width, height and
     the de-identified DICOM metadata. Scores are returned for display.

@@ -43,12 +43,13 @@ def thumbnail_uri(thumbnail: np.ndarray | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def assess_item(item: Any, original: bytes | str | PathLike | None = None) -> QualityReport | None:
+def assess_item(item: Any, original: bytes | str | PathLike | np.ndarray | None = None) -> QualityReport | None:
     """cxr_core.quality rules for a scored batch item, from its thumbnail and ImageInfo (no second decode).
 
     The thumbnail (uint8, longer side ~96 px) stands in for the full image: the template rule
     works on 32x32 anyway, blank images stay blank, and the aspect ratio comes from ImageInfo.
-    ``original`` (the file's bytes, or its path) enables the colour rule. None for unreadable items.
+    ``original`` (the file's bytes, its path, or its ``quality.colour_sample``) enables the colour rule. None for
+    unreadable items.
     """
     if getattr(item, "quality", None) is not None:  # the pipeline already assessed it
         return item.quality

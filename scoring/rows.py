@@ -16,12 +16,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from cxr_core import pipeline, review
+from cxr_core import pipeline, quality, review
 from cxr_core.card import ModelCard
 from scoring.sources import SourceError, read_bytes
 
 # classify_many is called on this many model batches at a time: its reader thread overlaps reading with
-# the model inside the slice, and the slice's file bytes (kept for the quality colour rule) stay bounded.
+# the model inside the slice; of each file only its colour sample (quality.colour_sample) is kept till the end.
 SLICE_BATCHES = 8
 
 
@@ -71,7 +71,7 @@ def score(classifier: Any, pending: Sequence[Pending], batch_size: int = 16) -> 
     card = classifier.card
     it = iter(pending)
     while chunk := list(islice(it, SLICE_BATCHES * batch_size)):
-        fetched: list[tuple[bytes | None, str, str | None]] = []  # (data, sha256, fetch error) per file
+        fetched: list[tuple[Any, str, str | None]] = []  # (colour sample, sha256, fetch error) per file
 
         def items(chunk: list[Pending] = chunk, fetched: list = fetched) -> Iterator[tuple[str, bytes]]:
             for p in chunk:
@@ -81,12 +81,14 @@ def score(classifier: Any, pending: Sequence[Pending], batch_size: int = 16) -> 
                     fetched.append((None, "", str(exc)))
                     continue
                 sha = hashlib.sha256(data).hexdigest()
-                fetched.append((data, sha, None))
-                if sha != p.known_sha256:
+                changed = sha != p.known_sha256
+                # The colour rule's thumbnail, not the bytes: a slice of 128 DX DICOMs would hold 4-8 GB.
+                fetched.append((quality.colour_sample(data) if changed else None, sha, None))
+                if changed:
                     yield p.file, data
 
         results = iter(pipeline.classify_many(classifier, items(), batch_size=batch_size))
-        for p, (data, sha, error) in zip(chunk, fetched, strict=True):
+        for p, (sample, sha, error) in zip(chunk, fetched, strict=True):
             if error is not None:
                 yield error_row(p.path, p.file, error, card)
             elif sha != p.known_sha256:
@@ -94,4 +96,4 @@ def score(classifier: Any, pending: Sequence[Pending], batch_size: int = 16) -> 
                 # A file that was read but not scored (the model failed on it: memory, an engine error) keeps no
                 # sha256, so that --resume tries it again; an unreadable file's content will not change its answer.
                 failed = item.prediction is None and item.info is not None
-                yield make_row(p.path, item, review.assess_item(item, data), card, "" if failed else sha)
+                yield make_row(p.path, item, review.assess_item(item, sample), card, "" if failed else sha)

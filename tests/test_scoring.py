@@ -305,6 +305,36 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_and_the_rest_are_scored(tm
                log=lambda _: None).scored == 0
 
 
+def test_a_slice_keeps_each_file_s_colour_sample_not_its_bytes(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """A slice is 8 batches of files scored together; it kept every file's bytes for the colour rule (128 DX DICOMs:
+    4-8 GB per worker). It keeps the colour rule's small thumbnail, and the rule still gives the same answer."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from cxr_core import quality
+
+    rng = np.random.default_rng(0)
+    smooth = cv2.resize(cv2.GaussianBlur(rng.uniform(0, 255, (48, 64, 3)).astype(np.float32), (0, 0), 3), (1600, 1200))
+    photo = np.rint((smooth - smooth.min()) / np.ptp(smooth) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "PNG")
+    (tmp_path / "photo.png").write_bytes(buf.getvalue())
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    kept = []
+    assess = review.assess_item
+    monkeypatch.setattr(review, "assess_item", lambda item, original=None: kept.append(original) or
+                        assess(item, original))
+    run(Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet")), log=lambda _: None)
+    table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
+    assert len(kept) == 2 and not any(isinstance(k, bytes | bytearray) for k in kept)
+    assert all(k is None or (isinstance(k, np.ndarray) and k.nbytes <= 256 * 256 * 3) for k in kept)
+    assert table.loc["photo.png", "not_chest"] and "colour picture" in table.loc["photo.png", "quality_notes"]
+    expected = quality.colourfulness(buf.getvalue())
+    assert expected > 3 * quality.COLOUR_MAX and f"{expected:.1f}" in table.loc["photo.png", "quality_notes"]
+
+
 def test_a_pipe_or_folder_in_a_manifest_is_an_error_row_not_a_hang(tmp_path, tiny_model_dir, data_dir):
     """A FIFO listed in a manifest must not block a worker for ever waiting for a writer (open() would)."""
     import os
