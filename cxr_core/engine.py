@@ -356,7 +356,10 @@ class OpenVINORunner:
         if self._queue is None:
             compiled = self._core.compile_model(self._ov_model, "CPU", {
                 "INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "THROUGHPUT"})
-            self._queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            # Two requests per stream: a stream starts its next film as soon as one ends, instead of idling while
+            # Python takes the finished film's outputs and hands it another (2 cores: 19.0 vs 15.5 films/s).
+            self._queue = ov.AsyncInferQueue(
+                compiled, 2 * int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         logits: list[np.ndarray | None] = [None] * len(batch)
         features: list[np.ndarray | None] = [None] * len(batch)
 
