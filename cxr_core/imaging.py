@@ -294,13 +294,14 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
     except Exception as exc:
         raise _undecodable(fp, fmt) from exc
     metadata = {"PillowMode": im.mode}
+    opened = im
     orientation = im.getexif().get(0x0112, 1)
     if orientation in range(2, 9):
-        im = ImageOps.exif_transpose(im)
+        im = ImageOps.exif_transpose(im)  # a new image: its frames are counted on the file's
         metadata["ExifOrientation"] = str(orientation)
     pixels, bit_depth, notes = _pillow_gray(im)
     metadata.update(notes)
-    frames = _frame_count(im)
+    frames = _frame_count(opened)
     if im.mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         metadata["Conversion"] = f"{im.mode} to grayscale (ITU-R 601 luma)"
     height, width = pixels.shape

@@ -422,6 +422,15 @@ def test_a_tiff_of_many_pages_is_counted_only_so_far():
     image = imaging.load(_tiff_pages(3000), "x.tif")
     assert image.info.frames == imaging._MAX_FRAMES_COUNTED == 1000 and image.pixels.shape == (1, 1)
     assert imaging.load(_tiff_pages(3), "x.tif").info.frames == 3
+    from PIL import Image
+
+    pages = [Image.fromarray(np.full((4, 6), v, np.uint8)).convert("RGB") for v in (10, 200)]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the image read is a transposed copy, the frames are still the file's
+    buf = io.BytesIO()
+    pages[0].save(buf, "WEBP", save_all=True, append_images=pages[1:], exif=exif, lossless=True)
+    rotated = imaging.load(buf.getvalue(), "x.webp")
+    assert (rotated.info.frames, rotated.pixels.shape, rotated.info.metadata["ExifOrientation"]) == (2, (6, 4), "6")
 
 
 def test_twelve_bit_values_in_a_16_bit_png_are_scaled_by_the_bits_they_use():
