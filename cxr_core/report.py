@@ -72,6 +72,8 @@ def decision_rule(card: ModelCard) -> str:
     if not card.thresholds:
         return "the most probable class"
     called = "; ".join(f"{c} if P({c}) >= {t:.4f}" for c, t in card.thresholds.items())
+    if len(card.thresholds) > 1:  # the tie-break, as models.decide applies it
+        called += " (where several reach their thresholds, the most probable of them)"
     return f"{called}; otherwise {card.negative_class or 'the most probable class'}"
 
 

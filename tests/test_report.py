@@ -118,6 +118,17 @@ def test_decision_rule_in_words(parts):
     # As many decimals as the probabilities shown: a film at P 0.2705 is not called at 0.27241 ("0.27" said it was).
     fitted = dataclasses.replace(parts[2], thresholds={"PNEUMONIA": 0.27241})
     assert report.decision_rule(fitted) == "PNEUMONIA if P(PNEUMONIA) >= 0.2724; otherwise NORMAL"
+    # Two thresholds can both be reached (0.30 + 0.20 < 1): the rule says which class is then called.
+    three = dataclasses.replace(parts[2], class_names=["COVID-19", "NORMAL", "PNEUMONIA"], negative_class=None,
+                                thresholds={"COVID-19": 0.3, "PNEUMONIA": 0.2})
+    assert report.decision_rule(three) == ("COVID-19 if P(COVID-19) >= 0.3000; PNEUMONIA if P(PNEUMONIA) >= 0.2000 "
+                                           "(where several reach their thresholds, the most probable of them); "
+                                           "otherwise the most probable class")
+    from cxr_core import models
+
+    # Both reached: the more probable is called (PNEUMONIA at 0.60, then COVID-19 at 0.45).
+    assert [models.decide(three, p).decision for p in ([0.35, 0.05, 0.60], [0.45, 0.30, 0.25])] == ["PNEUMONIA",
+                                                                                                 "COVID-19"]
 
 
 def test_report_carries_the_familiarity(parts):
