@@ -57,11 +57,12 @@ def resolve_under(root: Path, user_path: str) -> Path:
 
 
 def list_images(folder: Path, recursive: bool = True, limit: int = DEFAULT_LIMIT,
-                root: Path | None = None) -> list[Path]:
+                root: Path | None = None, unreadable: list[tuple[Path, OSError]] | None = None) -> list[Path]:
     """Image files (by name; extension-less files count as possible DICOM) under ``folder``, sorted.
 
     Symlinks whose target lies outside ``root`` (default: ``folder``) are skipped, files
     and directories alike; hidden files are skipped. At most ``limit`` paths are returned.
+    Folders that cannot be listed are skipped; ``unreadable`` (if given) gets each with its error.
     """
     real_folder = Path(folder).resolve(strict=True)
     real_root = Path(root).resolve(strict=True) if root is not None else real_folder
@@ -75,7 +76,9 @@ def list_images(folder: Path, recursive: bool = True, limit: int = DEFAULT_LIMIT
         seen.add(current.resolve())
         try:
             entries = sorted(os.scandir(current), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            if unreadable is not None:
+                unreadable.append((current, exc))
             continue
         subdirs = []
         for entry in entries:

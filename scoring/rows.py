@@ -36,7 +36,7 @@ class Pending:
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """Output columns, in order."""
-    return ["path", *review.row_columns(class_names), "sha256", "model", "weights_sha256", "scored_at"]
+    return ["path", *review.row_columns(class_names), "sha256", "model", "weights_sha256", "card_sha256", "scored_at"]
 
 
 def schema(class_names: Sequence[str]) -> pa.Schema:
@@ -55,7 +55,7 @@ def now() -> str:
 def make_row(path: str, item: Any, report: Any, card: ModelCard, sha256: str) -> dict[str, Any]:
     """One output row from a ``pipeline.BatchItem`` and its quality report (None for unreadable files)."""
     return {"path": path, **review.table_row(item, report, card.class_names), "sha256": sha256, "model": card.name,
-            "weights_sha256": card.weights_sha256, "scored_at": now()}
+            "weights_sha256": card.weights_sha256, "card_sha256": card.card_sha256, "scored_at": now()}
 
 
 def error_row(path: str, file: str, error: str, card: ModelCard, sha256: str = "") -> dict[str, Any]:

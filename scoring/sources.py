@@ -14,6 +14,7 @@ reader for its scheme, once ``cxr_core`` has the client. Readers run wherever th
 from __future__ import annotations
 
 import os
+import re
 import stat
 import urllib.error
 import urllib.parse
@@ -66,28 +67,37 @@ def _folder_entry(path: Path, folder: Path) -> Entry:
 
 
 def folder_entries(source: str) -> list[Entry]:
-    """Every image file below ``source`` (recursive, sorted), shown relative to it."""
+    """Every image file below ``source`` (recursive, sorted), shown relative to it; a subfolder that cannot be
+    listed is an entry with a problem (an error row), not left out unsaid."""
     folder = Path(source).resolve(strict=True)
-    return [_folder_entry(p, folder) for p in list_images(folder, limit=2**62)]
+    unreadable: list[tuple[Path, OSError]] = []
+    entries = [_folder_entry(p, folder) for p in list_images(folder, limit=2**62, unreadable=unreadable)]
+    for sub, exc in unreadable:
+        shown = safe_text(sub.relative_to(folder).as_posix() + "/")
+        entries.append(Entry(safe_text(str(sub)) + "/", shown,
+                             f"This folder could not be listed ({exc.strerror or exc}), so none of its files were "
+                             "scored: give this account read access to it and run again (with --resume)."))
+    return entries
 
 
 def _read_manifest(source: str) -> pd.DataFrame:
     if source.lower().endswith(".csv"):
-        return pd.read_csv(source, dtype=str, keep_default_na=False)
+        # Bytes that are not UTF-8 are kept (as surrogates) so that only their rows fail, with a message.
+        return pd.read_csv(source, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
     return pd.read_parquet(source)
 
 
+# A user name or password before the host (``scheme://user:password@host/...``), found even in a URL that
+# urllib cannot parse (it would give its own error, quoting the URL).
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/?#]*@", re.IGNORECASE)
+
+
 def _has_credentials(url: str) -> bool:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        return bool(parts.username or parts.password)
-    except ValueError:  # a malformed URL: read_bytes says so
-        return False
+    return bool(_USERINFO.match(url))
 
 
 def _without_credentials(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    return _USERINFO.sub(r"\1", url, count=1)
 
 
 def manifest_entries(source: str) -> list[Entry]:
@@ -97,6 +107,11 @@ def manifest_entries(source: str) -> list[Entry]:
 
     An empty path or a path already listed becomes an entry with a ``problem`` (an error row, not scored).
     """
+    if is_url(source) and _has_credentials(source):
+        # Relative rows would inherit them, and every row's path and the log would carry them.
+        raise ValueError(f"the manifest URL {_without_credentials(source)} carries a user name or password, which "
+                         "would be written to every row's path and to the log; give credentials to the workers "
+                         "another way (environment, .netrc, the storage's own config)")
     table = _read_manifest(source)
     if "path" not in table.columns:
         raise ValueError(f"the manifest {source} has no 'path' column (it has: {', '.join(map(str, table.columns))}); "
@@ -105,9 +120,15 @@ def manifest_entries(source: str) -> list[Entry]:
     entries: list[Entry] = []
     first_row: dict[str, int] = {}
     for row, value in enumerate(table["path"].tolist(), start=1):
-        text = "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
+        text = "" if value is None or pd.isna(value) else str(value).strip()
         if not text:
             entries.append(Entry("", "", f"manifest row {row} has no path; give a file path or URL"))
+            continue
+        if safe_text(text) != text:
+            shown = safe_text(text)
+            entries.append(Entry(shown, shown, f"manifest row {row}: the path is not valid UTF-8 (the undecodable "
+                                               "bytes are shown as \ufffd), so it cannot be written to the output; "
+                                               "write the manifest as UTF-8"))
             continue
         if is_url(text) and _has_credentials(text):
             shown = _without_credentials(text)

@@ -59,24 +59,27 @@ class Store:
         self._count = 0
         self._resume = False
 
-    def start(self, resume: bool, weights_sha256: str = "") -> dict[str, str]:
+    def start(self, resume: bool, weights_sha256: str = "", card_sha256: str = "") -> dict[str, str]:
         """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts.
 
-        A row that another model (other weights) scored is not done: this run scores it again and replaces it,
-        so that one output never mixes models.
+        A row that another model scored is not done: this run scores it again and replaces it, so that one output
+        never mixes models. Another model is other weights, or the same weights under another card (its
+        temperature, thresholds and familiarity model change the probabilities and decisions).
         """
         self._resume = resume
         if not resume:
             shutil.rmtree(self.parts, ignore_errors=True)
             return {}
-        latest: dict[str, tuple[str, str]] = {}  # path -> (sha256, weights) of its last row, as commit keeps it
+        latest: dict[str, tuple[str, str, str]] = {}  # path -> (sha256, weights, card) of its last row
         for table in self._previous():
             latest.update(zip(table["path"].to_pylist(), zip(table["sha256"].to_pylist(),
-                                                             table["weights_sha256"].to_pylist(), strict=True),
+                                                             table["weights_sha256"].to_pylist(),
+                                                             table["card_sha256"].to_pylist(), strict=True),
                               strict=True))
         # A file that could not be fetched has no sha256: it is tried again.
-        return {path: sha for path, (sha, weights) in latest.items()
-                if path and sha and (not weights_sha256 or weights == weights_sha256)}
+        return {path: sha for path, (sha, weights, card) in latest.items()
+                if path and sha and (not weights_sha256 or weights == weights_sha256)
+                and (not card_sha256 or card == card_sha256)}
 
     def _previous(self) -> list[pa.Table]:
         """The earlier output (only on --resume: without it a run starts afresh) and every part, in order.
@@ -91,7 +94,9 @@ class Store:
             tables.append(earlier.take(first))
         tables += [pq.read_table(p) for p in sorted(self.parts.glob("part-*.parquet"))]
         wanted = set(self.schema.names)
-        for table in tables:
+        for i, table in enumerate(tables):
+            if "card_sha256" not in table.column_names:  # written before the column existed: its rows score again
+                tables[i] = table = table.append_column("card_sha256", pa.array([""] * len(table), pa.string()))
             if not wanted <= set(table.column_names):
                 raise ValueError(f"{self.out} (or a part of it) was written for other classes or by another "
                                  "version; score into a new --out")

@@ -335,6 +335,81 @@ def test_a_slice_keeps_each_file_s_colour_sample_not_its_bytes(tmp_path, tiny_mo
     assert expected > 3 * quality.COLOUR_MAX and f"{expected:.1f}" in table.loc["photo.png", "quality_notes"]
 
 
+def test_manifest_rows_that_cannot_become_paths_are_error_rows(tmp_path):
+    """From a review: a malformed URL with a password, a missing value of a string-typed Parquet column (pd.NA), and
+    a CSV that is not UTF-8 (one bad row stopped the whole run with a codec error)."""
+    from scoring import sources
+
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    rows = ["a.jpeg", "http://scorer:s3cret@[::1/x.png", None]
+    pd.DataFrame({"path": pd.array(rows, dtype="string")}).to_parquet(tmp_path / "m.parquet")
+    entries = sources.list_entries(str(tmp_path / "m.parquet"))
+    assert entries[0] == sources.Entry(str(tmp_path / "a.jpeg"), "a.jpeg")
+    assert "carries a user name or password" in entries[1].problem and "s3cret" not in repr(entries[1])
+    assert entries[2].problem == "manifest row 3 has no path; give a file path or URL"
+    (tmp_path / "m.csv").write_bytes(b"path\na.jpeg\nM\xfcller.jpeg\n")  # Latin-1
+    entries = sources.list_entries(str(tmp_path / "m.csv"))
+    assert entries[0].problem is None and "not valid UTF-8" in entries[1].problem
+    assert entries[1].file == "M\ufffdller.jpeg"
+
+
+def test_a_manifest_url_with_a_password_is_refused_before_anything_is_read():
+    from scoring import sources
+
+    with pytest.raises(ValueError, match="carries a user name or password") as err:
+        sources.list_entries("https://scorer:s3cret@archive.example/films/list.csv")
+    assert "s3cret" not in str(err.value) and "https://archive.example/films/list.csv" in str(err.value)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_row(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    import os
+
+    for name in ("a", "locked"):
+        (tmp_path / "films" / name).mkdir(parents=True)
+    (tmp_path / "films" / "a" / "1.jpeg").write_bytes(FILMS[0].read_bytes())
+    (tmp_path / "films" / "locked" / "2.jpeg").write_bytes(FILMS[1].read_bytes())
+    scandir = os.scandir
+
+    def refusing(path):  # as root, chmod would not stop the listing
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    summary = run(Config(str(tmp_path / "films"), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet")),
+                  log=lambda _: None)
+    table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
+    assert (summary.files, summary.scored, summary.errors) == (2, 1, 1)
+    assert table.loc["locked/", "error"].startswith("This folder could not be listed (Permission denied)")
+
+
+def test_resume_scores_again_under_a_changed_card_with_the_same_weights(tmp_path, tiny_model_dir, data_dir):
+    """A recalibrated card (other temperature) changes every probability though the weights are the same: a resumed
+    run must not keep the old card's rows beside the new card's."""
+    import dataclasses
+    import shutil
+
+    from cxr_core import card as card_lib
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpeg").write_bytes(FILMS[i].read_bytes())
+    out = tmp_path / "r.parquet"
+    run(Config(str(folder), model=str(model), out=str(out)), log=lambda _: None)
+    before = pd.read_parquet(out)
+    assert set(before["card_sha256"]) == {card_lib.read(model).card_sha256}
+    card_lib.save(dataclasses.replace(card_lib.read(model), temperature=3.0), model)
+    summary = run(Config(str(folder), model=str(model), out=str(out), resume=True), log=lambda _: None)
+    after = pd.read_parquet(out)
+    assert summary.scored == 3 and set(after["card_sha256"]) == {card_lib.read(model).card_sha256}
+    assert set(after["weights_sha256"]) == set(before["weights_sha256"])  # the same weights
+    assert not np.allclose(after["top_probability"], before["top_probability"])
+    assert run(Config(str(folder), model=str(model), out=str(out), resume=True), log=lambda _: None).scored == 0
+
+
 def test_a_pipe_or_folder_in_a_manifest_is_an_error_row_not_a_hang(tmp_path, tiny_model_dir, data_dir):
     """A FIFO listed in a manifest must not block a worker for ever waiting for a writer (open() would)."""
     import os
