@@ -213,6 +213,13 @@ def _open(source: str | PathLike | bytes, filename: str | None, stack: ExitStack
     return fp, filename or Path(source).name, int(info.st_size)
 
 
+def pillow_format(head: bytes) -> str | None:
+    """The Pillow format the reader opens a file starting with ``head`` (its first 132 bytes) as; None for a DICOM
+    (whatever its preamble looks like) and for what the reader does not take."""
+    fmt = _sniff(head, "")
+    return fmt if fmt not in (None, "DICOM", "NOT DICOM") else None
+
+
 def _sniff(head: bytes, name: str) -> str | None:
     """The format from the magic number; raw DICOM (no preamble) from its first tag group.
 
@@ -316,8 +323,6 @@ def _frame_count(im: Image.Image) -> int:
     """How many frames (pages) the file holds, counted to at most ``_MAX_FRAMES_COUNTED``: Pillow's ``n_frames``
     walks a TIFF's every page at a cost that grows with the square of their number (40,000 chained pages in a
     4.6 MB file took 40 s, a 200 MB one would take hours). Only the first frame is read."""
-    if not getattr(im, "is_animated", False) and im.format != "TIFF":
-        return 1
     if im.format != "TIFF":
         return int(getattr(im, "n_frames", 1))
     count = 1

@@ -35,10 +35,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cxr_core import limits
+from cxr_core import imaging, limits
 from cxr_core.errors import quoted
 
-_PILLOW_FORMATS = ["JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF"]  # cxr_core.imaging's, DICOM aside
 _CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")
 
 TEMPLATE_FILE = Path(__file__).with_name("chest_template.png")
@@ -130,12 +129,13 @@ def colour_sample(data: bytes | str | PathLike) -> np.ndarray | None:
     file's bytes (``python -m scoring`` holds one per file of a slice; a DX DICOM is 30-60 MB)."""
     try:
         with io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb") as source:
-            if source.read(132)[128:] == b"DICM":  # a DICOM (whatever its preamble says): grey by definition
+            # The format the reader took it as (a DICOM, whatever its preamble looks like, is grey by definition),
+            # and no bigger than it takes: the image was read once already, within the limits.
+            fmt = imaging.pillow_format(source.read(132))
+            if fmt is None:
                 return None
             source.seek(0)
-            # Only the formats the reader takes (a DICOM whose preamble is a TIFF header is no TIFF), and no
-            # bigger than it takes: the image was read once already, within the limits.
-            with Image.open(source, formats=_PILLOW_FORMATS) as im:
+            with Image.open(source, formats=[fmt]) as im:
                 if im.width * im.height > limits.MAX_PIXELS:
                     return None
                 im.draft("RGB", (256, 256))

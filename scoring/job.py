@@ -135,7 +135,7 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
         raise ValueError(f"the output {config.out}{' (and its .csv copy)' if config.csv else ''} would overwrite "
                          f"the source {config.source}: choose another --out")
     entries = sources.list_entries(config.source)
-    done = store.start(config.resume, card.weights_sha256, card.card_sha256)
+    done = store.start(config.resume, card.card_sha256)
     pending = [rows_lib.Pending(e.path, e.file, done.get(e.path, "")) for e in entries if e.problem is None]
     log(f"scoring: {len(entries)} files from {config.source} with {card.name} on the {config.engine} engine"
         + (f", {sum(1 for p in pending if p.known_sha256)} done before (checked by content)" if done else ""))

@@ -59,27 +59,25 @@ class Store:
         self._count = 0
         self._resume = False
 
-    def start(self, resume: bool, weights_sha256: str = "", card_sha256: str = "") -> dict[str, str]:
+    def start(self, resume: bool, card_sha256: str = "") -> dict[str, str]:
         """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts.
 
         A row that another model scored is not done: this run scores it again and replaces it, so that one output
-        never mixes models. Another model is other weights, or the same weights under another card (its
-        temperature, thresholds and familiarity model change the probabilities and decisions).
+        never mixes models. Another model is another card: its hash covers the weights' hash, and the same weights
+        under another card (temperature, thresholds, familiarity model) give other probabilities and decisions.
         """
         self._resume = resume
         if not resume:
             shutil.rmtree(self.parts, ignore_errors=True)
             return {}
-        latest: dict[str, tuple[str, str, str]] = {}  # path -> (sha256, weights, card) of its last row
+        latest: dict[str, tuple[str, str]] = {}  # path -> (sha256, card) of its last row, as commit keeps it
         for table in self._previous():
             latest.update(zip(table["path"].to_pylist(), zip(table["sha256"].to_pylist(),
-                                                             table["weights_sha256"].to_pylist(),
                                                              table["card_sha256"].to_pylist(), strict=True),
                               strict=True))
         # A file that could not be fetched has no sha256: it is tried again.
-        return {path: sha for path, (sha, weights, card) in latest.items()
-                if path and sha and (not weights_sha256 or weights == weights_sha256)
-                and (not card_sha256 or card == card_sha256)}
+        return {path: sha for path, (sha, card) in latest.items()
+                if path and sha and (not card_sha256 or card == card_sha256)}
 
     def _previous(self) -> list[pa.Table]:
         """The earlier output (only on --resume: without it a run starts afresh) and every part, in order.
