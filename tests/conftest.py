@@ -20,12 +20,22 @@ if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
     os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = tempfile.mkdtemp(prefix="cxr-hypothesis-")
     atexit.register(shutil.rmtree, os.environ["HYPOTHESIS_STORAGE_DIRECTORY"], True)
 
+import crash_witness
 import numpy as np
 import pytest
 from hypothesis import settings
 
 settings.register_profile("cxr-tests", database=None)
 settings.load_profile("cxr-tests")
+
+
+def pytest_configure(config):
+    crash_witness.start(config)
+
+
+def pytest_unconfigure(config):
+    crash_witness.stop()
+
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DICOM = DATA / "dicom"
