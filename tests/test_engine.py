@@ -405,17 +405,22 @@ def test_our_models_are_written_without_convert_model(tiny_model3_dir, tmp_path,
 def test_a_batch_runs_film_by_film_on_the_throughput_streams(tiny_model3_dir, images):
     """Batches go to a THROUGHPUT compilation, one film per request: same numbers, in input order."""
     runner = models.load(tiny_model3_dir).runner
-    assert runner.name == "openvino" and runner._queue is None
+    assert runner.name == "openvino" and runner._requests is None
     one_by_one = [runner(images[i:i + 1]) for i in range(len(images))]  # one film: the latency request
-    assert runner._queue is None
+    assert runner._requests is None
     logits, features = runner(images)
-    assert runner._queue is not None and len(runner._queue) >= 1
+    assert runner._requests is not None and len(runner._requests) >= 2
     np.testing.assert_allclose(logits, np.concatenate([o[0] for o in one_by_one]), atol=1e-6)
     np.testing.assert_allclose(features, np.concatenate([o[1] for o in one_by_one]), atol=1e-6)
     assert np.abs(logits[0] - logits[1]).max() > 1e-4  # distinct films, so the order below is tested
     reversed_logits, reversed_features = runner(images[::-1])
     np.testing.assert_allclose(reversed_logits, logits[::-1], atol=1e-6)
     np.testing.assert_allclose(reversed_features, features[::-1], atol=1e-6)
+    # More films than requests: each request takes several films in turn, still in input order.
+    order = np.random.default_rng(0).integers(0, len(images), 3 * len(runner._requests) + 1)
+    many_logits, many_features = runner(images[order])
+    np.testing.assert_allclose(many_logits, logits[order], atol=1e-6)
+    np.testing.assert_allclose(many_features, features[order], atol=1e-6)
 
 
 def test_a_failed_cache_write_still_serves_on_openvino(tiny_model_dir, tmp_path, monkeypatch, images):
