@@ -6,7 +6,8 @@
     data = client.retrieve(client.instances(studies[0].study_uid)[0])   # DICOM Part 10 bytes, in memory
 
 Built on ``dicomweb-client``. Retrieval asks for the stored transfer syntax (``transfer-syntax=*``), so
-compressed films come back as stored and are decoded by ``cxr_core.imaging`` like a file from disk.
+compressed films come back as stored and are decoded by ``cxr_core.imaging`` like a file from disk; the answer
+is read in a bounded stream (``Client.retrieve``), never parsed whole by dicomweb-client.
 Every failure ends as ``PacsError`` with a message that says what was wrong and what to do; messages
 and ``repr`` never hold the password or token, and nothing read from the PACS is logged or written
 to disk. Search results keep only what is needed to choose a study (no patient name or ID).
@@ -17,6 +18,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +30,10 @@ from urllib.parse import urlsplit
 
 import pydicom
 import requests
+import urllib3
 from dicomweb_client import DICOMwebClient
+
+from cxr_core import limits
 
 T = TypeVar("T")
 ENV = {"url": "CXR_PACS_URL", "username": "CXR_PACS_USER", "password": "CXR_PACS_PASSWORD",
@@ -38,7 +44,11 @@ STUDY_FIELDS = ("StudyInstanceUID", "AccessionNumber", "StudyDate", "StudyDescri
                 "NumberOfStudyRelatedInstances")
 INSTANCE_FIELDS = ("SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "ViewPosition",
                    "BodyPartExamined", "SeriesDescription", "InstanceNumber", "SeriesNumber")
-ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
+ACCEPT_ANY_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# One image's answer must be complete within this many times the timeout (30 s: 5 minutes; a 37 MB film then
+# needs 0.13 MB/s).
+RETRIEVE_TIMEOUTS = 10
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 # dicomweb-client and urllib3 log every URL at INFO/DEBUG, and PACS URLs hold UIDs and search terms.
 for _name in ("dicomweb_client", "urllib3.connectionpool"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -184,10 +194,17 @@ def _value(item: Mapping[str, Any], keyword: str) -> str:
             return ""
         first = values[0]
         if isinstance(first, Mapping):  # person names come as {"Alphabetic": ...}
-            return str(first.get("Alphabetic", ""))
-        return "\\".join(str(v) for v in values) if keyword == "ModalitiesInStudy" else str(first)
+            return str(first.get("Alphabetic", "") or "")
+        if keyword == "ModalitiesInStudy":
+            return "\\".join(str(v) for v in values if v is not None)
+        return "" if first is None else str(first)  # an empty value is null in DICOM JSON
     except (AttributeError, TypeError, IndexError):
         return ""
+
+
+def _items(answer: Any) -> list[Mapping[str, Any]]:
+    """The objects of a QIDO answer, which should be a JSON list of them (null, a number or a lone object: none)."""
+    return [item for item in answer if isinstance(item, Mapping)] if isinstance(answer, list) else []
 
 
 def _int(text: str) -> int | None:
@@ -226,6 +243,31 @@ def _date_range(start: date | None, end: date | None) -> str | None:
     if start and end and start > end:
         raise PacsError(f"The search starts ({start}) after it ends ({end}). Swap the dates and search again.")
     return f"{start.strftime('%Y%m%d') if start else ''}-{end.strftime('%Y%m%d') if end else ''}"
+
+
+def _read_some(raw: urllib3.response.BaseHTTPResponse) -> bytes:
+    """The next bytes of an answer as they arrive (up to 1 MB; b"" at its end), so that a deadline can be checked
+    between them: requests' ``iter_content`` waits for a whole chunk, or for the end of a body without chunks.
+    urllib3's errors become requests' ones, which ``Client._call`` turns into messages."""
+    try:
+        return raw.read1(limits.MiB, decode_content=True)
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(str(exc)) from exc
+    except urllib3.exceptions.HTTPError as exc:  # the connection broke, or a body that does not decode
+        raise requests.exceptions.ConnectionError(str(exc)) from exc
+
+
+class _Received:
+    """A streamed answer, read to its end, as dicomweb-client's multipart decoder takes it."""
+
+    def __init__(self, response: requests.Response, body: bytearray) -> None:
+        self.headers, self.content = response.headers, bytes(body)
+
+    def __enter__(self) -> _Received:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 class Client:
@@ -310,7 +352,7 @@ class Client:
         number, not by the text of the UIDs)."""
         answer = self._call("listing the study's images", self._web.search_for_instances,
                             study_instance_uid=study_uid, fields=list(INSTANCE_FIELDS))
-        found = [_instance(item, study_uid) for item in answer if isinstance(item, Mapping)]
+        found = [_instance(item, study_uid) for item in _items(answer)]
         return sorted((i for i in found if i is not None), key=lambda i: i.order)
 
     def series_descriptions(self, study_uid: str) -> dict[str, str]:
@@ -318,17 +360,56 @@ class Client:
         answer = self._call("listing the study's series", self._web.search_for_series,
                             study_instance_uid=study_uid, fields=["SeriesDescription"])
         return {_value(item, "SeriesInstanceUID"): _value(item, "SeriesDescription")
-                for item in answer if isinstance(item, Mapping) and _value(item, "SeriesInstanceUID")}
-
-    def retrieve_dataset(self, instance: Instance) -> pydicom.Dataset:
-        """One instance as stored (any transfer syntax), parsed in memory."""
-        with quiet():
-            return self._call("retrieving an image", self._web.retrieve_instance, instance.study_uid,
-                              instance.series_uid, instance.sop_uid, media_types=ANY_TRANSFER_SYNTAX)
+                for item in _items(answer) if _value(item, "SeriesInstanceUID")}
 
     def retrieve(self, instance: Instance) -> bytes:
-        """One instance as DICOM Part 10 bytes (stored transfer syntax), in memory only."""
-        return to_bytes(self.retrieve_dataset(instance))
+        """One instance as DICOM Part 10 bytes (stored transfer syntax), in memory only.
+
+        Read in a stream that stops at the reader's file limit (``limits.MAX_FILE_BYTES``) and at a deadline of
+        ``RETRIEVE_TIMEOUTS`` times the timeout for the whole answer (the timeout alone bounds each wait for a
+        byte, so a server that trickles bytes would never be cut off); the bytes then go through
+        ``cxr_core.imaging`` and its limits like a file from disk. dicomweb-client would read the whole answer
+        and parse it (and inflate a Deflated dataset) without a bound."""
+        if not all(_UID.fullmatch(uid) for uid in (instance.study_uid, instance.series_uid, instance.sop_uid)):
+            raise PacsError(f"The PACS at {self.settings.host} listed an image whose UIDs are not DICOM UIDs, so it "
+                            "cannot be retrieved. Ask its administrator.")
+        doing = "retrieving an image"
+        url = f"{self.settings.url.rstrip('/')}/studies/{instance.study_uid}/series/{instance.series_uid}" \
+              f"/instances/{instance.sop_uid}"
+        response = self._call(doing, self._web._http_get, url, headers={"Accept": ACCEPT_ANY_DICOM}, stream=True)
+        cap = limits.MAX_FILE_BYTES + 4096  # the film and its multipart headers
+        deadline = time.monotonic() + RETRIEVE_TIMEOUTS * self.settings.timeout
+        body = bytearray()
+        with response:
+            declared = _int(str(response.headers.get("Content-Length", "")))
+            if declared is not None and declared > cap:
+                raise PacsError(f"The PACS at {self.settings.host} is sending an image of {declared / limits.MiB:,.0f} "
+                                f"MB, over the limit of {limits.MAX_FILE_BYTES // limits.MiB} MB for one film: it "
+                                "was not read. Open it in the PACS viewer.")
+            while True:
+                chunk = self._call(doing, _read_some, response.raw)
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > cap:
+                    raise PacsError(f"The PACS at {self.settings.host} sent more than "
+                                    f"{limits.MAX_FILE_BYTES // limits.MiB} MB for one image, over the limit for one "
+                                    "film: it was not read. Open it in the PACS viewer.")
+                if time.monotonic() > deadline:
+                    raise PacsError(f"The PACS at {self.settings.host} took more than "
+                                    f"{RETRIEVE_TIMEOUTS * self.settings.timeout:g} s to send one image (it sends "
+                                    "too slowly). Retry later, or raise 'timeout' in the [pacs] settings.")
+        parts = self._call(doing, lambda: list(self._web._decode_multipart_message(_Received(response, body), False)))
+        if len(parts) != 1:
+            raise PacsError(f"The PACS at {self.settings.host} answered {len(parts)} objects for one image. Ask its "
+                            "administrator.")
+        return bytes(parts[0])
+
+    def retrieve_dataset(self, instance: Instance) -> pydicom.Dataset:
+        """One instance parsed whole, pixel data included (reading results back; the app itself reads films
+        through ``retrieve`` and ``cxr_core.imaging``)."""
+        with quiet():
+            return pydicom.dcmread(io.BytesIO(self.retrieve(instance)), force=True)
 
     def store(self, datasets: Sequence[pydicom.Dataset]) -> list[str]:
         """STOW-RS the datasets as one request, then check by QIDO that each one is there (some archives

@@ -428,13 +428,24 @@ class _Budgeted:
         return self._fp.tell()
 
 
-def _parse(fp: BinaryIO, *, stop_at_pixels: bool) -> pydicom.Dataset:
+def read_header(data: bytes) -> pydicom.Dataset:
+    """Every data element of a DICOM file (bytes) before its pixel data, under the reader's limits: its size,
+    a Deflated dataset inflated in a bounded stream, the element budget. For code that needs the whole header
+    (a PACS film's patient and study modules), not only the tags ``load`` reads. Raises UnreadableImageError."""
+    cxr_core.keep_dicom_values_out_of_logs()
+    if len(data) > limits.MAX_FILE_BYTES:
+        raise UnreadableImageError(limits.file_too_large(len(data)))
+    fp, _ = _inflate(io.BytesIO(data), MAX_PIXELS)
+    return _parse(fp, stop_at_pixels=True, every_tag=True)
+
+
+def _parse(fp: BinaryIO, *, stop_at_pixels: bool, every_tag: bool = False) -> pydicom.Dataset:
     fp.seek(0)
     stop_when = (lambda tag, vr, length: tag >= 0x7FE00000) if stop_at_pixels else None
     try:
         budgeted = _Budgeted(fp, _READS_PER_ELEMENT * limits.MAX_DICOM_ELEMENTS)
         return read_partial(budgeted, stop_when=stop_when, force=True,  # type: ignore[arg-type]
-                            specific_tags=_READ_TAG_NUMBERS)
+                            specific_tags=None if every_tag else _READ_TAG_NUMBERS)
     except _TooManyElements as exc:
         raise UnreadableImageError(f"The DICOM file holds more than {limits.MAX_DICOM_ELEMENTS:,} data elements, "
                                    "far more than any radiograph: it is damaged or not an image. Export the image "
@@ -671,6 +682,10 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
         meta.TransferSyntaxUID = explicit if implicit is False else ImplicitVRLittleEndian
         ds.file_meta = meta
     syntax = meta.TransferSyntaxUID
+    if not syntax.is_transfer_syntax:  # a newer one (JPEG XL, HTJ2K in an old pydicom...) or a private one
+        raise UnreadableImageError(f"The DICOM file uses a transfer syntax this reader does not know ({syntax}), so "
+                                   "its image cannot be decoded. Re-export the image uncompressed or as standard "
+                                   "JPEG or JPEG 2000 from the PACS or modality and retry.")
     _check_native_length(ds, syntax, rows, cols, frames, samples)
     _check_codestream(ds, syntax, rows, cols, frames, samples)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from cxr_core import dicom_results, orthanc, overlay, quality, review
+from cxr_core import dicom_results, imaging, orthanc, overlay, quality, review
 from cxr_core.card import ModelCard
-from cxr_core.dicomweb import Client, Instance, PacsError, Study, quiet, to_bytes
+from cxr_core.dicomweb import Client, Instance, PacsError, Study, quiet
 from cxr_core.errors import UnreadableImageError
 
 if TYPE_CHECKING:  # pipeline imports Keras: the demo command does without it
@@ -133,6 +133,20 @@ def dataset_skip(ds: pydicom.Dataset) -> str | None:
         return skip_reason(view_code=_view_code(ds), **tags)
 
 
+def retrieve(client: Client, film: Film) -> tuple[bytes, pydicom.Dataset]:
+    """The film's bytes (read under the reader's limits) and its header (every element before the pixel data),
+    checked to be the image asked for. Raises PacsError or UnreadableImageError."""
+    data = client.retrieve(film.instance)
+    with quiet():
+        header = imaging.read_header(data)
+    asked = film.instance
+    sent = tuple(str(header.get(k, "")).strip() for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    if sent != (asked.study_uid, asked.series_uid, asked.sop_uid):
+        raise PacsError("The PACS sent another image than the one asked for (its study, series or instance UID "
+                        "differs), so it was not classified. Ask the PACS administrator to check the archive.")
+    return data, header
+
+
 def recheck(film: Film, ds: pydicom.Dataset) -> Film:
     """The film as its retrieved dataset describes it: skipped when its own tags say it is no frontal chest
     radiograph (the QIDO answer may lack View Position, body part...), labelled with the dataset's view."""
@@ -185,12 +199,11 @@ def classify_study(client: Client, classifier, explainer, study_uid: str, *,
             results.append(FilmResult(film))
             continue
         try:
-            source = client.retrieve_dataset(film.instance)
+            data, source = retrieve(client, film)
             checked = recheck(film, source)
             if checked.skip is not None:  # the film's own tags say lateral, oblique, raw, not the chest...
                 results.append(FilmResult(checked))
                 continue
-            data = to_bytes(source)
             result = pipeline.classify(classifier, explainer, data, film.label)
             results.append(FilmResult(film, result, quality.assess(result.image, data), source))
         except (PacsError, UnreadableImageError) as err:
@@ -205,7 +218,8 @@ def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bo
     """Store an SR and a heatmap secondary capture per classified film in one STOW-RS request.
 
     Refuses (PacsError, nothing written) when this model's results are already in the study, unless
-    ``again``; all objects are built before anything is sent. Returns the new SOP Instance UIDs.
+    ``again``; all objects are built before anything is sent, from each film as the PACS holds it at that
+    moment (read again: its patient may have changed since it was classified). Returns the new SOP Instance UIDs.
     """
     done = study.classified
     if not done:
@@ -214,12 +228,21 @@ def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bo
     if existing and not again:
         raise PacsError(f"Results of {card.name} v{card.version} are already in the PACS for this study "
                         f"({len(existing)} series). Nothing was written; choose 'write again' to add another copy.")
+    # The patient and study modules the results carry are read again now: a film filed under a placeholder patient
+    # (an emergency) may have been reconciled to the real one since it was classified.
+    current = []
+    for item in done:
+        try:
+            current.append(retrieve(client, item.film)[1])
+        except (PacsError, UnreadableImageError) as err:
+            raise PacsError(f"The film '{item.film.label}' could not be read again to write its results: {err} "
+                            "Nothing was written.") from err
     objects: list[pydicom.Dataset] = []
     try:
         with quiet():
-            for item in done:
+            for item, film in zip(done, current, strict=True):
                 result = item.result
-                source = dicom_results.patient_study_source(item.source)
+                source = dicom_results.patient_study_source(film)
                 blended = overlay.overlay(result.image.pixels, result.heatmap, colormap, opacity)
                 explained = card.class_names[result.class_index]
                 objects.append(dicom_results.structured_report(source, result.prediction, card))
@@ -240,6 +263,12 @@ def study_label(study: Study) -> str:
     """'accession · date · description' for choosing a study (parts that are missing left out)."""
     parts = [study_name(study), study.date if study.accession else "", study.description]
     return " · ".join(p for p in parts if p)
+
+
+def study_labels(studies: Sequence[Study]) -> list[str]:
+    """``study_label`` of each study, made unique (' (2)'...): a choice widget hands back the label, and two
+    studies of one day with one description and no accession number would otherwise open the same study."""
+    return review.unique_names(study_label(study) for study in studies)
 
 
 def score_studies(client: Client, classifier, studies: Sequence[Study], *,
@@ -276,13 +305,13 @@ def score_studies(client: Client, classifier, studies: Sequence[Study], *,
                 continue
             retrieved += 1
             try:
-                source = client.retrieve_dataset(film.instance)
+                data, source = retrieve(client, film)
                 checked = recheck(film, source)
                 if checked.skip is not None:
                     named.append((f"{study_name(study)} · {checked.label}", None, checked.skip))
                 else:
-                    named.append((name, to_bytes(source), None))
-            except PacsError as err:
+                    named.append((name, data, None))
+            except (PacsError, UnreadableImageError) as err:
                 named.append((name, None, str(err)))
         if not named:
             named.append((study_name(study), None, "No radiographs in this study: nothing to classify."))

@@ -18,7 +18,7 @@ import ui
 from cxr_core import dicomweb, familiarity, overlay, pacs, review
 from cxr_core.dicomweb import PacsError
 
-STUDIES, RESULTS, BATCH = "pacs_studies", "pacs_results", "pacs_batch"
+STUDIES, RESULTS, BATCH, SEARCHES = "pacs_studies", "pacs_results", "pacs_batch", "pacs_searches"
 AGAIN, AGAIN_FOR, AGAIN_USED = "pacs_again", "pacs_again_study", "pacs_again_used"
 MODALITY_CHOICES = {"CR, DX or DR": dicomweb.RADIOGRAPHY, "CR": "CR", "DX": "DX", "DR": "DR"}
 
@@ -46,9 +46,16 @@ def search_ui(client: dicomweb.Client) -> None:
     auth.record("pacs_search", source="pacs", study_uids=[s.study_uid for s in studies],
                 counts={"studies": len(studies)})
     st.session_state[STUDIES] = studies
-    # A new list: nothing of the old one stays chosen (the chosen position would open another study by itself).
-    for key in (RESULTS, BATCH, "pacs_study"):
+    # A new list: nothing of the old one stays chosen (the chosen position would open another study by itself), and
+    # the study picker is a new widget, so a browser cannot hand back the old list's choice for the new list.
+    for key in (RESULTS, BATCH, study_key()):
         st.session_state.pop(key, None)
+    st.session_state[SEARCHES] = st.session_state.get(SEARCHES, 0) + 1
+
+
+def study_key() -> str:
+    """The study picker's widget key for the current list of studies."""
+    return f"pacs_study_{st.session_state.get(SEARCHES, 0)}"
 
 
 def studies_table(studies: list[dicomweb.Study]) -> pd.DataFrame:
@@ -219,9 +226,9 @@ if getattr(studies, "truncated", False):
 st.dataframe(studies_table(studies), hide_index=True, key="pacs_studies_table")
 tabs = st.tabs(["One study", "Whole search as a batch"])
 with tabs[0]:
-    chosen = st.selectbox("Open a study", range(len(studies)), index=None, key="pacs_study",
-                          placeholder="Choose a study to classify its frontal films",
-                          format_func=lambda i: pacs.study_label(studies[i]))
+    labels = pacs.study_labels(studies)
+    chosen = st.selectbox("Open a study", range(len(studies)), index=None, key=study_key(),
+                          placeholder="Choose a study to classify its frontal films", format_func=labels.__getitem__)
     if chosen is not None:
         result = study_ui(client, classifier, explainer, studies[chosen])
         if result is not None:

@@ -25,7 +25,9 @@ NEEDLES = sorted(set(CANARY.values()) | set(CANARY["PatientName"].split("^")))
 SIIM = DICOM / "torchxrayvision" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 DX_J2K = DICOM / "pylibjpeg-data" / "JPEG2KLossless_1s_1f_u_16_16.dcm"  # the only film of its study
 LATERAL_ACCESSION, EMPTY_ACCESSION = "LATERAL-0001", "NOIMAGE-0001"
-REFUSE_ALL = "function ReceivedInstanceFilter(dicom, origin, info)\n  return false\nend\n"
+# An archive that keeps films but silently drops this application's results (it answers STOW-RS with success).
+REFUSE_RESULTS = ("function ReceivedInstanceFilter(dicom, origin, info)\n"
+                  "  return string.find(dicom.SeriesDescription or '', 'UNVERIFIED AI', 1, true) == nil\nend\n")
 
 
 def canary(ds: pydicom.Dataset) -> None:

@@ -35,6 +35,12 @@ def page(settings: dict | None) -> AppTest:
     return at.run()
 
 
+def study_picker(at: AppTest):
+    """The 'Open a study' selectbox (its key changes with every search)."""
+    (picker,) = [box for box in at.selectbox if box.label == "Open a study"]
+    return picker
+
+
 def secrets_of(server) -> dict:
     s = server.settings
     return {"url": s.url, "username": s.username, "password": s.password}
@@ -60,7 +66,7 @@ def test_search_classify_batch_and_write_back(orthanc, isolated, capfd, tiny_mod
     assert list(table.columns) == ["Accession", "Date", "Description", "Modality", "Films"]
     assert table.to_dict("records") == [{"Accession": "", "Date": "2004-08-31", "Description": "", "Modality": "DX",
                                          "Films": 1}]
-    at.selectbox(key="pacs_study").set_value(0).run()
+    study_picker(at).set_value(0).run()
     assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
     shown = dict(zip(at.table[0].value["Class"], at.table[0].value["Probability"], strict=True))
     classifier = models.load(tiny_model_dir)  # the page serves a copy of it
@@ -83,8 +89,10 @@ def test_search_classify_batch_and_write_back(orthanc, isolated, capfd, tiny_mod
     assert values.decision == direct.prediction.decision and str(sr.PatientName) == CANARY["PatientName"]
     at.button(key="pacs_write").click().run()
     assert "already in the PACS for this study" in at.error[0].value
+    first_key = study_picker(at).key
     at.button(key="pacs_search").click().run()  # a new search opens no study by itself
-    assert at.selectbox(key="pacs_study").value is None and len(at.table) == 0 and not at.exception
+    assert study_picker(at).value is None and len(at.table) == 0 and not at.exception
+    assert study_picker(at).key != first_key  # a new widget: a browser cannot hand back the old list's choice
 
     # PHI: the canaries are in Orthanc (the positive control) but nowhere this app wrote or said.
     assert CANARY["PatientID"] == sr.PatientID
@@ -128,7 +136,7 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
     assert [e.value for e in at.exception] == []
     at.selectbox(key="pacs_modality").set_value("DX").run()
     at.button(key="pacs_search").click().run()
-    at.selectbox(key="pacs_study").set_value(0).run()
+    study_picker(at).set_value(0).run()
     assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
     assert at.table[0].value is not None  # classified
     offered = [b for b in at.button if b.key == "pacs_write"]
@@ -175,9 +183,9 @@ def test_a_cut_search_says_so_and_write_again_is_unticked_for_another_study(orth
     limit["value"] = 100
     at.button(key="pacs_search").click().run()
     assert len(at.dataframe[0].value) == 2 and not [w for w in at.warning if "listed" in w.value]  # nothing cut
-    at.selectbox(key="pacs_study").set_value(0).run()
+    study_picker(at).set_value(0).run()
     at.checkbox(key="pacs_again").check().run()
     assert at.checkbox(key="pacs_again").value is True
-    at.selectbox(key="pacs_study").set_value(1).run()
+    study_picker(at).set_value(1).run()
     assert [e.value for e in at.exception] == [] and at.table  # the other study, classified
     assert at.checkbox(key="pacs_again").value is False

@@ -6,12 +6,15 @@ canary copies of every file of ../shared/data/dicom (all transfer syntaxes there
 
 from __future__ import annotations
 
+import copy
+import http.server
 import io
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +30,7 @@ from pacs_server import (
     EMPTY_ACCESSION,
     LATERAL_ACCESSION,
     NEEDLES,
-    REFUSE_ALL,
+    REFUSE_RESULTS,
     SIIM,
     loaded_orthanc,
     local_canary_bytes,
@@ -37,7 +40,7 @@ from pacs_server import (
 )
 from pydicom.uid import generate_uid
 
-from cxr_core import dicom_results, dicomweb, imaging, models, overlay, pacs, pipeline
+from cxr_core import dicom_results, dicomweb, imaging, limits, models, overlay, pacs, pipeline
 from cxr_core.dicomweb import PacsError
 from cxr_core.errors import UnreadableImageError
 from cxr_core.explain import Explainer
@@ -310,7 +313,15 @@ class FakeClient:
         return self.datasets[instance.sop_uid]
 
     def retrieve(self, instance: dicomweb.Instance) -> bytes:
-        return dicomweb.to_bytes(self.retrieve_dataset(instance))
+        stored = self.datasets[instance.sop_uid]
+        return stored if isinstance(stored, bytes) else dicomweb.to_bytes(stored)
+
+    def series_descriptions(self, study_uid: str) -> dict[str, str]:
+        return {}
+
+    def store(self, datasets) -> list[str]:
+        self.stored = list(datasets)
+        return [str(ds.SOPInstanceUID) for ds in datasets]
 
 
 def test_the_retrieved_film_is_checked_again_lateral_oblique_or_raw(model):
@@ -387,12 +398,12 @@ def test_undecodable_instance_and_a_study_over_the_cap(orthanc, model):
 
 def test_a_pacs_that_refuses_stow(model):
     classifier, explainer = model
-    with LocalOrthanc() as source, LocalOrthanc(lua=REFUSE_ALL) as refusing:
-        client = dicomweb.Client(source.settings)
+    with LocalOrthanc(lua=REFUSE_RESULTS) as refusing:
+        client = dicomweb.Client(refusing.settings)
         client.store([pydicom.dcmread(DX_J2K)])
         result = pacs.classify_study(client, classifier, explainer, study_of(DX_J2K))
         with pytest.raises(PacsError, match=r"did not keep 2 of 2 object\(s\) it was sent") as err:
-            pacs.write_back(dicomweb.Client(refusing.settings), classifier.card, result)
+            pacs.write_back(client, classifier.card, result)
         assert "Nothing was stored" in str(err.value)
 
 
@@ -420,6 +431,137 @@ def test_stow_refused_all_409_or_partly_202_says_why_and_what_was_stored():
         in message and uids[0] not in message
 
 
+def test_a_film_other_than_asked_or_in_an_unknown_syntax_is_an_error_row_and_write_back_reads_the_patient_again(model):
+    """The PACS answers with another instance than asked (wrong SOP Instance UID): not classified, said so. A film in a
+    transfer syntax nothing here decodes (JPEG XL) is an error row, not a crash that loses the batch. Write-back
+    takes the patient and study as the PACS holds them when it writes (reconciled since classification)."""
+    classifier, explainer = model
+    good, other, jxl = (new_study(SIIM, "FAKE-2") for _ in range(3))
+    for ds in (other, jxl):
+        ds.StudyInstanceUID = good.StudyInstanceUID
+    # JPEG XL Lossless (2024), which pydicom 3.0 cannot even write: written as MPEG2 (a UID as long), then renamed.
+    jxl.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
+    jxl.PixelData = pydicom.encaps.encapsulate([b"\xff\x0a" + bytes(64)])
+    jxl_bytes = dicomweb.to_bytes(jxl).replace(b"1.2.840.10008.1.2.4.100\0", b"1.2.840.10008.1.2.4.110\0")
+    wrong = copy.deepcopy(other)
+    wrong.SOPInstanceUID = generate_uid()  # what the PACS sends back for `other`
+    answers = [dicomweb.Instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                 str(ds.SOPClassUID), "CR", "PA", "CHEST", "chest", n, 1)
+               for n, ds in enumerate((good, other, jxl), 1)]
+    client = FakeClient({str(good.SOPInstanceUID): good, str(other.SOPInstanceUID): wrong,
+                         str(jxl.SOPInstanceUID): jxl_bytes}, answers)
+    result = pacs.classify_study(client, classifier, explainer, str(good.StudyInstanceUID))
+    assert [f.result is not None for f in result.films] == [True, False, False]
+    assert result.films[1].error.startswith("The PACS sent another image than the one asked for")
+    assert "a transfer syntax this reader does not know (1.2.840.10008.1.2.4.110)" in result.films[2].error
+    study = dicomweb.Study(str(good.StudyInstanceUID), "FAKE-2", "", "", "CR", 3)
+    rows, _ = pacs.score_studies(client, classifier, [study])
+    assert [row.prediction is not None for row in rows] == [True, False, False]
+    assert rows[1].error.startswith("The PACS sent another image") and "does not know" in rows[2].error
+    # The patient was reconciled in the PACS after classification: the results carry who the film belongs to now.
+    reconciled = copy.deepcopy(good)
+    reconciled.PatientID, reconciled.PatientName = "REAL-0042", "Real^Patient"
+    client.datasets[str(good.SOPInstanceUID)] = reconciled
+    pacs.write_back(client, classifier.card, result)
+    assert len(client.stored) == 2 and {(d.PatientID, str(d.PatientName)) for d in client.stored} == {
+        ("REAL-0042", "Real^Patient")}
+    # A film that the PACS no longer sends as asked: nothing is written.
+    client.datasets[str(good.SOPInstanceUID)] = wrong
+    client.stored = []
+    with pytest.raises(PacsError, match="could not be read again to write its results.*Nothing was written"):
+        pacs.write_back(client, classifier.card, result)
+    assert client.stored == []
+
+
+def test_study_labels_are_unique():
+    studies = [dicomweb.Study(f"1.2.{n}", "", "2024-03-01", "CHEST PA", "CR", 1) for n in range(3)]
+    studies.append(dicomweb.Study("1.2.9", "ACC-9", "2024-03-01", "CHEST PA", "CR", 1))
+    assert pacs.study_labels(studies) == ["2024-03-01 · CHEST PA", "2024-03-01 · CHEST PA (2)",
+                                          "2024-03-01 · CHEST PA (3)", "ACC-9 · 2024-03-01 · CHEST PA"]
+
+
+def test_retrieval_stops_at_the_file_limit_and_a_deflate_bomb_never_inflates(orthanc, model, monkeypatch):
+    """A film is read in a stream bounded by the reader's file limit; a Deflated film (96 kB that inflate to 93 MB)
+    goes through the reader's bounded inflation: dicomweb-client parsed it whole (93 MB held) before any check."""
+    import tracemalloc
+
+    _, client = orthanc
+    classifier, explainer = model
+    bomb = new_study(SIIM, "BOMB-1")
+    bomb.Rows = bomb.Columns = 7000
+    bomb.BitsAllocated, bomb.BitsStored, bomb.HighBit = 16, 16, 15
+    bomb.PixelData = bytes(7000 * 7000 * 2)
+    bomb.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    client.store([bomb])
+    del bomb
+    tracemalloc.start()
+    try:
+        result = pacs.classify_study(client, classifier, explainer, study_of_dataset(client, "BOMB-1"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    (item,) = result.films
+    assert item.result is None and "93 MB decoded, over the limit" in item.error
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MB held while reading a 96 kB film"
+    # Over the file limit: refused from the answer's declared length, before its body is read.
+    film = instance(client, SIIM)
+    size = len(client.retrieve(film))
+    monkeypatch.setattr(limits, "MAX_FILE_BYTES", size // 2)
+    with pytest.raises(PacsError, match="(sent more than|is sending an image of) 0 MB.* for one"):
+        client.retrieve(film)
+
+
+def study_of_dataset(client: dicomweb.Client, accession: str) -> str:
+    (study,) = client.search_studies(accession=accession, modality="")
+    return study.study_uid
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """A DICOMweb server that answers any retrieval with a multipart body and no length: ``chunks`` chunks of
+    ``size`` bytes, ``pause`` seconds apart (then it closes the connection)."""
+
+    chunks, size, pause = 0, 0, 0.0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b0undary')
+        self.end_headers()
+        self.wfile.write(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n")
+        for _ in range(self.chunks):
+            self.wfile.write(bytes(self.size))
+            self.wfile.flush()
+            time.sleep(self.pause)
+        self.wfile.write(b"\r\n--b0undary--\r\n")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("chunks", "size", "pause", "message"), [
+    (40, 64 * 1024, 0.0, "sent more than 1 MB for one image"),  # no length given: stopped while streaming
+    (1000, 16, 0.1, "took more than 1 s to send one image"),  # a byte every so often: the deadline, not the timeout
+])
+def test_a_pacs_that_sends_too_much_or_too_slowly_is_cut_off(monkeypatch, chunks, size, pause, message):
+    monkeypatch.setattr(limits, "MAX_FILE_BYTES", 1 * limits.MiB)
+    monkeypatch.setattr(dicomweb, "RETRIEVE_TIMEOUTS", 2)
+    handler = type("Handler", (_Trickle,), {"chunks": chunks, "size": size, "pause": pause})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                                   timeout=0.5))
+        started = time.monotonic()
+        with pytest.raises(PacsError, match=message):
+            client.retrieve(dicomweb.Instance("1.2", "1.3", "1.4", "", "CR", "PA", "CHEST", "", 1, 1))
+        assert time.monotonic() - started < 5
+        with pytest.raises(PacsError, match="UIDs are not DICOM UIDs"):
+            client.retrieve(dicomweb.Instance("1.2", "../../x", "1.4", "", "CR", "PA", "CHEST", "", 1, 1))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_odd_or_missing_qido_fields():
     odd = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA", "Value": ["2004"]},
             "00080050": {"vr": "SH"}, "00201208": {"vr": "IS", "Value": ["many"]}, "00081030": "not a dict"},
@@ -427,6 +569,16 @@ def test_odd_or_missing_qido_fields():
     studies = [dicomweb._study(item) for item in odd]
     assert studies[0] == dicomweb.Study("1.2.3", "", "", "", "", None) and studies[1:] == [None, None]
     assert dicomweb._instance({"0020000E": {"Value": ["1.2"]}}, "1") is None  # no SOP UID: not listed
+    # An empty value is null in DICOM JSON: no text "None", and the other modalities of a study stay.
+    nulls = {"00080060": {"vr": "CS", "Value": [None]}, "00080050": {"vr": "SH", "Value": [None]},
+             "00080061": {"vr": "CS", "Value": [None, "CR"]}, "00100010": {"vr": "PN", "Value": [{"Alphabetic": None}]}}
+    assert [dicomweb._value(nulls, k) for k in ("Modality", "AccessionNumber", "ModalitiesInStudy", "PatientName")] \
+        == ["", "", "CR", ""]
+    # A QIDO answer that is JSON null or a number lists nothing, instead of failing outside the PACS error handling.
+    client = dicomweb.Client(dicomweb.Settings(url="http://127.0.0.1:9/dicom-web"))
+    client._web.search_for_instances = lambda **kwargs: None
+    client._web.search_for_series = lambda **kwargs: 5
+    assert client.instances("1.2") == [] and client.series_descriptions("1.2") == {}
 
 
 def test_settings_from_secrets_or_environment():
