@@ -134,6 +134,19 @@ def test_duplicates_collapse_and_leave_the_held_out_side(tmp_path):
     assert [r.split for r in back[8:]] == ["duplicate", "duplicate"]
 
 
+def test_a_byte_copy_keeps_the_name_that_carries_the_patient(tmp_path):
+    """A compilation (its source name sorts first) holds a renamed copy of a Kermany film: the Kermany name, which
+    carries the patient, is kept, so that the child's other films split with it (the compilation's was kept)."""
+    (original,) = [p for p in sorted((KERMANY / "PNEUMONIA").iterdir()) if p.name.startswith("person1000_")][:1]
+    (tmp_path / "acomp" / "PNEUMONIA").mkdir(parents=True)
+    shutil.copyfile(original, tmp_path / "acomp" / "PNEUMONIA" / "Pneumonia-1.jpeg")
+    (tmp_path / "kermany" / "PNEUMONIA").mkdir(parents=True)
+    (tmp_path / "kermany" / "PNEUMONIA" / original.name).symlink_to(original)
+    records, dropped = data.deduplicate(data.scan([tmp_path / "acomp", tmp_path / "kermany"]).records)
+    assert [(r.source, r.patient) for r in records] == [("kermany", "person1000")]
+    assert [(d.source, d.duplicate_of) for d in dropped] == [("acomp", f"kermany/PNEUMONIA/{original.name}")]
+
+
 def test_bad_files_are_reported_and_skipped(tmp_path):
     good = KERMANY / "NORMAL" / "IM-0115-0001.jpeg"
     folder = tmp_path / "bad" / "NORMAL"

@@ -90,7 +90,16 @@ def test_a_reused_manifest_does_not_hold_out_a_near_copy_of_a_training_film(film
     dropped = [r for r in _manifest(tmp_path / "b" / "split.csv") if r["path"] == "NORMAL/Normal-1.jpeg"]
     assert [(r["split"], r["duplicate_of"], r["duplicate_kind"]) for r in dropped] == [("duplicate", film.key, "near")]
     assert prepared.summary()["near_duplicates_removed"] == 1
+    assert prepared.summary()["held_out_duplicates_removed"] == 1  # the copy in test
     assert prepared.summary()["films_with_patient_id"] == {"compilation": "0 of 1", "kermany": "40 of 40"}
+    # A manifest's removed copies all read "duplicate", whatever split they left: the number is then not known
+    # (it counted every one of them as held out before).
+    written = _manifest(tmp_path / "b" / "split.csv")
+    assert any(r["split"] == "duplicate" for r in written)
+    reread = _config(films, tmp_path / "c", [films["kermany"], tmp_path / "compilation"],
+                     split_manifest=str(tmp_path / "b" / "split.csv"))
+    again = dataset.prepare(reread, tmp_path / "c", log=lambda _: None)
+    assert again.summary()["held_out_duplicates_removed"] is None
     # Every other film keeps the manifest's split.
     for name in ("train", "val", "test"):
         assert _keys(prepared, name) - {"compilation/NORMAL/Normal-2.jpeg"} == _keys(fresh, name)
@@ -254,3 +263,21 @@ def test_what_a_model_trained_on_includes_what_its_own_start_trained_on(tmp_path
     trained = data.trained_films(_write_manifest(rows, tmp_path / "split.csv"))
     assert trained.keys == {"s/A/1.png", "s/A/2.png", "s/A/3.png", "t/B/9.png", "c/C/4.png"}
     assert trained.sha256 == {"a1", "a2", "a3", "a4"} and trained.patients == {("s", "p1"), ("s", "p2")}
+
+
+def test_a_file_name_that_is_not_utf8_is_logged_printably(films, tmp_path):
+    """An unreadable file whose name holds a byte that is not UTF-8: the log line said its name with a surrogate
+    escape, which print() cannot write on a UTF-8 terminal (the run stopped there)."""
+    root = tmp_path / "odd"
+    _link(KERMANY / "NORMAL", root / "NORMAL", 10)
+    _link(KERMANY / "PNEUMONIA", root / "PNEUMONIA", 10)
+    with open(bytes(root / "NORMAL") + b"/bad\xff.jpeg", "wb"):
+        pass  # empty: unreadable
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        line.encode("utf-8")  # what print() does on a UTF-8 terminal: a surrogate raises UnicodeEncodeError
+        lines.append(line)
+
+    dataset.prepare(_config(films, tmp_path / "out", [root]), tmp_path / "out", log=log)
+    assert any(line.startswith("skipped unreadable file odd/NORMAL/bad\ufffd.jpeg") for line in lines), lines

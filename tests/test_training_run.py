@@ -497,6 +497,16 @@ def test_phases_choose_the_trainable_layers():
     assert trainable() == ["logits", "tiny_conv0", "tiny_conv1"]
     build.set_phase(model, "scratch", pretrained=False)
     assert trainable() == ["logits", "tiny_bn0", "tiny_bn1", "tiny_conv0", "tiny_conv1"]
+    # More layers asked than there are: all of them (a slice from a negative start trained 5 - 2 = 3 of 2 before);
+    # a fraction written with its decimal point, 1.0 included, is a share of them.
+    for unfreeze, expected in (("top:5", 2), ("top:2", 2), ("top:1.0", 2), ("top:0.5", 1), ("top:1", 1)):
+        build.set_phase(model, "fine-tune", unfreeze, pretrained=True)
+        assert len(trainable()) == 1 + expected, unfreeze
+    assert [build.unfreeze_count(u, 120) for u in ("top:121", "top:125", "top:1.0", "top:0.3", "top:7")] == [
+        120, 120, 120, 36, 7]
+    for bad in ("top:0", "top:1.5", "top:-2", "top:x", "top:2.5", "last:3"):
+        with pytest.raises(ValueError, match="unfreeze must be all"):
+            TrainConfig(data=[], unfreeze=bad)
 
 
 def test_augmentation_acts_only_in_training():
@@ -577,6 +587,9 @@ def test_holdout_source_is_scored_as_the_external_split(holdout_run, work):
     assert len(ext) == n_ext and set(ext["source"]) == {"other"}
     card = card_lib.load(out)
     assert card.metrics["external"]["n"] == n_ext and card.metrics["external"]["sources"] == ["other"]
+    # The held-out source is not among the sources the model was trained on (it was, in the card's words, before).
+    assert card.limitations[0].startswith("Trained on cxr;")
+    assert not any("different sources" in line for line in card.limitations)
     # The familiarity threshold is the validation percentile; the flags in predictions.csv follow it.
     val = preds[preds["split"] == "val"]
     assert card.familiarity["threshold"] == pytest.approx(np.percentile(val["familiarity"], 99.0), rel=1e-6)

@@ -88,8 +88,7 @@ def set_phase(model: keras.Model, phase: str, unfreeze: str = "all", pretrained:
         if unfreeze == "all":
             chosen = candidates
         else:
-            k = float(unfreeze.split(":", 1)[1])
-            n = round(k * len(candidates)) if k < 1 else int(k)
+            n = unfreeze_count(unfreeze, len(candidates))
             chosen = candidates[len(candidates) - n:] if n > 0 else []
         for layer in chosen:
             layer.trainable = True
@@ -97,6 +96,15 @@ def set_phase(model: keras.Model, phase: str, unfreeze: str = "all", pretrained:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = phase == "fine-tune" and not freeze_batchnorm
+
+
+def unfreeze_count(unfreeze: str, layers: int) -> int:
+    """How many of ``layers`` weighted layers ``top:K`` trains: K of them (at most all), or with a decimal point
+    (``top:0.3``, ``top:1.0``) that fraction of them."""
+    text = unfreeze.split(":", 1)[1]
+    k = float(text)
+    n = round(k * layers) if "." in text or "e" in text.lower() else int(k)
+    return max(0, min(n, layers))
 
 
 class RandomGamma(keras.layers.Layer):

@@ -163,7 +163,8 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     """Hash every file; collapse byte-identical copies to one.
 
     The copy kept is the one on the training side (train, then unsplit, then val, then test),
-    so a file that also sits in a held-out split is removed from the held-out side.
+    so a file that also sits in a held-out split is removed from the held-out side; among those, one whose
+    name carries its patient (a compilation's renamed copy does not), so that the patient's films stay together.
     Returns (records with sha256 set, duplicates with ``duplicate_of`` set).
     """
     hashed = [r if r.sha256 else dataclasses.replace(r, sha256=file_sha256(r.path)) for r in records]
@@ -173,7 +174,7 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     kept: list[Record] = []
     dropped: list[Record] = []
     for group in by_hash.values():
-        group.sort(key=lambda r: (_KEEP_RANK[r.split], r.source, r.rel))
+        group.sort(key=lambda r: (_KEEP_RANK[r.split], r.patient == "", r.source, r.rel))
         kept.append(group[0])
         dropped.extend(dataclasses.replace(r, duplicate_of=group[0].key, duplicate_kind="bytes") for r in group[1:])
     order = {r.key: i for i, r in enumerate(hashed)}

@@ -44,10 +44,19 @@ class Prepared:
     def sources(self) -> list[str]:
         return sorted({r.source for s in self.splits.values() for r in s.records})
 
+    @property
+    def trained_sources(self) -> list[str]:
+        """The sources of the train split: never a held-out source (scored as the external split only)."""
+        train = self.splits.get("train")
+        return sorted({r.source for r in train.records}) if train is not None else []
+
     def summary(self) -> dict[str, Any]:
         """The card's training_data: counts per source, split and class; what was removed."""
         kept = [r for s in self.splits.values() for r in s.records]
-        cross = [d for d in self.duplicates if d.split and d.split != "train"]
+        # Copies removed from a held-out split. A split read from a manifest names every removed copy "duplicate"
+        # (whatever split it came from): then the number is not known here, rather than every copy counted.
+        from_manifest = any(d.split == "duplicate" for d in self.duplicates)
+        cross = None if from_manifest else sum(1 for d in self.duplicates if d.split in ("val", "test", data.EXTERNAL))
         near = [d for d in self.duplicates if d.duplicate_kind == "near"]
         seen = [d for d in self.duplicates if d.duplicate_kind == "seen"]
         return {
@@ -59,7 +68,7 @@ class Prepared:
             "near_duplicates_removed": len(near),
             "seen_by_starting_weights_removed": len(seen),
             "near_duplicates_by_source": self.near_duplicates,
-            "held_out_duplicates_removed": len(cross),
+            "held_out_duplicates_removed": cross,
             "holdout_sources": self.holdout,
             "skipped_unreadable": len(self.skipped),
             "unmapped_folders": self.unmapped,
@@ -166,7 +175,8 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
         found = data.scan(config.data, config.class_map, known=known)
         unmapped = found.unmapped
         for folder in unmapped:
-            log(f"skipped folder {folder}: it maps to no class (add --map '{folder.split('/')[-1]}=CLASS')")
+            shown = csvsafe.safe_text(folder)  # printable whatever its bytes (a surrogate fails print on UTF-8)
+            log(f"skipped folder {shown}: it maps to no class (add --map '{shown.split('/')[-1]}=CLASS')")
         held = _hold_out(_limit(found.records, config.max_per_class, config.seed), config.holdout_sources, False)
         records, duplicates = data.deduplicate(held)
     if manifest is not None:
@@ -180,7 +190,7 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
     log(f"reading {len(records)} images at {config.input_size} px (decoded once, cached in {cache_dir})")
     decoded = cache.decode(records, config.input_size, cache_dir)
     for item in decoded.skipped:
-        log(f"skipped unreadable file {item['path']}: {item['error']}")
+        log(f"skipped unreadable file {csvsafe.safe_text(str(item['path']))}: {item['error']}")
     near: dict[str, int] = {}
     records = decoded.records
     if manifest is None:

@@ -61,10 +61,11 @@ def fit_thresholds(y_val: np.ndarray, probs: np.ndarray, classes: list[str], neg
 def _card(config: TrainConfig, prepared: dataset.Prepared, name: str) -> card_lib.ModelCard:
     negative = config.negative_class if config.negative_class in prepared.classes else None
     limitations = [
-        f"Trained on {', '.join(prepared.sources)}; performance elsewhere (other sites, ages, devices) is unknown.",
+        f"Trained on {', '.join(prepared.trained_sources)}; performance elsewhere (other sites, ages, devices) is "
+        "unknown.",
         "Thresholds and temperature were fitted on the validation split; re-check them on local data.",
     ]
-    if len(prepared.sources) > 1:
+    if len(prepared.trained_sources) > 1:
         limitations.append("Classes come from different sources: the model may learn the source instead of the "
                            "disease (see metrics.by_source).")
     return card_lib.ModelCard(
