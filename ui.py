@@ -234,13 +234,19 @@ def _finish_loads() -> None:
         load.warmed.wait(timeout=120)
 
 
+def model_version(card: card_lib.ModelCard) -> str:
+    """What keys a loaded model: its weights and its card (``training rescore`` rewrites the card, with new
+    thresholds, temperature and familiarity model, and keeps the weights byte for byte)."""
+    return f"{card.weights_sha256}:{card.card_sha256}"
+
+
 @st.cache_resource(show_spinner=False)
-def start_loading(folder: str, weights_sha256: str = "") -> ModelLoad:
+def start_loading(folder: str, version: str = "") -> ModelLoad:
     """The background load of a model folder, started once per process and shared by every session.
 
     Returns after checking the card and the weights' hash (a fraction of a second), without waiting
-    for TensorFlow. ``weights_sha256`` only keys the cache, so a replaced model folder is loaded
-    afresh. Raises ``ModelCardError`` for a missing, invalid or tampered folder (not cached).
+    for TensorFlow. ``version`` (``model_version``) only keys the cache, so a replaced or rescored model
+    folder is loaded afresh. Raises ``ModelCardError`` for a missing, invalid or tampered folder (not cached).
     """
     load = ModelLoad(folder, card_lib.load(folder))  # card and weights hash checked here, before the page goes on
     _LOADS[:] = [*(other for other in _LOADS if not other.warmed.is_set()), load]
@@ -248,9 +254,9 @@ def start_loading(folder: str, weights_sha256: str = "") -> ModelLoad:
     return load
 
 
-def load_model(folder: str, weights_sha256: str = "") -> tuple[Any, Any]:
+def load_model(folder: str, version: str = "") -> tuple[Any, Any]:
     """(Classifier, Explainer) for a model folder, loaded once per process and shared (waits for the load)."""
-    return start_loading(folder, weights_sha256).result()
+    return start_loading(folder, version).result()
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -337,7 +343,7 @@ def model_sidebar(wait: bool = True) -> Any:
         auth.record("model_change", model=card.name, weights_sha256=card.weights_sha256)
     card_summary_ui(card)
     try:
-        loading = start_loading(choice, card.weights_sha256)
+        loading = start_loading(choice, model_version(card))
     except ModelCardError as err:
         st.sidebar.error(str(err))
         return None

@@ -178,12 +178,24 @@ class CachedModel:
 def _cache_path(cache_key: str | None) -> Path | None:
     """``<cache>/<hash>.xml`` for a key (None: no key or the cache is off); ``.bin`` and ``.npz`` beside it."""
     folder = cache_dir() if cache_key else None
-    if folder is None:
+    if folder is None or not _private_folder(folder):
         return None
     import openvino as ov
 
     key = json.dumps([cache_key, ov.__version__, _CONVERTER_VERSION])
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
+
+
+def _private_folder(folder: Path) -> bool:
+    """Make the cache folder (mode 0700) when it is missing; False (the cache is not used) when another user owns
+    it or others may write in it: an entry there could be anyone's graph, served under this model's name (the
+    sha256 in an entry's side file only shows that its files were not damaged since they were written)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = folder.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> None:
@@ -225,8 +237,8 @@ def _read_entry(core, path: Path | None) -> tuple[object, CachedModel] | None:
         if digests != (sha256_of(path), sha256_of(path.with_suffix(".bin"))):
             return None
         return core.read_model(path), side
-    except (OSError, ValueError, KeyError, RuntimeError):
-        return None  # a damaged entry: the next conversion overwrites it
+    except Exception:  # noqa: BLE001 - a damaged entry (a bad zip, a truncated graph...): the next conversion overwrites it
+        return None
 
 
 def _read_side(path: Path) -> tuple[CachedModel, tuple[str, str]]:
@@ -300,6 +312,7 @@ class OpenVINORunner:
             raise ValueError(f"the converted model's outputs have shapes {shapes}: expected (1, classes) logits"
                              + (" and a (1, h, w, K) feature map" if len(wanted) == 2 else ""))
         self._logits = ranks.index(2)
+        self.classes = shapes[self._logits][1]  # logits per film
         self._features = ranks.index(4) if self.side.feature_layer is not None else None
         if model is not None and shapes[self._logits][1] != model.output.shape[-1]:
             raise ValueError(f"the converted model gives {shapes[self._logits][1]} logits, the model "

@@ -53,7 +53,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "densenet169": Architecture("DenseNet169", "relu", _TORCH_SCALE, _TORCH_OFFSET, 32),
     "densenet121": Architecture("DenseNet121", "relu", _TORCH_SCALE, _TORCH_OFFSET, 32),
     "resnet50": Architecture("ResNet50", "conv5_block3_out", (1.0,) * 3, _CAFFE_OFFSET, 32),
-    "vgg16": Architecture("VGG16", "block5_conv3", (1.0,) * 3, _CAFFE_OFFSET, 32),
+    # block5_pool, not block5_conv3: the head's global average pool reads it, so CAM from the forward pass and the
+    # familiarity model (both on the pooled features) fit; with block5_conv3 a trained VGG16 could not be loaded.
+    "vgg16": Architecture("VGG16", "block5_pool", (1.0,) * 3, _CAFFE_OFFSET, 32),
     "inceptionv3": Architecture("InceptionV3", "mixed10", (1 / 127.5,) * 3, (-1.0,) * 3, 75),
     # A few thousand parameters, for tests and smoke runs only.
     "tiny": Architecture("tiny", "relu", (1 / 255,) * 3, (0.0,) * 3, 16),
@@ -365,9 +367,13 @@ def load_checked_weights(model: keras.Model, card: card_lib.ModelCard, path: Pat
 
 
 def cache_key(card: card_lib.ModelCard) -> str:
-    """What names a model exactly for the engine cache: the weights' sha256 and the card fields that build it."""
+    """What names a model exactly for the engine cache: the weights' sha256, the card fields that build it, and
+    the code that builds it from them (the architecture's scaling constants, Keras's version)."""
+    from importlib.metadata import version
+
     return json.dumps(["cxr-model", card.weights_sha256, card.architecture, card.input_size,
-                       list(card.class_names), card.target_layer])
+                       list(card.class_names), card.target_layer, repr(ARCHITECTURES.get(card.architecture)),
+                       version("keras")])
 
 
 def _familiarity(card: card_lib.ModelCard, folder: Path) -> fam_lib.Familiarity | None:
@@ -375,8 +381,8 @@ def _familiarity(card: card_lib.ModelCard, folder: Path) -> fam_lib.Familiarity 
         return None
     try:  # card_lib.load has checked the file's sha256
         fam = fam_lib.load(card_lib.familiarity_path(folder, card))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read ({exc}). "
+    except (OSError, ValueError, KeyError, MemoryError) as exc:  # MemoryError: an array header declaring terabytes
+        raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read ({type(exc).__name__}). "
                              "Reinstall the model folder.") from exc
     if not np.isclose(fam.threshold, float(card.familiarity["threshold"]), rtol=1e-9, atol=0):
         raise ModelCardError(f"model '{card.name}': its familiarity file's threshold differs from its card's. "
@@ -400,13 +406,15 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
     def build_model() -> keras.Model:
         try:
             model = build_from_card(card)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # TypeError: a forged recipe value of another type (dropout: [0.2])
             raise ModelCardError(f"model '{card.name}': the card describes a model that cannot be built "
                                  f"({exc}).") from exc
         load_checked_weights(model, card, card_lib.weights_path(folder, card))
         return model
 
     runner = engine_lib.cached(key, engine, precision)
+    if runner is not None and getattr(runner, "classes", len(card.class_names)) != len(card.class_names):
+        runner = None  # an entry whose graph gives another number of logits than the card's classes: convert
     if runner is not None:
         return Classifier(card, None, folder, runner=runner, build=build_model, familiarity=fam)
     return Classifier(card, build_model(), folder, engine=engine, precision=precision, cache_key=key,

@@ -93,10 +93,18 @@ def test_headline_metrics_flattens_one_level():
 
 def test_model_is_loaded_once_per_process(models_root):
     folder = str(models_root / "tiny-pneumonia")
-    sha = card.read(folder).weights_sha256
-    first = ui.load_model(folder, sha)
-    assert ui.load_model(folder, sha) is first
+    version = ui.model_version(card.read(folder))
+    first = ui.load_model(folder, version)
+    assert ui.load_model(folder, version) is first
     assert first[0].card.name == "tiny-pneumonia" and first[1].classifier is first[0]
+    # Rescored (new thresholds in the card, the same weights): loaded afresh, with the new card.
+    rescored = card.read(folder)
+    rescored.thresholds = {"PNEUMONIA": 0.123}
+    card.save(rescored, folder)
+    new_version = ui.model_version(card.read(folder))
+    assert new_version != version and new_version.split(":")[0] == version.split(":")[0]
+    second = ui.load_model(folder, new_version)
+    assert second is not first and second[0].card.thresholds == {"PNEUMONIA": 0.123}
 
 
 def test_headline_figures_read_as_counts_and_percentages():

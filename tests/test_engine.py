@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import keras
@@ -179,6 +180,43 @@ def test_a_cache_entry_whose_weights_changed_is_converted_again_not_served(tiny_
     assert again.runner.source == "converted"
     np.testing.assert_array_equal(again.logits(images), first.logits(images))
     assert models.load(tiny_model3_dir).runner.source == "cache"
+
+
+def test_a_damaged_side_file_is_converted_again_and_a_shared_cache_folder_is_not_used(tiny_model3_dir, tmp_path,
+                                                                                      monkeypatch, images):
+    """A side file that is no zip any more (a bad CRC) raised BadZipFile past the cache, so every start served
+    TensorFlow (or failed with CXR_ENGINE=openvino). A cache folder others may write in is not used at all: an
+    entry there could be anyone's graph under this model's name."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(cache))
+    first = models.load(tiny_model3_dir)
+    (side,) = cache.glob("*.npz")
+    data = bytearray(side.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    side.write_bytes(bytes(data))
+    again = models.load(tiny_model3_dir)
+    assert again.engine == "openvino" and again.runner.source == "converted" and not again.runner.note
+    np.testing.assert_array_equal(again.logits(images), first.logits(images))
+    assert models.load(tiny_model3_dir, engine="openvino").runner.source == "cache"  # rewritten, served again
+    cache.chmod(0o777)
+    shared = models.load(tiny_model3_dir)
+    assert shared.engine == "openvino" and shared.runner.source == "converted"
+    assert engine.cached(models.cache_key(first.card), "openvino", "f32") is None
+    cache.chmod(0o700)
+    assert models.load(tiny_model3_dir).runner.source == "cache"
+    fresh = tmp_path / "new-cache"
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(fresh))
+    models.load(tiny_model3_dir)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_cache_key_changes_with_the_code_that_builds_the_model(tiny_model3_dir, monkeypatch):
+    """The scaling constants live in the code, not in the weights: changed, the cached graph is not served."""
+    loaded = card.load(tiny_model3_dir)
+    before = models.cache_key(loaded)
+    tiny = models.ARCHITECTURES["tiny"]
+    monkeypatch.setitem(models.ARCHITECTURES, "tiny", dataclasses.replace(tiny, scale=(2 / 255,) * 3))
+    assert models.cache_key(loaded) != before
 
 
 def test_a_graph_that_cannot_be_served_is_never_cached(tiny_model_dir, tmp_path, monkeypatch, images):

@@ -40,6 +40,10 @@ def test_every_architecture_builds_flat(architecture):
     assert model.input.shape == (None, size, size, 3) and model.inputs[0].name == "image"
     target = model.get_layer(models.ARCHITECTURES[architecture].target_layer)
     assert len(target.output.shape) == 4 and target.output.shape[-1] >= 16
+    # The head's average pool reads the target layer: CAM from the forward pass and the familiarity model (fitted
+    # on the pooled features by every training run) need that, or a trained model cannot be loaded (VGG16 was).
+    head = models.head_weights(model, target.name)
+    assert head is not None and head.shape == (target.output.shape[-1], 3)
     # Grad-CAM needs the feature map and the logits from one graph; a nested backbone fails here.
     grad_model = keras.Model(model.input, [target.output, model.output])
     logits_layer = model.get_layer("logits")
@@ -120,6 +124,10 @@ def test_weights_that_do_not_fit_the_card(tmp_path):
     card.save(dataclasses.replace(edited, architecture="alexnet"), tmp_path)
     with pytest.raises(ModelCardError, match="cannot be built"):
         models.load(tmp_path)
+    # A recipe value of another type (a list for the dropout rate): the same clear refusal, not a TypeError.
+    card.save(dataclasses.replace(edited, class_names=["NORMAL", "PNEUMONIA"], recipe={"dropout": [0.2]}), tmp_path)
+    with pytest.raises(ModelCardError, match="cannot be built"):
+        models.load(tmp_path, engine="tensorflow")
 
 
 def test_softmax_with_temperature():
