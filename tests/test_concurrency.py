@@ -92,12 +92,12 @@ def test_concurrent_sessions_share_one_cached_model(tiny_model_dir, tmp_path, im
 
     monkeypatch.setattr(models, "load", counting_load)
     ui.start_loading.clear()
-    sha = card_lib.read(folder).weights_sha256
+    version = ui.model_version(card_lib.read(folder))  # what the pages key the load on
     barrier = threading.Barrier(SESSIONS)
 
     def ask() -> tuple:
         barrier.wait()  # every session asks for the model at the same moment
-        return ui.load_model(str(folder), sha)
+        return ui.load_model(str(folder), version)
 
     with ThreadPoolExecutor(max_workers=SESSIONS) as pool:
         shared = list(pool.map(lambda _: ask(), range(SESSIONS)))
