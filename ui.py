@@ -397,26 +397,32 @@ def preload_viewer() -> None:
     Plotly's code (a few MB, loaded on a page's first chart) while the user picks the file, instead of after
     the upload. Measured with Chromium on 2 cores (``python -m benchmarks --app-only``): the first upload's
     viewer showed 1.75 s after its decision without it. Drawn with the page, Plotly's start-up delayed the page
-    itself by 2-3 s; so a fragment waits ``PRELOAD_AFTER_S`` after the page is drawn, then reruns the page
-    once, which draws the chart (and no fragment: nothing runs periodically after that). Nothing of it is
-    seen or announced."""
-    import plotly.graph_objects as go
-
+    itself by 2-3 s; so a fragment draws it ``PRELOAD_AFTER_S`` after the page, in the fragment's own run. It
+    used to rerun the whole page for that (``st.rerun(scope="app")``), which could swallow a file uploaded at
+    that moment (four sessions uploading at once lost one upload in about five runs); a fragment run leaves
+    the rest of the page and its widgets alone. The fragment ticks only until the page's next full run (the
+    upload's), which draws the chart with the page. Nothing of it is seen or announced."""
     if st.session_state.get("_viewer_preload") == "drawn":
-        st.html("<style>.st-key-cxr_viewer_preload {display: none;}</style>")
-        with st.container(key="cxr_viewer_preload"):
-            st.plotly_chart(go.Figure(), key="cxr_viewer_preload_chart", config={"staticPlot": True})
+        _hidden_chart()
         return
 
     @st.fragment(run_every=PRELOAD_AFTER_S)
     def later() -> None:
-        if st.session_state.get("_viewer_preload") != "due":
-            st.session_state["_viewer_preload"] = "due"  # the page is being drawn: next time
+        if st.session_state.get("_viewer_preload") is None:
+            st.session_state["_viewer_preload"] = "due"  # the page is being drawn: next tick
             return
         st.session_state["_viewer_preload"] = "drawn"
-        st.rerun(scope="app")
+        _hidden_chart()
 
     later()
+
+
+def _hidden_chart() -> None:
+    import plotly.graph_objects as go
+
+    st.html("<style>.st-key-cxr_viewer_preload {display: none;}</style>")
+    with st.container(key="cxr_viewer_preload"):
+        st.plotly_chart(go.Figure(), key="cxr_viewer_preload_chart", config={"staticPlot": True})
 
 
 def viewer_ui(pixels: Any, heatmap: Any, values: Any = None, *, key: str, titles: tuple[str, str],

@@ -382,7 +382,8 @@ def _familiarity(card: card_lib.ModelCard, folder: Path) -> fam_lib.Familiarity 
     try:  # card_lib.load has checked the file's sha256
         fam = fam_lib.load(card_lib.familiarity_path(folder, card))
     except (OSError, ValueError, KeyError, MemoryError) as exc:  # MemoryError: an array header declaring terabytes
-        raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read ({type(exc).__name__}). "
+        raise ModelCardError(f"model '{card.name}': its familiarity file cannot be read "
+                             f"({'it declares arrays too large for memory' if isinstance(exc, MemoryError) else exc}). "
                              "Reinstall the model folder.") from exc
     if not np.isclose(fam.threshold, float(card.familiarity["threshold"]), rtol=1e-9, atol=0):
         raise ModelCardError(f"model '{card.name}': its familiarity file's threshold differs from its card's. "
