@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +32,7 @@ import requests
 import urllib3
 from dicomweb_client import DICOMwebClient
 
-from cxr_core import limits
+from cxr_core import imaging, limits
 
 T = TypeVar("T")
 ENV = {"url": "CXR_PACS_URL", "username": "CXR_PACS_USER", "password": "CXR_PACS_PASSWORD",
@@ -48,7 +47,6 @@ ACCEPT_ANY_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax
 # One image's answer must be complete within this many times the timeout (30 s: 5 minutes; a 37 MB film then
 # needs 0.13 MB/s).
 RETRIEVE_TIMEOUTS = 10
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 # dicomweb-client and urllib3 log every URL at INFO/DEBUG, and PACS URLs hold UIDs and search terms.
 for _name in ("dicomweb_client", "urllib3.connectionpool"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -370,7 +368,7 @@ class Client:
         byte, so a server that trickles bytes would never be cut off); the bytes then go through
         ``cxr_core.imaging`` and its limits like a file from disk. dicomweb-client would read the whole answer
         and parse it (and inflate a Deflated dataset) without a bound."""
-        if not all(_UID.fullmatch(uid) for uid in (instance.study_uid, instance.series_uid, instance.sop_uid)):
+        if not all(imaging.UID.fullmatch(uid) for uid in (instance.study_uid, instance.series_uid, instance.sop_uid)):
             raise PacsError(f"The PACS at {self.settings.host} listed an image whose UIDs are not DICOM UIDs, so it "
                             "cannot be retrieved. Ask its administrator.")
         doing = "retrieving an image"

@@ -314,8 +314,8 @@ class OpenVINORunner:
         self._logits = ranks.index(2)
         self.classes = shapes[self._logits][1]  # logits per film
         self._features = ranks.index(4) if self.side.feature_layer is not None else None
-        if model is not None and shapes[self._logits][1] != model.output.shape[-1]:
-            raise ValueError(f"the converted model gives {shapes[self._logits][1]} logits, the model "
+        if model is not None and self.classes != model.output.shape[-1]:
+            raise ValueError(f"the converted model gives {self.classes} logits, the model "
                              f"{model.output.shape[-1]}")
         if self._features is not None and shapes[self._features][1:] != tuple(self.side.feature_shape):
             raise ValueError(f"the converted model's feature map is {shapes[self._features][1:]}, expected "

@@ -67,7 +67,7 @@ _READ_TAGS = METADATA_TAGS + (
 _READ_TAG_NUMBERS = [Tag(keyword) for keyword in _READ_TAGS]
 _READS_PER_ELEMENT = 4  # pydicom reads a data element with 1-3 calls (tag and length, long length, value)
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # a UID's characters (PS3.5 9.1); at most 64 of them
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # a UID's characters (PS3.5 9.1); at most 64 of them
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
@@ -659,7 +659,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     header = _parse(fp, stop_at_pixels=True)  # cheap: stops before the pixel data
     meta = getattr(header, "file_meta", None)
     syntax_uid = str(meta.get("TransferSyntaxUID", "") if meta is not None else "").rstrip("\x00 ")
-    if syntax_uid and (len(syntax_uid) > 64 or not _UID.fullmatch(syntax_uid)):
+    if syntax_uid and (len(syntax_uid) > 64 or not UID.fullmatch(syntax_uid)):
         raise UnreadableImageError("The DICOM file's header is damaged: its transfer syntax is not a DICOM UID "
                                    "(damaged bytes, or an element length that runs into the data after it), so "
                                    "the rest of the file cannot be read reliably. Export the image again from the "

@@ -414,7 +414,7 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
         return model
 
     runner = engine_lib.cached(key, engine, precision)
-    if runner is not None and getattr(runner, "classes", len(card.class_names)) != len(card.class_names):
+    if runner is not None and runner.classes != len(card.class_names):
         runner = None  # an entry whose graph gives another number of logits than the card's classes: convert
     if runner is not None:
         return Classifier(card, None, folder, runner=runner, build=build_model, familiarity=fam)

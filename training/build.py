@@ -14,7 +14,7 @@ import numpy as np
 
 from cxr_core import card as card_lib
 from cxr_core import models
-from training.config import TrainConfig
+from training.config import TrainConfig, unfreeze_top
 
 HEAD = ("avg_pool", "head_dropout", "logits")
 
@@ -101,10 +101,8 @@ def set_phase(model: keras.Model, phase: str, unfreeze: str = "all", pretrained:
 def unfreeze_count(unfreeze: str, layers: int) -> int:
     """How many of ``layers`` weighted layers ``top:K`` trains: K of them (at most all), or with a decimal point
     (``top:0.3``, ``top:1.0``) that fraction of them."""
-    text = unfreeze.split(":", 1)[1]
-    k = float(text)
-    n = round(k * layers) if "." in text or "e" in text.lower() else int(k)
-    return max(0, min(n, layers))
+    k, fraction = unfreeze_top(unfreeze)
+    return min(round(k * layers) if fraction else int(k), layers)
 
 
 class RandomGamma(keras.layers.Layer):

@@ -91,15 +91,7 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "off", "float16", "bfloat16"):
             raise ValueError(f"mixed_precision must be auto, off, float16 or bfloat16, got {self.mixed_precision!r}")
         if self.unfreeze != "all":
-            text = self.unfreeze.split(":", 1)[1] if self.unfreeze.startswith("top:") else ""
-            try:
-                k = float(text)
-            except ValueError:
-                k = -1.0
-            fraction = "." in text or "e" in text.lower()
-            if not (k > 0 and (k <= 1 if fraction else k == int(k))):
-                raise ValueError(f"unfreeze must be all, top:K (a whole number of layers) or top:F (a fraction "
-                                 f"0 < F <= 1, with a decimal point), got {self.unfreeze!r}")
+            unfreeze_top(self.unfreeze)
         if self.epochs < 0 or self.freeze_epochs < -1 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0, freeze_epochs >= 0 (or -1: auto) and batch_size >= 1")
 
@@ -133,3 +125,18 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings: {sorted(unknown)}")
         return cls(**data)
+
+
+def unfreeze_top(unfreeze: str) -> tuple[float, bool]:
+    """``top:K`` (a whole number of layers) or ``top:F`` (a fraction 0 < F <= 1, written with a decimal point) as
+    (K or F, whether it is a fraction); ValueError for anything else."""
+    text = unfreeze.split(":", 1)[1] if unfreeze.startswith("top:") else ""
+    try:
+        k = float(text)
+    except ValueError:
+        k = -1.0
+    fraction = "." in text or "e" in text.lower()
+    if not (k > 0 and (k <= 1 if fraction else k == int(k))):
+        raise ValueError(f"unfreeze must be all, top:K (a whole number of layers) or top:F (a fraction "
+                         f"0 < F <= 1, with a decimal point), got {unfreeze!r}")
+    return k, fraction

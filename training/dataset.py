@@ -56,7 +56,7 @@ class Prepared:
         # Copies removed from a held-out split. A split read from a manifest names every removed copy "duplicate"
         # (whatever split it came from): then the number is not known here, rather than every copy counted.
         from_manifest = any(d.split == "duplicate" for d in self.duplicates)
-        cross = None if from_manifest else sum(1 for d in self.duplicates if d.split in ("val", "test", data.EXTERNAL))
+        cross = None if from_manifest else sum(1 for d in self.duplicates if d.split in HELD_OUT)
         near = [d for d in self.duplicates if d.duplicate_kind == "near"]
         seen = [d for d in self.duplicates if d.duplicate_kind == "seen"]
         return {
@@ -185,7 +185,7 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
         if unscored:
             log(f"the split manifest marks {unscored} films external; they are not scored without --holdout-source")
     if duplicates and manifest is None:
-        held_out = sum(1 for d in duplicates if d.split in ("val", "test", data.EXTERNAL))
+        held_out = sum(1 for d in duplicates if d.split in HELD_OUT)
         log(f"collapsed {len(duplicates)} byte-identical duplicate files ({held_out} removed from val/test/external)")
     log(f"reading {len(records)} images at {config.input_size} px (decoded once, cached in {cache_dir})")
     decoded = cache.decode(records, config.input_size, cache_dir)
