@@ -359,9 +359,13 @@ def record_once(marker: str, action: str, **fields: Any) -> dict[str, Any] | Non
     """``record`` the first time this session sees ``marker``: one line per action, not one per rerun.
 
     Pass a hash (of the image bytes, of the folder) as the marker, never a name.
+    A line that could not be written is tried again on the next run (and its error shown again), so a gap in the
+    trail is not shown once and then forgotten.
     """
     seen = st.session_state.setdefault("_audit_seen", set())
     if marker in seen:
         return None
-    seen.add(marker)
-    return record(action, **fields)
+    line = record(action, **fields)
+    if line is not None or audit_folder() is None:
+        seen.add(marker)
+    return line

@@ -67,7 +67,15 @@ def quiet() -> Iterator[None]:
 
 
 class PacsError(RuntimeError):
-    """The PACS could not be used; ``str(err)`` says why and what to do (never a password or token)."""
+    """The PACS could not be used; ``str(err)`` says why and what to do (never a password or token).
+
+    From ``Client.store``: ``sent`` objects were sent and the PACS kept ``stored`` of them (None: unknown, e.g. a
+    timeout after it may have stored them), so that a partial write-back is still audited. Both None elsewhere.
+    """
+
+    def __init__(self, message: str, *, sent: int | None = None, stored: int | None = None):
+        super().__init__(message)
+        self.sent, self.stored = sent, stored
 
 
 @dataclass(frozen=True)
@@ -422,13 +430,14 @@ class Client:
         except PacsError as err:
             response = getattr(err.__cause__, "response", None)
             if response is None or response.status_code != 409:
+                err.sent, err.stored = count, None  # it may have stored some before it failed: unknown
                 raise
             # 409 Conflict: the PACS stored none of them; its answer names a failure reason per object.
             reasons = _failure_reasons(_stow_answer(response).get("FailedSOPSequence"))
             warning = str(response.headers.get("Warning", ""))[:300]
             raise PacsError(f"The PACS at {host} refused all {count} object(s) (HTTP 409 Conflict; "
                             f"{reasons or 'it gave no failure reason'}{'; it says: ' + warning if warning else ''}). "
-                            f"Nothing was stored. {advice}") from err
+                            f"Nothing was stored. {advice}", sent=count, stored=0) from err
         answer = answer if isinstance(answer, pydicom.Dataset) else pydicom.Dataset()
         uids = [str(ds.SOPInstanceUID) for ds in datasets]
         failed = answer.get("FailedSOPSequence")
@@ -440,14 +449,16 @@ class Client:
             else:
                 kept = set(uids) - refused
             raise PacsError(f"The PACS at {host} refused {len(failed)} of {count} object(s) "
-                            f"({_failure_reasons(failed)}). {_stored(datasets, kept)} {advice}")
+                            f"({_failure_reasons(failed)}). {_stored(datasets, kept)} {advice}",
+                            sent=count, stored=len(kept & set(uids)))
         found: set[str] = set()
         for study_uid in {str(ds.StudyInstanceUID) for ds in datasets}:
             found |= {i.sop_uid for i in self.instances(study_uid)}
         missing = [uid for uid in uids if uid not in found]
         if missing:
             raise PacsError(f"The PACS at {host} did not keep {len(missing)} of {count} object(s) it was sent "
-                            f"(it refused them). {_stored(datasets, found)} {advice}")
+                            f"(it refused them). {_stored(datasets, found)} {advice}",
+                            sent=count, stored=count - len(missing))
         return uids
 
 

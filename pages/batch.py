@@ -92,7 +92,7 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
     table = review.batch_table(results, classifier.card.class_names, reports)
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
                 counts=review.summary(table), folder=str(folder) if folder is not None else None)
-    st.session_state[STATE] = {"model": classifier.card.weights_sha256, "table": table, "sources": dict(items)}
+    st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": dict(items)}
     # A new table: the old selection and decision filter (its options were the old table's) go with the old one.
     for key in (TABLE_KEY, DECISIONS_KEY, "batch_class_file"):
         st.session_state.pop(key, None)
@@ -195,7 +195,7 @@ else:
 if items:
     score_ui(classifier, items, AUDIT_SOURCES[source], folder)
 state = st.session_state.get(STATE)
-if state and state["model"] == classifier.card.weights_sha256:
+if state and state["model"] == ui.model_version(classifier.card):
     results_ui(classifier, explainer, state)
 elif state:
     st.info("The model changed since these files were scored; score them again.")

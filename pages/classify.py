@@ -41,7 +41,7 @@ def read_image(data: bytes, name: str, window: tuple[float, float] | None) -> im
 @st.cache_data(max_entries=32, show_spinner=False)
 def classify(_classifier, _explainer, model_key: str, data: bytes, name: str, class_index: int | None,
              method: str) -> pipeline.Result:
-    """Prediction and heatmap for one upload; ``model_key`` (folder + weights hash) keys the cache."""
+    """Prediction and heatmap for one upload; ``model_key`` (folder + ``ui.model_version``) keys the cache."""
     from cxr_core import pipeline
 
     return pipeline.classify(_classifier, _explainer, data, name, class_index=class_index, method=method)
@@ -159,9 +159,9 @@ if model is None:
     st.info("Choose a working model in the sidebar to classify images.")
     st.stop()
 classifier, explainer = model
-model_key = f"{classifier.folder}:{card.weights_sha256}"
+model_key = f"{classifier.folder}:{ui.model_version(card)}"  # a rescored card is another model
 data = uploaded.getvalue()
-key = hashlib.sha256(data).hexdigest()[:16] + card.weights_sha256[:8]
+key = hashlib.sha256(data).hexdigest()[:16] + card.weights_sha256[:8] + card.card_sha256[:8]
 audited = {"model": card.name, "weights_sha256": card.weights_sha256, "source": "upload"}
 try:
     first = classify(classifier, explainer, model_key, data, uploaded.name, None, "gradcam")

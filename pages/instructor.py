@@ -28,7 +28,7 @@ DISPLAY_SIZE = 512  # longest side of the pictures drawn here, in pixels
 
 @st.cache_data(max_entries=64, show_spinner="Computing the heatmap...")
 def explain(_explainer, model_key: str, batch, method: str, class_index: int, layer: str | None):
-    """One heatmap (S, S) in [0, 1]; ``model_key`` (weights hash) and the batch key the cache."""
+    """One heatmap (S, S) in [0, 1]; ``model_key`` (``ui.model_version``) and the batch key the cache."""
     return _explainer.explain(batch, method, class_index, layer).heatmap
 
 
@@ -205,7 +205,7 @@ auth.require("instructor")
 st.title("Instructor: how the model sees")
 classifier, explainer, model_dir = ui.require_model("Choose a working model in the sidebar.")
 model_card = classifier.card
-model_key = f"{model_dir}:{model_card.weights_sha256}"
+model_key = f"{model_dir}:{ui.model_version(model_card)}"
 held_out = held_out_rows(ev.read_evaluation(model_dir).predictions)
 colormap = st.sidebar.selectbox("Colormap", list(overlay.COLORMAPS), key="instructor_colormap")
 chosen = image_source_ui(model_card, held_out)
@@ -224,7 +224,7 @@ if image_pixels is not None:
                      weights_sha256=model_card.weights_sha256, source=picked_from,
                      counts={"images": 1, "positive": int(prediction.positive)})
     names = list(model_card.class_names)
-    explained_for = marker + model_card.weights_sha256
+    explained_for = marker + ui.model_version(model_card)
     if st.session_state.get("instructor_class_for") != explained_for:  # another image or model: explain anew
         st.session_state["instructor_class_for"] = explained_for  # the class it was called
         st.session_state["instructor_class"] = prediction.decision

@@ -75,8 +75,8 @@ def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
     # A keyed slider keeps its value while its bounds stay the same: another positive class or another model
     # would be shown at the previous one's threshold under this one's label. Start it again at the card's value.
     shown_for, slider_key = f"{key}_threshold_for", f"{key}_threshold"
-    if st.session_state.get(shown_for) != (card.name, card.weights_sha256, positive):
-        st.session_state[shown_for] = (card.name, card.weights_sha256, positive)
+    if st.session_state.get(shown_for) != (card.name, ui.model_version(card), positive):
+        st.session_state[shown_for] = (card.name, ui.model_version(card), positive)
         st.session_state[slider_key] = default
     threshold = st.slider(f"Threshold on P({positive})", 0.0, 1.0, step=0.01, key=slider_key, help=rule + card_value)
     negative = card.negative_class if binary and card.negative_class else None
@@ -260,9 +260,9 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
             return
         auth.record("evaluate", model=card.name, weights_sha256=card.weights_sha256, source="server_folder",
                     folder=str(folder), counts={"images": len(result.predictions), "unreadable": len(result.skipped)})
-        st.session_state["folder_evaluation"] = (str(folder), card.weights_sha256, result)
+        st.session_state["folder_evaluation"] = (str(folder), ui.model_version(card), result)
     stored = st.session_state.get("folder_evaluation")
-    if stored and stored[1] == card.weights_sha256:
+    if stored and stored[1] == ui.model_version(card):
         folder, _, result = stored
         st.success(f"Evaluated {len(result.predictions)} images under {folder}.")
         if result.skipped:

@@ -68,7 +68,7 @@ def studies_table(studies: list[dicomweb.Study]) -> pd.DataFrame:
 
 def study_ui(client: dicomweb.Client, classifier, explainer, study: dicomweb.Study) -> pacs.StudyResult | None:
     """Classify the study's frontal films (once per study and model) and show each with its heatmap."""
-    key = (study.study_uid, classifier.card.weights_sha256)
+    key = (study.study_uid, ui.model_version(classifier.card))
     state = st.session_state.get(RESULTS)
     if state is None or state[0] != key:
         reason = auth.refusal("pacs_classify")
@@ -153,6 +153,10 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
         with st.spinner("Storing the results..."):
             stored = pacs.write_back(client, card, result, again=again)
     except PacsError as err:
+        if err.sent is not None:  # the objects went out: what the PACS kept (some, or unknown) is on record too
+            counts = {"sent": err.sent, **({"objects": err.stored} if err.stored is not None else {"unknown": 1})}
+            auth.record("pacs_write", source="pacs", study_uids=[result.study_uid], model=card.name,
+                        weights_sha256=card.weights_sha256, counts=counts)
         st.error(str(err))
         return
     auth.record("pacs_write", source="pacs", study_uids=[result.study_uid],
@@ -184,9 +188,9 @@ def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study])
                     model=classifier.card.name, weights_sha256=classifier.card.weights_sha256,
                     counts={"studies": len(studies), "films": len(rows)})
         table = review.batch_table(rows, classifier.card.class_names, [review.assess_item(r) for r in rows])
-        st.session_state[BATCH] = (classifier.card.weights_sha256, table, notes)
+        st.session_state[BATCH] = (ui.model_version(classifier.card), table, notes)
     state = st.session_state.get(BATCH)
-    if not state or state[0] != classifier.card.weights_sha256:
+    if not state or state[0] != ui.model_version(classifier.card):
         return
     _, table, notes = state
     for note in notes:

@@ -108,6 +108,24 @@ def test_real_jpeg_shows_the_probabilities_cxr_core_gives(models_root):
     assert at.warning[0].value == card.RESEARCH_USE
 
 
+def test_a_rescored_card_shows_its_own_probabilities_not_the_cached_ones(models_root):
+    """``training rescore`` keeps the weights and writes a new temperature into the card: the same upload, shown
+    again in the same session, gets the new card's probabilities (the page's cache is keyed on the card too)."""
+    folder = models_root / "tiny-pneumonia"
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    _no_exception(at)
+    before = _shown_probabilities(at)
+    rescored = card.read(folder)
+    rescored.temperature = rescored.temperature * 4
+    card.save(rescored, folder)
+    at.run()
+    _no_exception(at)
+    classifier = models.load(folder)
+    expected = pipeline.classify(classifier, Explainer(classifier), KERMANY.read_bytes(), KERMANY.name)
+    after = _shown_probabilities(at)
+    assert after == {n: f"{p:.4f}" for n, p in expected.prediction.as_dict().items()} and after != before
+
+
 def _key(at: AppTest) -> str:
     """The shown image's key (content hash + weights hash), which keys its window widgets."""
     if "explain_image" not in at.session_state:  # the page stopped before the image: say what it showed

@@ -115,21 +115,14 @@ def test_bad_settings_and_a_server_that_is_down(tiny_model_dir, monkeypatch):
     assert "cannot be reached (server down or unreachable)" in at.error[0].value
 
 
-@pytest.mark.parametrize(("roles", "writes"), [(["clinician"], False), (["pacs-writer"], True)])
-def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp_path, monkeypatch, roles, writes):
-    """With sign-in on, a clinician searches and classifies but is not offered write-back; a pacs-writer is.
-    The search, the classification and (for the writer) the write-back each leave an audit line without UIDs."""
-    import audit
-
-    server, _ = orthanc
-    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
-    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+def signed_in_study(server, roles: list[str], audit_dir: Path) -> AppTest:
+    """The page with sign-in on (a user holding ``roles``), an audit folder and key, the first DX study opened."""
     at = AppTest.from_file(PAGE, default_timeout=60)
     at.secrets["pacs"] = secrets_of(server)
     at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:9/oauth2callback", "cookie_secret": "x" * 32,
                           "client_id": "cxr-app", "client_secret": "s",
                           "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
-    at.secrets["audit"] = {"hmac_key": "k" * 32}
+    at.secrets["audit"] = {"hmac_key": "k" * 32, "dir": str(audit_dir)}
     at.user = {"is_logged_in": True, "email": "someone@example.test", "email_verified": True, "name": "Someone",
                "roles": roles}
     at.run()
@@ -138,6 +131,18 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
     at.button(key="pacs_search").click().run()
     study_picker(at).set_value(0).run()
     assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
+    return at
+
+
+@pytest.mark.parametrize(("roles", "writes"), [(["clinician"], False), (["pacs-writer"], True)])
+def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp_path, monkeypatch, roles, writes):
+    """With sign-in on, a clinician searches and classifies but is not offered write-back; a pacs-writer is.
+    The search, the classification and (for the writer) the write-back each leave an audit line without UIDs."""
+    import audit
+
+    server, _ = orthanc
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
+    at = signed_in_study(server, roles, tmp_path / "audit")
     assert at.table[0].value is not None  # classified
     offered = [b for b in at.button if b.key == "pacs_write"]
     assert bool(offered) == writes
@@ -189,3 +194,24 @@ def test_a_cut_search_says_so_and_write_again_is_unticked_for_another_study(orth
     study_picker(at).set_value(1).run()
     assert [e.value for e in at.exception] == [] and at.table  # the other study, classified
     assert at.checkbox(key="pacs_again").value is False
+
+
+def test_a_write_back_the_pacs_refuses_is_still_audited(tiny_model_dir, tmp_path, monkeypatch):
+    """The objects went out and the PACS kept none of them (its filter drops results): the page says so, and the audit
+    trail has the attempt with what was sent and kept; the one action that changes the hospital's records is never
+    missing from it."""
+    import audit
+    from pacs_server import REFUSE_RESULTS
+
+    from cxr_core.orthanc import LocalOrthanc
+
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
+    with LocalOrthanc(lua=REFUSE_RESULTS) as refusing:
+        dicomweb.Client(refusing.settings).store([pydicom.dcmread(DX_J2K)])
+        at = signed_in_study(refusing, ["pacs-writer"], tmp_path / "audit")
+        at.button(key="pacs_write").click().run()
+    assert [e.value for e in at.exception] == [] and not at.success
+    assert "did not keep 2 of 2 object(s) it was sent" in at.error[0].value
+    lines = audit.read(tmp_path / "audit")
+    assert [line["action"] for line in lines] == ["pacs_search", "pacs_classify", "pacs_write"]
+    assert lines[2]["counts"] == {"sent": 2, "objects": 0, "studies": 1}

@@ -168,3 +168,23 @@ def test_an_unwritable_audit_folder_is_shown_not_a_crash(tmp_path, monkeypatch):
     assert [e.value for e in at.exception] == []
     assert f"The audit trail could not be written to {blocker}" in at.error[0].value
     assert at.markdown[0].value == "after"
+
+
+def test_a_line_that_could_not_be_written_is_tried_again_on_the_next_run(tmp_path, monkeypatch):
+    """record_once: while the folder is unwritable every run says so (not only the first), and once it can be
+    written the action's line is written, once."""
+    blocker = tmp_path / "audit"
+    blocker.write_text("a file where the audit folder should be")
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(blocker))
+    at = AppTest.from_string("import auth\nauth.record_once('marker', 'classify', source='upload', "
+                             "counts={'images': 1})", default_timeout=60)
+    at.secrets["auth"], at.secrets["access"] = AUTH, ACCESS
+    at.user = {"is_logged_in": True, **VIEWER}
+    for _ in range(2):
+        at.run()
+        assert [e.value for e in at.exception] == []
+        assert f"The audit trail could not be written to {blocker}" in at.error[0].value
+    blocker.unlink()
+    at.run()
+    at.run()
+    assert not at.error and [x["action"] for x in audit.read(blocker)] == ["classify"]

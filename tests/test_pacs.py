@@ -404,7 +404,7 @@ def test_a_pacs_that_refuses_stow(model):
         result = pacs.classify_study(client, classifier, explainer, study_of(DX_J2K))
         with pytest.raises(PacsError, match=r"did not keep 2 of 2 object\(s\) it was sent") as err:
             pacs.write_back(client, classifier.card, result)
-        assert "Nothing was stored" in str(err.value)
+        assert "Nothing was stored" in str(err.value) and (err.value.sent, err.value.stored) == (2, 0)
 
 
 def test_stow_refused_all_409_or_partly_202_says_why_and_what_was_stored():
@@ -422,6 +422,7 @@ def test_stow_refused_all_409_or_partly_202_says_why_and_what_was_stored():
     assert "refused all 2 object(s) (HTTP 409 Conflict" in message and "Nothing was stored" in message
     assert "failure reason 0x0122 (SOP class not supported) for 2 object(s)" in message
     assert "SR objects are not accepted" in message and "names its DICOMweb root" not in message
+    assert (err.value.sent, err.value.stored) == (2, 0)  # what the page's audit line says was kept
     partly = stow_answer([uids[1]], {uids[0]: 0xA700})
     with stow_answering(202, partly) as client, pytest.raises(PacsError) as err:
         client.store([first, second])
@@ -429,6 +430,7 @@ def test_stow_refused_all_409_or_partly_202_says_why_and_what_was_stored():
     assert "refused 1 of 2 object(s) (failure reason 0xA700 (out of resources) for 1 object(s))" in message
     assert f"It stored 1 of them, now in the study: UNVERIFIED AI tiny v1 heatmap (SOP Instance UID {uids[1]})" \
         in message and uids[0] not in message
+    assert (err.value.sent, err.value.stored) == (2, 1)
 
 
 def test_a_film_other_than_asked_or_in_an_unknown_syntax_is_an_error_row_and_write_back_reads_the_patient_again(model):
