@@ -200,9 +200,9 @@ def test_a_write_back_the_pacs_refuses_is_still_audited(tiny_model_dir, tmp_path
     """The objects went out and the PACS kept none of them (its filter drops results): the page says so, and the audit
     trail has the attempt with what was sent and kept; the one action that changes the hospital's records is never
     missing from it."""
-    import audit
     from pacs_server import REFUSE_RESULTS
 
+    import audit
     from cxr_core.orthanc import LocalOrthanc
 
     monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
