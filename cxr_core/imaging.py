@@ -802,7 +802,9 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
     """
     if window is not None:
         center, width = float(window[0]), float(window[1])
-        return _linear(values, center, width, "LINEAR"), (center, width), "caller"
+        # PS3.3's LINEAR (width - 1, centre - 0.5) is meant for whole-number values: a window under 2 wide (small
+        # or float values, e.g. a RescaleSlope of 0.001) would leave two grey levels. LINEAR_EXACT maps any width.
+        return _linear(values, center, width, "LINEAR" if width >= 2 else "LINEAR_EXACT"), (center, width), "caller"
     if colour:
         top = 2.0**bits - 1
         return _linear(values, top / 2, top, "LINEAR_EXACT"), None, "none"
@@ -817,15 +819,19 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
     if padding is not None and not padding[::step, ::step].all():
         sample = sample[~padding[::step, ::step]]
     lo, hi = (float(v) for v in np.percentile(sample, PERCENTILES))
+    # The narrowest window: one unit for whole-number values, else a millionth of their magnitude (values in
+    # 0..0.1 after a small RescaleSlope must not be squeezed into a sliver of grey by a 1-unit floor).
+    whole = not sample.size or bool(np.all(np.mod(sample, 1) == 0))
+    floor = 1.0 if whole else 1e-6 * max(1.0, abs(lo), abs(hi))
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = (_number(ds, key, np.nan) for key in ("WindowCenter", "WindowWidth"))
         inside = np.count_nonzero((sample >= center - width / 2) & (sample <= center + width / 2)) / sample.size
         # A stored window that leaves most pixels saturated, or squeezes them into a sliver of grey, is wrong
         # for this pixel data (re-encoded files keep stale windows), so it falls back to the percentiles.
-        if width > 0 and inside >= 0.2 and width <= 10 * max(hi - lo, 1.0):
+        if width > 0 and inside >= 0.2 and width <= 10 * max(hi - lo, floor):
             function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
             return _linear(values, center, width, function), (center, width), "file"
-    center, width = (lo + hi) / 2, max(hi - lo, 1.0)
+    center, width = (lo + hi) / 2, max(hi - lo, floor)
     return _linear(values, center, width, "LINEAR_EXACT"), (center, width), "percentile"
 
 

@@ -328,6 +328,21 @@ def test_rescale_slope_intercept_sets_value_range():
     np.testing.assert_allclose(img.pixels, np.clip((modality + 24.5) / 2000 + 0.5, 0, 1), atol=1e-6)  # PS3.3 C.11.2.1.2
 
 
+@pytest.mark.parametrize("slope", [0.001, 0.0001])
+def test_small_float_values_keep_their_grey_levels_in_the_default_and_in_a_chosen_window(slope):
+    """A RescaleSlope that makes the values 0..1 or 0..0.1: the default (percentile) window spans the film, and a
+    window the user chooses over half the range gives many grey levels, not two (LINEAR's width - 1 would)."""
+    stored = np.tile(np.linspace(0, 1000, 64).astype(np.uint16), (16, 1))
+    img = imaging.load(_dicom(stored, RescaleSlope=slope))
+    assert img.info.window_source == "percentile"
+    assert img.pixels.min() == 0.0 and img.pixels.max() == 1.0 and len(np.unique(img.pixels)) > 50
+    top = 1000 * slope
+    chosen = imaging.load(_dicom(stored, RescaleSlope=slope), window=(top / 2, top / 2))
+    modality = stored.astype(np.float64) * slope
+    np.testing.assert_allclose(chosen.pixels, np.clip((modality - top / 4) / (top / 2), 0, 1), atol=2e-5)
+    assert len(np.unique(chosen.pixels)) > 25
+
+
 def test_modality_lut_sequence_is_applied():
     # A non-linear modality LUT (stored v -> v**2 // 64): a reader that skipped it, or used
     # rescale slope/intercept instead, would give pixels linear in the stored values.
