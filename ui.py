@@ -477,3 +477,13 @@ def pacs_settings() -> Any:
     except dicomweb.PacsError as err:
         st.error(str(err))
         return None
+
+
+MAX_BATCH_FILES = 2000  # files scored in one Batch review round (a server folder or uploads)
+
+
+def explain_failed(what: str, err: BaseException, column=None) -> None:
+    """An explanation or probe that failed unexpectedly, said in one line (never a traceback, never the file's
+    name); the rest of the page stands."""
+    (column or st).error(f"{what} could not be computed (unexpected {type(err).__name__}); the rest of the page "
+                         "stands. Try another image, or report it if it keeps failing.")

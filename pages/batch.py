@@ -14,7 +14,7 @@ from cxr_core.errors import UnreadableImageError
 STATE = "batch_results"
 TABLE_KEY = "batch_table"
 DECISIONS_KEY = "batch_decisions"
-MAX_FILES = 2000
+MAX_FILES = ui.MAX_BATCH_FILES
 SOURCES = ("Upload files", "Upload a folder", "Folder on the server")
 AUDIT_SOURCES = dict(zip(SOURCES, ("upload", "folder_upload", "server_folder"), strict=True))
 
@@ -68,6 +68,10 @@ def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
         if not files:
             st.warning("No image files (JPEG, PNG, DICOM...) in this folder. Choose the folder that holds the films.")
             return None
+    if len(files) > MAX_FILES:  # each scored file's bytes stay in the session for its detail view
+        st.warning(f"{len(files)} files chosen: only the first {MAX_FILES} are scored; score the rest in another "
+                   "round.")
+        files = files[:MAX_FILES]
     if not st.button(f"Score {len(files)} file(s)", type="primary", key="batch_score_upload"):
         return None
     names = review.unique_names(f.name for f in files)
@@ -157,7 +161,11 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> No
     target = st.selectbox("Explain class", names, key="batch_class",
                           help="The heatmap shows where the model looked for this class; first, the class called.")
     batch = preprocess.model_input(image.pixels, classifier.input_size)
-    _, heatmaps = explainer.gradcam(batch, names.index(target))
+    try:
+        _, heatmaps = explainer.gradcam(batch, names.index(target))
+    except Exception as err:  # noqa: BLE001 - the table and the other rows stand
+        ui.explain_failed(f"Grad-CAM for {target}", err)
+        return
     ui.viewer_ui(image.pixels, heatmaps[0], image.values, key="batch", revision=name,
                  titles=(f"{image.info.format} {image.info.width}x{image.info.height}", f"Grad-CAM for {target}"))
 

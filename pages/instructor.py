@@ -113,7 +113,11 @@ def methods_ui(explainer, model_key: str, batch, shown, class_index: int, colorm
                    "and the full model: about 15 s, once per server.")
     cols = st.columns(len(methods))
     for col, method in zip(cols, methods, strict=True):
-        heat = explain(explainer, model_key, batch, method, class_index, None)
+        try:
+            heat = explain(explainer, model_key, batch, method, class_index, None)
+        except Exception as err:  # noqa: BLE001 - one method failing leaves the others
+            ui.explain_failed(METHOD_LABELS[method], err, col)
+            continue
         col.image(overlay.overlay(shown, heat, colormap), caption=METHOD_LABELS[method])
     st.caption("Grad-CAM, Grad-CAM++ and LayerCAM weight the last feature map by gradients; Score-CAM by how "
                "much each channel alone raises the score; SmoothGrad averages input gradients over noisy copies. "
@@ -127,7 +131,11 @@ def layers_ui(explainer, model_key: str, batch, shown, class_index: int, colorma
     layers = explainer.layer_choices()
     layer = st.select_slider("Layer (end of each block; the last is the model's target layer)", layers,
                              value=layers[-1], key="instructor_layer")
-    heat = explain(explainer, model_key, batch, "gradcam", class_index, layer)
+    try:
+        heat = explain(explainer, model_key, batch, "gradcam", class_index, layer)
+    except Exception as err:  # noqa: BLE001
+        ui.explain_failed(f"Grad-CAM at {layer}", err)
+        return
     st.image(overlay.overlay(shown, heat, colormap), caption=f"Grad-CAM at {layer}", width=DISPLAY_SIZE // 2)
     st.caption("Early layers see edges and texture at high resolution; later layers see larger, more abstract parts.")
 
@@ -141,14 +149,22 @@ def occlusion_ui(classifier, model_key: str, image, shown, class_index: int, col
                        help="Hides one grey patch at a time (half-patch stride) and re-scores the image in batches."):
         st.caption("Model-agnostic: where does hiding the image lower the probability? Tick the box to compute it.")
         return
-    drop = occlusion(classifier, model_key, image, class_index, patch)
+    try:
+        drop = occlusion(classifier, model_key, image, class_index, patch)
+    except Exception as err:  # noqa: BLE001
+        ui.explain_failed("The occlusion map", err)
+        return
     st.image(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap),
              caption=f"Largest drop in probability: {float(drop.max()):.3f}", width=DISPLAY_SIZE // 2)
 
 
 def perturbations_ui(classifier, pixels) -> None:
     st.subheader("How simple changes move the prediction")
-    rows = pd.DataFrame(probe.perturbation_table(classifier, pixels))
+    try:
+        rows = pd.DataFrame(probe.perturbation_table(classifier, pixels))
+    except Exception as err:  # noqa: BLE001
+        ui.explain_failed("The perturbation table", err)
+        return
     rows["change"] = rows["change"].astype(float)
     label = [k if k == "original" else f"{k} {a:g}" for k, a in zip(rows["kind"], rows["amount"], strict=True)]
     top = rows.loc[0, "top_class"]
@@ -183,6 +199,7 @@ def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | N
         return
     roots = search_roots(card)
     cols = st.columns(4)
+    shown: list[str] = []
     for i, row in errors.iterrows():
         col = cols[i % 4]
         caption = f"{row['path']}: true {row['true_class']}, called {row['predicted_class']} ({row['confidence']:.2f})"
@@ -196,8 +213,18 @@ def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | N
             col.error(f"{row['path']}: {err}")
             continue
         batch = preprocess.model_input(image.pixels, classifier.input_size)
-        heat = explain(explainer, model_key, batch, "gradcam", card.class_names.index(row["predicted_class"]), None)
+        try:
+            heat = explain(explainer, model_key, batch, "gradcam", card.class_names.index(row["predicted_class"]),
+                           None)
+        except Exception as err:  # noqa: BLE001 - the other films of the gallery stand
+            ui.explain_failed(f"Grad-CAM for {caption}", err, col)
+            continue
         col.image(overlay.overlay(display(image.pixels), heat, colormap), caption=caption)
+        shown.append(str(found))
+    if shown:  # held-out films (possibly a hospital's) were read and shown: one line per gallery shown
+        marker = hashlib.sha256("\0".join([model_key, *shown]).encode()).hexdigest()
+        auth.record_once(marker, "classify", model=card.name, weights_sha256=card.weights_sha256, source="held_out",
+                         counts={"images": len(shown)})
 
 
 ui.research_banner()
@@ -217,7 +244,12 @@ if chosen is not None:
         st.error(str(err))
 if image_pixels is not None:
     model_batch = preprocess.model_input(image_pixels, classifier.input_size)
-    prediction = classifier.predict(model_batch)[0]
+    try:
+        prediction = classifier.predict(model_batch)[0]
+    except Exception as err:  # noqa: BLE001 - the gallery below still stands
+        ui.explain_failed("The prediction for this image", err)
+        image_pixels = None
+if image_pixels is not None:
     picked_from = ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]
     marker = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else os.fsencode(chosen[1])).hexdigest()
     auth.record_once(marker + model_card.weights_sha256, "classify", model=model_card.name,

@@ -245,6 +245,10 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
         except ValueError as err:
             st.error(str(err))
             return
+        if not folder.is_dir():
+            st.error(f"'{typed or picked}' is not a folder under the data root. Choose the folder that holds the "
+                     "class folders (e.g. NORMAL/, PNEUMONIA/).")
+            return
         links = paths.escaping_links(folder, root)
         if links:
             st.error(f"'{typed or picked}' contains symlinks that lead outside the data root "
@@ -257,6 +261,10 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
                                                                                         text=f"{done}/{total} images"))
         except ValueError as err:
             st.error(str(err))
+            return
+        except OSError as err:  # a folder that went away or cannot be listed while it was read
+            st.error(f"The folder could not be read ({type(err).__name__}: {err.strerror}). Check that it exists and "
+                     "that the app may read it, then evaluate again.")
             return
         auth.record("evaluate", model=card.name, weights_sha256=card.weights_sha256, source="server_folder",
                     folder=str(folder), counts={"images": len(result.predictions), "unreadable": len(result.skipped)})

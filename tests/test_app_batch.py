@@ -265,3 +265,29 @@ def test_batch_table_has_the_familiarity_of_each_film(familiar_model_dir, tmp_pa
     assert rows.loc["dental.dcm", "unfamiliar"]
     assert "unlike the training films" in at.caption[0].value or any("unlike the training films" in c.value
                                                                        for c in at.caption)
+
+
+def test_a_failing_gradcam_is_a_message_and_the_table_stays(at, uploads, monkeypatch):
+    from cxr_core.explain import Explainer
+
+    score_uploads(at, uploads)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a native library failed")
+
+    monkeypatch.setattr(Explainer, "gradcam", broken)
+    at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception and at.subheader[0].value == "CR-MONO1"
+    assert "could not be computed (unexpected RuntimeError); the rest of the page stands" in at.error[0].value
+    assert len(table(at)) == len(uploads)
+
+
+def test_more_uploads_than_a_round_takes_are_cut_with_a_warning(at, uploads, monkeypatch):
+    import ui
+
+    monkeypatch.setattr(ui, "MAX_BATCH_FILES", 2)
+    at.file_uploader(key="batch_upload").set_value(uploads).run()
+    assert any(f"{len(uploads)} files chosen: only the first 2 are scored" in w.value for w in at.warning)
+    at.button(key="batch_score_upload").click().run()
+    assert not at.exception and table(at)["file"].tolist() == [uploads[0][0], uploads[1][0]]

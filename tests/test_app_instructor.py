@@ -191,3 +191,49 @@ def test_predictions_that_do_not_fit_the_card_give_a_message_not_a_traceback(env
     assert not at.exception
     assert any("does not fit its card" in w.value and "predicted_class" in w.value for w in at.warning), \
         [w.value for w in at.warning]
+
+
+def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, monkeypatch, data_dir):
+    from cxr_core import explain as explain_lib
+
+    models_root, root, _, _, _ = env
+    original = explain_lib.Explainer.explain
+
+    def smoothgrad_breaks(self, batch, method, *args, **kwargs):
+        if method == "smoothgrad":
+            raise RuntimeError("a native library failed")
+        return original(self, batch, method, *args, **kwargs)
+
+    monkeypatch.setattr(explain_lib.Explainer, "explain", smoothgrad_breaks)
+    path = data_dir / "kermany" / "train" / "NORMAL" / "IM-0125-0001.jpeg"  # a film no other test explains (cache)
+    at = run_page(monkeypatch, models_root, root)
+    at.file_uploader(key="instructor_upload").set_value((path.name, path.read_bytes(), "image/jpeg")).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["SmoothGrad could not be computed (unexpected RuntimeError); the rest "
+                                           "of the page stands. Try another image, or report it if it keeps failing."]
+    assert captions(at)[:3] == ["Grad-CAM", "Grad-CAM++", "LayerCAM"]
+    assert [s for s in SECTIONS if s not in [h.value for h in at.subheader]] == []
+
+    def predict_breaks(self, batch):
+        raise RuntimeError("a native library failed")
+
+    monkeypatch.setattr(models.Classifier, "predict", predict_breaks)
+    other = data_dir / "kermany" / "train" / "NORMAL" / "IM-0122-0001.jpeg"
+    at.file_uploader(key="instructor_upload").set_value((other.name, other.read_bytes(), "image/jpeg")).run()
+    assert not at.exception
+    assert any(e.value.startswith("The prediction for this image could not be computed") for e in at.error)
+    assert "Most confident errors of the held-out split" in [h.value for h in at.header]
+
+
+def test_the_gallery_of_held_out_films_is_audited_once(env, monkeypatch, tmp_path):
+    import audit
+
+    models_root, root, _, _, _ = env
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    at = run_page(monkeypatch, models_root, root)
+    assert not at.exception
+    shown = [c for c in captions(at) if ": true " in c]
+    at.run()
+    lines = audit.read(tmp_path / "audit")
+    assert [(x["action"], x["source"], x["counts"]) for x in lines] == [
+        ("classify", "held_out", {"images": len(shown)})] and shown

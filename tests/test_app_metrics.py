@@ -266,3 +266,13 @@ def test_external_split_and_per_source_class_tables(setup, tmp_path, monkeypatch
     ext = by_split["external"]["by_source"]["elsewhere"]["per_class"]["PNEUMONIA"]
     assert row["images"] == ext["n"] and row["accuracy"] == pytest.approx(ext["accuracy"])
     assert row["called"] == ", ".join(f"{k} {v}" for k, v in ext["called"].items() if v)
+
+
+def test_a_file_typed_as_the_folder_is_a_message(setup, monkeypatch):
+    root, models_root, _, _ = setup
+    film = next((root / "eval").rglob("*.jpeg")).relative_to(root).as_posix()
+    at = run_page(monkeypatch, models_root, root)
+    at.text_input(key="eval_path").set_value(film)
+    at.button(key="eval_run").click().run()
+    assert not at.exception
+    assert any(f"'{film}' is not a folder under the data root" in e.value for e in at.error)
