@@ -57,7 +57,7 @@ read as GiB (1536 MiB) and above it read as 10**9 bytes (1430 MiB); each figure 
 
 TARGETS = {
     "classify_vs_forward": "classify_ms_p50 <= 1.5 x engine_forward_ms_p50 (the same engine's forward pass)",
-    "tfkv_speedup": "tfkv_gradcam_ms_p50 / classify_ms_p50 >= 10",
+    "tfkv_speedup": "tfkv_gradcam_ms_p50 / TensorFlow's classify_ms_p50 >= 10 (both on TensorFlow)",
     "batch_vs_forward": "batch_images_per_s >= 0.85 x engine_forward_images_per_s (the same engine's throughput)",
     "rss": "rss_mb <= 1500 (MiB)",
     "openvino_classify_speedup": "engines tensorflow / openvino classify_ms_p50 >= 1.7",
@@ -70,8 +70,8 @@ TARGETS = {
     "app_first_render": "app_first_render_s <= 8",
     "first_upload_result": "first_upload_result_s <= 3",
     "method_switch": "method_switch_s <= 3",
-    "bomb_memory": "bomb_peak_extra_mb <= 300",
-    "zeros_refuse": "zeros_refuse_s < 1",
+    "bomb_memory": "bomb_peak_extra_mb <= 300, every bomb refused",
+    "zeros_refuse": "zeros_refuse_s < 1, refused",
 }
 
 
@@ -89,10 +89,16 @@ def check_targets(figures: dict) -> dict[str, dict]:
         return None if x is None or y in (None, 0) else x / y
 
     forward = figures.get("forward_images_per_s")
+    # tf-keras-vis runs on TensorFlow: compared with our path on TensorFlow too (the engines' side-by-side figure,
+    # or the default path when it is TensorFlow's), not with OpenVINO's, whose own speed-up would count twice.
+    tf_classify = eng.get("tensorflow", {}).get("classify_ms_p50")
+    if tf_classify is None and str(figures.get("engine", "")).startswith("TensorFlow"):
+        tf_classify = figures.get("classify_ms_p50")
+    tfkv = figures.get("tfkv_gradcam_ms_p50")
     ov_batch = eng.get("openvino", {}).get("batch_images_per_s")
     tests = {
         "classify_vs_forward": (ratio("classify_ms_p50", "engine_forward_ms_p50"), lambda v: v <= 1.5),
-        "tfkv_speedup": (ratio("tfkv_gradcam_ms_p50", "classify_ms_p50"), lambda v: v >= 10),
+        "tfkv_speedup": (None if tfkv is None or not tf_classify else tfkv / tf_classify, lambda v: v >= 10),
         "batch_vs_forward": (ratio("batch_images_per_s", "engine_forward_images_per_s"), lambda v: v >= 0.85),
         "rss": (figures.get("rss_mb"), lambda v: v <= 1500),
         "openvino_classify_speedup": (engine_ratio("tensorflow", "classify_ms_p50", "openvino", "classify_ms_p50"),
@@ -109,8 +115,8 @@ def check_targets(figures: dict) -> dict[str, dict]:
         "app_first_render": (figures.get("app_first_render_s"), lambda v: v <= 8),
         "first_upload_result": (figures.get("first_upload_result_s"), lambda v: v <= 3),
         "method_switch": (figures.get("method_switch_s"), lambda v: v <= 3),
-        "bomb_memory": (figures.get("bomb_peak_extra_mb"), lambda v: v <= 300),
-        "zeros_refuse": (figures.get("zeros_refuse_s"), lambda v: v < 1),
+        "bomb_memory": (figures.get("bomb_peak_extra_mb"), lambda v: v <= 300 and not figures.get("bombs_accepted")),
+        "zeros_refuse": (figures.get("zeros_refuse_s"), lambda v: v < 1 and not figures.get("zeros_accepted")),
     }
     return {
         key: {"rule": TARGETS[key], "value": None if v is None else round(v, 3), "pass": None if v is None else ok(v)}

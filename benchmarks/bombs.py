@@ -84,16 +84,18 @@ def _status_mb(field: str) -> float:
 
 
 def probe() -> dict:
-    """Peak extra MiB while each bomb is refused (worst reported) and seconds to refuse 100 MB of zeros."""
+    """Peak extra MiB while each bomb is refused (worst reported) and seconds to refuse 100 MB of zeros; a bomb or
+    the zeros read instead of refused are named (``bombs_accepted``, ``zeros_accepted``) and fail the targets."""
     from cxr_core import imaging
     from cxr_core.errors import UnreadableImageError
 
-    peaks = {}
+    peaks, accepted = {}, []
     for name, data in bombs().items():
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
         base = _status_mb("VmRSS")
         try:
             imaging.load(data, "bomb.dcm")
+            accepted.append(name)  # read, not refused: its peak is not the refusal's (the target fails)
         except UnreadableImageError:
             pass
         peaks[name] = round(_status_mb("VmHWM") - base, 1)
@@ -102,13 +104,14 @@ def probe() -> dict:
         with open(zeros, "wb") as fh:
             fh.truncate(100 << 20)
         start = time.perf_counter()
+        zeros_accepted = True
         try:
             imaging.load(zeros)
         except UnreadableImageError:
-            pass
+            zeros_accepted = False
         refuse_s = time.perf_counter() - start
-    return {"bomb_peak_extra_mb": max(peaks.values()), "bomb_peaks_mb": peaks,
-            "zeros_refuse_s": round(refuse_s, 4)}
+    return {"bomb_peak_extra_mb": max(peaks.values()), "bomb_peaks_mb": peaks, "bombs_accepted": accepted,
+            "zeros_refuse_s": round(refuse_s, 4), "zeros_accepted": zeros_accepted}
 
 
 if __name__ == "__main__":

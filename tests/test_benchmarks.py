@@ -28,6 +28,18 @@ def test_classify_and_batch_targets_compare_the_same_engine():
     assert (targets["classify_vs_forward"]["pass"], targets["batch_vs_forward"]["pass"]) == (True, True)
 
 
+def test_the_tf_keras_vis_speedup_compares_tensorflow_with_tensorflow():
+    # OpenVINO serves at 40 ms; TensorFlow's path takes 100 ms and tf-keras-vis 1200 ms: 12x, not 30x.
+    figures = {"tfkv_gradcam_ms_p50": 1200.0, "classify_ms_p50": 40.0, "engine": "OpenVINO 2026.4.1 · f32",
+               "engines": {"tensorflow": {"classify_ms_p50": 100.0}, "openvino": {"classify_ms_p50": 40.0}}}
+    assert check_targets(figures)["tfkv_speedup"]["value"] == pytest.approx(12.0)
+    # No TensorFlow figure and OpenVINO serving: not measured, rather than compared across engines.
+    del figures["engines"]
+    assert check_targets(figures)["tfkv_speedup"]["value"] is None
+    figures.update(engine="TensorFlow 2.21.0 · f32", classify_ms_p50=100.0)
+    assert check_targets(figures)["tfkv_speedup"]["value"] == pytest.approx(12.0)
+
+
 def test_both_engines_memory_needs_both_engines():
     one = check_targets({"rss_both_engines_mb": 900.0, "rss_engines": ["tensorflow"]})
     assert one["rss_both_engines"] == {"rule": one["rss_both_engines"]["rule"], "value": None, "pass": None}
@@ -82,3 +94,26 @@ def test_scoring_ratios_without_a_steady_rate_are_none():
     assert bench_scoring.steady_images_per_s(["2026-12-02T01:00:00.000", "2026-12-02T01:00:00.010"]) == 0.0
     assert bench_scoring._ratio(3.0, 0.0) is None
     assert bench_scoring._ratio(3.0, 2.0) == pytest.approx(1.5)
+
+
+def test_the_steady_rate_starts_when_every_worker_has_finished_its_first_slice():
+    def at(*seconds_rows):
+        return [f"2026-12-02T10:00:{s:06.3f}+00:00" for s, rows in seconds_rows for _ in range(rows)]
+
+    # One worker, slices of 64 every 10 s: 64 rows per 10 s after the first.
+    one = at((10, 64), (20, 64), (30, 64), (40, 64))
+    assert bench_scoring.steady_images_per_s(one) == pytest.approx(6.4)
+    # Two workers side by side, 64 rows per slice each, slices ending 1 s apart: 128 rows per 10 s once both have
+    # finished their first (counting the second worker's first slice after the first ending would give 9.6 /s).
+    two = at((10, 64), (11, 64), (20, 64), (21, 64))
+    assert bench_scoring.steady_images_per_s(two, workers=2) == pytest.approx(128 / 10)
+    assert bench_scoring.steady_images_per_s(at((10, 64), (11, 64)), workers=2) == 0.0  # no slice after both
+
+
+def test_a_bomb_that_was_read_instead_of_refused_fails_its_target():
+    refused = {"bomb_peak_extra_mb": 20.0, "bombs_accepted": [], "zeros_refuse_s": 0.001, "zeros_accepted": False}
+    targets = check_targets(refused)
+    assert (targets["bomb_memory"]["pass"], targets["zeros_refuse"]["pass"]) == (True, True)
+    read = {**refused, "bombs_accepted": ["20 frames of 4096x4096 (320 MB)"], "zeros_accepted": True}
+    targets = check_targets(read)
+    assert (targets["bomb_memory"]["pass"], targets["zeros_refuse"]["pass"]) == (False, False)
