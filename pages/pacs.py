@@ -114,9 +114,12 @@ def film_ui(item: pacs.FilmResult, card) -> None:
                    f"{card.low_confidence:.0%}. Treat this result as uncertain.", icon="⚠️")
     left, right = st.columns([3, 2])
     pictures = left.columns(2)
-    pictures[0].image(result.image.pixels, clamp=True, width="stretch",
+    # At most MAX_DISPLAY_SIDE a side, as on the Classify page: a 4300 x 4300 film would send ~55 MB of RGB per
+    # film, and Streamlit refuses an extreme strip shrunk to 0 px.
+    film = overlay.fit(result.image.pixels)
+    pictures[0].image(film, clamp=True, width="stretch",
                       caption=f"{result.image.info.width} x {result.image.info.height} px")
-    pictures[1].image(overlay.overlay(result.image.pixels, result.heatmap), width="stretch",
+    pictures[1].image(overlay.overlay(film, result.heatmap), width="stretch",
                       caption=f"Grad-CAM for {card.class_names[result.class_index]} (red = most weight)")
     colour = "red" if prediction.positive else "blue"
     right.markdown(f"### Decision: :{colour}[{prediction.decision}]")

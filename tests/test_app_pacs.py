@@ -215,3 +215,33 @@ def test_a_write_back_the_pacs_refuses_is_still_audited(tiny_model_dir, tmp_path
     lines = audit.read(tmp_path / "audit")
     assert [line["action"] for line in lines] == ["pacs_search", "pacs_classify", "pacs_write"]
     assert lines[2]["counts"] == {"sent": 2, "objects": 0, "studies": 1}
+
+
+def test_the_study_view_sends_films_at_most_display_size(orthanc, tiny_model_dir, monkeypatch):
+    """The film and its overlay go to the browser through overlay.fit, as on the Classify page (a 4300 x 4300 film
+    would be ~55 MB of RGB per film); here the display limit is set to 32 px so that the test's films exceed it."""
+    import io
+
+    from PIL import Image
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    from cxr_core import overlay
+
+    server, _ = orthanc
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
+    monkeypatch.setattr(overlay.fit, "__defaults__", (32,))
+    sent: list[bytes] = []
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, path_or_data, mimetype, kind, filename=None):
+        if isinstance(path_or_data, bytes) and mimetype.startswith("image/"):
+            sent.append(path_or_data)
+        return original(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    at = page(secrets_of(server))
+    at.selectbox(key="pacs_modality").set_value("DX").run()
+    at.button(key="pacs_search").click().run()
+    study_picker(at).set_value(0).run()
+    assert not at.exception and len(sent) >= 2
+    assert max(max(Image.open(io.BytesIO(b)).size) for b in sent) == 32
