@@ -11,6 +11,7 @@ matched by whoever holds the key, and by nobody else. Standard library only (no 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import hmac
 import json
@@ -83,10 +84,15 @@ class AuditLog:
             line["counts"] = counts
         text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
         with _LOCK:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: only this user reads it
             fd = os.open(self.path(now), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, text.encode("ascii"))
+                rest = memoryview(text.encode("ascii"))
+                while rest:  # a short write (a full disk, a signal) must not leave half a line for the next to join
+                    written = os.write(fd, rest)
+                    if written == 0:
+                        raise OSError(errno.ENOSPC, "the audit line could not be written whole")
+                    rest = rest[written:]
             finally:
                 os.close(fd)
         return line

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pydicom
@@ -188,3 +190,22 @@ def test_a_line_that_could_not_be_written_is_tried_again_on_the_next_run(tmp_pat
     at.run()
     at.run()
     assert not at.error and [x["action"] for x in audit.read(blocker)] == ["classify"]
+
+
+def test_a_new_audit_folder_is_private_and_a_short_write_still_writes_the_whole_line(tmp_path, monkeypatch):
+    folder = tmp_path / "new" / "audit"
+    log = audit.AuditLog(folder, KEY)
+    real_write = os.write
+    calls = []
+
+    def short_first(fd, data):
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:10]) if len(calls) == 1 else data)
+
+    monkeypatch.setattr(os, "write", short_first)
+    line = log.record("c@example.test", "clinician", "classify", source="upload", counts={"images": 1})
+    monkeypatch.undo()
+    log.record("c@example.test", "clinician", "batch", source="upload", counts={"files": 2})
+    assert len(calls) == 2 and audit.read(folder)[0] == line
+    assert [x["action"] for x in audit.read(folder)] == ["classify", "batch"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
