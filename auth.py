@@ -17,8 +17,10 @@ do what, nothing about images.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -216,6 +218,25 @@ def role_for(claims: Mapping[str, Any], access: Mapping[str, Any]) -> str | None
     return max(earned, key=ROLES.index) if earned else None
 
 
+_SIGN_INS: set[str] = set()  # this server's sign-ins already audited: a hash of the ID token's sub and iat
+_SIGN_INS_LOCK = threading.Lock()
+
+
+def _first_session_of_sign_in() -> bool:
+    """Whether this session is the first this server sees of its sign-in (the ID token's ``sub`` and ``iat``):
+    a page reload or a second tab starts another Streamlit session of the same sign-in, which is not audited
+    again, so that the trail counts sign-ins. Without an ``iat`` every session counts."""
+    claims = st.user.to_dict()
+    if claims.get("iat") is None:
+        return True
+    marker = hashlib.sha256(f"{claims.get('sub')}\0{claims.get('iat')}".encode()).hexdigest()
+    with _SIGN_INS_LOCK:
+        if marker in _SIGN_INS:
+            return False
+        _SIGN_INS.add(marker)
+        return True
+
+
 def current_user() -> User | None:
     """The signed-in user (local mode: the local user), or None when sign-in is needed."""
     if not auth_configured():
@@ -305,7 +326,8 @@ def sidebar_ui() -> None:
         return
     if not st.session_state.get(AUDITED_SESSION):
         st.session_state[AUDITED_SESSION] = True
-        record("sign_in")
+        if _first_session_of_sign_in():
+            record("sign_in")
     st.sidebar.markdown(f"Signed in as **{user.name}** ({user.id}) · role: **{user.role or 'none'}**")
     if st.sidebar.button("Sign out", key="auth_sign_out", icon=":material/logout:"):
         record("sign_out")

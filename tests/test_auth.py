@@ -380,3 +380,19 @@ def test_an_audit_trail_without_a_key_says_it_cannot_name_studies(models_root, t
         assert auth.audit_key() is None
         at = signed_in("app.py", VIEWER)
         assert any("placeholder or shorter than 32" in w.value for w in at.sidebar.warning), weak
+
+
+def test_sign_in_is_audited_once_per_sign_in_not_per_tab_or_reload(models_root, tmp_path, monkeypatch):
+    """A reload or a second tab is a new Streamlit session of the same sign-in (the same ID token's sub and iat):
+    one sign_in line; signing in again (a new token) is another."""
+    import time
+
+    import audit
+
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
+    issued = int(time.time()) - 60
+    for _ in range(2):  # the first tab, then a reload
+        assert texts(signed_in("app.py", {**CLINICIAN, "sub": "sub-1", "iat": issued}), "exception") == []
+    signed_in("app.py", {**CLINICIAN, "sub": "sub-1", "iat": issued + 30})  # signed out and in again
+    actions = [line["action"] for line in audit.read(tmp_path / "audit")]
+    assert actions.count("sign_in") == 2
