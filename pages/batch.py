@@ -14,6 +14,7 @@ from cxr_core.errors import UnreadableImageError
 STATE = "batch_results"
 TABLE_KEY = "batch_table"
 DECISIONS_KEY = "batch_decisions"
+VIEW_KEY = "batch_view"  # the filters the table's selection was made under
 MAX_FILES = ui.MAX_BATCH_FILES
 SOURCES = ("Upload files", "Upload a folder", "Folder on the server")
 AUDIT_SOURCES = dict(zip(SOURCES, ("upload", "folder_upload", "server_folder"), strict=True))
@@ -177,6 +178,10 @@ def results_ui(classifier, explainer, state: dict) -> None:
                f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unfamiliar']} unlike the "
                f"training films, {counts['unreadable']} unreadable.")
     decisions, flags, text = filters_ui(table)
+    view = (None if decisions is None else tuple(decisions), tuple(flags), text)
+    if st.session_state.get(VIEW_KEY) != view:  # the selection is a row position in the old view: it would now
+        st.session_state[VIEW_KEY] = view      # point at another file (another patient's film); start without one
+        st.session_state.pop(TABLE_KEY, None)
     shown = review.filter_table(table, decisions, flags, text)
     event = st.dataframe(shown, column_config=column_config(list(classifier.card.class_names)), hide_index=True,
                          on_select="rerun", selection_mode="single-row", key=TABLE_KEY)

@@ -117,6 +117,17 @@ def test_filters_narrow_the_table(at, uploads):
     assert table(at)["file"].tolist() == ["dental.dcm"]
 
 
+def test_a_filter_change_drops_the_selection_instead_of_moving_it_to_another_file(at, uploads):
+    score_uploads(at, uploads)
+    at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert at.subheader[0].value == "CR-MONO1"
+    at.multiselect(key="batch_flags").set_value(["error"]).run()  # row 2 of this view is broken.jpeg
+    assert table(at)["file"].tolist() == ["966.dcm", "notes.txt", "broken.jpeg"]
+    assert not at.exception and not at.subheader
+    assert "Select a row to see its image and Grad-CAM." in [c.value for c in at.caption]
+
+
 def test_selecting_a_row_shows_its_image_and_gradcam(at, uploads):
     score_uploads(at, uploads)
     at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
