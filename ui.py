@@ -441,7 +441,8 @@ def viewer_ui(pixels: Any, heatmap: Any, values: Any = None, *, key: str, titles
     levels = columns[1].multiselect(
         "Contour levels", viewer.LEVELS, default=list(viewer.DEFAULT_LEVELS), format_func="{:.0%}".format,
         key=f"{key}_levels", disabled=mode != "contours",
-        help="A line is drawn where the heatmap reaches this fraction of its own maximum (100 %).")
+        help="A line is drawn where the heatmap reaches this fraction of its own range (0 % its lowest value, "
+             "100 % its highest).")
     opacity = columns[2].slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_opacity",
                                 help="0 shows the film only, 1 the heatmap only (for lines: at least 0.6).")
     colormap = columns[3].selectbox("Colormap", list(overlay.COLORMAPS), key=f"{key}_colormap",

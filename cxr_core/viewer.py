@@ -33,12 +33,15 @@ DEFAULT_LEVELS = (0.5, 0.7, 0.9)
 @dataclass(frozen=True)
 class Display:
     """The display copy: ``film`` uint8 (h, w) grey levels, ``heatmap`` float32 (h, w) in [0, 1],
-    ``values`` float32 (h, w) modality values or None, ``scale`` file pixels per display pixel (>= 1)."""
+    ``values`` float32 (h, w) modality values or None, ``scale`` file pixels per display pixel (>= 1) along the
+    longer side; ``scale_xy`` the same along x and y (each side is rounded to whole display pixels on its own, so
+    a 40000 x 1 strip is 1024 x 1: 39.06 file pixels per display pixel across, 1 down)."""
 
     film: np.ndarray
     heatmap: np.ndarray
     values: np.ndarray | None
     scale: float
+    scale_xy: tuple[float, float] = (1.0, 1.0)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,7 +70,8 @@ def display_copy(image: np.ndarray, heatmap: np.ndarray, values: np.ndarray | No
     heat = overlay._check_unit("heatmap", heatmap)
     if heat.shape != gray.shape:
         heat = np.clip(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-    return Display(gray, heat, None if values is None else np.asarray(values, np.float32), scale)
+    return Display(gray, heat, None if values is None else np.asarray(values, np.float32), scale,
+                   (w / gray.shape[1], h / gray.shape[0]))
 
 
 def contour_lines(heatmap: np.ndarray, level: float) -> tuple[list[float | None], list[float | None]]:
@@ -132,7 +136,8 @@ def figure(shown: Display, mode: str = "wash", colormap: str = "jet", opacity: f
     if mode not in MODES:
         raise ValueError(f"unknown viewer mode {mode!r}; choose one of {MODES}")
     h, w = shown.shape
-    place = dict(x0=(shown.scale - 1) / 2, dx=shown.scale, y0=(shown.scale - 1) / 2, dy=shown.scale)
+    sx, sy = shown.scale_xy  # file pixels per display pixel, across and down
+    place = dict(x0=(sx - 1) / 2, dx=sx, y0=(sy - 1) / 2, dy=sy)
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.01, subplot_titles=titles)
     customdata, template = _hover(shown.values)
     fig.add_trace(go.Heatmap(z=shown.film, customdata=customdata, hovertemplate=template, colorscale="gray",
@@ -146,13 +151,13 @@ def figure(shown: Display, mode: str = "wash", colormap: str = "jet", opacity: f
         for level in sorted(set(levels)):
             xs, ys = contour_lines(shown.heatmap, level)
             fig.add_trace(go.Scatter(
-                x=[None if x is None else place["x0"] + x * shown.scale for x in xs],
-                y=[None if y is None else place["y0"] + y * shown.scale for y in ys],
+                x=[None if x is None else place["x0"] + x * sx for x in xs],
+                y=[None if y is None else place["y0"] + y * sy for y in ys],
                 mode="lines", line=dict(color=level_colour(level, colormap), width=2),
                 opacity=max(opacity, 0.6), name=f"heatmap {level:.0%}",
-                hovertemplate=f"heatmap level {level:.0%} of its maximum<extra></extra>"), row=1, col=2)
-    fig.update_xaxes(range=[-0.5, w * shown.scale - 0.5], showgrid=False, zeroline=False, constrain="domain")
-    fig.update_yaxes(range=[h * shown.scale - 0.5, -0.5], showgrid=False, zeroline=False, constrain="domain")
+                hovertemplate=f"heatmap level {level:.0%} of its range<extra></extra>"), row=1, col=2)
+    fig.update_xaxes(range=[-0.5, w * sx - 0.5], showgrid=False, zeroline=False, constrain="domain")
+    fig.update_yaxes(range=[h * sy - 0.5, -0.5], showgrid=False, zeroline=False, constrain="domain")
     fig.update_layout(xaxis2=dict(matches="x"), yaxis=dict(scaleanchor="x"), yaxis2=dict(matches="y"),
                       height=height, margin=dict(l=0, r=0, t=56, b=0), dragmode="zoom", uirevision=revision,
                       showlegend=mode == "contours", legend=dict(orientation="h", y=-0.02, yanchor="top"),

@@ -37,6 +37,15 @@ def test_large_film_is_reduced_to_1024_px_and_values_are_taken_from_the_file():
     assert np.all(np.diff(shown.film[0].astype(int)) >= 0)
 
 
+def test_a_strip_is_placed_in_file_pixels_along_each_axis():
+    """A 1 x 40000 strip: 1024 x 1 display pixels, 39.06 file pixels each across but 1 down, so the strip spans
+    exactly the file's 40000 x 1 pixels (one scale for both axes drew it 39 px tall)."""
+    shown = viewer.display_copy(np.linspace(0, 1, 40000, dtype=np.float32)[None, :], np.zeros((7, 7), np.float32))
+    assert shown.shape == (1, 1024) and shown.scale_xy == (40000 / 1024, 1.0)
+    trace = viewer.figure(shown).data[0]
+    assert (trace.dx, trace.dy, trace.y0) == (pytest.approx(40000 / 1024), 1.0, 0.0)
+    assert trace.x0 + 1023 * trace.dx + trace.dx / 2 == pytest.approx(40000 - 0.5)  # the last column ends there
+
 def test_contour_lines_lie_on_their_level():
     heat = _radial(200)
     for level in (0.3, 0.5, 0.8):
