@@ -14,6 +14,7 @@ from typing import Any
 
 AUTO = "File window"
 AUTO_PERCENTILE = "Automatic (0.5-99.5 percentile)"
+VOI_LUT = "File's VOI LUT"
 FULL = "Full range"
 # name -> (shift of the center toward bright display, in widths of the base window; width factor)
 RELATIVE = {
@@ -24,19 +25,27 @@ RELATIVE = {
 
 
 def presets(info: Any) -> dict[str, tuple[float, float]]:
-    """Named (center, width) windows for a DICOM ``imaging.ImageInfo``; empty when it has no window.
+    """Named (center, width) windows for a DICOM ``imaging.ImageInfo``; empty when it has none.
 
-    The first entry is the window the image was read with (the file's, or the automatic one).
+    The first entry is the window the image was read with (the file's, or the automatic one). A file shown through
+    its VOI LUT has no window: its first entry (``VOI_LUT``: choosing it keeps the LUT) holds the full value range,
+    which the sliders start from, and the relative presets are taken from that range.
     """
-    if info.window is None:
-        return {}
-    center, width = (float(v) for v in info.window)
-    first = AUTO if info.window_source in ("file", "voi_lut") else AUTO_PERCENTILE
-    result = {first: (center, width)}
+    full = None
     if info.value_range is not None:
         lo, hi = (float(v) for v in info.value_range)
         if hi > lo:
-            result[FULL] = ((lo + hi) / 2.0, hi - lo)
+            full = ((lo + hi) / 2.0, hi - lo)
+    if info.window is None:
+        if info.window_source != "voi_lut" or full is None:
+            return {}
+        center, width = full
+        result = {VOI_LUT: full}
+    else:
+        center, width = (float(v) for v in info.window)
+        result = {AUTO if info.window_source == "file" else AUTO_PERCENTILE: (center, width)}
+        if full is not None:
+            result[FULL] = full
     toward_bright = -1.0 if info.inverted else 1.0
     for name, (shift, factor) in RELATIVE.items():
         result[name] = (center + toward_bright * shift * width, max(width * factor, 1e-6))

@@ -50,3 +50,18 @@ def test_slider_bounds_contain_every_preset(path):
 def test_pictures_without_a_window_have_no_presets(data_dir):
     info = imaging.load(data_dir / "kermany/train/NORMAL/IM-0115-0001.jpeg").info
     assert info.window is None and windowing.presets(info) == {}
+
+
+def test_a_file_shown_through_its_voi_lut_gets_window_controls_that_start_by_keeping_it():
+    """A VOI LUT file has no (center, width): its first preset keeps the LUT (the page passes no window while the
+    sliders stay at it), and the others are windows over its value range, so the controls are not missing."""
+    info = dataclasses.replace(imaging.load(J2K).info, window=None, window_source="voi_lut", inverted=False)
+    lo, hi = info.value_range
+    presets = windowing.presets(info)
+    assert list(presets)[0] == windowing.VOI_LUT and presets[windowing.VOI_LUT] == ((lo + hi) / 2, hi - lo)
+    assert presets["Bone"] == pytest.approx(((lo + hi) / 2 + 0.25 * (hi - lo), 0.5 * (hi - lo)))
+    assert windowing.FULL not in presets  # the same window as the first: choosing it must keep the LUT
+    (c_lo, c_hi), (w_lo, w_hi) = windowing.slider_bounds(info)
+    assert all(c_lo <= c <= c_hi and w_lo <= w <= w_hi for c, w in presets.values())
+    flat = dataclasses.replace(info, value_range=(7.0, 7.0))
+    assert windowing.presets(flat) == {}  # nothing to window
