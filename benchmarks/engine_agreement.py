@@ -1,4 +1,5 @@
-"""OpenVINO against TensorFlow on the shipped models' whole test splits: ``python -m benchmarks.engine_agreement``.
+"""OpenVINO against TensorFlow on the shipped models' whole test splits:
+``python -m benchmarks.engine_agreement [--record] [MODEL_DIR ...]``.
 
 For each model folder under ``models/`` (or those given), every held-out test image listed in its
 ``predictions.csv`` is read once through the serving path and scored by TensorFlow f32, OpenVINO f32
@@ -6,6 +7,11 @@ and, where the CPU has BF16, OpenVINO bf16. Prints one JSON object: per model an
 largest probability difference from TensorFlow, the share of equal decisions (the card's rule), the
 macro AUC, and the AUC difference from f32. The tests check a 64-image sample of the same
 (tests/test_engine_shipped.py); this is the full measurement behind benchmarks/README.md.
+
+``--record`` (on a CPU with BF16) writes the bf16 figures into each card's ``metrics.engine_agreement.bf16``
+with ``passes`` (within ``cxr_core.engine.BF16_BOUNDS``) and the fingerprint of the weights and decision rule
+they hold for: a model whose bf16 passes is then served at bf16 by default on BF16 CPUs
+(``cxr_core.engine.default_precision``); one that misses, or whose card changed since, stays at f32.
 """
 
 from __future__ import annotations
@@ -72,11 +78,42 @@ def agreement(folder: Path) -> dict:
     return out
 
 
+def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
+    """Write ``figures``' bf16 agreement into the card of ``folder`` (``metrics.engine_agreement.bf16``); returns it."""
+    import datetime
+
+    from cxr_core import card as card_lib
+    from cxr_core import engine
+
+    bf16 = figures.get("openvino_bf16")
+    if bf16 is None or bf16.get("precision") != "bf16":
+        raise ValueError("no bf16 figures to record: this CPU has no BF16 (OpenVINO ran f32)")
+    card = card_lib.load(folder)
+    entry = {"n": figures["n"], "decisions_equal": bf16["decisions_equal"], "auc_f32": figures["openvino_f32"]["auc"],
+             "auc_bf16": bf16["auc"], "auc_delta": abs(bf16["auc_minus_f32"]),
+             "max_abs_diff_vs_tensorflow": round(bf16["max_abs_diff_vs_tensorflow"], 6),
+             "passes": bool(bf16["decisions_equal"] >= engine.BF16_BOUNDS["decisions_equal"]
+                            and abs(bf16["auc_minus_f32"]) <= engine.BF16_BOUNDS["auc_delta"]),
+             "bounds": dict(engine.BF16_BOUNDS), "fingerprint": engine.agreement_fingerprint(card),
+             "measured": datetime.date.today().isoformat(), "cpu": cpu or {}}
+    card.metrics = {**card.metrics, "engine_agreement": {"bf16": entry}}
+    card_lib.save(card, folder)
+    return entry
+
+
 def main(argv: list[str]) -> int:
     from cxr_core import card as card_lib
 
+    keep = "--record" in argv
+    argv = [a for a in argv if a != "--record"]
     folders = [Path(a) for a in argv] or sorted(p.parent for p in (REPO / "models").glob(f"*/{card_lib.CARD_FILE}"))
     result = {folder.name: agreement(folder) for folder in folders}
+    if keep:
+        from benchmarks.serving import cpu_flags
+
+        cpu = cpu_flags()
+        for folder in folders:
+            result[folder.name]["recorded"] = record(folder, result[folder.name], cpu)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -23,10 +23,13 @@ Engines:
 
 Which engine: the argument, else env ``CXR_ENGINE``, else ``openvino`` where it imports and Keras runs
 on TensorFlow, else ``tensorflow``. Which precision: the argument, else env ``CXR_PRECISION``, else
-``f32``. ``bf16`` (or ``auto``: bf16 where supported) is honoured on OpenVINO only where the CPU lists
-BF16 in ``OPTIMIZATION_CAPABILITIES``; otherwise f32 and ``Choice.note`` says why. f32 is the default
-because only f32 reproduces TensorFlow's probabilities and Grad-CAM to 1e-5 (OpenVINO's own default
-on a BF16-capable CPU is bf16, so f32 is always asked for explicitly).
+(``default_precision``) ``auto`` for a model whose card records that bf16 agrees with TensorFlow within
+``BF16_BOUNDS`` on its test split (``python -m benchmarks.engine_agreement --record``, for these very weights,
+temperature and thresholds), else ``f32``. ``bf16`` (or ``auto``: bf16 where supported) is honoured on
+OpenVINO only where the CPU lists BF16 in ``OPTIMIZATION_CAPABILITIES``; otherwise f32 and ``Choice.note``
+says why. A model without that record is served at f32, the only precision that reproduces TensorFlow's
+probabilities and Grad-CAM to 1e-5 (OpenVINO's own default on a BF16-capable CPU is bf16, so the
+precision is always asked for explicitly).
 """
 
 from __future__ import annotations
@@ -91,6 +94,37 @@ def bf16_supported() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+# Where bf16 may be a model's default (issue 14): decisions equal to TensorFlow's on at least this share of the
+# test split, and the macro AUC within this much of float32's.
+BF16_BOUNDS = {"decisions_equal": 0.995, "auc_delta": 0.002}
+
+
+def agreement_fingerprint(card) -> str:
+    """What a recorded engine agreement holds for: the weights, the temperature, the thresholds, the classes (a
+    rescored card has other decisions, so its record no longer counts)."""
+    text = json.dumps({"weights": card.weights_sha256, "temperature": card.temperature,
+                       "thresholds": card.thresholds, "classes": list(card.class_names)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def bf16_verified(card) -> bool:
+    """Whether the card records bf16 agreement within ``BF16_BOUNDS`` for its current weights and decision rule
+    (``metrics.engine_agreement.bf16``, written by ``python -m benchmarks.engine_agreement --record``)."""
+    record = (card.metrics or {}).get("engine_agreement")
+    record = record.get("bf16") if isinstance(record, dict) else None
+    return (isinstance(record, dict) and record.get("passes") is True
+            and record.get("fingerprint") == agreement_fingerprint(card))
+
+
+def default_precision(precision: str | None, card=None) -> str:
+    """The precision to ask ``choose`` for: the argument, else env ``CXR_PRECISION``, else ``auto`` (bf16 where the
+    CPU has it) for a model whose bf16 agreement is on record (``bf16_verified``), else ``f32``."""
+    given = (precision or os.environ.get("CXR_PRECISION") or "").strip()
+    if given:
+        return given
+    return "auto" if card is not None and bf16_verified(card) else "f32"
 
 
 def choose(engine: str | None = None, precision: str | None = None) -> Choice:

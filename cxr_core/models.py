@@ -394,7 +394,8 @@ def _familiarity(card: card_lib.ModelCard, folder: Path) -> fam_lib.Familiarity 
 def load(folder: str | Path, engine: str | None = None, precision: str | None = None) -> Classifier:
     """Load a model folder: verify the card and weights hash, build, load weights, prepare the engine.
 
-    ``engine``/``precision``: see ``cxr_core.engine.choose`` (None: env, then OpenVINO f32 where installed).
+    ``engine``/``precision``: see ``cxr_core.engine.choose`` (None: env, then OpenVINO where installed, at f32, or
+    at bf16 on a BF16 CPU for a model whose card records bf16 agreement: ``engine.default_precision``).
     When OpenVINO is the engine and its cache holds this model (converted at an earlier load), the
     forward pass is served from the cache at once and the Keras model is built on first use of
     ``Classifier.model`` (an explanation that needs gradients): no TensorFlow on the way to a prediction.
@@ -403,6 +404,7 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
     card = card_lib.load(folder)
     fam = _familiarity(card, folder)
     key = cache_key(card)
+    precision = engine_lib.default_precision(precision, card)  # bf16 only for a model whose agreement is on record
 
     def build_model() -> keras.Model:
         try:

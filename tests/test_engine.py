@@ -132,6 +132,46 @@ def test_bf16_runs_where_the_cpu_supports_it(tiny_model3_dir, images, pair):
     np.testing.assert_allclose(bf16.probabilities(images), pair[1].probabilities(images), atol=0.05)
 
 
+def test_bf16_is_the_default_only_for_a_model_whose_agreement_is_on_record(tiny_model3_dir, tmp_path, monkeypatch):
+    """Issue 14: bf16 where the CPU supports it, unless it missed the bounds. A card that records bf16 agreement
+    within the bounds for its own weights and decision rule defaults to ``auto`` (bf16 on a BF16 CPU); no record, a
+    record that missed, or a card rescored since (another rule) stays at f32; the argument and env win."""
+    from benchmarks import engine_agreement
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model3_dir, folder)
+    monkeypatch.delenv("CXR_PRECISION", raising=False)
+    asked: list[str | None] = []
+    choose = engine.choose
+    monkeypatch.setattr(engine, "choose", lambda e=None, p=None: asked.append(p) or choose(e, p))
+
+    def default() -> str:
+        asked.clear()
+        models.load(folder)
+        return asked[0]
+
+    assert default() == "f32" and engine.default_precision(None, card.read(folder)) == "f32"
+    figures = {"n": 100, "openvino_f32": {"auc": 0.9}, "openvino_bf16": {
+        "precision": "bf16", "decisions_equal": 0.996, "auc": 0.8995, "auc_minus_f32": -0.0005,
+        "max_abs_diff_vs_tensorflow": 0.01}}
+    assert engine_agreement.record(folder, figures)["passes"] is True
+    assert engine.bf16_verified(card.read(folder)) and default() == "auto"
+    monkeypatch.setattr(engine, "bf16_supported", lambda: True)
+    assert choose("openvino", "auto") == engine.Choice("openvino", "bf16")
+    monkeypatch.setenv("CXR_PRECISION", "f32")  # the operator's override wins
+    assert default() == "f32"
+    monkeypatch.delenv("CXR_PRECISION")
+    assert engine.default_precision("f32", card.read(folder)) == "f32"
+    rescored = card.read(folder)  # new thresholds: the record was of another rule
+    rescored.thresholds = {"COVID-19": 0.5}
+    card.save(rescored, folder)
+    assert not engine.bf16_verified(card.read(folder)) and default() == "f32"
+    missed = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "decisions_equal": 0.99}}
+    assert engine_agreement.record(folder, missed)["passes"] is False and default() == "f32"
+    with pytest.raises(ValueError, match="no bf16 figures"):
+        engine_agreement.record(folder, {**figures, "openvino_bf16": {**figures["openvino_bf16"], "precision": "f32"}})
+
+
 def test_converted_model_is_cached_outside_the_model_folder(tiny_model_dir, tmp_path, monkeypatch, images):
     monkeypatch.setenv("CXR_ENGINE_CACHE", str(tmp_path / "cache"))
     before = sorted(p.name for p in tiny_model_dir.iterdir())
