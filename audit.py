@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ACTIONS = ("sign_in", "sign_out", "classify", "batch", "evaluate", "pacs_search", "pacs_classify", "pacs_write",
-           "model_change", "refused")
+           "model_change", "refused", "export")  # export: a report or a results table downloaded
 # Where the images of an action came from: a fixed vocabulary, never a path or a name.
 SOURCES = ("upload", "folder_upload", "server_folder", "held_out", "data_root", "pacs")
 _LOCK = threading.Lock()

@@ -97,7 +97,8 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
     table = review.batch_table(results, classifier.card.class_names, reports)
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
                 counts=review.summary(table), folder=str(folder) if folder is not None else None)
-    st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": dict(items)}
+    st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": dict(items),
+                               "origin": origin}
     # A new table: the old selection and decision filter (its options were the old table's) go with the old one.
     for key in (TABLE_KEY, DECISIONS_KEY, "batch_class_file"):
         st.session_state.pop(key, None)
@@ -186,7 +187,10 @@ def results_ui(classifier, explainer, state: dict) -> None:
     event = st.dataframe(shown, column_config=column_config(list(classifier.card.class_names)), hide_index=True,
                          on_select="rerun", selection_mode="single-row", key=TABLE_KEY)
     st.download_button(f"Download these {len(shown)} rows as CSV", review.export_csv(shown),
-                       file_name="batch_review.csv", mime="text/csv", key="batch_csv")
+                       file_name="batch_review.csv", mime="text/csv", key="batch_csv", on_click=auth.record,
+                       args=("export",), kwargs={"model": classifier.card.name,
+                                                 "weights_sha256": classifier.card.weights_sha256,
+                                                 "source": state.get("origin"), "counts": {"rows": len(shown)}})
     rows = event.selection.rows if event is not None else []
     if not rows or rows[0] >= len(shown):
         st.caption("Select a row to see its image and Grad-CAM.")

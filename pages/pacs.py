@@ -204,7 +204,9 @@ def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study])
     st.dataframe(table, hide_index=True, key="pacs_batch_table",
                  column_config={review.THUMBNAIL: st.column_config.ImageColumn("Image", width="small")})
     st.download_button(f"Download {len(table)} rows as CSV", review.export_csv(table), file_name="pacs_batch.csv",
-                       mime="text/csv", key="pacs_batch_csv")
+                       mime="text/csv", key="pacs_batch_csv", on_click=auth.record, args=("export",),
+                       kwargs={"model": classifier.card.name, "weights_sha256": classifier.card.weights_sha256,
+                               "source": "pacs", "counts": {"rows": len(table)}})
 
 
 ui.research_banner()

@@ -209,3 +209,20 @@ def test_a_new_audit_folder_is_private_and_a_short_write_still_writes_the_whole_
     assert len(calls) == 2 and audit.read(folder)[0] == line
     assert [x["action"] for x in audit.read(folder)] == ["classify", "batch"]
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_downloaded_report_or_results_table_is_audited_as_an_export(env):
+    at = page("pages/classify.py", VIEWER)
+    film = sorted((DATA / "kermany/train/NORMAL").glob("*.jpeg"))[0]
+    at.file_uploader(key="classify_upload").set_value((film.name, film.read_bytes(), "image/jpeg")).run()
+    at.download_button(key="report_pdf").click().run()
+    at = page("pages/batch.py", CLINICIAN)
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    at.selectbox(key="batch_pick").set_value("CANARY-SMITH PID-424242").run()
+    at.button(key="batch_score_folder").click().run()
+    at.download_button(key="batch_csv").click().run()
+    assert [e.value for e in at.exception] == []
+    lines = [(x["action"], x.get("source"), x.get("counts")) for x in audit.read(env / "audit")]
+    assert ("export", "upload", {"reports": 1}) in lines and ("export", "server_folder", {"rows": 3}) in lines
+    assert [a for a, _, _ in lines].count("export") == 2
+    assert_no_canaries(env / "audit")
