@@ -170,6 +170,7 @@ except UnreadableImageError as err:
     st.error(str(err))
     st.stop()
 except Exception as err:  # defence in depth: an unforeseen failure is a message, never a traceback
+    auth.record_once(key, "classify", **audited, counts={"images": 1, "failed": 1})  # the film was read: on record
     st.error(UNEXPECTED.format(kind=type(err).__name__))
     st.stop()
 auth.record_once(key, "classify", **audited, counts={"images": 1, "positive": int(first.prediction.positive)})

@@ -172,7 +172,11 @@ def test_a_new_image_explains_its_own_called_class_again(models_root):
     assert _heat_title(at).endswith(f"for {expected.prediction.class_names[expected.class_index]}")
 
 
-def test_an_unforeseen_failure_is_a_message_and_a_failing_method_falls_back_to_gradcam(models_root, monkeypatch):
+def test_an_unforeseen_failure_is_a_message_and_a_failing_method_falls_back_to_gradcam(models_root, monkeypatch,
+                                                                                      tmp_path):
+    import audit
+
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
     real = pipeline.classify
     failing = {"gradcam", "layercam"}
 
@@ -186,6 +190,8 @@ def test_an_unforeseen_failure_is_a_message_and_a_failing_method_falls_back_to_g
     at = _upload(_page(), films[0].name, films[0].read_bytes())
     _no_exception(at)
     assert [e.value for e in at.error] == [UNEXPECTED.format(kind="RuntimeError")]
+    assert [(x["action"], x["counts"]) for x in audit.read(tmp_path / "audit")] == [
+        ("classify", {"images": 1, "failed": 1})]  # the film was read, though not classified: on record
 
     failing.discard("gradcam")  # the decision and Grad-CAM work; LayerCAM fails
     at = _upload(at, films[1].name, films[1].read_bytes())
