@@ -87,12 +87,21 @@ class AuditLog:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: only this user reads it
             fd = os.open(self.path(now), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                rest = memoryview(text.encode("ascii"))
-                while rest:  # a short write (a full disk, a signal) must not leave half a line for the next to join
-                    written = os.write(fd, rest)
-                    if written == 0:
-                        raise OSError(errno.ENOSPC, "the audit line could not be written whole")
-                    rest = rest[written:]
+                start = os.fstat(fd).st_size
+                data = text.encode("ascii")
+                rest = memoryview(data)
+                try:
+                    while rest:  # a short write (a full disk, a signal) must not leave half a line for the next
+                        written = os.write(fd, rest)
+                        if written == 0:
+                            raise OSError(errno.ENOSPC, "the audit line could not be written whole")
+                        rest = rest[written:]
+                except OSError:
+                    # Undo the part written, unless another process appended after it (truncating would drop
+                    # its line too; the cut line then stays, a rare case on a disk that is full anyway).
+                    if os.fstat(fd).st_size == start + len(data) - len(rest):
+                        os.ftruncate(fd, start)
+                    raise
             finally:
                 os.close(fd)
         return line

@@ -430,7 +430,14 @@ class Client:
         except PacsError as err:
             response = getattr(err.__cause__, "response", None)
             if response is None or response.status_code != 409:
-                err.sent, err.stored = count, None  # it may have stored some before it failed: unknown
+                cause = err.__cause__
+                if response is not None and 400 <= response.status_code < 500:
+                    err.sent, err.stored = count, 0  # refused as a whole (credentials, size, the request)
+                elif isinstance(cause, requests.exceptions.ConnectionError) and not isinstance(
+                        cause, requests.exceptions.ReadTimeout) and _never_connected(cause):
+                    pass  # nothing went out: no write to account for
+                else:
+                    err.sent, err.stored = count, None  # it may have stored some before it failed: unknown
                 raise
             # 409 Conflict: the PACS stored none of them; its answer names a failure reason per object.
             reasons = _failure_reasons(_stow_answer(response).get("FailedSOPSequence"))
@@ -452,14 +459,40 @@ class Client:
                             f"({_failure_reasons(failed)}). {_stored(datasets, kept)} {advice}",
                             sent=count, stored=len(kept & set(uids)))
         found: set[str] = set()
-        for study_uid in {str(ds.StudyInstanceUID) for ds in datasets}:
-            found |= {i.sop_uid for i in self.instances(study_uid)}
+        try:
+            for study_uid in {str(ds.StudyInstanceUID) for ds in datasets}:
+                found |= {i.sop_uid for i in self.instances(study_uid)}
+        except PacsError as err:  # the PACS answered success, then its check failed: stored, not confirmed
+            err.sent, err.stored = count, None
+            raise
         missing = [uid for uid in uids if uid not in found]
         if missing:
             raise PacsError(f"The PACS at {host} did not keep {len(missing)} of {count} object(s) it was sent "
                             f"(it refused them). {_stored(datasets, found)} {advice}",
                             sent=count, stored=count - len(missing))
         return uids
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether a requests ConnectionError failed before a connection was made (refused, no route, name not
+    resolved, connect timeout): then nothing of a request was sent."""
+    import urllib3.exceptions
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, urllib3.exceptions.NewConnectionError | urllib3.exceptions.NameResolutionError
+                      | ConnectionRefusedError):
+            return True
+        stack += [e.__cause__, e.__context__, *(a for a in e.args if isinstance(a, BaseException)),
+                  getattr(e, "reason", None)]
+    return False
 
 
 # PS3.4 Table B.2-1 and PS3.18 Table 10.5.3-1: the failure reasons a STOW-RS answer gives per refused object.

@@ -802,9 +802,7 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
     """
     if window is not None:
         center, width = float(window[0]), float(window[1])
-        # PS3.3's LINEAR (width - 1, centre - 0.5) is meant for whole-number values: a window under 2 wide (small
-        # or float values, e.g. a RescaleSlope of 0.001) would leave two grey levels. LINEAR_EXACT maps any width.
-        return _linear(values, center, width, "LINEAR" if width >= 2 else "LINEAR_EXACT"), (center, width), "caller"
+        return _linear(values, center, width, "LINEAR"), (center, width), "caller"
     if colour:
         top = 2.0**bits - 1
         return _linear(values, top / 2, top, "LINEAR_EXACT"), None, "none"
@@ -845,7 +843,10 @@ def _linear(values: np.ndarray, center: float, width: float, function: str) -> n
         with np.errstate(over="ignore"):  # exp overflows to inf far from the center: 1 / inf = 0, as it should
             out = 1.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float64) - center) / max(width, 1e-6)))
         return out.astype(np.float32)
-    if function == "LINEAR_EXACT":
+    # PS3.3's LINEAR (width - 1, centre - 0.5) is meant for whole-number values: a window under 2 wide (small or
+    # fractional values, e.g. after a RescaleSlope of 0.001, whether the file's window or one chosen) would leave
+    # two grey levels. LINEAR_EXACT maps any width.
+    if function == "LINEAR_EXACT" or width < 2:
         low, span = center - width / 2, max(width, 1e-6)
     else:
         low, span = center - 0.5 - (width - 1) / 2, max(width - 1, 1e-6)

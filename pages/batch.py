@@ -100,8 +100,9 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
     st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": dict(items),
                                "origin": origin}
     # A new table: the old selection and decision filter (its options were the old table's) go with the old one.
-    for key in (TABLE_KEY, DECISIONS_KEY, "batch_class_file"):
+    for key in (DECISIONS_KEY, "batch_class_file"):
         st.session_state.pop(key, None)
+    clear_selection()
 
 
 def column_config(class_names: list[str]) -> dict:
@@ -128,6 +129,12 @@ def column_config(class_names: list[str]) -> dict:
         config[f"p_{name}"] = st.column_config.ProgressColumn(
             f"P({name})", min_value=0.0, max_value=1.0, format="%.3f", help=f"Calibrated probability of {name}, 0 to 1")
     return config
+
+
+def clear_selection() -> None:
+    """No row selected, in the session and in the browser: popping the key would clear only the server's copy, and
+    the browser (the table keeps its identity when its rows change) would send the old row position back."""
+    st.session_state[TABLE_KEY] = {"selection": {"rows": [], "columns": [], "cells": []}}
 
 
 def filters_ui(table) -> tuple[list[str] | None, list[str], str]:
@@ -182,7 +189,7 @@ def results_ui(classifier, explainer, state: dict) -> None:
     view = (None if decisions is None else tuple(decisions), tuple(flags), text)
     if st.session_state.get(VIEW_KEY) != view:  # the selection is a row position in the old view: it would now
         st.session_state[VIEW_KEY] = view      # point at another file (another patient's film); start without one
-        st.session_state.pop(TABLE_KEY, None)
+        clear_selection()
     shown = review.filter_table(table, decisions, flags, text)
     event = st.dataframe(shown, column_config=column_config(list(classifier.card.class_names)), hide_index=True,
                          on_select="rerun", selection_mode="single-row", key=TABLE_KEY)

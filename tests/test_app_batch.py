@@ -126,6 +126,8 @@ def test_a_filter_change_drops_the_selection_instead_of_moving_it_to_another_fil
     assert table(at)["file"].tolist() == ["966.dcm", "notes.txt", "broken.jpeg"]
     assert not at.exception and not at.subheader
     assert "Select a row to see its image and Grad-CAM." in [c.value for c in at.caption]
+    # Cleared by assigning an empty selection (which the browser is sent), not by dropping the key (which it is not).
+    assert at.session_state["batch_table"]["selection"]["rows"] == []
 
 
 def test_selecting_a_row_shows_its_image_and_gradcam(at, uploads):

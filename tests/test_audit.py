@@ -226,3 +226,23 @@ def test_a_downloaded_report_or_results_table_is_audited_as_an_export(env):
     assert ("export", "upload", {"reports": 1}) in lines and ("export", "server_folder", {"rows": 3}) in lines
     assert [a for a, _, _ in lines].count("export") == 2
     assert_no_canaries(env / "audit")
+
+
+def test_a_write_that_fails_part_way_leaves_no_half_line(tmp_path, monkeypatch):
+    log = audit.AuditLog(tmp_path, KEY)
+    first = log.record("c@example.test", "clinician", "classify", source="upload", counts={"images": 1})
+    real_write = os.write
+    state = {"calls": 0}
+
+    def full_disk(fd, data):
+        state["calls"] += 1
+        if state["calls"] == 1:
+            return real_write(fd, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        log.record("c@example.test", "clinician", "batch", source="upload", counts={"files": 2})
+    monkeypatch.undo()
+    log.record("c@example.test", "clinician", "sign_out")
+    assert [x["action"] for x in audit.read(tmp_path)] == ["classify", "sign_out"] and audit.read(tmp_path)[0] == first

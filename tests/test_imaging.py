@@ -341,6 +341,8 @@ def test_small_float_values_keep_their_grey_levels_in_the_default_and_in_a_chose
     modality = stored.astype(np.float64) * slope
     np.testing.assert_allclose(chosen.pixels, np.clip((modality - top / 4) / (top / 2), 0, 1), atol=2e-5)
     assert len(np.unique(chosen.pixels)) > 25
+    stored_window = imaging.load(_dicom(stored, RescaleSlope=slope, WindowCenter=top / 2, WindowWidth=top * 0.8))
+    assert stored_window.info.window_source == "file" and len(np.unique(stored_window.pixels)) > 40
 
 
 def test_modality_lut_sequence_is_applied():

@@ -433,6 +433,27 @@ def test_stow_refused_all_409_or_partly_202_says_why_and_what_was_stored():
     assert (err.value.sent, err.value.stored) == (2, 1)
 
 
+@pytest.mark.parametrize(("status", "stored"), [(413, 0), (500, None)])
+def test_a_store_that_failed_says_what_was_sent_and_kept_for_the_audit(status, stored, monkeypatch):
+    """What the write-back audit line records: a 4xx refusal kept nothing, a 5xx may have kept some (unknown);
+    nothing went out when the PACS could not be reached; a success whose check then failed is unknown too."""
+    ds = new_study(SIIM, "STOW-2")
+    with stow_answering(status, {}) as client, pytest.raises(PacsError) as err:
+        client.store([ds])
+    assert (err.value.sent, err.value.stored) == (1, stored)
+    down = dicomweb.Client(dicomweb.Settings(url="http://127.0.0.1:9/dicom-web", timeout=3))
+    with pytest.raises(PacsError, match="cannot be reached") as err:
+        down.store([ds])
+    assert (err.value.sent, err.value.stored) == (None, None)
+
+    def check_fails(self, study_uid):
+        raise PacsError("The PACS at 127.0.0.1 did not answer within 3 s")
+
+    monkeypatch.setattr(dicomweb.Client, "instances", check_fails)
+    with stow_answering(200, stow_answer([str(ds.SOPInstanceUID)], {})) as client, pytest.raises(PacsError) as err:
+        client.store([ds])
+    assert (err.value.sent, err.value.stored) == (1, None)
+
 def test_a_film_other_than_asked_or_in_an_unknown_syntax_is_an_error_row_and_write_back_reads_the_patient_again(model):
     """The PACS answers with another instance than asked (wrong SOP Instance UID): not classified, said so. A film in a
     transfer syntax nothing here decodes (JPEG XL) is an error row, not a crash that loses the batch. Write-back
