@@ -222,19 +222,25 @@ _SIGN_INS: set[str] = set()  # this server's sign-ins already audited: a hash of
 _SIGN_INS_LOCK = threading.Lock()
 
 
-def _first_session_of_sign_in() -> bool:
-    """Whether this session is the first this server sees of its sign-in (the ID token's ``sub`` and ``iat``):
-    a page reload or a second tab starts another Streamlit session of the same sign-in, which is not audited
-    again, so that the trail counts sign-ins. Without an ``iat`` every session counts."""
+def _audit_sign_in(user: User) -> bool:
+    """Write the sign_in line unless this server has written it for this sign-in already (the ID token's ``sub``
+    and ``iat``, and the user): a page reload or a second tab starts another Streamlit session of the same
+    sign-in, which is not audited again, so that the trail counts sign-ins (without an ``iat``, every session
+    counts). True once the line is written (or the audit is off); False when it could not be (tried again on the
+    next run)."""
     claims = st.user.to_dict()
-    if claims.get("iat") is None:
-        return True
-    marker = hashlib.sha256(f"{claims.get('sub')}\0{claims.get('iat')}".encode()).hexdigest()
-    with _SIGN_INS_LOCK:
-        if marker in _SIGN_INS:
-            return False
-        _SIGN_INS.add(marker)
-        return True
+    marker = None
+    if claims.get("iat") is not None:
+        marker = hashlib.sha256(f"{user.id}\0{claims.get('sub')}\0{claims.get('iat')}".encode()).hexdigest()
+        with _SIGN_INS_LOCK:
+            if marker in _SIGN_INS:
+                return True
+    if record("sign_in") is None and audit_folder() is not None:
+        return False
+    if marker is not None:
+        with _SIGN_INS_LOCK:
+            _SIGN_INS.add(marker)
+    return True
 
 
 def current_user() -> User | None:
@@ -324,10 +330,8 @@ def sidebar_ui() -> None:
         if reason:
             st.sidebar.error(reason)
         return
-    if not st.session_state.get(AUDITED_SESSION):
+    if not st.session_state.get(AUDITED_SESSION) and _audit_sign_in(user):
         st.session_state[AUDITED_SESSION] = True
-        if _first_session_of_sign_in():
-            record("sign_in")
     st.sidebar.markdown(f"Signed in as **{user.name}** ({user.id}) · role: **{user.role or 'none'}**")
     if st.sidebar.button("Sign out", key="auth_sign_out", icon=":material/logout:"):
         record("sign_out")

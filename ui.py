@@ -385,7 +385,9 @@ def wait_for_model(loading: ModelLoad) -> tuple[Any, Any] | None:
     return None
 
 
-VIEWER_CONFIG = {"scrollZoom": True, "displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+# No "download plot as PNG": the film would leave the app unaudited (the report's download is the audited way out).
+VIEWER_CONFIG = {"scrollZoom": True, "displaylogo": False,
+                 "modeBarButtonsToRemove": ["lasso2d", "select2d", "toImage"]}
 OVERLAY_MODES = {"wash": "Colour wash", "contours": "Contour lines"}
 
 

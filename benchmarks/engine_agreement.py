@@ -52,26 +52,30 @@ def agreement(folder: Path) -> dict:
     classes = list(card.class_names)
     y_true = np.array([classes.index(c) for c in test["true_class"]])
 
-    def scored(classifier: models.Classifier) -> tuple[np.ndarray, np.ndarray, float]:
-        probs = np.concatenate([classifier.probabilities(b) for b in _batches(batch)])
-        decided = np.array([classes.index(models.decide(card, p).decision) for p in probs])
-        return probs, decided, metrics.evaluate(y_true, probs, classes, decided)["auc"]
+    def scored(classifier: models.Classifier) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        served = [p for b in _batches(batch) for p in classifier.predict(b)]  # as served: familiarity flag included
+        probs = np.array([p.probabilities for p in served])
+        decided = np.array([classes.index(p.decision) for p in served])
+        flags = np.array([bool(p.unfamiliar) for p in served])
+        return probs, decided, metrics.evaluate(y_true, probs, classes, decided)["auc"], flags
 
-    tf_probs, tf_decided, tf_auc = scored(reference)
+    tf_probs, tf_decided, tf_auc, tf_flags = scored(reference)
     stored = test[[f"p_{c}" for c in classes]].to_numpy()
     out: dict = {"n": len(test), "tensorflow": {"auc": round(tf_auc, 5),
                                                 "max_abs_diff_vs_stored": float(np.abs(tf_probs - stored).max())}}
     precisions = ["f32"] + (["bf16"] if engine.bf16_supported() else [])
     f32_auc = None
     for precision in precisions:
-        classifier = models.Classifier(card, reference.model, folder, engine="openvino", precision=precision)
-        probs, decided, auc = scored(classifier)
+        classifier = models.Classifier(card, reference.model, folder, engine="openvino", precision=precision,
+                                       familiarity=reference.familiarity)
+        probs, decided, auc, flags = scored(classifier)
         f32_auc = auc if precision == "f32" else f32_auc
         out[f"openvino_{precision}"] = {
             "precision": classifier.precision,
             "max_abs_diff_vs_tensorflow": float(np.abs(probs - tf_probs).max()),
             "decisions_equal": round(float((decided == tf_decided).mean()), 5),
             "decisions_differ": int((decided != tf_decided).sum()),
+            "familiarity_flags_equal": round(float((flags == tf_flags).mean()), 5),
             "auc": round(auc, 5),
             "auc_minus_f32": round(auc - f32_auc, 5),
         }
@@ -89,11 +93,14 @@ def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
     if bf16 is None or bf16.get("precision") != "bf16":
         raise ValueError("no bf16 figures to record: this CPU has no BF16 (OpenVINO ran f32)")
     card = card_lib.load(folder)
-    entry = {"n": figures["n"], "decisions_equal": bf16["decisions_equal"], "auc_f32": figures["openvino_f32"]["auc"],
+    entry = {"n": figures["n"], "decisions_equal": bf16["decisions_equal"],
+             "familiarity_flags_equal": bf16.get("familiarity_flags_equal"), "auc_f32": figures["openvino_f32"]["auc"],
              "auc_bf16": bf16["auc"], "auc_delta": abs(bf16["auc_minus_f32"]),
              "max_abs_diff_vs_tensorflow": round(bf16["max_abs_diff_vs_tensorflow"], 6),
              "passes": bool(bf16["decisions_equal"] >= engine.BF16_BOUNDS["decisions_equal"]
-                            and abs(bf16["auc_minus_f32"]) <= engine.BF16_BOUNDS["auc_delta"]),
+                            and abs(bf16["auc_minus_f32"]) <= engine.BF16_BOUNDS["auc_delta"]
+                            # the familiarity flag is served too: held to the decisions' bound (none recorded: f32)
+                            and (bf16.get("familiarity_flags_equal") or 0) >= engine.BF16_BOUNDS["decisions_equal"]),
              "bounds": dict(engine.BF16_BOUNDS), "fingerprint": engine.agreement_fingerprint(card),
              "measured": datetime.date.today().isoformat(), "cpu": cpu or {}}
     card.metrics = {**card.metrics, "engine_agreement": {"bf16": entry}}

@@ -96,16 +96,19 @@ def bf16_supported() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-# Where bf16 may be a model's default (issue 14): decisions equal to TensorFlow's on at least this share of the
-# test split, and the macro AUC within this much of float32's.
+# Where bf16 may be a model's default (issue 14): decisions (and familiarity flags) equal to TensorFlow's on at
+# least this share of the test split, and the macro AUC within this much of float32's.
 BF16_BOUNDS = {"decisions_equal": 0.995, "auc_delta": 0.002}
 
 
 def agreement_fingerprint(card) -> str:
-    """What a recorded engine agreement holds for: the weights, the temperature, the thresholds, the classes (a
-    rescored card has other decisions, so its record no longer counts)."""
+    """What a recorded engine agreement holds for: the weights, the model's input, the decision rule (temperature,
+    thresholds, negative class, classes) and the familiarity check (a rescored card decides otherwise, so its record
+    no longer counts)."""
     text = json.dumps({"weights": card.weights_sha256, "temperature": card.temperature,
-                       "thresholds": card.thresholds, "classes": list(card.class_names)}, sort_keys=True)
+                       "thresholds": card.thresholds, "classes": list(card.class_names),
+                       "negative": card.negative_class, "input_size": card.input_size,
+                       "preprocessing": card.preprocessing, "familiarity": card.familiarity}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -396,3 +396,22 @@ def test_sign_in_is_audited_once_per_sign_in_not_per_tab_or_reload(models_root, 
     signed_in("app.py", {**CLINICIAN, "sub": "sub-1", "iat": issued + 30})  # signed out and in again
     actions = [line["action"] for line in audit.read(tmp_path / "audit")]
     assert actions.count("sign_in") == 2
+
+
+def test_a_sign_in_line_that_could_not_be_written_is_written_on_the_next_run(tmp_path, monkeypatch):
+    import time
+
+    import audit
+
+    blocker = tmp_path / "audit"
+    blocker.write_text("a file where the audit folder should be")
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(blocker))
+    at = AppTest.from_string("import auth\nauth.sidebar_ui()", default_timeout=60)
+    at.secrets["auth"], at.secrets["access"] = AUTH, ACCESS
+    at.user = {"is_logged_in": True, **CLINICIAN, "sub": "sub-2", "iat": int(time.time()) - 60}
+    at.run()
+    assert texts(at, "exception") == [] and any("The audit trail could not be written" in e.value for e in at.error)
+    blocker.unlink()
+    at.run()
+    at.run()
+    assert [line["action"] for line in audit.read(blocker)] == ["sign_in"]

@@ -152,8 +152,8 @@ def test_bf16_is_the_default_only_for_a_model_whose_agreement_is_on_record(tiny_
 
     assert default() == "f32" and engine.default_precision(None, card.read(folder)) == "f32"
     figures = {"n": 100, "openvino_f32": {"auc": 0.9}, "openvino_bf16": {
-        "precision": "bf16", "decisions_equal": 0.996, "auc": 0.8995, "auc_minus_f32": -0.0005,
-        "max_abs_diff_vs_tensorflow": 0.01}}
+        "precision": "bf16", "decisions_equal": 0.996, "familiarity_flags_equal": 1.0, "auc": 0.8995,
+        "auc_minus_f32": -0.0005, "max_abs_diff_vs_tensorflow": 0.01}}
     assert engine_agreement.record(folder, figures)["passes"] is True
     assert engine.bf16_verified(card.read(folder)) and default() == "auto"
     monkeypatch.setattr(engine, "bf16_supported", lambda: True)
@@ -168,6 +168,13 @@ def test_bf16_is_the_default_only_for_a_model_whose_agreement_is_on_record(tiny_
     assert not engine.bf16_verified(card.read(folder)) and default() == "f32"
     missed = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "decisions_equal": 0.99}}
     assert engine_agreement.record(folder, missed)["passes"] is False and default() == "f32"
+    flags_moved = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "familiarity_flags_equal": 0.99}}
+    assert engine_agreement.record(folder, flags_moved)["passes"] is False and default() == "f32"
+    assert engine_agreement.record(folder, figures)["passes"] is True and default() == "auto"
+    negative = card.read(folder)  # another negative class is another decision rule
+    negative.negative_class = "COVID-19"
+    card.save(negative, folder)
+    assert default() == "f32"
     with pytest.raises(ValueError, match="no bf16 figures"):
         engine_agreement.record(folder, {**figures, "openvino_bf16": {**figures["openvino_bf16"], "precision": "f32"}})
 

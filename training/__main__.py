@@ -126,7 +126,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ev.add_argument("--engine", choices=("auto", "tensorflow", "openvino"), default=None,
                     help="inference engine (default: env CXR_ENGINE, else openvino where installed)")
     ev.add_argument("--precision", choices=("f32", "bf16", "auto"), default=None,
-                    help="inference precision (default: env CXR_PRECISION, else f32; bf16: OpenVINO on a BF16 CPU)")
+                    help="inference precision (default: env CXR_PRECISION, else bf16 on a BF16 CPU for a model whose "
+                         "card records bf16 agreement, else f32; bf16: OpenVINO only)")
     rs = sub.add_parser("rescore", help="redo a model folder's evaluation and familiarity check (no training)",
                         description=("Temperature, thresholds and familiarity threshold on its val split, the "
                                      "familiarity model on its train split, metrics of every split; --external "
