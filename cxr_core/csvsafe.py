@@ -14,11 +14,18 @@ from typing import Any
 import pandas as pd
 
 TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+_FULL_WIDTH = str.maketrans("\uff1d\uff0b\uff0d\uff20", "=+-@")  # ＝ ＋ － ＠
 
 
 def safe_text(text: str) -> str:
-    """``text`` as valid Unicode: undecodable bytes (surrogate escapes from a non-UTF-8 file name) become U+FFFD."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(text, str) else text
+    """``text`` as valid Unicode: undecodable bytes (surrogate escapes from a non-UTF-8 file name) and lone
+    surrogates of any other kind become U+FFFD."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate outside surrogateescape's U+DC80..U+DCFF
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def neutralise(value: Any) -> Any:
@@ -29,7 +36,13 @@ def neutralise(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     # Text already quoted like this ("'=x") gets one more apostrophe, so that ``restore`` gives it back exactly.
-    return "'" + value if value.lstrip("'").startswith(TRIGGERS) else value
+    return "'" + value if _triggers(value.lstrip("'")) else value
+
+
+def _triggers(text: str) -> bool:
+    """Whether a spreadsheet may read ``text`` as a formula: a trigger first, also behind spaces (some importers
+    trim them) or as a full-width sign (some read it as ASCII)."""
+    return text.startswith(TRIGGERS) or text.lstrip(" \u3000").translate(_FULL_WIDTH).startswith(TRIGGERS)
 
 
 def cell(value: Any) -> Any:
@@ -39,7 +52,7 @@ def cell(value: Any) -> Any:
 
 def restore(value: Any) -> Any:
     """The text ``cell`` was given: the apostrophe it added is removed."""
-    if isinstance(value, str) and value.startswith("'") and value.lstrip("'").startswith(TRIGGERS):
+    if isinstance(value, str) and value.startswith("'") and _triggers(value.lstrip("'")):
         return value[1:]
     return value
 

@@ -74,7 +74,12 @@ def labelled(predictions: pd.DataFrame, class_names: Sequence[str],
     rows = rows[rows["true_class"].astype(str).isin(list(class_names))].reset_index(drop=True)
     index = {c: i for i, c in enumerate(class_names)}
     y = rows["true_class"].astype(str).map(index).to_numpy(dtype=int)
-    return y, rows[prob_columns(class_names)].to_numpy(dtype=np.float64), rows
+    probs = rows[prob_columns(class_names)].to_numpy(dtype=np.float64)
+    bad = int((~np.isfinite(probs)).any(axis=1).sum())
+    if bad:  # a diverged model, or a damaged file: said once here, not a crash in every chart
+        raise ValueError(f"{bad} of {len(probs)} rows have probabilities that are not finite numbers (NaN or "
+                         "infinity); score the model again (python -m training rescore MODEL)")
+    return y, probs, rows
 
 
 def splits(predictions: pd.DataFrame) -> list[str]:
@@ -82,8 +87,8 @@ def splits(predictions: pd.DataFrame) -> list[str]:
     if "split" not in predictions.columns:
         return []
     present = sorted(predictions["split"].dropna().astype(str).unique())
-    order = {"test": 0, "external": 1, "val": 2, "validation": 2}
-    return sorted(present, key=lambda s: (order.get(s, 2), s))
+    order = {"test": 0, "external": 1, "val": 2, "validation": 2, "train": 4}  # train (never held out) last
+    return sorted(present, key=lambda s: (order.get(s, 3), s))
 
 
 def decisions(card: ModelCard, probs: np.ndarray, thresholds: dict[str, float] | None = None) -> np.ndarray:

@@ -96,6 +96,8 @@ def fit(features: np.ndarray, labels: np.ndarray, components: int = COMPONENTS) 
     if not np.isfinite(x).all():
         raise ValueError("features contain NaN or inf")
     classes = np.unique(y)
+    if len(x) - len(classes) < 2:  # the within-class scatter needs two films more than classes
+        raise ValueError(f"need at least {len(classes) + 2} training films for {len(classes)} classes, got {len(x)}")
     means = np.stack([x[y == c].mean(axis=0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
     n, d = centred.shape
@@ -165,7 +167,7 @@ def rates(flags: np.ndarray, groups: list[str] | np.ndarray | None = None) -> di
     f = np.asarray(flags, dtype=bool)
     out = {"n": int(f.size), "flagged": int(f.sum()), "rate": float(f.mean()) if f.size else None}
     if groups is not None:
-        g = np.asarray(groups)
-        out["by_group"] = {str(name): {"n": int((g == name).sum()), "flagged": int(f[g == name].sum()),
-                                       "rate": float(f[g == name].mean())} for name in sorted(set(g.tolist()))}
+        g = np.asarray([str(v) for v in groups])  # a missing source (None) is a group of its own, not a TypeError
+        out["by_group"] = {name: {"n": int((g == name).sum()), "flagged": int(f[g == name].sum()),
+                                  "rate": float(f[g == name].mean())} for name in sorted(set(g.tolist()))}
     return out

@@ -32,6 +32,10 @@ def _check(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | N
         raise ValueError(f"probs has {p.shape[1]} columns but {len(class_names)} class names were given")
     if y.size and (y.min() < 0 or y.max() >= p.shape[1]):
         raise ValueError(f"labels must lie in 0..{p.shape[1] - 1}, got {y.min()}..{y.max()}")
+    bad = int((~np.isfinite(p)).any(axis=1).sum())
+    if bad:  # a diverged model writes NaN probabilities: a clear refusal, not sklearn's error or a NaN figure
+        raise ValueError(f"{bad} of {p.shape[0]} rows have probabilities that are not finite numbers (NaN or "
+                         "infinity): the model's outputs are broken; score it again or retrain it")
     return y, p
 
 

@@ -41,6 +41,10 @@ def resolve_under(root: Path, user_path: str) -> Path:
     candidate = Path(text) if text else Path(".")
     if not candidate.is_absolute():
         candidate = real_root / candidate
+    else:  # written through the root as configured (a symlink such as /data -> /mnt/data): rebased onto its real path
+        given_root = Path(os.path.abspath(root))
+        if given_root != real_root and is_inside(given_root, Path(os.path.normpath(candidate))):
+            candidate = real_root / Path(os.path.normpath(candidate)).relative_to(given_root)
     # Outside the root as written: one answer whether or not it exists, so that nobody can probe the server's
     # other folders (/etc/passwd and /etc/nope get the same message).
     if not is_inside(real_root, Path(os.path.normpath(candidate))):
@@ -48,6 +52,10 @@ def resolve_under(root: Path, user_path: str) -> Path:
     try:
         real = candidate.resolve(strict=True)
     except FileNotFoundError:
+        # Through a link that leads outside, a missing path gets the same answer as an existing one, so that
+        # nobody can probe for files beyond the link.
+        if not is_inside(real_root, candidate.resolve(strict=False)):
+            raise _refusal(real_root, text, "is outside the data root (through a symlink)") from None
         raise _refusal(real_root, text, "does not exist") from None
     except (OSError, RuntimeError) as exc:  # symlink loops, permission errors
         raise _refusal(real_root, text, f"cannot be resolved ({exc.__class__.__name__})") from None

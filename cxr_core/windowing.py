@@ -63,7 +63,9 @@ def slider_bounds(info: Any) -> tuple[tuple[float, float], tuple[float, float]]:
         lo, hi = (float(v) for v in info.value_range)
     else:
         lo, hi = min(c for c, _ in windows), max(c for c, _ in windows)
-    span = max(hi - lo, max(w for _, w in windows), 1.0)
+    # The narrowest span: a millionth of the values' magnitude (values in 0..0.1 after a small RescaleSlope need
+    # slider steps far under one unit; a whole-number film's windows are at least 1 wide anyway).
+    span = max(hi - lo, max(w for _, w in windows), 1e-6 * max(1.0, abs(lo), abs(hi)))
     c_lo = min([lo] + [c for c, _ in windows])
     c_hi = max([hi] + [c for c, _ in windows])
     if not c_hi > c_lo:  # a constant image: a slider needs room to move

@@ -12,8 +12,8 @@ import streamlit as st
 import auth
 import ui
 from cxr_core import card as card_lib
+from cxr_core import csvsafe, metrics, paths
 from cxr_core import evaluation_view as ev
-from cxr_core import metrics, paths
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -232,7 +232,7 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
         return
     choices = [""] + paths.subfolders(root)
     picked = st.selectbox("Folder under the data root", choices, key="eval_pick",
-                          format_func=lambda p: p or "(choose a folder)")
+                          format_func=lambda p: csvsafe.safe_text(p) or "(choose a folder)")  # any bytes
     typed = st.text_input("or type a path relative to the data root", key="eval_path")
     class_map_text = st.text_area("Class map (optional): one FOLDER=CLASS per line", key="eval_class_map",
                                   placeholder="Normal=NORMAL\nViral Pneumonia=PNEUMONIA")
@@ -246,12 +246,12 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
             st.error(str(err))
             return
         if not folder.is_dir():
-            st.error(f"'{typed or picked}' is not a folder under the data root. Choose the folder that holds the "
-                     "class folders (e.g. NORMAL/, PNEUMONIA/).")
+            st.error(f"'{csvsafe.safe_text(typed or picked)}' is not a folder under the data root. Choose the folder "
+                     "that holds the class folders (e.g. NORMAL/, PNEUMONIA/).")
             return
         links = paths.escaping_links(folder, root)
         if links:
-            st.error(f"'{typed or picked}' contains symlinks that lead outside the data root "
+            st.error(f"'{csvsafe.safe_text(typed or picked)}' contains symlinks that lead outside the data root "
                      f"({', '.join(p.name for p in links[:5])}). Remove them or choose another folder.")
             return
         bar = st.progress(0.0, text="Scoring images...")
@@ -272,7 +272,7 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
     stored = st.session_state.get("folder_evaluation")
     if stored and stored[1] == ui.model_version(card):
         folder, _, result = stored
-        st.success(f"Evaluated {len(result.predictions)} images under {folder}.")
+        st.success(f"Evaluated {len(result.predictions)} images under {csvsafe.safe_text(folder)}.")
         if result.skipped:
             st.warning(f"{len(result.skipped)} file(s) could not be read and were skipped:")
             st.dataframe(pd.DataFrame(result.skipped), hide_index=True)

@@ -139,3 +139,11 @@ def test_read_evaluation_names_what_is_missing(tmp_path, predictions):
 def test_splits_puts_held_out_first(predictions):
     assert ev.splits(predictions) == ["test", "train"]
     assert ev.splits(predictions.drop(columns="split")) == []
+
+
+def test_train_rows_sort_after_every_held_out_split_and_nan_rows_are_refused():
+    frame = pd.DataFrame({"split": ["train", "val", "test", "external", "other"]})
+    assert ev.splits(frame) == ["test", "external", "other", "val", "train"][:2] + ["val", "other", "train"]
+    broken = pd.DataFrame({"true_class": ["A", "B"], "p_A": [0.5, np.nan], "p_B": [0.5, np.nan]})
+    with pytest.raises(ValueError, match="1 of 2 rows have probabilities that are not finite"):
+        ev.labelled(broken, ["A", "B"])

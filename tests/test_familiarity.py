@@ -204,3 +204,11 @@ def test_forged_familiarity_files_are_refused(familiar_model_dir, tmp_path):
     card_lib.save(card_lib.read(folder), folder)
     with pytest.raises(ModelCardError, match="threshold differs from its card's"):
         models.load(folder)
+
+
+def test_too_few_training_films_for_the_classes_is_refused_and_a_missing_group_is_a_group():
+    x = np.random.default_rng(0).normal(size=(3, 8))
+    with pytest.raises(ValueError, match="need at least 5 training films for 3 classes"):
+        familiarity.fit(x, np.array([0, 1, 2]))
+    out = familiarity.rates(np.array([True, False, True]), ["a", None, "a"])
+    assert out["by_group"] == {"None": {"n": 1, "flagged": 0, "rate": 0.0}, "a": {"n": 2, "flagged": 2, "rate": 1.0}}

@@ -220,3 +220,9 @@ def test_threshold_for_sensitivity_is_highest_reaching_target(samples, target):
     higher = scores[scores > t]
     if higher.size:  # the next score up already misses the target
         assert metrics.binary_at_threshold(y, scores, higher.min())["sensitivity"] < target - 1e-12
+
+
+def test_probabilities_that_are_not_finite_are_refused_with_a_clear_message():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [np.nan, np.nan], [0.4, 0.6]])
+    with pytest.raises(ValueError, match="1 of 4 rows have probabilities that are not finite"):
+        metrics.evaluate(np.array([0, 1, 0, 1]), probs, ["a", "b"])

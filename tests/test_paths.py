@@ -144,3 +144,27 @@ def test_nul_byte_is_refused_with_the_same_message(tree):
     root, _ = tree
     with pytest.raises(ValueError, match="contains a NUL character. Only folders inside the configured data root"):
         resolve_under(root, "a\x00")
+
+
+def test_a_link_out_of_the_root_gives_one_answer_whether_or_not_the_file_exists(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("x")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    answers = []
+    for name in ("link/secret.txt", "link/nope.txt"):
+        with pytest.raises(ValueError) as err:
+            resolve_under(root, name)
+        answers.append(str(err.value).replace(name, "NAME"))
+    assert answers[0] == answers[1] and "outside the data root" in answers[0]
+
+
+def test_an_absolute_path_written_through_a_linked_root_is_inside_it(tmp_path):
+    real = tmp_path / "real"
+    (real / "films").mkdir(parents=True)
+    alias = tmp_path / "alias"
+    alias.symlink_to(real, target_is_directory=True)
+    assert resolve_under(alias, str(alias / "films")) == (real / "films").resolve()
+    with pytest.raises(ValueError, match="outside the data root"):
+        resolve_under(alias, str(alias / ".." / "real2"))

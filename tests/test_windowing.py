@@ -65,3 +65,10 @@ def test_a_file_shown_through_its_voi_lut_gets_window_controls_that_start_by_kee
     assert all(c_lo <= c <= c_hi and w_lo <= w <= w_hi for c, w in presets.values())
     flat = dataclasses.replace(info, value_range=(7.0, 7.0))
     assert windowing.presets(flat) == {}  # nothing to window
+
+
+def test_small_values_get_slider_steps_of_their_own_size():
+    info = dataclasses.replace(imaging.load(J2K).info, value_range=(0.0, 0.1), window=(0.05, 0.09),
+                               window_source="percentile")
+    (c_lo, c_hi), (w_lo, w_hi) = windowing.slider_bounds(info)
+    assert w_hi <= 0.25 and (c_lo, c_hi) == (0.0, 0.1)  # not 0..2: some 400 positions over the useful widths
