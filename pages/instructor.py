@@ -249,6 +249,10 @@ if image_pixels is not None:
     except Exception as err:  # noqa: BLE001 - the gallery below still stands
         ui.explain_failed("The prediction for this image", err)
         image_pixels = None
+        picked = ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]
+        read = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else os.fsencode(chosen[1])).hexdigest()
+        auth.record_once(read + model_card.weights_sha256, "classify", model=model_card.name,  # read: on record
+                         weights_sha256=model_card.weights_sha256, source=picked, counts={"images": 1, "failed": 1})
 if image_pixels is not None:
     picked_from = ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]
     marker = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else os.fsencode(chosen[1])).hexdigest()

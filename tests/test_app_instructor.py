@@ -193,8 +193,11 @@ def test_predictions_that_do_not_fit_the_card_give_a_message_not_a_traceback(env
         [w.value for w in at.warning]
 
 
-def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, monkeypatch, data_dir):
+def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, monkeypatch, data_dir, tmp_path):
+    import audit
     from cxr_core import explain as explain_lib
+
+    monkeypatch.setenv("CXR_AUDIT_DIR", str(tmp_path / "audit"))
 
     models_root, root, _, _, _ = env
     original = explain_lib.Explainer.explain
@@ -222,6 +225,8 @@ def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, mo
     at.file_uploader(key="instructor_upload").set_value((other.name, other.read_bytes(), "image/jpeg")).run()
     assert not at.exception
     assert any(e.value.startswith("The prediction for this image could not be computed") for e in at.error)
+    assert [(x["action"], x["counts"]) for x in audit.read(tmp_path / "audit")][-1] == (
+        "classify", {"images": 1, "failed": 1})  # the film was read: on record though not classified
     assert "Most confident errors of the held-out split" in [h.value for h in at.header]
 
 
