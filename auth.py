@@ -235,7 +235,7 @@ def _audit_sign_in(user: User) -> bool:
         with _SIGN_INS_LOCK:
             if marker in _SIGN_INS:
                 return True
-    if record("sign_in") is None and audit_folder() is not None:
+    if not _kept(record("sign_in")):
         return False
     if marker is not None:
         with _SIGN_INS_LOCK:
@@ -392,6 +392,12 @@ def record_once(marker: str, action: str, **fields: Any) -> dict[str, Any] | Non
     if marker in seen:
         return None
     line = record(action, **fields)
-    if line is not None or audit_folder() is None:
+    if _kept(line):
         seen.add(marker)
     return line
+
+
+def _kept(line: dict[str, Any] | None) -> bool:
+    """Whether an action ``record`` was asked to write is done with: written, or the audit is off (None from
+    ``record`` either way; with the audit on, None means the write failed and should be tried again)."""
+    return line is not None or audit_folder() is None

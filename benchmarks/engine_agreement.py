@@ -97,10 +97,8 @@ def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
              "familiarity_flags_equal": bf16.get("familiarity_flags_equal"), "auc_f32": figures["openvino_f32"]["auc"],
              "auc_bf16": bf16["auc"], "auc_delta": abs(bf16["auc_minus_f32"]),
              "max_abs_diff_vs_tensorflow": round(bf16["max_abs_diff_vs_tensorflow"], 6),
-             "passes": bool(bf16["decisions_equal"] >= engine.BF16_BOUNDS["decisions_equal"]
-                            and abs(bf16["auc_minus_f32"]) <= engine.BF16_BOUNDS["auc_delta"]
-                            # the familiarity flag is served too: held to the decisions' bound (none recorded: f32)
-                            and (bf16.get("familiarity_flags_equal") or 0) >= engine.BF16_BOUNDS["decisions_equal"]),
+             "passes": engine.bf16_within_bounds(bf16["decisions_equal"], bf16["auc_minus_f32"],
+                                                 bf16.get("familiarity_flags_equal")),
              "bounds": dict(engine.BF16_BOUNDS), "fingerprint": engine.agreement_fingerprint(card),
              "measured": datetime.date.today().isoformat(), "cpu": cpu or {}}
     card.metrics = {**card.metrics, "engine_agreement": {"bf16": entry}}

@@ -101,6 +101,13 @@ def bf16_supported() -> bool:
 BF16_BOUNDS = {"decisions_equal": 0.995, "auc_delta": 0.002}
 
 
+def bf16_within_bounds(decisions_equal: float, auc_delta: float, flags_equal: float | None) -> bool:
+    """Whether measured bf16 agreement meets ``BF16_BOUNDS``: decisions and familiarity flags (served too; none
+    measured counts as a miss) equal to TensorFlow's on enough of the test split, AUC within the bound of f32's."""
+    least = BF16_BOUNDS["decisions_equal"]
+    return decisions_equal >= least and abs(auc_delta) <= BF16_BOUNDS["auc_delta"] and (flags_equal or 0) >= least
+
+
 def agreement_fingerprint(card) -> str:
     """What a recorded engine agreement holds for: the weights, the model's input, the decision rule (temperature,
     thresholds, negative class, classes) and the familiarity check (a rescored card decides otherwise, so its record

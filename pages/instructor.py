@@ -244,20 +244,18 @@ if chosen is not None:
         st.error(str(err))
 if image_pixels is not None:
     model_batch = preprocess.model_input(image_pixels, classifier.input_size)
+    marker = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else os.fsencode(chosen[1])).hexdigest()
+    audited = {"model": model_card.name, "weights_sha256": model_card.weights_sha256,
+               "source": ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]}
     try:
         prediction = classifier.predict(model_batch)[0]
     except Exception as err:  # noqa: BLE001 - the gallery below still stands
         ui.explain_failed("The prediction for this image", err)
         image_pixels = None
-        picked = ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]
-        read = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else os.fsencode(chosen[1])).hexdigest()
-        auth.record_once(read + model_card.weights_sha256, "classify", model=model_card.name,  # read: on record
-                         weights_sha256=model_card.weights_sha256, source=picked, counts={"images": 1, "failed": 1})
+        # The film was read: on record though not classified.
+        auth.record_once(marker + model_card.weights_sha256, "classify", **audited, counts={"images": 1, "failed": 1})
 if image_pixels is not None:
-    picked_from = ("upload", "held_out", "data_root")[SOURCES.index(st.session_state["instructor_source"])]
-    marker = hashlib.sha256(chosen[1] if isinstance(chosen[1], bytes) else os.fsencode(chosen[1])).hexdigest()
-    auth.record_once(marker + model_card.weights_sha256, "classify", model=model_card.name,
-                     weights_sha256=model_card.weights_sha256, source=picked_from,
+    auth.record_once(marker + model_card.weights_sha256, "classify", **audited,
                      counts={"images": 1, "positive": int(prediction.positive)})
     names = list(model_card.class_names)
     explained_for = marker + ui.model_version(model_card)

@@ -152,18 +152,18 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
     if reason is not None:
         st.error(reason, icon="🔒")
         return
+    audited = {"source": "pacs", "study_uids": [result.study_uid], "model": card.name,
+               "weights_sha256": card.weights_sha256}
     try:
         with st.spinner("Storing the results..."):
             stored = pacs.write_back(client, card, result, again=again)
     except PacsError as err:
         if err.sent is not None:  # the objects went out: what the PACS kept (some, or unknown) is on record too
             counts = {"sent": err.sent, **({"objects": err.stored} if err.stored is not None else {"unknown": 1})}
-            auth.record("pacs_write", source="pacs", study_uids=[result.study_uid], model=card.name,
-                        weights_sha256=card.weights_sha256, counts=counts)
+            auth.record("pacs_write", **audited, counts=counts)
         st.error(str(err))
         return
-    auth.record("pacs_write", source="pacs", study_uids=[result.study_uid],
-                model=card.name, weights_sha256=card.weights_sha256, counts={"objects": len(stored)})
+    auth.record("pacs_write", **audited, counts={"objects": len(stored)})
     st.success(f"Stored {len(stored)} object(s) in the study: a structured report and a heatmap image for each "
                f"of {len(result.classified)} film(s), flagged UNVERIFIED.")
 
