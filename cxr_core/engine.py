@@ -34,11 +34,14 @@ precision is always asked for explicitly).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -259,12 +262,45 @@ def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> None:
             for suffix in (".npz", ".bin", ".xml"):
                 os.replace(tmp_xml.with_suffix(suffix), path.with_suffix(suffix))
     except (OSError, RuntimeError):  # OpenVINO reports a failed write (a full disk) as RuntimeError
-        pass
+        return
+    _prune(path.parent, cache_keep())
 
 
 def _remove_entry(path: Path) -> None:
     for suffix in (".xml", ".bin", ".npz"):
         path.with_suffix(suffix).unlink(missing_ok=True)
+
+
+CACHE_KEEP = 6  # converted models kept (the most recently used); env CXR_ENGINE_CACHE_KEEP
+_STALE_S = 3600.0  # a half-written entry or a temporary folder this old belongs to no running conversion
+
+
+def cache_keep() -> int:
+    """How many converted models the cache keeps (env CXR_ENGINE_CACHE_KEEP, at least 1; default CACHE_KEEP)."""
+    try:
+        return max(1, int(os.environ.get("CXR_ENGINE_CACHE_KEEP", CACHE_KEEP)))
+    except ValueError:
+        return CACHE_KEEP
+
+
+def _prune(folder: Path, keep: int, now: float | None = None) -> list[Path]:
+    """Remove all but the ``keep`` most recently used entries (an entry's ``.xml`` time is its last use:
+    ``_read_entry`` touches it), the parts of entries whose ``.xml`` never arrived (a conversion killed
+    mid-write) and leftover temporary folders, so that the cache holds a bounded set of models (a DenseNet169
+    entry is ~50 MB: each new weights version would otherwise add one for good). Parts younger than an
+    hour are left alone: another process may be writing them. Returns the removed entries' ``.xml`` paths."""
+    now = time.time() if now is None else now
+    try:
+        entries = sorted(folder.glob("*.xml"), key=lambda p: p.stat().st_mtime, reverse=True)
+        removed = entries[keep:]
+        for path in removed:
+            _remove_entry(path)
+        for part in [*folder.glob("*.bin"), *folder.glob("*.npz"), *folder.glob("tmp*")]:
+            if not part.with_suffix(".xml").is_file() and now - part.stat().st_mtime > _STALE_S:
+                shutil.rmtree(part) if part.is_dir() else part.unlink()
+    except OSError:  # another process pruned first, or the folder is read-only: the next write tries again
+        return []
+    return removed
 
 
 def _read_entry(core, path: Path | None) -> tuple[object, CachedModel] | None:
@@ -280,9 +316,12 @@ def _read_entry(core, path: Path | None) -> tuple[object, CachedModel] | None:
         side, digests = _read_side(path)
         if digests != (sha256_of(path), sha256_of(path.with_suffix(".bin"))):
             return None
-        return core.read_model(path), side
+        entry = core.read_model(path), side
     except Exception:  # noqa: BLE001 - a damaged entry (a bad zip, a truncated graph...): the next conversion overwrites it
         return None
+    with contextlib.suppress(OSError):  # its last use, which pruning keeps by (a read-only cache is not pruned)
+        os.utime(path)
+    return entry
 
 
 def _read_side(path: Path) -> tuple[CachedModel, tuple[str, str]]:

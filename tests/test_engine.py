@@ -257,6 +257,52 @@ def test_a_damaged_side_file_is_converted_again_and_a_shared_cache_folder_is_not
     assert fresh.stat().st_mode & 0o777 == 0o700
 
 
+def test_the_cache_keeps_the_most_recently_used_models_and_clears_what_a_killed_conversion_left(
+        tiny_model3_dir, tmp_path, monkeypatch, images):
+    """Every new weights version (or OpenVINO release) added an entry (~50 MB for DenseNet169) for good: a
+    cache the user had to clear by hand. It keeps the CXR_ENGINE_CACHE_KEEP most recently used ones (a
+    cache hit counts as a use), and removes what a killed conversion left once it is an hour old."""
+    import os
+    import time
+
+    tf = models.load(tiny_model3_dir, engine="tensorflow")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(cache))
+    monkeypatch.setenv("CXR_ENGINE_CACHE_KEEP", "2")
+
+    def runner(key: str) -> engine.OpenVINORunner:
+        return engine.create(tf.model, tf.card.target_layer, "openvino", "f32", cache_key=key)
+
+    def entries() -> set[str]:
+        return {p.name for p in cache.glob("*.xml")}
+
+    cache.mkdir(mode=0o700)
+    for name in ("orphan.bin", "orphan.npz", "fresh.bin"):
+        (cache / name).write_bytes(b"half an entry")
+    (cache / "tmpkilled").mkdir()
+    hour_ago = time.time() - 2 * 3600
+    for name in ("orphan.bin", "orphan.npz", "tmpkilled"):
+        os.utime(cache / name, (hour_ago, hour_ago))
+    first = runner("a")
+    assert first.source == "converted" and len(entries()) == 1
+    assert sorted(p.name for p in cache.iterdir() if p.stem not in {x[:-4] for x in entries()}) == ["fresh.bin"]
+    a = entries()
+    time.sleep(0.05)
+    runner("b")
+    b = entries() - a
+    time.sleep(0.05)
+    assert runner("a").source == "cache"  # a used again: now b is the least recently used
+    time.sleep(0.05)
+    runner("c")
+    assert len(entries()) == 2 and a <= entries() and not b & entries()
+    assert not list(cache.glob(f"{next(iter(b))[:-4]}.*"))  # its .bin and .npz went with it
+    again = runner("b")
+    assert again.source == "converted"
+    np.testing.assert_array_equal(again(images[:1])[0], first(images[:1])[0])
+    monkeypatch.setenv("CXR_ENGINE_CACHE_KEEP", "not a number")
+    assert engine.cache_keep() == engine.CACHE_KEEP
+
+
 def test_the_cache_key_changes_with_the_code_that_builds_the_model(tiny_model3_dir, monkeypatch):
     """The scaling constants live in the code, not in the weights: changed, the cached graph is not served."""
     loaded = card.load(tiny_model3_dir)
