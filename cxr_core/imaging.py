@@ -40,7 +40,7 @@ from pydicom.uid import (
 )
 
 import cxr_core
-from cxr_core import limits
+from cxr_core import errors, limits
 from cxr_core.errors import UnreadableImageError, quoted
 
 MAX_PIXELS = limits.MAX_PIXELS
@@ -172,10 +172,9 @@ def load(
     except UnreadableImageError:
         raise
     except MemoryError as exc:
-        raise UnreadableImageError("The image is too large to load in the available memory. "
-                                   "Export a smaller image and retry.") from exc
+        raise UnreadableImageError(errors.TOO_LARGE_FOR_MEMORY) from exc
     except Exception as exc:  # the boundary: nothing but UnreadableImageError leaves load()
-        raise UnreadableImageError(f"The image could not be read (unexpected {type(exc).__name__}). "
+        raise UnreadableImageError(errors.UNEXPECTED_READ.format(kind=type(exc).__name__) +
                                    f"Check that it is a chest X-ray in {_FORMATS} format, "
                                    "or export it again.") from exc
 
@@ -699,6 +698,8 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     try:
         arr = pixel_array(ds, index=0)  # the first frame only, even for multi-frame files
     except Exception as exc:
+        if syntax.is_encapsulated and "missing dependencies" in str(exc):  # pydicom: no plugin installed
+            raise UnreadableImageError(errors.NO_DECODER.format(syntax=syntax.name)) from exc
         if syntax.is_encapsulated:
             raise UnreadableImageError(
                 f"The DICOM image data could not be decoded ({syntax.name}): the compressed pixel data is corrupt "

@@ -35,11 +35,11 @@ MAX_TASK_RETRIES = 4  # per block: sent again to a (restarted) actor after its a
 class Scorer:
     """One Ray Data actor: the model loaded once, then ``__call__`` per block of pending files."""
 
-    def __init__(self, model: str, batch_size: int):
+    def __init__(self, model: str, batch_size: int, card_sha256: str = ""):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         from cxr_core import models
 
-        self.classifier = models.load(model)
+        self.classifier = rows_lib.same_model(models.load(model), card_sha256, model)
         self.batch_size = batch_size
         self.schema = rows_lib.schema(self.classifier.card.class_names)
 
@@ -80,23 +80,35 @@ def reachable(address: str, timeout: float = 10.0) -> None:
         raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from exc
 
 
+FORWARDED = ("CXR_ENGINE", "CXR_PRECISION")  # the driver's engine choice, for the workers on every node
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at ``address`` ("auto", "HOST:PORT", "ray://HOST:10001"), or start a local one
-    (``address="local"``: never a cluster that happens to run on this machine; stopped after the run)."""
+    (``address="local"``: never a cluster that happens to run on this machine; stopped after the run).
+    The workers get the driver's ``FORWARDED`` settings (a cluster's nodes started with their own environment
+    would otherwise ignore ``CXR_PRECISION=f32 python -m scoring ...``)."""
     import ray
 
+    env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
     if address:  # (a cluster's own processes decide where it listens; scoring.localcluster: loopback)
         reachable(address)
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
     else:
         _this_machine_only()
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 
 
 def score(model: str | Path, pending: Sequence[rows_lib.Pending], *, batch_size: int = 16,
-          actors: int | None = None, address: str | None = None) -> Iterator[list[dict[str, Any]]]:
+          actors: int | None = None, address: str | None = None, card_sha256: str = ""
+          ) -> Iterator[list[dict[str, Any]]]:
     """Rows for ``pending``, in blocks as the actors finish them; a local Ray is started and stopped
-    around the run when ``address`` is None. ``actors`` defaults to one per node of the cluster."""
+    around the run when ``address`` is None. ``actors`` defaults to one per node of the cluster; each
+    refuses a model folder whose card is not ``card_sha256`` (the one the driver checked).
+
+    An actor that cannot start (its node's model folder is missing, damaged or another version) ends the
+    run with that error's own message, not Ray's traceback."""
     import ray
 
     if not pending:
@@ -113,11 +125,43 @@ def score(model: str | Path, pending: Sequence[rows_lib.Pending], *, batch_size:
         with warnings.catch_warnings():  # Ray 2.60 names no other way to bound restarts and retries
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             scored = dataset.map_batches(
-                Scorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "batch_size": batch_size},
+                Scorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "batch_size": batch_size,
+                                               "card_sha256": card_sha256},
                 batch_size=block, batch_format="pandas", num_cpus=1,
                 compute=ray.data.ActorPoolStrategy(size=actors or max(1, nodes)),
                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield batch.to_pylist()
+        try:
+            for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield batch.to_pylist()
+        except ray.exceptions.RayError as exc:
+            raise _worker_error(exc) from None
     finally:
         ray.shutdown()
+
+
+def _worker_error(exc: BaseException) -> Exception:
+    """The error a worker raised (its ModelCardError, ValueError, OSError...), found in Ray's wrapping; else a
+    RuntimeError with Ray's first line: the driver prints it as any other error, the parts kept."""
+    from cxr_core.errors import ModelCardError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ModelCardError | ValueError | OSError) and not _is_ray(error):
+            return error
+        todo += [getattr(error, "cause", None), error.__cause__, error.__context__]
+    for kind, error_type in (("ModelCardError", ModelCardError), ("ValueError", ValueError)):
+        for line in str(exc).splitlines():  # an actor's constructor: its error comes back as text only
+            if f"{kind}: " in line:
+                return error_type(f"a Ray worker failed: {line.split(f'{kind}: ', 1)[1].strip()}")
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return RuntimeError(f"a Ray worker failed ({type(exc).__name__}: {first[:300]}); the parts written so far "
+                        "are kept: fix it and rerun with --resume")
+
+
+def _is_ray(error: BaseException) -> bool:
+    return type(error).__module__.startswith("ray.")

@@ -100,17 +100,19 @@ def _blocks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str
         yield block
 
 
-def engine_rows(config: Config, pending: list[rows_lib.Pending]) -> Iterator[list[dict[str, Any]]]:
-    """Blocks of rows from the configured engine (the local one never imports Ray)."""
+def engine_rows(config: Config, pending: list[rows_lib.Pending], card_sha256: str = ""
+                ) -> Iterator[list[dict[str, Any]]]:
+    """Blocks of rows from the configured engine (the local one never imports Ray), from the model whose card
+    hash is ``card_sha256`` (the one the run checked; "" takes whatever the folder holds)."""
     if config.engine == "ray":
         from scoring import cluster
 
         yield from cluster.score(config.model, pending, batch_size=config.batch_size, actors=config.actors,
-                                 address=config.address)
+                                 address=config.address, card_sha256=card_sha256)
         return
     from cxr_core import models
 
-    classifier = models.load(config.model)
+    classifier = rows_lib.same_model(models.load(config.model), card_sha256, config.model)
     yield from _blocks(rows_lib.score(classifier, pending, config.batch_size), config.batch_size)
 
 
@@ -135,6 +137,17 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
         raise ValueError(f"the output {config.out}{' (and its .csv copy)' if config.csv else ''} would overwrite "
                          f"the source {config.source}: choose another --out")
     entries = sources.list_entries(config.source)
+    if not entries:  # an unmounted share is an empty folder: committing would replace the output with nothing
+        raise ValueError(f"{config.source} lists no image files (is the archive mounted, the manifest "
+                         "complete?); nothing was scored and the output was left as it was")
+    try:
+        return _score(config, card, store, entries, start, log)
+    finally:
+        store.close()
+
+
+def _score(config: Config, card: card_lib.ModelCard, store: Store, entries: list, start: float,
+           log: Callable[[str], None]) -> Summary:
     done = store.start(config.resume, card.card_sha256)
     pending = [rows_lib.Pending(e.path, e.file, done.get(e.path, "")) for e in entries if e.problem is None]
     log(f"scoring: {len(entries)} files from {config.source} with {card.name} on the {config.engine} engine"
@@ -143,7 +156,7 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
     buffer: list[dict[str, Any]] = []
     scored = 0
     first_s = 0.0
-    for block in engine_rows(config, pending):
+    for block in engine_rows(config, pending, card.card_sha256):
         if not scored:
             first_s = time.monotonic() - start
         buffer.extend(block)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -16,8 +17,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from cxr_core import pipeline, quality, review
+from cxr_core import errors, pipeline, quality, review
 from cxr_core.card import ModelCard
+from cxr_core.errors import ModelCardError
 from scoring.sources import SourceError, read_bytes
 
 # classify_many is called on this many model batches at a time: its reader thread overlaps reading with
@@ -36,7 +38,8 @@ class Pending:
 
 def columns(class_names: Sequence[str]) -> list[str]:
     """Output columns, in order."""
-    return ["path", *review.row_columns(class_names), "sha256", "model", "weights_sha256", "card_sha256", "scored_at"]
+    return ["path", *review.row_columns(class_names), "sha256", "model", "weights_sha256", "card_sha256", "engine",
+            "scored_at"]
 
 
 def schema(class_names: Sequence[str]) -> pa.Schema:
@@ -52,15 +55,30 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def make_row(path: str, item: Any, report: Any, card: ModelCard, sha256: str) -> dict[str, Any]:
-    """One output row from a ``pipeline.BatchItem`` and its quality report (None for unreadable files)."""
+def make_row(path: str, item: Any, report: Any, card: ModelCard, sha256: str, engine: str = "") -> dict[str, Any]:
+    """One output row from a ``pipeline.BatchItem`` and its quality report (None for unreadable files);
+    ``engine``: the engine and precision that scored it (each Ray node chooses its own: bf16 where its CPU has
+    it and the card records bf16 agreement, else f32), "" for a file that was not scored."""
     return {"path": path, **review.table_row(item, report, card.class_names), "sha256": sha256, "model": card.name,
-            "weights_sha256": card.weights_sha256, "card_sha256": card.card_sha256, "scored_at": now()}
+            "weights_sha256": card.weights_sha256, "card_sha256": card.card_sha256,
+            "engine": engine if item.prediction is not None else "", "scored_at": now()}
 
 
 def error_row(path: str, file: str, error: str, card: ModelCard, sha256: str = "") -> dict[str, Any]:
     """The row of a file that was not scored."""
     return make_row(path, pipeline.BatchItem(file, None, error, None, None), None, card, sha256)
+
+
+def same_model(classifier: Any, card_sha256: str, where: str) -> Any:
+    """``classifier``, if its card is the one the run checked (``card_sha256``; "" accepts any); else a
+    ModelCardError: a node with another copy of the model folder (an older version passes its own hash
+    check) would put another model's scores into the same output."""
+    found = classifier.card.card_sha256
+    if card_sha256 and found != card_sha256:
+        raise ModelCardError(f"the model folder {where} on {socket.gethostname()} holds another version of "
+                             f"'{classifier.card.name}' (card {found[:12]}) than the one this run checked "
+                             f"(card {card_sha256[:12]}): install the same model folder on every node")
+    return classifier
 
 
 def score(classifier: Any, pending: Sequence[Pending], batch_size: int = 16) -> Iterator[dict[str, Any]]:
@@ -69,6 +87,7 @@ def score(classifier: Any, pending: Sequence[Pending], batch_size: int = 16) -> 
     Files are read and hashed in ``pipeline.classify_many``'s reader thread while the model runs.
     """
     card = classifier.card
+    label = getattr(classifier, "engine_label", "")
     it = iter(pending)
     while chunk := list(islice(it, SLICE_BATCHES * batch_size)):
         fetched: list[tuple[Any, str, str | None]] = []  # (colour sample, sha256, fetch error) per file
@@ -93,7 +112,8 @@ def score(classifier: Any, pending: Sequence[Pending], batch_size: int = 16) -> 
                 yield error_row(p.path, p.file, error, card)
             elif sha != p.known_sha256:
                 item = next(results)
-                # A file that was read but not scored (the model failed on it: memory, an engine error) keeps no
-                # sha256, so that --resume tries it again; an unreadable file's content will not change its answer.
-                failed = item.prediction is None and item.info is not None
-                yield make_row(p.path, item, review.assess_item(item, sample), card, "" if failed else sha)
+                # A file that was read but not scored (the model failed on it: memory, an engine error), or not read
+                # for a reason of this machine (memory, a decoder missing on this node, a bug) keeps no sha256, so
+                # that --resume tries it again; an unreadable file's content will not change its answer.
+                failed = item.prediction is None and (item.info is not None or errors.depends_on_machine(item.error))
+                yield make_row(p.path, item, review.assess_item(item, sample), card, "" if failed else sha, label)

@@ -10,6 +10,7 @@ knows from the output and the parts which (path, sha256) pairs are done.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
@@ -58,6 +59,8 @@ class Store:
         self._run = time.time_ns()
         self._count = 0
         self._resume = False
+        self._lock: Any = None
+        self._card = ""
 
     def start(self, resume: bool, card_sha256: str = "") -> dict[str, str]:
         """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts.
@@ -65,8 +68,13 @@ class Store:
         A row that another model scored is not done: this run scores it again and replaces it, so that one output
         never mixes models. Another model is another card: its hash covers the weights' hash, and the same weights
         under another card (temperature, thresholds, familiarity model) give other probabilities and decisions.
+
+        Takes the output's lock first (``close`` or the end of the process gives it back): a second run into the
+        same ``--out`` would remove this one's parts on its start and merge its own rows into this one's commit.
         """
+        self._lock_output()
         self._resume = resume
+        self._card = card_sha256
         if not resume:
             shutil.rmtree(self.parts, ignore_errors=True)
             return {}
@@ -78,6 +86,25 @@ class Store:
         # A file that could not be fetched has no sha256: it is tried again.
         return {path: sha for path, (sha, card) in latest.items()
                 if path and sha and (not card_sha256 or card == card_sha256)}
+
+    def _lock_output(self) -> None:
+        if self._lock is not None:
+            return
+        path = self.out.with_name(f".{self.out.name}.lock")
+        lock = open(path, "a")  # noqa: SIM115 - held until close(): the lock lives as long as the file is open
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ValueError(f"another scoring run is writing {self.out} (its lock {path.name} is held); wait "
+                             "for it to finish, or choose another --out") from None
+        self._lock = lock
+
+    def close(self) -> None:
+        """Give the output's lock back (the end of the process does too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _previous(self) -> list[pa.Table]:
         """The earlier output (only on --resume: without it a run starts afresh) and every part, in order.
@@ -93,8 +120,9 @@ class Store:
         tables += [pq.read_table(p) for p in sorted(self.parts.glob("part-*.parquet"))]
         wanted = set(self.schema.names)
         for i, table in enumerate(tables):
-            if "card_sha256" not in table.column_names:  # written before the column existed: its rows score again
-                tables[i] = table = table.append_column("card_sha256", pa.array([""] * len(table), pa.string()))
+            for column in ("card_sha256", "engine"):  # written before the column existed: "" (no card: scored again)
+                if column not in table.column_names:
+                    tables[i] = table = table.append_column(column, pa.array([""] * len(table), pa.string()))
             if not wanted <= set(table.column_names):
                 raise ValueError(f"{self.out} (or a part of it) was written for other classes or by another "
                                  "version; score into a new --out")
@@ -119,7 +147,11 @@ class Store:
         tables = self._previous()
         merged = (pa.concat_tables([t.select(self.schema.names).cast(self.schema) for t in tables])
                   if tables else self.schema.empty_table())
-        latest = merged.to_pandas().drop_duplicates("path", keep="last").set_index("path", drop=False)
+        rows = merged.to_pandas()
+        # Only this run's model: a row of another card (an earlier run's output, a node with another copy of
+        # the model folder) never reaches the output; its file counts as not scored.
+        rows = rows[rows["card_sha256"] == card.card_sha256]
+        latest = rows.drop_duplicates("path", keep="last").set_index("path", drop=False)
         order = pd.DataFrame({"path": [e.path for e in entries], "bad": [e.problem is not None for e in entries]})
         found = latest.reindex(order.loc[~order["bad"], "path"])
         missing = int(found["path"].isna().sum())
@@ -131,12 +163,12 @@ class Store:
         frame = pd.concat([found, problems]) if len(problems) else found
         table = pa.Table.from_pandas(frame.sort_index()[self.schema.names], schema=self.schema, preserve_index=False)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(f".{self.out.name}.tmp")
+        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
         pq.write_table(table, tmp)
         frame = table.to_pandas()
         if csv:
             csv_path = self.out.with_suffix(".csv")
-            csv_tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+            csv_tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
             with open(csv_tmp, "w", newline="", encoding="utf-8") as fh:  # spreadsheet-safe, as Batch review's
                 fh.write(review.export_csv(frame))
             _durable_replace(csv_tmp, csv_path)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from badinput import corpus
 from scoring_inputs import FILMS, batch_review_csv, film_folder, sha256
@@ -533,3 +534,109 @@ def test_relative_paths_in_a_manifest_read_from_a_url_are_beside_that_manifest(t
     assert table["sha256"].tolist()[:2] == [sha256(FILMS[0]), sha256(FILMS[1])]
     assert table["error"].tolist()[2].startswith("duplicate of manifest row 1")
     assert summary.errors == 1
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(tmp_path, tiny_model_dir, data_dir):
+    """Two runs into one --out: the second removed the first's parts on its start and the first's commit merged
+    the second's rows (another model's, perhaps) into its output. Now the second is refused, and the first's
+    work is untouched."""
+    from scoring.store import Store
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for i, film in enumerate(FILMS[:2]):
+        (folder / f"{i}.jpeg").write_bytes(film.read_bytes())
+    out = tmp_path / "r.parquet"
+    config = Config(str(folder), model=str(tiny_model_dir), out=str(out))
+    run(config, log=lambda _: None)
+    before = out.read_bytes()
+    first = Store(out, ["NORMAL", "PNEUMONIA"])
+    first.start(resume=True)
+    first.write_part([{"path": "kept"}])
+    with pytest.raises(ValueError, match="another scoring run is writing"):
+        run(config, log=lambda _: None)
+    assert out.read_bytes() == before and len(list(first.parts.glob("part-*"))) == 1
+    first.close()
+    assert run(config, log=lambda _: None).scored == 2  # free again
+
+
+def test_an_empty_or_unmounted_source_leaves_the_output_as_it_was(tmp_path, tiny_model_dir, data_dir):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
+    out = tmp_path / "r.parquet"
+    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    before = out.read_bytes()
+    empty = tmp_path / "mnt"
+    empty.mkdir()
+    for resume in (False, True):
+        with pytest.raises(ValueError, match="lists no image files"):
+            run(Config(str(empty), model=str(tiny_model_dir), out=str(out), resume=resume), log=lambda _: None)
+    assert out.read_bytes() == before
+
+
+def test_rows_come_only_from_the_model_the_run_checked(tmp_path, tiny_model_dir, data_dir):
+    """A model folder replaced while the source was listed (or another copy on a node) is refused, and a commit
+    keeps no row of another card, so one output never mixes models."""
+    from conftest import _train_tiny
+
+    from cxr_core import card as card_lib
+    from cxr_core.errors import ModelCardError
+    from scoring.job import engine_rows
+    from scoring.rows import Pending
+    from scoring.sources import list_entries
+    from scoring.store import Store
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
+    config = Config(str(folder), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet"))
+    pending = [Pending(str(folder / "0.jpeg"), "0.jpeg")]
+    with pytest.raises(ModelCardError, match="holds another version"):
+        list(engine_rows(config, pending, "0" * 64))
+    ours = card_lib.read(tiny_model_dir)
+    (block,) = engine_rows(config, pending, ours.card_sha256)
+    assert block[0]["card_sha256"] == ours.card_sha256 and block[0]["engine"].startswith("OpenVINO")
+    other = card_lib.read(_train_tiny(tmp_path / "tiny-other", ["NORMAL", "PNEUMONIA"], 64, 5))
+    store = Store(config.out, ours.class_names)
+    store.start(resume=False)
+    store.write_part([{**block[0], "card_sha256": other.card_sha256}])
+    with pytest.raises(RuntimeError, match="1 of 1 files have no result yet"):
+        store.commit(list_entries(str(folder)), ours)
+    store.write_part(block)
+    assert store.commit(list_entries(str(folder)), ours)["card_sha256"].tolist() == [ours.card_sha256]
+    store.close()
+
+
+def test_resume_tries_again_a_file_this_machine_could_not_read(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """Out of memory while decoding (or a decoder missing on the node, or a bug) is no property of the file: the
+    row keeps no sha256 and --resume reads it again; the unscored row names no engine."""
+    from pydicom.pixels import get_decoder
+
+    for i, film in enumerate(FILMS[:2]):
+        (tmp_path / f"{i}.jpeg").write_bytes(film.read_bytes())
+    j2k = data_dir / "dicom" / "pydicom-data" / "RG1_J2KI.dcm"
+    (tmp_path / "2.dcm").write_bytes(j2k.read_bytes())
+    config = Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet"))
+    real, target = imaging._read_pillow, FILMS[1].read_bytes()
+    decoder = get_decoder(pydicom.dcmread(j2k, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+    def short_of_memory(fp, *args):
+        data = fp.read()
+        fp.seek(0)
+        if data == target:
+            raise MemoryError
+        return real(fp, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(imaging, "_read_pillow", short_of_memory)
+        patch.setattr(decoder, "_available", {})  # this node lacks the JPEG 2000 decoder packages
+        patch.setattr(decoder, "_unavailable", {"pylibjpeg": ("pylibjpeg-openjpeg",)})
+        first = run(config, log=lambda _: None)
+    table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
+    assert first.errors == 2 and table.loc["1.jpeg", "error"].startswith("The image is too large to load")
+    assert table.loc["2.dcm", "error"].startswith("This computer has no decoder for this DICOM's compression")
+    assert table.loc[["1.jpeg", "2.dcm"], "sha256"].tolist() == ["", ""]
+    assert table.loc[["1.jpeg", "2.dcm"], "engine"].tolist() == ["", ""] and table.loc["0.jpeg", "engine"] != ""
+    again = run(Config(**{**config.__dict__, "resume": True}), log=lambda _: None)
+    assert (again.scored, again.skipped, again.errors) == (2, 1, 0)

@@ -45,11 +45,12 @@ def local(films, tiny_model_dir, tmp_path_factory) -> pd.DataFrame:
     return pd.read_parquet(out)
 
 
-def _scoring(films: Path, model: Path, out: Path, cluster: LocalCluster, *extra: str) -> subprocess.Popen:
+def _scoring(films: Path, model: Path, out: Path, cluster: LocalCluster, *extra: str,
+             env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "scoring", str(films), "--model", str(model), "--out", str(out),
                "--engine", "ray", "--address", cluster.address, "--actors", "2", "--batch-size", "1", *extra]
-    return subprocess.Popen(command, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(command, cwd=REPO, env={**cluster.env, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _summary(process: subprocess.Popen) -> tuple[int, int, int, int]:
@@ -159,3 +160,30 @@ def test_resume_after_a_killed_driver_scores_only_the_rest(cluster, films, tiny_
     files, scored, skipped, _ = _summary(_scoring(films, tiny_model_dir, out, cluster, "--resume"))
     assert (files, scored, skipped) == (len(local), len(local) - len(done), len(done))
     same_scores(pd.read_parquet(out), local)
+
+
+def test_the_driver_s_engine_choice_reaches_the_workers_and_each_row_names_its_engine(cluster, tiny_model_dir,
+                                                                                      tmp_path):
+    """The nodes were started without CXR_ENGINE: without forwarding, ``CXR_ENGINE=tensorflow python -m scoring``
+    would have run OpenVINO on every worker, and no row said which engine scored it."""
+    assert "CXR_ENGINE" not in cluster.env
+    films = film_folder(tmp_path / "films")
+    out = tmp_path / "r.parquet"
+    files, scored, _, errors = _summary(_scoring(films, tiny_model_dir, out, cluster,
+                                                 env={"CXR_ENGINE": "tensorflow"}))
+    engines = pd.read_parquet(out).groupby(pd.read_parquet(out)["error"] == "")["engine"].agg(set)
+    assert scored == files and engines[True] and all(e.startswith("TensorFlow 2.") for e in engines[True])
+    assert engines.get(False, {""}) == {""}
+
+
+def test_a_node_with_another_version_of_the_model_ends_the_run_with_that_message(cluster, films, tiny_model_dir):
+    """Each actor loads the model folder on its own node; one that holds another version (it passes its own
+    hash check) stops the run with the reason, not Ray's traceback, before any row of it is kept."""
+    from cxr_core.errors import ModelCardError
+    from scoring import cluster as ray_engine
+    from scoring.rows import Pending
+
+    film = next(p for p in films.rglob("*.jpeg"))
+    with pytest.raises(ModelCardError, match="holds another version of '.+'.*install the same model folder"):
+        list(ray_engine.score(tiny_model_dir, [Pending(str(film), film.name)], batch_size=1, actors=1,
+                              address=cluster.address, card_sha256="0" * 64))
