@@ -11,8 +11,8 @@ description that starts with ``RESULT_PREFIX`` so that a later write-back can fi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import cv2
@@ -128,9 +128,12 @@ def _text(name, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value[:1024], relationship_type="CONTAINS")
 
 
-def structured_report(source: pydicom.Dataset, prediction: Prediction, card: ModelCard) -> hd.sr.ComprehensiveSR:
+def structured_report(source: pydicom.Dataset, prediction: Prediction, card: ModelCard,
+                      cautions: Sequence[str] = ()) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR: per class the calibrated probability, the decision at the card's thresholds,
-    the algorithm (name, version, weights sha256), the UNVERIFIED text, and a reference to ``source``."""
+    the algorithm (name, version, weights sha256), the UNVERIFIED text, a reference to ``source``, and each of
+    ``cautions`` (``report.cautions``: low confidence, unlike the training films, what the reader changed) as a
+    comment beside the finding, so that the PACS shows what the app's page showed."""
     rule = ", ".join(f"{c} >= {t:.3f}" for c, t in card.thresholds.items()) or "top class"
     items = [
         _text(codes.DCM.Comment, UNVERIFIED),
@@ -146,6 +149,7 @@ def structured_report(source: pydicom.Dataset, prediction: Prediction, card: Mod
                                    relationship_type="CONTAINS")
               for name, p in zip(prediction.class_names, prediction.probabilities, strict=True)]
     items.append(_text(codes.DCM.Finding, prediction.decision))
+    items += [_text(codes.DCM.Comment, f"Caution: {caution}") for caution in cautions]
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE, is_content_continuous=False)  # separate items
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
@@ -158,7 +162,7 @@ def structured_report(source: pydicom.Dataset, prediction: Prediction, card: Mod
 
 
 def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: ModelCard,
-                    explained_class: str) -> hd.sc.SCImage:
+                    explained_class: str, cautions: Sequence[str] = ()) -> hd.sc.SCImage:
     """A secondary capture (RGB, 8 bit) of the Grad-CAM overlay ``overlay_rgb`` (uint8 HxWx3) with the ``BANNER``
     burned in at the top, same study, new series, an UNVERIFIED series description, and the source film's Burned
     In Annotation (it tells whether the pixels identify the patient; the banner does not)."""
@@ -180,7 +184,8 @@ def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: Mode
         sc.LossyImageCompression = "01"
     burned = str(source.get("BurnedInAnnotation") or "").strip().upper()
     sc.BurnedInAnnotation = burned if burned in ("YES", "NO") else "NO"
-    sc.ImageComments = f"{UNVERIFIED}. Grad-CAM for {explained_class}, {card.name} v{card.version}."[:10240]
+    sc.ImageComments = " ".join([f"{UNVERIFIED}. Grad-CAM for {explained_class}, {card.name} v{card.version}.",
+                                 *(f"Caution: {c}" for c in cautions)])[:10240]
     sc.DerivationDescription = f"Grad-CAM heatmap over the source film ({card.name} v{card.version})"
     sc.SourceImageSequence = [_reference(source)]
     return sc
@@ -233,6 +238,7 @@ class ReportValues:
     algorithm: dict[str, str]  # name, version, parameters
     comment: str
     referenced_sop_uids: list[str]
+    cautions: list[str] = field(default_factory=list)  # the "Caution: ..." comments, without the prefix
 
 
 def read_report(sr: pydicom.Dataset) -> ReportValues:
@@ -240,15 +246,19 @@ def read_report(sr: pydicom.Dataset) -> ReportValues:
     probabilities: dict[str, float] = {}
     texts: dict[str, str] = {}
     references: list[str] = []
+    cautions: list[str] = []
     for item in sr.ContentSequence:
         concept = item.ConceptNameCodeSequence[0]
         if item.ValueType == "NUM" and concept.CodingSchemeDesignator == SCHEME:
             name = str(concept.CodeMeaning).removeprefix("Probability of ")
             probabilities[name] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "TEXT" and str(item.TextValue).startswith("Caution: "):
+            cautions.append(str(item.TextValue).removeprefix("Caution: "))
         elif item.ValueType == "TEXT":
-            texts[str(concept.CodeMeaning)] = str(item.TextValue)
+            texts.setdefault(str(concept.CodeMeaning), str(item.TextValue))
         elif item.ValueType == "IMAGE":
             references.append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
     algorithm = {key.split()[-1].lower(): texts.get(key, "")
                  for key in ("Algorithm Name", "Algorithm Version", "Algorithm Parameters")}
-    return ReportValues(probabilities, texts.get("Finding", ""), algorithm, texts.get("Comment", ""), references)
+    return ReportValues(probabilities, texts.get("Finding", ""), algorithm, texts.get("Comment", ""), references,
+                        cautions)

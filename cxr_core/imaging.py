@@ -113,12 +113,13 @@ class LoadedImage:
 
 
 # ImageInfo.metadata keys that say what the reader changed
-NOTES = ("Transparency", "NonFinitePixels", "Conversion", "Polarity")
+NOTES = ("Transparency", "NonFinitePixels", "Conversion", "Polarity", "Presentation", "Frames")
 
 
 def reading_notes(info: ImageInfo) -> list[str]:
-    """What the reader changed in the picture (composited transparency, non-finite samples, colour to gray,
-    a MONOCHROME2 film whose values run the wrong way)."""
+    """What the reader changed in the picture or left out (composited transparency, non-finite samples, colour to
+    gray, a MONOCHROME2 film whose values run the wrong way or whose header asks for it inverted, the frames after
+    the first)."""
     return [f"{key}: {info.metadata[key]}" for key in NOTES if key in info.metadata]
 
 
@@ -719,7 +720,13 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits, _padding_mask(arr, ds))
     # DX requires Presentation LUT Shape INVERSE with MONOCHROME1: the same single inversion, not a second one.
     inverted = photometric == "MONOCHROME1"
-    if photometric == "MONOCHROME2" and arr.ndim == 2 and lungs_brighter_than_mediastinum(modality):
+    if frames > 1:
+        metadata["Frames"] = f"{frames} frames in the file: only the first is shown and classified"
+    if photometric == "MONOCHROME2" and arr.ndim == 2 and _presentation_inverse(ds):
+        inverted = True  # PS3.3 C.11.6.1.2: INVERSE shows the minimum value as white (an explicit statement)
+        metadata["Presentation"] = ("the header's Presentation LUT Shape INVERSE asks for this MONOCHROME2 film to be "
+                                    "shown inverted: shown so")
+    elif photometric == "MONOCHROME2" and arr.ndim == 2 and lungs_brighter_than_mediastinum(modality):
         inverted = True  # the values run opposite to the header: a converter wrote raw detector values
         metadata["Polarity"] = ("the film's values run opposite to its MONOCHROME2 header (the lung fields are "
                                 "brighter than the mediastinum): shown inverted, lungs dark")
@@ -729,6 +736,13 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
                      window=used, window_source=source, value_range=value_range, frames=frames,
                      inverted=inverted, metadata=metadata)
     return LoadedImage(pixels, info, modality)
+
+
+def _presentation_inverse(ds: pydicom.Dataset) -> bool:
+    try:
+        return str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+    except Exception:  # noqa: BLE001 - a malformed tag states nothing
+        return False
 
 
 def lungs_brighter_than_mediastinum(values: np.ndarray) -> bool:

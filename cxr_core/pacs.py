@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from cxr_core import dicom_results, imaging, orthanc, overlay, quality, review
+from cxr_core import dicom_results, imaging, orthanc, overlay, quality, report, review
 from cxr_core.card import ModelCard
 from cxr_core.dicomweb import Client, Instance, PacsError, Study, quiet
-from cxr_core.errors import UnreadableImageError
+from cxr_core.errors import UNEXPECTED, UnreadableImageError
 
 if TYPE_CHECKING:  # pipeline imports Keras: the demo command does without it
     from cxr_core import pipeline
@@ -80,6 +80,12 @@ class StudyResult:
     @property
     def classified(self) -> list[FilmResult]:
         return [f for f in self.films if f.result is not None]
+
+    @property
+    def writable(self) -> list[FilmResult]:
+        """The classified films whose results may go back to the PACS: not those flagged as probably not a
+        frontal chest film (the page says their result is not meaningful; the PACS would show it as a finding)."""
+        return [f for f in self.classified if not (f.quality is not None and f.quality.probably_not_chest)]
 
 
 def _label(instance: Instance) -> str:
@@ -208,22 +214,30 @@ def classify_study(client: Client, classifier, explainer, study_uid: str, *,
             results.append(FilmResult(film, result, quality.assess(result.image, data), source))
         except (PacsError, UnreadableImageError) as err:
             results.append(FilmResult(film, error=str(err)))
+        except Exception as exc:  # noqa: BLE001 - an engine error, memory: this film fails, not the study's others
+            results.append(FilmResult(film, error=UNEXPECTED.format(kind=type(exc).__name__)))
     if not any(r.result is not None for r in results) and all(r.film.skip for r in results):
         notes.append("No frontal chest film in this study could be classified (see the reasons per film).")
     return StudyResult(study_uid, results, notes)
 
 
 def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bool = False,
-               colormap: str = "jet", opacity: float = 0.4) -> list[str]:
+               include_not_chest: bool = False, colormap: str = "jet", opacity: float = 0.4) -> list[str]:
     """Store an SR and a heatmap secondary capture per classified film in one STOW-RS request.
+
+    Each carries the film's cautions (``report.cautions``). Films flagged 'probably not a frontal chest
+    radiograph' are left out (their result is not meaningful) unless ``include_not_chest`` (the user confirmed
+    them one by one: the flag has false alarms), and then carry that caution too.
 
     Refuses (PacsError, nothing written) when this model's results are already in the study, unless
     ``again``; all objects are built before anything is sent, from each film as the PACS holds it at that
     moment (read again: its patient may have changed since it was classified). Returns the new SOP Instance UIDs.
     """
-    done = study.classified
+    done = study.classified if include_not_chest else study.writable
     if not done:
-        raise PacsError("Nothing to write back: no film of this study was classified.")
+        raise PacsError("Nothing to write back: no film of this study was classified" +
+                        (" as a frontal chest film (each was flagged 'probably not a frontal chest radiograph', "
+                         "so its result is not meaningful)." if study.classified else "."))
     existing = dicom_results.existing_results(client.series_descriptions(study.study_uid), card)
     if existing and not again:
         raise PacsError(f"Results of {card.name} v{card.version} are already in the PACS for this study "
@@ -245,8 +259,9 @@ def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bo
                 source = dicom_results.patient_study_source(film)
                 blended = overlay.overlay(result.image.pixels, result.heatmap, colormap, opacity)
                 explained = card.class_names[result.class_index]
-                objects.append(dicom_results.structured_report(source, result.prediction, card))
-                objects.append(dicom_results.heatmap_capture(source, blended, card, explained))
+                cautions = report.cautions(result.prediction, card, item.quality, result.image.info)
+                objects.append(dicom_results.structured_report(source, result.prediction, card, cautions))
+                objects.append(dicom_results.heatmap_capture(source, blended, card, explained, cautions))
     except (AttributeError, TypeError, ValueError) as exc:  # a source film whose tags highdicom cannot copy
         raise PacsError(f"The results could not be built from this study's DICOM tags ({type(exc).__name__}): "
                         "nothing was written. Ask the PACS administrator to check the study's patient and study "

@@ -93,6 +93,27 @@ def _height(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> int:
     return len(_wrap(draw, text, _font(size), width)) * int(size * 1.35)
 
 
+def cautions(prediction: Prediction, card: ModelCard, checked=None, info=None) -> list[str]:
+    """Every caution a result carries, one sentence each, for places that show no page around it (the DICOM
+    results written back to the PACS): probably not a frontal chest film (``checked``, a quality report), low
+    confidence, unlike the training films, and what the reader changed in the picture (``info``, the film's
+    ImageInfo: inverted, colour to grey, frames left out...)."""
+    from cxr_core import imaging
+
+    out = []
+    if checked is not None and checked.probably_not_chest:
+        out.append("Probably not a frontal chest radiograph: " + "; ".join(checked.reasons)
+                   + ". The result is not meaningful for this film.")
+    if prediction.low_confidence:
+        out.append(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
+                   f"{card.low_confidence:.0%}. Treat this result as uncertain.")
+    if prediction.unfamiliar:
+        out.append(familiarity_line(prediction, card))
+    if info is not None:
+        out += [f"Reading: {note}." for note in imaging.reading_notes(info)]
+    return out
+
+
 def familiarity_line(prediction: Prediction, card: ModelCard) -> str:
     """The familiarity check's result as one sentence, or "" when the model has no familiarity model."""
     if prediction.familiarity is None:

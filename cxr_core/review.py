@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_core import csvsafe, quality
+from cxr_core import csvsafe, imaging, quality
 from cxr_core.imaging import LoadedImage
 from cxr_core.quality import QualityReport
 
@@ -79,7 +79,11 @@ def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str
     # The familiarity check (empty when the model folder has none): distance, and the flag past its threshold.
     row["familiarity"] = pred.familiarity if pred and pred.familiarity is not None else np.nan
     row["unfamiliar"] = bool(pred.unfamiliar) if pred and pred.unfamiliar is not None else False
-    row["quality_notes"] = "; ".join(report.reasons) if report is not None else ""
+    # The quality rules' reasons, then what the reader changed in the picture (inverted, colour to grey, frames
+    # left out): the batch tables, their CSV and python -m scoring say what the Classify page says.
+    info = getattr(item, "info", None)
+    notes = [*(report.reasons if report is not None else []), *(imaging.reading_notes(info) if info else [])]
+    row["quality_notes"] = "; ".join(notes)
     row["error"] = item.error or ""
     return row
 

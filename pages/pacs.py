@@ -15,11 +15,12 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import dicomweb, familiarity, overlay, pacs, review
+from cxr_core import dicomweb, familiarity, imaging, overlay, pacs, review
 from cxr_core.dicomweb import PacsError
 
 STUDIES, RESULTS, BATCH, SEARCHES = "pacs_studies", "pacs_results", "pacs_batch", "pacs_searches"
 AGAIN, AGAIN_FOR, AGAIN_USED = "pacs_again", "pacs_again_study", "pacs_again_used"
+NOT_CHEST, NOT_CHEST_USED = "pacs_not_chest", "pacs_not_chest_used"  # write films flagged not a chest too
 MODALITY_CHOICES = {"CR, DX or DR": dicomweb.RADIOGRAPHY, "CR": "CR", "DX": "DX", "DR": "DR"}
 
 
@@ -41,7 +42,7 @@ def search_ui(client: dicomweb.Client) -> None:
                                         accession=accession,
                                         modality=MODALITY_CHOICES[modality], body_part=body)
     except PacsError as err:
-        st.error(str(err))
+        st.error(ui.plain(err))
         return
     auth.record("pacs_search", source="pacs", study_uids=[s.study_uid for s in studies],
                 counts={"studies": len(studies)})
@@ -79,14 +80,14 @@ def study_ui(client: dicomweb.Client, classifier, explainer, study: dicomweb.Stu
             try:
                 result = pacs.classify_study(client, classifier, explainer, study.study_uid)
             except PacsError as err:
-                st.error(str(err))
+                st.error(ui.plain(err))
                 return None
         auth.record("pacs_classify", source="pacs", study_uids=[study.study_uid], model=classifier.card.name,
                     weights_sha256=classifier.card.weights_sha256, counts={"films": len(result.classified)})
         st.session_state[RESULTS] = state = (key, result)
     result = state[1]
     for note in result.notes:
-        st.info(note)
+        st.info(ui.plain(note))
     for item in result.films:
         film_ui(item, classifier.card)
     return result
@@ -94,17 +95,23 @@ def study_ui(client: dicomweb.Client, classifier, explainer, study: dicomweb.Stu
 
 def film_ui(item: pacs.FilmResult, card) -> None:
     """One film: why it was skipped or could not be read, or the image, heatmap, decision and warnings."""
-    st.subheader(item.film.label)
+    # Everything here that a PACS supplied (series description, view and body-part codes in the label and the
+    # skip reasons, error texts quoting them) is shown as plain text: a crafted description must not render as
+    # Markdown (emphasis, links, images fetched from elsewhere) next to the model's result.
+    st.subheader(ui.plain(item.film.label))
     if item.film.skip:
-        st.info(item.film.skip)
+        st.info(ui.plain(item.film.skip))
         return
     if item.error:
-        st.error(item.error)
+        st.error(ui.plain(item.error))
         return
     result, prediction = item.result, item.result.prediction
     if item.quality is not None and item.quality.probably_not_chest:
-        st.warning("Probably not a frontal chest radiograph: " + "; ".join(item.quality.reasons)
-                   + ". The result below is not meaningful for this film.", icon="🚫")
+        st.warning(ui.plain("Probably not a frontal chest radiograph: " + "; ".join(item.quality.reasons)
+                            + ". The result below is not meaningful for this film, and is not written back."),
+                   icon="🚫")
+    for note in imaging.reading_notes(result.image.info):  # what the reader changed (inverted, frames left out)
+        st.info(ui.plain(note), icon="ℹ️")
     if prediction.unfamiliar:
         st.warning(f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.4f}, above the "
                    f"threshold {card.familiarity.get('threshold', float('nan')):.4f} fitted on validation films)",
@@ -132,6 +139,8 @@ def _take_again() -> None:
     only and is unticked at once (a second press, or a later study, is guarded again)."""
     st.session_state[AGAIN_USED] = bool(st.session_state.get(AGAIN, False))
     st.session_state[AGAIN] = False
+    st.session_state[NOT_CHEST_USED] = bool(st.session_state.get(NOT_CHEST, False))
+    st.session_state[NOT_CHEST] = False
 
 
 def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> None:
@@ -141,13 +150,18 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
     st.divider()
     st.markdown("**Write the results back to the PACS** as a DICOM structured report and a heatmap image per "
                 "film, in new series of this study, flagged *UNVERIFIED - research use only*.")
-    if st.session_state.get(AGAIN_FOR) != result.study_uid:  # another study: "write again" starts unticked
-        st.session_state[AGAIN] = False
+    if st.session_state.get(AGAIN_FOR) != result.study_uid:  # another study: both confirmations start unticked
+        st.session_state[AGAIN] = st.session_state[NOT_CHEST] = False
         st.session_state[AGAIN_FOR] = result.study_uid
     st.checkbox("Write again even if this model's results are already in the study", key=AGAIN)
+    flagged = len(result.classified) - len(result.writable)
+    if flagged:  # left out unless confirmed here: the page calls their result not meaningful
+        st.checkbox(f"Also write the {flagged} film(s) flagged 'probably not a frontal chest radiograph' (their "
+                    "results then carry that caution)", key=NOT_CHEST)
     if not st.button("Write back to the PACS", key="pacs_write", on_click=_take_again):
         return
     again = bool(st.session_state.pop(AGAIN_USED, False))
+    include = bool(flagged and st.session_state.pop(NOT_CHEST_USED, False))
     reason = auth.refusal("pacs_write")  # checked again on the server side when the button is pressed
     if reason is not None:
         st.error(reason, icon="🔒")
@@ -156,16 +170,21 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
                "weights_sha256": card.weights_sha256}
     try:
         with st.spinner("Storing the results..."):
-            stored = pacs.write_back(client, card, result, again=again)
+            stored = pacs.write_back(client, card, result, again=again, include_not_chest=include)
     except PacsError as err:
         if err.sent is not None:  # the objects went out: what the PACS kept (some, or unknown) is on record too
             counts = {"sent": err.sent, **({"objects": err.stored} if err.stored is not None else {"unknown": 1})}
             auth.record("pacs_write", **audited, counts=counts)
-        st.error(str(err))
+        st.error(ui.plain(err))
         return
     auth.record("pacs_write", **audited, counts={"objects": len(stored)})
+    written = len(result.classified) if include else len(result.writable)
+    left_out = len(result.classified) - written
     st.success(f"Stored {len(stored)} object(s) in the study: a structured report and a heatmap image for each "
-               f"of {len(result.classified)} film(s), flagged UNVERIFIED.")
+               f"of {written} film(s), flagged UNVERIFIED, with each film's cautions (not a chest, low confidence, "
+               "unlike the training films, what the reader changed)."
+               + (f" {left_out} film(s) flagged 'probably not a frontal chest radiograph' were not written."
+                  if left_out else ""))
 
 
 def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study]) -> None:
@@ -184,7 +203,7 @@ def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study])
             rows, notes = pacs.score_studies(client, classifier, studies, progress=progress)
         except PacsError as err:
             bar.empty()
-            st.error(str(err))
+            st.error(ui.plain(err))
             return
         bar.empty()
         auth.record("pacs_classify", source="pacs", study_uids=[s.study_uid for s in studies],
@@ -197,7 +216,7 @@ def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study])
         return
     _, table, notes = state
     for note in notes:
-        st.info(note)
+        st.info(ui.plain(note))
     counts = review.summary(table)
     st.caption(f"{counts['files']} film(s): {counts['positive']} positive, {counts['low_confidence']} low "
                f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unreadable']} not read.")

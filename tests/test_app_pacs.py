@@ -7,6 +7,7 @@ the logs, Orthanc's output, written files and the page are searched for the cana
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def study_picker(at: AppTest):
     """The 'Open a study' selectbox (its key changes with every search)."""
     (picker,) = [box for box in at.selectbox if box.label == "Open a study"]
     return picker
+
+
+def shown(element) -> str:
+    """An element's text as the reader sees it: the page escapes Markdown in everything a PACS or file supplied."""
+    return re.sub(r"\\(.)", r"\1", element.value)
 
 
 def secrets_of(server) -> dict:
@@ -79,14 +85,23 @@ def test_search_classify_batch_and_write_back(orthanc, isolated, capfd, tiny_mod
     batch = at.dataframe[1].value
     assert len(batch) == 1 and batch["top_probability"].iloc[0] == pytest.approx(direct.prediction.top_probability)
 
+    # This DX film is stored upside down: flagged 'probably not a frontal chest radiograph' (said, with 'not written
+    # back'), so the write leaves it out unless that is confirmed; confirmed, its results carry the caution.
+    assert any("not written back" in w.value for w in at.warning)
+    at.button(key="pacs_write").click().run()
+    assert "Nothing to write back" in at.error[0].value and not at.success
+    at.checkbox(key="pacs_not_chest").check()
     at.button(key="pacs_write").click().run()
     assert "Stored 2 object(s) in the study" in at.success[0].value
+    assert at.checkbox(key="pacs_not_chest").value is False  # counted for that write only
     study_uid = str(pydicom.dcmread(DX_J2K, stop_before_pixels=True).StudyInstanceUID)
     ours = [i for i in client.instances(study_uid) if i.series_description.startswith("UNVERIFIED AI")]
     (sr,) = [client.retrieve_dataset(i) for i in ours if i.series_description.endswith(" SR")]
     values = dicom_results.read_report(sr)
     assert {n: f"{p:.4f}" for n, p in values.probabilities.items()} == shown
     assert values.decision == direct.prediction.decision and str(sr.PatientName) == CANARY["PatientName"]
+    assert values.cautions[0].startswith("Probably not a frontal chest radiograph: it looks upside down")
+    at.checkbox(key="pacs_not_chest").check()
     at.button(key="pacs_write").click().run()
     assert "already in the PACS for this study" in at.error[0].value
     first_key = study_picker(at).key
@@ -112,7 +127,7 @@ def test_bad_settings_and_a_server_that_is_down(tiny_model_dir, monkeypatch):
     at = page({"url": "http://127.0.0.1:9/dicom-web", "timeout": 3})
     at.button(key="pacs_search").click().run()
     assert [e.value for e in at.exception] == []
-    assert "cannot be reached (server down or unreachable)" in at.error[0].value
+    assert "cannot be reached (server down or unreachable)" in shown(at.error[0])
 
 
 def signed_in_study(server, roles: list[str], audit_dir: Path) -> AppTest:
@@ -149,6 +164,7 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
     if writes:
         # An earlier test of this module may have written this study's results already: write again.
         at.checkbox(key="pacs_again").check()
+        at.checkbox(key="pacs_not_chest").check()  # the study's one film is flagged (stored upside down)
         at.button(key="pacs_write").click().run()
         assert [e.value for e in at.exception] == [] and [e.value for e in at.error] == []
         assert "Stored 2 object(s) in the study" in at.success[0].value
@@ -209,9 +225,10 @@ def test_a_write_back_the_pacs_refuses_is_still_audited(tiny_model_dir, tmp_path
     with LocalOrthanc(lua=REFUSE_RESULTS) as refusing:
         dicomweb.Client(refusing.settings).store([pydicom.dcmread(DX_J2K)])
         at = signed_in_study(refusing, ["pacs-writer"], tmp_path / "audit")
+        at.checkbox(key="pacs_not_chest").check()
         at.button(key="pacs_write").click().run()
     assert [e.value for e in at.exception] == [] and not at.success
-    assert "did not keep 2 of 2 object(s) it was sent" in at.error[0].value
+    assert "did not keep 2 of 2 object(s) it was sent" in shown(at.error[0])
     lines = audit.read(tmp_path / "audit")
     assert [line["action"] for line in lines] == ["pacs_search", "pacs_classify", "pacs_write"]
     assert lines[2]["counts"] == {"sent": 2, "objects": 0, "studies": 1}
@@ -245,3 +262,25 @@ def test_the_study_view_sends_films_at_most_display_size(orthanc, tiny_model_dir
     study_picker(at).set_value(0).run()
     assert not at.exception and len(sent) >= 2
     assert max(max(Image.open(io.BytesIO(b)).size) for b in sent) == 32
+
+
+def test_text_from_the_pacs_is_shown_as_plain_text_not_markdown(orthanc, tiny_model_dir, monkeypatch):
+    """A series description imported from a CD can hold Markdown: bold 'findings', a link, an image that the
+    browser would fetch from elsewhere. The film's heading shows it as typed, with nothing rendered."""
+    from pacs_server import new_study
+
+    server, client = orthanc
+    monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
+    hostile = "**AI: NO PNEUMONIA** ![x](http://127.0.0.1:9/t.png) [ok](javascript:alert(1))"
+    ds = new_study(DX_J2K, "HOSTILE-1")
+    ds.SeriesDescription, ds.StudyDate = hostile, "19990101"
+    client.store([ds])
+    at = page(secrets_of(server))
+    at.checkbox(key="pacs_dated").check().run()
+    at.date_input(key="pacs_from").set_value(date(1999, 1, 1))
+    at.date_input(key="pacs_to").set_value(date(1999, 1, 1))
+    at.button(key="pacs_search").click().run()
+    study_picker(at).set_value(0).run()
+    assert [e.value for e in at.exception] == []
+    (heading,) = [h for h in at.subheader if "NO PNEUMONIA" in h.value]
+    assert hostile in shown(heading) and "\\*\\*AI" in heading.value and "\\!\\[x\\]" in heading.value

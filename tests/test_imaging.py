@@ -544,3 +544,29 @@ def test_a_damaged_transfer_syntax_uid_is_refused_as_a_damaged_header(damage):
         assert damaged != good
     with pytest.raises(UnreadableImageError, match="header is damaged: its transfer syntax is not a DICOM UID"):
         imaging.load(damaged, "x.dcm")
+
+
+def test_presentation_lut_shape_inverse_on_monochrome2_is_shown_inverted_and_says_so(data_dir):
+    """PS3.3 C.11.6.1.2: INVERSE shows the minimum value as white. The reader ignored it on MONOCHROME2, so such
+    a film reached the model as a negative unless the polarity heuristic happened to fire."""
+    ds = pydicom.dcmread(DICOM / SIIM)
+    plain = _load(SIIM)
+    ds.PresentationLUTShape = "INVERSE"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    shown = imaging.load(buffer.getvalue(), "inverse.dcm")
+    assert shown.info.inverted and not plain.info.inverted
+    np.testing.assert_allclose(shown.pixels, 1.0 - plain.pixels, atol=1e-6)
+    notes = imaging.reading_notes(shown.info)
+    assert [n for n in notes if n.startswith("Presentation: the header's Presentation LUT Shape INVERSE")]
+    assert not [n for n in notes if n.startswith("Polarity")]  # one inversion, one reason
+
+
+def test_a_multi_frame_file_says_that_only_its_first_frame_is_classified():
+    frames = np.stack([np.full((32, 32), v, np.uint16) for v in (100, 2000, 4000)])
+    frames[0, :, :16] = 900  # the first frame is not flat
+    img = imaging.load(_dicom(frames, frames=3), "three.dcm")
+    assert img.info.frames == 3 and img.pixels[:, :16].mean() > img.pixels[:, 16:].mean()
+    assert imaging.reading_notes(img.info) == ["Frames: 3 frames in the file: only the first is shown and classified"]
+    single = imaging.load(_dicom(frames[:1]), "one.dcm")
+    assert imaging.reading_notes(single.info) == []

@@ -402,8 +402,9 @@ def test_a_pacs_that_refuses_stow(model):
         client = dicomweb.Client(refusing.settings)
         client.store([pydicom.dcmread(DX_J2K)])
         result = pacs.classify_study(client, classifier, explainer, study_of(DX_J2K))
+        assert result.writable == []  # this DX film is stored upside down: flagged, written only when confirmed
         with pytest.raises(PacsError, match=r"did not keep 2 of 2 object\(s\) it was sent") as err:
-            pacs.write_back(client, classifier.card, result)
+            pacs.write_back(client, classifier.card, result, include_not_chest=True)
         assert "Nothing was stored" in str(err.value) and (err.value.sent, err.value.stored) == (2, 0)
 
 
@@ -728,3 +729,58 @@ def test_write_back_for_sites_with_iso2022_names_odd_sex_and_orientation(orthanc
     (capture,) = captures
     assert list(capture.get("PatientOrientation") or []) == (orientation or [])  # not invented, not refined away
     assert capture.LossyImageCompression == "01" and capture.AccessionNumber == film.AccessionNumber
+
+
+def test_write_back_carries_each_film_s_cautions_and_leaves_out_films_that_are_not_a_chest(model):
+    """The page warned (not a chest; low confidence; unlike the training films; the header asked for the film
+    inverted) but the PACS got only 'Finding: ...'. Now every caution goes into the SR and the heatmap's comments,
+    a film flagged 'probably not a frontal chest radiograph' is not written at all, and a film that fails for an
+    unforeseen reason (an engine error) is an error row while the study's other films are classified."""
+    from cxr_core import report
+
+    classifier, explainer = model
+    plain, inverse, noise, broken = (new_study(SIIM, "CAUTION-1") for _ in range(4))
+    inverse.decompress()  # values stored the other way round, with the header saying to show them inverted
+    stored = inverse.pixel_array
+    inverse.PixelData = (stored.max() - stored).astype(stored.dtype).tobytes()
+    inverse.PresentationLUTShape = "INVERSE"
+    noise.decompress()
+    rng = np.random.default_rng(3)
+    noise.PixelData = rng.integers(0, 255, (noise.Rows, noise.Columns), dtype=np.uint8).tobytes()
+    for ds in (inverse, noise, broken):
+        ds.StudyInstanceUID = plain.StudyInstanceUID
+    films = (plain, inverse, noise, broken)
+    answers = [dicomweb.Instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                 str(ds.SOPClassUID), "CR", "PA", "CHEST", "chest", n, 1)
+               for n, ds in enumerate(films, 1)]
+    client = FakeClient({str(ds.SOPInstanceUID): ds for ds in films[:3]}, answers)
+    real = client.retrieve
+    client.retrieve = lambda instance: (real(instance) if instance.sop_uid != str(broken.SOPInstanceUID)
+                                        else (_ for _ in ()).throw(RuntimeError("engine")))
+    result = pacs.classify_study(client, classifier, explainer, str(plain.StudyInstanceUID))
+    assert [f.result is not None for f in result.films] == [True, True, True, False]
+    assert result.films[3].error.startswith("This file could not be processed (unexpected RuntimeError)")
+    assert result.films[2].quality.probably_not_chest and not result.films[0].quality.probably_not_chest
+    assert result.films[1].result.image.info.inverted and not result.films[0].result.image.info.inverted
+    writable = [f.film.instance.sop_uid for f in result.writable]
+    assert writable == [str(plain.SOPInstanceUID), str(inverse.SOPInstanceUID)]
+    pacs.write_back(client, classifier.card, result)
+    reports = [ds for ds in client.stored if ds.Modality == "SR"]
+    captures = [ds for ds in client.stored if ds.Modality != "SR"]
+    assert len(reports) == len(captures) == 2
+    for sr, capture, item in zip(reports, captures, result.writable, strict=True):
+        expected = report.cautions(item.result.prediction, classifier.card, item.quality, item.result.image.info)
+        values = dicom_results.read_report(sr)
+        assert values.cautions == expected and values.comment == dicom_results.UNVERIFIED
+        assert values.referenced_sop_uids == [item.film.instance.sop_uid]
+        assert all(f"Caution: {c}" in capture.ImageComments for c in expected)
+    inverse_cautions = dicom_results.read_report(reports[1]).cautions
+    assert any(c.startswith("Reading: Presentation: the header's Presentation LUT Shape INVERSE")
+               for c in inverse_cautions)
+    assert not any(c.startswith("Reading:") for c in dicom_results.read_report(reports[0]).cautions)
+    only_noise = pacs.StudyResult(result.study_uid, [result.films[2]], [])
+    with pytest.raises(PacsError, match="probably not a frontal chest radiograph"):
+        pacs.write_back(client, classifier.card, only_noise)
+    pacs.write_back(client, classifier.card, only_noise, include_not_chest=True)  # confirmed: with that caution
+    (sr,) = [ds for ds in client.stored if ds.Modality == "SR"]
+    assert dicom_results.read_report(sr).cautions[0].startswith("Probably not a frontal chest radiograph: ")

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import io
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -122,3 +123,19 @@ def test_assess_item_flags_non_chest_inputs_from_the_batch_thumbnail(tiny_model_
     table = review.batch_table(results, classifier.card.class_names, reports)
     assert table["not_chest"].tolist() == [False, True, True, False]
     assert table.loc[3, "error"] != "" and table.loc[0, "error"] == ""
+
+
+def test_quality_notes_say_what_the_reader_changed_in_the_film():
+    """A film shown inverted (its header asked for it, or its values ran the wrong way) or read from the first of
+    several frames: the batch tables and their CSV said nothing, though the model saw the changed picture."""
+    from cxr_core.imaging import ImageInfo
+
+    info = ImageInfo(format="DICOM", width=4, height=3, bit_depth=12, photometric="MONOCHROME2", frames=2,
+                     inverted=True, metadata={"Presentation": "shown inverted", "Frames": "2 frames: the first"})
+    thumb = np.zeros((3, 4), np.uint8)
+    item = SimpleNamespace(name="x.dcm", prediction=decide(CARD, [0.2, 0.8]), error=None, thumbnail=thumb, info=info)
+    row = review.table_row(item, QualityReport(False, ["looks like a negative"]), CARD.class_names)
+    assert row["quality_notes"] == ("looks like a negative; Presentation: shown inverted; "
+                                    "Frames: 2 frames: the first")
+    assert review.table_row(item, None, CARD.class_names)["quality_notes"] == ("Presentation: shown inverted; "
+                                                                               "Frames: 2 frames: the first")
