@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
@@ -204,7 +205,7 @@ def test_a_run_killed_while_saving_an_epoch_resumes_from_the_last_whole_epoch(wo
     assert "resuming after epoch 1" in lines
     state = json.loads((ckpt / "state.json").read_text())
     assert state["epoch"] == 2 and [r["epoch"] for r in state["history"]] == [1, 2]
-    assert sorted(p.name for p in ckpt.iterdir()) == sorted({*state["files"].values(), "state.json"})
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted({*state["files"].values(), "state.json", "trained.csv"})
 
 
 def test_a_mixed_precision_run_is_scored_as_it_is_served(work, tmp_path):
@@ -711,3 +712,69 @@ def test_rescore_adds_familiarity_and_an_external_source_without_touching_the_we
     pixels = [imaging.load(external / p).pixels for p in ext["path"]]
     served = classifier.predict_pixels(pixels)
     np.testing.assert_allclose([p.familiarity for p in served], ext["familiarity"], rtol=1e-4)
+
+
+def _write_split(rows: list[dict[str, str]], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_resume_refuses_a_split_that_holds_out_films_the_checkpoint_trained_on(first_run, work, tmp_path):
+    """--resume with another --split-manifest (or a split made afresh) continued the checkpoint's weights on
+    whatever split came out: films it trained on could sit in val or test and be scored. The checkpoint lists
+    what it trained on; such a split is refused, the run's own resumes."""
+    out = tmp_path / "tiny-leak"
+    shutil.copytree(first_run[0], out)
+    rows = list(csv.DictReader((out / "split.csv").open(newline="")))
+    trained = pd.read_csv(out / ".ckpt" / "trained.csv", dtype=str, keep_default_na=False)
+    assert sorted(trained["key"]) == sorted(f"{r['source']}/{r['path']}" for r in rows if r["split"] == "train")
+    moved = [r["path"] for r in rows if r["split"] == "train"][:3]
+    other = tmp_path / "other-split.csv"
+    _write_split([{**r, "split": "test" if r["path"] in moved else r["split"]} for r in rows], other)
+    config = TrainConfig(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                         epochs=2, cache_dir=str(work / "cache"), verbose=0, resume=True)
+    with pytest.raises(ValueError, match=r"trained on \d+ films that this run's split holds out .*e\.g\. cxr/"):
+        run(dataclasses.replace(config, split_manifest=str(other)), log=lambda _: None)
+    assert json.loads((out / ".ckpt" / "state.json").read_text())["epoch"] == 1  # nothing trained
+    run(config, log=lambda _: None)  # its own split.csv: resumes
+    assert json.loads((out / ".ckpt" / "state.json").read_text())["epoch"] == 2
+
+
+def test_a_manifest_film_that_cannot_be_read_keeps_its_row_and_an_unreadable_file_does_not_stop_a_scan(
+        first_run, work, tmp_path, monkeypatch):
+    """A film of the split manifest missing on this machine was dropped from the new split.csv, train rows too:
+    the weights' record of what they trained on lost it. Its row is kept as it was; the run says so. A file that
+    cannot even be hashed in a fresh scan (no permission) is skipped with its reason instead of a traceback."""
+    data_dir = tmp_path / "cxr"
+    shutil.copytree(work / "cxr", data_dir, symlinks=True)
+    rows = list(csv.DictReader((first_run[0] / "split.csv").open(newline="")))
+    gone = {split: next(r["path"] for r in rows if r["split"] == split) for split in ("train", "val")}
+    for rel in gone.values():
+        (data_dir / rel).unlink()
+    lines: list[str] = []
+    out = tmp_path / "tiny-unread"
+    run(TrainConfig(data=[str(data_dir)], out=str(out), architecture="tiny", input_size=32, batch_size=16,
+                    epochs=1, cache_dir=str(work / "cache"), verbose=0, split_manifest=str(first_run[0] / "split.csv")),
+        log=lines.append)
+    assert any("2 films of the split manifest could not be read (train 1, val 1)" in line for line in lines), lines
+    kept = {r["path"]: r for r in csv.DictReader((out / "split.csv").open(newline=""))}
+    for split, rel in gone.items():
+        assert kept[rel]["split"] == split and kept[rel]["sha256"]
+    assert len(kept) == len(rows)
+
+    from training import data
+
+    blocked = (data_dir / "NORMAL" / sorted(p.name for p in (data_dir / "NORMAL").iterdir())[0]).resolve()
+    real = data.file_sha256
+
+    def sha(path: Path) -> str:
+        if Path(path) == blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(data, "file_sha256", sha)
+    found = data.scan([str(data_dir)], {}, known=["NORMAL"])
+    kept_records, duplicates = data.deduplicate(found.records)
+    assert blocked in [r.path for r in kept_records] and not [d for d in duplicates if d.path == blocked]

@@ -159,6 +159,15 @@ def file_sha256(path: Path) -> str:
 _KEEP_RANK = {"train": 0, "": 1, "val": 2, "test": 3, EXTERNAL: 4}
 
 
+def _hashed(record: Record) -> Record:
+    """``record`` with its sha256; unchanged when the file cannot be read (no permission, removed since the scan):
+    decoding then lists it in skipped.csv with the reason, instead of the scan ending in a traceback."""
+    try:
+        return dataclasses.replace(record, sha256=file_sha256(record.path))
+    except OSError:
+        return record
+
+
 def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     """Hash every file; collapse byte-identical copies to one.
 
@@ -167,10 +176,10 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     name carries its patient (a compilation's renamed copy does not), so that the patient's films stay together.
     Returns (records with sha256 set, duplicates with ``duplicate_of`` set).
     """
-    hashed = [r if r.sha256 else dataclasses.replace(r, sha256=file_sha256(r.path)) for r in records]
+    hashed = [r if r.sha256 else _hashed(r) for r in records]
     by_hash: dict[str, list[Record]] = defaultdict(list)
     for r in hashed:
-        by_hash[r.sha256].append(r)
+        by_hash[r.sha256 or f"unread:{r.key}"].append(r)  # an unreadable file is a copy of nothing
     kept: list[Record] = []
     dropped: list[Record] = []
     for group in by_hash.values():

@@ -155,9 +155,27 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
     return [i for i in range(len(records)) if i not in dropped_idx], dropped
 
 
-def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
+def refuse_trained_held_out(trained: list[dict[str, str]], records: list[data.Record], out: Path) -> None:
+    """A resumed run's split must hold out none of the films its checkpoint trained on (``trained``: rows of
+    ``.ckpt/trained.csv``), no copy of one (by sha256) and no other film of their patients: the weights would be
+    scored on them. Raised before anything is written, so the run's own split.csv stays as it was."""
+    held = [r for r in records if r.split in HELD_OUT]
+    keys, shas = {r.key for r in held}, {r.sha256 for r in held if r.sha256}
+    patients = {(r.source, r.patient) for r in held if r.patient}
+    leaked = [row for row in trained if row["key"] in keys or (row["sha256"] and row["sha256"] in shas)
+              or (row["patient"] and (row["source"], row["patient"]) in patients)]
+    if leaked:
+        raise ValueError(f"the checkpoint in {out / '.ckpt'} trained on {len(leaked)} films that this run's split "
+                         f"holds out for validation, test or external scoring (e.g. {leaked[0]['key']}, or a copy or "
+                         "another film of its patient): resuming would score films the model trained on. Resume "
+                         "with the run's own split (leave out --split-manifest: OUT/split.csv is used), or start a "
+                         "new run without --resume")
+
+
+def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, str]] | None = None) -> Prepared:
     """Scan, de-duplicate (bytes), hold sources out, decode (once, cached), drop near-copies, split; leave out of
-    the held-out splits what the starting weights trained on.
+    the held-out splits what the starting weights trained on; refuse a split that holds out what a resumed
+    checkpoint trained on (``trained``, ``loop.read_trained``).
 
     Writes ``split.csv`` and ``skipped.csv`` into ``out``.
     """
@@ -191,6 +209,16 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
     decoded = cache.decode(records, config.input_size, cache_dir)
     for item in decoded.skipped:
         log(f"skipped unreadable file {csvsafe.safe_text(str(item['path']))}: {item['error']}")
+    # A manifest's film that cannot be read now (a source missing on this machine, a re-exported file) keeps its
+    # row in split.csv as it was: dropped from it, a train film would no longer count as trained on by these
+    # weights, and a later run starting from them could hold it out (--weights) or score it (rescore).
+    unread_keys = {str(item["path"]) for item in decoded.skipped}
+    unread = [r for r in records if r.key in unread_keys] if manifest is not None else []
+    if unread:
+        by_split = Counter(r.split for r in unread)
+        log(f"{len(unread)} films of the split manifest could not be read ("
+            + ", ".join(f"{name} {n}" for name, n in sorted(by_split.items()))
+            + "): left out of this run, their rows kept in split.csv; the figures are on the films that were read")
     near: dict[str, int] = {}
     records = decoded.records
     if manifest is None:
@@ -235,8 +263,10 @@ def prepare(config: TrainConfig, out: Path, log=print) -> Prepared:
     for name in ("train", "val"):
         if not len(splits[name].records):
             raise ValueError(f"the {name} split is empty: add images or change --split")
+    if trained:
+        refuse_trained_held_out(trained, records, out)
     out.mkdir(parents=True, exist_ok=True)
-    data.write_manifest([*records, *duplicates], out / "split.csv")
+    data.write_manifest([*records, *duplicates, *unread], out / "split.csv")
     with (out / "skipped.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "error"])
         writer.writeheader()

@@ -3,7 +3,8 @@
 ``OUT/.ckpt/`` holds ``last-N.weights.h5`` (model after the last completed epoch N),
 ``optimizer-N.npz`` (optimizer variables), ``best-M.weights.h5`` (lowest val_loss, epoch M) and
 ``state.json`` (epoch, phase, history, callback state, the files above, and a fingerprint of the
-validation split that the best epoch was measured on). An epoch's files are written first and
+validation split that the best epoch was measured on), and ``trained.csv`` (the films the weights trained on: a
+resumed run refuses a split that holds any of them out). An epoch's files are written first and
 ``state.json`` last, replacing the old one in one step: a run killed at any moment resumes from a
 consistent epoch. (Checkpoints from before kept ``last.weights.h5``, ``optimizer.npz`` and
 ``best.weights.h5``; they still resume.) Keras 3 APIs only: any backend.
@@ -29,6 +30,7 @@ from training import build
 from training.config import TrainConfig
 from training.dataset import Batches
 
+TRAINED_FILE = "trained.csv"  # in .ckpt: the films the checkpoint's weights trained on (key, source, sha256, patient)
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 
 
@@ -58,6 +60,16 @@ def val_fingerprint(batches: Batches) -> str:
     for record, label in zip(batches.split.records, batches.split.labels, strict=True):
         digest.update(f"{record.source}/{record.rel}\t{int(label)}\n".encode())
     return digest.hexdigest()
+
+
+def read_trained(out: Path) -> list[dict[str, str]] | None:
+    """The films the checkpoint in ``out/.ckpt`` trained on (rows: key, source, sha256, patient), or None when
+    there is no checkpoint or it predates the list. ``dataset.prepare`` refuses a split that holds any out."""
+    ckpt = out / ".ckpt"
+    if not (ckpt / "state.json").is_file() or not (ckpt / TRAINED_FILE).is_file():
+        return None
+    with (ckpt / TRAINED_FILE).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _inner(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
@@ -205,9 +217,24 @@ class Loop:
         s["files"] = files
         _atomic_json(self.ckpt / "state.json", s)  # the epoch counts from here on
         for path in self.ckpt.iterdir():  # what no epoch refers to any more
-            if path.name not in (*files.values(), "state.json"):
+            if path.name not in (*files.values(), "state.json", TRAINED_FILE):
                 path.unlink()
         write_history(s["history"], self.out / "history.csv")
+
+    def record_trained(self, splits: dict[str, Any], earlier: list[dict[str, str]] | None) -> None:
+        """Write ``.ckpt/trained.csv``: ``earlier`` (``read_trained``; None when the checkpoint has no list) and
+        this run's train films, which the weights now train on too."""
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        merged = {row["key"]: row for row in earlier or []}
+        for r in splits["train"].records:
+            merged.setdefault(r.key, {"key": r.key, "source": r.source, "sha256": r.sha256, "patient": r.patient})
+        path = self.ckpt / TRAINED_FILE
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["key", "source", "sha256", "patient"])
+            writer.writeheader()
+            writer.writerows(merged.values())
+        os.replace(tmp, path)
 
     def files(self) -> dict[str, str]:
         """The checkpoint's files (names in ``.ckpt``) that ``state.json`` refers to."""

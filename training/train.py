@@ -20,6 +20,7 @@ import pandas as pd
 from cxr_core import card as card_lib
 from cxr_core import csvsafe, familiarity, metrics, models
 from training import build, data, dataset, evaluate, hardware
+from training import loop as loop_lib
 from training.config import TrainConfig
 from training.loop import Loop
 
@@ -154,7 +155,8 @@ def run(config: TrainConfig, log=print) -> Path:
     name = config.name or out.name
     policy = hardware.set_precision(config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
-    prepared = dataset.prepare(config, out, log)
+    trained = loop_lib.read_trained(out) if config.resume else None  # what a checkpoint's weights trained on
+    prepared = dataset.prepare(config, out, log, trained=trained)
     classes, train, val, test = prepared.classes, *(prepared.splits[s] for s in ("train", "val", "test"))
     log(f"{name}: {len(train.labels)} train / {len(val.labels)} val / {len(test.labels)} test images, "
         f"classes {classes}")
@@ -172,8 +174,13 @@ def run(config: TrainConfig, log=print) -> Path:
                 + ("the head is copied, so the whole model trains from the first epoch)" if config.freeze_epochs == 0
                    else "a new head trains alone first, then the backbone is unfrozen)"))
         loop = Loop(model, build.training_model(model, config), config, out, log)
-        if config.resume and loop.resume():
+        resumed = config.resume and loop.resume()
+        if resumed:
             log(f"resuming after epoch {loop.state['epoch']}")
+        if resumed and trained is None:
+            log("the checkpoint does not list the films it trained on (written before the list existed): this "
+                "run's train split is taken as theirs")
+        loop.record_trained(prepared.splits, trained)
         fit = loop.run(dataset.Batches(train, config.batch_size, weights, shuffle=True, seed=config.seed),
                        dataset.Batches(val, config.batch_size), config.verbose)
     keras.mixed_precision.set_global_policy("float32")
