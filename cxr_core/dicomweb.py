@@ -47,6 +47,8 @@ ACCEPT_ANY_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax
 # One image's answer must be complete within this many times the timeout (30 s: 5 minutes; a 37 MB film then
 # needs 0.13 MB/s).
 RETRIEVE_TIMEOUTS = 10
+PAGE = 500  # instances asked per QIDO request (an archive may answer fewer: its own page size)
+MAX_LISTED = 5000  # instances listed for one study at most
 # dicomweb-client and urllib3 log every URL at INFO/DEBUG, and PACS URLs hold UIDs and search terms.
 for _name in ("dicomweb_client", "urllib3.connectionpool"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -353,13 +355,29 @@ class Client:
         del out[limit:]
         return out
 
-    def instances(self, study_uid: str) -> list[Instance]:
+    def instances(self, study_uid: str, sop_uid: str = "") -> list[Instance]:
         """Every instance of a study (images, reports...), in series and instance order (``Instance.order``: by
-        number, not by the text of the UIDs)."""
-        answer = self._call("listing the study's images", self._web.search_for_instances,
-                            study_instance_uid=study_uid, fields=list(INSTANCE_FIELDS))
-        found = [_instance(item, study_uid) for item in _items(answer)]
-        return sorted((i for i in found if i is not None), key=lambda i: i.order)
+        number, not by the text of the UIDs); with ``sop_uid``, only that one (if the PACS has it).
+
+        Asked page by page (``offset``) until a page is empty: an archive that answers at most its own page size
+        (some cloud stores: 100) would otherwise hide the study's later films, and make ``store`` report results
+        it kept as refused. A server that ignores ``offset`` (the same page again) ends the listing; at most
+        ``MAX_LISTED`` instances."""
+        filters = {"SOPInstanceUID": sop_uid} if sop_uid else None
+        found: dict[str, Instance] = {}
+        offset = 0
+        while len(found) < MAX_LISTED:
+            answer = self._call("listing the study's images", self._web.search_for_instances,
+                                study_instance_uid=study_uid, fields=list(INSTANCE_FIELDS), search_filters=filters,
+                                limit=PAGE, offset=offset)
+            items = _items(answer)
+            page = [i for i in (_instance(item, study_uid) for item in items) if i is not None]
+            new = [i for i in page if i.sop_uid not in found]
+            if not items or (page and not new):
+                break
+            found.update((i.sop_uid, i) for i in new)
+            offset += len(items)
+        return sorted(found.values(), key=lambda i: i.order)[:MAX_LISTED]
 
     def series_descriptions(self, study_uid: str) -> dict[str, str]:
         """Series UID -> description for every series of a study."""
@@ -459,9 +477,9 @@ class Client:
                             f"({_failure_reasons(failed)}). {_stored(datasets, kept)} {advice}",
                             sent=count, stored=len(kept & set(uids)))
         found: set[str] = set()
-        try:
-            for study_uid in {str(ds.StudyInstanceUID) for ds in datasets}:
-                found |= {i.sop_uid for i in self.instances(study_uid)}
+        try:  # each object asked for by its own UID: a listing of a large study could miss it
+            for ds in datasets:
+                found |= {i.sop_uid for i in self.instances(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))}
         except PacsError as err:  # the PACS answered success, then its check failed: stored, not confirmed
             err.sent, err.stored = count, None
             raise

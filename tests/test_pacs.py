@@ -447,7 +447,7 @@ def test_a_store_that_failed_says_what_was_sent_and_kept_for_the_audit(status, s
         down.store([ds])
     assert (err.value.sent, err.value.stored) == (None, None)
 
-    def check_fails(self, study_uid):
+    def check_fails(self, study_uid, sop_uid=""):
         raise PacsError("The PACS at 127.0.0.1 did not answer within 3 s")
 
     monkeypatch.setattr(dicomweb.Client, "instances", check_fails)
@@ -784,3 +784,29 @@ def test_write_back_carries_each_film_s_cautions_and_leaves_out_films_that_are_n
     pacs.write_back(client, classifier.card, only_noise, include_not_chest=True)  # confirmed: with that caution
     (sr,) = [ds for ds in client.stored if ds.Modality == "SR"]
     assert dicom_results.read_report(sr).cautions[0].startswith("Probably not a frontal chest radiograph: ")
+
+
+def test_a_study_is_listed_page_by_page_when_the_archive_answers_a_page_at_a_time(monkeypatch):
+    """An archive that answers at most its own page size (2 here) hid the study's later films, and write-back's
+    check that each result was kept reported kept objects as refused. A server that ignores offset ends it."""
+    def item(sop: str, number: int) -> dict:
+        return {"0020000E": {"vr": "UI", "Value": ["1.2.9"]}, "00080018": {"vr": "UI", "Value": [sop]},
+                "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.1"]},
+                "00080060": {"vr": "CS", "Value": ["CR"]}, "00200013": {"vr": "IS", "Value": [number]}}
+
+    stored = [item(f"9.{n}", n) for n in range(1, 6)]
+    asked: list[tuple] = []
+
+    def paged(study_instance_uid, fields, search_filters=None, limit=None, offset=0):
+        asked.append((limit, offset, search_filters))
+        chosen = [i for i in stored if not search_filters or i["00080018"]["Value"][0] == search_filters[
+            "SOPInstanceUID"]]
+        return chosen[offset:offset + min(limit or 2, 2)]
+
+    client = dicomweb.Client(dicomweb.Settings(url="http://127.0.0.1:9/dicom-web"))
+    monkeypatch.setattr(client._web, "search_for_instances", paged)
+    assert [i.sop_uid for i in client.instances("1.2")] == ["9.1", "9.2", "9.3", "9.4", "9.5"]
+    assert [offset for _, offset, _ in asked] == [0, 2, 4, 5]  # until an empty page
+    assert [i.sop_uid for i in client.instances("1.2", "9.5")] == ["9.5"]
+    monkeypatch.setattr(client._web, "search_for_instances", lambda **kwargs: stored[:2])  # offset ignored
+    assert [i.sop_uid for i in client.instances("1.2")] == ["9.1", "9.2"]
