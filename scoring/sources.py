@@ -81,7 +81,7 @@ def folder_entries(source: str) -> list[Entry]:
 
 
 def _read_manifest(source: str) -> pd.DataFrame:
-    if source.lower().endswith(".csv"):
+    if _QUERY.sub("", source).lower().endswith(".csv"):  # a URL's query (?download=1) is not its name
         # Bytes that are not UTF-8 are kept (as surrogates) so that only their rows fail, with a message.
         return pd.read_csv(source, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
     return pd.read_parquet(source)
@@ -92,12 +92,25 @@ def _read_manifest(source: str) -> pd.DataFrame:
 _USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/?#]*@", re.IGNORECASE)
 
 
+# Query parameters that carry a credential: pre-signed S3 / GCS / CloudFront URLs, Azure SAS, tokens and keys.
+_SECRET_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+                  "x-goog-credential", "signature", "sig", "token", "access_token", "api_key", "apikey", "key-pair-id",
+                  "awsaccesskeyid", "policy"}
+_QUERY = re.compile(r"[?#].*$", re.DOTALL)
+
+
 def _has_credentials(url: str) -> bool:
-    return bool(_USERINFO.match(url))
+    """A user name or password before the host, or a signature, token or key in the query."""
+    if _USERINFO.match(url):
+        return True
+    query = url.split("?", 1)[1].split("#", 1)[0] if "?" in url else ""
+    names = {part.split("=", 1)[0].strip().lower() for part in query.split("&") if part}
+    return bool({urllib.parse.unquote(n) for n in names} & _SECRET_PARAMS)
 
 
 def _without_credentials(url: str) -> str:
-    return _USERINFO.sub(r"\1", url, count=1)
+    """``url`` fit to show: its user information and its whole query removed."""
+    return _QUERY.sub("", _USERINFO.sub(r"\1", url, count=1))
 
 
 def manifest_entries(source: str) -> list[Entry]:
@@ -109,8 +122,9 @@ def manifest_entries(source: str) -> list[Entry]:
     """
     if is_url(source) and _has_credentials(source):
         # Relative rows would inherit them, and every row's path and the log would carry them.
-        raise ValueError(f"the manifest URL {_without_credentials(source)} carries a user name or password, which "
-                         "would be written to every row's path and to the log; give credentials to the workers "
+        raise ValueError(f"the manifest URL {_without_credentials(source)} carries credentials (a user name or "
+                         "password, or a signature, token or key in its query), which would be written to every "
+                         "row's path and to the log; give credentials to the workers "
                          "another way (environment, .netrc, the storage's own config)")
     table = _read_manifest(source)
     if "path" not in table.columns:
@@ -132,8 +146,9 @@ def manifest_entries(source: str) -> list[Entry]:
             continue
         if is_url(text) and _has_credentials(text):
             shown = _without_credentials(text)
-            entries.append(Entry(shown, shown, f"manifest row {row}: the URL carries a user name or password, which "
-                                               "would be written to the output; give credentials to the workers "
+            entries.append(Entry(shown, shown, f"manifest row {row}: the URL carries credentials (a user name or "
+                                               "password, or a signature, token or key in its query), which would "
+                                               "be written to the output; give credentials to the workers "
                                                "another way (environment, .netrc, the storage's own config)"))
             continue
         path = text
@@ -166,7 +181,7 @@ def _dicomweb_entries(source: str) -> list[Entry]:
 
 KINDS: list[SourceKind] = [
     SourceKind("dicomweb", lambda s: s.startswith(("dicomweb+http://", "dicomweb+https://")), _dicomweb_entries),
-    SourceKind("manifest", lambda s: s.lower().endswith(MANIFEST_SUFFIXES), manifest_entries),
+    SourceKind("manifest", lambda s: _QUERY.sub("", s).lower().endswith(MANIFEST_SUFFIXES), manifest_entries),
     SourceKind("folder", lambda s: not is_url(s) and Path(s).is_dir(), folder_entries),
 ]
 
@@ -176,7 +191,8 @@ def list_entries(source: str) -> list[Entry]:
     for kind in KINDS:
         if kind.matches(source):
             return kind.entries(source)
-    raise ValueError(f"'{source}' is neither a folder nor a CSV/Parquet manifest with a 'path' column "
+    raise ValueError(f"'{_without_credentials(source) if is_url(source) else source}' is neither a folder nor a "
+                     "CSV/Parquet manifest with a 'path' column "
                      f"(manifest names end in {', '.join(MANIFEST_SUFFIXES)})")
 
 

@@ -282,7 +282,7 @@ def test_malformed_paths_and_urls_become_error_rows(tmp_path, tiny_model_dir, da
     assert summary.files == 5 and summary.errors == 4 and table.loc[0, "error"] == ""
     for error in table.loc[1:3, "error"]:
         assert error.startswith("Could not read") and "Check the path or URL" in error, error
-    assert "carries a user name or password" in table.loc[4, "error"]
+    assert "carries credentials (a user name or password" in table.loc[4, "error"]
     assert table.loc[4, "path"] == table.loc[4, "file"] == "https://archive.example/films/x.dcm"
     assert not any("s3cret" in str(v) for v in table.to_numpy().ravel())  # the password is not in the output
 
@@ -346,7 +346,7 @@ def test_manifest_rows_that_cannot_become_paths_are_error_rows(tmp_path):
     pd.DataFrame({"path": pd.array(rows, dtype="string")}).to_parquet(tmp_path / "m.parquet")
     entries = sources.list_entries(str(tmp_path / "m.parquet"))
     assert entries[0] == sources.Entry(str(tmp_path / "a.jpeg"), "a.jpeg")
-    assert "carries a user name or password" in entries[1].problem and "s3cret" not in repr(entries[1])
+    assert "carries credentials (a user name or password" in entries[1].problem and "s3cret" not in repr(entries[1])
     assert entries[2].problem == "manifest row 3 has no path; give a file path or URL"
     (tmp_path / "m.csv").write_bytes(b"path\na.jpeg\nM\xfcller.jpeg\n")  # Latin-1
     entries = sources.list_entries(str(tmp_path / "m.csv"))
@@ -357,7 +357,7 @@ def test_manifest_rows_that_cannot_become_paths_are_error_rows(tmp_path):
 def test_a_manifest_url_with_a_password_is_refused_before_anything_is_read():
     from scoring import sources
 
-    with pytest.raises(ValueError, match="carries a user name or password") as err:
+    with pytest.raises(ValueError, match=r"carries credentials \(a user name or password") as err:
         sources.list_entries("https://scorer:s3cret@archive.example/films/list.csv")
     assert "s3cret" not in str(err.value) and "https://archive.example/films/list.csv" in str(err.value)
 
@@ -640,3 +640,27 @@ def test_resume_tries_again_a_file_this_machine_could_not_read(tmp_path, tiny_mo
     assert table.loc[["1.jpeg", "2.dcm"], "engine"].tolist() == ["", ""] and table.loc["0.jpeg", "engine"] != ""
     again = run(Config(**{**config.__dict__, "resume": True}), log=lambda _: None)
     assert (again.scored, again.skipped, again.errors) == (2, 1, 0)
+
+
+def test_signed_urls_are_refused_like_passwords_and_never_written(tmp_path, tiny_model_dir, data_dir):
+    """A pre-signed S3 / GCS URL or an Azure SAS carries its credential in the query: it went into the path and
+    file columns, the CSV and the messages. Such rows are error rows shown without their query; an ordinary query
+    stays; a manifest URL that is itself signed is refused."""
+    from scoring import sources
+
+    (tmp_path / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    signed = ["https://bucket.s3.amazonaws.com/x.dcm?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIDSECRET&"
+              "X-Amz-Signature=feedface", "https://acct.blob.core.windows.net/c/y.dcm?sv=2024&sig=SASSECRET",
+              "https://storage.googleapis.com/b/z.dcm?X%2DGoog%2DSignature=GOOGSECRET"]
+    pd.DataFrame({"path": ["a.jpeg", *signed, "https://archive.example/w.dcm?series=2"]}).to_parquet(
+        tmp_path / "list.parquet")
+    entries = sources.list_entries(str(tmp_path / "list.parquet"))
+    assert [e.problem is not None for e in entries] == [False, True, True, True, False]
+    assert [e.path for e in entries[1:4]] == ["https://bucket.s3.amazonaws.com/x.dcm",
+                                              "https://acct.blob.core.windows.net/c/y.dcm",
+                                              "https://storage.googleapis.com/b/z.dcm"]
+    assert entries[4].path == "https://archive.example/w.dcm?series=2"
+    assert not [s for e in entries for s in ("AKIDSECRET", "feedface", "SASSECRET", "GOOGSECRET") if s in repr(e)]
+    with pytest.raises(ValueError, match="carries credentials") as err:
+        sources.list_entries("https://bucket.s3.amazonaws.com/list.csv?X-Amz-Signature=feedface")
+    assert "feedface" not in str(err.value)
