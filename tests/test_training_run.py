@@ -631,6 +631,12 @@ def test_source_class_weights_give_every_cell_the_same_total():
     assert wt[-1] == pytest.approx(dataset.MAX_CELL_WEIGHT, rel=1e-5) and wt.mean() == pytest.approx(1.0)
     assert wt[:500].sum() == pytest.approx(wt[500:998].sum(), rel=1e-5)  # the other cells keep equal totals
     assert dataset.sample_weights(split, 2, "none") is None
+    # Class balance alone gave a class of two films among 998 about 250 times the weight of the others.
+    few = _split(["a"] * 1000, [0] * 998 + [1] * 2)
+    rare = dataset.sample_weights(few, 2, "balanced")
+    raw = dataset.class_weights(few.labels, 2)[few.labels]
+    assert raw.max() / raw.mean() > 100 and rare.max() == pytest.approx(dataset.MAX_CELL_WEIGHT, rel=1e-5)
+    assert rare.mean() == pytest.approx(1.0) and rare[:-2].std() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_acquisition_augmentations_do_what_they_say():
@@ -778,3 +784,20 @@ def test_a_manifest_film_that_cannot_be_read_keeps_its_row_and_an_unreadable_fil
     found = data.scan([str(data_dir)], {}, known=["NORMAL"])
     kept_records, duplicates = data.deduplicate(found.records)
     assert blocked in [r.path for r in kept_records] and not [d for d in duplicates if d.path == blocked]
+
+
+def test_a_class_too_small_for_every_split_is_said_and_its_weight_capped(work, tmp_path):
+    """Two films of a third class: it lands in train only. Nothing said so; the model silently used the top-class
+    rule (no threshold can be fitted without validation films of the class) and the class's films got ~20 times
+    the weight of the others."""
+    root = tmp_path / "cxr"
+    _link(KERMANY / "NORMAL", root / "NORMAL", 30)
+    _link(KERMANY / "PNEUMONIA", root / "PNEUMONIA", 30)
+    _link(KERMANY / "PNEUMONIA", root / "RARE", 2, offset=100)
+    lines: list[str] = []
+    out = run(TrainConfig(data=[str(root)], out=str(tmp_path / "tiny-rare"), architecture="tiny", input_size=32,
+                          batch_size=16, epochs=1, cache_dir=str(work / "cache"), verbose=0,
+                          class_weights="balanced"), log=lines.append)
+    said = [line for line in lines if "split has no films of RARE" in line]
+    assert len(said) == 2 and "top-class rule" in said[0] and "test figures cannot be computed" in said[1], lines
+    assert card_lib.load(out).thresholds == {}

@@ -263,6 +263,13 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
     for name in ("train", "val"):
         if not len(splits[name].records):
             raise ValueError(f"the {name} split is empty: add images or change --split")
+    for name in ("val", "test"):  # a class too small to reach every split (fewer than ~4 patients)
+        absent = [c for c, i in index.items() if len(splits[name].records) and not (splits[name].labels == i).any()]
+        if absent:
+            log(f"the {name} split has no films of {', '.join(absent)}: "
+                + ("no decision threshold can be fitted for it, so the model uses the top-class rule, and its "
+                   "calibration is not checked" if name == "val" else "its test figures cannot be computed")
+                + "; add films of that class (or patients: a patient's films stay in one split)")
     if trained:
         refuse_trained_held_out(trained, records, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,15 +287,15 @@ def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.where(count > 0, labels.size / (n_classes * np.maximum(count, 1)), 1.0)
 
 
-MAX_CELL_WEIGHT = 10.0  # a (source, class) cell of a few dozen films must not dominate the loss
+MAX_CELL_WEIGHT = 10.0  # a (source, class) cell, or a class, of a few dozen films must not dominate the loss
 
 
 def sample_weights(split: Split, n_classes: int, mode: str) -> np.ndarray | None:
     """Per-sample loss weights (N,) float32 with mean 1, or None for ``mode`` "none".
 
     "balanced": n / (C * n_class) by class. "source-class": every (source, class) cell of the
-    split gets the same total weight, n / (K * n_cell) for K cells, capped at ``MAX_CELL_WEIGHT``
-    times the mean so that a tiny cell is not repeated into overfitting, then rescaled to mean 1.
+    split gets the same total weight, n / (K * n_cell) for K cells. Both are capped at ``MAX_CELL_WEIGHT``
+    times the mean so that a tiny class or cell is not repeated into overfitting, then rescaled to mean 1.
     """
     if mode == "none":
         return None
@@ -299,15 +306,18 @@ def sample_weights(split: Split, n_classes: int, mode: str) -> np.ndarray | None
         cells = [(r.source, int(y)) for r, y in zip(split.records, labels, strict=True)]
         count = Counter(cells)
         w = np.array([len(cells) / (len(count) * count[c]) for c in cells], dtype=np.float64)
-        # Capping lowers the mean, and rescaling to mean 1 would lift the capped cells past the cap again:
-        # repeat both until the cap holds (a few rounds; capped cells end at the cap, times the mean of 1).
-        for _ in range(100):
-            w = w / w.mean()
-            if w.max() <= MAX_CELL_WEIGHT * (1 + 1e-9):
-                break
-            w = np.minimum(w, MAX_CELL_WEIGHT)
     else:
         raise ValueError(f"unknown weighting {mode!r}")
+    # Either mode: a class (or cell) of a few films among thousands would get hundreds of times the weight of
+    # the others and be repeated into overfitting. Capping lowers the mean, and rescaling to mean 1 would lift
+    # the capped films past the cap again: repeat both until the cap holds (a few rounds).
+    for _ in range(100):
+        if not len(w):
+            break
+        w = w / w.mean()
+        if w.max() <= MAX_CELL_WEIGHT * (1 + 1e-9):
+            break
+        w = np.minimum(w, MAX_CELL_WEIGHT)
     return (w / w.mean()).astype(np.float32) if len(w) else w.astype(np.float32)
 
 
