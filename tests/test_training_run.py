@@ -801,3 +801,25 @@ def test_a_class_too_small_for_every_split_is_said_and_its_weight_capped(work, t
     said = [line for line in lines if "split has no films of RARE" in line]
     assert len(said) == 2 and "top-class rule" in said[0] and "test figures cannot be computed" in said[1], lines
     assert card_lib.load(out).thresholds == {}
+
+
+def test_rescore_external_matches_class_folders_by_name_whatever_their_case(first_run, work, tmp_path):
+    """Without --map, folders 'normal'/'Pneumonia' were not the model's NORMAL/PNEUMONIA (a case-sensitive
+    match): everything was silently dropped and the log said 'external: 0 films'. Now they match, a folder
+    naming no class is said, and a set with none is refused."""
+    from training import rescore
+
+    out = tmp_path / "rescored-case"
+    shutil.copytree(first_run[0], out)
+    external = tmp_path / "elsewhere"
+    _link(COVID_SET / "Normal", external / "normal", 3)
+    _link(COVID_SET / "Viral Pneumonia", external / "Pneumonia", 3)
+    _link(COVID_SET / "Covid", external / "Covid", 2)
+    lines: list[str] = []
+    rescore.run(out, [str(external)], cache_dir=str(work / "cache"), log=lines.append)
+    assert any("skipped folder elsewhere/Covid (2 films)" in line and "--map 'Covid=CLASS'" in line
+               for line in lines), lines
+    ext = pd.read_csv(out / "predictions.csv").query("split == 'external'")
+    assert sorted(ext["true_class"].value_counts().items()) == [("NORMAL", 3), ("PNEUMONIA", 3)]
+    with pytest.raises(ValueError, match="no folder maps to the model's classes"):
+        rescore.run(out, [str(external / "Covid")], cache_dir=str(work / "cache"), log=lambda _: None)

@@ -12,6 +12,7 @@ labelled folders ``DIR/CLASS/**``, near-copies of its training films dropped), r
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +40,22 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     found = data.scan(roots, class_map, known=prepared.classes)
     for folder in found.unmapped:
         log(f"external: skipped folder {folder}: it maps to none of the model's classes {prepared.classes}")
-    records = [dataclasses.replace(r, split=data.EXTERNAL) for r in found.records if r.label in prepared.classes]
+    # Without --map every folder is its own class: "Normal" is the model's NORMAL (as `evaluate` matches
+    # them); a folder whose name is none of the classes is said, not silently left out.
+    by_name = {c.lower(): c for c in prepared.classes}
+    records, unmatched = [], Counter()
+    for r in found.records:
+        label = by_name.get(r.label.lower())
+        if label is None:
+            unmatched[(r.source, r.label)] += 1
+        else:
+            records.append(dataclasses.replace(r, label=label, split=data.EXTERNAL))
+    for (source, folder), n in sorted(unmatched.items()):
+        log(f"external: skipped folder {source}/{folder} ({n} films): it names none of the model's classes "
+            f"{prepared.classes}; add --map '{folder}=CLASS' (or '{folder}=' to skip it quietly)")
+    if not records:
+        raise ValueError(f"--external {', '.join(map(str, roots))}: no folder maps to the model's classes "
+                         f"{prepared.classes}; name the class folders so, or give --map FOLDER=CLASS")
     records, duplicates = data.deduplicate(records)
     cache_dir = cache.directory(config.cache_dir)
     decoded = cache.decode(records, config.input_size, cache_dir)
