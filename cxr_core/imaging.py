@@ -116,11 +116,13 @@ class LoadedImage:
 NOTES = ("Transparency", "NonFinitePixels", "Conversion", "Polarity", "Presentation", "Frames")
 
 
-def reading_notes(info: ImageInfo) -> list[str]:
+def reading_notes(info: ImageInfo, cautions: bool = False) -> list[str]:
     """What the reader changed in the picture or left out (composited transparency, non-finite samples, colour to
     gray, a MONOCHROME2 film whose values run the wrong way or whose header asks for it inverted, the frames after
-    the first)."""
-    return [f"{key}: {info.metadata[key]}" for key in NOTES if key in info.metadata]
+    the first). ``cautions``: only what should travel with a result (not the colour-to-gray conversion, routine
+    for grey films saved as RGB or YBR; a truly colourful picture is flagged by the quality check)."""
+    return [f"{key}: {info.metadata[key]}" for key in NOTES
+            if key in info.metadata and not (cautions and key == "Conversion")]
 
 
 def is_image_name(name: str) -> bool:

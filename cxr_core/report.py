@@ -110,7 +110,7 @@ def cautions(prediction: Prediction, card: ModelCard, checked=None, info=None) -
     if prediction.unfamiliar:
         out.append(familiarity_line(prediction, card))
     if info is not None:
-        out += [f"Reading: {note}." for note in imaging.reading_notes(info)]
+        out += [f"Reading: {note}." for note in imaging.reading_notes(info, cautions=True)]
     return out
 
 

@@ -79,11 +79,11 @@ def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str
     # The familiarity check (empty when the model folder has none): distance, and the flag past its threshold.
     row["familiarity"] = pred.familiarity if pred and pred.familiarity is not None else np.nan
     row["unfamiliar"] = bool(pred.unfamiliar) if pred and pred.unfamiliar is not None else False
-    # The quality rules' reasons, then what the reader changed in the picture (inverted, colour to grey, frames
-    # left out): the batch tables, their CSV and python -m scoring say what the Classify page says.
+    row["quality_notes"] = "; ".join(report.reasons) if report is not None else ""
+    # What the reader changed in the picture that the model saw (shown inverted, frames left out, transparency,
+    # missing samples): the batch tables, their CSV and python -m scoring say what the Classify page says.
     info = getattr(item, "info", None)
-    notes = [*(report.reasons if report is not None else []), *(imaging.reading_notes(info) if info else [])]
-    row["quality_notes"] = "; ".join(notes)
+    row["reading_notes"] = "; ".join(imaging.reading_notes(info, cautions=True)) if info is not None else ""
     row["error"] = item.error or ""
     return row
 
@@ -91,7 +91,8 @@ def table_row(item: Any, report: QualityReport | None, class_names: Sequence[str
 def row_columns(class_names: Sequence[str]) -> list[str]:
     """The columns of ``table_row``, in order."""
     return ["file", "top_class", "top_probability", *[f"p_{c}" for c in class_names], "decision",
-            "positive", "low_confidence", "not_chest", "familiarity", "unfamiliar", "quality_notes", "error"]
+            "positive", "low_confidence", "not_chest", "familiarity", "unfamiliar", "quality_notes", "reading_notes",
+            "error"]
 
 
 def batch_table(items: Sequence[Any], class_names: Sequence[str],

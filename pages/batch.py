@@ -40,15 +40,15 @@ def server_folder_ui() -> tuple[list[tuple[str, Path]], Path] | None:
     try:
         folder = paths.resolve_under(root, typed or picked)
     except ValueError as err:
-        st.error(str(err))
+        st.error(ui.plain(err))
         return None
     if not folder.is_dir():
-        st.error(f"'{csvsafe.safe_text(typed or picked)}' is a file, not a folder. "
+        st.error(f"'{ui.plain(typed or picked)}' is a file, not a folder. "
                  "Choose a folder under the data root.")
         return None
     files = paths.list_images(folder, recursive=recursive, limit=MAX_FILES, root=root)
     if not files:
-        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{csvsafe.safe_text(typed or picked or '.')}'.")
+        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{ui.plain(typed or picked or '.')}'.")
         return None
     if len(files) == MAX_FILES:
         st.warning(f"Only the first {MAX_FILES} files are scored; choose a smaller folder for the rest.")
@@ -123,6 +123,8 @@ def column_config(class_names: list[str]) -> dict:
             "Unlike training films?", help="Past the familiarity threshold fitted on validation films: treat the "
             "result as unreliable"),
         "quality_notes": st.column_config.TextColumn("Why flagged"),
+        "reading_notes": st.column_config.TextColumn("Reader's changes", help="What the reader changed in the "
+                                                     "picture the model saw: shown inverted, frames left out..."),
         "error": st.column_config.TextColumn("Error", width="large"),
     }
     for name in class_names:
@@ -154,8 +156,10 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> No
     if row["error"]:
         st.error(row["error"])
         return
-    if row["quality_notes"]:
-        st.warning(f"Probably not a frontal chest radiograph: {row['quality_notes']}.")
+    if row["not_chest"]:
+        st.warning(ui.plain(f"Probably not a frontal chest radiograph: {row['quality_notes']}."), icon="🚫")
+    if row.get("reading_notes"):
+        st.info(ui.plain(f"What the reader changed in this picture: {row['reading_notes']}."), icon="ℹ️")
     if row.get("unfamiliar"):
         st.warning(f"{familiarity.WARNING} (familiarity distance {row['familiarity']:.4f})", icon="❔")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -71,9 +72,29 @@ def window_ui(info: imaging.ImageInfo, key: str) -> tuple[float, float] | None:
     return None if (center, width) == default else (center, width)
 
 
+# What each allow-listed field may hold to be shown (PS3.5 value representations): a value whose length was
+# damaged runs on into the elements after it (the institution and referring physician follow the manufacturer),
+# and st.table renders Markdown (an image link would be fetched by the browser).
+_SHOWN = {"Modality": r"[A-Z0-9 _]{0,16}", "ViewPosition": r"[A-Z0-9 _]{0,16}", "BodyPartExamined": r"[A-Z0-9 _]{0,16}",
+          "PhotometricInterpretation": r"[A-Z0-9 _]{0,16}", "Manufacturer": r"[ -~]{0,64}",
+          "ManufacturerModelName": r"[ -~]{0,64}", "ImagerPixelSpacing": r"[0-9.eE+\-\[\], ]{0,64}",
+          "PixelSpacing": r"[0-9.eE+\-\[\], ]{0,64}"}
+
+
+def shown_tag(tag: str, value: object) -> str:
+    """A DICOM field's value as the metadata table shows it: checked against what the field may hold, then as
+    plain text."""
+    text = str(value)
+    pattern = _SHOWN.get(tag)
+    if pattern is not None and not re.fullmatch(pattern, text):
+        return "(not shown: not a valid value for this field)"
+    return ui.plain(text)
+
+
 def metadata_ui(info: imaging.ImageInfo) -> None:
     """The de-identified DICOM fields (allow-listed) and what was read."""
-    rows = {tag: info.metadata[tag] for tag in SAFE_TAGS if info.metadata.get(tag) not in (None, "")}
+    rows = {tag: shown_tag(tag, info.metadata[tag]) for tag in SAFE_TAGS
+            if info.metadata.get(tag) not in (None, "")}
     rows["Size (width x height)"] = f"{info.width} x {info.height}"
     window = f"{info.window[0]:.6g} / {info.window[1]:.6g} ({info.window_source})" if info.window else "none"
     rows["Window used (center / width)"] = window
@@ -228,6 +249,7 @@ opacity, colormap = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key
                                  titles=(film_title, heat_title), revision=key)
 for note in imaging.reading_notes(info):  # what the reader changed: transparency, non-finite samples
     st.caption(f"Note: {note}.")
+sentences += [f"Reading: {note}." for note in imaging.reading_notes(info, cautions=True)]  # and in the report
 pixels = overlay.fit(shown.pixels)  # the report's copy: at most MAX_DISPLAY_SIDE, so a 30000 x 10 strip is drawn
 blended = overlay.overlay(pixels, result.heatmap, colormap, opacity)
 args = dict(image=pixels, overlay_rgb=blended, prediction=prediction, card=card,

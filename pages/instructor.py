@@ -78,7 +78,7 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
         source_name = str(rows.at[i, "source"]) if "source" in rows.columns else ""
         found = paths.locate(str(rows.at[i, "path"]), source_name, search_roots(card))
         if found is None:
-            st.warning(f"Cannot find {rows.at[i, 'path']} under the data root or the training folders.")
+            st.warning(f"Cannot find {ui.plain(rows.at[i, 'path'])} under the data root or the training folders.")
             return None
         return found.name, found
     refused = auth.refusal("server_folders")
@@ -94,7 +94,8 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
     try:  # the folder may have gone since the list was drawn
         files = paths.list_images(paths.resolve_under(root, folder), recursive=False, limit=500, root=root)
     except (ValueError, OSError) as err:
-        st.error(str(err) if isinstance(err, ValueError) else f"The folder could not be read ({type(err).__name__}).")
+        st.error(ui.plain(err) if isinstance(err, ValueError)
+                 else f"The folder could not be read ({type(err).__name__}).")
         return None
     if not files:
         st.info("No images directly in this folder; choose a sub-folder.")
@@ -128,7 +129,11 @@ def methods_ui(explainer, model_key: str, batch, shown, class_index: int, colorm
 
 def layers_ui(explainer, model_key: str, batch, shown, class_index: int, colormap: str) -> None:
     st.subheader("Grad-CAM at a chosen layer")
-    layers = explainer.layer_choices()
+    try:  # builds the Keras model when predictions came from the engine cache: a failure here costs this part only
+        layers = explainer.layer_choices()
+    except Exception as err:  # noqa: BLE001
+        ui.explain_failed("The layer list", err)
+        return
     layer = st.select_slider("Layer (end of each block; the last is the model's target layer)", layers,
                              value=layers[-1], key="instructor_layer")
     try:
@@ -205,19 +210,19 @@ def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | N
         caption = f"{row['path']}: true {row['true_class']}, called {row['predicted_class']} ({row['confidence']:.2f})"
         found = paths.locate(str(row["path"]), str(row.get("source", "")), roots)
         if found is None:
-            col.warning(f"Cannot find {row['path']} under the data root or the training folders.")
+            col.warning(f"Cannot find {ui.plain(row['path'])} under the data root or the training folders.")
             continue
         try:
             image = imaging.load(found, found.name)
         except UnreadableImageError as err:
-            col.error(f"{row['path']}: {err}")
+            col.error(ui.plain(f"{row['path']}: {err}"))
             continue
         batch = preprocess.model_input(image.pixels, classifier.input_size)
         try:
             heat = explain(explainer, model_key, batch, "gradcam", card.class_names.index(row["predicted_class"]),
                            None)
         except Exception as err:  # noqa: BLE001 - the other films of the gallery stand
-            ui.explain_failed(f"Grad-CAM for {caption}", err, col)
+            ui.explain_failed(f"Grad-CAM for {ui.plain(caption)}", err, col)
             continue
         col.image(overlay.overlay(display(image.pixels), heat, colormap), caption=caption)
         shown.append(str(found))

@@ -243,16 +243,16 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
             folder = paths.resolve_under(root, typed or picked)
             class_map = data.parse_class_map(class_map_text.splitlines()) or None
         except ValueError as err:
-            st.error(str(err))
+            st.error(ui.plain(err))
             return
         if not folder.is_dir():
-            st.error(f"'{csvsafe.safe_text(typed or picked)}' is not a folder under the data root. Choose the folder "
+            st.error(f"'{ui.plain(typed or picked)}' is not a folder under the data root. Choose the folder "
                      "that holds the class folders (e.g. NORMAL/, PNEUMONIA/).")
             return
         links = paths.escaping_links(folder, root)
         if links:
-            st.error(f"'{csvsafe.safe_text(typed or picked)}' contains symlinks that lead outside the data root "
-                     f"({', '.join(p.name for p in links[:5])}). Remove them or choose another folder.")
+            st.error(f"'{ui.plain(typed or picked)}' contains symlinks that lead outside the data root "
+                     f"({ui.plain(', '.join(p.name for p in links[:5]))}). Remove them or choose another folder.")
             return
         bar = st.progress(0.0, text="Scoring images...")
         try:
@@ -260,7 +260,7 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
                                               progress=lambda done, total: bar.progress(done / total,
                                                                                         text=f"{done}/{total} images"))
         except ValueError as err:
-            st.error(str(err))
+            st.error(ui.plain(err))
             return
         except OSError as err:  # a folder that went away or cannot be listed while it was read
             st.error(f"The folder could not be read ({type(err).__name__}: {err.strerror}). Check that it exists and "
@@ -272,7 +272,7 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
     stored = st.session_state.get("folder_evaluation")
     if stored and stored[1] == ui.model_version(card):
         folder, _, result = stored
-        st.success(f"Evaluated {len(result.predictions)} images under {csvsafe.safe_text(folder)}.")
+        st.success(f"Evaluated {len(result.predictions)} images under {ui.plain(folder)}.")
         if result.skipped:
             st.warning(f"{len(result.skipped)} file(s) could not be read and were skipped:")
             st.dataframe(pd.DataFrame(result.skipped), hide_index=True)

@@ -120,7 +120,8 @@ class Store:
         tables += [pq.read_table(p) for p in sorted(self.parts.glob("part-*.parquet"))]
         wanted = set(self.schema.names)
         for i, table in enumerate(tables):
-            for column in ("card_sha256", "engine"):  # written before the column existed: "" (no card: scored again)
+            for column in ("card_sha256", "engine", "reading_notes"):  # written before the column: "" (no card:
+                # scored again)
                 if column not in table.column_names:
                     tables[i] = table = table.append_column(column, pa.array([""] * len(table), pa.string()))
             if not wanted <= set(table.column_names):

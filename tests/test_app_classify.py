@@ -384,3 +384,51 @@ def test_familiarity_warns_on_a_film_unlike_the_training_films(familiar_model_di
     assert not seen.unfamiliar
     assert not [w for w in at.warning if w.value.startswith("Unlike the films")]
     assert any(f"distance {seen.familiarity:.4f}" in c.value and "within the range" in c.value for c in at.caption)
+
+
+def test_dicom_fields_are_shown_as_plain_text_and_only_when_valid(models_root):
+    """st.table renders Markdown: a Manufacturer of '![](http://...)' made the browser fetch an address whenever
+    the film was viewed; a code string whose damaged length ran on into the next elements was shown whole."""
+    ds = pydicom.dcmread(DICOM / CHEST_DICOMS[-2])
+    ds.Manufacturer = "**ACME** ![x](http://127.0.0.1:9/t.png)"
+    ds.BodyPartExamined = "CHEST\\Dr^Referring"  # not a code string: a damaged length ran on
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    at = _upload(_page(), "odd", buffer.getvalue())
+    _no_exception(at)
+    fields = dict(zip(at.table[1].value["Field"], at.table[1].value["Value"], strict=True))
+    assert fields["Manufacturer"].startswith(
+        r"\*\*ACME\*\* \!\[x\]\(http\:")
+    assert fields["BodyPartExamined"] == "(not shown: not a valid value for this field)"
+    assert "Referring" not in _rendered_text(at)
+
+
+def test_the_report_carries_what_the_reader_changed(models_root, monkeypatch):
+    """The page noted 'only the first of 3 frames is shown and classified', but the PNG/PDF report did not."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    from cxr_core import report
+
+    film = Image.open(DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg").convert("L").resize((128, 128))
+    frames = np.stack([np.asarray(film, np.uint16) * 16] * 3)
+    ds = pydicom.dcmread(DICOM / CHEST_DICOMS[-2], stop_before_pixels=True)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.Rows = ds.Columns = 128
+    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = frames.tobytes()
+    ds["PixelData"].VR = "OW"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    makers: list = []
+    real_button = DeltaGenerator.download_button  # the page's buttons sit in columns
+    monkeypatch.setattr(DeltaGenerator, "download_button", lambda self, label, data, **kw: makers.append(data)
+                        or real_button(self, label, data, **kw))
+    at = _upload(_page(), "three.dcm", buffer.getvalue())
+    _no_exception(at)
+    assert any("only the first is shown and classified" in c.value for c in at.caption)
+    said: list = []
+    real_render = report.render
+    monkeypatch.setattr(report, "render", lambda **kw: said.append(kw["warnings"]) or real_render(**kw))
+    assert makers and makers[-1]()[:4] == b"%PDF"  # the PDF report, made as the browser would ask for it
+    assert any(w == "Reading: Frames: 3 frames in the file: only the first is shown and classified." for w in said[0])

@@ -201,6 +201,7 @@ def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, mo
 
     models_root, root, _, _, _ = env
     original = explain_lib.Explainer.explain
+    original_layers = explain_lib.Explainer.layer_choices
 
     def smoothgrad_breaks(self, batch, method, *args, **kwargs):
         if method == "smoothgrad":
@@ -216,6 +217,16 @@ def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, mo
                                            "of the page stands. Try another image, or report it if it keeps failing."]
     assert captions(at)[:3] == ["Grad-CAM", "Grad-CAM++", "LayerCAM"]
     assert [s for s in SECTIONS if s not in [h.value for h in at.subheader]] == []
+
+    # Listing the layers builds the Keras model when predictions came from the engine cache: its failure cost the
+    # rest of the page (occlusion, the gallery) a traceback.
+    monkeypatch.setattr(explain_lib.Explainer, "layer_choices", lambda self: (_ for _ in ()).throw(MemoryError()))
+    at.run()
+    assert not at.exception
+    assert any(e.value.startswith("The layer list could not be computed (unexpected MemoryError)") for e in at.error)
+    assert "Occlusion sensitivity" in [h.value for h in at.subheader]
+    assert "Most confident errors of the held-out split" in [h.value for h in at.header]
+    monkeypatch.setattr(explain_lib.Explainer, "layer_choices", original_layers)
 
     def predict_breaks(self, batch):
         raise RuntimeError("a native library failed")

@@ -134,8 +134,10 @@ def test_quality_notes_say_what_the_reader_changed_in_the_film():
                      inverted=True, metadata={"Presentation": "shown inverted", "Frames": "2 frames: the first"})
     thumb = np.zeros((3, 4), np.uint8)
     item = SimpleNamespace(name="x.dcm", prediction=decide(CARD, [0.2, 0.8]), error=None, thumbnail=thumb, info=info)
-    row = review.table_row(item, QualityReport(False, ["looks like a negative"]), CARD.class_names)
-    assert row["quality_notes"] == ("looks like a negative; Presentation: shown inverted; "
-                                    "Frames: 2 frames: the first")
-    assert review.table_row(item, None, CARD.class_names)["quality_notes"] == ("Presentation: shown inverted; "
-                                                                               "Frames: 2 frames: the first")
+    row = review.table_row(item, QualityReport(True, ["looks like a negative"]), CARD.class_names)
+    assert row["quality_notes"] == "looks like a negative"  # "Why flagged": the quality rules' reasons only
+    assert row["reading_notes"] == "Presentation: shown inverted; Frames: 2 frames: the first"
+    info.metadata["Conversion"] = "RGB to grayscale"  # routine for grey films saved as RGB: not a caution
+    assert review.table_row(item, None, CARD.class_names)["reading_notes"] == row["reading_notes"]
+    assert list(review.batch_table([item], CARD.class_names).columns).index("reading_notes") == \
+        list(review.batch_table([item], CARD.class_names).columns).index("quality_notes") + 1
