@@ -127,15 +127,21 @@ def bf16_verified(card) -> bool:
     (``metrics.engine_agreement.bf16``, written by ``python -m benchmarks.engine_agreement --record``)."""
     record = (card.metrics or {}).get("engine_agreement")
     record = record.get("bf16") if isinstance(record, dict) else None
-    return (isinstance(record, dict) and record.get("passes") is True
-            and record.get("fingerprint") == agreement_fingerprint(card))
+    if not (isinstance(record, dict) and record.get("fingerprint") == agreement_fingerprint(card)):
+        return False
+    try:  # the figures against today's bounds, not the verdict stored with them (bounds may have tightened since)
+        return record.get("passes") is True and bf16_within_bounds(
+            float(record["decisions_equal"]), float(record["auc_delta"]), record.get("familiarity_flags_equal"))
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def default_precision(precision: str | None, card=None) -> str:
     """The precision to ask ``choose`` for: the argument, else env ``CXR_PRECISION``, else ``auto`` (bf16 where the
-    CPU has it) for a model whose bf16 agreement is on record (``bf16_verified``), else ``f32``."""
+    CPU has it) for a model whose bf16 agreement is on record (``bf16_verified``), else ``f32``. An explicit
+    ``auto`` means the same default, checked the same way: only ``bf16`` forces bf16 on a model without a record."""
     given = (precision or os.environ.get("CXR_PRECISION") or "").strip()
-    if given:
+    if given and given.lower() != "auto":
         return given
     return "auto" if card is not None and bf16_verified(card) else "f32"
 

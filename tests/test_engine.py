@@ -166,11 +166,17 @@ def test_bf16_is_the_default_only_for_a_model_whose_agreement_is_on_record(tiny_
     rescored.thresholds = {"COVID-19": 0.5}
     card.save(rescored, folder)
     assert not engine.bf16_verified(card.read(folder)) and default() == "f32"
+    monkeypatch.setenv("CXR_PRECISION", "auto")  # the default spelt out is checked the same: no bf16 unverified
+    assert default() == "f32" and engine.default_precision("auto", card.read(folder)) == "f32"
+    monkeypatch.delenv("CXR_PRECISION")
     missed = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "decisions_equal": 0.99}}
     assert engine_agreement.record(folder, missed)["passes"] is False and default() == "f32"
     flags_moved = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "familiarity_flags_equal": 0.99}}
     assert engine_agreement.record(folder, flags_moved)["passes"] is False and default() == "f32"
     assert engine_agreement.record(folder, figures)["passes"] is True and default() == "auto"
+    monkeypatch.setitem(engine.BF16_BOUNDS, "decisions_equal", 0.999)  # tightened since the record was written
+    assert not engine.bf16_verified(card.read(folder)) and default() == "f32"
+    monkeypatch.setitem(engine.BF16_BOUNDS, "decisions_equal", 0.995)
     negative = card.read(folder)  # another negative class is another decision rule
     negative.negative_class = "COVID-19"
     card.save(negative, folder)
