@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import pydicom
 import requests
+import requests.adapters
 import urllib3
 from dicomweb_client import DICOMwebClient
 
@@ -278,6 +279,40 @@ class _Received:
         return None
 
 
+MAX_ANSWER_BYTES = 64 * limits.MiB  # a search or store answer (JSON, XML): 5000 instances take about 10 MB
+
+
+class _BoundedAdapter(requests.adapters.HTTPAdapter):
+    """Every answer that dicomweb-client reads whole (searches, store answers) is read here in a stream that stops
+    at ``MAX_ANSWER_BYTES`` and at a deadline of ``RETRIEVE_TIMEOUTS`` times the timeout: the timeout alone
+    bounds each wait for a byte, so a PACS that trickles an answer, or sends gigabytes of JSON, would hold the
+    page (and the server's memory, shared by every user) without end. Streamed requests (``retrieve``) pass
+    through: they bound themselves."""
+
+    def __init__(self, host: str, timeout: float) -> None:
+        super().__init__()
+        self.host, self.deadline_s = host, RETRIEVE_TIMEOUTS * timeout
+
+    def send(self, request, stream=False, **kwargs):  # noqa: ANN001, ANN201 - requests' signature
+        response = super().send(request, stream=True, **kwargs)
+        if stream:
+            return response
+        deadline, body = time.monotonic() + self.deadline_s, bytearray()
+        with response:  # closed on every way out: read whole, or abandoned
+            while chunk := _read_some(response.raw):
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise PacsError(f"The PACS at {self.host} sent more than {MAX_ANSWER_BYTES // limits.MiB} MB "
+                                    "in answer to one request: it was not read. Narrow the search, or ask its "
+                                    "administrator.")
+                if time.monotonic() > deadline:
+                    raise PacsError(f"The PACS at {self.host} took more than {self.deadline_s:g} s to answer one "
+                                    "request (it sends too slowly). Retry later, narrow the search, or raise "
+                                    "'timeout' in the [pacs] settings.")
+        response._content, response._content_consumed = bytes(body), True
+        return response
+
+
 class Client:
     """DICOMweb client for one PACS; every call raises only ``PacsError``."""
 
@@ -286,6 +321,9 @@ class Client:
         session = requests.Session()
         session.verify = settings.verify
         session.trust_env = False  # no proxy or .netrc credentials picked up behind the user's back
+        bounded = _BoundedAdapter(settings.host, settings.timeout)
+        session.mount("http://", bounded)
+        session.mount("https://", bounded)
         if settings.token:
             session.headers["Authorization"] = f"Bearer {settings.token}"
         elif settings.username:

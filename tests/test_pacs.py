@@ -810,3 +810,51 @@ def test_a_study_is_listed_page_by_page_when_the_archive_answers_a_page_at_a_tim
     assert [i.sop_uid for i in client.instances("1.2", "9.5")] == ["9.5"]
     monkeypatch.setattr(client._web, "search_for_instances", lambda **kwargs: stored[:2])  # offset ignored
     assert [i.sop_uid for i in client.instances("1.2")] == ["9.1", "9.2"]
+
+
+class _TrickleJson(http.server.BaseHTTPRequestHandler):
+    """A QIDO server that answers any search with a JSON body and no length: ``chunks`` chunks of ``size`` spaces,
+    ``pause`` seconds apart, then an empty list."""
+
+    chunks, size, pause = 0, 0, 0.0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.end_headers()
+        for _ in range(self.chunks):
+            self.wfile.write(b" " * self.size)
+            self.wfile.flush()
+            time.sleep(self.pause)
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("chunks", "size", "pause", "message"), [
+    (40, 64 * 1024, 0.0, "sent more than 1 MB in answer to one request"),
+    (1000, 16, 0.1, "took more than 1 s to answer one request"),
+    (2, 16, 0.0, None),  # a small answer in time: read as before
+])
+def test_a_search_answer_too_large_or_too_slow_is_cut_off(monkeypatch, chunks, size, pause, message):
+    """Searches went through dicomweb-client's unbounded read: a PACS trickling its answer held the page without
+    end (the timeout bounds each wait for a byte), and gigabytes of JSON filled the server's memory."""
+    monkeypatch.setattr(dicomweb, "MAX_ANSWER_BYTES", 1 * limits.MiB)
+    monkeypatch.setattr(dicomweb, "RETRIEVE_TIMEOUTS", 2)
+    handler = type("Handler", (_TrickleJson,), {"chunks": chunks, "size": size, "pause": pause})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                                   timeout=0.5))
+        started = time.monotonic()
+        if message is None:
+            assert client.search_studies() == [] and client.instances("1.2") == []
+        else:
+            with pytest.raises(PacsError, match=message):
+                client.search_studies()
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
