@@ -89,6 +89,8 @@ def normalize(maps: np.ndarray, size: int) -> np.ndarray:
     """Raw maps (N, h, w) -> float32 (N, size, size) in [0, 1]: bilinear resize, per-map min-max."""
     out = np.empty((len(maps), size, size), dtype=np.float32)
     for i, m in enumerate(np.asarray(maps, dtype=np.float32)):
+        if not np.isfinite(m).all():  # an overflow (Grad-CAM++'s exp of a large score): not a blank "no evidence" map
+            raise ValueError("the heatmap holds non-finite values (a numerical overflow)")
         m = cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR) if m.shape != (size, size) else m
         lo, hi = float(m.min()), float(m.max())
         out[i] = (m - lo) / (hi - lo) if hi > lo else 0.0

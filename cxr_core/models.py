@@ -151,6 +151,9 @@ def decide(card: card_lib.ModelCard, probabilities: Sequence[float]) -> Predicti
     called; if none does, the card's negative class. Without thresholds: the top class.
     """
     probs = tuple(float(p) for p in probabilities)
+    if not all(np.isfinite(probs)):  # a broken model or engine: argmax of NaN is 0, and no threshold is reached
+        raise ValueError("the model's output is not a number (NaN or infinite probabilities), so no decision can be "
+                         "made: the model or its inference engine is broken")
     names = tuple(card.class_names)
     top = int(np.argmax(probs))
     if card.thresholds:
@@ -168,7 +171,7 @@ def decide(card: card_lib.ModelCard, probabilities: Sequence[float]) -> Predicti
         top_probability=probs[top],
         decision=decision,
         positive=card.negative_class is not None and decision != card.negative_class,
-        low_confidence=not probs[top] >= card.low_confidence,  # NaN (a broken model) is never confident
+        low_confidence=not probs[top] >= card.low_confidence,
     )
 
 

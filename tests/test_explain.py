@@ -262,3 +262,9 @@ def test_normalize_resizes_and_stretches():
     assert out[0].min() == 0.0 and out[0].max() == 1.0
     assert out[0, 0, 0] == 0.0 and out[0, 3, 3] == 1.0
     np.testing.assert_array_equal(out[1], 0.0)  # a flat map carries no location: all zeros
+    # An overflowed map (NaN or inf) was turned into that same blank map, or into NaN: it is an error instead.
+    for bad in (np.nan, np.inf):
+        broken = maps.copy()
+        broken[0, 0, 0] = bad
+        with pytest.raises(ValueError, match="non-finite values"):
+            explain.normalize(broken, 4)

@@ -228,7 +228,10 @@ def test_weights_written_under_jax_load_under_tensorflow(tmp_path):
     np.testing.assert_allclose(loaded.logits(_fixed_input(32)), expected, atol=1e-5)
 
 
-def test_non_finite_probabilities_are_never_a_confident_result():
-    """A broken model's NaN output used to read as a confident NORMAL (NaN < 0.6 is False)."""
-    pred = models.decide(CARD3, (float("nan"), float("nan"), float("nan")))
-    assert pred.low_confidence and not pred.positive
+def test_non_finite_probabilities_are_no_result():
+    """A broken model's NaN output used to read as a confident NORMAL (NaN < 0.6 is False), then as a low-confidence
+    NORMAL (argmax of NaN is the first class, no threshold is reached): it is no decision at all."""
+    for probs in [(float("nan"),) * 3, (0.2, float("inf"), 0.1)]:
+        with pytest.raises(ValueError, match="not a number .* no decision can be made"):
+            models.decide(CARD3, probs)
+    assert models.decide(CARD3, (0.2, 0.5, 0.3)).decision in CARD3.class_names
