@@ -132,10 +132,18 @@ def summary(table: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
-def export_csv(table: pd.DataFrame) -> str:
+def export_csv(table: pd.DataFrame, card: Any = None) -> str:
     """The table as CSV text without the thumbnail column (probabilities to 6 decimals), safe to open in a
-    spreadsheet (``cxr_core.csvsafe``: no cell becomes a formula, whatever the file names)."""
-    return csvsafe.to_csv(table.drop(columns=[THUMBNAIL], errors="ignore"), index=False, float_format="%.6f")
+    spreadsheet (``cxr_core.csvsafe``: no cell becomes a formula, whatever the file names). With ``card``, every
+    row also names the model that scored it (name, weights and card hashes, as ``python -m scoring`` writes) and
+    its intended use: a CSV passed on keeps both."""
+    table = table.drop(columns=[THUMBNAIL], errors="ignore")
+    if card is not None:
+        from cxr_core.card import RESEARCH_USE
+
+        table = table.assign(model=card.name, weights_sha256=card.weights_sha256, card_sha256=card.card_sha256,
+                             intended_use=RESEARCH_USE)
+    return csvsafe.to_csv(table, index=False, float_format="%.6f")
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

@@ -84,7 +84,7 @@ def test_upload_batch_scores_every_good_file_and_lists_bad_ones(at, env, uploads
     assert all(str(t).startswith("data:image/png;base64,") for t in rows.loc[["CR-MONO1"], "thumbnail"])
 
 
-def test_csv_export_matches_the_table(at, uploads, monkeypatch):
+def test_csv_export_matches_the_table(at, uploads, monkeypatch, env):
     saved: list[tuple[bytes, str, str | None]] = []
     original = MemoryMediaFileStorage.load_and_get_id
 
@@ -104,6 +104,13 @@ def test_csv_export_matches_the_table(at, uploads, monkeypatch):
     np.testing.assert_allclose(exported.loc[good, "p_PNEUMONIA"].astype(float), shown.loc[good, "p_PNEUMONIA"],
                                atol=1e-6)
     assert exported["error"].tolist() == shown["error"].tolist()
+    # A CSV passed on says which model scored it and what it is for (the page's table shows neither).
+    from cxr_core.card import RESEARCH_USE
+
+    served = env[2].card
+    assert exported["intended_use"].unique().tolist() == [RESEARCH_USE]
+    assert exported[["model", "weights_sha256", "card_sha256"]].drop_duplicates().values.tolist() == [
+        [served.name, served.weights_sha256, served.card_sha256]]
 
 
 def test_filters_narrow_the_table(at, uploads):
