@@ -226,3 +226,21 @@ def test_flags_and_config_file_make_one_config(tmp_path):
         with pytest.raises(SystemExit):
             parse(argv)
     assert config_from_args(parse(["/data/a", "--freeze-batchnorm", "off", "--augment"])).augment is True
+
+
+def test_a_patient_in_more_than_one_given_split_keeps_only_the_earliest():
+    """Splits given as folders (DIR/train, DIR/test) are kept as they are: a patient with films in both sat in
+    train and test while the card said the split was by patient."""
+    from training import data
+
+    def rec(rel: str, split: str, patient: str, source: str = "s") -> data.Record:
+        return data.Record(path=Path("/x") / rel, rel=rel, source=source, label="A", split=split, patient=patient)
+
+    records = [rec("t1.png", "train", "p1"), rec("v1.png", "val", "p1"), rec("e1.png", "test", "p1"),
+               rec("v2.png", "val", "p2"), rec("e2.png", "test", "p2"), rec("e3.png", "test", "p3"),
+               rec("o1.png", "test", "p1", source="other"), rec("x1.png", "external", "p1"), rec("n.png", "test", "")]
+    kept, dropped = data.separate_patients(records)
+    assert [r.rel for r in kept] == ["t1.png", "v2.png", "e3.png", "o1.png", "x1.png", "n.png"]
+    assert [(d.rel, d.duplicate_of, d.duplicate_kind) for d in dropped] == [
+        ("v1.png", "s/patient p1", "patient"), ("e1.png", "s/patient p1", "patient"),
+        ("e2.png", "s/patient p2", "patient")]

@@ -190,6 +190,26 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     return sorted(kept, key=lambda r: order[r.key]), sorted(dropped, key=lambda r: order[r.key])
 
 
+def separate_patients(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """Leave out of a later split (val, then test; external aside) the films of a patient who has films in an
+    earlier one: splits given as folders (``DIR/train``, ``DIR/test``) or by a manifest are kept as they are, so
+    the same patient could sit in train and test. Returns (kept, left out as duplicates of kind "patient")."""
+    rank = {"train": 0, "val": 1, "test": 2}
+    first: dict[tuple[str, str], int] = {}
+    for r in records:
+        if r.patient and r.split in rank:
+            key = (r.source, r.patient)
+            first[key] = min(first.get(key, 9), rank[r.split])
+    kept, dropped = [], []
+    for r in records:
+        if r.patient and r.split in rank and rank[r.split] > first[(r.source, r.patient)]:
+            dropped.append(dataclasses.replace(r, duplicate_of=f"{r.source}/patient {r.patient}",
+                                               duplicate_kind="patient"))
+        else:
+            kept.append(r)
+    return kept, dropped
+
+
 def split(records: Sequence[Record], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
           seed: int = 42) -> list[Record]:
     """Assign a split to every record without one, keeping all images of a patient together.

@@ -53,20 +53,24 @@ class Prepared:
     def summary(self) -> dict[str, Any]:
         """The card's training_data: counts per source, split and class; what was removed."""
         kept = [r for s in self.splits.values() for r in s.records]
-        # Copies removed from a held-out split. A split read from a manifest names every removed copy "duplicate"
-        # (whatever split it came from): then the number is not known here, rather than every copy counted.
+        # Copies (bytes, near) removed from a held-out split; films left out because the starting weights saw them
+        # or their patient has films in an earlier split are counted apart. A split read from a manifest names every
+        # removed copy "duplicate" (whatever split it came from): then the number is not known here.
         from_manifest = any(d.split == "duplicate" for d in self.duplicates)
-        cross = None if from_manifest else sum(1 for d in self.duplicates if d.split in HELD_OUT)
         near = [d for d in self.duplicates if d.duplicate_kind == "near"]
         seen = [d for d in self.duplicates if d.duplicate_kind == "seen"]
+        crossing = [d for d in self.duplicates if d.duplicate_kind == "patient"]
+        cross = None if from_manifest else sum(1 for d in self.duplicates
+                                               if d.split in HELD_OUT and d.duplicate_kind in ("bytes", "near"))
         return {
             "sources": data.counts(kept),
             "classes": self.classes,
             "images": {name: len(s.records) for name, s in self.splits.items()},
             "duplicates_removed": len(self.duplicates),
-            "byte_duplicates_removed": len(self.duplicates) - len(near) - len(seen),
+            "byte_duplicates_removed": len(self.duplicates) - len(near) - len(seen) - len(crossing),
             "near_duplicates_removed": len(near),
             "seen_by_starting_weights_removed": len(seen),
+            "patients_across_splits_removed": len(crossing),
             "near_duplicates_by_source": self.near_duplicates,
             "held_out_duplicates_removed": cross,
             "holdout_sources": self.holdout,
@@ -241,6 +245,13 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
         records = [records[i] for i in kept_idx]
         duplicates = [*duplicates, *dropped]
         near = hygiene.summary([d for d in duplicates if d.duplicate_kind == "near"], [*records, *duplicates])
+    position = {id(r): i for i, r in enumerate(records)}
+    records, crossing = data.separate_patients(records)
+    if crossing:
+        images, duplicates = images[[position[id(r)] for r in records]], [*duplicates, *crossing]
+        by_split = Counter(d.split for d in crossing)
+        log(f"patients with films in more than one split: left {len(crossing)} of their films out of the later split ("
+            + ", ".join(f"{name} {n}" for name, n in sorted(by_split.items())) + ")")
     kept_idx, seen = not_seen_by_start(config, records, duplicates, log)
     if seen:
         images, records, duplicates = images[kept_idx], [records[i] for i in kept_idx], [*duplicates, *seen]
