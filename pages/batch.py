@@ -98,11 +98,22 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
                 counts=review.summary(table), folder=str(folder) if folder is not None else None)
     st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": dict(items),
-                               "origin": origin}
+                               "stamps": {name: _stamp(source) for name, source in items}, "origin": origin}
     # A new table: the old selection and decision filter (its options were the old table's) go with the old one.
     for key in (DECISIONS_KEY, "batch_class_file"):
         st.session_state.pop(key, None)
     clear_selection()
+
+
+def _stamp(source: Path | bytes) -> tuple[int, int] | None:
+    """A server file's (size, modification time) when it was scored; None for uploaded bytes (kept as they were)."""
+    if not isinstance(source, Path):
+        return None
+    try:
+        info = source.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
 
 
 def column_config(class_names: list[str]) -> dict:
@@ -150,11 +161,18 @@ def filters_ui(table) -> tuple[list[str] | None, list[str], str]:
     return (None if set(chosen) == set(options) else chosen), flags, text
 
 
-def detail_ui(classifier, explainer, name: str, source: Path | bytes, row) -> None:
-    """One file's image beside its Grad-CAM for a chosen class."""
+def detail_ui(classifier, explainer, name: str, source: Path | bytes, row, stamp: tuple[int, int] | None = None
+              ) -> None:
+    """One file's image beside its Grad-CAM for a chosen class. A server file is read again here: if it changed
+    since it was scored (``stamp``: its size and modification time then), its image would sit beside another
+    film's result, so it is not shown."""
     st.subheader(ui.plain(name))
     if row["error"]:
-        st.error(row["error"])
+        st.error(ui.plain(row["error"]))
+        return
+    if stamp is not None and _stamp(source) != stamp:
+        st.error("This file changed on the server (or went away) since it was scored: its image now is not the film "
+                 "this row's result belongs to. Score the folder again to see it with its own result.")
         return
     if row["not_chest"]:
         st.warning(ui.plain(f"Probably not a frontal chest radiograph: {row['quality_notes']}."), icon="🚫")
@@ -207,7 +225,8 @@ def results_ui(classifier, explainer, state: dict) -> None:
         st.caption("Select a row to see its image and Grad-CAM.")
         return
     row = shown.iloc[rows[0]]
-    detail_ui(classifier, explainer, row["file"], state["sources"][row["file"]], row)
+    detail_ui(classifier, explainer, row["file"], state["sources"][row["file"]], row,
+              state.get("stamps", {}).get(row["file"]))
 
 
 ui.research_banner()

@@ -311,3 +311,29 @@ def test_more_uploads_than_a_round_takes_are_cut_with_a_warning(at, uploads, mon
     assert any(f"{len(uploads)} files chosen: only the first 2 are scored" in w.value for w in at.warning)
     at.button(key="batch_score_upload").click().run()
     assert not at.exception and table(at)["file"].tolist() == [uploads[0][0], uploads[1][0]]
+
+
+def test_a_server_file_changed_since_scoring_is_not_shown_beside_its_old_result(env, monkeypatch, tmp_path, data_dir):
+    """The detail view reads a server file again when its row is clicked: overwritten under the same name (a drop
+    folder), another film was shown beside the old row's decision and probabilities."""
+    models_root, _, _ = env
+    labelled_folder(tmp_path / "drop", per_class=2)
+    monkeypatch.setenv("CXR_MODELS_DIR", str(models_root))
+    monkeypatch.setenv("CXR_DATA_ROOT", str(tmp_path))
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    at.selectbox(key="batch_pick").set_value("drop").run()
+    at.button(key="batch_score_folder").click().run()
+    rows = table(at)
+    first = next(i for i, e in enumerate(rows["error"]) if e == "")
+    at.session_state["batch_table"] = {"selection": {"rows": [first], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception and not at.error and plotly_spec.viewer(at) is not None
+    other = data_dir / "kermany" / "train" / "PNEUMONIA" / sorted(
+        p.name for p in (data_dir / "kermany" / "train" / "PNEUMONIA").iterdir())[-1]
+    (tmp_path / "drop" / rows["file"].iloc[first]).write_bytes(other.read_bytes())
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "This file changed on the server (or went away) since it was scored: its image now is not the film this "
+        "row's result belongs to. Score the folder again to see it with its own result."]
