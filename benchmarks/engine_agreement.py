@@ -8,8 +8,12 @@ largest probability difference from TensorFlow, the share of equal decisions (th
 macro AUC, and the AUC difference from f32. The tests check a 64-image sample of the same
 (tests/test_engine_shipped.py); this is the full measurement behind benchmarks/README.md.
 
+Besides the batches, every film is also scored alone (the single-film path the Classify and PACS pages use, a
+separate OpenVINO compilation), its low-confidence flag compared, and the Grad-CAM of the first 64 films.
+
 ``--record`` (on a CPU with BF16) writes the bf16 figures into each card's ``metrics.engine_agreement.bf16``
-with ``passes`` (within ``cxr_core.engine.BF16_BOUNDS``) and the fingerprint of the weights and decision rule
+with ``passes`` (decisions equal on both paths, flags and AUC within ``cxr_core.engine.BF16_BOUNDS``) and the
+fingerprint of the weights and decision rule
 they hold for: a model whose bf16 passes is then served at bf16 by default on BF16 CPUs
 (``cxr_core.engine.default_precision``); one that misses, or whose card changed since, stays at f32.
 """
@@ -31,6 +35,9 @@ DATA = REPO.parent / "shared" / "data"
 SOURCES = {"kermany": DATA / "kermany" / "train", "covid19_radiography": DATA / "covid19_radiography",
            "covid19_image_dataset": DATA / "covid19_image_dataset" / "train",
            "nih_chestxray14": DATA / "nih_chestxray14"}
+
+
+HEATMAP_FILMS = 64  # films whose Grad-CAM at the card's layer is compared (the maps are 224 x 224 each)
 
 
 def _batches(batch: np.ndarray, size: int = 32):
@@ -59,7 +66,24 @@ def agreement(folder: Path) -> dict:
         flags = np.array([bool(p.unfamiliar) for p in served])
         return probs, decided, metrics.evaluate(y_true, probs, classes, decided)["auc"], flags
 
+    def single(classifier: models.Classifier) -> tuple[np.ndarray, np.ndarray]:
+        """Film by film, as the Classify and PACS pages serve (OpenVINO's batch-1 LATENCY compilation, not the
+        THROUGHPUT one batches use): decisions and low-confidence flags."""
+        served = [classifier.predict(batch[i:i + 1])[0] for i in range(len(batch))]
+        return (np.array([classes.index(p.decision) for p in served]),
+                np.array([bool(p.low_confidence) for p in served]))
+
+    def heatmaps(classifier: models.Classifier) -> np.ndarray:
+        """Grad-CAM at the card's layer for the called class, on the first HEATMAP_FILMS films."""
+        from cxr_core import explain
+
+        sample = batch[:HEATMAP_FILMS]
+        called = [classes.index(p.decision) for p in classifier.predict(sample)]
+        return explain.Explainer(classifier).gradcam(sample, called)[1]
+
     tf_probs, tf_decided, tf_auc, tf_flags = scored(reference)
+    tf_single, tf_low = single(reference)
+    tf_maps = heatmaps(reference)
     stored = test[[f"p_{c}" for c in classes]].to_numpy()
     out: dict = {"n": len(test), "tensorflow": {"auc": round(tf_auc, 5),
                                                 "max_abs_diff_vs_stored": float(np.abs(tf_probs - stored).max())}}
@@ -69,6 +93,7 @@ def agreement(folder: Path) -> dict:
         classifier = models.Classifier(card, reference.model, folder, engine="openvino", precision=precision,
                                        familiarity=reference.familiarity)
         probs, decided, auc, flags = scored(classifier)
+        one_decided, low = single(classifier)
         f32_auc = auc if precision == "f32" else f32_auc
         out[f"openvino_{precision}"] = {
             "precision": classifier.precision,
@@ -76,6 +101,9 @@ def agreement(folder: Path) -> dict:
             "decisions_equal": round(float((decided == tf_decided).mean()), 5),
             "decisions_differ": int((decided != tf_decided).sum()),
             "familiarity_flags_equal": round(float((flags == tf_flags).mean()), 5),
+            "single_film_decisions_equal": round(float((one_decided == tf_single).mean()), 5),
+            "low_confidence_equal": round(float((low == tf_low).mean()), 5),
+            "heatmap_max_abs_diff": round(float(np.abs(heatmaps(classifier) - tf_maps).max()), 5),
             "auc": round(auc, 5),
             "auc_minus_f32": round(auc - f32_auc, 5),
         }
@@ -93,11 +121,17 @@ def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
     if bf16 is None or bf16.get("precision") != "bf16":
         raise ValueError("no bf16 figures to record: this CPU has no BF16 (OpenVINO ran f32)")
     card = card_lib.load(folder)
-    entry = {"n": figures["n"], "decisions_equal": bf16["decisions_equal"],
+    # Decisions must agree on both paths that serve them: batches (Batch review, scoring) and single films.
+    decisions_equal = min(bf16["decisions_equal"], bf16.get("single_film_decisions_equal", 0.0))
+    entry = {"n": figures["n"], "decisions_equal": decisions_equal,
+             "batch_decisions_equal": bf16["decisions_equal"],
+             "single_film_decisions_equal": bf16.get("single_film_decisions_equal"),
+             "low_confidence_equal": bf16.get("low_confidence_equal"),
+             "heatmap_max_abs_diff": bf16.get("heatmap_max_abs_diff"),
              "familiarity_flags_equal": bf16.get("familiarity_flags_equal"), "auc_f32": figures["openvino_f32"]["auc"],
              "auc_bf16": bf16["auc"], "auc_delta": abs(bf16["auc_minus_f32"]),
              "max_abs_diff_vs_tensorflow": round(bf16["max_abs_diff_vs_tensorflow"], 6),
-             "passes": engine.bf16_within_bounds(bf16["decisions_equal"], bf16["auc_minus_f32"],
+             "passes": engine.bf16_within_bounds(decisions_equal, bf16["auc_minus_f32"],
                                                  bf16.get("familiarity_flags_equal")),
              "bounds": dict(engine.BF16_BOUNDS), "fingerprint": engine.agreement_fingerprint(card),
              "measured": datetime.date.today().isoformat(), "cpu": cpu or {}}

@@ -152,7 +152,8 @@ def test_bf16_is_the_default_only_for_a_model_whose_agreement_is_on_record(tiny_
 
     assert default() == "f32" and engine.default_precision(None, card.read(folder)) == "f32"
     figures = {"n": 100, "openvino_f32": {"auc": 0.9}, "openvino_bf16": {
-        "precision": "bf16", "decisions_equal": 0.996, "familiarity_flags_equal": 1.0, "auc": 0.8995,
+        "precision": "bf16", "decisions_equal": 0.996, "single_film_decisions_equal": 0.998,
+        "familiarity_flags_equal": 1.0, "auc": 0.8995,
         "auc_minus_f32": -0.0005, "max_abs_diff_vs_tensorflow": 0.01}}
     assert engine_agreement.record(folder, figures)["passes"] is True
     assert engine.bf16_verified(card.read(folder)) and default() == "auto"
@@ -171,6 +172,8 @@ def test_bf16_is_the_default_only_for_a_model_whose_agreement_is_on_record(tiny_
     monkeypatch.delenv("CXR_PRECISION")
     missed = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "decisions_equal": 0.99}}
     assert engine_agreement.record(folder, missed)["passes"] is False and default() == "f32"
+    alone = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "single_film_decisions_equal": 0.99}}
+    assert engine_agreement.record(folder, alone)["passes"] is False and default() == "f32"  # the Classify path
     flags_moved = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "familiarity_flags_equal": 0.99}}
     assert engine_agreement.record(folder, flags_moved)["passes"] is False and default() == "f32"
     assert engine_agreement.record(folder, figures)["passes"] is True and default() == "auto"

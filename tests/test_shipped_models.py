@@ -113,6 +113,8 @@ def test_shipped_models_record_bf16_agreement_for_their_current_card_and_serve_i
     assert record["passes"] is True and record["n"] == len(
         pd.read_csv(REPO / "models" / name / "predictions.csv").query("split == 'test'"))
     assert record["decisions_equal"] >= 0.995 and record["auc_delta"] <= 0.002
+    # measured on both serving paths: batches and single films (the Classify and PACS pages)
+    assert min(record["batch_decisions_equal"], record["single_film_decisions_equal"]) == record["decisions_equal"]
     assert engine.bf16_verified(classifier.card)
     default = models.load(REPO / "models" / name)
     assert default.precision == ("bf16" if engine.bf16_supported() else "f32")
