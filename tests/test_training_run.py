@@ -823,3 +823,29 @@ def test_rescore_external_matches_class_folders_by_name_whatever_their_case(firs
     assert sorted(ext["true_class"].value_counts().items()) == [("NORMAL", 3), ("PNEUMONIA", 3)]
     with pytest.raises(ValueError, match="no folder maps to the model's classes"):
         rescore.run(out, [str(external / "Covid")], cache_dir=str(work / "cache"), log=lambda _: None)
+
+
+def test_rescore_external_leaves_out_other_films_of_patients_the_model_trained_on(first_run, work, tmp_path):
+    """--external KERMANY/test is the same source as the model's KERMANY/train, and Kermany's patients have several
+    films: one of a training patient's other films was scored as 'never seen'."""
+    from training import data, rescore
+
+    out = tmp_path / "rescored-patients"
+    shutil.copytree(first_run[0], out)
+    rows = list(csv.DictReader((out / "split.csv").open(newline="")))
+    linked = {r["path"] for r in rows}
+    trained = {r["patient"] for r in rows if r["split"] == "train" and r["patient"]}
+    other = next(p for p in sorted((KERMANY / "PNEUMONIA").iterdir())
+                 if data.patient_id(p.name) in trained and f"PNEUMONIA/{p.name}" not in linked)
+    external = tmp_path / "x" / "cxr" / "test"  # the source the model trained on: 'cxr' (work/cxr)
+    _link(KERMANY / "NORMAL", external / "NORMAL", 2, offset=200)
+    (external / "PNEUMONIA").mkdir(parents=True)
+    (external / "PNEUMONIA" / other.name).symlink_to(other)
+    fresh = next(p for p in sorted((KERMANY / "PNEUMONIA").iterdir(), reverse=True)
+                 if data.patient_id(p.name) not in trained)
+    (external / "PNEUMONIA" / fresh.name).symlink_to(fresh)
+    lines: list[str] = []
+    rescore.run(out, [str(external)], cache_dir=str(work / "cache"), log=lines.append)
+    assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
+    ext = pd.read_csv(out / "predictions.csv").query("split == 'external'")
+    assert other.name not in " ".join(ext["path"]) and fresh.name in " ".join(ext["path"]) and len(ext) == 3

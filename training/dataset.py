@@ -131,6 +131,10 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
     """
     manifest = Path(config.weights, "split.csv")
     if not Path(config.weights, card_lib.CARD_FILE).is_file():
+        if config.weights and config.weights not in ("imagenet", "none") and not Path(config.weights).exists():
+            log(f"the starting weights' folder {config.weights} is not here (moved, or named as on another machine): "
+                "the films they trained on cannot be left out of the held-out splits, whose figures may flatter the "
+                "model")
         return list(range(len(records))), []
     if not manifest.is_file():
         log(f"the starting weights' folder {config.weights} has no split.csv: the films they trained on cannot be "

@@ -75,6 +75,15 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
         "external films")
     fresh, _seen = dataset.not_seen_by_start(config, [decoded.records[i] for i in keep], [*duplicates, *gone], log)
     keep = [keep[i] for i in fresh]
+    # Another film of a patient the model itself trained on is not held out from it either (Kermany's own test
+    # folder is the same source, 'kermany', as its train folder, and shares patient ids with it).
+    patients = {(r.source, r.patient) for r in train.records if r.patient}
+    same = [i for i in keep if decoded.records[i].patient and
+            (decoded.records[i].source, decoded.records[i].patient) in patients]
+    if same:
+        log(f"external: left out {len(same)} films of patients the model trained on (their other films are in its "
+            "train split)")
+        keep = [i for i in keep if i not in set(same)]
     recs = [decoded.records[i] for i in keep]
     index = {c: i for i, c in enumerate(prepared.classes)}
     return dataset.Split(recs, decoded.images[keep], np.array([index[r.label] for r in recs], dtype=np.int64))
