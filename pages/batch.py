@@ -186,7 +186,7 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row, stamp
         st.error(str(err))
         return
     names = list(classifier.card.class_names)
-    if st.session_state.get("batch_class_file") != name:  # another row: explain what it was called, anew
+    if st.session_state.get("batch_class_file") != name or "batch_class" not in st.session_state:  # anew
         st.session_state["batch_class_file"] = name
         st.session_state["batch_class"] = row["decision"]
     target = st.selectbox("Explain class", names, key="batch_class",

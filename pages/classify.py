@@ -207,7 +207,9 @@ method = controls[0].selectbox("Explanation method", list(METHOD_LABELS), format
 # One widget key for every image, reset to the top class when the image changes. (A key per image
 # kept each upload's widget alive in the session, and a lambda format_func kept that run's globals,
 # pixels and overlays included, alive with it.)
-if st.session_state.get("explain_image") != key:
+# Also when the widget's own state is gone (Streamlit drops it when another page was shown): it would start at class
+# 0 (NORMAL) beside "Decision: PNEUMONIA".
+if st.session_state.get("explain_image") != key or "explain_class" not in st.session_state:
     st.session_state["explain_image"] = key
     st.session_state["explain_class"] = first.class_index
 explained = controls[1].selectbox("Class to explain", range(len(card.class_names)),

@@ -264,7 +264,8 @@ if image_pixels is not None:
                      counts={"images": 1, "positive": int(prediction.positive)})
     names = list(model_card.class_names)
     explained_for = marker + ui.model_version(model_card)
-    if st.session_state.get("instructor_class_for") != explained_for:  # another image or model: explain anew
+    if (st.session_state.get("instructor_class_for") != explained_for  # another image or model: explain anew
+            or "instructor_class" not in st.session_state):  # or the widget's state went with another page
         st.session_state["instructor_class_for"] = explained_for  # the class it was called
         st.session_state["instructor_class"] = prediction.decision
     target = st.selectbox("Class to explain", names, key="instructor_class")
