@@ -269,7 +269,7 @@ def _read_some(raw: urllib3.response.BaseHTTPResponse) -> bytes:
 class _Received:
     """A streamed answer, read to its end, as dicomweb-client's multipart decoder takes it."""
 
-    def __init__(self, response: requests.Response, body: bytearray) -> None:
+    def __init__(self, response: requests.Response, body: bytes) -> None:
         self.headers, self.content = response.headers, bytes(body)
 
     def __enter__(self) -> _Received:
@@ -297,20 +297,28 @@ class _BoundedAdapter(requests.adapters.HTTPAdapter):
         response = super().send(request, stream=True, **kwargs)
         if stream:
             return response
-        deadline, body = time.monotonic() + self.deadline_s, bytearray()
         with response:  # closed on every way out: read whole, or abandoned
-            while chunk := _read_some(response.raw):
-                body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise PacsError(f"The PACS at {self.host} sent more than {MAX_ANSWER_BYTES // limits.MiB} MB "
-                                    "in answer to one request: it was not read. Narrow the search, or ask its "
-                                    "administrator.")
-                if time.monotonic() > deadline:
-                    raise PacsError(f"The PACS at {self.host} took more than {self.deadline_s:g} s to answer one "
-                                    "request (it sends too slowly). Retry later, narrow the search, or raise "
-                                    "'timeout' in the [pacs] settings.")
-        response._content, response._content_consumed = bytes(body), True
+            body = _read_bounded(
+                lambda: _read_some(response.raw), MAX_ANSWER_BYTES, time.monotonic() + self.deadline_s,
+                f"The PACS at {self.host} sent more than {MAX_ANSWER_BYTES // limits.MiB} MB in answer to one "
+                "request: it was not read. Narrow the search, or ask its administrator.",
+                f"The PACS at {self.host} took more than {self.deadline_s:g} s to answer one request (it sends too "
+                "slowly). Retry later, narrow the search, or raise 'timeout' in the [pacs] settings.")
+        response._content, response._content_consumed = body, True
         return response
+
+
+def _read_bounded(read: Callable[[], bytes], cap: int, deadline: float, too_much: str, too_slow: str) -> bytes:
+    """An answer read to its end in pieces (``read`` gives b"" at the end), stopped with PacsError(``too_much``)
+    past ``cap`` bytes and PacsError(``too_slow``) past the ``deadline`` (``time.monotonic``)."""
+    body = bytearray()
+    while chunk := read():
+        body += chunk
+        if len(body) > cap:
+            raise PacsError(too_much)
+        if time.monotonic() > deadline:
+            raise PacsError(too_slow)
+    return bytes(body)
 
 
 class Client:
@@ -441,26 +449,18 @@ class Client:
         response = self._call(doing, self._web._http_get, url, headers={"Accept": ACCEPT_ANY_DICOM}, stream=True)
         cap = limits.MAX_FILE_BYTES + 4096  # the film and its multipart headers
         deadline = time.monotonic() + RETRIEVE_TIMEOUTS * self.settings.timeout
-        body = bytearray()
         with response:
             declared = _int(str(response.headers.get("Content-Length", "")))
             if declared is not None and declared > cap:
                 raise PacsError(f"The PACS at {self.settings.host} is sending an image of {declared / limits.MiB:,.0f} "
                                 f"MB, over the limit of {limits.MAX_FILE_BYTES // limits.MiB} MB for one film: it "
                                 "was not read. Open it in the PACS viewer.")
-            while True:
-                chunk = self._call(doing, _read_some, response.raw)
-                if not chunk:
-                    break
-                body += chunk
-                if len(body) > cap:
-                    raise PacsError(f"The PACS at {self.settings.host} sent more than "
-                                    f"{limits.MAX_FILE_BYTES // limits.MiB} MB for one image, over the limit for one "
-                                    "film: it was not read. Open it in the PACS viewer.")
-                if time.monotonic() > deadline:
-                    raise PacsError(f"The PACS at {self.settings.host} took more than "
-                                    f"{RETRIEVE_TIMEOUTS * self.settings.timeout:g} s to send one image (it sends "
-                                    "too slowly). Retry later, or raise 'timeout' in the [pacs] settings.")
+            body = _read_bounded(
+                lambda: self._call(doing, _read_some, response.raw), cap, deadline,
+                f"The PACS at {self.settings.host} sent more than {limits.MAX_FILE_BYTES // limits.MiB} MB for one "
+                "image, over the limit for one film: it was not read. Open it in the PACS viewer.",
+                f"The PACS at {self.settings.host} took more than {RETRIEVE_TIMEOUTS * self.settings.timeout:g} s to "
+                "send one image (it sends too slowly). Retry later, or raise 'timeout' in the [pacs] settings.")
         parts = self._call(doing, lambda: list(self._web._decode_multipart_message(_Received(response, body), False)))
         if len(parts) != 1:
             raise PacsError(f"The PACS at {self.settings.host} answered {len(parts)} objects for one image. Ask its "

@@ -38,7 +38,7 @@ from PIL import Image
 from cxr_core import imaging, limits
 from cxr_core.errors import quoted
 
-_CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")
+CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")  # a DICOM code string (CS): PS3.5 6.2
 
 TEMPLATE_FILE = Path(__file__).with_name("chest_template.png")
 TEMPLATE_SIZE = 32
@@ -170,7 +170,7 @@ def _code(value: str) -> str:
     underscore, at most 16). Anything else is not quoted: a value whose length was damaged runs on into the
     elements after it (a referring physician's name follows the modality), and the sentence reaches pages, CSVs
     and logs."""
-    return quoted(value, 16) if _CODE_STRING.fullmatch(value) else "a value that is no DICOM code"
+    return quoted(value, 16) if CODE_STRING.fullmatch(value) else "a value that is no DICOM code"
 
 
 def _tag_reasons(metadata: dict[str, Any]) -> list[str]:

@@ -98,20 +98,32 @@ def cautions(prediction: Prediction, card: ModelCard, checked=None, info=None) -
     results written back to the PACS): probably not a frontal chest film (``checked``, a quality report), low
     confidence, unlike the training films, and what the reader changed in the picture (``info``, the film's
     ImageInfo: inverted, colour to grey, frames left out...)."""
-    from cxr_core import imaging
-
     out = []
     if checked is not None and checked.probably_not_chest:
-        out.append("Probably not a frontal chest radiograph: " + "; ".join(checked.reasons)
-                   + ". The result is not meaningful for this film.")
+        out.append(not_chest_line(checked) + " The result is not meaningful for this film.")
     if prediction.low_confidence:
-        out.append(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
-                   f"{card.low_confidence:.0%}. Treat this result as uncertain.")
+        out.append(low_confidence_line(prediction, card) + " Treat this result as uncertain.")
     if prediction.unfamiliar:
         out.append(familiarity_line(prediction, card))
-    if info is not None:
-        out += [f"Reading: {note}." for note in imaging.reading_notes(info, cautions=True)]
-    return out
+    return out + reading_lines(info)
+
+
+def not_chest_line(checked) -> str:
+    """The quality check's verdict on a flagged film, as one sentence (each page adds what it means there)."""
+    return "Probably not a frontal chest radiograph: " + "; ".join(checked.reasons) + "."
+
+
+def low_confidence_line(prediction: Prediction, card: ModelCard) -> str:
+    """A low-confidence result, as one sentence: the top probability and the card's bound."""
+    return (f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
+            f"{card.low_confidence:.0%}.")
+
+
+def reading_lines(info) -> list[str]:
+    """What the reader changed in the picture that should travel with a result (``ImageInfo``; None: nothing)."""
+    from cxr_core import imaging
+
+    return [f"Reading: {note}." for note in imaging.reading_notes(info, cautions=True)] if info is not None else []
 
 
 def familiarity_line(prediction: Prediction, card: ModelCard) -> str:

@@ -75,8 +75,9 @@ def window_ui(info: imaging.ImageInfo, key: str) -> tuple[float, float] | None:
 # What each allow-listed field may hold to be shown (PS3.5 value representations): a value whose length was
 # damaged runs on into the elements after it (the institution and referring physician follow the manufacturer),
 # and st.table renders Markdown (an image link would be fetched by the browser).
-_SHOWN = {"Modality": r"[A-Z0-9 _]{0,16}", "ViewPosition": r"[A-Z0-9 _]{0,16}", "BodyPartExamined": r"[A-Z0-9 _]{0,16}",
-          "PhotometricInterpretation": r"[A-Z0-9 _]{0,16}", "Manufacturer": r"[ -~]{0,64}",
+_CS = quality.CODE_STRING.pattern
+_SHOWN = {"Modality": _CS, "ViewPosition": _CS, "BodyPartExamined": _CS, "PhotometricInterpretation": _CS,
+          "Manufacturer": r"[ -~]{0,64}",
           "ManufacturerModelName": r"[ -~]{0,64}", "ImagerPixelSpacing": r"[0-9.eE+\-\[\], ]{0,64}",
           "PixelSpacing": r"[0-9.eE+\-\[\], ]{0,64}"}
 
@@ -126,15 +127,14 @@ def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
     """Low-confidence and not-a-chest warnings; returns their sentences for the report."""
     sentences = []
     if checked.probably_not_chest:
-        sentences.append("Probably not a frontal chest radiograph: " + "; ".join(checked.reasons) + ".")
+        sentences.append(report.not_chest_line(checked))
         st.warning(sentences[-1] + " The result below is not meaningful for this input.", icon="🚫")
         with st.expander("How 'probably not a chest X-ray' is decided"):
             st.markdown("The image is flagged when any of these simple checks fires:\n"
                         + "\n".join(f"- {rule}" for rule in quality.RULES)
                         + f"\n\nOn {quality.CALIBRATION} they flag {quality.FALSE_POSITIVES}.")
     if prediction.low_confidence:
-        sentences.append(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
-                         f"{card.low_confidence:.0%}.")
+        sentences.append(report.low_confidence_line(prediction, card))
         st.warning(sentences[-1] + " Treat this result as uncertain.", icon="⚠️")
     familiarity_ui(prediction, card)
     return sentences
@@ -251,7 +251,7 @@ opacity, colormap = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key
                                  titles=(film_title, heat_title), revision=key)
 for note in imaging.reading_notes(info):  # what the reader changed: transparency, non-finite samples
     st.caption(f"Note: {note}.")
-sentences += [f"Reading: {note}." for note in imaging.reading_notes(info, cautions=True)]  # and in the report
+sentences += report.reading_lines(info)  # and in the report
 pixels = overlay.fit(shown.pixels)  # the report's copy: at most MAX_DISPLAY_SIDE, so a 30000 x 10 strip is drawn
 blended = overlay.overlay(pixels, result.heatmap, colormap, opacity)
 args = dict(image=pixels, overlay_rgb=blended, prediction=prediction, card=card,

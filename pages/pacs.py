@@ -15,7 +15,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import dicomweb, familiarity, imaging, overlay, pacs, review
+from cxr_core import dicomweb, familiarity, imaging, overlay, pacs, report, review
 from cxr_core.dicomweb import PacsError
 
 STUDIES, RESULTS, BATCH, SEARCHES = "pacs_studies", "pacs_results", "pacs_batch", "pacs_searches"
@@ -107,8 +107,8 @@ def film_ui(item: pacs.FilmResult, card) -> None:
         return
     result, prediction = item.result, item.result.prediction
     if item.quality is not None and item.quality.probably_not_chest:
-        st.warning(ui.plain("Probably not a frontal chest radiograph: " + "; ".join(item.quality.reasons)
-                            + ". The result below is not meaningful for this film, and is not written back."),
+        st.warning(ui.plain(report.not_chest_line(item.quality)
+                            + " The result below is not meaningful for this film, and is not written back."),
                    icon="🚫")
     for note in imaging.reading_notes(result.image.info):  # what the reader changed (inverted, frames left out)
         st.info(ui.plain(note), icon="ℹ️")
@@ -117,8 +117,7 @@ def film_ui(item: pacs.FilmResult, card) -> None:
                    f"threshold {card.familiarity.get('threshold', float('nan')):.4f} fitted on validation films)",
                    icon="❔")
     if prediction.low_confidence:
-        st.warning(f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
-                   f"{card.low_confidence:.0%}. Treat this result as uncertain.", icon="⚠️")
+        st.warning(report.low_confidence_line(prediction, card) + " Treat this result as uncertain.", icon="⚠️")
     left, right = st.columns([3, 2])
     pictures = left.columns(2)
     # At most MAX_DISPLAY_SIDE a side, as on the Classify page: a 4300 x 4300 film would send ~55 MB of RGB per
@@ -178,8 +177,8 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
         st.error(ui.plain(err))
         return
     auth.record("pacs_write", **audited, counts={"objects": len(stored)})
-    written = len(result.classified) if include else len(result.writable)
-    left_out = len(result.classified) - written
+    left_out = 0 if include else flagged
+    written = len(result.classified) - left_out
     st.success(f"Stored {len(stored)} object(s) in the study: a structured report and a heatmap image for each "
                f"of {written} film(s), flagged UNVERIFIED, with each film's cautions (not a chest, low confidence, "
                "unlike the training films, what the reader changed)."

@@ -60,7 +60,6 @@ class Store:
         self._count = 0
         self._resume = False
         self._lock: Any = None
-        self._card = ""
 
     def start(self, resume: bool, card_sha256: str = "") -> dict[str, str]:
         """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts.
@@ -74,7 +73,6 @@ class Store:
         """
         self._lock_output()
         self._resume = resume
-        self._card = card_sha256
         if not resume:
             shutil.rmtree(self.parts, ignore_errors=True)
             return {}
@@ -120,8 +118,8 @@ class Store:
         tables += [pq.read_table(p) for p in sorted(self.parts.glob("part-*.parquet"))]
         wanted = set(self.schema.names)
         for i, table in enumerate(tables):
-            for column in ("card_sha256", "engine", "reading_notes"):  # written before the column: "" (no card:
-                # scored again)
+            # Columns added since an output was written: "" (an empty card_sha256 is no model's: its rows score again).
+            for column in ("card_sha256", "engine", "reading_notes"):
                 if column not in table.column_names:
                     tables[i] = table = table.append_column(column, pa.array([""] * len(table), pa.string()))
             if not wanted <= set(table.column_names):
