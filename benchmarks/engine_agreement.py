@@ -11,11 +11,12 @@ macro AUC, and the AUC difference from f32. The tests check a 64-image sample of
 Besides the batches, every film is also scored alone (the single-film path the Classify and PACS pages use, a
 separate OpenVINO compilation), its low-confidence flag compared, and the Grad-CAM of the first 64 films.
 
-``--record`` (on a CPU with BF16) writes the bf16 figures into each card's ``metrics.engine_agreement.bf16``
-with ``passes`` (decisions equal on both paths, flags and AUC within ``cxr_core.engine.BF16_BOUNDS``) and the
-fingerprint of the weights and decision rule
-they hold for: a model whose bf16 passes is then served at bf16 by default on BF16 CPUs
-(``cxr_core.engine.default_precision``); one that misses, or whose card changed since, stays at f32.
+``--record`` (on a CPU with BF16) writes the bf16 figures into each card's ``metrics.engine_agreement``, under
+the key of this CPU's bf16 kind (``cxr_core.engine.BF16_KINDS``: ``bf16`` for AVX-512 BF16, ``bf16_amx`` for AMX;
+the other kind's record stays), with ``passes`` (decisions equal on both paths, flags and AUC within
+``cxr_core.engine.BF16_BOUNDS``) and the fingerprint of the weights and decision rule they hold for: a model whose
+bf16 passes is then served at bf16 by default on CPUs of that kind (``cxr_core.engine.default_precision``); one
+that misses, whose card changed since, or a CPU of the other kind stays at f32.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def agreement(folder: Path) -> dict:
 
 
 def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
-    """Write ``figures``' bf16 agreement into the card of ``folder`` (``metrics.engine_agreement.bf16``); returns it."""
+    """Write ``figures``' bf16 agreement into the card of ``folder``; returns it. ``cpu``: the measuring CPU's flags
+    (``{"flags": [...]}``, ``benchmarks.serving.cpu_flags``); the record goes under its bf16 kind's key in
+    ``metrics.engine_agreement`` (``engine.BF16_KINDS``), beside any record of the other kind."""
     import datetime
 
     from cxr_core import card as card_lib
@@ -120,6 +123,9 @@ def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
     bf16 = figures.get("openvino_bf16")
     if bf16 is None or bf16.get("precision") != "bf16":
         raise ValueError("no bf16 figures to record: this CPU has no BF16 (OpenVINO ran f32)")
+    kind = engine.bf16_kind((cpu or {}).get("flags"))
+    if kind is None:
+        raise ValueError("no bf16 kind to record under: the CPU flags list neither amx_bf16 nor avx512_bf16")
     card = card_lib.load(folder)
     # Decisions must agree on both paths that serve them: batches (Batch review, scoring) and single films.
     decisions_equal = min(bf16["decisions_equal"], bf16.get("single_film_decisions_equal", 0.0))
@@ -135,7 +141,9 @@ def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
                                                  bf16.get("familiarity_flags_equal")),
              "bounds": dict(engine.BF16_BOUNDS), "fingerprint": engine.agreement_fingerprint(card),
              "measured": datetime.date.today().isoformat(), "cpu": cpu or {}}
-    card.metrics = {**card.metrics, "engine_agreement": {"bf16": entry}}
+    kept = card.metrics.get("engine_agreement")
+    kept = {k: v for k, v in kept.items() if k in engine.BF16_KINDS.values()} if isinstance(kept, dict) else {}
+    card.metrics = {**card.metrics, "engine_agreement": {**kept, engine.BF16_KINDS[kind]: entry}}
     card_lib.save(card, folder)
     return entry
 

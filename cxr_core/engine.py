@@ -21,20 +21,20 @@ Engines:
   Keras imported (``cxr_core.models.load`` builds the Keras model only when an explanation needs
   gradients).
 
-Which engine: the argument, else env ``CXR_ENGINE``, else ``openvino`` where it imports and Keras runs
-on TensorFlow, else ``tensorflow``. Which precision: the argument, else env ``CXR_PRECISION``, else
+Which engine: the argument, else env ``CXR_ENGINE``, else ``openvino`` where it imports and Keras runs on
+TensorFlow, else ``tensorflow``. Which precision: the argument, else env ``CXR_PRECISION``, else
 (``default_precision``) ``auto`` for a model whose card records that bf16 agrees with TensorFlow within
 ``BF16_BOUNDS`` on its test split (``python -m benchmarks.engine_agreement --record``, for these very weights,
-temperature and thresholds), else ``f32``. ``bf16`` (or ``auto``: bf16 where supported) is honoured on
-OpenVINO only where the CPU lists BF16 in ``OPTIMIZATION_CAPABILITIES``; otherwise f32 and ``Choice.note``
-says why. A model without that record is served at f32, the only precision that reproduces TensorFlow's
-probabilities and Grad-CAM to 1e-5 (OpenVINO's own default on a BF16-capable CPU is bf16, so the
-precision is always asked for explicitly).
-"""
+temperature and thresholds, on a CPU of this one's bf16 kind: AMX or AVX-512 BF16), else ``f32``. ``bf16`` (or
+``auto``: bf16 where supported) is honoured on OpenVINO only where the CPU lists BF16 in
+``OPTIMIZATION_CAPABILITIES``; otherwise f32 and ``Choice.note`` says why. A model without that record is served
+at f32, the only precision that reproduces TensorFlow's probabilities and Grad-CAM to 1e-5 (OpenVINO's own
+default on a BF16-capable CPU is bf16, so the precision is always asked for explicitly)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -122,18 +122,69 @@ def agreement_fingerprint(card) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def bf16_verified(card) -> bool:
-    """Whether the card records bf16 agreement within ``BF16_BOUNDS`` for its current weights and decision rule
-    (``metrics.engine_agreement.bf16``, written by ``python -m benchmarks.engine_agreement --record``)."""
-    record = (card.metrics or {}).get("engine_agreement")
-    record = record.get("bf16") if isinstance(record, dict) else None
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags as Linux lists them (``/proc/cpuinfo``); empty where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((frozenset(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")),
+                        frozenset())
+    except OSError:
+        return frozenset()
+
+
+# Which arithmetic OpenVINO's bf16 kernels use, by the CPU flag that offers it: AMX tiles (Xeon since Sapphire
+# Rapids) or AVX-512 dot products (AMD Zen 4+, Cooper Lake). They sum in another order and may leave other
+# operations in bf16, so a bf16 agreement measured with one says nothing for the other: a record counts only
+# on the kind of CPU it was measured on. The card keeps one record per kind under these keys.
+BF16_KINDS = {"amx_bf16": "bf16_amx", "avx512_bf16": "bf16"}
+_KIND_NAMES = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 BF16 (no AMX)"}
+
+
+def bf16_kind(flags) -> str | None:
+    """``amx_bf16``, ``avx512_bf16`` (the first of them in ``flags``) or None: neither listed or flags unknown."""
+    flags = set(flags or ())
+    return next((kind for kind in BF16_KINDS if kind in flags), None)
+
+
+def bf16_record(card, kind: str | None) -> dict | None:
+    """The card's bf16 agreement record for CPUs of ``kind`` (``bf16_kind``), or None."""
+    records = (card.metrics or {}).get("engine_agreement")
+    record = records.get(BF16_KINDS[kind]) if isinstance(records, dict) and kind in BF16_KINDS else None
+    return record if isinstance(record, dict) else None
+
+
+def _record_holds(card, record: dict | None) -> bool:
+    """Whether ``record`` is for the card's current weights and decision rule and its figures meet today's bounds
+    (not the verdict stored with them: bounds may have tightened since)."""
     if not (isinstance(record, dict) and record.get("fingerprint") == agreement_fingerprint(card)):
         return False
-    try:  # the figures against today's bounds, not the verdict stored with them (bounds may have tightened since)
+    try:
         return record.get("passes") is True and bf16_within_bounds(
             float(record["decisions_equal"]), float(record["auc_delta"]), record.get("familiarity_flags_equal"))
     except (KeyError, TypeError, ValueError):
         return False
+
+
+def bf16_verified(card, flags=None) -> bool:
+    """Whether the card records bf16 agreement within ``BF16_BOUNDS`` for its current weights and decision rule,
+    measured on a CPU of this one's bf16 kind (``flags``: this CPU's, ``cpu_flags()``, unless given); written by
+    ``python -m benchmarks.engine_agreement --record`` into ``metrics.engine_agreement``."""
+    return _record_holds(card, bf16_record(card, bf16_kind(cpu_flags() if flags is None else flags)))
+
+
+def bf16_elsewhere_note(card, flags=None) -> str:
+    """Why a model whose bf16 agreement holds on another kind of CPU is served at f32 here ('' otherwise)."""
+    here = bf16_kind(cpu_flags() if flags is None else flags)
+    if _record_holds(card, bf16_record(card, here)):
+        return ""
+    measured = [_KIND_NAMES[kind] for kind in BF16_KINDS
+                if kind != here and _record_holds(card, bf16_record(card, kind))]
+    if not measured:
+        return ""
+    return (f"f32: this model's bf16 agreement with TensorFlow was measured on {' and '.join(measured)} CPUs, "
+            f"not on this kind ({_KIND_NAMES.get(here, 'no BF16 instructions listed')}); "
+            "python -m benchmarks.engine_agreement --record measures it here")
 
 
 def default_precision(precision: str | None, card=None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -407,6 +408,7 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
     card = card_lib.load(folder)
     fam = _familiarity(card, folder)
     key = cache_key(card)
+    unasked = not (precision or os.environ.get("CXR_PRECISION", "").strip())
     precision = engine_lib.default_precision(precision, card)  # bf16 only for a model whose agreement is on record
 
     def build_model() -> keras.Model:
@@ -422,9 +424,15 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
     if runner is not None and runner.classes != len(card.class_names):
         runner = None  # an entry whose graph gives another number of logits than the card's classes: convert
     if runner is not None:
-        return Classifier(card, None, folder, runner=runner, build=build_model, familiarity=fam)
-    return Classifier(card, build_model(), folder, engine=engine, precision=precision, cache_key=key,
-                      familiarity=fam)
+        classifier = Classifier(card, None, folder, runner=runner, build=build_model, familiarity=fam)
+    else:
+        classifier = Classifier(card, build_model(), folder, engine=engine, precision=precision, cache_key=key,
+                                familiarity=fam)
+    elsewhere = engine_lib.bf16_elsewhere_note(card) if unasked and precision == "f32" else ""
+    if elsewhere and classifier.runner.name == "openvino" and engine_lib.bf16_supported():
+        # bf16 agreement on record for another kind of CPU only: the sidebar says why this BF16 CPU serves f32
+        classifier.runner.note = "; ".join(n for n in (classifier.runner.note, elsewhere) if n)
+    return classifier
 
 
 def save(model: keras.Model, card: card_lib.ModelCard, folder: str | Path) -> Path:
