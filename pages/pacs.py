@@ -22,6 +22,7 @@ STUDIES, RESULTS, BATCH, SEARCHES = "pacs_studies", "pacs_results", "pacs_batch"
 AGAIN, AGAIN_FOR, AGAIN_USED = "pacs_again", "pacs_again_study", "pacs_again_used"
 NOT_CHEST, NOT_CHEST_USED = "pacs_not_chest", "pacs_not_chest_used"  # write films flagged not a chest too
 MODALITY_CHOICES = {"CR, DX or DR": dicomweb.RADIOGRAPHY, "CR": "CR", "DX": "DX", "DR": "DR"}
+LIMITS = (100, 250, 500)  # studies a search lists at most (each a row of the PACS's answer: ~1 KB)
 
 
 def search_ui(client: dicomweb.Client) -> None:
@@ -35,12 +36,15 @@ def search_ui(client: dicomweb.Client) -> None:
     accession = cols[2].text_input("Accession number", key="pacs_accession")
     modality = cols[3].selectbox("Modality", list(MODALITY_CHOICES), key="pacs_modality")
     body = cols[4].text_input("Body part", key="pacs_body", placeholder="e.g. CHEST")
+    limit = st.selectbox("List at most", LIMITS, key="pacs_limit", format_func="{} studies".format,
+                         help="A search that matches more lists only this many, and says so. With a body part, each "
+                              "study found is asked about once more, so a larger list takes longer.")
     if not st.button("Search", type="primary", key="pacs_search"):
         return
     try:
         studies = client.search_studies(date_from=start if dated else None, date_to=end if dated else None,
-                                        accession=accession,
-                                        modality=MODALITY_CHOICES[modality], body_part=body)
+                                        accession=accession, modality=MODALITY_CHOICES[modality], body_part=body,
+                                        limit=limit)
     except PacsError as err:
         st.error(ui.plain(err))
         return
@@ -248,9 +252,11 @@ if not studies:
     st.warning("No study matches this search. Widen the dates or clear the other fields.")
     st.stop()
 if getattr(studies, "truncated", False):
-    st.warning(f"The PACS has more studies matching this search than the {len(studies)} listed here (the list "
-               "stops at its limit). Narrow the search (a shorter date range, the accession number, the modality or "
-               "the body part) to see the rest.", icon="✂️")
+    more = "" if getattr(studies, "limit", 0) >= LIMITS[-1] else f", or list more (up to {LIMITS[-1]})"
+    st.warning(f"The PACS has more studies matching this search than the {len(studies)} listed here: these are the "
+               "first it answered, in its own order, so they need not be the newest (they are sorted by date here). "
+               "Narrow the search (a shorter date range, the accession number, the modality or the body part)"
+               f"{more} to see the rest.", icon="✂️")
 st.dataframe(studies_table(studies), hide_index=True, key="pacs_studies_table")
 tabs = st.tabs(["One study", "Whole search as a batch"])
 with tabs[0]:

@@ -187,20 +187,24 @@ def test_write_back_is_offered_only_to_pacs_writers(orthanc, tiny_model_dir, tmp
 
 
 def test_a_cut_search_says_so_and_write_again_is_unticked_for_another_study(orthanc, tiny_model_dir, monkeypatch):
-    """More studies than the search's limit: the page says the list was cut and to narrow the search. "Write again",
+    """More studies than the search's limit: the page says the list was cut, that the listed ones need not be the
+    newest, and to narrow the search or list more (the limit the user chose reaches the PACS query). "Write again",
     ticked for one study, is unticked when another study is opened."""
     server, _ = orthanc
     monkeypatch.setenv("CXR_MODELS_DIR", str(tiny_model_dir.parent))
     search = dicomweb.Client.search_studies
     limit = {"value": 1}
-    monkeypatch.setattr(dicomweb.Client, "search_studies",
-                        lambda self, **kwargs: search(self, **{**kwargs, "limit": limit["value"]}))
+    asked: list[int] = []
+    monkeypatch.setattr(dicomweb.Client, "search_studies", lambda self, **kwargs: asked.append(kwargs["limit"]) or
+                        search(self, **{**kwargs, "limit": limit["value"]}))
     at = page(secrets_of(server))
     at.selectbox(key="pacs_modality").set_value("DX").run()
+    at.selectbox(key="pacs_limit").set_value(250).run()
     at.button(key="pacs_search").click().run()
-    assert [e.value for e in at.exception] == [] and len(at.dataframe[0].value) == 1
+    assert [e.value for e in at.exception] == [] and len(at.dataframe[0].value) == 1 and asked == [250]
     (cut,) = [w.value for w in at.warning if "listed" in w.value]
     assert "more studies matching this search than the 1 listed" in cut and "Narrow the search" in cut
+    assert "need not be the newest" in cut and "list more (up to 500)" in cut
     limit["value"] = 100
     at.button(key="pacs_search").click().run()
     assert len(at.dataframe[0].value) == 2 and not [w for w in at.warning if "listed" in w.value]  # nothing cut
