@@ -232,3 +232,15 @@ def per_source_per_class(metrics_json: dict[str, Any]) -> pd.DataFrame:
                              "called": ", ".join(f"{k} {v}" for k, v in called.items() if v),
                              "source unfamiliar": (fam.get(source) or {}).get("rate")})
     return pd.DataFrame(rows).set_index(["split", "source", "class"]) if rows else pd.DataFrame()
+
+
+def familiarity_sentence(rates: dict[str, Any] | None) -> str:
+    """One sentence on an evaluation's familiarity flags (``familiarity_rates``), or '' without a check."""
+    if not rates or not rates.get("n"):
+        return ""
+    wrong, right = rates.get("wrong", 0), rates.get("right", 0)
+    flagged_wrong = round((rates.get("wrong_rate") or 0) * wrong)
+    flagged_right = round((rates.get("right_rate") or 0) * right)
+    return (f"The familiarity check flags {rates['flagged']} of {rates['n']} films ({rates['rate']:.1%}) as unlike "
+            f"the films the model was trained on: {flagged_wrong} of the {wrong} it gets wrong and {flagged_right} of "
+            f"the {right} it gets right.")

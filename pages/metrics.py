@@ -273,6 +273,9 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
     if stored and stored[1] == ui.model_version(card):
         folder, _, result = stored
         st.success(f"Evaluated {len(result.predictions)} images under {ui.plain(folder)}.")
+        if result.metrics.get("familiarity"):
+            st.info(ev.familiarity_sentence(result.metrics["familiarity"])
+                    + " A useful check flags far more of the films the model gets wrong than of those it gets right.")
         if result.skipped:
             st.warning(f"{len(result.skipped)} file(s) could not be read and were skipped:")
             st.dataframe(pd.DataFrame(result.skipped), hide_index=True)

@@ -19,7 +19,7 @@ import pytest
 from conftest import DATA
 
 from cxr_core import card as card_lib
-from cxr_core import imaging, metrics, models
+from cxr_core import imaging, metrics, models, preprocess
 from training import build, dataset
 from training.config import TrainConfig
 from training.train import run
@@ -299,7 +299,8 @@ def test_evaluate_a_labelled_folder_with_a_class_map(first_run, work, tmp_path):
     _link(COVID_SET / "Covid", data_dir / "Covid", 2)
     (data_dir / "normal" / "truncated.jpeg").write_bytes((COVID_SET / "Normal" / "01.jpeg").read_bytes()[:500])
     out = tmp_path / "eval"
-    _cli("evaluate", str(first_run[0]), str(data_dir), "--out", str(out), "--map", "Viral Pneumonia=PNEUMONIA")
+    result = _cli("evaluate", str(first_run[0]), str(data_dir), "--out", str(out), "--map",
+                  "Viral Pneumonia=PNEUMONIA")
     m = json.loads((out / "metrics.json").read_text())
     for key in ("n", "accuracy", "auc", "classes", "per_class", "confusion_matrix", "ece", "skipped"):
         assert key in m
@@ -313,6 +314,19 @@ def test_evaluate_a_labelled_folder_with_a_class_map(first_run, work, tmp_path):
     y = (preds["true_class"] == "PNEUMONIA").to_numpy(int)
     assert m["auc"] == pytest.approx(metrics.evaluate(y, preds[["p_NORMAL", "p_PNEUMONIA"]].to_numpy(),
                                                       ["NORMAL", "PNEUMONIA"])["auc"])
+    # Every film carries the served familiarity distance and flag (issue 10), and the rates are those of the flags
+    classifier = models.load(first_run[0])
+    films = [data_dir / path for path in preds["path"]]
+    served = classifier.predict(preprocess.to_batch([preprocess.prepare(imaging.load(f, f.name).pixels,
+                                                                        classifier.input_size) for f in films]))
+    np.testing.assert_allclose(preds["familiarity"], [s.familiarity for s in served], rtol=1e-5)
+    assert preds["unfamiliar"].tolist() == [s.unfamiliar for s in served]
+    fam = m["familiarity"]
+    right = (preds["predicted_class"] == preds["true_class"]).to_numpy()
+    assert (fam["n"], fam["flagged"], fam["right"], fam["wrong"]) == (9, preds["unfamiliar"].sum(), right.sum(),
+                                                                       (~right).sum())
+    assert fam["threshold"] == classifier.familiarity.threshold and fam["by_group"]["external"]["n"] == 9
+    assert f"flags {fam['flagged']} of 9 films" in result.stdout
 
 
 def test_evaluate_folder_is_the_same_with_and_without_the_serving_pipeline(first_run, work, monkeypatch):

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run(config_from_args(args))
     elif args.command == "evaluate":
-        from cxr_core import models
+        from cxr_core import evaluation_view, models
         from training import evaluate
 
         classifier = models.load(args.model_dir, engine=args.engine, precision=args.precision)
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
         print(f"{m['n']} images: accuracy {m['accuracy']:.3f}, AUC {auc}; {len(result.skipped)} skipped; "
               f"unmatched folders {m['unmatched_folders'] or 'none'}; written to {out}")
+        if m.get("familiarity"):
+            print(evaluation_view.familiarity_sentence(m["familiarity"]))
         for item in result.skipped:
             print(f"skipped {item['path']}: {item['error']}")
     elif args.command == "rescore":

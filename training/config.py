@@ -66,8 +66,9 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (GPU only) | off | float16 | bfloat16
     distribute: bool = False  # data parallel over all local devices
     resume: bool = False
-    # minutes of training (this process) after which no further epoch starts when the mean epoch so far
-    # would not finish inside them; the run then scores and saves as usual, and --resume continues it (0 = none)
+    # minutes of training (this process) after which no further epoch starts when another epoch as long as
+    # the last one would not finish inside them; the run then scores and saves as usual, and --resume
+    # continues it (0 = none)
     time_budget: float = 0.0
     verbose: int = -1  # -1: progress bar on a terminal, one line per epoch otherwise
     note: str = ""  # free text kept in the card's recipe: how and where this run was made, what to do next

@@ -120,8 +120,9 @@ def _items(data_dir: Path, classes: Sequence[str], class_map: dict[str, str] | N
 
 
 def _read_and_predict(classifier: Classifier, items: list[tuple[str, Path]], batch_size: int,
-                      progress: Callable[[int, int], None] | None) -> list[tuple[str, tuple | None, str | None]]:
-    """(name, calibrated probabilities or None, error or None) per item, through the serving path.
+                      progress: Callable[[int, int], None] | None) -> list[tuple[str, Any, str | None]]:
+    """(name, ``Prediction`` or None, error or None) per item, through the serving path: calibrated probabilities,
+    decision and, for a model with a familiarity check, each film's familiarity distance and flag.
 
     ``cxr_core.pipeline.classify_many`` where it imports (it needs TensorFlow for explanations); the
     same reading and prediction batch by batch otherwise (training under JAX or PyTorch).
@@ -132,8 +133,8 @@ def _read_and_predict(classifier: Classifier, items: list[tuple[str, Path]], bat
         classify_many = None
     if classify_many is not None:
         rows = classify_many(classifier, items, batch_size=batch_size, progress=progress)
-        return [(r.name, r.prediction.probabilities if r.prediction else None, r.error) for r in rows]
-    out: list[tuple[str, tuple | None, str | None]] = []
+        return [(r.name, r.prediction, r.error) for r in rows]
+    out: list[tuple[str, Any, str | None]] = []
     for start in range(0, len(items), batch_size):
         images, names = [], []
         for name, path in items[start:start + batch_size]:
@@ -143,7 +144,7 @@ def _read_and_predict(classifier: Classifier, items: list[tuple[str, Path]], bat
             except UnreadableImageError as exc:
                 out.append((name, None, str(exc)))
         if images:
-            out.extend((n, p.probabilities, None) for n, p in zip(names, classifier.predict(
+            out.extend((n, p, None) for n, p in zip(names, classifier.predict(
                 preprocess.to_batch(images)), strict=True))
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))
@@ -160,19 +161,26 @@ def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dic
         raise ValueError(f"no images of the classes {card.class_names} under {data_dir} (folders found: {unmatched})")
     label_of = {path.relative_to(data_dir).as_posix(): label for path, label in items}
     rows = _read_and_predict(classifier, [(rel, data_dir / rel) for rel in label_of], batch_size, progress)
-    skipped = [{"path": name, "error": error} for name, probs, error in rows if probs is None]
-    scored = [(name, probs) for name, probs, _ in rows if probs is not None]
+    skipped = [{"path": name, "error": error} for name, prediction, error in rows if prediction is None]
+    scored = [(name, prediction) for name, prediction, _ in rows if prediction is not None]
     if not scored:
         raise ValueError(f"none of the {len(items)} images under {data_dir} could be read")
     paths = [name for name, _ in scored]
     y = np.array([label_of[name] for name in paths], dtype=int)
-    p = np.array([probs for _, probs in scored], dtype=np.float64)
+    p = np.array([prediction.probabilities for _, prediction in scored], dtype=np.float64)
     result = score(card, y, p)
     result["skipped"] = skipped
     result["unmatched_folders"] = unmatched
     result["model"] = card.name
     result["model_dir"] = str(classifier.folder.resolve()) if classifier.folder is not None else None
-    frame = predictions_frame(card, paths, [data_dir.name] * len(paths), y, p, split="evaluation")
+    sources = [data_dir.name] * len(paths)
+    familiarity = None
+    if classifier.familiarity is not None and all(pr.familiarity is not None for _, pr in scored):
+        # the served distances and flags, as on the Classify and Batch pages; rates as in a run's metrics.json
+        distances = np.array([prediction.familiarity for _, prediction in scored], dtype=np.float64)
+        familiarity = (distances, np.array([bool(prediction.unfamiliar) for _, prediction in scored]))
+        result["familiarity"] = familiarity_rates(card, y, p, distances, classifier.familiarity, sources)
+    frame = predictions_frame(card, paths, sources, y, p, split="evaluation", familiarity=familiarity)
     return Evaluation(result, frame, skipped)
 
 
