@@ -70,9 +70,16 @@ _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # a UID's characters (PS3.5 9.1); at most 64 of them
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"BM", "BMP"),
 )  # fmt: skip
 _FORMATS = "DICOM, JPEG, PNG, BMP, TIFF, WebP or GIF"
+PALETTE = ("This DICOM stores a palette-colour image, not a radiograph. Export the X-ray as MONOCHROME or RGB and "
+           "retry.")
+
+
+def _photometric(ds: pydicom.Dataset) -> str:
+    """PhotometricInterpretation upper-cased; missing or empty (both seen in the wild) reads as MONOCHROME2."""
+    return str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or "MONOCHROME2"
 BACKGROUND = "black"  # what transparent pixels are composited on: the dark surround of a film on a viewer
 
 
@@ -304,10 +311,17 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
         raise _undecodable(fp, fmt) from exc
     metadata = {"PillowMode": im.mode}
     opened = im
-    orientation = im.getexif().get(0x0112, 1)
+    unreadable = "unreadable EXIF block: the picture is shown as stored"
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block (PNG, WebP) around a sound picture: read it as it is stored
+        orientation, metadata["ExifOrientation"] = None, unreadable
     if orientation in range(2, 9):
-        im = ImageOps.exif_transpose(im)  # a new image: its frames are counted on the file's
-        metadata["ExifOrientation"] = str(orientation)
+        try:
+            im = ImageOps.exif_transpose(im)  # a new image: its frames are counted on the file's
+            metadata["ExifOrientation"] = str(orientation)
+        except Exception:
+            metadata["ExifOrientation"] = unreadable
     pixels, bit_depth, notes = _pillow_gray(im)
     metadata.update(notes)
     frames = _frame_count(opened)
@@ -324,15 +338,19 @@ _MAX_FRAMES_COUNTED = 1000
 def _frame_count(im: Image.Image) -> int:
     """How many frames (pages) the file holds, counted to at most ``_MAX_FRAMES_COUNTED``: Pillow's ``n_frames``
     walks a TIFF's every page at a cost that grows with the square of their number (40,000 chained pages in a
-    4.6 MB file took 40 s, a 200 MB one would take hours). Only the first frame is read."""
-    if im.format != "TIFF":
-        return int(getattr(im, "n_frames", 1))
+    4.6 MB file took 40 s, a 200 MB one would take hours; a GIF's is a walk through every frame too). Only the
+    first frame is read, so a damaged later frame only ends the count."""
+    if im.format not in ("TIFF", "GIF"):
+        try:
+            return int(getattr(im, "n_frames", 1))
+        except Exception:  # a damaged later frame (an animation cut short): the first one was read
+            return 1
     count = 1
     try:
         while count < _MAX_FRAMES_COUNTED:
             im.seek(count)
             count += 1
-    except (EOFError, OSError, ValueError):
+    except Exception:  # EOFError at the end; a damaged page (TypeError, SyntaxError, KeyError...) ends it too
         pass
     return count
 
@@ -463,8 +481,14 @@ def _inflate(fp: BinaryIO, max_pixels: int) -> tuple[BinaryIO, str | None]:
     The header's declared size is checked as soon as the first megabyte is inflated.
 
     Returns (file, the original syntax's name) or (the same file, None) for every other syntax.
-    pydicom would inflate the whole dataset at once, however large it grows.
+    pydicom would inflate the whole dataset at once, however large it grows. A file that starts with the "DICM"
+    marker but lacks the 128-byte preamble before it (pydicom would parse the marker as a tag) gets one.
     """
+    fp.seek(0)
+    head = fp.read(132)
+    if head[:4] == b"DICM" and head[128:132] != b"DICM":
+        fp.seek(0)
+        fp = io.BytesIO(b"\0" * 128 + fp.read())  # bounded: the file's size was checked before
     fp.seek(0)
     try:
         read_preamble(fp, True)
@@ -560,11 +584,14 @@ def _declared_size(ds: pydicom.Dataset, max_pixels: int) -> tuple[int, int, int,
             f"{bits} bits = {frame * frames / limits.MiB:,.0f} MB decoded, over the limit of "
             f"{limits.MAX_DICOM_FRAME_BYTES // limits.MiB} MB per frame and "
             f"{limits.MAX_DICOM_PIXEL_BYTES // limits.MiB} MB in all. Export the single radiograph (one frame).")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    photometric = _photometric(ds)
+    if photometric == "PALETTE COLOR":
+        raise UnreadableImageError(PALETTE)
     if photometric.startswith("MONOCHROME") != (samples == 1):
         raise UnreadableImageError(
-            f"The DICOM header contradicts itself: PhotometricInterpretation {photometric} with SamplesPerPixel "
-            f"{samples} (a colour image labelled grayscale, or the reverse). Export the image again and retry.")
+            f"The DICOM header contradicts itself: PhotometricInterpretation {quoted(photometric)} with "
+            f"SamplesPerPixel {samples} (a colour image labelled grayscale, or the reverse). Export the image again "
+            "and retry.")
     return rows, cols, frames, samples
 
 
@@ -579,7 +606,8 @@ def _check_native_length(ds: pydicom.Dataset, syntax: pydicom.uid.UID, rows: int
     if expected and actual >= 2 * expected:
         raise UnreadableImageError(
             f"The DICOM pixel data holds {actual / expected:.3g} times what its header declares (Rows x Columns x "
-            f"SamplesPerPixel x NumberOfFrames), e.g. a colour image labelled {ds.get('PhotometricInterpretation')}. "
+            f"SamplesPerPixel x NumberOfFrames), e.g. a colour image labelled "
+            f"{quoted(ds.get('PhotometricInterpretation'))}. "
             "It would be shown garbled; export the image again from the PACS or modality.")
 
 
@@ -690,12 +718,9 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
                                    "JPEG or JPEG 2000 from the PACS or modality and retry.")
     _check_native_length(ds, syntax, rows, cols, frames, samples)
     _check_codestream(ds, syntax, rows, cols, frames, samples)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if photometric == "PALETTE COLOR":
-        raise UnreadableImageError("This DICOM stores a palette-colour image, not a radiograph. "
-                                   "Export the X-ray as MONOCHROME or RGB and retry.")
+    photometric = _photometric(ds)
     assumed = {}
-    if "PhotometricInterpretation" not in ds and samples == 1:  # required, but a grey image has one reading
+    if not str(ds.get("PhotometricInterpretation", "")).strip() and samples == 1:  # required; grey has one reading
         ds.PhotometricInterpretation = "MONOCHROME2"
         assumed["PhotometricInterpretation"] = "missing from the file: read as MONOCHROME2"
     try:
@@ -776,9 +801,15 @@ def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, met
         except Exception as exc:
             raise _tag_error("ModalityLUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table",
                              ours=True) from exc
+    if arr.dtype.kind == "f":  # float pixel data may hold NaN, infinities or doubles past float32: missing samples
+        finite = np.isfinite(arr) & (np.abs(arr) <= np.finfo(np.float32).max)
+        if not finite.any():
+            raise UnreadableImageError("The DICOM image holds no finite pixel values (all NaN, infinite or beyond "
+                                       "single precision). Export it again as an ordinary 8- or 16-bit image.")
+        if not finite.all():
+            metadata["NonFinitePixels"] = f"{int(arr.size - finite.sum()):,} NaN or infinite pixels shown black"
+            arr = np.where(finite, arr, arr[finite].min())
     values = arr.astype(np.float32)
-    if arr.dtype.kind == "f":  # float pixel data may hold NaN or infinities: missing samples, shown as 0
-        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
     if slope == 0:
         raise _tag_error("RescaleSlope", ds.RescaleSlope, "zero would make every pixel the same value")
