@@ -863,3 +863,84 @@ def test_rescore_external_leaves_out_other_films_of_patients_the_model_trained_o
     assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
     ext = pd.read_csv(out / "predictions.csv").query("split == 'external'")
     assert other.name not in " ".join(ext["path"]) and fresh.name in " ".join(ext["path"]) and len(ext) == 3
+
+
+ALL_OFF = {"rotation": 0, "zoom": 0, "shift": 0, "contrast": 0, "brightness": 0, "blur": 0, "gamma": 0, "noise": 0,
+           "sharpen": 0}
+
+
+def _only(name: str, value: float) -> keras.Sequential:
+    """The run's augmentation with only ``name`` on (at ``value``): one layer."""
+    layers = build.augmentation(TrainConfig(data=[], seed=5, **{**ALL_OFF, name: value}))
+    assert len(layers.layers) == 1, layers.layers
+    return layers
+
+
+def _bright(batch: np.ndarray) -> list[np.ndarray]:
+    """Per film, the (row, column) coordinates of its bright pixels."""
+    return [np.argwhere(film[..., 0] > 127) for film in batch]
+
+
+def test_geometric_augmentations_stay_within_their_bounds_and_vary_per_film():
+    """Rotation, zoom and shift (issue 10's acquisition shift), each alone on 16 films: a bar through the centre
+    turns by at most the rotation bound; a centred square keeps its centre and changes its side by at most the zoom
+    bound; a square moves by at most the shift bound and keeps its size. Each draws anew per film; at 0 each is off."""
+    n, size = 16, 64
+    bar = np.zeros((n, size, size, 3), np.float32)
+    bar[:, 31:33, 8:56] = 255.0
+    turned = np.asarray(_only("rotation", 0.05)(bar, training=True))  # +-18 degrees
+    angles = []
+    for points in _bright(turned):
+        centred = points - points.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        angle = np.degrees(np.arctan2(vt[0][0], vt[0][1]))
+        angles.append((angle + 90) % 180 - 90)
+    assert max(abs(a) for a in angles) <= 18 + 2 and np.ptp(angles) > 5, angles
+
+    square = np.zeros((n, size, size, 3), np.float32)
+    square[:, 24:40, 24:40] = 255.0
+    zoomed = np.asarray(_only("zoom", 0.15)(square, training=True))
+    sides = [np.sqrt(len(points)) for points in _bright(zoomed)]
+    centres = [points.mean(axis=0) for points in _bright(zoomed)]
+    assert all(16 / 1.15 - 1 <= s <= 16 / 0.85 + 1 for s in sides) and np.ptp(sides) > 1, sides
+    assert all(np.abs(c - 31.5).max() <= 1.0 for c in centres), centres  # about the centre
+
+    moved = np.asarray(_only("shift", 0.1)(square, training=True))  # up to 6.4 px each way
+    offsets = np.array([points.mean(axis=0) - 31.5 for points in _bright(moved)])
+    assert np.abs(offsets).max() <= 6.4 + 0.5 and np.ptp(offsets[:, 0]) > 2 and np.ptp(offsets[:, 1]) > 2, offsets
+    assert all(abs(len(points) - 256) <= 32 for points in _bright(moved))  # moved, not resized
+    for layers in (_only("rotation", 0.05), _only("zoom", 0.15), _only("shift", 0.1)):
+        np.testing.assert_array_equal(np.asarray(layers(square, training=False)), square)
+
+
+def test_exposure_and_blur_augmentations_do_what_the_card_says():
+    """Contrast scales each film about its mean by a factor within [1 - c, 1 + c]; brightness adds one offset per
+    film within +-b of the full range; blur smooths some films with a 3x3 Gaussian and leaves the others as they
+    are (never sharpens). Mid-grey films, so that nothing is clipped."""
+    rng = np.random.default_rng(1)
+    films = np.repeat(rng.uniform(80, 176, (16, 32, 32, 1)), 3, axis=-1).astype(np.float32)
+
+    contrasted = np.asarray(_only("contrast", 0.2)(films, training=True))
+    factors = contrasted.reshape(16, -1).std(axis=1) / films.reshape(16, -1).std(axis=1)
+    assert (factors >= 0.8 - 1e-3).all() and (factors <= 1.2 + 1e-3).all() and np.ptp(factors) > 0.1, factors
+    np.testing.assert_allclose(contrasted.reshape(16, -1).mean(axis=1), films.reshape(16, -1).mean(axis=1),
+                               atol=0.5)
+
+    brightened = np.asarray(_only("brightness", 0.1)(films, training=True))
+    offsets = (brightened - films).reshape(16, -1)
+    assert np.allclose(offsets.std(axis=1), 0, atol=1e-3)  # one offset per film
+    assert np.abs(offsets[:, 0]).max() <= 25.5 + 1e-3 and np.ptp(offsets[:, 0]) > 5, offsets[:, 0]
+
+    blurred = np.asarray(_only("blur", 1.0)(films, training=True))
+
+    def roughness(batch: np.ndarray) -> np.ndarray:  # mean absolute difference between neighbours, inside
+        inside = batch[:, 2:-2, 2:-2, 0]
+        return np.abs(np.diff(inside, axis=2)).mean(axis=(1, 2))
+
+    before, after = roughness(films), roughness(blurred)
+    changed = np.abs(blurred - films).reshape(16, -1).max(axis=1) > 1e-3
+    assert (after <= before + 1e-3).all() and changed.any(), (before, after)
+    assert (after[changed] < 0.9 * before[changed]).all()  # a changed film is smoothed, not only moved
+    for name, value in (("contrast", 0.2), ("brightness", 0.1), ("blur", 1.0)):
+        np.testing.assert_array_equal(np.asarray(_only(name, value)(films, training=False)), films)
+    assert build.augmentation(TrainConfig(data=[], **ALL_OFF)).layers == []
