@@ -276,3 +276,23 @@ def test_a_file_typed_as_the_folder_is_a_message(setup, monkeypatch):
     at.button(key="eval_run").click().run()
     assert not at.exception
     assert any(f"'{film}' is not a folder under the data root" in e.value for e in at.error)
+
+
+def test_a_folder_evaluation_says_what_the_familiarity_check_flags(setup, familiar_model_dir, tmp_path, monkeypatch):
+    """Issue 10: every prediction carries the familiarity flag, evaluated folders too: the page says how many of the
+    folder's films the check flags, among those the model gets wrong and right (the served flags, counted here)."""
+    from training import evaluate
+
+    root = setup[0]
+    models_root = tmp_path / "models"
+    evaluated_model(familiar_model_dir, models_root, root / "eval")
+    at = run_page(monkeypatch, models_root, root)
+    at.text_input(key="eval_path").set_value("eval")
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    frame = evaluate.evaluate_folder(models.load(models_root / familiar_model_dir.name), root / "eval").predictions
+    flagged, right = int(frame["unfamiliar"].sum()), frame["predicted_class"] == frame["true_class"]
+    (said,) = [i.value for i in at.info if "familiarity check flags" in i.value]
+    assert said.startswith(f"The familiarity check flags {flagged} of 8 films")
+    assert f"{int(frame['unfamiliar'][~right].sum())} of the {int((~right).sum())} it gets wrong" in said
+    assert f"{int(frame['unfamiliar'][right].sum())} of the {int(right.sum())} it gets right" in said
