@@ -1,6 +1,10 @@
 """The split of the December 2026 cxr3 retraining: ``python -m training.recipes.cxr3_split OUT.csv [CAP]``.
 
-Why a recipe and not ``python -m training train``'s own split: the run starts from the shipped
+(It reads the split files of the models that were in ``models/`` before that run, at commit 885c04d; both have
+been replaced since, so today it would give another split. The run's split as it was is the shipped
+``models/densenet169-cxr3/split.csv``: pass that as ``--split-manifest`` to reproduce it.)
+
+Why a recipe and not ``python -m training train``'s own split: the run started from the then shipped
 ``models/densenet169-cxr3`` (128 px, no NIH films), and the new model is chosen over the old one on
 validation films. Those must be films the old model never trained on, so every film keeps the split it
 had before:
