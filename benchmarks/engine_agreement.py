@@ -123,7 +123,11 @@ def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
     bf16 = figures.get("openvino_bf16")
     if bf16 is None or bf16.get("precision") != "bf16":
         raise ValueError("no bf16 figures to record: this CPU has no BF16 (OpenVINO ran f32)")
-    kind = engine.bf16_kind((cpu or {}).get("flags"))
+    if cpu is None:  # this CPU's
+        from benchmarks.serving import cpu_flags
+
+        cpu = cpu_flags()
+    kind = engine.bf16_kind(cpu.get("flags"))
     if kind is None:
         raise ValueError("no bf16 kind to record under: the CPU flags list neither amx_bf16 nor avx512_bf16")
     card = card_lib.load(folder)
@@ -140,7 +144,7 @@ def record(folder: Path, figures: dict, cpu: dict | None = None) -> dict:
              "passes": engine.bf16_within_bounds(decisions_equal, bf16["auc_minus_f32"],
                                                  bf16.get("familiarity_flags_equal")),
              "bounds": dict(engine.BF16_BOUNDS), "fingerprint": engine.agreement_fingerprint(card),
-             "measured": datetime.date.today().isoformat(), "cpu": cpu or {}}
+             "measured": datetime.date.today().isoformat(), "cpu": cpu}
     kept = card.metrics.get("engine_agreement")
     kept = {k: v for k, v in kept.items() if k in engine.BF16_KINDS.values()} if isinstance(kept, dict) else {}
     card.metrics = {**card.metrics, "engine_agreement": {**kept, engine.BF16_KINDS[kind]: entry}}

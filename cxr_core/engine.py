@@ -148,10 +148,15 @@ def bf16_kind(flags) -> str | None:
 
 
 def bf16_record(card, kind: str | None) -> dict | None:
-    """The card's bf16 agreement record for CPUs of ``kind`` (``bf16_kind``), or None."""
+    """The card's bf16 agreement record for CPUs of ``kind`` (``bf16_kind``), or None. A record counts only if the
+    flags it was measured with are of that kind too (one written before records were kept per kind sits under
+    ``bf16`` whatever CPU measured it)."""
     records = (card.metrics or {}).get("engine_agreement")
     record = records.get(BF16_KINDS[kind]) if isinstance(records, dict) and kind in BF16_KINDS else None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    measured = record.get("cpu", {}).get("flags") if isinstance(record.get("cpu"), dict) else None
+    return record if bf16_kind(measured) == kind else None
 
 
 def _record_holds(card, record: dict | None) -> bool:
@@ -182,6 +187,9 @@ def bf16_elsewhere_note(card, flags=None) -> str:
                 if kind != here and _record_holds(card, bf16_record(card, kind))]
     if not measured:
         return ""
+    if here is None and not (cpu_flags() if flags is None else flags):
+        return (f"f32: this model's bf16 agreement with TensorFlow was measured on {' and '.join(measured)} CPUs, "
+                "and this CPU's instruction sets cannot be read here (/proc/cpuinfo: Linux only) to match them")
     return (f"f32: this model's bf16 agreement with TensorFlow was measured on {' and '.join(measured)} CPUs, "
             f"not on this kind ({_KIND_NAMES.get(here, 'no BF16 instructions listed')}); "
             "python -m benchmarks.engine_agreement --record measures it here")

@@ -120,7 +120,7 @@ class LoadedImage:
 
 
 # ImageInfo.metadata keys that say what the reader changed
-NOTES = ("Transparency", "NonFinitePixels", "Conversion", "Polarity", "Presentation", "Frames")
+NOTES = ("Exif", "Transparency", "NonFinitePixels", "Conversion", "Polarity", "Presentation", "Frames")
 
 
 def reading_notes(info: ImageInfo, cautions: bool = False) -> list[str]:
@@ -311,22 +311,23 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
         raise _undecodable(fp, fmt) from exc
     metadata = {"PillowMode": im.mode}
     opened = im
-    unreadable = "unreadable EXIF block: the picture is shown as stored"
+    unreadable = "its EXIF block could not be read: the picture is shown as stored, not turned as a camera may ask"
     try:
         orientation = im.getexif().get(0x0112, 1)
     except Exception:  # a damaged EXIF block (PNG, WebP) around a sound picture: read it as it is stored
-        orientation, metadata["ExifOrientation"] = None, unreadable
+        orientation, metadata["Exif"] = None, unreadable
     if orientation in range(2, 9):
         try:
             im = ImageOps.exif_transpose(im)  # a new image: its frames are counted on the file's
             metadata["ExifOrientation"] = str(orientation)
         except Exception:
-            metadata["ExifOrientation"] = unreadable
+            metadata["Exif"] = unreadable
     pixels, bit_depth, notes = _pillow_gray(im)
     metadata.update(notes)
+    mode = im.mode  # before counting frames, which moves the file's image to its later frames
     frames = _frame_count(opened)
-    if im.mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        metadata["Conversion"] = f"{im.mode} to grayscale (ITU-R 601 luma)"
+    if mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        metadata["Conversion"] = f"{mode} to grayscale (ITU-R 601 luma)"
     height, width = pixels.shape
     return LoadedImage(pixels, ImageInfo(format=fmt, width=width, height=height, bit_depth=bit_depth,
                                          photometric=metadata["PillowMode"], frames=frames, metadata=metadata))
@@ -338,9 +339,9 @@ _MAX_FRAMES_COUNTED = 1000
 def _frame_count(im: Image.Image) -> int:
     """How many frames (pages) the file holds, counted to at most ``_MAX_FRAMES_COUNTED``: Pillow's ``n_frames``
     walks a TIFF's every page at a cost that grows with the square of their number (40,000 chained pages in a
-    4.6 MB file took 40 s, a 200 MB one would take hours; a GIF's is a walk through every frame too). Only the
-    first frame is read, so a damaged later frame only ends the count."""
-    if im.format not in ("TIFF", "GIF"):
+    4.6 MB file took 40 s, a 200 MB one would take hours). Only the first frame is read, so a damaged later
+    frame only ends the count."""
+    if im.format != "TIFF":  # a GIF's n_frames skips its frames without decoding them (seek would decode each)
         try:
             return int(getattr(im, "n_frames", 1))
         except Exception:  # a damaged later frame (an animation cut short): the first one was read
@@ -807,7 +808,8 @@ def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, met
             raise UnreadableImageError("The DICOM image holds no finite pixel values (all NaN, infinite or beyond "
                                        "single precision). Export it again as an ordinary 8- or 16-bit image.")
         if not finite.all():
-            metadata["NonFinitePixels"] = f"{int(arr.size - finite.sum()):,} NaN or infinite pixels shown black"
+            metadata["NonFinitePixels"] = (f"{int(arr.size - finite.sum()):,} NaN or infinite pixels set to the "
+                                           "film's lowest value")
             arr = np.where(finite, arr, arr[finite].min())
     values = arr.astype(np.float32)
     slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)

@@ -408,7 +408,7 @@ def load(folder: str | Path, engine: str | None = None, precision: str | None = 
     card = card_lib.load(folder)
     fam = _familiarity(card, folder)
     key = cache_key(card)
-    unasked = not (precision or os.environ.get("CXR_PRECISION", "").strip())
+    unasked = (precision or os.environ.get("CXR_PRECISION") or "auto").strip().lower() == "auto"  # the default
     precision = engine_lib.default_precision(precision, card)  # bf16 only for a model whose agreement is on record
 
     def build_model() -> keras.Model:

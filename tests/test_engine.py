@@ -218,6 +218,10 @@ def test_a_bf16_record_counts_only_on_the_kind_of_cpu_it_was_measured_on(tiny_mo
     assert engine.bf16_elsewhere_note(measured, avx512) == ""
     note = engine.bf16_elsewhere_note(measured, amx)
     assert "AVX-512 BF16 (no AMX)" in note and "not on this kind (AMX)" in note and "--record" in note
+    assert "cannot be read here" in engine.bf16_elsewhere_note(measured, set())  # no /proc/cpuinfo (not Linux)
+    mislabelled = card.read(folder)  # a record from before the kinds, measured on an AMX Xeon, under "bf16"
+    mislabelled.metrics["engine_agreement"]["bf16"]["cpu"] = {"flags": sorted(amx)}
+    assert not engine.bf16_verified(mislabelled, avx512) and not engine.bf16_verified(mislabelled, amx)
 
     monkeypatch.setattr(engine, "cpu_flags", lambda: amx)  # an AMX Xeon: f32 by default, and the sidebar says why
     monkeypatch.setattr(engine, "bf16_supported", lambda: True)
@@ -225,6 +229,9 @@ def test_a_bf16_record_counts_only_on_the_kind_of_cpu_it_was_measured_on(tiny_mo
     served = models.load(folder, engine="openvino")
     assert served.precision == "f32" and served.runner.note == note
     assert models.load(folder, engine="openvino", precision="f32").runner.note == ""  # asked for: nothing to explain
+    monkeypatch.setenv("CXR_PRECISION", "auto")  # the default spelt out: the same note
+    assert models.load(folder, engine="openvino").runner.note == note
+    monkeypatch.delenv("CXR_PRECISION")
     # measured on the AMX CPU too: its own record, beside the first; bf16 is its default only once it passes there
     missed = {**figures, "openvino_bf16": {**figures["openvino_bf16"], "decisions_equal": 0.99}}
     assert engine_agreement.record(folder, missed, {"flags": sorted(amx)})["passes"] is False

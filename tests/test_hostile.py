@@ -555,6 +555,8 @@ def test_a_damaged_exif_block_leaves_a_sound_picture_readable():
     data = png.getvalue()[:33] + chunk + png.getvalue()[33:]
     image = imaging.load(data, "x.png")
     np.testing.assert_array_equal(image.pixels, imaging.load(png.getvalue(), "x.png").pixels)
+    if "Exif" in image.info.metadata:  # where Pillow cannot read the block, the reading notes say so
+        assert "shown as stored" in " ".join(imaging.reading_notes(image.info)), image.info.metadata
     webp = io.BytesIO()
     picture.convert("RGB").save(webp, "WEBP", lossless=True, exif=b"Exif\x00\x00garbagegarbage")
     assert imaging.load(webp.getvalue(), "x.webp").pixels.shape == (64, 64)
@@ -634,9 +636,16 @@ def test_a_bigtiff_is_recognised_as_tiff():
     out = io.BytesIO()
     Image.fromarray(_gradient(np.uint8)).save(out, "TIFF", big_tiff=True)
     assert out.getvalue()[:4] in (b"II+\x00", b"MM\x00+")
-    try:
-        image = imaging.load(out.getvalue(), "x.tif")
-    except UnreadableImageError as err:  # a Pillow that cannot decode BigTIFF says so as TIFF, not "unknown format"
-        assert "unknown format" not in str(err), str(err)
-    else:
-        assert image.info.format == "TIFF" and image.pixels.shape == (64, 64)
+    image = imaging.load(out.getvalue(), "x.tif")
+    assert image.info.format == "TIFF" and image.pixels.shape == (64, 64)
+
+
+def test_the_conversion_note_names_the_first_pages_mode():
+    """Counting a multi-page TIFF's pages moves the file to its later pages: the note is of the page read."""
+    from PIL import Image
+
+    grey = Image.fromarray(_gradient(np.uint8))
+    out = io.BytesIO()
+    grey.save(out, "TIFF", save_all=True, append_images=[grey.convert("RGB")])
+    image = imaging.load(out.getvalue(), "x.tif")
+    assert image.info.frames == 2 and "Conversion" not in image.info.metadata, image.info.metadata
