@@ -46,6 +46,9 @@ BORDER = 0.05
 COLOUR_MAX = 15.0
 BLANK_STD = 0.02
 ASPECT_RANGE = (0.5, 2.0)
+# A radiograph has hundreds to thousands of pixels a side (the smallest of the 13,417 films in ../shared/data: 200
+# px on its short side); the model looks at 224 x 224, so a picture much smaller is a thumbnail, an icon or a crop.
+MIN_SIDE = 128
 TEMPLATE_MIN = 0.1
 SIDEWAYS_BELOW = 0.3
 INVERTED_BELOW = -0.2  # a negative film (lungs bright) anti-correlates with the template
@@ -221,6 +224,10 @@ def assess(loaded: Any, original: bytes | str | PathLike | np.ndarray | None = N
             reasons.append(f"it looks turned on its side (correlation with the average chest "
                            f"{scores['template_corr']:.2f}, with it turned 90 degrees {scores['sideways_corr']:.2f})")
     reasons.extend(_tag_reasons(dict(getattr(info, "metadata", {}) or {})))
+    given = (int(getattr(info, "width", 0) or 0), int(getattr(info, "height", 0) or 0))
+    if all(given) and min(given) < MIN_SIDE:  # the file's own size (a batch assesses a thumbnail of it)
+        reasons.append(f"it is only {given[0]} x {given[1]} pixels, far smaller than a radiograph (under {MIN_SIDE} "
+                       "px a side: a thumbnail or a crop)")
     low, high = ASPECT_RANGE
     if not low <= scores["aspect_ratio"] <= high:
         reasons.append(f"its width/height ratio {scores['aspect_ratio']:.2f} is outside {low:g}-{high:g}")

@@ -8,7 +8,7 @@ import io
 import cv2
 import numpy as np
 import pytest
-from conftest import DICOM
+from conftest import DATA, DICOM
 from PIL import Image
 
 from cxr_core import build_template, imaging, quality
@@ -165,3 +165,21 @@ def test_template_is_the_committed_mean_of_real_films(data_dir):
     assert template[8:20, 5:11].mean() < template[8:20, 14:18].mean()
     assert template[8:20, 21:27].mean() < template[8:20, 14:18].mean()
 
+
+
+def test_a_picture_far_smaller_than_a_radiograph_is_flagged_by_its_own_size():
+    """A thumbnail of a real chest film (under 128 px a side) is flagged with its size; the same film at 200 px is
+    not, and a batch's thumbnail is judged by the file's size, not its own."""
+    film = Image.open(DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg").convert("L")
+
+    def at(side: int) -> quality.QualityReport:
+        out = io.BytesIO()
+        film.resize((side, side * film.height // film.width)).save(out, "PNG")
+        return _assess_bytes(out.getvalue(), "x.png")
+
+    small = at(100)
+    assert small.probably_not_chest and any(r.startswith("it is only 100 x") for r in small.reasons), small.reasons
+    assert not any("pixels, far smaller" in r for r in at(200).reasons)
+    whole = imaging.load(DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg")
+    thumbnail = dataclasses.replace(whole, pixels=cv2.resize(whole.pixels, (64, 48), interpolation=cv2.INTER_AREA))
+    assert not any("pixels, far smaller" in r for r in quality.assess(thumbnail).reasons)
