@@ -239,8 +239,8 @@ def familiarity_sentence(rates: dict[str, Any] | None) -> str:
     if not rates or not rates.get("n"):
         return ""
     wrong, right = rates.get("wrong", 0), rates.get("right", 0)
-    flagged_wrong = round((rates.get("wrong_rate") or 0) * wrong)
-    flagged_right = round((rates.get("right_rate") or 0) * right)
+    flagged_wrong = rates.get("flagged_wrong", round((rates.get("wrong_rate") or 0) * wrong))  # older files: rates
+    flagged_right = rates.get("flagged_right", round((rates.get("right_rate") or 0) * right))
     return (f"The familiarity check flags {rates['flagged']} of {rates['n']} films ({rates['rate']:.1%}) as unlike "
             f"the films the model was trained on: {flagged_wrong} of the {wrong} it gets wrong and {flagged_right} of "
             f"the {right} it gets right.")

@@ -84,6 +84,7 @@ def familiarity_rates(card: ModelCard, y_true: np.ndarray, probs: np.ndarray, di
     out["threshold"] = float(model.threshold)
     out["distance_median"] = float(np.median(distances)) if len(distances) else None
     out["right"], out["wrong"] = int(right.sum()), int((~right).sum())
+    out["flagged_right"], out["flagged_wrong"] = int(flags[right].sum()), int(flags[~right].sum())
     out["right_rate"] = float(flags[right].mean()) if right.any() else None
     out["wrong_rate"] = float(flags[~right].mean()) if (~right).any() else None
     return out
