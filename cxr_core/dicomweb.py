@@ -186,6 +186,16 @@ class Instance:
                 self.number or 0, self.sop_uid)
 
 
+_BULK_VRS = ("OB", "OD", "OF", "OL", "OV", "OW", "UN")
+
+
+def _check_uids(host: str, instance: Instance) -> None:
+    """Refuse to put into a URL UIDs that are not DICOM UIDs (a PACS's answer is not trusted)."""
+    if not all(imaging.UID.fullmatch(uid) for uid in (instance.study_uid, instance.series_uid, instance.sop_uid)):
+        raise PacsError(f"The PACS at {host} listed an image whose UIDs are not DICOM UIDs, so it cannot be "
+                        "retrieved. Ask its administrator.")
+
+
 class Studies(list):
     """``search_studies``' answer: a list of ``Study``; ``truncated`` when the PACS had more than the limit
     (the list then holds only the first ``limit`` it answered: the user must narrow the search)."""
@@ -440,9 +450,7 @@ class Client:
         byte, so a server that trickles bytes would never be cut off); the bytes then go through
         ``cxr_core.imaging`` and its limits like a file from disk. dicomweb-client would read the whole answer
         and parse it (and inflate a Deflated dataset) without a bound."""
-        if not all(imaging.UID.fullmatch(uid) for uid in (instance.study_uid, instance.series_uid, instance.sop_uid)):
-            raise PacsError(f"The PACS at {self.settings.host} listed an image whose UIDs are not DICOM UIDs, so it "
-                            "cannot be retrieved. Ask its administrator.")
+        _check_uids(self.settings.host, instance)
         doing = "retrieving an image"
         url = f"{self.settings.url.rstrip('/')}/studies/{instance.study_uid}/series/{instance.series_uid}" \
               f"/instances/{instance.sop_uid}"
@@ -466,6 +474,31 @@ class Client:
             raise PacsError(f"The PACS at {self.settings.host} answered {len(parts)} objects for one image. Ask its "
                             "administrator.")
         return bytes(parts[0])
+
+    def header(self, instance: Instance) -> pydicom.Dataset:
+        """One instance's header from WADO-RS metadata (a few KB, no pixel data), checked to be the instance asked
+        for: what written results copy (patient, study), without reading the film (30-60 MB) again. Raises
+        PacsError; an archive without the metadata service is read through ``retrieve`` instead (the caller's
+        choice)."""
+        _check_uids(self.settings.host, instance)
+        doing = "reading an image's header"
+        answer = self._call(doing, self._web.retrieve_instance_metadata, instance.study_uid, instance.series_uid,
+                            instance.sop_uid)
+        try:
+            with quiet():
+                ds = pydicom.Dataset.from_json(answer, bulk_data_uri_handler=lambda *_: None)
+                for element in list(ds):  # no pixels (sent only as a link) and no other bulk values
+                    if element.tag >= 0x7FE00000 or (element.value is None and element.VR in _BULK_VRS):
+                        del ds[element.tag]
+                sent = tuple(str(ds.get(k, "")).strip() for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                     "SOPInstanceUID"))
+        except Exception as exc:  # odd JSON (wrong VRs, broken values)
+            raise PacsError(f"The PACS at {self.settings.host} sent an image header that could not be understood "
+                            f"({type(exc).__name__}). Ask its administrator, or retry.") from exc
+        if sent != (instance.study_uid, instance.series_uid, instance.sop_uid):
+            raise PacsError("The PACS sent the header of another image than the one asked for (its study, series or "
+                            "instance UID differs). Ask the PACS administrator to check the archive.")
+        return ds
 
     def retrieve_dataset(self, instance: Instance) -> pydicom.Dataset:
         """One instance parsed whole, pixel data included (reading results back; the app itself reads films

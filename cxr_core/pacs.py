@@ -243,11 +243,15 @@ def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bo
         raise PacsError(f"Results of {card.name} v{card.version} are already in the PACS for this study "
                         f"({len(existing)} series). Nothing was written; choose 'write again' to add another copy.")
     # The patient and study modules the results carry are read again now: a film filed under a placeholder patient
-    # (an emergency) may have been reconciled to the real one since it was classified.
+    # (an emergency) may have been reconciled to the real one since it was classified. From the header alone
+    # (WADO-RS metadata), else from the film read again (an archive without the metadata service).
     current = []
     for item in done:
         try:
-            current.append(retrieve(client, item.film)[1])
+            try:
+                current.append(client.header(item.film.instance))
+            except PacsError:
+                current.append(retrieve(client, item.film)[1])
         except (PacsError, UnreadableImageError) as err:
             raise PacsError(f"The film '{item.film.label}' could not be read again to write its results: {err} "
                             "Nothing was written.") from err

@@ -312,6 +312,9 @@ class FakeClient:
     def retrieve_dataset(self, instance: dicomweb.Instance) -> pydicom.Dataset:
         return self.datasets[instance.sop_uid]
 
+    def header(self, instance: dicomweb.Instance) -> pydicom.Dataset:
+        raise PacsError("no WADO-RS metadata service here")  # an archive without it: write-back reads the film
+
     def retrieve(self, instance: dicomweb.Instance) -> bytes:
         stored = self.datasets[instance.sop_uid]
         return stored if isinstance(stored, bytes) else dicomweb.to_bytes(stored)
@@ -495,6 +498,36 @@ def test_a_film_other_than_asked_or_in_an_unknown_syntax_is_an_error_row_and_wri
     with pytest.raises(PacsError, match="could not be read again to write its results.*Nothing was written"):
         pacs.write_back(client, classifier.card, result)
     assert client.stored == []
+
+
+def test_write_back_reads_the_patient_from_the_header_alone(orthanc, model, monkeypatch):
+    """The patient and study the results carry are read again from each film's WADO-RS metadata (a few KB), not by
+    retrieving the film again (30-60 MB): the same fields as the film's own header, and a write-back with film
+    retrieval broken still writes them."""
+    _, client = orthanc
+    classifier, explainer = model
+    study_uid = study_of(RG1)
+    result = pacs.classify_study(client, classifier, explainer, study_uid)
+    film = result.classified[0].film
+    header, whole = client.header(film.instance), pacs.retrieve(client, film)[1]
+    assert "PixelData" not in header and len(header) > 20
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", "SOPInstanceUID",
+                    "SOPClassUID", "SeriesInstanceUID", "Modality"):
+        assert str(header.get(keyword, "")) == str(whole.get(keyword, "")), keyword
+    other = dicomweb.Instance(film.instance.study_uid, film.instance.series_uid, "1.2.3.4", "", "", "", "", "", 1)
+    with pytest.raises(PacsError):  # an instance the PACS does not hold
+        client.header(other)
+
+    def no_retrieval(*args, **kwargs):
+        raise AssertionError("the film was retrieved again")
+
+    monkeypatch.setattr(dicomweb.Client, "retrieve", no_retrieval)
+    stored = pacs.write_back(client, classifier.card, result, again=True)
+    assert len(stored) == 2 * len(result.classified)
+    monkeypatch.undo()
+    reports, _ = read_back(client, study_uid, classifier.card)
+    assert {(str(r.PatientName), r.PatientID) for r in reports} == {(str(whole.PatientName), whole.PatientID)}
 
 
 def test_study_labels_are_unique():
