@@ -944,3 +944,60 @@ def test_exposure_and_blur_augmentations_do_what_the_card_says():
     for name, value in (("contrast", 0.2), ("brightness", 0.1), ("blur", 1.0)):
         np.testing.assert_array_equal(np.asarray(_only(name, value)(films, training=False)), films)
     assert build.augmentation(TrainConfig(data=[], **ALL_OFF)).layers == []
+
+
+def _cli_fails(*args: str) -> str:
+    """Run the CLI expecting a refusal: exit code 2 and one 'error: ...' line, no traceback. Returns the message."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    full_env.pop("CXR_TRACEBACK", None)
+    result = subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, env=full_env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def test_resume_refuses_settings_that_train_differently_and_says_what_may_change(first_run, work, tmp_path):
+    """--resume with another optimizer, input size or augmentation, or without the starting weights, would continue
+    the checkpoint as another run (its recipe then naming what never trained): refused, naming the setting. What
+    depends on the machine (batch size) may change, and the log says so."""
+    out = tmp_path / "tiny-resumed"
+    shutil.copytree(first_run[0], out)
+    base = [str(work / "cxr"), *SMOKE, "--epochs", "2", "--out", str(out), "--cache-dir", str(work / "cache"),
+            "--resume"]
+    state = json.loads((out / ".ckpt" / "state.json").read_text())
+    assert state["settings"]["optimizer"] == "adamax" and state["settings"]["input_size"] == 32
+    said = _cli_fails(*base, "--optimizer", "adam")
+    assert "optimizer ('adamax' there, 'adam' here)" in said and "another --out" in said
+    assert "noise (2.0 there, 0.0 here)" in _cli_fails(*base, "--noise", "0")
+    assert json.loads((out / ".ckpt" / "state.json").read_text()) == state  # nothing trained
+    smaller = [a if a != "16" else "8" for a in base]  # --batch-size 8
+    result = _cli(*smaller)
+    assert "resuming with batch_size 8 (was 16)" in result.stdout and "Epoch 2/2" in result.stdout
+
+
+def test_the_cli_says_what_was_wrong_instead_of_a_traceback(work, tmp_path):
+    """Bad settings and data layouts end in one 'error:' line and exit code 2, found before any film is read where
+    they can be: split fractions, a --config file's values (a "false" that would count as true), a folder holding
+    split folders beside class folders, a model folder that does not exist."""
+    out = str(tmp_path / "never")
+    assert "summing to 1" in _cli_fails(str(work / "cxr"), *SMOKE, "--out", out, "--split", "0.8,0.2,0.1")
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"augment": "perhaps"}))
+    assert "setting 'augment' must be true or false" in _cli_fails(str(work / "cxr"), "--config", str(config),
+                                                                     "--out", out)
+    mixed = tmp_path / "mixed"
+    _link(COVID_SET / "Normal", mixed / "NORMAL", 2)
+    _link(COVID_SET / "Viral Pneumonia", mixed / "PNEUMONIA", 2)
+    _link(COVID_SET / "Normal", mixed / "test" / "NORMAL", 2, offset=5)
+    said = _cli_fails(str(mixed), *SMOKE, "--out", out)
+    assert "holds split folders (test)" in said and "NORMAL, PNEUMONIA" in said
+    assert "is not a model folder: it has no model_card.json" in _cli_fails("evaluate", str(tmp_path / "no-model"),
+                                                                             str(mixed), "--out", out)
+    only_test = tmp_path / "only-test"  # a class with test films but no training films: a head it cannot learn
+    _link(COVID_SET / "Normal", only_test / "train" / "NORMAL", 12)
+    _link(COVID_SET / "Viral Pneumonia", only_test / "train" / "PNEUMONIA", 12)
+    _link(COVID_SET / "Covid", only_test / "test" / "COVID", 2)
+    assert "the train split has no films of COVID" in _cli_fails(str(only_test), *SMOKE, "--out", out, "--cache-dir",
+                                                                  str(work / "cache"))
+    assert not Path(out).exists()

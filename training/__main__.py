@@ -157,7 +157,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+        # bad settings, data or model folders: what was wrong and what to do, not a traceback
+        # (ModelCardError and UnreadableImageError are ValueErrors)
+        if os.environ.get("CXR_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from training.train import run
 

@@ -75,6 +75,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.split = tuple(float(f) for f in self.split)  # type: ignore[assignment]
+        if len(self.split) != 3 or min(self.split) < 0 or not abs(sum(self.split) - 1) < 1e-6:
+            raise ValueError(f"--split must be three non-negative fractions (train,val,test) summing to 1, got "
+                             f"{','.join(f'{f:g}' for f in self.split)}")
         if self.optimizer not in ("adam", "adamw", "adamax"):
             raise ValueError(f"optimizer must be adam, adamw or adamax, got {self.optimizer!r}")
         if self.class_weights not in ("balanced", "source-class", "none"):
@@ -121,11 +124,35 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+        """A config from settings (a --config file, a card's recipe): each value of a bool, int or float setting
+        must be one (numbers written as text, true/false as text, are read as such); anything else is refused
+        with the setting's name ("false" in a file must not count as true)."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(types)
         if unknown:
             raise ValueError(f"unknown training settings: {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{key: _typed(key, types[key], value) for key, value in data.items()})
+
+
+def _typed(key: str, kind: str, value: Any) -> Any:
+    """``value`` as the setting ``key``'s type when that is bool, int or float; ValueError when it is not one."""
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        raise ValueError(f"setting {key!r} must be true or false, got {value!r}")
+    if kind in ("int", "float"):
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (kind == "int" and number != int(number)):
+            raise ValueError(f"setting {key!r} must be {'a whole number' if kind == 'int' else 'a number'}, "
+                             f"got {value!r}")
+        return int(number) if kind == "int" else number
+    return value
 
 
 def unfreeze_top(unfreeze: str) -> tuple[float, bool]:

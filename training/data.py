@@ -135,6 +135,11 @@ def scan(roots: Sequence[str | Path], class_map: dict[str, str] | None = None, k
         names.append(source)
         subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         split_dirs = [d for d in subdirs if d.name.lower() in _SPLIT_ALIASES]
+        beside = [d.name for d in subdirs if d not in split_dirs and image_files(d)]
+        if split_dirs and beside:  # class folders next to train/val/test: one layout or the other, never both
+            raise ValueError(f"{root} holds split folders ({', '.join(d.name for d in split_dirs)}) and, beside them, "
+                             f"folders of images ({', '.join(beside[:5])}) that would be left out: put every class "
+                             "folder under a split folder, or remove the split folders")
         groups = ([(d, _SPLIT_ALIASES[d.name.lower()]) for d in split_dirs] if split_dirs else [(root, "")])
         # A folder holding only train/ has no given split: it is split like a flat one.
         only_train = bool(split_dirs) and {s for _, s in groups} == {"train"}

@@ -278,6 +278,10 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
     for name in ("train", "val"):
         if not len(splits[name].records):
             raise ValueError(f"the {name} split is empty: add images or change --split")
+    untrained = [c for c, i in index.items() if not (splits["train"].labels == i).any()]
+    if untrained:  # a class only in val/test (e.g. DIR/test/COVID without DIR/train/COVID): a head it cannot learn
+        raise ValueError(f"the train split has no films of {', '.join(untrained)}: add training films of that class, "
+                         "or leave its folders out (--map FOLDER=)")
     for name in ("val", "test"):  # a class too small to reach every split (fewer than ~4 patients)
         absent = [c for c, i in index.items() if len(splits[name].records) and not (splits[name].labels == i).any()]
         if absent:

@@ -170,6 +170,15 @@ class _Checkpoint(keras.callbacks.Callback):
                             callbacks={"early": self.early.state(), "plateau": self.plateau.state()})
 
 
+# What a resumed run must share with its checkpoint (what decides how the model trains; "pretrained" too), and what
+# may change with the machine (a GPU resumes a CPU run with bigger batches).
+RESUME_FIXED = ("architecture", "input_size", "dropout", "freeze_epochs", "freeze_batchnorm", "unfreeze", "optimizer",
+                "lr", "fine_tune_lr", "weight_decay", "class_weights", "augment", "flip", "rotation", "zoom", "shift",
+                "contrast", "brightness", "blur", "sharpen", "gamma", "noise", "threshold_rule",
+                "target_sensitivity")
+RESUME_MAY_CHANGE = ("batch_size", "mixed_precision", "distribute")
+
+
 class Loop:
     """Runs the phases of one training run and keeps its checkpoint in ``out/.ckpt``."""
 
@@ -184,13 +193,38 @@ class Loop:
         self.run_started, self.first_epoch, self.budget_hit = 0.0, 0, False
 
     def resume(self) -> bool:
-        """Load the checkpoint if there is one; True when the run continues from it."""
+        """Load the checkpoint if there is one; True when the run continues from it. Refuses (ValueError) a command
+        whose settings differ from the checkpoint's in what decides how the model trains (``RESUME_FIXED``); says
+        which machine-dependent ones changed (``RESUME_MAY_CHANGE``)."""
         path = self.ckpt / "state.json"
         if not path.is_file():
             return False
         self.state = json.loads(path.read_text())
+        self._check_settings(self.state.get("settings"))
         self.model.load_weights(str(self.ckpt / self.files()["last"]))
         return True
+
+    def _settings(self) -> dict[str, Any]:
+        values = self.config.to_dict()
+        return {**{k: values[k] for k in (*RESUME_FIXED, *RESUME_MAY_CHANGE)}, "pretrained": self.config.pretrained}
+
+    def _check_settings(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:
+            self.log("the checkpoint does not record its settings (written before they were kept): this command's "
+                     "are taken as theirs")
+            return
+        now = self._settings()
+        differ = [k for k in (*RESUME_FIXED, "pretrained") if k in saved and saved[k] != now[k]]
+        if differ:
+            raise ValueError("--resume: this command trains differently from the checkpoint in "
+                             + ", ".join(f"{k} ({saved[k]!r} there, {now[k]!r} here)" for k in differ)
+                             + ". Resume with the run's own settings (only --epochs, --time-budget, --batch-size, "
+                             "the data and cache paths, --mixed-precision, --distribute, --verbose and --note may "
+                             "change), or start a new run in another --out, from this run's model folder as "
+                             "--weights")
+        changed = [k for k in RESUME_MAY_CHANGE if k in saved and saved[k] != now[k]]
+        if changed:
+            self.log("resuming with " + ", ".join(f"{k} {now[k]!r} (was {saved[k]!r})" for k in changed))
 
     def end_epoch(self, row: dict[str, Any], seconds: float, stopped: bool, callbacks: dict) -> None:
         s = self.state
@@ -212,6 +246,7 @@ class Loop:
         files["last"] = f"last-{epoch}.weights.h5"
         self.model.save_weights(str(self.ckpt / files["last"]))
         files["optimizer"] = f"optimizer-{epoch}.npz"
+        s["settings"] = self._settings()
         variables = _inner(self.train_model.optimizer).variables
         np.savez(self.ckpt / files["optimizer"], *[keras.ops.convert_to_numpy(v) for v in variables])
         s["files"] = files

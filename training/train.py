@@ -195,6 +195,10 @@ def run(config: TrainConfig, log=print) -> Path:
             f"(the next would have ended past it); scoring the best epoch so far. --resume continues the run")
 
     card = _card(config, prepared, name)
+    if card.negative_class is None and config.negative_class:
+        log(f"the negative class {config.negative_class!r} is not one of the classes {prepared.classes}: the model "
+            "calls the top class (no decision thresholds); pass --negative-class with the class that means "
+            "'no finding'")
     card.metrics = {"best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss}
     scored = score_and_calibrate(model, card, config, prepared, out, log)
     held_out = scored.get("test") or scored["val"]
