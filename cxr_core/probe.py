@@ -138,7 +138,7 @@ def confident_errors(predictions: pd.DataFrame, class_names: Sequence[str], k: i
     which for a wrong call is often the true class's) to the returned rows.
     """
     prob_cols = [f"p_{c}" for c in class_names]
-    missing = {"true_class", "predicted_class", *prob_cols} - set(predictions.columns)
+    missing = {"path", "true_class", "predicted_class", *prob_cols} - set(predictions.columns)
     if missing:
         raise ValueError(f"predictions lack columns {sorted(missing)}")
     # As text: a CSV read back gives class names that look like numbers ("0", "1") as integers.

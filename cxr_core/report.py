@@ -103,6 +103,8 @@ def cautions(prediction: Prediction, card: ModelCard, checked=None, info=None) -
         out.append(not_chest_line(checked) + " The result is not meaningful for this film.")
     if prediction.low_confidence:
         out.append(low_confidence_line(prediction, card) + " Treat this result as uncertain.")
+    if threshold_call_line(prediction, card):
+        out.append(threshold_call_line(prediction, card))
     if prediction.unfamiliar:
         out.append(familiarity_line(prediction, card))
     return out + reading_lines(info)
@@ -114,9 +116,21 @@ def not_chest_line(checked) -> str:
 
 
 def low_confidence_line(prediction: Prediction, card: ModelCard) -> str:
-    """A low-confidence result, as one sentence: the top probability and the card's bound."""
-    return (f"Low confidence: the top probability {prediction.top_probability:.1%} is below "
-            f"{card.low_confidence:.0%}.")
+    """A low-confidence result, as one sentence: the top class, its probability and the card's bound."""
+    return (f"Low confidence: the most probable class, {prediction.top_class}, has {prediction.top_probability:.1%}, "
+            f"below the {card.low_confidence:.1%} this model asks for.")
+
+
+def threshold_call_line(prediction: Prediction, card: ModelCard) -> str:
+    """When the called class is not the most probable one (its threshold, set for sensitivity on the validation
+    films, is below the other's probability), one sentence that says so; '' otherwise."""
+    decision, top = prediction.decision, prediction.top_class
+    if decision == top or decision not in card.thresholds:
+        return ""
+    p = prediction.probabilities[prediction.class_names.index(decision)]
+    return (f"{decision} is called because its probability ({p:.1%}) reaches its threshold "
+            f"({card.thresholds[decision]:.1%}, set on the validation films to miss few {decision} films), although "
+            f"{top} is more probable ({prediction.top_probability:.1%}).")
 
 
 def reading_lines(info) -> list[str]:

@@ -127,15 +127,18 @@ def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
     """Low-confidence and not-a-chest warnings; returns their sentences for the report."""
     sentences = []
     if checked.probably_not_chest:
-        sentences.append(report.not_chest_line(checked))
-        st.warning(sentences[-1] + " The result below is not meaningful for this input.", icon="🚫")
+        sentences.append(report.not_chest_line(checked) + " The result is not meaningful for this input.")
+        st.warning(sentences[-1], icon="🚫")
         with st.expander("How 'probably not a chest X-ray' is decided"):
             st.markdown("The image is flagged when any of these simple checks fires:\n"
                         + "\n".join(f"- {rule}" for rule in quality.RULES)
                         + f"\n\nOn {quality.CALIBRATION} they flag {quality.FALSE_POSITIVES}.")
     if prediction.low_confidence:
-        sentences.append(report.low_confidence_line(prediction, card))
-        st.warning(sentences[-1] + " Treat this result as uncertain.", icon="⚠️")
+        sentences.append(report.low_confidence_line(prediction, card) + " Treat this result as uncertain.")
+        st.warning(sentences[-1], icon="⚠️")
+    if report.threshold_call_line(prediction, card):
+        sentences.append(report.threshold_call_line(prediction, card))
+        st.warning(sentences[-1], icon="⚖️")
     familiarity_ui(prediction, card)
     return sentences
 

@@ -71,6 +71,11 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
         if held_out is None or held_out.empty:
             st.info("This model folder has no predictions.csv, so there is no held-out split to pick from.")
             return None
+        if not {"path", "true_class"} <= set(held_out.columns):
+            st.warning("This model folder's predictions.csv has no path or true_class column (another version?), so "
+                       "there is no held-out split to pick from. Score the model again (`python -m training "
+                       "rescore MODEL`).")
+            return None
         rows = held_out.head(500).reset_index(drop=True)
         i = st.selectbox("Held-out image", range(len(rows)), key="instructor_held_out",
                          format_func=lambda i: csvsafe.safe_text(f"{rows.at[i, 'path']} "
@@ -224,7 +229,7 @@ def gallery_ui(classifier, explainer, model_key: str, held_out: pd.DataFrame | N
         except Exception as err:  # noqa: BLE001 - the other films of the gallery stand
             ui.explain_failed(f"Grad-CAM for {ui.plain(caption)}", err, col)
             continue
-        col.image(overlay.overlay(display(image.pixels), heat, colormap), caption=caption)
+        col.image(overlay.overlay(display(image.pixels), heat, colormap), caption=ui.plain(caption))
         shown.append(str(found))
     if shown:  # held-out films (possibly a hospital's) were read and shown: one line per gallery shown
         marker = hashlib.sha256("\0".join([model_key, *shown]).encode()).hexdigest()

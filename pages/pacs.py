@@ -122,6 +122,8 @@ def film_ui(item: pacs.FilmResult, card) -> None:
                    icon="❔")
     if prediction.low_confidence:
         st.warning(report.low_confidence_line(prediction, card) + " Treat this result as uncertain.", icon="⚠️")
+    if report.threshold_call_line(prediction, card):
+        st.warning(report.threshold_call_line(prediction, card), icon="⚖️")
     left, right = st.columns([3, 2])
     pictures = left.columns(2)
     # At most MAX_DISPLAY_SIDE a side, as on the Classify page: a 4300 x 4300 film would send ~55 MB of RGB per

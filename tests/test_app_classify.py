@@ -15,7 +15,7 @@ from conftest import DATA, DICOM, familiar_films
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import card, imaging, models, overlay, pipeline, viewer
+from cxr_core import card, imaging, models, overlay, pipeline, preprocess, viewer
 from cxr_core.errors import UNEXPECTED
 from cxr_core.explain import Explainer
 
@@ -329,7 +329,31 @@ def test_low_confidence_warning_follows_the_card(models_root):
     card.save(edited, folder)  # an edit made on purpose is written again by card.save, with its hash
     at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
     lows = [w.value for w in at.warning if w.value.startswith("Low confidence")]
-    assert len(lows) == 1 and "below 100%" in lows[0]
+    assert len(lows) == 1 and "below the 99.9% this model asks for" in lows[0]
+    top = models.load(folder).probabilities(preprocess.to_batch([preprocess.prepare(imaging.load(KERMANY).pixels, 64)]))[0]
+    assert f"the most probable class, {edited.class_names[int(np.argmax(top))]}, has" in lows[0]
+
+
+def test_a_class_called_though_another_is_more_probable_is_said_on_the_page(models_root):
+    """A threshold below the other class's probability calls PNEUMONIA though NORMAL is more probable: the page
+    says so beside the decision (and the report gets the sentence); with the top class called it says nothing."""
+    folder = models_root / "tiny-pneumonia"
+    p = models.load(folder).probabilities(preprocess.to_batch([preprocess.prepare(imaging.load(KERMANY).pixels, 64)]))[0]
+    low, high = sorted((0, 1), key=lambda i: p[i])  # the less and the more probable class on this film
+    names = ("NORMAL", "PNEUMONIA")
+    edited = card.read(folder)
+    edited.low_confidence = 0.0
+    edited.negative_class = names[high]
+    edited.thresholds = {names[low]: float(p[low]) * 0.99}  # the less probable class reaches its threshold
+    card.save(edited, folder)
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    said = [w.value for w in at.warning if "is called because its probability" in w.value]
+    assert len(said) == 1 and said[0].startswith(f"{names[low]} is called") and \
+        f"although {names[high]} is more probable ({p[high]:.1%})" in said[0], said
+    edited.thresholds = {names[low]: min(1.0, float(p[low]) * 1.01)}  # now it does not: the top class is called
+    card.save(edited, folder)
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    assert not [w for w in at.warning if "is called because its probability" in w.value]
 
 
 def test_no_models_gives_a_clear_message(tmp_path, monkeypatch):

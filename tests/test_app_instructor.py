@@ -11,6 +11,8 @@ import pytest
 from app_models import evaluated_model, labelled_folder
 from streamlit.testing.v1 import AppTest
 
+import ui
+
 from cxr_core import imaging, models, preprocess, probe
 from cxr_core.card import RESEARCH_USE
 
@@ -169,7 +171,8 @@ def test_gallery_shows_the_most_confident_errors_and_says_when_a_file_is_missing
     at = run_page(monkeypatch, tmp_path / "models", root)
     assert not at.exception
     gallery = [c for c in captions(at) if ": true " in c]
-    assert gallery == [f"{r.path}: true {r.true_class}, called {r.predicted_class} ({r.confidence:.2f})"
+    # as plain text: a caption is Markdown, and a path from predictions.csv could carry a link or an image
+    assert gallery == [ui.plain(f"{r.path}: true {r.true_class}, called {r.predicted_class} ({r.confidence:.2f})")
                        for r in errors.itertuples()]
     assert any("Cannot find NORMAL/gone.jpeg" in w.value for w in at.warning)
 
@@ -191,6 +194,20 @@ def test_predictions_that_do_not_fit_the_card_give_a_message_not_a_traceback(env
     assert not at.exception
     assert any("does not fit its card" in w.value and "predicted_class" in w.value for w in at.warning), \
         [w.value for w in at.warning]
+
+
+def test_predictions_without_paths_give_a_message_not_a_traceback(env, monkeypatch, tmp_path):
+    """A predictions.csv without its path column (another version): the gallery and the held-out picker say so."""
+    _, root, folder, predictions, _ = env
+    other = tmp_path / "models" / folder.name
+    shutil.copytree(folder, other)
+    predictions.drop(columns=["path"]).to_csv(other / "predictions.csv", index=False)
+    at = run_page(monkeypatch, tmp_path / "models", root)
+    assert not at.exception
+    assert any("does not fit its card" in w.value and "path" in w.value for w in at.warning), [w.value for w in
+                                                                                               at.warning]
+    at.radio(key="instructor_source").set_value(at.radio(key="instructor_source").options[1]).run()
+    assert not at.exception and any("has no path or true_class column" in w.value for w in at.warning)
 
 
 def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, monkeypatch, data_dir, tmp_path):

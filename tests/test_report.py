@@ -145,3 +145,20 @@ def test_report_carries_the_familiarity(parts):
     assert "UNLIKE the films this model was trained on" in report.familiarity_line(unfamiliar, c)
     pages = [report.render(pixels, blended, p, c, when=WHEN) for p in (plain, familiar, unfamiliar)]
     assert len(set(pages)) == 3  # the line is drawn, and differs with the verdict
+
+
+def test_a_class_called_at_its_threshold_though_another_is_more_probable_is_said(parts):
+    """The pneumonia card's threshold (0.346 shipped) calls PNEUMONIA at 38 % beside NORMAL at 62 %: the page,
+    the PACS page and the written DICOM cautions say so, naming both classes and the threshold."""
+    c = dataclasses.replace(parts[2], thresholds={"PNEUMONIA": 0.346}, low_confidence=0.6)
+    called = models.decide(c, (0.62, 0.38))
+    assert called.decision == "PNEUMONIA" and called.top_class == "NORMAL" and not called.low_confidence
+    line = report.threshold_call_line(called, c)
+    assert line == ("PNEUMONIA is called because its probability (38.0%) reaches its threshold (34.6%, set on the "
+                    "validation films to miss few PNEUMONIA films), although NORMAL is more probable (62.0%).")
+    assert line in report.cautions(called, c)
+    assert report.threshold_call_line(models.decide(c, (0.3, 0.7)), c) == ""  # the top class called
+    assert report.threshold_call_line(models.decide(c, (0.7, 0.3)), c) == ""  # NORMAL: no threshold reached
+    low = models.decide(c, (0.55, 0.45))
+    assert report.low_confidence_line(low, c) == ("Low confidence: the most probable class, NORMAL, has 55.0%, below "
+                                                  "the 60.0% this model asks for.")
