@@ -322,6 +322,11 @@ def test_real_chest_film_has_no_not_a_chest_warning(models_root):
     assert not [w for w in at.warning if w.value.startswith("Probably not")]
 
 
+def _kermany_batch():
+    """The test film as the tiny models' input (64 px)."""
+    return preprocess.to_batch([preprocess.prepare(imaging.load(KERMANY).pixels, 64)])
+
+
 def test_low_confidence_warning_follows_the_card(models_root):
     folder = models_root / "tiny-pneumonia"
     edited = card.read(folder)
@@ -330,7 +335,7 @@ def test_low_confidence_warning_follows_the_card(models_root):
     at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
     lows = [w.value for w in at.warning if w.value.startswith("Low confidence")]
     assert len(lows) == 1 and "below the 99.9% this model asks for" in lows[0]
-    top = models.load(folder).probabilities(preprocess.to_batch([preprocess.prepare(imaging.load(KERMANY).pixels, 64)]))[0]
+    top = models.load(folder).probabilities(_kermany_batch())[0]
     assert f"the most probable class, {edited.class_names[int(np.argmax(top))]}, has" in lows[0]
 
 
@@ -338,7 +343,7 @@ def test_a_class_called_though_another_is_more_probable_is_said_on_the_page(mode
     """A threshold below the other class's probability calls PNEUMONIA though NORMAL is more probable: the page
     says so beside the decision (and the report gets the sentence); with the top class called it says nothing."""
     folder = models_root / "tiny-pneumonia"
-    p = models.load(folder).probabilities(preprocess.to_batch([preprocess.prepare(imaging.load(KERMANY).pixels, 64)]))[0]
+    p = models.load(folder).probabilities(_kermany_batch())[0]
     low, high = sorted((0, 1), key=lambda i: p[i])  # the less and the more probable class on this film
     names = ("NORMAL", "PNEUMONIA")
     edited = card.read(folder)

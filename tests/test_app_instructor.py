@@ -12,7 +12,6 @@ from app_models import evaluated_model, labelled_folder
 from streamlit.testing.v1 import AppTest
 
 import ui
-
 from cxr_core import imaging, models, preprocess, probe
 from cxr_core.card import RESEARCH_USE
 
