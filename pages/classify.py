@@ -247,7 +247,11 @@ with right:
         metadata_ui(info)
     else:
         st.caption(f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit")
-shown = first.image if window is None else read_image(data, uploaded.name, window)
+try:
+    shown = first.image if window is None else read_image(data, uploaded.name, window)
+except UnreadableImageError as err:  # read once already: only memory or a decoder can fail the second time
+    st.warning(f"The film could not be shown at this window ({err}); it is shown at the window it was read with.")
+    shown = first.image
 film_title = f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit"
 heat_title = f"{METHOD_LABELS[method]} for {card.class_names[explained]}"
 opacity, colormap = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key="cam",

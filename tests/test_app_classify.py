@@ -250,6 +250,25 @@ def test_window_slider_and_presets_change_the_shown_image(models_root):
     assert _shown_probabilities(at) == probabilities  # the model always sees the default window
 
 
+def test_a_film_that_cannot_be_read_again_at_a_new_window_stays_shown_at_its_own(models_root, monkeypatch):
+    """The film is read again for each display window; if that fails (memory, a decoder), the page says so and
+    shows it at the window it was read with instead of a traceback."""
+    at = _upload(_page(), "chest.dcm", (DICOM / CHEST_DICOMS[0]).read_bytes())
+    original = _shown(at)[0]
+    real = imaging.load
+
+    def no_second_read(data, name="", window=None, **kwargs):
+        if window is not None:
+            raise imaging.UnreadableImageError("out of memory while decoding the image (test)")
+        return real(data, name, window=window, **kwargs)
+
+    monkeypatch.setattr(imaging, "load", no_second_read)
+    at.slider(key=f"width_{_key(at)}").set_value(333.0).run()
+    _no_exception(at)
+    assert any("could not be shown at this window" in w.value for w in at.warning)
+    np.testing.assert_array_equal(_shown(at)[0], original)
+
+
 def test_viewer_shows_the_windowed_dicom_and_its_stored_values(models_root):
     data = (DICOM / CHEST_DICOMS[0]).read_bytes()
     at = _upload(_page(), "chest.dcm", data)
