@@ -13,7 +13,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import csvsafe, imaging, overlay, paths, preprocess, probe
+from cxr_core import csvsafe, imaging, overlay, paths, preprocess, probe, quality, report
 from cxr_core import evaluation_view as ev
 from cxr_core.errors import UnreadableImageError
 from cxr_core.explain import METHODS
@@ -249,7 +249,8 @@ chosen = image_source_ui(model_card, held_out)
 image_pixels = None
 if chosen is not None:
     try:
-        image_pixels = imaging.load(chosen[1], chosen[0]).pixels
+        loaded = imaging.load(chosen[1], chosen[0])
+        image_pixels = loaded.pixels
     except UnreadableImageError as err:
         st.error(str(err))
 if image_pixels is not None:
@@ -276,6 +277,10 @@ if image_pixels is not None:
     target = st.selectbox("Class to explain", names, key="instructor_class")
     st.caption(" · ".join(f"P({c}) = {p:.3f}" for c, p in prediction.as_dict().items())
                + f" · decision {prediction.decision}")
+    # The cautions the Classify page gives (not a chest, low confidence, a threshold call, unlike the training
+    # films, what the reader changed): a class is shown how the model behaves on this very film.
+    for line in report.cautions(prediction, model_card, quality.assess(loaded, chosen[1]), loaded.info):
+        st.warning(line, icon="⚠️")
     shown_image = display(image_pixels)
     target_index = names.index(target)
     methods_ui(explainer, model_key, model_batch, shown_image, target_index, colormap)

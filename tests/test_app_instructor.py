@@ -71,6 +71,28 @@ def test_all_sections_for_an_uploaded_radiograph(env, monkeypatch, data_dir):
     assert "Grad-CAM at tiny_relu0" in captions(at)
 
 
+def test_the_page_gives_the_cautions_the_classify_page_gives(env, monkeypatch, data_dir):
+    """A film that is not a chest (a dental DICOM) is flagged on the Instructor page as on the Classify page, with the
+    same sentences (``report.cautions``); a chest film gets no not-a-chest caution."""
+    from cxr_core import quality, report
+
+    models_root, root, _, _, _ = env
+    at = run_page(monkeypatch, models_root, root)
+    dental = data_dir / "dicom" / "non_chest" / "CR-ModalitySequenceLUT.dcm"
+    at.file_uploader(key="instructor_upload").set_value(("dental", dental.read_bytes(), "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    loaded = imaging.load(dental.read_bytes(), "dental")
+    classifier = models.load(next(models_root.iterdir()))
+    prediction = classifier.predict(preprocess.model_input(loaded.pixels, classifier.input_size))[0]
+    expected = report.cautions(prediction, classifier.card, quality.assess(loaded, dental.read_bytes()), loaded.info)
+    assert expected[0].startswith("Probably not a frontal chest radiograph")
+    assert [w.value for w in at.warning if w.value in expected] == expected
+    chest = data_dir / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    at.file_uploader(key="instructor_upload").set_value(("chest.jpeg", chest.read_bytes(), "image/jpeg")).run()
+    assert not at.exception and not [w for w in at.warning if w.value.startswith("Probably not")]
+
+
 def test_dicom_upload_and_bad_files(env, monkeypatch, data_dir):
     models_root, root, _, _, _ = env
     at = run_page(monkeypatch, models_root, root)
