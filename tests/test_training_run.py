@@ -360,11 +360,13 @@ def test_compare_gives_the_learning_rates_the_epochs_ran_at(tmp_path):
     from training import compare
 
     pd.DataFrame({"epoch": [1, 2, 3], "lr": [1e-4, 1e-4, 2e-5]}).to_csv(tmp_path / "history.csv", index=False)
-    recipe = {"lr": 1e-3, "fine_tune_lr": 1e-4, "pretrained": True, "freeze_epochs": 0}
+    # a card's recipe as a run writes it: the starting weights, not a "pretrained" flag
+    recipe = {"lr": 1e-3, "fine_tune_lr": 1e-4, "weights": "models/densenet169-cxr3", "freeze_epochs": 0}
     assert compare._rates(tmp_path, recipe) == "0.0001 -> 2e-05"  # not the unused lr of 0.001
     (tmp_path / "history.csv").unlink()
     assert compare._rates(tmp_path, recipe) == 1e-4
     assert compare._rates(tmp_path, {**recipe, "freeze_epochs": 2}) == 1e-3
+    assert compare._rates(tmp_path, {**recipe, "weights": "none"}) == 1e-3  # from scratch: lr
 
 
 _OTHER_BACKEND_SCRIPT = """
@@ -994,6 +996,7 @@ def test_the_cli_says_what_was_wrong_instead_of_a_traceback(work, tmp_path):
     assert "holds split folders (test)" in said and "NORMAL, PNEUMONIA" in said
     assert "is not a model folder: it has no model_card.json" in _cli_fails("evaluate", str(tmp_path / "no-model"),
                                                                              str(mixed), "--out", out)
+    assert "is the model folder" in _cli_fails("evaluate", str(mixed), str(mixed), "--out", str(mixed))
     only_test = tmp_path / "only-test"  # a class with test films but no training films: a head it cannot learn
     _link(COVID_SET / "Normal", only_test / "train" / "NORMAL", 12)
     _link(COVID_SET / "Viral Pneumonia", only_test / "train" / "PNEUMONIA", 12)

@@ -177,6 +177,9 @@ def _run(args: argparse.Namespace) -> int:
         from cxr_core import evaluation_view, models
         from training import evaluate
 
+        if Path(args.out).resolve() == Path(args.model_dir).resolve():
+            raise ValueError(f"--out {args.out} is the model folder: its metrics.json and predictions.csv are the "
+                             "training run's own. Write the evaluation to another folder")
         classifier = models.load(args.model_dir, engine=args.engine, precision=args.precision)
         print(f"inference: {classifier.engine_label}" + (f" ({classifier.runner.note})" if classifier.runner.note
                                                           else ""))

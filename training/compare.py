@@ -28,7 +28,8 @@ def _rates(folder: Path, recipe: dict[str, Any]) -> str | None:
     if rates:
         distinct = [r for i, r in enumerate(rates) if i == 0 or not np.isclose(r, rates[i - 1], rtol=1e-6)]
         return " -> ".join(f"{r:.3g}" for r in distinct)
-    fine_tune_only = recipe.get("pretrained") and recipe.get("freeze_epochs") == 0
+    pretrained = str(recipe.get("weights", "none")).lower() != "none"  # the recipe keeps weights, not pretrained
+    fine_tune_only = pretrained and recipe.get("freeze_epochs") == 0
     return recipe.get("fine_tune_lr" if fine_tune_only else "lr")
 
 
