@@ -117,6 +117,7 @@ def test_train_writes_a_complete_model_folder(first_run):
 def test_resume_continues_from_the_last_epoch(first_run, resumed_run):
     out, stdout = resumed_run
     assert "resuming after epoch 1" in stdout and "Epoch 2/2" in stdout and "Epoch 1/2" not in stdout
+    assert "the split comes from split.csv: its classes, splits and patients stand" in stdout
     before = pd.read_csv(first_run[0] / "history.csv")
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [1, 2]

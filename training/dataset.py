@@ -194,6 +194,12 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
         listed = data.read_manifest(manifest, config.data)
         records = [r for r in listed if not r.duplicate_of]
         duplicates = [r for r in listed if r.duplicate_of]
+        on_disk = {(source, path.relative_to(root).as_posix())
+                   for source, root in data.roots_by_source(config.data).items() for path in data.image_files(root)}
+        new = len(on_disk - {(r.source, r.rel) for r in listed})
+        log(f"the split comes from {manifest.name}: its classes, splits and patients stand (--map, --split, --seed and "
+            "--max-per-class do not change them)"
+            + (f"; {new} image file(s) under the data folders are not in it and are left out" if new else ""))
     else:
         known = [config.negative_class]
         if Path(config.weights, card_lib.CARD_FILE).is_file():  # fine-tuning: the old classes keep their folders
