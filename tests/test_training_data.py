@@ -244,3 +244,14 @@ def test_a_patient_in_more_than_one_given_split_keeps_only_the_earliest():
     assert [(d.rel, d.duplicate_of, d.duplicate_kind) for d in dropped] == [
         ("v1.png", "s/patient p1", "patient"), ("e1.png", "s/patient p1", "patient"),
         ("e2.png", "s/patient p2", "patient")]
+
+
+def test_class_folders_that_differ_only_in_case_are_one_class(tmp_path):
+    """a/NORMAL and b/Normal without a map: one class, named as first met (evaluate and rescore match names whatever
+    their case, so two classes would put every normal film under one of them)."""
+    _link(KERMANY / "NORMAL", tmp_path / "a" / "NORMAL", 2)
+    _link(KERMANY / "NORMAL", tmp_path / "b" / "Normal", 2, offset=2)
+    _link(KERMANY / "PNEUMONIA", tmp_path / "b" / "pneumonia", 2)
+    found = data.scan([tmp_path / "a", tmp_path / "b"])
+    assert found.classes == ["NORMAL", "pneumonia"]
+    assert sorted(r.label for r in found.records) == ["NORMAL"] * 4 + ["pneumonia"] * 2

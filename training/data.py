@@ -128,6 +128,7 @@ def scan(roots: Sequence[str | Path], class_map: dict[str, str] | None = None, k
     records: list[Record] = []
     unmapped: list[str] = []
     names: list[str] = []
+    spelled: dict[str, str] = {}  # one class per name whatever its case: a/NORMAL and b/Normal are one class
     for root in map(Path, roots):
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} does not exist")
@@ -149,6 +150,7 @@ def scan(roots: Sequence[str | Path], class_map: dict[str, str] | None = None, k
                 if label is None:
                     unmapped.append(f"{source}/{folder.relative_to(root).as_posix()}")
                     continue
+                label = spelled.setdefault(label.lower(), label)  # the first spelling met names the class
                 for path in image_files(folder):
                     records.append(Record(path=path.resolve(), rel=path.relative_to(root).as_posix(), source=source,
                                           label=label, split="" if only_train else split,
