@@ -152,7 +152,10 @@ def familiarity_ui(prediction, card) -> None:
     if not line:
         return
     if prediction.unfamiliar:
-        st.warning(f"{familiarity.WARNING} {line}", icon="❔")
+        threshold = card.familiarity.get("threshold")
+        st.warning(f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.4f}"
+                   + (f", above the threshold {threshold:.4f} fitted on validation films" if threshold is not None
+                      else "") + ")", icon="❔")
         with st.expander("How the familiarity check works"):
             st.markdown(
                 "The model's last feature vector for this film is compared with those of the films it was "

@@ -425,6 +425,7 @@ def test_familiarity_warns_on_a_film_unlike_the_training_films(familiar_model_di
     assert expected.unfamiliar
     warned = [w.value for w in at.warning if w.value.startswith("Unlike the films this model was trained on")]
     assert len(warned) == 1 and f"distance {expected.familiarity:.4f}" in warned[0]
+    assert warned[0].count("unreliable") == 1  # said once, not twice
     # One of the films the check was fitted on: no warning, the distance as a quiet caption.
     film = familiar_films()[1]
     at = _upload(_page(), film.name, film.read_bytes())
