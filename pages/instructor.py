@@ -164,8 +164,12 @@ def occlusion_ui(classifier, model_key: str, image, shown, class_index: int, col
     except Exception as err:  # noqa: BLE001
         ui.explain_failed("The occlusion map", err)
         return
-    st.image(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap),
-             caption=f"Largest drop in probability: {float(drop.max()):.3f}", width=DISPLAY_SIZE // 2)
+    name = classifier.card.class_names[class_index]
+    largest = float(drop.max())
+    caption = (f"Largest drop in P({name}) when a patch is hidden: {largest:.3f}" if largest > 0 else
+               f"No patch lowers P({name}) when hidden (at most it rises by {-largest:.3f}): the map is blank")
+    st.image(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap), caption=caption,
+             width=DISPLAY_SIZE // 2)
 
 
 def perturbations_ui(classifier, pixels) -> None:
