@@ -209,29 +209,21 @@ def test_model_without_predictions_explains_the_missing_gallery(tiny_model3_dir,
     assert any("no predictions.csv" in i.value for i in at.info)
 
 
-def test_predictions_that_do_not_fit_the_card_give_a_message_not_a_traceback(env, monkeypatch, tmp_path):
+@pytest.mark.parametrize("column", ["predicted_class", "path"])
+def test_predictions_that_do_not_fit_the_card_give_a_message_not_a_traceback(env, monkeypatch, tmp_path, column):
+    """A predictions.csv of another version (a column missing): the gallery says so; without paths the held-out
+    picker says so too."""
     _, root, folder, predictions, _ = env
     other = tmp_path / "models" / folder.name
     shutil.copytree(folder, other)
-    predictions.drop(columns=["predicted_class"]).to_csv(other / "predictions.csv", index=False)
+    predictions.drop(columns=[column]).to_csv(other / "predictions.csv", index=False)
     at = run_page(monkeypatch, tmp_path / "models", root)
     assert not at.exception
-    assert any("does not fit its card" in w.value and "predicted_class" in w.value for w in at.warning), \
+    assert any("does not fit its card" in w.value and column in w.value for w in at.warning), \
         [w.value for w in at.warning]
-
-
-def test_predictions_without_paths_give_a_message_not_a_traceback(env, monkeypatch, tmp_path):
-    """A predictions.csv without its path column (another version): the gallery and the held-out picker say so."""
-    _, root, folder, predictions, _ = env
-    other = tmp_path / "models" / folder.name
-    shutil.copytree(folder, other)
-    predictions.drop(columns=["path"]).to_csv(other / "predictions.csv", index=False)
-    at = run_page(monkeypatch, tmp_path / "models", root)
-    assert not at.exception
-    assert any("does not fit its card" in w.value and "path" in w.value for w in at.warning), [w.value for w in
-                                                                                               at.warning]
-    at.radio(key="instructor_source").set_value(at.radio(key="instructor_source").options[1]).run()
-    assert not at.exception and any("has no path or true_class column" in w.value for w in at.warning)
+    if column == "path":
+        at.radio(key="instructor_source").set_value(at.radio(key="instructor_source").options[1]).run()
+        assert not at.exception and any("has no path or true_class column" in w.value for w in at.warning)
 
 
 def test_a_failing_method_or_prediction_is_a_message_and_the_rest_stands(env, monkeypatch, data_dir, tmp_path):
