@@ -183,7 +183,7 @@ def check(folder: Path, roots: list[Path], split: str, n: int) -> tuple[float, i
     for row, (_, probs, error) in zip(rows, scored, strict=True):
         if error is not None:
             raise ValueError(f"{row['path']}: {error}")
-        for name, p in zip(classifier.card.class_names, probs, strict=True):
+        for name, p in zip(classifier.card.class_names, probs.probabilities, strict=True):
             worst = max(worst, abs(float(row[f"p_{name}"]) - float(p)))
     return worst, len(rows)
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         classifier = models.load(folder)
         card = classifier.card
         out = evaluate._read_and_predict(classifier, items, 32, None)
-        ok = [(row, p) for row, (_, p, err) in zip(rows, out, strict=True) if err is None]
+        ok = [(row, p.probabilities) for row, (_, p, err) in zip(rows, out, strict=True) if err is None]
         index = {c: i for i, c in enumerate(card.class_names)}
         y = np.array([index[row.label] for row, _ in ok])
         probs = np.array([p for _, p in ok])
