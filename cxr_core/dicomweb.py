@@ -189,6 +189,12 @@ class Instance:
 _BULK_VRS = ("OB", "OD", "OF", "OL", "OV", "OW", "UN")
 
 
+def is_instance(ds: pydicom.Dataset, instance: Instance) -> bool:
+    """Whether a dataset the PACS sent is the instance asked for (its study, series and SOP Instance UIDs)."""
+    sent = tuple(str(ds.get(k, "")).strip() for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    return sent == (instance.study_uid, instance.series_uid, instance.sop_uid)
+
+
 def _check_uids(host: str, instance: Instance) -> None:
     """Refuse to put into a URL UIDs that are not DICOM UIDs (a PACS's answer is not trusted)."""
     if not all(imaging.UID.fullmatch(uid) for uid in (instance.study_uid, instance.series_uid, instance.sop_uid)):
@@ -490,12 +496,11 @@ class Client:
                 for element in list(ds):  # no pixels (sent only as a link) and no other bulk values
                     if element.tag >= 0x7FE00000 or (element.value is None and element.VR in _BULK_VRS):
                         del ds[element.tag]
-                sent = tuple(str(ds.get(k, "")).strip() for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                                     "SOPInstanceUID"))
+                same = is_instance(ds, instance)
         except Exception as exc:  # odd JSON (wrong VRs, broken values)
             raise PacsError(f"The PACS at {self.settings.host} sent an image header that could not be understood "
                             f"({type(exc).__name__}). Ask its administrator, or retry.") from exc
-        if sent != (instance.study_uid, instance.series_uid, instance.sop_uid):
+        if not same:
             raise PacsError("The PACS sent the header of another image than the one asked for (its study, series or "
                             "instance UID differs). Ask the PACS administrator to check the archive.")
         return ds

@@ -180,14 +180,15 @@ def bf16_verified(card, flags=None) -> bool:
 
 def bf16_elsewhere_note(card, flags=None) -> str:
     """Why a model whose bf16 agreement holds on another kind of CPU is served at f32 here ('' otherwise)."""
-    here = bf16_kind(cpu_flags() if flags is None else flags)
+    flags = cpu_flags() if flags is None else flags
+    here = bf16_kind(flags)
     if _record_holds(card, bf16_record(card, here)):
         return ""
     measured = [_KIND_NAMES[kind] for kind in BF16_KINDS
                 if kind != here and _record_holds(card, bf16_record(card, kind))]
     if not measured:
         return ""
-    if here is None and not (cpu_flags() if flags is None else flags):
+    if here is None and not flags:
         return (f"f32: this model's bf16 agreement with TensorFlow was measured on {' and '.join(measured)} CPUs, "
                 "and this CPU's instruction sets cannot be read here (/proc/cpuinfo: Linux only) to match them")
     return (f"f32: this model's bf16 agreement with TensorFlow was measured on {' and '.join(measured)} CPUs, "

@@ -27,7 +27,7 @@ import pydicom
 
 from cxr_core import dicom_results, imaging, orthanc, overlay, quality, report, review
 from cxr_core.card import ModelCard
-from cxr_core.dicomweb import Client, Instance, PacsError, Study, quiet
+from cxr_core.dicomweb import Client, Instance, PacsError, Study, is_instance, quiet
 from cxr_core.errors import UNEXPECTED, UnreadableImageError
 
 if TYPE_CHECKING:  # pipeline imports Keras: the demo command does without it
@@ -145,9 +145,7 @@ def retrieve(client: Client, film: Film) -> tuple[bytes, pydicom.Dataset]:
     data = client.retrieve(film.instance)
     with quiet():
         header = imaging.read_header(data)
-    asked = film.instance
-    sent = tuple(str(header.get(k, "")).strip() for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-    if sent != (asked.study_uid, asked.series_uid, asked.sop_uid):
+    if not is_instance(header, film.instance):
         raise PacsError("The PACS sent another image than the one asked for (its study, series or instance UID "
                         "differs), so it was not classified. Ask the PACS administrator to check the archive.")
     return data, header

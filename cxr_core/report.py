@@ -103,8 +103,8 @@ def cautions(prediction: Prediction, card: ModelCard, checked=None, info=None) -
         out.append(not_chest_line(checked) + " The result is not meaningful for this film.")
     if prediction.low_confidence:
         out.append(low_confidence_line(prediction, card) + " Treat this result as uncertain.")
-    if threshold_call_line(prediction, card):
-        out.append(threshold_call_line(prediction, card))
+    if called := threshold_call_line(prediction, card):
+        out.append(called)
     if prediction.unfamiliar:
         out.append(familiarity_line(prediction, card))
     return out + reading_lines(info)
@@ -138,6 +138,15 @@ def reading_lines(info) -> list[str]:
     from cxr_core import imaging
 
     return [f"Reading: {note}." for note in imaging.reading_notes(info, cautions=True)] if info is not None else []
+
+
+def unfamiliar_warning(prediction: Prediction, card: ModelCard) -> str:
+    """The pages' warning for a film the familiarity check flags: the warning, its distance and the threshold."""
+    from cxr_core import familiarity
+
+    threshold = card.familiarity.get("threshold")
+    limit = f", above the threshold {threshold:.4f} fitted on validation films" if threshold is not None else ""
+    return f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.4f}{limit})"
 
 
 def familiarity_line(prediction: Prediction, card: ModelCard) -> str:

@@ -12,7 +12,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import familiarity, imaging, overlay, quality, report, windowing
+from cxr_core import imaging, overlay, quality, report, windowing
 from cxr_core.errors import UNEXPECTED, UnreadableImageError
 
 if TYPE_CHECKING:  # imported where it runs: it brings TensorFlow, which the model's loader thread imports meanwhile
@@ -136,9 +136,9 @@ def warnings_ui(prediction, card, checked: quality.QualityReport) -> list[str]:
     if prediction.low_confidence:
         sentences.append(report.low_confidence_line(prediction, card) + " Treat this result as uncertain.")
         st.warning(sentences[-1], icon="⚠️")
-    if report.threshold_call_line(prediction, card):
-        sentences.append(report.threshold_call_line(prediction, card))
-        st.warning(sentences[-1], icon="⚖️")
+    if called := report.threshold_call_line(prediction, card):
+        sentences.append(called)
+        st.warning(called, icon="⚖️")
     familiarity_ui(prediction, card)
     return sentences
 
@@ -152,10 +152,7 @@ def familiarity_ui(prediction, card) -> None:
     if not line:
         return
     if prediction.unfamiliar:
-        threshold = card.familiarity.get("threshold")
-        st.warning(f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.4f}"
-                   + (f", above the threshold {threshold:.4f} fitted on validation films" if threshold is not None
-                      else "") + ")", icon="❔")
+        st.warning(report.unfamiliar_warning(prediction, card), icon="❔")
         with st.expander("How the familiarity check works"):
             st.markdown(
                 "The model's last feature vector for this film is compared with those of the films it was "

@@ -15,7 +15,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import dicomweb, familiarity, imaging, overlay, pacs, report, review
+from cxr_core import dicomweb, imaging, overlay, pacs, report, review
 from cxr_core.dicomweb import PacsError
 
 STUDIES, RESULTS, BATCH, SEARCHES = "pacs_studies", "pacs_results", "pacs_batch", "pacs_searches"
@@ -117,13 +117,11 @@ def film_ui(item: pacs.FilmResult, card) -> None:
     for note in imaging.reading_notes(result.image.info):  # what the reader changed (inverted, frames left out)
         st.info(ui.plain(note), icon="ℹ️")
     if prediction.unfamiliar:
-        st.warning(f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.4f}, above the "
-                   f"threshold {card.familiarity.get('threshold', float('nan')):.4f} fitted on validation films)",
-                   icon="❔")
+        st.warning(report.unfamiliar_warning(prediction, card), icon="❔")
     if prediction.low_confidence:
         st.warning(report.low_confidence_line(prediction, card) + " Treat this result as uncertain.", icon="⚠️")
-    if report.threshold_call_line(prediction, card):
-        st.warning(report.threshold_call_line(prediction, card), icon="⚖️")
+    if called := report.threshold_call_line(prediction, card):
+        st.warning(called, icon="⚖️")
     left, right = st.columns([3, 2])
     pictures = left.columns(2)
     # At most MAX_DISPLAY_SIDE a side, as on the Classify page: a 4300 x 4300 film would send ~55 MB of RGB per
