@@ -132,6 +132,9 @@ def list_models() -> list[Path]:
     return card_lib.model_folders(models_root())
 
 
+_TURN = threading.Lock()  # one model load and warm-up at a time (ModelLoad)
+
+
 class ModelLoad(threading.Thread):
     """One model folder loaded in the background, then its compiled graphs warmed, once per process.
 
@@ -147,6 +150,10 @@ class ModelLoad(threading.Thread):
     the same tracing anyway.
     ``loaded`` and ``warmed`` are set when each part is over (``warmed`` also after a failed load
     or warm-up: the first request then traces what is missing itself).
+    Loads take turns, one model's load and warm-up at a time in the process (``_TURN``): Keras builds and
+    traces are not safe across threads, and a model whose page never asked for it (an unreadable first
+    upload) goes on warming up while the next model loads; on two cores turns cost no time overall.
+    ``turn`` is when this load's turn began and ended (``time.perf_counter``).
     """
 
     def __init__(self, folder: str, card: card_lib.ModelCard):
@@ -157,6 +164,7 @@ class ModelLoad(threading.Thread):
         self._error: BaseException | None = None
         self.load_s: float | None = None
         self.warm_up_s: float | None = None
+        self.turn: tuple[float, float] | None = None
 
     @property
     def failed(self) -> bool:
@@ -172,6 +180,10 @@ class ModelLoad(threading.Thread):
         return self._model
 
     def run(self) -> None:
+        with _TURN:
+            self._load_and_warm_up()
+
+    def _load_and_warm_up(self) -> None:
         start = time.perf_counter()
         try:
             from cxr_core import explain, models
@@ -188,6 +200,7 @@ class ModelLoad(threading.Thread):
             if self._model is not None:
                 self._warm_up(*self._model)
         finally:
+            self.turn = (start, time.perf_counter())
             self.warmed.set()
 
     def _warm_up(self, classifier: Any, explainer: Any) -> None:

@@ -47,7 +47,9 @@ def _page() -> AppTest:
 
 
 def _upload(at: AppTest, name: str, data: bytes) -> AppTest:
-    at.file_uploader(key="classify_upload").set_value((name, data, "application/octet-stream"))
+    uploaders = [w for w in at.get("file_uploader") if w.key == "classify_upload"]
+    assert uploaders, f"the page shows no uploader; its messages: {[e.value for e in at.error + at.info]}"
+    uploaders[0].set_value((name, data, "application/octet-stream"))
     return at.run()
 
 

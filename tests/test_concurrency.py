@@ -121,6 +121,25 @@ def test_concurrent_sessions_share_one_cached_model(tiny_model_dir, tmp_path, im
     ui.start_loading.clear()
 
 
+def test_two_models_loading_at_once_take_turns(tiny_model_dir, tiny_model3_dir, tmp_path):
+    """Two model folders asked for at the same moment (two users choosing different models, or a page whose
+    model still warms up while the next loads) load and warm up one after the other, never at once: Keras
+    builds and traces are not safe across threads (a load beside another's warm-up failed now and then in CI).
+    Both loads still succeed and serve their own model."""
+    import ui
+
+    folders = [Path(shutil.copytree(d, tmp_path / d.name)) for d in (tiny_model_dir, tiny_model3_dir)]
+    loads = [ui.ModelLoad(str(f), card_lib.load(f)) for f in folders]
+    for load in loads:
+        load.start()
+    for load in loads:
+        assert load.warmed.wait(timeout=300)
+    assert not any(load.failed for load in loads), [load._error for load in loads]
+    first, second = sorted((load.turn for load in loads), key=lambda turn: turn[0])
+    assert second[0] >= first[1], f"the loads overlapped: {first} and {second}"
+    assert [len(load.result()[0].card.class_names) for load in loads] == [2, 3]
+
+
 def test_memory_does_not_grow_over_120_classifications(served, images):
     """The page's path (read, predict + Grad-CAM, quality check, overlay) 120 times on one Explainer: after 20 of
     warm-up, a leak of 0.5 MiB per film (one film's pixels or overlay kept) passes the bound."""
