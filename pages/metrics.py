@@ -276,6 +276,10 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
         if result.metrics.get("familiarity"):
             st.info(ev.familiarity_sentence(result.metrics["familiarity"])
                     + " A useful check flags far more of the films the model gets wrong than of those it gets right.")
+        from training.evaluate import overlap_sentence
+
+        if overlap := overlap_sentence(result.metrics.get("training_overlap")):
+            st.warning(overlap, icon="⚠️")
         if result.skipped:
             st.warning(f"{len(result.skipped)} file(s) could not be read and were skipped:")
             st.dataframe(pd.DataFrame(result.skipped), hide_index=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -276,6 +277,28 @@ def test_a_file_typed_as_the_folder_is_a_message(setup, monkeypatch):
     at.button(key="eval_run").click().run()
     assert not at.exception
     assert any(f"'{film}' is not a folder under the data root" in e.value for e in at.error)
+
+
+def test_a_folder_evaluation_warns_of_the_films_the_model_was_made_with(setup, tmp_path, monkeypatch):
+    """Films of the model's own split.csv (found by their bytes) among the evaluated ones: the page says how many,
+    in which splits, and the figures without the train and validation films (here the two PNEUMONIA films left)."""
+    root, source_models, folder, _ = setup
+    models_root = tmp_path / "models"
+    shutil.copytree(folder, models_root / folder.name)
+    films = [f for cls in ("NORMAL", "PNEUMONIA") for f in sorted((root / "eval" / cls).glob("*.jpeg"))
+             if f.name != "broken.jpeg"]
+    roles = ["train", "train", "val", "test", "test", "", "", ""]  # NORMAL x4 then PNEUMONIA x4
+    rows = [f"{f.parent.name}/{f.name},eval,{f.parent.name},{role},,{hashlib.sha256(f.read_bytes()).hexdigest()},,"
+            for f, role in zip(films, roles, strict=True) if role]
+    (models_root / folder.name / "split.csv").write_text(
+        "path,source,class,split,patient,sha256,duplicate_of,duplicate_kind\n" + "\n".join(rows) + "\n")
+    at = run_page(monkeypatch, models_root, root)
+    at.text_input(key="eval_path").set_value("eval")
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    (said,) = [w.value for w in at.warning if "used to make this model" in w.value]
+    assert said.startswith("3 of these films were used to make this model (train 2, validation 1;")
+    assert "Without them: 5 films" in said
 
 
 def test_a_folder_evaluation_says_what_the_familiarity_check_flags(setup, familiar_model_dir, tmp_path, monkeypatch):

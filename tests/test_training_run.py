@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -328,6 +329,62 @@ def test_evaluate_a_labelled_folder_with_a_class_map(first_run, work, tmp_path):
                                                                        (~right).sum())
     assert fam["threshold"] == classifier.familiarity.threshold and fam["by_group"]["external"]["n"] == 9
     assert f"flags {fam['flagged']} of 9 films" in result.stdout
+    # none of these films is in the model's split.csv: checked, nothing found, no warning
+    assert m["training_overlap"] == {"checked": True, "by_split": {}, "made_with": 0}
+    assert set(preds["model_split"].fillna("")) == {""} and "used to make this model" not in result.stdout
+
+
+def test_evaluate_names_the_films_the_model_was_made_with(first_run, work, tmp_path):
+    """Evaluated on its own training folder, every film of the model's split.csv is found by its bytes and named by
+    its split; the figures without the train and validation films are those of its test films alone."""
+    out = tmp_path / "eval-own"
+    result = _cli("evaluate", str(first_run[0]), str(work / "cxr"), "--out", str(out))
+    m = json.loads((out / "metrics.json").read_text())
+    split = pd.read_csv(first_run[0] / "split.csv", keep_default_na=False)
+    split = split[split["split"].isin(["train", "val", "test"])]
+    counts = split["split"].value_counts().to_dict()
+    assert len(split) == 60 and set(counts) == {"train", "val", "test"}
+    overlap = m["training_overlap"]
+    assert overlap["checked"] and overlap["by_split"] == counts
+    assert overlap["made_with"] == counts["train"] + counts["val"]
+    preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert preds.set_index("path")["model_split"].to_dict() == dict(zip(split["path"], split["split"], strict=True))
+    test = preds[preds["model_split"] == "test"]
+    assert overlap["without"]["n"] == counts["test"] == len(test)
+    assert overlap["without"]["accuracy"] == pytest.approx((test["predicted_class"] == test["true_class"]).mean())
+    assert (f"warning: {overlap['made_with']} of these films were used to make this model (train {counts['train']}, "
+            f"validation {counts['val']};") in result.stdout
+
+
+def test_split_roles_follow_near_copies_and_the_start_s_films(tmp_path):
+    """A near-copy the run dropped counts as the split of the film it copies; a film its start trained on is
+    "seen"; a folder without split.csv cannot be checked (and says so)."""
+    from training import evaluate
+
+    (tmp_path / "split.csv").write_text(
+        "path,source,class,split,patient,sha256,duplicate_of,duplicate_kind\n"
+        "a.jpeg,src,NORMAL,train,,aaa,,\n"
+        "b.jpeg,src,NORMAL,test,,bbb,,\n"
+        "c.jpeg,src,NORMAL,duplicate,,ccc,src/a.jpeg,near\n"
+        "d.jpeg,src,NORMAL,duplicate,,ddd,src/b.jpeg,near\n"
+        "e.jpeg,src,NORMAL,duplicate,,eee,src/e.jpeg,seen\n")
+    assert evaluate.split_roles(tmp_path) == {"aaa": "train", "bbb": "test", "ccc": "train", "ddd": "test",
+                                              "eee": "seen"}
+    files = {}
+    for name, data in (("one.png", b"first"), ("two.png", b"second")):
+        (tmp_path / name).write_bytes(data)
+        files[name] = tmp_path / name
+    (tmp_path / "split.csv").write_text(
+        "path,source,class,split,patient,sha256,duplicate_of,duplicate_kind\n"
+        f"x.png,src,NORMAL,duplicate,,{hashlib.sha256(b'first').hexdigest()},src/x.png,seen\n")
+    overlap, found = evaluate.training_overlap(tmp_path, files)
+    assert found == {"one.png": "seen"} and overlap == {"checked": True, "by_split": {"seen": 1}, "made_with": 1}
+    overlap["without"] = {"n": 1, "accuracy": 1.0, "auc": None}
+    assert evaluate.overlap_sentence(overlap).startswith("1 of these films were used to make this model "
+                                                         "(its start's 1;")
+    (tmp_path / "split.csv").unlink()
+    assert evaluate.training_overlap(tmp_path, files) == ({"checked": False, "why": "the model folder has no "
+                                                           "split.csv to compare with"}, {})
 
 
 def test_evaluate_folder_is_the_same_with_and_without_the_serving_pipeline(first_run, work, monkeypatch):

@@ -192,6 +192,8 @@ def _run(args: argparse.Namespace) -> int:
               f"unmatched folders {m['unmatched_folders'] or 'none'}; written to {out}")
         if m.get("familiarity"):
             print(evaluation_view.familiarity_sentence(m["familiarity"]))
+        if overlap := evaluate.overlap_sentence(m.get("training_overlap")):
+            print(f"warning: {overlap}")
         for item in result.skipped:
             print(f"skipped {item['path']}: {item['error']}")
     elif args.command == "rescore":

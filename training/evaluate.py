@@ -7,6 +7,7 @@ case-insensitively after the class map).
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,71 @@ def _read_and_predict(classifier: Classifier, items: list[tuple[str, Path]], bat
     return out
 
 
+# What each film of a model's split.csv was to the model, as an evaluation names it (column ``model_split``).
+MADE_WITH = {"train": "train", "val": "validation", "seen": "its start's"}
+
+
+def split_roles(model_dir: str | Path | None) -> dict[str, str] | None:
+    """sha256 of a film's bytes -> its split in the model's ``split.csv`` (train, val, test, external; "seen" for a
+    film its starting weights trained on); a near-copy the run dropped takes the split of the film it copies.
+    None when the folder has no readable ``split.csv`` (a model trained before it was written, or elsewhere)."""
+    if model_dir is None:
+        return None
+    try:
+        rows = data._manifest_rows(Path(model_dir) / "split.csv")
+    except (OSError, UnicodeError, csv.Error):
+        return None
+    if not rows or not {"sha256", "split", "source", "path"} <= set(rows[0]):
+        return None
+    split_of = {f"{r['source']}/{r['path']}": r["split"] for r in rows}
+    roles: dict[str, str] = {}
+    for r in rows:
+        role = r["split"]
+        if role == "duplicate":
+            role = "seen" if r.get("duplicate_kind") == "seen" else split_of.get(r.get("duplicate_of", ""), "")
+        if r["sha256"] and role and role != "duplicate":
+            roles.setdefault(r["sha256"], role)
+    return roles
+
+
+def training_overlap(model_dir: str | Path | None, files: dict[str, Path]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Which evaluated films (name -> path) are, byte for byte, films of the model's own split, and in which split.
+
+    Returns the summary for ``metrics.json`` (``checked``; ``by_split`` counts; ``made_with``: the films used to
+    make the model, train + validation + its start's) and name -> role for the films found. Figures on films a
+    model was made with flatter it: evaluate on films it never saw.
+    """
+    roles = split_roles(model_dir)
+    if roles is None:
+        return {"checked": False, "why": "the model folder has no split.csv to compare with"}, {}
+    found: dict[str, str] = {}
+    for name, path in files.items():
+        try:
+            digest = data.file_sha256(path)
+        except OSError:
+            continue  # read for scoring a moment ago; gone now: nothing to compare
+        if digest in roles:
+            found[name] = roles[digest]
+    by_split: dict[str, int] = {}
+    for role in found.values():
+        by_split[role] = by_split.get(role, 0) + 1
+    return {"checked": True, "by_split": by_split,
+            "made_with": sum(n for role, n in by_split.items() if role in MADE_WITH)}, found
+
+
+def overlap_sentence(overlap: dict[str, Any] | None) -> str:
+    """The warning for films the model was made with among the evaluated ones ("" when there are none)."""
+    if not overlap or not overlap.get("checked") or not overlap.get("made_with"):
+        return ""
+    parts = ", ".join(f"{MADE_WITH[role]} {n}" for role, n in sorted(overlap["by_split"].items()) if role in MADE_WITH)
+    without = overlap.get("without") or {}
+    rest = (f" Without them: {without['n']} films, accuracy {without['accuracy']:.3f}, AUC "
+            + ("n/a" if without.get("auc") is None else f"{without['auc']:.3f}") + "."
+            if without.get("n") else " No film is left without them.")
+    return (f"{overlap['made_with']} of these films were used to make this model ({parts}; the same bytes as in "
+            f"its split.csv): figures on them flatter it.{rest} The predictions' model_split column names them.")
+
+
 def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dict[str, str] | None = None,
                     progress: Callable[[int, int], None] | None = None, batch_size: int = 16) -> Evaluation:
     """Score every image under ``data_dir/<class folder>/`` (recursively); unreadable files are skipped and listed."""
@@ -181,7 +247,14 @@ def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dic
         distances = np.array([prediction.familiarity for _, prediction in scored], dtype=np.float64)
         familiarity = (distances, np.array([bool(prediction.unfamiliar) for _, prediction in scored]))
         result["familiarity"] = familiarity_rates(card, y, p, distances, classifier.familiarity, sources)
+    overlap, found = training_overlap(classifier.folder, {name: data_dir / name for name in paths})
+    if found:
+        keep = np.array([name not in found or found[name] not in MADE_WITH for name in paths])
+        rest = score(card, y[keep], p[keep]) if keep.any() else {"n": 0}
+        overlap["without"] = {k: rest[k] for k in ("n", "accuracy", "auc") if k in rest}
+    result["training_overlap"] = overlap
     frame = predictions_frame(card, paths, sources, y, p, split="evaluation", familiarity=familiarity)
+    frame["model_split"] = [found.get(name, "") for name in paths]
     return Evaluation(result, frame, skipped)
 
 
