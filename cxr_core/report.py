@@ -140,13 +140,14 @@ def reading_lines(info) -> list[str]:
     return [f"Reading: {note}." for note in imaging.reading_notes(info, cautions=True)] if info is not None else []
 
 
-def unfamiliar_warning(prediction: Prediction, card: ModelCard) -> str:
-    """The pages' warning for a film the familiarity check flags: the warning, its distance and the threshold."""
+def unfamiliar_warning(distance: float, card: ModelCard) -> str:
+    """The pages' warning for a film the familiarity check flags (Classify, PACS, a Batch review row): the
+    warning, the film's familiarity distance and the card's threshold."""
     from cxr_core import familiarity
 
     threshold = card.familiarity.get("threshold")
     limit = f", above the threshold {threshold:.4f} fitted on validation films" if threshold is not None else ""
-    return f"{familiarity.WARNING} (familiarity distance {prediction.familiarity:.4f}{limit})"
+    return f"{familiarity.WARNING} (familiarity distance {distance:.4f}{limit})"
 
 
 def familiarity_line(prediction: Prediction, card: ModelCard) -> str:

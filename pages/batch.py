@@ -8,7 +8,7 @@ import streamlit as st
 
 import auth
 import ui
-from cxr_core import csvsafe, familiarity, imaging, paths, pipeline, preprocess, review
+from cxr_core import csvsafe, imaging, paths, pipeline, preprocess, report, review
 from cxr_core.errors import UnreadableImageError
 
 STATE = "batch_results"
@@ -179,7 +179,7 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row, stamp
     if row.get("reading_notes"):
         st.info(ui.plain(f"What the reader changed in this picture: {row['reading_notes']}."), icon="ℹ️")
     if row.get("unfamiliar"):
-        st.warning(f"{familiarity.WARNING} (familiarity distance {row['familiarity']:.4f})", icon="❔")
+        st.warning(report.unfamiliar_warning(row["familiarity"], classifier.card), icon="❔")
     try:
         image = imaging.load(source, name)
     except UnreadableImageError as err:

@@ -152,7 +152,7 @@ def familiarity_ui(prediction, card) -> None:
     if not line:
         return
     if prediction.unfamiliar:
-        st.warning(report.unfamiliar_warning(prediction, card), icon="❔")
+        st.warning(report.unfamiliar_warning(prediction.familiarity, card), icon="❔")
         with st.expander("How the familiarity check works"):
             st.markdown(
                 "The model's last feature vector for this film is compared with those of the films it was "

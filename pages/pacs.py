@@ -117,7 +117,7 @@ def film_ui(item: pacs.FilmResult, card) -> None:
     for note in imaging.reading_notes(result.image.info):  # what the reader changed (inverted, frames left out)
         st.info(ui.plain(note), icon="ℹ️")
     if prediction.unfamiliar:
-        st.warning(report.unfamiliar_warning(prediction, card), icon="❔")
+        st.warning(report.unfamiliar_warning(prediction.familiarity, card), icon="❔")
     if prediction.low_confidence:
         st.warning(report.low_confidence_line(prediction, card) + " Treat this result as uncertain.", icon="⚠️")
     if called := report.threshold_call_line(prediction, card):

@@ -285,6 +285,14 @@ def test_batch_table_has_the_familiarity_of_each_film(familiar_model_dir, tmp_pa
     assert rows.loc["dental.dcm", "unfamiliar"]
     assert "unlike the training films" in at.caption[0].value or any("unlike the training films" in c.value
                                                                        for c in at.caption)
+    # Its row, opened: the warning gives its distance and the threshold it is past, as on the Classify page.
+    at.session_state["batch_table"] = {"selection": {"rows": [table(at)["file"].tolist().index("dental.dcm")],
+                                                     "columns": [], "cells": []}}
+    at.run()
+    threshold = classifier.card.familiarity["threshold"]
+    (warned,) = [w.value for w in at.warning if w.value.startswith("Unlike the films")]
+    assert (f"distance {rows.loc['dental.dcm', 'familiarity']:.4f}, above the threshold {threshold:.4f} fitted on "
+            "validation films") in warned
 
 
 def test_a_failing_gradcam_is_a_message_and_the_table_stays(at, uploads, monkeypatch):
