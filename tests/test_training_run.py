@@ -794,6 +794,29 @@ def test_rescore_adds_familiarity_and_an_external_source_without_touching_the_we
     np.testing.assert_allclose([p.familiarity for p in served], ext["familiarity"], rtol=1e-4)
 
 
+def test_rescore_reads_moved_training_data_from_data_and_refuses_missing_folders(first_run, work, tmp_path):
+    """A model whose training folders moved: rescore says which folder is missing and how to go on, before loading
+    the model; with --data naming them where they are now (same folder name) it reproduces the test figures."""
+    out = tmp_path / "moved" / "model"
+    shutil.copytree(first_run[0], out)
+    card = card_lib.read(out)
+    assert card.recipe["data"] == [str(work / "cxr")]
+    card.recipe["data"] = [str(tmp_path / "gone" / "cxr")]  # where it was trained
+    card_lib.save(card, out)
+    before = json.loads((out / "metrics.json").read_text())
+    said = _cli_fails("rescore", str(out), "--cache-dir", str(work / "cache"))
+    assert f"training data folder(s) {tmp_path / 'gone' / 'cxr'} are not here" in said and "--data DIR" in said
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    said = _cli_fails("rescore", str(out), "--data", str(elsewhere / "data"))
+    assert "--data gives the sources ['data']; the model's split names ['cxr']" in said
+    _cli("rescore", str(out), "--data", str(work / "cxr"), "--cache-dir", str(work / "cache"))
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["n"] == before["n"] and after["accuracy"] == pytest.approx(before["accuracy"])
+    assert after["auc"] == pytest.approx(before["auc"])
+    assert card_lib.read(out).recipe["rescored"]["data"] == [str(work / "cxr")]
+
+
 def _write_split(rows: list[dict[str, str]], path: Path) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

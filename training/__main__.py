@@ -136,6 +136,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     rs.add_argument("--external", action="append", default=[], metavar="DIR",
                     help="labelled folder DIR/CLASS/** from a source the model never saw (repeat)")
     rs.add_argument("--map", action="append", default=[], metavar="FOLDER=CLASS")
+    rs.add_argument("--data", action="append", default=[], metavar="DIR",
+                    help="a training data folder where it is now, if it moved since training (repeat, one per "
+                         "folder of the card's recipe, under the same folder names; default: the recipe's paths)")
     rs.add_argument("--cache-dir", default="")
     rs.add_argument("--batch-size", type=int, default=32)
     cmp = sub.add_parser("compare", help="side-by-side table of model folders or evaluation folders")
@@ -200,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         from training import rescore
 
         rescore.run(args.model_dir, args.external, data.parse_class_map(args.map) or None, args.cache_dir,
-                    args.batch_size)
+                    args.batch_size, data_dirs=args.data)
     else:
         from training import compare
 

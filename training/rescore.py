@@ -89,16 +89,43 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     return dataset.Split(recs, decoded.images[keep], np.array([index[r.label] for r in recs], dtype=np.int64))
 
 
+def data_roots(recipe_data: Sequence[str], given: Sequence[str] = ()) -> list[str]:
+    """The training data folders to read the model's split from: the recipe's, or ``given`` (``--data``) where they
+    moved since training. ``split.csv`` names each film by source (the folder's name) and path inside it, so the
+    folders given must carry the same names, one for each of the recipe's. Raises ValueError, saying what to do,
+    when a folder is missing or the names differ."""
+    recipe_data = [str(d) for d in recipe_data]
+    if given:
+        names = [data.source_name(Path(d)) for d in recipe_data]
+        new = [data.source_name(Path(d)) for d in given]
+        if sorted(new) != sorted(names):
+            raise ValueError(f"--data gives the sources {new}; the model's split names {names} (a source is its "
+                             "folder's name, or its parent's for a folder called train/val/test). Give one folder "
+                             "per source, under the same names")
+        roots = [str(d) for d in given]
+    else:
+        roots = recipe_data
+    missing = [d for d in roots if not Path(d).is_dir()]
+    if missing:
+        where = "" if given else (f" (a relative path is read from the folder you run in, {Path.cwd()}); run from "
+                                  "where the model was trained, or give the folders where they are now with --data "
+                                  "DIR, once per source: " + ", ".join(recipe_data))
+        raise ValueError(f"the model's training data folder(s) {', '.join(missing)} are not here{where}")
+    return roots
+
+
 def run(model_dir: str | Path, external: Sequence[str] = (), class_map: dict[str, str] | None = None,
-        cache_dir: str = "", batch_size: int = 32, log=print) -> Path:
-    """Re-score the model folder in place; returns it."""
+        cache_dir: str = "", batch_size: int = 32, log=print, data_dirs: Sequence[str] = ()) -> Path:
+    """Re-score the model folder in place; returns it. ``data_dirs``: the training data folders where they moved
+    since training (``data_roots``)."""
     folder = Path(model_dir)
-    classifier = models.load(folder)  # checks the card and the weights' sha256
-    card = classifier.card
     if not (folder / "split.csv").is_file():
         raise ValueError(f"{folder} has no split.csv: only a folder written by `python -m training train` can be "
                          "re-scored (use `python -m training evaluate` for any model and folder)")
-    config = _config(card, folder, cache_dir, batch_size)
+    roots = data_roots(card_lib.load(folder).recipe.get("data") or [], data_dirs)  # before the model loads
+    classifier = models.load(folder)  # checks the card and the weights' sha256
+    card = classifier.card
+    config = dataclasses.replace(_config(card, folder, cache_dir, batch_size), data=roots)
     prepared = dataset.prepare(config, folder, log)
     if list(prepared.classes) != list(card.class_names):
         raise ValueError(f"the split's classes {prepared.classes} differ from the card's {card.class_names}")
@@ -108,6 +135,7 @@ def run(model_dir: str | Path, external: Sequence[str] = (), class_map: dict[str
     card.metrics = {k: v for k, v in card.metrics.items() if k in ("best_epoch", "best_val_loss")}
     score_and_calibrate(classifier.model, card, config, prepared, folder, log)
     card.recipe = {**card.recipe, "rescored": {"external": list(external), "class_map": dict(class_map or {}),
+                                                **({"data": list(config.data)} if data_dirs else {}),
                                                 "what": "evaluation redone by `python -m training rescore` on the "
                                                         "same weights and split"}}
     card.training_data = {**card.training_data, "external_sources": prepared.holdout}
