@@ -122,12 +122,45 @@ def weak_cookie_secret(section: Mapping[str, Any]) -> str | None:
     return None
 
 
+ACCESS_KEYS = ("roles_claim", "groups_claim", "max_session_hours", "trust_unverified_email", *ROLES)
+
+
+def access_problem(access: Mapping[str, Any]) -> str | None:
+    """What is wrong with the ``[access]`` settings (a sentence naming the setting and what it must be), or None.
+
+    Checked before anyone is let in: a ``max_session_hours`` of "12h" would otherwise fail on every page, and 0
+    send every user back to the sign-in screen for ever; a misspelt role list would silently give no one that role.
+    """
+    where = "in the [access] section of .streamlit/secrets.toml"
+    unknown = sorted(set(access) - set(ACCESS_KEYS))
+    if unknown:
+        return (f"Unknown setting(s) {', '.join(unknown)} {where}; the known ones are {', '.join(ACCESS_KEYS)} "
+                "(the roles are viewer, clinician, pacs-writer, admin). Fix it and restart the app.")
+    hours = access.get("max_session_hours", MAX_SESSION_HOURS)
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= 24 * 30:
+        return (f"max_session_hours {where} is {hours!r}: it must be a number of hours above 0 and at most 720 "
+                "(30 days), without quotes, e.g. max_session_hours = 12. Fix it and restart the app.")
+    for key in ("roles_claim", "groups_claim"):
+        if key in access and (not isinstance(access[key], str) or not access[key].strip()):
+            return f"{key} {where} must be the name of an ID-token claim in quotes, e.g. {key} = \"{key[:-6]}\"."
+    if "trust_unverified_email" in access and not isinstance(access["trust_unverified_email"], bool):
+        return f"trust_unverified_email {where} must be true or false, without quotes."
+    for role in ROLES:
+        entries = access.get(role, [])
+        if not (isinstance(entries, str) or (isinstance(entries, list) and all(isinstance(e, str) for e in entries))):
+            return (f"{role} {where} must be a list of entries in quotes (e-mail addresses, \"group:NAME\" or "
+                    f"\"*\"), e.g. {role} = [\"group:radiology\"]. Fix it and restart the app.")
+    return None
+
+
 def user_or_stop() -> User | None:
-    """``current_user``, or the page stops with the reason when the secrets cannot be read or the cookie secret
-    is a placeholder."""
+    """``current_user``, or the page stops with the reason when the secrets cannot be read, the cookie secret
+    is a placeholder or the ``[access]`` settings are wrong."""
     try:
         section = secrets_section("auth")  # read once: {} is local mode
         weak = weak_cookie_secret(section) if section else None
+        if weak is None and section:
+            weak = access_problem(secrets_section("access"))
         if weak is None:
             return current_user()
     except SecretsUnreadable as err:

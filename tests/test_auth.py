@@ -8,6 +8,7 @@ provider is in test_auth_browser.py.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,35 @@ def test_a_placeholder_or_short_cookie_secret_closes_the_app(models_root, secret
         at.run()
         assert texts(at, "exception") == [] and texts(at, "title") == []
         assert any("cookie_secret" in e.value and "placeholder" in e.value for e in at.error), script
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ({"max_session_hours": "12h"}, "max_session_hours in the [access] section of .streamlit/secrets.toml is '12h'"),
+    ({"max_session_hours": 0}, "max_session_hours in the [access] section of .streamlit/secrets.toml is 0"),
+    ({"max_session_hours": True}, "is True: it must be a number of hours"),
+    ({"viewer": 5}, "viewer in the [access] section of .streamlit/secrets.toml must be a list of entries"),
+    ({"clinician": ["group:radiology", 7]}, "clinician in the [access] section"),
+    ({"groups_claim": ["groups"]}, "groups_claim in the [access] section"),
+    ({"trust_unverified_email": "yes"}, "trust_unverified_email in the [access] section"),
+    ({"pacs_writer": ["group:radiology-reporting"]}, "Unknown setting(s) pacs_writer in the [access] section"),
+])
+def test_wrong_access_settings_close_the_app_with_what_to_fix(models_root, setting, said):
+    """A wrong [access] value used to fail on every page with a traceback ("12h"), send every user back to the
+    sign-in screen for ever (0), or give no one a role (a misspelt role): each is said, naming the setting."""
+    import tomllib
+
+    example = tomllib.loads((REPO / ".streamlit" / "secrets.toml.example").read_text())
+    assert auth.access_problem(example["access"]) is None and auth.access_problem(ACCESS) is None
+    assert auth.access_problem({**ACCESS, "max_session_hours": 12.5, "trust_unverified_email": False,
+                                "roles_claim": "roles", "pacs-writer": "group:reporting"}) is None
+    assert said in auth.access_problem({**ACCESS, **setting})
+    for script in ("app.py", PAGES["classify"]):
+        at = AppTest.from_file(str(REPO / script), default_timeout=120)
+        at.secrets["auth"], at.secrets["access"] = AUTH, {**ACCESS, **setting}
+        at.user = {"is_logged_in": True, "iat": time.time(), **ADMIN}
+        at.run()
+        assert texts(at, "exception") == [] and texts(at, "title") == [], script
+        assert any(said in e.value for e in at.error), (script, texts(at, "error"))
 
 
 def test_an_audit_trail_without_a_key_says_it_cannot_name_studies(models_root, tmp_path, monkeypatch):
