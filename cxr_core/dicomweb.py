@@ -1,6 +1,6 @@
 """A DICOMweb client for the department's archive (QIDO-RS search, WADO-RS retrieve, STOW-RS store).
 
-    settings = dicomweb.load_settings(secrets.get("pacs"))     # or env CXR_PACS_URL... ; None: PACS off
+    settings = dicomweb.load_settings(secrets.get("pacs"))     # env CXR_PACS_URL... win; None: PACS off
     client = dicomweb.Client(settings)
     studies = client.search_studies(modality="CR", date_from=date(2004, 1, 1))   # .truncated: more than the limit
     data = client.retrieve(client.instances(studies[0].study_uid)[0])   # DICOM Part 10 bytes, in memory
@@ -129,12 +129,15 @@ def _verify(value: Any, setting: str) -> bool | str:
 
 def load_settings(section: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
                   ) -> Settings | None:
-    """Settings from a secrets ``[pacs]`` section, else from CXR_PACS_* environment variables; None if neither
-    names a URL (the PACS features are then off). Raises PacsError for settings that are present but wrong."""
+    """Settings from the CXR_PACS_* environment variables when CXR_PACS_URL is set, else from a secrets ``[pacs]``
+    section; None if neither names a URL (the PACS features are then off). The environment wins, as CXR_AUDIT_DIR
+    does over ``[audit]``: it is given for this start (``python -m cxr_core.pacs demo``'s line, a service's unit).
+    The two are never mixed: one server's password never goes to another's URL. Raises PacsError for settings
+    that are present but wrong."""
     environ = os.environ if environ is None else environ
     values = dict(section or {})
     verify_setting = "'verify' in the [pacs] settings"
-    if not values.get("url"):
+    if environ.get(ENV["url"]):
         values = {key: environ[name] for key, name in ENV.items() if environ.get(name)}
         verify_setting = ENV["verify"]
     if not values.get("url"):

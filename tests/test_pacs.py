@@ -645,8 +645,13 @@ def test_settings_from_secrets_or_environment():
     s = dicomweb.load_settings(None, env)
     assert (s.url, s.token, s.verify, s.timeout, s.username) == ("https://pacs.example.org/dicom-web", "tok", False,
                                                                  7.5, None)
-    secret = dicomweb.load_settings({"url": "http://127.0.0.1:1/dicom-web", "username": "u", "password": "p"}, env)
+    section = {"url": "http://127.0.0.1:1/dicom-web", "username": "u", "password": "p"}
+    secret = dicomweb.load_settings(section, {})
     assert (secret.username, secret.verify) == ("u", True) and "p" not in repr(secret).split("username")[1]
+    # Both given: the environment wins (as the demo's line is meant to), whole, without the section's password.
+    both = dicomweb.load_settings(section, env)
+    assert (both.url, both.token, both.username, both.password) == ("https://pacs.example.org/dicom-web", "tok",
+                                                                    None, None)
     bearer = dicomweb.Client(s)._web._session  # the token goes in the header, TLS checks as configured
     assert bearer.headers["Authorization"] == "Bearer tok" and bearer.auth is None and bearer.verify is False
     assert dicomweb.Client(secret)._web._session.auth == ("u", "p")
