@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -440,14 +441,39 @@ def _hidden_chart() -> None:
         st.plotly_chart(go.Figure(), key="cxr_viewer_preload_chart", config={"staticPlot": True})
 
 
+@dataclass(frozen=True)
+class ViewerChoice:
+    """What the viewer's controls say: the overlay mode, its contour levels, opacity and colormap."""
+
+    mode: str
+    levels: tuple[float, ...]
+    opacity: float
+    colormap: str
+
+    def draw(self, pixels: Any, heatmap: Any) -> Any:
+        """The heatmap over ``pixels`` as the viewer shows it (uint8 RGB): for the report, so that it shows what
+        the user looked at (contour lines or the colour wash, the same colormap and opacity)."""
+        if self.mode == "contours":  # no level chosen: the film alone, as the viewer shows it then
+            return overlay.contours(pixels, heatmap, self.levels, self.colormap, self.opacity)
+        return overlay.overlay(pixels, heatmap, self.colormap, self.opacity)
+
+    def describe(self) -> str:
+        """" (contour lines at 50, 70, 90 %)" for the contour mode, "" for the wash: the report's caption."""
+        if self.mode != "contours":
+            return ""
+        if not self.levels:
+            return " (contour lines: no level chosen)"
+        return " (contour lines at " + ", ".join(f"{round(v * 100)}" for v in sorted(self.levels)) + " %)"
+
+
 def viewer_ui(pixels: Any, heatmap: Any, values: Any = None, *, key: str, titles: tuple[str, str],
-              revision: str) -> tuple[float, str]:
+              revision: str) -> ViewerChoice:
     """The film beside its heatmap (zoom and pan move both), with the overlay controls above it.
 
     ``pixels`` float32 HxW in [0, 1] as displayed (after the window), ``heatmap`` float32 in [0, 1],
     ``values`` the DICOM modality values (hover) or None. Widget keys are ``{key}_mode``,
     ``{key}_levels``, ``{key}_opacity``, ``{key}_colormap`` and the chart ``{key}_viewer``;
-    ``revision`` keeps the zoom while the same film is redrawn. Returns (opacity, colormap).
+    ``revision`` keeps the zoom while the same film is redrawn. Returns the controls' ``ViewerChoice``.
     """
     columns = st.columns([2, 3, 2, 2])
     mode = columns[0].radio("Overlay", list(OVERLAY_MODES), format_func=OVERLAY_MODES.get, key=f"{key}_mode",
@@ -471,7 +497,7 @@ def viewer_ui(pixels: Any, heatmap: Any, values: Any = None, *, key: str, titles
                + (" and value (after rescale)." if values is not None else " and grey level."))
     if mode == "contours" and not levels:
         st.caption("Choose at least one contour level to draw lines.")
-    return opacity, colormap
+    return ViewerChoice(mode, tuple(levels), opacity, colormap)
 
 
 def research_banner() -> None:

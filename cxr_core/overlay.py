@@ -70,6 +70,34 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", opaci
     return np.rint(blended).astype(np.uint8)
 
 
+def contours(image: np.ndarray, heatmap: np.ndarray, levels, colormap: str = "jet",
+             opacity: float = 0.6) -> np.ndarray:
+    """Lines around the regions where the heatmap reaches each of ``levels`` (in (0, 1)), over the grey image:
+    uint8 (H, W, 3) RGB at the image's size, as the viewer's "Contour lines" mode draws them (each line in the
+    colormap's colour at its level, blended at ``opacity`` raised to at least 0.6, so the film stays visible
+    between the lines). The heatmap is resized bilinearly to the image first; lines are about 1/300 of the
+    image's longer side thick (at least 2 pixels)."""
+    gray = to_rgb(image)
+    heat = _check_unit("heatmap", heatmap)
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity!r}")
+    h, w = gray.shape[:2]
+    if heat.shape != (h, w):
+        heat = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    thickness = max(2, round(max(h, w) / 300))
+    lines = gray.copy()
+    drawn = np.zeros((h, w), np.uint8)
+    for level in sorted(set(levels)):
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"a contour level must be in (0, 1), got {level!r}")
+        found, _ = cv2.findContours((heat >= level).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        colour = tuple(int(c) for c in colorize(np.array([[level]], np.float32), colormap)[0, 0])
+        cv2.drawContours(lines, found, -1, colour, thickness)
+        cv2.drawContours(drawn, found, -1, 1, thickness)
+    alpha = max(opacity, 0.6) * drawn[..., None].astype(np.float32)
+    return np.rint((1.0 - alpha) * gray.astype(np.float32) + alpha * lines.astype(np.float32)).astype(np.uint8)
+
+
 def thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
     """float HxW in [0, 1] -> uint8 grayscale whose longer side is ``size`` px (aspect kept)."""
     if size < 1:

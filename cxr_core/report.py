@@ -173,6 +173,7 @@ def render(
     when: _dt.datetime | None = None,
     fmt: str = "PNG",
     engine: str | None = None,
+    drawn_as: str = "",
 ) -> bytes:
     """The report page as PNG or PDF bytes.
 
@@ -180,7 +181,9 @@ def render(
     (the heatmap over it); ``warnings``: sentences shown in amber (low confidence, not a chest);
     ``engine``: the inference engine and precision (``Classifier.engine_label``), named in the footer;
     ``explained_class``: the class the heatmap explains (default: the class called, which ``pipeline.classify``
-    explains unless told otherwise; at a threshold it can differ from the most probable class).
+    explains unless told otherwise; at a threshold it can differ from the most probable class); ``drawn_as``: how
+    ``overlay_rgb`` draws the heatmap when not as a colour wash (" (contour lines at 50, 70, 90 %)"), after the
+    heatmap's caption.
     """
     if fmt not in FORMATS:
         raise ValueError(f"report format must be one of {sorted(FORMATS)}, got {fmt!r}")
@@ -192,16 +195,17 @@ def render(
     draw.text((MARGIN, 50), "Chest X-ray classification report", font=_font(44), fill=_INK)
     _paragraph(draw, (MARGIN, 112), RESEARCH_USE, 22, _RED, width)
 
-    for i, (picture, caption) in enumerate(
-        ((image, "Radiograph"), (overlay_rgb, f"{method} heatmap for {explained_class or prediction.decision}"))
-    ):
+    captions_end = 0
+    heat_caption = f"{method} heatmap for {explained_class or prediction.decision}{drawn_as}"
+    for i, (picture, caption) in enumerate(((image, "Radiograph"), (overlay_rgb, heat_caption))):
         left = MARGIN + i * (IMAGE_BOX + width - 2 * IMAGE_BOX)
         fitted = _fit(picture, IMAGE_BOX)
         page.paste(fitted, (left + (IMAGE_BOX - fitted.width) // 2, IMAGE_TOP + (IMAGE_BOX - fitted.height) // 2))
         draw.rectangle((left - 1, IMAGE_TOP - 1, left + IMAGE_BOX, IMAGE_TOP + IMAGE_BOX), outline=_GREY)
-        draw.text((left, IMAGE_TOP + IMAGE_BOX + 10), caption, font=_font(22), fill=_GREY)
+        captions_end = max(captions_end, _paragraph(draw, (left, IMAGE_TOP + IMAGE_BOX + 10), caption, 22, _GREY,
+                                                    IMAGE_BOX))  # wrapped in its picture's width
 
-    y = IMAGE_TOP + IMAGE_BOX + 70
+    y = max(IMAGE_TOP + IMAGE_BOX + 70, captions_end + 30)
     colour = _RED if prediction.positive else _BLUE
     draw.text((MARGIN, y), f"Decision: {prediction.decision}", font=_font(40), fill=colour)
     y = _paragraph(draw, (MARGIN, y + 56), f"Rule: {_short_rule(card, prediction)}.", 22, _GREY, width) + 20

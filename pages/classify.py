@@ -255,16 +255,16 @@ except UnreadableImageError as err:  # read once already: only memory or a decod
 film_title = f"{info.format} · {info.width} x {info.height} px · {info.bit_depth}-bit"
 method_name = METHOD_LABELS[method].removesuffix(" (slow)")  # the menu's warning is no part of the result
 heat_title = f"{method_name} for {card.class_names[explained]}"
-opacity, colormap = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key="cam",
-                                 titles=(film_title, heat_title), revision=key)
+choice = ui.viewer_ui(shown.pixels, result.heatmap, shown.values, key="cam", titles=(film_title, heat_title),
+                      revision=key)
 for note in imaging.reading_notes(info):  # what the reader changed: transparency, non-finite samples
     st.caption(f"Note: {note}.")
 sentences += report.reading_lines(info)  # and in the report
 pixels = overlay.fit(shown.pixels)  # the report's copy: at most MAX_DISPLAY_SIDE, so a 30000 x 10 strip is drawn
-blended = overlay.overlay(pixels, result.heatmap, colormap, opacity)
+blended = choice.draw(pixels, result.heatmap)  # what the viewer shows: the wash or the contour lines
 args = dict(image=pixels, overlay_rgb=blended, prediction=prediction, card=card,
-            method=method_name, explained_class=card.class_names[explained], warnings=sentences,
-            engine=classifier.engine_label)
+            method=method_name, explained_class=card.class_names[explained], drawn_as=choice.describe(),
+            warnings=sentences, engine=classifier.engine_label)
 downloads = st.columns(2)
 exported = {"args": ("export",), "kwargs": {**audited, "counts": {"reports": 1}}}  # the film's result left the app
 downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),

@@ -15,7 +15,7 @@ from conftest import DATA, DICOM, familiar_films
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import card, imaging, models, overlay, pipeline, preprocess, viewer
+from cxr_core import card, imaging, models, overlay, pipeline, preprocess, report, viewer
 from cxr_core.errors import UNEXPECTED
 from cxr_core.explain import Explainer
 
@@ -286,6 +286,37 @@ def test_viewer_shows_the_windowed_dicom_and_its_stored_values(models_root):
     np.testing.assert_array_equal(plotly_spec.array(spec["data"][0]["customdata"]), stored)
 
 
+def test_the_report_draws_the_heatmap_as_the_viewer_shows_it(models_root, monkeypatch):
+    """The report's heatmap is what the user looked at: the colour wash by default, the contour lines (and a
+    caption naming their levels) once the viewer is set to them; it used to be a wash whatever the viewer showed."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    makers: list = []
+    real_button = DeltaGenerator.download_button
+    monkeypatch.setattr(DeltaGenerator, "download_button", lambda self, label, data, **kw: makers.append(data)
+                        or real_button(self, label, data, **kw))
+    rendered: list = []
+    real_render = report.render
+    monkeypatch.setattr(report, "render", lambda **kw: rendered.append(kw) or real_render(**kw))
+
+    def report_pane() -> tuple[float, str]:
+        """The share of the report's heatmap pixels left as the grey film, and the caption's drawing note."""
+        assert makers[-2]()[:8] == b"\x89PNG\r\n\x1a\n"  # the PNG report (the button before the PDF's)
+        kw = rendered[-1]
+        same = np.all(kw["overlay_rgb"] == overlay.to_rgb(kw["image"]), axis=-1)
+        return float(same.mean()), kw["drawn_as"]
+
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    _no_exception(at)
+    grey, note = report_pane()
+    assert grey < 0.2 and note == ""  # the wash tints nearly every pixel
+    at.radio(key="cam_mode").set_value("contours").run()
+    at.multiselect(key="cam_levels").set_value([0.3, 0.6]).run()
+    _no_exception(at)
+    grey, note = report_pane()
+    assert 0.5 < grey < 1.0 and note == " (contour lines at 30, 60 %)"  # lines, and the film between them
+
+
 def test_contour_mode_draws_lines_at_the_chosen_levels(models_root):
     at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
     at.radio(key="cam_mode").set_value("contours").run()
@@ -457,8 +488,6 @@ def test_dicom_fields_are_shown_as_plain_text_and_only_when_valid(models_root):
 def test_the_report_carries_what_the_reader_changed(models_root, monkeypatch):
     """The page noted 'only the first of 3 frames is shown and classified', but the PNG/PDF report did not."""
     from streamlit.delta_generator import DeltaGenerator
-
-    from cxr_core import report
 
     film = Image.open(DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg").convert("L").resize((128, 128))
     frames = np.stack([np.asarray(film, np.uint16) * 16] * 3)

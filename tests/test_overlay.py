@@ -89,3 +89,29 @@ def test_thumbnail_keeps_the_aspect_ratio(image):
     # Area averaging of uniform noise: the mean level is kept, the spread shrinks.
     assert abs(thumb.mean() / 255 - image.mean()) < 0.01
     assert thumb.std() / 255 < image.std() / 2
+
+
+def test_contours_draw_lines_only_around_the_regions_at_each_level():
+    """A round bump: at level 0.5 the line runs around the disc where the heatmap reaches 0.5, in the colormap's
+    colour at 0.5; the film stays as it was inside the disc, far outside it, and everywhere with no level."""
+    yy, xx = np.mgrid[0:200, 0:200]
+    heat = np.clip(1.0 - np.hypot(yy - 100, xx - 100) / 100.0, 0, 1).astype(np.float32)  # 0.5 at radius 50
+    image = np.full((200, 200), 0.5, np.float32)
+    grey = overlay.to_rgb(image)
+    drawn = overlay.contours(image, heat, [0.5], "jet", opacity=1.0)
+    assert drawn.shape == (200, 200, 3) and drawn.dtype == np.uint8
+    colour = overlay.colorize(np.array([[0.5]], np.float32), "jet")[0, 0]
+    for y, x in ((100, 149), (100, 51), (51, 100), (149, 100)):  # on the circle of radius ~49-50, inside the region
+        assert (drawn[y, x] == colour).all(), (y, x)
+    np.testing.assert_array_equal(drawn[100, 100], grey[100, 100])  # the centre: inside, away from the line
+    np.testing.assert_array_equal(drawn[5, 5], grey[5, 5])  # far outside
+    changed = np.any(drawn != grey, axis=-1)
+    assert 0.01 < changed.mean() < 0.1  # a line, not a wash
+    np.testing.assert_array_equal(overlay.contours(image, heat, [], "jet"), grey)
+    two = np.any(overlay.contours(image, heat, [0.3, 0.8], "jet") != grey, axis=-1)
+    assert two[100, 100 + 70 - 1] and two[100, 100 + 20 - 1] and not changed[100, 100 + 70 - 1]  # radius 70 and 20
+    # a low opacity is raised to 0.6: the line stays visible
+    faint = overlay.contours(image, heat, [0.5], "jet", opacity=0.1)[100, 149].astype(float)
+    np.testing.assert_allclose(faint, 0.4 * grey[100, 149] + 0.6 * colour, atol=1)
+    with pytest.raises(ValueError, match="contour level"):
+        overlay.contours(image, heat, [1.0])
