@@ -27,7 +27,7 @@ ADD = ("covid19_radiography",)
 
 
 def build(out: Path, cap: int = 2000, seed: int = 42, manifest: Path = MANIFEST,
-          roots: list[Path] = ROOTS, add: tuple[str, ...] = ADD) -> Counter:
+          roots: list[Path] = ROOTS, add: tuple[str, ...] = ADD, cache_dir: str = "") -> Counter:
     """Write the manifest with the added films; returns the added films per (source, class)."""
     listed = data.read_manifest(manifest, roots)
     named = {r.key for r in listed}
@@ -38,7 +38,7 @@ def build(out: Path, cap: int = 2000, seed: int = 42, manifest: Path = MANIFEST,
     fresh = [r for r in fresh if r.sha256 and r.sha256 not in hashes]  # byte copies of listed films out
     fresh, _copies = data.deduplicate(fresh)
     kept = [r for r in listed if not r.duplicate_of]
-    decoded = cache.decode([*kept, *fresh], SIZE, cache.directory(""))
+    decoded = cache.decode([*kept, *fresh], SIZE, cache.directory(cache_dir))
     is_new = np.array([r.key not in named for r in decoded.records])
     thumbs = hygiene.thumbnails(decoded.images)
     groups = hygiene.groups(len(decoded.records), hygiene.similar_pairs(thumbs, hygiene.THRESHOLD))
