@@ -196,6 +196,24 @@ def test_cached_pixels_belong_to_the_reader_that_made_them(tmp_path, monkeypatch
     assert replaced.records == [] and "changed since the split manifest" in replaced.skipped[0]["error"]
 
 
+def test_a_cache_that_cannot_be_written_costs_the_caching_not_the_films(tmp_path):
+    """A full disk or an unusable cache folder used to count every film as unreadable ("could not read the file"):
+    the films were read, only their cache entries failed. They stay in the run, and the note says why."""
+    (tmp_path / "d" / "NORMAL").mkdir(parents=True)
+    for name in ("IM-0115-0001.jpeg", "IM-0117-0001.jpeg"):
+        shutil.copyfile(KERMANY / "NORMAL" / name, tmp_path / "d" / "NORMAL" / name)
+    records, _ = data.deduplicate(data.scan([tmp_path / "d"]).records)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # a cache under it cannot be made: a real OS error (ENOTDIR)
+    decoded = cache.decode(records, 32, blocked / "cache")
+    assert decoded.skipped == [] and len(decoded.records) == 2
+    np.testing.assert_array_equal(decoded.images, cache.decode(records, 32, None).images)
+    assert decoded.cache_note.startswith(f"the pixel cache at {blocked / 'cache'} could not be written (Not a "
+                                         "directory): 2 film(s) were read but not cached")
+    assert "--cache-dir" in decoded.cache_note and blocked.read_text() == "not a folder"
+    assert cache.decode(records, 32, tmp_path / "cache").cache_note == ""
+
+
 def test_flags_and_config_file_make_one_config(tmp_path):
     from training.__main__ import config_from_args, parse
     from training.config import TrainConfig

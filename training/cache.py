@@ -11,6 +11,7 @@ a split manifest gave it is refused. Only pixels are written: no DICOM tags.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ class Decoded:
     records: list[Record]
     images: np.ndarray
     skipped: list[dict[str, str]]  # {"path": "source/rel", "error": reason}
+    cache_note: str = ""  # why the cache could not be written, and for how many films ("" when it could)
 
 
 @lru_cache(maxsize=1)
@@ -65,18 +67,31 @@ def _entry(cache_dir: Path, sha: str, size: int) -> Path:
     return cache_dir / reader_key() / str(size) / sha[:2] / sha
 
 
+class CacheWriteError(OSError):
+    """The pixel cache could not be written (a full disk, a read-only folder): the film itself was read."""
+
+
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # no torn file left behind on a full disk
+        raise CacheWriteError(exc.errno, f"the pixel cache at {path.parents[3]} could not be written "
+                                         f"({exc.strerror or exc})") from exc
 
 
-def pixels(record: Record, size: int, cache_dir: Path | None = DEFAULT_CACHE) -> np.ndarray:
+def pixels(record: Record, size: int, cache_dir: Path | None = DEFAULT_CACHE,
+           cache_failed: Callable[[CacheWriteError], None] | None = None) -> np.ndarray:
     """uint8 (size, size) pixels of one file, from the cache or decoded once and cached.
 
     Raises ``UnreadableImageError``, also for a file whose bytes are not the sha256 its record carries (a
     split manifest's film replaced on disk since: its place in the split was decided on other pixels).
+    A cache that cannot be written costs only the caching: the pixels are returned, and ``cache_failed`` (if
+    given, else nothing) is told why; it never makes the film count as unreadable.
     """
     sha = file_sha256(record.path) if cache_dir is not None or record.sha256 else ""
     if record.sha256 and sha != record.sha256:
@@ -93,7 +108,11 @@ def pixels(record: Record, size: int, cache_dir: Path | None = DEFAULT_CACHE) ->
     image = imaging.load(record.path, record.path.name)
     prepared = preprocess.prepare(image.pixels, size)
     if entry is not None:
-        _atomic_save(entry.with_suffix(".npy"), prepared)
+        try:
+            _atomic_save(entry.with_suffix(".npy"), prepared)
+        except CacheWriteError as exc:
+            if cache_failed is not None:
+                cache_failed(exc)
     return prepared
 
 
@@ -103,9 +122,10 @@ def decode(records: Sequence[Record], size: int, cache_dir: Path | None = DEFAUL
     kept: list[Record] = []
     images: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
+    failed: list[CacheWriteError] = []
     for i, record in enumerate(records):
         try:
-            images.append(pixels(record, size, cache_dir))
+            images.append(pixels(record, size, cache_dir, failed.append))
             kept.append(record)
         except UnreadableImageError as exc:
             skipped.append({"path": record.key, "error": str(exc)})
@@ -114,4 +134,6 @@ def decode(records: Sequence[Record], size: int, cache_dir: Path | None = DEFAUL
         if progress is not None:
             progress(i + 1, len(records))
     stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
-    return Decoded(kept, stacked, skipped)
+    note = (f"{failed[0].strerror}: {len(failed)} film(s) were read but not cached, so the next run decodes them "
+            "again (free space there, or give another --cache-dir)") if failed else ""
+    return Decoded(kept, stacked, skipped, note)

@@ -221,6 +221,8 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
         log(f"collapsed {len(duplicates)} byte-identical duplicate files ({held_out} removed from val/test/external)")
     log(f"reading {len(records)} images at {config.input_size} px (decoded once, cached in {cache_dir})")
     decoded = cache.decode(records, config.input_size, cache_dir)
+    if decoded.cache_note:
+        log(f"warning: {decoded.cache_note}")
     for item in decoded.skipped:
         log(f"skipped unreadable file {csvsafe.safe_text(str(item['path']))}: {item['error']}")
     # A manifest's film that cannot be read now (a source missing on this machine, a re-exported file) keeps its

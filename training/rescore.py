@@ -59,6 +59,8 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     records, duplicates = data.deduplicate(records)
     cache_dir = cache.directory(config.cache_dir)
     decoded = cache.decode(records, config.input_size, cache_dir)
+    if decoded.cache_note:
+        log(f"warning: external: {decoded.cache_note}")
     for item in decoded.skipped:
         log(f"external: skipped unreadable file {item['path']}: {item['error']}")
     train = prepared.splits["train"]
