@@ -108,11 +108,18 @@ def probabilities_ui(prediction, card) -> None:
     colours = ["#c0392b" if name == prediction.decision and prediction.positive else "#2e6fba"
                for name in prediction.class_names]
     fig = go.Figure(go.Bar(x=list(prediction.probabilities), y=list(prediction.class_names), orientation="h",
-                           marker_color=colours, text=[f"{p:.1%}" for p in prediction.probabilities]))
-    for name, threshold in card.thresholds.items():
-        fig.add_vline(x=threshold, line_dash="dot", annotation_text=f"{name} threshold", line_color="#888")
-    fig.update_layout(xaxis_range=[0, 1], height=90 + 45 * len(prediction.class_names),
-                      margin=dict(l=10, r=10, t=10, b=10), xaxis_title="probability")
+                           marker_color=colours, text=[f"{p:.1%}" for p in prediction.probabilities],
+                           name="probability", hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
+    # Each class's threshold as a tick on its own bar (a line across the chart crossed every bar, and the labels
+    # of two thresholds near each other sat on top of each other).
+    marked = [(name, t) for name, t in card.thresholds.items() if name in prediction.class_names]
+    if marked:
+        fig.add_trace(go.Scatter(x=[t for _, t in marked], y=[name for name, _ in marked], mode="markers",
+                                 marker=dict(symbol="line-ns-open", size=34, line=dict(width=3, color="#222")),
+                                 name="threshold", hovertemplate="%{y} is called at %{x:.4f}<extra></extra>"))
+    fig.update_layout(xaxis_range=[0, 1], height=90 + 45 * len(prediction.class_names), showlegend=bool(marked),
+                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
+                      margin=dict(l=10, r=10, t=30, b=10), xaxis_title="probability")
     st.plotly_chart(fig, key="probabilities_chart")
     st.table(pd.DataFrame({
         "Class": list(prediction.class_names),

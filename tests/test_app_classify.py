@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -315,6 +316,25 @@ def test_the_report_draws_the_heatmap_as_the_viewer_shows_it(models_root, monkey
     _no_exception(at)
     grey, note = report_pane()
     assert 0.5 < grey < 1.0 and note == " (contour lines at 30, 60 %)"  # lines, and the film between them
+
+
+def test_each_threshold_is_a_tick_on_its_own_bar(models_root):
+    """The probability chart marks each class's threshold on that class's bar only (a line across the whole chart
+    crossed every bar): the ticks sit at the card's thresholds, one per thresholded class, and the bars at the
+    shown probabilities."""
+    at = _upload(_page(), KERMANY.name, KERMANY.read_bytes())
+    _no_exception(at)
+    c = card.read(models_root / "tiny-pneumonia")
+    (spec,) = [s for s in (json.loads(chart.proto.spec) for chart in at.get("plotly_chart"))
+               if any(t["type"] == "bar" for t in s["data"])]
+    bars = next(t for t in spec["data"] if t["type"] == "bar")
+    shown = _shown_probabilities(at)
+    assert list(bars["y"]) == list(c.class_names)
+    assert [f"{x:.4f}" for x in plotly_spec.array(bars["x"])] == [shown[n] for n in c.class_names]
+    (ticks,) = [t for t in spec["data"] if t.get("name") == "threshold"]
+    assert list(ticks["y"]) == list(c.thresholds) and len(c.thresholds) >= 1
+    np.testing.assert_allclose(plotly_spec.array(ticks["x"]), list(c.thresholds.values()))
+    assert not spec["layout"].get("shapes")  # no line across the chart
 
 
 def test_contour_mode_draws_lines_at_the_chosen_levels(models_root):
