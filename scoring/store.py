@@ -11,6 +11,7 @@ knows from the output and the parts which (path, sha256) pairs are done.
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import shutil
 import time
@@ -60,6 +61,7 @@ class Store:
         self._count = 0
         self._resume = False
         self._lock: Any = None
+        self.written = False  # whether this run has written a part or begun the commit (--resume goes on from it)
 
     def start(self, resume: bool, card_sha256: str = "") -> dict[str, str]:
         """Prepare for a run; on ``resume`` the done (path -> sha256) pairs, else remove earlier parts.
@@ -73,6 +75,7 @@ class Store:
         """
         self._lock_output()
         self._resume = resume
+        self._clear_temporaries()
         if not resume:
             shutil.rmtree(self.parts, ignore_errors=True)
             return {}
@@ -97,6 +100,18 @@ class Store:
             raise ValueError(f"another scoring run is writing {self.out} (its lock {path.name} is held); wait "
                              "for it to finish, or choose another --out") from None
         self._lock = lock
+
+    def _temporaries(self) -> list[Path]:
+        """This output's temporary files (``.OUT.parquet.<pid>.tmp``, its CSV copy's, and parts being written)."""
+        csv = self.out.with_suffix(".csv")
+        return [*self.out.parent.glob(f".{glob.escape(self.out.name)}.*.tmp"),
+                *self.out.parent.glob(f".{glob.escape(csv.name)}.*.tmp"), *self.parts.glob(".part-*.parquet.tmp")]
+
+    def _clear_temporaries(self) -> None:
+        """Remove the temporary files a killed run left (each holds paths and scores); under the output's lock,
+        so that none is another run's."""
+        for tmp in self._temporaries():
+            tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Give the output's lock back (the end of the process does too)."""
@@ -135,8 +150,12 @@ class Store:
         name = f"part-{self._run:020d}-{self._count:06d}.parquet"
         self._count += 1
         tmp = self.parts / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), tmp)
-        _durable_replace(tmp, self.parts / name)
+        self.written = True
+        try:
+            pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), tmp)
+            _durable_replace(tmp, self.parts / name)
+        finally:
+            tmp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves no rows under a hidden name
 
     def commit(self, entries: Sequence[Entry], card: Any, csv: bool = False) -> pd.DataFrame:
         """Write the final output in ``entries`` order (one row per entry); returns it as a DataFrame.
@@ -162,15 +181,20 @@ class Store:
         frame = pd.concat([found, problems]) if len(problems) else found
         table = pa.Table.from_pandas(frame.sort_index()[self.schema.names], schema=self.schema, preserve_index=False)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.written = True
         tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        frame = table.to_pandas()
-        if csv:
-            csv_path = self.out.with_suffix(".csv")
-            csv_tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-            with open(csv_tmp, "w", newline="", encoding="utf-8") as fh:  # spreadsheet-safe, as Batch review's
-                fh.write(review.export_csv(frame))
-            _durable_replace(csv_tmp, csv_path)
-        _durable_replace(tmp, self.out)
+        csv_path = self.out.with_suffix(".csv")
+        csv_tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(table, tmp)
+            frame = table.to_pandas()
+            if csv:
+                with open(csv_tmp, "w", newline="", encoding="utf-8") as fh:  # spreadsheet-safe, as Batch review's
+                    fh.write(review.export_csv(frame))
+                _durable_replace(csv_tmp, csv_path)
+            _durable_replace(tmp, self.out)
+        finally:  # a commit that failed (a full disk, a folder where the CSV goes) leaves no copy of the rows
+            tmp.unlink(missing_ok=True)
+            csv_tmp.unlink(missing_ok=True)
         shutil.rmtree(self.parts, ignore_errors=True)
         return frame

@@ -664,3 +664,28 @@ def test_signed_urls_are_refused_like_passwords_and_never_written(tmp_path, tiny
     with pytest.raises(ValueError, match="carries credentials") as err:
         sources.list_entries("https://bucket.s3.amazonaws.com/list.csv?X-Amz-Signature=feedface")
     assert "feedface" not in str(err.value)
+
+
+def test_a_failed_commit_leaves_no_hidden_copy_of_the_rows(tmp_path, tiny_model_dir, data_dir, capsys):
+    """A commit that failed (here: a folder where the --csv copy goes) left .r.parquet.<pid>.tmp, every path and
+    score under a hidden name; one a killed run left is removed when the next run starts."""
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
+    (tmp_path / "r.csv").mkdir()
+    args = [str(folder), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r.parquet"), "--csv"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Is a directory" in err and "the parts written so far are kept: fix it and rerun with --resume" in err
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "r.parquet").exists()
+    assert list((tmp_path / "r.parquet.parts").glob("part-*.parquet"))
+    (tmp_path / "r.csv").rmdir()
+    stale = [tmp_path / ".r.parquet.999999.tmp", tmp_path / ".r.csv.999999.tmp",
+             tmp_path / "r.parquet.parts" / ".part-1-000000.parquet.tmp"]
+    for path in stale:
+        path.write_text("rows of a killed run")
+    other = tmp_path / ".other.parquet.999999.tmp"  # another output's
+    other.write_text("x")
+    assert main([*args, "--resume"]) == 0
+    assert not [p for p in stale if p.exists()] and other.exists()
+    assert pd.read_parquet(tmp_path / "r.parquet")["file"].tolist() == ["0.jpeg"]
