@@ -9,7 +9,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from cxr_core.errors import ModelCardError  # noqa: E402  (after quieting TensorFlow's C++ logs)
-from scoring.job import ENGINES, Config, run  # noqa: E402
+from scoring.job import ENGINES, Config, RunState, run  # noqa: E402
 
 
 def parse(argv: list[str]) -> Config:
@@ -36,9 +36,17 @@ def parse(argv: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    state = RunState()
+
+    def then(fix: str) -> str:
+        """What is left and what to do: parts are named only once this run has written some (or begun the output)."""
+        if state.written:
+            return f"the parts written so far are kept: {fix}rerun with --resume"
+        return f"nothing was written and the output was left as it was: {fix}run the same command again"
+
     try:
         config = parse(sys.argv[1:] if argv is None else argv)
-        run(config)
+        run(config, state=state)
     except (ValueError, FileNotFoundError, ModelCardError, RuntimeError) as exc:
         print(f"scoring: {exc}", file=sys.stderr)
         return 2
@@ -48,14 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a folder, file or disk problem (full disk, permissions) not foreseen above
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"scoring: {exc.strerror or exc}{where}; the parts written so far are kept: fix it and rerun with "
-              "--resume", file=sys.stderr)
+        print(f"scoring: {exc.strerror or exc}{where}; {then('fix it and ')}", file=sys.stderr)
         return 2
     except ImportError as exc:
         print(f"scoring: {exc.name or exc} is not installed (pip install -r requirements.txt)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("scoring: interrupted; the parts written so far are kept: rerun with --resume", file=sys.stderr)
+        print(f"scoring: interrupted; {then('')}", file=sys.stderr)
         return 130
     return 0
 

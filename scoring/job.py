@@ -46,10 +46,10 @@ class Config:
 
 @dataclass(frozen=True)
 class Summary:
-    """What a run did: rows in the output, rows scored by this run, flags over the output, wall time in s."""
+    """What a run did: rows in the output, files this run read and finished, flags over the output, wall time in s."""
 
     files: int
-    scored: int
+    scored: int  # rows this run finished (a scored film, or one that cannot be read: its content decides)
     skipped: int  # done by an earlier run with the same content (--resume)
     errors: int
     positive: int
@@ -58,16 +58,30 @@ class Summary:
     unfamiliar: int
     seconds: float
     first_s: float = 0.0  # until the first rows came back (listing, model loading, actors starting)
+    retry: int = 0  # rows of this run for files not fetched or not scored (the model or this machine failed)
+    later_per_s: float | None = None  # images/s after the first results came back (None: all came at once)
 
     @property
     def images_per_s(self) -> float:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        retry = f" ({self.retry} not fetched or not scored: --resume tries them again)" if self.retry else ""
+        later = ("all in the first results" if self.later_per_s is None
+                 else f"{self.later_per_s:.2f} images/s after them")
         return (f"scoring: {self.files} files, {self.scored} scored now, {self.skipped} already done, "
-                f"{self.errors} errors, {self.positive} positive, {self.low_confidence} low confidence, "
+                f"{self.errors} errors{retry}, {self.positive} positive, {self.low_confidence} low confidence, "
                 f"{self.not_chest} probably not a chest, {self.unfamiliar} unfamiliar; "
-                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s (first results after {self.first_s:.1f} s)")
+                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s overall; first results after "
+                f"{self.first_s:.1f} s, {later}")
+
+
+@dataclass
+class RunState:
+    """How far a run got, for the message of one that fails: ``written`` once it has written a part or begun to
+    write the output (before that, a failure leaves the output and parts as they were)."""
+
+    written: bool = False
 
 
 def _progress(total: int, log: Callable[[str], None]) -> Callable[[int], None]:
@@ -116,18 +130,22 @@ def engine_rows(config: Config, pending: list[rows_lib.Pending], card_sha256: st
     yield from _blocks(rows_lib.score(classifier, pending, config.batch_size), config.batch_size)
 
 
-def summarise(table: pd.DataFrame, scored: int, skipped: int, seconds: float, first_s: float) -> Summary:
+def summarise(table: pd.DataFrame, scored: int, skipped: int, seconds: float, first_s: float, retry: int = 0,
+              later_per_s: float | None = None) -> Summary:
     """Counts over the committed output; ``first_s``: when the first rows came back."""
     errors = table["error"].astype(str) != ""
     return Summary(files=len(table), scored=scored, skipped=skipped,
                    errors=int(errors.sum()), positive=int(table["positive"].astype(bool).sum()),
                    low_confidence=int(table["low_confidence"].astype(bool).sum()),
                    not_chest=int(table["not_chest"].astype(bool).sum()),
-                   unfamiliar=int(table["unfamiliar"].eq(True).sum()), seconds=seconds, first_s=first_s)
+                   unfamiliar=int(table["unfamiliar"].eq(True).sum()), seconds=seconds, first_s=first_s,
+                   retry=retry, later_per_s=later_per_s)
 
 
-def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Summary:
-    """Score ``config.source`` into ``config.out``; returns the summary (also logged)."""
+def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+        state: RunState | None = None) -> Summary:
+    """Score ``config.source`` into ``config.out``; returns the summary (also logged). ``state`` (if given) says,
+    when the run fails, whether it had begun writing."""
     start = time.monotonic()
     card = card_lib.load(config.model)
     store = Store(config.out, card.class_names)
@@ -138,11 +156,13 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
                          f"the source {config.source}: choose another --out")
     entries = sources.list_entries(config.source)
     if not entries:  # an unmounted share is an empty folder: committing would replace the output with nothing
-        raise ValueError(f"{config.source} lists no image files (is the archive mounted, the manifest "
-                         "complete?); nothing was scored and the output was left as it was")
+        raise ValueError(f"{config.source} lists no image files (is the archive mounted, the "
+                         "manifest complete?); nothing was scored and the output was left as it was")
     try:
         return _score(config, card, store, entries, start, log)
     finally:
+        if state is not None:
+            state.written = store.written
         store.close()
 
 
@@ -154,21 +174,28 @@ def _score(config: Config, card: card_lib.ModelCard, store: Store, entries: list
         + (f", {sum(1 for p in pending if p.known_sha256)} done before (checked by content)" if done else ""))
     update = _progress(len(pending), log)
     buffer: list[dict[str, Any]] = []
-    scored = 0
-    first_s = 0.0
+    rows = finished = retry = 0  # rows from the engine; of them, finished (with a sha256) and to try again
+    first_s = last_s = 0.0
+    first_finished = 0
     for block in engine_rows(config, pending, card.card_sha256):
-        if not scored:
-            first_s = time.monotonic() - start
+        last_s = time.monotonic() - start
+        done_now = sum(1 for r in block if r["sha256"])
+        if not rows:
+            first_s, first_finished = last_s, done_now
         buffer.extend(block)
-        scored += len(block)
+        rows += len(block)
+        finished += done_now
+        retry += len(block) - done_now
         update(len(block))
         if len(buffer) >= config.part_size:
             store.write_part(buffer)
             buffer = []
     store.write_part(buffer)
-    if len(pending) > scored:
-        update(len(pending) - scored)  # files found unchanged since an earlier run
+    if len(pending) > rows:
+        update(len(pending) - rows)  # files found unchanged since an earlier run
     table = store.commit(entries, card, csv=config.csv)
-    summary = summarise(table, scored, len(pending) - scored, time.monotonic() - start, first_s)
+    later = finished - first_finished
+    later_per_s = later / (last_s - first_s) if later and last_s > first_s else None
+    summary = summarise(table, finished, len(pending) - rows, time.monotonic() - start, first_s, retry, later_per_s)
     log(summary.line())
     return summary

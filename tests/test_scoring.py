@@ -114,7 +114,8 @@ def test_manifest_rows_with_clear_errors(tmp_path, tiny_model_dir, data_dir):
     finally:
         server.shutdown()
     table = pd.read_parquet(out)
-    assert len(table) == len(paths) and summary.errors == 6 and summary.scored == 6
+    # The four files that could not be fetched are not "scored now": --resume tries them again.
+    assert len(table) == len(paths) and summary.errors == 6 and (summary.scored, summary.retry) == (2, 4)
     assert table["file"].tolist() == paths
     errors = table["error"].tolist()
     assert errors[0] == "" and errors[2] == ""
@@ -465,7 +466,7 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, tiny_
     assert peak < 5 * limits.MiB
     summary = run(Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet")), log=lambda _: None)
     table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
-    assert (summary.files, summary.scored, summary.errors) == (2, 2, 1)
+    assert (summary.files, summary.scored, summary.errors, summary.retry) == (2, 1, 1, 1)  # refused before reading
     assert table.loc["huge.dcm", "error"].startswith("The file is too large") and table.loc["a.jpeg", "error"] == ""
     # HTTP, with and without a Content-Length (a stream), against a small limit.
     monkeypatch.setattr(limits, "MAX_FILE_BYTES", 1000)
@@ -664,6 +665,27 @@ def test_signed_urls_are_refused_like_passwords_and_never_written(tmp_path, tiny
     with pytest.raises(ValueError, match="carries credentials") as err:
         sources.list_entries("https://bucket.s3.amazonaws.com/list.csv?X-Amz-Signature=feedface")
     assert "feedface" not in str(err.value)
+
+
+def test_the_summary_gives_the_rate_after_the_first_results_and_counts_only_files_read(tmp_path, tiny_model_dir,
+                                                                                        data_dir):
+    """The README promises images/s after the first results (only the overall rate was printed), and "scored now"
+    counted files that could not be fetched."""
+    import re
+
+    for i, film in enumerate(FILMS[:4]):
+        (tmp_path / f"{i}.jpeg").write_bytes(film.read_bytes())
+    pd.DataFrame({"path": ["0.jpeg", "1.jpeg", "gone.jpeg", "2.jpeg", "3.jpeg"]}).to_csv(tmp_path / "list.csv",
+                                                                                        index=False)
+    lines: list[str] = []
+    summary = run(Config(str(tmp_path / "list.csv"), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet"),
+                         batch_size=1), log=lines.append)
+    assert (summary.files, summary.scored, summary.skipped, summary.errors, summary.retry) == (5, 4, 0, 1, 1)
+    line = lines[-1]
+    assert line.startswith("scoring: 5 files, 4 scored now, 0 already done, 1 errors (1 not fetched or not scored: "
+                           "--resume tries them again)"), line
+    later = re.search(r"images/s overall; first results after [\d.]+ s, ([\d.]+) images/s after them$", line)
+    assert later and float(later.group(1)) > 0 and summary.later_per_s and summary.later_per_s > 0, line
 
 
 def test_a_failed_commit_leaves_no_hidden_copy_of_the_rows(tmp_path, tiny_model_dir, data_dir, capsys):
