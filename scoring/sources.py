@@ -27,7 +27,7 @@ import pandas as pd
 
 from cxr_core import limits
 from cxr_core.csvsafe import safe_text
-from cxr_core.paths import list_images
+from cxr_core.imaging import is_image_name
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 URL_TIMEOUT_S = 60.0
@@ -44,6 +44,7 @@ class Entry:
     path: str
     file: str
     problem: str | None = None
+    unlisted: bool = False  # a folder that could not be listed (``path`` ends in "/"): its files are not known
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,77 @@ def _folder_entry(path: Path, folder: Path) -> Entry:
                  "shown as \ufffd), so it cannot be written to the output: rename the file and score it again.")
 
 
+_LOOSE_LINK = ("This is a symbolic link that leads nowhere (what it points to is missing, or the links loop), so "
+               "there is nothing to score here: fix the link or remove it.")
+_UNLISTED = ("This folder could not be listed ({why}), so none of its files were scored: give this account read "
+             "access to it and run again (with --resume).")
+
+
+def _walk(folder: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[Path, OSError]]]:
+    """The possible image files below ``folder`` (each with a problem or None), and the folders that could not be
+    listed. Symbolic links are followed wherever they lead (the archive's owner runs this over their own archive;
+    an archive is often a tree of links into storage volumes): a link to a file is that file, a link to a folder
+    is searched like one, except a link back to a folder above it (a loop: its files are listed already). A link
+    that leads nowhere, under an image file's name, is an entry with its problem, not left out unsaid."""
+    files: list[tuple[Path, str | None]] = []
+    unlisted: list[tuple[Path, OSError]] = []
+    pending = [(folder, frozenset({folder}))]  # a folder, and the real paths of it and the folders above it
+    while pending:
+        current, above = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                items = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            unlisted.append((current, exc))
+            continue
+        current_real = current.resolve()
+        subfolders = []
+        for item in items:
+            if item.name.startswith("."):
+                continue
+            path = Path(item.path)
+            try:
+                is_dir = item.is_dir()  # through a link: what it points to
+            except OSError:
+                is_dir = False
+            if item.is_symlink():
+                try:
+                    real = path.resolve(strict=True)
+                except (OSError, RuntimeError):  # a missing target, a loop of links
+                    if is_image_name(item.name):
+                        files.append((path, _LOOSE_LINK))
+                    continue
+            else:
+                real = current_real / item.name
+            if is_dir:
+                if real not in above:
+                    subfolders.append((path, above | {real}))
+            elif is_image_name(item.name):  # a pipe or device under such a name: its reader says what it is
+                files.append((path, None))
+        pending.extend(reversed(subfolders))
+    return sorted(files), unlisted
+
+
 def folder_entries(source: str) -> list[Entry]:
-    """Every image file below ``source`` (recursive, sorted), shown relative to it; a subfolder that cannot be
-    listed is an entry with a problem (an error row), not left out unsaid."""
+    """Every image file below ``source`` (recursive, sorted, symbolic links followed), shown relative to it; a
+    subfolder that cannot be listed, or a link that leads nowhere, is an entry with a problem (an error row), not
+    left out unsaid. A SOURCE that cannot itself be listed is refused (ValueError): one error row for it would
+    replace the whole earlier output."""
     folder = Path(source).resolve(strict=True)
-    unreadable: list[tuple[Path, OSError]] = []
-    entries = [_folder_entry(p, folder) for p in list_images(folder, limit=2**62, unreadable=unreadable)]
-    for sub, exc in unreadable:
+    found, unlisted = _walk(folder)
+    if unlisted and unlisted[0][0] == folder:
+        exc = unlisted[0][1]
+        raise ValueError(f"the folder {source} could not be listed ({exc.strerror or exc}); give this account read "
+                         "access to it (or mount it) and run again; nothing was scored and the output was left as "
+                         "it was")
+    entries = []
+    for path, problem in found:
+        entry = _folder_entry(path, folder)
+        entries.append(Entry(entry.path, entry.file, problem) if problem and not entry.problem else entry)
+    for sub, exc in unlisted:
         shown = safe_text(sub.relative_to(folder).as_posix() + "/")
-        entries.append(Entry(safe_text(str(sub)) + "/", shown,
-                             f"This folder could not be listed ({exc.strerror or exc}), so none of its files were "
-                             "scored: give this account read access to it and run again (with --resume)."))
+        entries.append(Entry(safe_text(str(sub)) + "/", shown, _UNLISTED.format(why=exc.strerror or exc),
+                             unlisted=True))
     return entries
 
 

@@ -157,6 +157,24 @@ class Store:
         finally:
             tmp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves no rows under a hidden name
 
+    @staticmethod
+    def _kept(latest: pd.DataFrame, entries: Sequence[Entry]) -> pd.DataFrame:
+        """The rows (on --resume: the earlier output's and parts') of files below a folder that could not be listed
+        this time, each placed after that folder's row: its files are not known to be gone, and a folder unreadable
+        for a moment must not cost their results."""
+        listed = {e.path for e in entries}
+        kept = []
+        for i, entry in enumerate(entries):
+            if not entry.unlisted:
+                continue
+            below = latest[latest["path"].str.startswith(entry.path) & ~latest["path"].isin(listed)]
+            below = below.sort_index()  # by path
+            # Between this entry (i) and the next (i + 1), in path order.
+            below.index = [i + (k + 1) / (len(below) + 1) for k in range(len(below))]
+            if len(below):
+                kept.append(below)
+        return pd.concat(kept) if kept else latest.iloc[:0]
+
     def commit(self, entries: Sequence[Entry], card: Any, csv: bool = False) -> pd.DataFrame:
         """Write the final output in ``entries`` order (one row per entry); returns it as a DataFrame.
 
@@ -178,7 +196,7 @@ class Store:
         found.index = order.index[~order["bad"]]
         problems = pd.DataFrame([rows_lib.error_row(e.path, e.file, e.problem, card) for e in entries if e.problem],
                                 index=order.index[order["bad"]], columns=self.schema.names)
-        frame = pd.concat([found, problems]) if len(problems) else found
+        frame = pd.concat([piece for piece in (found, problems, self._kept(latest, entries)) if len(piece)] or [found])
         table = pa.Table.from_pandas(frame.sort_index()[self.schema.names], schema=self.schema, preserve_index=False)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.written = True

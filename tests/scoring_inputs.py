@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import io
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -65,3 +69,45 @@ def same_scores(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-6) -> None:
             pd.testing.assert_series_equal(a[column], b[column], atol=atol, rtol=0, check_names=False)
         else:
             assert a[column].tolist() == b[column].tolist(), column
+
+
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextlib.contextmanager
+def unreadable(*paths: Path) -> Iterator[None]:
+    """``paths`` refused to this thread by the kernel, as an account without access (or a root-squashed share)
+    would see them: mode 000, and, when the tests run as root (whom modes do not stop), this thread's
+    capabilities to override them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) dropped from its effective set for the
+    duration; they stay permitted, so they are taken back at the end."""
+    modes = [p.stat().st_mode for p in paths]
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3, this thread
+    if os.geteuid() == 0:
+        assert libc.capget(ctypes.byref(header), data) == 0, os.strerror(ctypes.get_errno())
+    saved = data[0].effective
+    for p in paths:
+        p.chmod(0)
+    try:
+        if os.geteuid() == 0:
+            data[0].effective = saved & ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH))
+            assert libc.capset(ctypes.byref(header), data) == 0, os.strerror(ctypes.get_errno())
+        for p in paths:  # really refused, or the test would prove nothing
+            with contextlib.suppress(PermissionError):
+                os.listdir(p) if p.is_dir() else p.read_bytes()
+                raise AssertionError(f"{p} is still readable")
+        yield
+    finally:
+        if os.geteuid() == 0:
+            data[0].effective = saved
+            assert libc.capset(ctypes.byref(header), data) == 0, os.strerror(ctypes.get_errno())
+        for p, mode in zip(paths, modes, strict=True):
+            p.chmod(mode)

@@ -667,6 +667,76 @@ def test_signed_urls_are_refused_like_passwords_and_never_written(tmp_path, tiny
     assert "feedface" not in str(err.value)
 
 
+def test_a_source_folder_that_cannot_be_listed_is_refused_and_the_output_kept(tmp_path, tiny_model_dir, data_dir,
+                                                                               capsys):
+    """An unreadable SOURCE was one error row ("./") that the commit wrote over the whole earlier output, even with
+    --resume."""
+    from scoring_inputs import unreadable
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
+    out = tmp_path / "r.parquet"
+    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    before = out.read_bytes()
+    with unreadable(folder):
+        for resume in ([], ["--resume"]):
+            assert main([str(folder), "--model", str(tiny_model_dir), "--out", str(out), *resume]) == 2
+            err = capsys.readouterr().err
+            assert f"the folder {folder} could not be listed (Permission denied)" in err, err
+            assert "output was left as it was" in err and "Traceback" not in err
+    assert out.read_bytes() == before
+
+
+def test_resume_keeps_the_rows_of_a_folder_that_could_not_be_listed_this_time(tmp_path, tiny_model_dir, data_dir):
+    from scoring_inputs import unreadable
+
+    folder = tmp_path / "films"
+    for sub in ("a", "locked/deep"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "a" / "1.jpeg").write_bytes(FILMS[0].read_bytes())
+    (folder / "locked" / "2.jpeg").write_bytes(FILMS[1].read_bytes())
+    (folder / "locked" / "deep" / "3.jpeg").write_bytes(FILMS[2].read_bytes())
+    out = tmp_path / "r.parquet"
+    config = Config(str(folder), model=str(tiny_model_dir), out=str(out), resume=True)
+    run(config, log=lambda _: None)
+    first = pd.read_parquet(out).set_index("file")
+    with unreadable(folder / "locked"):
+        summary = run(config, log=lambda _: None)
+    table = pd.read_parquet(out)
+    assert table["file"].tolist() == ["a/1.jpeg", "locked/", "locked/2.jpeg", "locked/deep/3.jpeg"]
+    assert table.loc[1, "error"].startswith("This folder could not be listed (Permission denied)")
+    kept = table.set_index("file").loc[["locked/2.jpeg", "locked/deep/3.jpeg"]]
+    pd.testing.assert_frame_equal(kept, first.loc[["locked/2.jpeg", "locked/deep/3.jpeg"]])
+    assert (summary.files, summary.scored, summary.skipped, summary.errors) == (4, 0, 1, 1)
+    # Readable again: its files are done (nothing scored), and the folder's error row is gone.
+    summary = run(config, log=lambda _: None)
+    assert (summary.files, summary.scored, summary.skipped, summary.errors) == (3, 0, 3, 0)
+    pd.testing.assert_frame_equal(pd.read_parquet(out).set_index("file"), first)
+
+
+def test_symbolic_links_in_a_folder_are_followed_and_a_loose_one_is_an_error_row(tmp_path, tiny_model_dir,
+                                                                                 data_dir):
+    """Links leading out of the folder and links leading nowhere were left out with no row, count or message."""
+    folder, store = tmp_path / "archive", tmp_path / "volume2"
+    (store / "2024").mkdir(parents=True)
+    folder.mkdir()
+    (folder / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    (store / "b.jpeg").write_bytes(FILMS[1].read_bytes())
+    (store / "2024" / "c.jpeg").write_bytes(FILMS[2].read_bytes())
+    (folder / "b.jpeg").symlink_to(store / "b.jpeg")  # a file elsewhere
+    (folder / "2024").symlink_to(store / "2024")  # a folder elsewhere
+    (folder / "gone.jpeg").symlink_to(tmp_path / "Doe_John" / "x.jpeg")  # leads nowhere
+    (folder / "up").symlink_to(folder)  # a loop back to the top
+    summary = run(Config(str(folder), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet")), log=lambda _: None)
+    table = pd.read_parquet(tmp_path / "r.parquet").set_index("file")
+    assert table.index.tolist() == ["2024/c.jpeg", "a.jpeg", "b.jpeg", "gone.jpeg"]
+    assert (summary.files, summary.scored, summary.errors) == (4, 3, 1)
+    assert table.loc["b.jpeg", "sha256"] == sha256(FILMS[1]) and table.loc["2024/c.jpeg", "sha256"] == sha256(FILMS[2])
+    assert table.loc["gone.jpeg", "error"].startswith("This is a symbolic link that leads nowhere")
+    assert "Doe_John" not in table.loc["gone.jpeg", "error"]  # the target's name is not the user's to see there
+
+
 def test_the_summary_gives_the_rate_after_the_first_results_and_counts_only_files_read(tmp_path, tiny_model_dir,
                                                                                         data_dir):
     """The README promises images/s after the first results (only the overall rate was printed), and "scored now"
