@@ -156,7 +156,7 @@ def run(config: Config, log: Callable[[str], None] = lambda m: print(m, file=sys
                          f"the source {config.source}: choose another --out")
     entries = sources.list_entries(config.source)
     if not entries:  # an unmounted share is an empty folder: committing would replace the output with nothing
-        raise ValueError(f"{config.source} lists no image files (is the archive mounted, the "
+        raise ValueError(f"{sources.shown_source(config.source)} lists no image files (is the archive mounted, the "
                          "manifest complete?); nothing was scored and the output was left as it was")
     try:
         return _score(config, card, store, entries, start, log)
@@ -170,7 +170,8 @@ def _score(config: Config, card: card_lib.ModelCard, store: Store, entries: list
            log: Callable[[str], None]) -> Summary:
     done = store.start(config.resume, card.card_sha256)
     pending = [rows_lib.Pending(e.path, e.file, done.get(e.path, "")) for e in entries if e.problem is None]
-    log(f"scoring: {len(entries)} files from {config.source} with {card.name} on the {config.engine} engine"
+    log(f"scoring: {len(entries)} files from {sources.shown_source(config.source)} with {card.name} on the "
+        f"{config.engine} engine"
         + (f", {sum(1 for p in pending if p.known_sha256)} done before (checked by content)" if done else ""))
     update = _progress(len(pending), log)
     buffer: list[dict[str, Any]] = []

@@ -141,11 +141,49 @@ def folder_entries(source: str) -> list[Entry]:
     return entries
 
 
+def _is_csv(source: str) -> bool:
+    return _QUERY.sub("", source).lower().endswith(".csv")  # a URL's query (?download=1) is not its name
+
+
 def _read_manifest(source: str) -> pd.DataFrame:
-    if _QUERY.sub("", source).lower().endswith(".csv"):  # a URL's query (?download=1) is not its name
-        # Bytes that are not UTF-8 are kept (as surrogates) so that only their rows fail, with a message.
-        return pd.read_csv(source, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
-    return pd.read_parquet(source)
+    """The manifest as a table; ValueError naming the manifest and what to fix when it cannot be read (its
+    content is never quoted: a manifest's rows are file names, which can carry patients' names)."""
+    shown = shown_source(source)
+    kind = "CSV" if _is_csv(source) else "Parquet"
+    if not is_url(source):
+        local = Path(source.removeprefix("file://"))
+        if not local.exists():
+            raise ValueError(f"the manifest {shown} does not exist; check the path (a folder to score must exist, "
+                             f"a manifest must be a {kind} file)")
+        if not local.is_file():
+            raise ValueError(f"the manifest {shown} is not a regular file (a device, pipe or socket); give a "
+                             f"{kind} file with a 'path' column, or a folder")
+    try:
+        if kind == "CSV":
+            # Bytes that are not UTF-8 are kept (as surrogates) so that only their rows fail, with a message.
+            return pd.read_csv(source, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
+        return pd.read_parquet(source)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"the manifest {shown} is empty; its first line must be a header with a 'path' column, "
+                         "then one file path or URL per line") from None
+    except pd.errors.ParserError as exc:  # pandas names the line and the fields it expected, not their text
+        raise ValueError(f"the manifest {shown} is not a well-formed CSV file ({exc}); fix that line (a path with "
+                         "a comma in it goes between double quotes)") from None
+    except ImportError:
+        raise
+    except PermissionError:
+        raise ValueError(f"the manifest {shown} cannot be read (no permission); give this account read access "
+                         "to it") from None
+    except OSError as exc:  # a URL that cannot be fetched, a read error
+        code = getattr(exc, "code", None)
+        why = f"HTTP {code}" if isinstance(code, int) else getattr(exc, "reason", None) or exc.strerror
+        why = why or type(exc).__name__
+        raise ValueError(f"the manifest {shown} could not be read ({why}); check the path or URL, and that this "
+                         "machine can reach it") from None
+    except Exception as exc:  # not a Parquet file, a truncated one, a storage driver's error
+        raise ValueError(f"the manifest {shown} could not be read as a {kind} file ({type(exc).__name__}); check "
+                         f"the path or URL, and that it is a whole {kind} file (names ending in .csv are read as "
+                         "CSV, other manifests as Parquet)") from None
 
 
 # A user name or password before the host (``scheme://user:password@host/...``), found even in a URL that
@@ -154,9 +192,13 @@ _USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/?#]*@", re.IGNORECASE)
 
 
 # Query parameters that carry a credential: pre-signed S3 / GCS / CloudFront URLs, Azure SAS, tokens and keys.
-_SECRET_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-                  "x-goog-credential", "signature", "sig", "token", "access_token", "api_key", "apikey", "key-pair-id",
-                  "awsaccesskeyid", "policy"}
+# Compared with '-' read as '_' (api-key and api_key alike).
+_SECRET_PARAMS = {name.replace("-", "_") for name in (
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
+    "signature", "sig", "token", "access_token", "id_token", "refresh_token", "session_token", "security_token",
+    "api_key", "apikey", "x-api-key", "key-pair-id", "awsaccesskeyid", "aws_secret_access_key", "access_key",
+    "secret_key", "secret", "client_secret", "private_key", "password", "passwd", "pwd", "auth", "authorization",
+    "credential", "credentials", "policy")}
 _QUERY = re.compile(r"[?#].*$", re.DOTALL)
 
 
@@ -166,12 +208,34 @@ def _has_credentials(url: str) -> bool:
         return True
     query = url.split("?", 1)[1].split("#", 1)[0] if "?" in url else ""
     names = {part.split("=", 1)[0].strip().lower() for part in query.split("&") if part}
-    return bool({urllib.parse.unquote(n) for n in names} & _SECRET_PARAMS)
+    return bool({urllib.parse.unquote(n).replace("-", "_") for n in names} & _SECRET_PARAMS)
 
 
 def _without_credentials(url: str) -> str:
     """``url`` fit to show: its user information and its whole query removed."""
     return _QUERY.sub("", _USERINFO.sub(r"\1", url, count=1))
+
+
+def shown_source(source: str) -> str:
+    """A SOURCE fit for a message: as given, a URL without its user information and query."""
+    return _without_credentials(source) if is_url(source) else source
+
+
+def _missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _kind_of(value: object) -> str:
+    """What a value of a non-text 'path' column is, in words (never the value: it may be patient data)."""
+    if isinstance(value, bool):
+        return "true/false values"
+    if isinstance(value, int | float) or (type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0):
+        return "numbers"
+    if isinstance(value, list | tuple) or (hasattr(value, "__len__") and type(value).__module__ == "numpy"):
+        return "lists"
+    if isinstance(value, dict):
+        return "records (structs)"
+    return f"{type(value).__name__} values"
 
 
 def manifest_entries(source: str) -> list[Entry]:
@@ -189,13 +253,22 @@ def manifest_entries(source: str) -> list[Entry]:
                          "another way (environment, .netrc, the storage's own config)")
     table = _read_manifest(source)
     if "path" not in table.columns:
-        raise ValueError(f"the manifest {source} has no 'path' column (it has: {', '.join(map(str, table.columns))}); "
-                         "add one with a file path or URL per row")
+        # Not its column names: a manifest without a header has its first row (file names) there.
+        raise ValueError(f"the manifest {shown_source(source)} has no 'path' column (it has {len(table.columns)} "
+                         f"column{'s' if len(table.columns) != 1 else ''}, none named 'path'); its first line must "
+                         "be a header naming the columns, one of them 'path', with a file path or URL per row")
+    values = table["path"].tolist()
+    others = sorted({_kind_of(v) for v in values if not _missing(v) and not isinstance(v, str | bytes)})
+    if others:
+        raise ValueError(f"the manifest {shown_source(source)} has a 'path' column of {' and '.join(others)}, not "
+                         "text; write each row's file path or URL as text (a string column)")
     base = None if is_url(source) else Path(source.removeprefix("file://")).resolve().parent
     entries: list[Entry] = []
     first_row: dict[str, int] = {}
-    for row, value in enumerate(table["path"].tolist(), start=1):
-        text = "" if value is None or pd.isna(value) else str(value).strip()
+    for row, value in enumerate(values, start=1):
+        if isinstance(value, bytes):  # a binary column: undecodable bytes are kept, so that the check below says so
+            value = value.decode("utf-8", "surrogateescape")
+        text = "" if _missing(value) else value.strip()
         if not text:
             entries.append(Entry("", "", f"manifest row {row} has no path; give a file path or URL"))
             continue
@@ -205,19 +278,19 @@ def manifest_entries(source: str) -> list[Entry]:
                                                "bytes are shown as \ufffd), so it cannot be written to the output; "
                                                "write the manifest as UTF-8"))
             continue
-        if is_url(text) and _has_credentials(text):
-            shown = _without_credentials(text)
-            entries.append(Entry(shown, shown, f"manifest row {row}: the URL carries credentials (a user name or "
-                                               "password, or a signature, token or key in its query), which would "
-                                               "be written to the output; give credentials to the workers "
-                                               "another way (environment, .netrc, the storage's own config)"))
-            continue
         path = text
         if base is not None and not is_url(text):
             local = Path(text.removeprefix("file://"))
             path = str(local if local.is_absolute() else base / local)
         elif base is None and not is_url(text) and not text.startswith(("/", "file://")):
             path = _beside_url(source, text)
+        if is_url(path) and _has_credentials(path):  # a relative row of a URL manifest is a URL too, query and all
+            entries.append(Entry(_without_credentials(path), _without_credentials(text),
+                                 f"manifest row {row}: the URL carries credentials (a user name or password, or a "
+                                 "signature, token or key in its query), which would be written to the output; give "
+                                 "credentials to the workers another way (environment, .netrc, the storage's own "
+                                 "config)"))
+            continue
         if path in first_row:
             entries.append(Entry(path, text, f"duplicate of manifest row {first_row[path]} (the same path); "
                                              "scored once, at that row"))
@@ -242,7 +315,9 @@ def _dicomweb_entries(source: str) -> list[Entry]:
 
 KINDS: list[SourceKind] = [
     SourceKind("dicomweb", lambda s: s.startswith(("dicomweb+http://", "dicomweb+https://")), _dicomweb_entries),
-    SourceKind("manifest", lambda s: _QUERY.sub("", s).lower().endswith(MANIFEST_SUFFIXES), manifest_entries),
+    # A folder named like a manifest (scans.csv/) is a folder.
+    SourceKind("manifest", lambda s: _QUERY.sub("", s).lower().endswith(MANIFEST_SUFFIXES)
+               and (is_url(s) or not Path(s.removeprefix("file://")).is_dir()), manifest_entries),
     SourceKind("folder", lambda s: not is_url(s) and Path(s).is_dir(), folder_entries),
 ]
 
@@ -252,7 +327,7 @@ def list_entries(source: str) -> list[Entry]:
     for kind in KINDS:
         if kind.matches(source):
             return kind.entries(source)
-    raise ValueError(f"'{_without_credentials(source) if is_url(source) else source}' is neither a folder nor a "
+    raise ValueError(f"'{shown_source(source)}' is neither a folder nor a "
                      "CSV/Parquet manifest with a 'path' column "
                      f"(manifest names end in {', '.join(MANIFEST_SUFFIXES)})")
 

@@ -715,6 +715,29 @@ def test_resume_keeps_the_rows_of_a_folder_that_could_not_be_listed_this_time(tm
     pd.testing.assert_frame_equal(pd.read_parquet(out).set_index("file"), first)
 
 
+def test_relative_rows_of_a_url_manifest_are_checked_for_credentials(tmp_path):
+    """A relative row is joined onto the manifest's URL, its query included: "x.png?X-Amz-Signature=..." became a
+    signed URL in the output. Names such as password, api-key and client_secret are credentials too."""
+    from scoring import sources
+
+    web = tmp_path / "web"
+    web.mkdir()
+    rows = ["a.jpeg?X-Amz-Signature=SECRET1", "b.jpeg?password=SECRET2", "c.jpeg?api-key=SECRET3",
+            "d.jpeg?client_secret=SECRET4", "https://archive.example/e.dcm?APIKEY=SECRET5",
+            "https://archive.example/f.dcm?Passwd=SECRET6", "g.jpeg?series=2"]
+    pd.DataFrame({"path": rows}).to_csv(web / "list.csv", index=False)
+    server, url = _serve(web)
+    try:
+        entries = sources.list_entries(f"{url}/list.csv")
+    finally:
+        server.shutdown()
+    assert all("carries credentials" in e.problem for e in entries[:6]), entries
+    assert [e.path for e in entries[:4]] == [f"{url}/{n}.jpeg" for n in "abcd"]
+    assert [e.file for e in entries[:4]] == [f"{n}.jpeg" for n in "abcd"]
+    assert entries[6] == sources.Entry(f"{url}/g.jpeg?series=2", "g.jpeg?series=2")
+    assert "SECRET" not in repr(entries)
+
+
 def test_symbolic_links_in_a_folder_are_followed_and_a_loose_one_is_an_error_row(tmp_path, tiny_model_dir,
                                                                                  data_dir):
     """Links leading out of the folder and links leading nowhere were left out with no row, count or message."""
@@ -735,6 +758,71 @@ def test_symbolic_links_in_a_folder_are_followed_and_a_loose_one_is_an_error_row
     assert table.loc["b.jpeg", "sha256"] == sha256(FILMS[1]) and table.loc["2024/c.jpeg", "sha256"] == sha256(FILMS[2])
     assert table.loc["gone.jpeg", "error"].startswith("This is a symbolic link that leads nowhere")
     assert "Doe_John" not in table.loc["gone.jpeg", "error"]  # the target's name is not the user's to see there
+
+
+def test_manifest_problems_are_named_without_quoting_its_rows(tmp_path, tiny_model_dir, capsys):
+    """A manifest without a header: its first row (a file name: patient data) was printed as its column names."""
+    (tmp_path / "list.csv").write_text("Doe_John_1937.png,chest\nRoe_Jane.png,chest\n")
+    assert main([str(tmp_path / "list.csv"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "has no 'path' column (it has 2 columns, none named 'path')" in err and "must be a header" in err
+    assert "Doe" not in err and "chest" not in err
+
+
+def test_a_parquet_path_column_must_be_text(tmp_path):
+    """A binary column gave "b'a.jpeg'" as every path; a list column, the lists' text. Bytes are decoded (the
+    non-UTF-8 check applies); other types are refused, their values unquoted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scoring import sources
+
+    pq.write_table(pa.table({"path": pa.array([b"a.jpeg", b"M\xfcller.jpeg", None], pa.binary())}),
+                   tmp_path / "bytes.parquet")
+    entries = sources.list_entries(str(tmp_path / "bytes.parquet"))
+    assert entries[0] == sources.Entry(str(tmp_path / "a.jpeg"), "a.jpeg")
+    assert "not valid UTF-8" in entries[1].problem and entries[1].file == "M\ufffdller.jpeg"
+    assert entries[2].problem == "manifest row 3 has no path; give a file path or URL"
+    for name, column, kind in [("lists", pa.array([["Doe.png"], ["b.png"]]), "lists"),
+                               ("numbers", pa.array([1937, 2]), "numbers")]:
+        pq.write_table(pa.table({"path": column}), tmp_path / f"{name}.parquet")
+        with pytest.raises(ValueError, match=f"has a 'path' column of {kind}, not text") as err:
+            sources.list_entries(str(tmp_path / f"{name}.parquet"))
+        assert "Doe" not in str(err.value) and "1937" not in str(err.value)
+
+
+def test_a_source_that_cannot_be_read_says_so_and_speaks_of_no_parts(tmp_path, tiny_model_dir, data_dir, capsys):
+    """A folder named like a manifest was read as one (IsADirectoryError), and that, an unreadable manifest and a
+    lock that cannot be taken all said "the parts written so far are kept ... rerun with --resume" though nothing
+    was written; an empty CSV said "No columns to parse from file" without naming it."""
+    from scoring_inputs import unreadable
+
+    (tmp_path / "scans.csv").mkdir()
+    (tmp_path / "scans.csv" / "a.jpeg").write_bytes(FILMS[0].read_bytes())
+    out = tmp_path / "r.parquet"
+    assert main([str(tmp_path / "scans.csv"), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    assert pd.read_parquet(out)["file"].tolist() == ["a.jpeg"]
+    capsys.readouterr()
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "locked.csv").write_text("path\na.jpeg\n")
+    (tmp_path / "torn.parquet").write_bytes(b"PAR1 not really")
+    cases = {"empty.csv": "the manifest {} is empty; its first line must be a header with a 'path' column",
+             "locked.csv": "the manifest {} cannot be read (no permission)",
+             "missing.csv": "the manifest {} does not exist",
+             "torn.parquet": "the manifest {} could not be read as a Parquet file"}
+    for name, message in cases.items():
+        with unreadable(tmp_path / "locked.csv"):
+            code = main([str(tmp_path / name), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x.parquet")])
+        err = capsys.readouterr().err
+        assert code == 2 and message.format(tmp_path / name) in err, err
+        assert "parts" not in err and "--resume" not in err and "Traceback" not in err
+    # An OSError before anything is written (the output's lock is a folder): nothing to resume from.
+    (tmp_path / ".r.parquet.lock").unlink()
+    (tmp_path / ".r.parquet.lock").mkdir()
+    assert main([str(tmp_path / "scans.csv"), "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Is a directory" in err and "nothing was written and the output was left as it was" in err, err
+    assert "parts" not in err and "--resume" not in err
 
 
 def test_the_summary_gives_the_rate_after_the_first_results_and_counts_only_files_read(tmp_path, tiny_model_dir,
