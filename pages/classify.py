@@ -115,7 +115,8 @@ def probabilities_ui(prediction, card) -> None:
     marked = [(name, t) for name, t in card.thresholds.items() if name in prediction.class_names]
     if marked:
         fig.add_trace(go.Scatter(x=[t for _, t in marked], y=[name for name, _ in marked], mode="markers",
-                                 marker=dict(symbol="line-ns-open", size=34, line=dict(width=3, color="#222")),
+                                 marker=dict(symbol="line-ns-open", size=34, color="#222",
+                                             line=dict(width=3, color="#222")),
                                  name="threshold", hovertemplate="%{y} is called at %{x:.4f}<extra></extra>"))
     fig.update_layout(xaxis_range=[0, 1], height=90 + 45 * len(prediction.class_names), showlegend=bool(marked),
                       legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
