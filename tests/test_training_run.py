@@ -367,9 +367,12 @@ def test_split_roles_follow_near_copies_and_the_start_s_films(tmp_path):
         "b.jpeg,src,NORMAL,test,,bbb,,\n"
         "c.jpeg,src,NORMAL,duplicate,,ccc,src/a.jpeg,near\n"
         "d.jpeg,src,NORMAL,duplicate,,ddd,src/b.jpeg,near\n"
-        "e.jpeg,src,NORMAL,duplicate,,eee,src/e.jpeg,seen\n")
+        "e.jpeg,src,NORMAL,duplicate,,eee,src/e.jpeg,seen\n"
+        "f.jpeg,src,NORMAL,duplicate,,fff,src/e.jpeg,near\n"  # a near-copy of a film its start trained on
+        "g.jpeg,src,NORMAL,duplicate,,ggg,src/c.jpeg,near\n"  # a copy of a copy of a train film
+        "h.jpeg,src,NORMAL,duplicate,,hhh,src/h.jpeg,near\n")  # a loop in a damaged manifest: no role
     assert evaluate.split_roles(tmp_path) == {"aaa": "train", "bbb": "test", "ccc": "train", "ddd": "test",
-                                              "eee": "seen"}
+                                              "eee": "seen", "fff": "seen", "ggg": "train"}
     files = {}
     for name, data in (("one.png", b"first"), ("two.png", b"second")):
         (tmp_path / name).write_bytes(data)

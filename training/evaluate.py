@@ -169,13 +169,26 @@ def split_roles(model_dir: str | Path | None) -> dict[str, str] | None:
         return None
     if not rows or not {"sha256", "split", "source", "path"} <= set(rows[0]):
         return None
-    split_of = {f"{r['source']}/{r['path']}": r["split"] for r in rows}
+    by_key = {f"{r['source']}/{r['path']}": r for r in rows}
+
+    def role_of(row: dict[str, str]) -> str:
+        """A row's split; a dropped copy's is the split of the film it copies, followed to the end of the chain
+        (a near-copy of a film its start trained on is "seen" too)."""
+        visited: set[str] = set()
+        while row["split"] == "duplicate":
+            if row.get("duplicate_kind") == "seen":
+                return "seen"
+            key = row.get("duplicate_of", "")
+            if key in visited or key not in by_key:
+                return ""
+            visited.add(key)
+            row = by_key[key]
+        return row["split"]
+
     roles: dict[str, str] = {}
     for r in rows:
-        role = r["split"]
-        if role == "duplicate":
-            role = "seen" if r.get("duplicate_kind") == "seen" else split_of.get(r.get("duplicate_of", ""), "")
-        if r["sha256"] and role and role != "duplicate":
+        role = role_of(r)
+        if r["sha256"] and role:
             roles.setdefault(r["sha256"], role)
     return roles
 
