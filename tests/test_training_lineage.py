@@ -174,6 +174,55 @@ def test_rescore_external_drops_a_copy_of_a_training_film_even_when_its_name_car
     assert any("1 near-copies of training films" in line for line in lines), lines
 
 
+def test_rescore_external_leaves_out_the_other_films_of_a_patient_whose_film_trained_as_a_copy(tmp_path):
+    """A compilation's unnamed copy of Kermany's IM-0429-0001 trained the model: scored as external, neither that
+    film nor the patient's other film (IM-0429-0001-0001) is held out from the model; another patient's film is."""
+    normal = KERMANY / "NORMAL"
+    original, sibling, stranger = normal / "IM-0429-0001.jpeg", normal / "IM-0429-0001-0001.jpeg", normal / \
+        "IM-0115-0001.jpeg"
+    assert data.patient_id(original.name) == data.patient_id(sibling.name) != data.patient_id(stranger.name)
+    copy = _reencoded_copy(original, tmp_path / "compilation" / "NORMAL" / "Normal-1.jpeg")
+    train_records = [data.Record(copy, "NORMAL/Normal-1.jpeg", "compilation", "NORMAL", split="train")]
+    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": dataset.Split(
+        train_records, cache.decode(train_records, SIZE, None).images, np.zeros(1, np.int64))})
+    external = tmp_path / "kermany"
+    (external / "NORMAL").mkdir(parents=True)
+    for film in (original, sibling, stranger):
+        (external / "NORMAL" / film.name).symlink_to(film)
+    lines: list[str] = []
+    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
+                              lines.append)
+    assert [r.rel for r in split.records] == [f"NORMAL/{stranger.name}"]
+    assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
+
+
+def test_a_patient_whose_film_was_collapsed_into_a_copy_counts_in_the_copy_s_split():
+    """A Kermany test film dropped as a byte or near copy of a compilation's training film (no patient in its name)
+    puts its patient in train: the patient's other test and external films leave; a copy kept in test moves a
+    patient's later films only (external), never its train films; a copy of a film in no split changes nothing."""
+    root = Path("/x")
+    kept = data.Record(root / "Normal-1.png", "N/Normal-1.png", "compilation", "NORMAL", split="train")
+    kept_test = data.Record(root / "Normal-2.png", "N/Normal-2.png", "compilation", "NORMAL", split="test")
+
+    def film(name: str, split: str) -> data.Record:
+        return data.Record(root / name, f"N/{name}", "kermany", "NORMAL", split=split, patient=name[:7])
+
+    copies = [dataclasses.replace(film("IM-0001-0001.jpeg", "test"), duplicate_of=kept.key, duplicate_kind="bytes"),
+              dataclasses.replace(film("IM-0004-0001.jpeg", "external"), duplicate_of=kept.key,
+                                  duplicate_kind="near"),
+              dataclasses.replace(film("IM-0002-0001.jpeg", "train"), duplicate_of=kept_test.key,
+                                  duplicate_kind="near"),
+              dataclasses.replace(film("IM-0003-0001.jpeg", "test"), duplicate_of="compilation/N/gone.png",
+                                  duplicate_kind="near")]
+    records = [kept, kept_test, film("IM-0001-0002.jpeg", "test"), film("IM-0004-0002.jpeg", "external"),
+               film("IM-0002-0002.jpeg", "train"), film("IM-0003-0002.jpeg", "test")]
+    left, dropped = data.separate_patients(records, copies)
+    assert [r.rel for r in left] == ["N/Normal-1.png", "N/Normal-2.png", "N/IM-0002-0002.jpeg", "N/IM-0003-0002.jpeg"]
+    assert {d.rel: d.duplicate_of for d in dropped} == {"N/IM-0001-0002.jpeg": "kermany/patient IM-0001",
+                                                      "N/IM-0004-0002.jpeg": "kermany/patient IM-0004"}
+    assert data.separate_patients(records)[1] == []  # without the copies, nothing ties them
+
+
 def test_split_first_keeps_the_training_copy_and_across_splits_only_keeps_copies_within_a_split():
     root = Path("/x")
     base = np.random.default_rng(0).integers(0, 255, (32, 32)).astype(np.uint8)

@@ -197,16 +197,24 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     return sorted(kept, key=lambda r: order[r.key]), sorted(dropped, key=lambda r: order[r.key])
 
 
-def separate_patients(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
-    """Leave out of a later split (val, then test; external aside) the films of a patient who has films in an
+def separate_patients(records: Sequence[Record], copies: Sequence[Record] = ()) -> tuple[list[Record], list[Record]]:
+    """Leave out of a later split (val, then test, then external) the films of a patient who has films in an
     earlier one: splits given as folders (``DIR/train``, ``DIR/test``) or by a manifest are kept as they are, so
-    the same patient could sit in train and test. Returns (kept, left out as duplicates of kind "patient")."""
-    rank = {"train": 0, "val": 1, "test": 2}
+    the same patient could sit in train and test. ``copies``: the byte and near copies dropped from ``records``
+    (``duplicate_of`` naming the copy kept); a patient's film dropped as a copy of a kept film counts in the kept
+    film's split (a Kermany test film collapsed into a compilation's unnamed training copy puts its patient in
+    train, so the patient's other films leave test). Returns (kept, left out as duplicates of kind "patient")."""
+    rank = {"train": 0, "val": 1, "test": 2, EXTERNAL: 3}
     first: dict[tuple[str, str], int] = {}
     for r in records:
         if r.patient and r.split in rank:
             key = (r.source, r.patient)
             first[key] = min(first.get(key, 9), rank[r.split])
+    split_of = {r.key: r.split for r in records}
+    for d in copies:
+        if d.patient and d.duplicate_kind in ("bytes", "near") and split_of.get(d.duplicate_of) in rank:
+            key = (d.source, d.patient)
+            first[key] = min(first.get(key, 9), rank[split_of[d.duplicate_of]])
     kept, dropped = [], []
     for r in records:
         if r.patient and r.split in rank and rank[r.split] > first[(r.source, r.patient)]:

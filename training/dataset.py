@@ -258,7 +258,7 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
         duplicates = [*duplicates, *dropped]
         near = hygiene.summary([d for d in duplicates if d.duplicate_kind == "near"], [*records, *duplicates])
     position = {id(r): i for i, r in enumerate(records)}
-    records, crossing = data.separate_patients(records)
+    records, crossing = data.separate_patients(records, duplicates)
     if crossing:
         images, duplicates = images[[position[id(r)] for r in records]], [*duplicates, *crossing]
         by_split = Counter(d.split for d in crossing)

@@ -80,6 +80,9 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     # Another film of a patient the model itself trained on is not held out from it either (Kermany's own test
     # folder is the same source, 'kermany', as its train folder, and shares patient ids with it).
     patients = {(r.source, r.patient) for r in train.records if r.patient}
+    # and a patient one of whose external films was dropped as a copy of a training film (a compilation's copy,
+    # named without the patient, trained the model): the patient's other films are no more held out
+    patients |= {(d.source, d.patient) for d in gone if d.patient and d.duplicate_of in trained}
     same = [i for i in keep if decoded.records[i].patient and
             (decoded.records[i].source, decoded.records[i].patient) in patients]
     if same:
