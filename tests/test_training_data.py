@@ -258,11 +258,14 @@ def test_a_patient_in_more_than_one_given_split_keeps_only_the_earliest():
                rec("v2.png", "val", "p2"), rec("e2.png", "test", "p2"), rec("e3.png", "test", "p3"),
                rec("o1.png", "test", "p1", source="other"), rec("x1.png", "external", "p1"), rec("n.png", "test", "")]
     kept, dropped = data.separate_patients(records)
-    assert [r.rel for r in kept] == ["t1.png", "v2.png", "e3.png", "o1.png", "n.png"]
-    # external is the latest split: a patient's film there is not held out from a model that trained on the patient
+    assert [r.rel for r in kept] == ["t1.png", "v2.png", "e3.png", "n.png"]
+    # external is the latest split: a patient's film there is not held out from a model that trained on the patient;
+    # and a patient id names the patient whatever folder holds the film (o1.png: the same collection downloaded
+    # under another folder name)
     assert [(d.rel, d.duplicate_of, d.duplicate_kind) for d in dropped] == [
         ("v1.png", "s/patient p1", "patient"), ("e1.png", "s/patient p1", "patient"),
-        ("e2.png", "s/patient p2", "patient"), ("x1.png", "s/patient p1", "patient")]
+        ("e2.png", "s/patient p2", "patient"), ("o1.png", "other/patient p1", "patient"),
+        ("x1.png", "s/patient p1", "patient")]
 
 
 def test_class_folders_that_differ_only_in_case_are_one_class(tmp_path):

@@ -100,7 +100,11 @@ def patient_id(filename: str) -> str:
     """The patient a file name encodes, or "".
 
     Kermany: ``person1234``, ``IM-0115``, ``NORMAL2-IM-0383``; NIH ChestX-ray14: ``00001280``; the COVID-19 Image
-    Dataset's lettered films of one case: ``COVID-00003a`` -> ``COVID-00003``.
+    Dataset's lettered films of one case: ``COVID-00003a`` -> ``COVID-00003``. Each form belongs to one
+    collection, so the id names the patient whatever folder (source) holds the film: the same collection read
+    from two folders (``kermany/train`` and a download's ``chest_xray/test``) has the same patients, and every
+    patient check (``separate_patients``, films the starting weights trained on, ``rescore --external``) keys
+    on the id alone.
     """
     stem = Path(filename).stem
     for pattern in _PATIENT_PATTERNS:
@@ -208,16 +212,14 @@ def separate_patients(records: Sequence[Record], copies: Sequence[Record] = ()) 
     first: dict[tuple[str, str], int] = {}
     for r in records:
         if r.patient and r.split in rank:
-            key = (r.source, r.patient)
-            first[key] = min(first.get(key, 9), rank[r.split])
+            first[r.patient] = min(first.get(r.patient, 9), rank[r.split])
     split_of = {r.key: r.split for r in records}
     for d in copies:
         if d.patient and d.duplicate_kind in ("bytes", "near") and split_of.get(d.duplicate_of) in rank:
-            key = (d.source, d.patient)
-            first[key] = min(first.get(key, 9), rank[split_of[d.duplicate_of]])
+            first[d.patient] = min(first.get(d.patient, 9), rank[split_of[d.duplicate_of]])
     kept, dropped = [], []
     for r in records:
-        if r.patient and r.split in rank and rank[r.split] > first[(r.source, r.patient)]:
+        if r.patient and r.split in rank and rank[r.split] > first[r.patient]:
             dropped.append(dataclasses.replace(r, duplicate_of=f"{r.source}/patient {r.patient}",
                                                duplicate_kind="patient"))
         else:
@@ -311,12 +313,12 @@ def _manifest_rows(path: str | Path) -> list[dict[str, str]]:
 @dataclass(frozen=True)
 class Trained:
     """What a model folder's weights trained on, from its ``split.csv``: film keys (``source/path``), their
-    contents' sha256 (a film found under another folder layout or name), and patients (``(source, patient)``:
-    another film of a patient the weights trained on is not held out from them either)."""
+    contents' sha256 (a film found under another folder layout or name), and patients (``patient_id``: another
+    film of a patient the weights trained on is not held out from them either, whatever folder holds it)."""
 
     keys: frozenset[str]
     sha256: frozenset[str]
-    patients: frozenset[tuple[str, str]]
+    patients: frozenset[str]
 
 
 def trained_films(path: str | Path) -> Trained:
@@ -334,7 +336,7 @@ def trained_films(path: str | Path) -> Trained:
         trained |= more
     chosen = [r for r in rows if key[id(r)] in trained]
     return Trained(keys=frozenset(trained), sha256=frozenset(r["sha256"] for r in chosen if r.get("sha256")),
-                   patients=frozenset((r["source"], r["patient"]) for r in chosen if r.get("patient")))
+                   patients=frozenset(r["patient"] for r in chosen if r.get("patient")))
 
 
 def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]:

@@ -147,11 +147,11 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
             via.setdefault(d.duplicate_of, d.key)
     # Another film of a patient the starting weights trained on: the split is by patient, so it is not held out
     # from them either.
-    patient_film = {(r.source, r.patient): r.key for r in records if r.key in via and r.patient}
+    patient_film = {r.patient: r.key for r in records if r.key in via and r.patient}
     patients = trained.patients | set(patient_film)  # a patient's film trained on under a compilation's name too
     for r in records:
-        if r.patient and (r.source, r.patient) in patients and r.key not in via:
-            via[r.key] = patient_film.get((r.source, r.patient), f"{r.source}/patient {r.patient}")
+        if r.patient and r.patient in patients and r.key not in via:
+            via[r.key] = patient_film.get(r.patient, f"{r.source}/patient {r.patient}")
     dropped_idx = {i: via[r.key] for i, r in enumerate(records) if r.split in HELD_OUT and r.key in via}
     dropped = [dataclasses.replace(records[i], duplicate_of=key, duplicate_kind="seen")
                for i, key in sorted(dropped_idx.items())]
@@ -169,9 +169,9 @@ def refuse_trained_held_out(trained: list[dict[str, str]], records: list[data.Re
     scored on them. Raised before anything is written, so the run's own split.csv stays as it was."""
     held = [r for r in records if r.split in HELD_OUT]
     keys, shas = {r.key for r in held}, {r.sha256 for r in held if r.sha256}
-    patients = {(r.source, r.patient) for r in held if r.patient}
+    patients = {r.patient for r in held if r.patient}
     leaked = [row for row in trained if row["key"] in keys or (row["sha256"] and row["sha256"] in shas)
-              or (row["patient"] and (row["source"], row["patient"]) in patients)]
+              or (row["patient"] and row["patient"] in patients)]
     if leaked:
         raise ValueError(f"the checkpoint in {out / '.ckpt'} trained on {len(leaked)} films that this run's split "
                          f"holds out for validation, test or external scoring (e.g. {leaked[0]['key']}, or a copy or "

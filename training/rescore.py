@@ -78,13 +78,12 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     fresh, _seen = dataset.not_seen_by_start(config, [decoded.records[i] for i in keep], [*duplicates, *gone], log)
     keep = [keep[i] for i in fresh]
     # Another film of a patient the model itself trained on is not held out from it either (Kermany's own test
-    # folder is the same source, 'kermany', as its train folder, and shares patient ids with it).
-    patients = {(r.source, r.patient) for r in train.records if r.patient}
+    # folder shares patient ids with its train folder, under whatever folder name it was downloaded).
+    patients = {r.patient for r in train.records if r.patient}  # by id: a download's folder name is no matter
     # and a patient one of whose external films was dropped as a copy of a training film (a compilation's copy,
     # named without the patient, trained the model): the patient's other films are no more held out
-    patients |= {(d.source, d.patient) for d in gone if d.patient and d.duplicate_of in trained}
-    same = [i for i in keep if decoded.records[i].patient and
-            (decoded.records[i].source, decoded.records[i].patient) in patients]
+    patients |= {d.patient for d in gone if d.patient and d.duplicate_of in trained}
+    same = [i for i in keep if decoded.records[i].patient and decoded.records[i].patient in patients]
     if same:
         log(f"external: left out {len(same)} films of patients the model trained on (their other films are in its "
             "train split)")
