@@ -196,6 +196,27 @@ def test_rescore_external_leaves_out_the_other_films_of_a_patient_whose_film_tra
     assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
 
 
+def test_rescore_external_drops_a_copy_of_a_film_its_starting_weights_trained_on(tmp_path):
+    """A film the model's start trained on (a "seen" row of its split.csv, not in its own train split), re-encoded
+    under a compilation's name in an external folder: not held out from the model, so not scored."""
+    normal = KERMANY / "NORMAL"
+    seen_film, other = normal / "IM-0115-0001.jpeg", normal / "IM-0117-0001.jpeg"
+    train_film = KERMANY / "PNEUMONIA" / sorted(p.name for p in (KERMANY / "PNEUMONIA").iterdir())[0]
+    train_records = [data.Record(train_film, f"PNEUMONIA/{train_film.name}", "kermany", "PNEUMONIA", split="train")]
+    seen = data.Record(seen_film, f"NORMAL/{seen_film.name}", "kermany", "NORMAL", split="duplicate",
+                       duplicate_of=f"kermany/NORMAL/{seen_film.name}", duplicate_kind="seen")
+    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": dataset.Split(
+        train_records, cache.decode(train_records, SIZE, None).images, np.ones(1, np.int64))}, duplicates=[seen])
+    external = tmp_path / "compilation"
+    _reencoded_copy(seen_film, external / "NORMAL" / "Normal-7.jpeg")
+    (external / "NORMAL" / other.name).symlink_to(other)
+    lines: list[str] = []
+    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
+                              lines.append)
+    assert [r.rel for r in split.records] == [f"NORMAL/{other.name}"]
+    assert any("1 near-copies of training films" in line for line in lines), lines
+
+
 def test_rescore_external_knows_a_training_patient_under_another_folder_name(tmp_path):
     """Kermany downloaded twice: the model trained on IM-0429-0001 from 'kermany'; scored from a folder named
     'chest_xray', the patient's other film is not held out from it; another patient's film is."""

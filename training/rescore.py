@@ -64,12 +64,20 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     for item in decoded.skipped:
         log(f"external: skipped unreadable file {item['path']}: {item['error']}")
     train = prepared.splits["train"]
-    both = [*train.records, *decoded.records]
+    # The films its starting weights trained on ("seen" rows of its split.csv) trained it too: a re-encoded copy
+    # of one under another name is no more held out than a copy of its own training films.
+    seen = [dataclasses.replace(d, split="train", duplicate_of="", duplicate_kind="") for d in prepared.duplicates
+            if d.duplicate_kind == "seen"]
+    seen_decoded = cache.decode(seen, config.input_size, cache_dir) if seen else None
+    trained_records = [*train.records, *(seen_decoded.records if seen_decoded else [])]
+    trained_images = (np.concatenate([train.images, seen_decoded.images]) if seen_decoded is not None
+                      else train.images)
+    both = [*trained_records, *decoded.records]
     # split first: a training film is the copy kept, even where the external copy's name carries a patient id
-    kept, dropped = hygiene.collapse(both, np.concatenate([train.images, decoded.images]),
+    kept, dropped = hygiene.collapse(both, np.concatenate([trained_images, decoded.images]),
                                      config.near_duplicate_threshold, split_first=True)
-    keep = [i - len(train.records) for i in kept if i >= len(train.records)]
-    trained = {r.key for r in train.records}
+    keep = [i - len(trained_records) for i in kept if i >= len(trained_records)]
+    trained = {r.key for r in trained_records}
     gone = [d for d in dropped if d.split == data.EXTERNAL]
     copies = sum(1 for d in gone if d.duplicate_of in trained)
     log(f"external: {len(keep)} films from {sorted({r.source for r in decoded.records})}; dropped {len(duplicates)} "
@@ -79,7 +87,7 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     keep = [keep[i] for i in fresh]
     # Another film of a patient the model itself trained on is not held out from it either (Kermany's own test
     # folder shares patient ids with its train folder, under whatever folder name it was downloaded).
-    patients = {r.patient for r in train.records if r.patient}  # by id: a download's folder name is no matter
+    patients = {r.patient for r in trained_records if r.patient}  # by id: a download's folder name is no matter
     # and a patient one of whose external films was dropped as a copy of a training film (a compilation's copy,
     # named without the patient, trained the model): the patient's other films are no more held out
     patients |= {d.patient for d in gone if d.patient and d.duplicate_of in trained}
