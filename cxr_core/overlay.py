@@ -52,12 +52,8 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(levels, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", opacity: float = 0.4) -> np.ndarray:
-    """Blend a colorized heatmap over a grayscale image: uint8 (H, W, 3) RGB at the image's size.
-
-    The heatmap is resized bilinearly to the image. ``opacity`` 0 gives the gray image, 1 the
-    pure colormap; in between, ``(1 - opacity) * gray + opacity * color``, rounded.
-    """
+def _grey_and_heat(image: np.ndarray, heatmap: np.ndarray, opacity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image as grey RGB and the heatmap resized bilinearly to it (inputs and ``opacity`` checked)."""
     gray = to_rgb(image)
     heat = _check_unit("heatmap", heatmap)
     if not 0.0 <= opacity <= 1.0:
@@ -65,6 +61,16 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", opaci
     h, w = gray.shape[:2]
     if heat.shape != (h, w):
         heat = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    return gray, heat
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", opacity: float = 0.4) -> np.ndarray:
+    """Blend a colorized heatmap over a grayscale image: uint8 (H, W, 3) RGB at the image's size.
+
+    The heatmap is resized bilinearly to the image. ``opacity`` 0 gives the gray image, 1 the
+    pure colormap; in between, ``(1 - opacity) * gray + opacity * color``, rounded.
+    """
+    gray, heat = _grey_and_heat(image, heatmap, opacity)
     color = colorize(heat, colormap)
     blended = (1.0 - opacity) * gray.astype(np.float32) + opacity * color.astype(np.float32)
     return np.rint(blended).astype(np.uint8)
@@ -77,13 +83,8 @@ def contours(image: np.ndarray, heatmap: np.ndarray, levels, colormap: str = "je
     colormap's colour at its level, blended at ``opacity`` raised to at least 0.6, so the film stays visible
     between the lines). The heatmap is resized bilinearly to the image first; lines are about 1/300 of the
     image's longer side thick (at least 2 pixels)."""
-    gray = to_rgb(image)
-    heat = _check_unit("heatmap", heatmap)
-    if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity!r}")
-    h, w = gray.shape[:2]
-    if heat.shape != (h, w):
-        heat = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    gray, heat = _grey_and_heat(image, heatmap, opacity)
+    h, w = heat.shape
     thickness = max(2, round(max(h, w) / 300))
     lines = gray.copy()
     drawn = np.zeros((h, w), np.uint8)

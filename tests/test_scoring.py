@@ -55,6 +55,16 @@ def _listed(films: Path) -> list[Path]:
     return paths
 
 
+
+def _one_film_scored(tmp_path: Path, model: Path) -> tuple[Path, Path]:
+    """A folder of one real film, scored once with ``model`` into r.parquet: (the folder, the output)."""
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
+    out = tmp_path / "r.parquet"
+    run(Config(str(folder), model=str(model), out=str(out)), log=lambda _: None)
+    return folder, out
+
 def test_local_rows_equal_classify_many(films, classifier, scored):
     table, _, out = scored
     paths = _listed(films)
@@ -259,11 +269,7 @@ def test_resume_with_another_model_scores_its_rows_again(tmp_path, tiny_model_di
 
 def test_a_run_without_resume_replaces_an_output_of_other_classes(tmp_path, tiny_model_dir, tiny_model3_dir,
                                                                     data_dir):
-    folder = tmp_path / "films"
-    folder.mkdir()
-    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
-    out = tmp_path / "r.parquet"
-    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    folder, out = _one_film_scored(tmp_path, tiny_model_dir)
     assert run(Config(str(folder), model=str(tiny_model3_dir), out=str(out)), log=lambda _: None).scored == 1
     assert "p_COVID-19" in pd.read_parquet(out).columns  # replaced, as the README says
     run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
@@ -562,11 +568,7 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(t
 
 
 def test_an_empty_or_unmounted_source_leaves_the_output_as_it_was(tmp_path, tiny_model_dir, data_dir):
-    folder = tmp_path / "films"
-    folder.mkdir()
-    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
-    out = tmp_path / "r.parquet"
-    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    folder, out = _one_film_scored(tmp_path, tiny_model_dir)
     before = out.read_bytes()
     empty = tmp_path / "mnt"
     empty.mkdir()
@@ -673,11 +675,7 @@ def test_a_source_folder_that_cannot_be_listed_is_refused_and_the_output_kept(tm
     --resume."""
     from scoring_inputs import unreadable
 
-    folder = tmp_path / "films"
-    folder.mkdir()
-    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
-    out = tmp_path / "r.parquet"
-    run(Config(str(folder), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    folder, out = _one_film_scored(tmp_path, tiny_model_dir)
     before = out.read_bytes()
     with unreadable(folder):
         for resume in ([], ["--resume"]):

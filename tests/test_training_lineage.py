@@ -174,6 +174,18 @@ def test_rescore_external_drops_a_copy_of_a_training_film_even_when_its_name_car
     assert any("1 near-copies of training films" in line for line in lines), lines
 
 
+def _rescored_external(train_records: list[data.Record], external: Path, duplicates=()) -> tuple[list[str], list[str]]:
+    """``rescore._external`` of the labelled folder ``external`` for a model whose train split is ``train_records``
+    (and whose split.csv lists ``duplicates``): the external films kept (their paths) and the lines it logged."""
+    labels = np.array([["NORMAL", "PNEUMONIA"].index(r.label) for r in train_records], np.int64)
+    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": dataset.Split(
+        train_records, cache.decode(train_records, SIZE, None).images, labels)}, duplicates=list(duplicates))
+    lines: list[str] = []
+    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
+                              lines.append)
+    return [r.rel for r in split.records], lines
+
+
 def test_rescore_external_leaves_out_the_other_films_of_a_patient_whose_film_trained_as_a_copy(tmp_path):
     """A compilation's unnamed copy of Kermany's IM-0429-0001 trained the model: scored as external, neither that
     film nor the patient's other film (IM-0429-0001-0001) is held out from the model; another patient's film is."""
@@ -183,16 +195,12 @@ def test_rescore_external_leaves_out_the_other_films_of_a_patient_whose_film_tra
     assert data.patient_id(original.name) == data.patient_id(sibling.name) != data.patient_id(stranger.name)
     copy = _reencoded_copy(original, tmp_path / "compilation" / "NORMAL" / "Normal-1.jpeg")
     train_records = [data.Record(copy, "NORMAL/Normal-1.jpeg", "compilation", "NORMAL", split="train")]
-    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": dataset.Split(
-        train_records, cache.decode(train_records, SIZE, None).images, np.zeros(1, np.int64))})
     external = tmp_path / "kermany"
     (external / "NORMAL").mkdir(parents=True)
     for film in (original, sibling, stranger):
         (external / "NORMAL" / film.name).symlink_to(film)
-    lines: list[str] = []
-    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
-                              lines.append)
-    assert [r.rel for r in split.records] == [f"NORMAL/{stranger.name}"]
+    kept, lines = _rescored_external(train_records, external)
+    assert kept == [f"NORMAL/{stranger.name}"]
     assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
 
 
@@ -205,15 +213,11 @@ def test_rescore_external_drops_a_copy_of_a_film_its_starting_weights_trained_on
     train_records = [data.Record(train_film, f"PNEUMONIA/{train_film.name}", "kermany", "PNEUMONIA", split="train")]
     seen = data.Record(seen_film, f"NORMAL/{seen_film.name}", "kermany", "NORMAL", split="duplicate",
                        duplicate_of=f"kermany/NORMAL/{seen_film.name}", duplicate_kind="seen")
-    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": dataset.Split(
-        train_records, cache.decode(train_records, SIZE, None).images, np.ones(1, np.int64))}, duplicates=[seen])
     external = tmp_path / "compilation"
     _reencoded_copy(seen_film, external / "NORMAL" / "Normal-7.jpeg")
     (external / "NORMAL" / other.name).symlink_to(other)
-    lines: list[str] = []
-    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
-                              lines.append)
-    assert [r.rel for r in split.records] == [f"NORMAL/{other.name}"]
+    kept, lines = _rescored_external(train_records, external, [seen])
+    assert kept == [f"NORMAL/{other.name}"]
     assert any("1 near-copies of training films" in line for line in lines), lines
 
 
@@ -225,16 +229,12 @@ def test_rescore_external_knows_a_training_patient_under_another_folder_name(tmp
                                                         "IM-0115-0001.jpeg"))
     train_records = [data.Record(trained, f"NORMAL/{trained.name}", "kermany", "NORMAL", split="train",
                                  patient=data.patient_id(trained.name))]
-    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": dataset.Split(
-        train_records, cache.decode(train_records, SIZE, None).images, np.zeros(1, np.int64))})
     external = tmp_path / "chest_xray"
     (external / "NORMAL").mkdir(parents=True)
     for film in (sibling, stranger):
         (external / "NORMAL" / film.name).symlink_to(film)
-    lines: list[str] = []
-    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
-                              lines.append)
-    assert [r.rel for r in split.records] == [f"NORMAL/{stranger.name}"] and split.records[0].source == "chest_xray"
+    kept, lines = _rescored_external(train_records, external)
+    assert kept == [f"NORMAL/{stranger.name}"]
     assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
 
 
