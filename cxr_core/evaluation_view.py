@@ -174,10 +174,13 @@ def data_summary(split: pd.DataFrame) -> pd.DataFrame:
 
 
 def split_facts(split: pd.DataFrame) -> dict[str, int]:
-    """Headline facts of a split: images, patients and duplicate images (where recorded)."""
+    """Headline facts of a split: images, the images whose names carry a patient id and their patients (the
+    others are each their own group), and duplicate images (where recorded)."""
     facts = {"images": int(len(split))}
     if "patient" in split.columns:
-        facts["patients"] = int(split["patient"].nunique())
+        named = split["patient"].fillna("").astype(str).str.strip() != ""
+        facts["images with a patient id"] = int(named.sum())
+        facts["patients"] = int(split.loc[named, "patient"].nunique())
     if "duplicate_of" in split.columns:
         facts["duplicates"] = int(split["duplicate_of"].notna().sum())
     return facts

@@ -74,11 +74,16 @@ def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
     card_value = f" The card's threshold is {default:.4f}." if positive in card.thresholds else ""
     # A keyed slider keeps its value while its bounds stay the same: another positive class or another model
     # would be shown at the previous one's threshold under this one's label. Start it again at the card's value.
+    # Also when the slider's own state is gone (Streamlit drops it when another page was shown): it would start at 0.
     shown_for, slider_key = f"{key}_threshold_for", f"{key}_threshold"
-    if st.session_state.get(shown_for) != (card.name, ui.model_version(card), positive):
+    if (st.session_state.get(shown_for) != (card.name, ui.model_version(card), positive)
+            or slider_key not in st.session_state):
         st.session_state[shown_for] = (card.name, ui.model_version(card), positive)
         st.session_state[slider_key] = default
-    threshold = st.slider(f"Threshold on P({positive})", 0.0, 1.0, step=0.01, key=slider_key, help=rule + card_value)
+    # Four decimals, as the card's threshold is given: at two, the card's 0.3460 read "0.35", and a film between the
+    # two changed the counts under the same label.
+    threshold = st.slider(f"Threshold on P({ui.plain(positive)})", 0.0, 1.0, step=0.001, format="%.4f",
+                          key=slider_key, help=ui.plain(rule + card_value))
     negative = card.negative_class if binary and card.negative_class else None
     c = names.index(positive)
     called = ev.decisions(card, probs, {positive: threshold}) == c if ruled else None
@@ -138,7 +143,9 @@ def evaluation_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: st
     try:
         y, probs, _ = ev.labelled(predictions, card.class_names, split)
     except ValueError as err:
-        st.error(f"These predictions cannot be shown for this model: {err}")
+        st.error(f"These predictions cannot be shown for this model: {ui.plain(err)}. If they belong to an earlier "
+                 "version of this model, score it again (`python -m training rescore MODEL_DIR`); for a folder, "
+                 "evaluate it again.")
         return
     if len(y) == 0:
         st.info("No labelled predictions of this model's classes to show.")
@@ -197,8 +204,13 @@ def data_ui(card: card_lib.ModelCard, split: pd.DataFrame | None) -> None:
         except ValueError as err:
             st.warning(str(err))
         facts = ev.split_facts(split)
-        st.caption(" · ".join(f"{k}: {v}" for k, v in facts.items()) + (" (split at patient level)"
-                   if "patients" in facts else ""))
+        level = ""
+        if "patients" in facts:
+            level = (" (split at patient level)" if facts["images with a patient id"] == facts["images"] else
+                     f" (split at patient level for the {facts['images with a patient id']} images whose names carry "
+                     "a patient id; each other image is its own group, so two films of one patient among them "
+                     "could sit in different splits)")
+        st.caption(" · ".join(f"{k}: {v}" for k, v in facts.items()) + level)
 
 
 def held_out_ui(folder: Path, card: card_lib.ModelCard) -> None:

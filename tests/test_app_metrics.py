@@ -211,6 +211,15 @@ def test_the_threshold_starts_at_the_card_threshold_of_each_positive_class(setup
         assert at.slider(key="held_out_threshold").label == f"Threshold on P({positive})"
     at.slider(key="held_out_threshold").set_value(0.5).run()  # a value the user chose stays while the class does
     assert at.slider(key="held_out_threshold").value == 0.5
+    # Another page shown and back: Streamlit drops the slider's own state (not the page's marker of whose threshold
+    # it shows); the slider came back at 0.00 under "The card's threshold is 0.3042". It starts at the card's again.
+    back = AppTest.from_file(PAGE, default_timeout=120)
+    back.session_state["held_out_threshold_for"] = at.session_state["held_out_threshold_for"]
+    back.session_state["held_out_positive"] = "COVID-19"
+    back.run()
+    assert back.slider(key="held_out_threshold").value == pytest.approx(thresholds["COVID-19"])
+    assert "0.3042" in back.slider(key="held_out_threshold").help
+    assert back.slider(key="held_out_threshold").format == "%.4f"  # the card's four decimals, not "0.30"
 
 
 def test_folder_with_a_class_folder_linked_out_of_the_root_is_refused(setup, monkeypatch, tmp_path):

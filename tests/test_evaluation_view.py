@@ -98,7 +98,9 @@ def test_data_summary_counts_per_source_class_split():
     table = ev.data_summary(split)
     assert table.loc[("k", "NORMAL"), "train"] == 1 and table.loc[("k", "NORMAL"), "test"] == 1
     assert table.loc[("total", ""), "total"] == 5
-    assert ev.split_facts(split) == {"images": 5, "patients": 4, "duplicates": 1}
+    assert ev.split_facts(split) == {"images": 5, "images with a patient id": 5, "patients": 4, "duplicates": 1}
+    unnamed = split.assign(patient=["p1", None, "", "p2", "p2"])  # two images without an id: not counted as patients
+    assert ev.split_facts(unnamed) == {"images": 5, "images with a patient id": 3, "patients": 2, "duplicates": 1}
 
 
 def test_per_source_results(predictions):
