@@ -165,9 +165,12 @@ def occlusion_ui(classifier, model_key: str, image, shown, class_index: int, col
         ui.explain_failed("The occlusion map", err)
         return
     name = classifier.card.class_names[class_index]
+    # Each pixel holds the mean change over the patches that cover it (they overlap by half): the figures are those.
     largest = float(drop.max())
-    caption = (f"Largest drop in P({name}) when a patch is hidden: {largest:.3f}" if largest > 0 else
-               f"No patch lowers P({name}) when hidden (at most it rises by {-largest:.3f}): the map is blank")
+    caption = (f"Largest mean drop in P({name}) at a pixel, over the patches that cover it when hidden: "
+               f"{largest:.3f}" if largest > 0 else
+               f"Hiding patches lowers P({name}) nowhere on average: the map is blank (the largest mean rise at a "
+               f"pixel is {-float(drop.min()):.3f})")
     st.image(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap), caption=caption,
              width=DISPLAY_SIZE // 2)
 
