@@ -46,9 +46,17 @@ def server_folder_ui() -> tuple[list[tuple[str, Path]], Path] | None:
         st.error(f"'{ui.plain(typed or picked)}' is a file, not a folder. "
                  "Choose a folder under the data root.")
         return None
-    files = paths.list_images(folder, recursive=recursive, limit=MAX_FILES, root=root)
+    unreadable: list = []
+    files = paths.list_images(folder, recursive=recursive, limit=MAX_FILES, root=root, unreadable=unreadable)
+    if unreadable:  # said, not taken for an empty folder: their files are not in the table
+        blocked = ", ".join(ui.plain(p.relative_to(folder).as_posix() or ".") for p, _ in unreadable[:5])
+        reason = unreadable[0][1].strerror or type(unreadable[0][1]).__name__
+        st.warning(f"{len(unreadable)} folder(s) could not be read ({reason}): {blocked}"
+                   + (" and more" if len(unreadable) > 5 else "") + ". Their files are not scored; ask the "
+                   "administrator to let the app read them, or choose another folder.")
     if not files:
-        st.warning(f"No image files (JPEG, PNG, DICOM...) in '{ui.plain(typed or picked or '.')}'.")
+        if not unreadable:
+            st.warning(f"No image files (JPEG, PNG, DICOM...) in '{ui.plain(typed or picked or '.')}'.")
         return None
     if len(files) == MAX_FILES:
         st.warning(f"Only the first {MAX_FILES} files are scored; choose a smaller folder for the rest.")

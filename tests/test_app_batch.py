@@ -230,6 +230,31 @@ def test_server_folder_scores_all_good_files_and_lists_the_bad_one(at):
     assert rows.drop(index="NORMAL/broken.jpeg")["decision"].isin(["NORMAL", "PNEUMONIA"]).all()
 
 
+def test_a_server_folder_that_cannot_be_read_is_said_not_taken_for_empty(at, env, tmp_path):
+    """A sub-folder the app may not read: its files are not scored, and the page says which folder and why (it
+    was skipped unsaid); a folder that cannot be read at all is not "no image files"."""
+    from scoring_inputs import unreadable
+
+    _, root, _ = env
+    shutil.copytree(root / "eval", root / "locked-tree")
+    blocked = root / "locked-tree" / "PNEUMONIA"
+    at.radio(key="batch_source").set_value("Folder on the server").run()
+    at.text_input(key="batch_path").set_value("locked-tree").run()
+    try:
+        with unreadable(blocked):
+            at.button(key="batch_score_folder").click().run()
+            assert not at.exception
+            (said,) = [w.value for w in at.warning if "could not be read" in w.value]
+            assert said.startswith("1 folder(s) could not be read (Permission denied): PNEUMONIA.")
+            assert set(table(at)["file"]) == {f"NORMAL/{p.name}" for p in (root / "eval" / "NORMAL").iterdir()}
+        with unreadable(root / "locked-tree"):
+            at.button(key="batch_score_folder").click().run()
+            assert any(w.value.startswith("1 folder(s) could not be read (Permission denied): .") for w in at.warning)
+            assert not [w for w in at.warning if w.value.startswith("No image files")]
+    finally:
+        shutil.rmtree(root / "locked-tree")
+
+
 @pytest.mark.parametrize("path", ["..", "eval/../../..", "/etc", "missing"])
 def test_refused_server_paths_show_the_message(at, path):
     at.radio(key="batch_source").set_value("Folder on the server").run()
