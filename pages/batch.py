@@ -65,11 +65,14 @@ def server_folder_ui() -> tuple[list[tuple[str, Path]], Path] | None:
     return list(zip(names, files, strict=True)), folder
 
 
-def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
-    """Uploaded files kept in memory as (unique name, bytes), once the user asks to score them."""
+def upload_ui(directory: bool) -> tuple[list[tuple[str, bytes]], dict[str, tuple[str, str]]] | None:
+    """Uploaded files as (unique name, bytes) to score, once the user asks to, and where each stays: name ->
+    (the uploader's key, the file's id). The session keeps only that reference, not the bytes: the uploader holds
+    the files already, and 2000 films of 30 MB kept a second time would fill the server's memory."""
+    key = "batch_folder_upload" if directory else "batch_upload"
     files = st.file_uploader("Chest radiographs" if not directory else "A folder of chest radiographs",
                              type=None, accept_multiple_files="directory" if directory else True,
-                             key="batch_folder_upload" if directory else "batch_upload", help=ui.UPLOAD_HELP)
+                             key=key, help=ui.UPLOAD_HELP)
     if not files:
         return None
     if directory:  # a folder upload brings every file along; keep those with image names
@@ -77,18 +80,29 @@ def upload_ui(directory: bool) -> list[tuple[str, bytes]] | None:
         if not files:
             st.warning("No image files (JPEG, PNG, DICOM...) in this folder. Choose the folder that holds the films.")
             return None
-    if len(files) > MAX_FILES:  # each scored file's bytes stay in the session for its detail view
+    if len(files) > MAX_FILES:  # one round's files stay in the uploader for their detail view
         st.warning(f"{len(files)} files chosen: only the first {MAX_FILES} are scored; score the rest in another "
                    "round.")
         files = files[:MAX_FILES]
     if not st.button(f"Score {len(files)} file(s)", type="primary", key="batch_score_upload"):
         return None
     names = review.unique_names(f.name for f in files)
-    return [(name, f.getvalue()) for name, f in zip(names, files, strict=True)]
+    return ([(name, f.getvalue()) for name, f in zip(names, files, strict=True)],
+            {name: (key, f.file_id) for name, f in zip(names, files, strict=True)})
 
 
-def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, folder: Path | None = None) -> None:
-    """Score in batches with a progress bar; keep the table and the sources (in memory) in the session.
+def uploaded_bytes(reference: tuple[str, str]) -> bytes | None:
+    """The bytes of a scored upload from the uploader that still holds it (``upload_ui``'s reference); None when
+    it holds it no more (the file was removed from it, or the page was left, which empties it)."""
+    key, file_id = reference
+    held = st.session_state.get(key) or []
+    return next((f.getvalue() for f in held if getattr(f, "file_id", None) == file_id), None)
+
+
+def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, folder: Path | None = None,
+             references: dict[str, tuple[str, str]] | None = None) -> None:
+    """Score in batches with a progress bar; keep the table and where each file is in the session (a server path,
+    or for an upload its place in the uploader: ``references``), never the uploads' bytes.
 
     ``origin`` ("upload", "folder_upload" or "server_folder") goes to the audit line with the counts, and a
     server ``folder`` as its keyed hash (the audit never holds its name).
@@ -105,8 +119,10 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
     table = review.batch_table(results, classifier.card.class_names, reports)
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
                 counts=review.summary(table), folder=str(folder) if folder is not None else None)
-    st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": dict(items),
-                               "stamps": {name: _stamp(source) for name, source in items}, "origin": origin}
+    sources = {name: (references or {}).get(name, source) for name, source in items}  # no upload's bytes kept
+    st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": sources,
+                               "stamps": {name: _stamp(source) for name, source in sources.items()},
+                               "origin": origin}
     # A new table: the old selection and decision filter (its options were the old table's) go with the old one.
     for key in (DECISIONS_KEY, "batch_class_file"):
         st.session_state.pop(key, None)
@@ -169,8 +185,8 @@ def filters_ui(table) -> tuple[list[str] | None, list[str], str]:
     return (None if set(chosen) == set(options) else chosen), flags, text
 
 
-def detail_ui(classifier, explainer, name: str, source: Path | bytes, row, stamp: tuple[int, int] | None = None
-              ) -> None:
+def detail_ui(classifier, explainer, name: str, source: Path | bytes | tuple[str, str], row,
+              stamp: tuple[int, int] | None = None) -> None:
     """One file's image beside its Grad-CAM for a chosen class. A server file is read again here: if it changed
     since it was scored (``stamp``: its size and modification time then), its image would sit beside another
     film's result, so it is not shown."""
@@ -178,6 +194,12 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes, row, stamp
     if row["error"]:
         st.error(ui.plain(row["error"]))
         return
+    if isinstance(source, tuple):  # an upload: its bytes are in the uploader, if it still holds them
+        source = uploaded_bytes(source)
+        if source is None:
+            st.info("This file is no longer in the uploader (removed, or emptied when another page was shown): "
+                    "upload it again to see its image and heatmap. Its row and the table's figures stand.")
+            return
     if stamp is not None and _stamp(source) != stamp:
         st.error("This file changed on the server (or went away) since it was scored: its image now is not the film "
                  "this row's result belongs to. Score the folder again to see it with its own result.")
@@ -243,12 +265,14 @@ st.title("Batch review")
 classifier, explainer, _model_dir = ui.require_model("Choose a working model in the sidebar to score images.")
 source = st.radio("Images from", SOURCES if auth.allowed("server_folders") else SOURCES[:2], horizontal=True,
                   key="batch_source")
+references = None
 if source == SOURCES[2]:
     items, folder = server_folder_ui() or (None, None)
 else:
-    items, folder = upload_ui(directory=source == SOURCES[1]), None
+    items, references = upload_ui(directory=source == SOURCES[1]) or (None, None)
+    folder = None
 if items:
-    score_ui(classifier, items, AUDIT_SOURCES[source], folder)
+    score_ui(classifier, items, AUDIT_SOURCES[source], folder, references)
 state = st.session_state.get(STATE)
 if state and state["model"] == ui.model_version(classifier.card):
     results_ui(classifier, explainer, state)

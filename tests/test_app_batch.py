@@ -137,6 +137,23 @@ def test_a_filter_change_drops_the_selection_instead_of_moving_it_to_another_fil
     assert at.session_state["batch_table"]["selection"]["rows"] == []
 
 
+def test_uploads_are_not_kept_twice_and_a_film_gone_from_the_uploader_is_said(at, uploads):
+    """The session keeps where each upload is (the uploader holds it), not its bytes a second time: 2000 films of
+    30 MB would fill the server's memory. Opened after the uploader let it go, a row says so; the table stands."""
+    score_uploads(at, uploads)
+    sources = at.session_state["batch_results"]["sources"]
+    assert len(sources) == len(uploads) and not any(isinstance(v, bytes | bytearray) for v in sources.values())
+    at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert at.subheader[0].value == "CR-MONO1" and len(at.get("plotly_chart")) == 1  # read from the uploader
+    at.file_uploader(key="batch_upload").set_value(uploads[:1]).run()  # the film taken out of the uploader
+    at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception and at.subheader[0].value == "CR-MONO1"
+    assert any("no longer in the uploader" in i.value for i in at.info)
+    assert len(at.get("plotly_chart")) == 0 and len(table(at)) == len(uploads)
+
+
 def test_selecting_a_row_shows_its_image_and_gradcam(at, uploads):
     score_uploads(at, uploads)
     at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
