@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,20 @@ RESEARCH_USE = (
     "Research and teaching use only. Not a medical device; never use it for diagnosis "
     "or to guide patient care."
 )
+
+
+CLASS_NAME = re.compile(r"[^\W_][\w .+()/-]{0,63}")  # letters, digits, spaces and - _ . + ( ) /
+
+
+def class_name_problem(name: str) -> str:
+    """Why ``name`` cannot be a class name ("" when it can). A class name is shown on every page, in captions,
+    headings and labels that Streamlit reads as Markdown, and names CSV columns (``p_<CLASS>``): so it holds
+    letters, digits, spaces and - _ . + ( ) / only (at most 64), starting with a letter or digit; ``*``, a
+    backtick, ``$`` or brackets would turn into emphasis, code, maths or links there."""
+    if CLASS_NAME.fullmatch(name) and name == name.strip():
+        return ""
+    return ("a class name holds letters, digits, spaces and - _ . + ( ) / only (at most 64 characters), starting "
+            "with a letter or digit; rename the class folder, or map it to such a name (--map FOLDER=NAME)")
 
 
 @dataclass
@@ -82,6 +97,9 @@ class ModelCard:
                 or not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names)):
             raise ModelCardError(f"class_names must be 2 to {limits.MAX_CLASSES} unique non-empty strings, "
                                  f"got {names!r}")
+        odd = [n for n in names if class_name_problem(n)]
+        if odd:
+            raise ModelCardError(f"class name {odd[0]!r}: {class_name_problem(odd[0])}")
         size = self.input_size
         if isinstance(size, bool) or not isinstance(size, int):
             raise ModelCardError(f"input_size has the wrong type: a whole number of pixels expected, got {size!r}")

@@ -258,6 +258,12 @@ def _forge(folder: Path, tiny_model_dir: Path, **fields) -> Path:
     ({"class_names": ["NP"]}, "class_names"),
     ({"class_names": ["NORMAL", ""]}, "class_names"),
     ({"class_names": ["NORMAL", 7]}, "class_names"),
+    # Markdown in a class name would be emphasis, code, maths or a link on every page that shows it
+    ({"class_names": ["NORMAL", "PNEUMONIA*"], "thresholds": {}, "negative_class": None}, "class name 'PNEUMONIA\\*'"),
+    ({"class_names": ["NORMAL", "`x`"], "thresholds": {}, "negative_class": None}, "class name"),
+    ({"class_names": ["NORMAL", "$x$"], "thresholds": {}, "negative_class": None}, "class name"),
+    ({"class_names": ["NORMAL", "[a](http://ev.il)"], "thresholds": {}, "negative_class": None}, "class name"),
+    ({"class_names": ["NORMAL", " PNEUMONIA"], "thresholds": {}, "negative_class": None}, "class name"),
     ({"temperature": float("inf")}, "temperature"),
     ({"temperature": 0}, "temperature"),
     ({"thresholds": {"PNEUMONIA": float("nan")}}, "threshold"),

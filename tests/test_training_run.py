@@ -797,6 +797,16 @@ def test_rescore_adds_familiarity_and_an_external_source_without_touching_the_we
     np.testing.assert_allclose([p.familiarity for p in served], ext["familiarity"], rtol=1e-4)
 
 
+def test_a_class_named_with_markdown_is_refused_before_training_with_how_to_rename_it(tmp_path):
+    """A class folder 'Effusion*' would become emphasis on every page and was only refused when the card was
+    written, hours later: it is refused before anything is decoded, with the way out (--map)."""
+    _link(KERMANY / "NORMAL", tmp_path / "d" / "NORMAL", 4)
+    _link(KERMANY / "PNEUMONIA", tmp_path / "d" / "Effusion*", 4)
+    said = _cli_fails("train", str(tmp_path / "d"), *SMOKE, "--out", str(tmp_path / "out"))
+    assert "class 'Effusion*'" in said and "--map FOLDER=NAME" in said
+    assert not (tmp_path / "out" / "model.weights.h5").exists()
+
+
 def test_rescore_reads_moved_training_data_from_data_and_refuses_missing_folders(first_run, work, tmp_path):
     """A model whose training folders moved: rescore says which folder is missing and how to go on, before loading
     the model; with --data naming them where they are now (same folder name) it reproduces the test figures."""

@@ -219,6 +219,9 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
     if duplicates and manifest is None:
         held_out = sum(1 for d in duplicates if d.split in HELD_OUT)
         log(f"collapsed {len(duplicates)} byte-identical duplicate files ({held_out} removed from val/test/external)")
+    for label in sorted({r.label for r in records}):  # before hours of decoding and training, not at the card
+        if problem := card_lib.class_name_problem(label):
+            raise ValueError(f"class {csvsafe.safe_text(label)!r}: {problem}")
     log(f"reading {len(records)} images at {config.input_size} px (decoded once, cached in {cache_dir})")
     decoded = cache.decode(records, config.input_size, cache_dir)
     if decoded.cache_note:
