@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -120,9 +121,14 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
                 counts=review.summary(table), folder=str(folder) if folder is not None else None)
     sources = {name: (references or {}).get(name, source) for name, source in items}  # no upload's bytes kept
+    root = ui.data_root()
+    what = f"{len(items)} uploaded file(s)"
+    if folder is not None:  # as the user names it: relative to the data root
+        shown = folder.relative_to(root).as_posix() if root and folder.is_relative_to(root) else folder.name
+        what = f"the folder '{shown}'"
     st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": sources,
                                "stamps": {name: _stamp(source) for name, source in sources.items()},
-                               "origin": origin}
+                               "origin": origin, "what": what, "when": time.strftime("%H:%M")}
     # A new table: the old selection and decision filter (its options were the old table's) go with the old one.
     for key in (DECISIONS_KEY, "batch_class_file"):
         st.session_state.pop(key, None)
@@ -233,6 +239,9 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes | tuple[str
 
 def results_ui(classifier, explainer, state: dict) -> None:
     table = state["table"]
+    if state.get("what"):  # another folder chosen, or new files dropped, since: the table says whose it is
+        st.markdown(f"**Results of {ui.plain(state['what'])}**, scored at {state['when']}. Choose files or a folder "
+                    "and score them to replace these results.")
     counts = review.summary(table)
     st.caption(f"{counts['files']} file(s): {counts['positive']} positive, {counts['low_confidence']} low "
                f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unfamiliar']} unlike the "

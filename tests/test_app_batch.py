@@ -141,6 +141,7 @@ def test_uploads_are_not_kept_twice_and_a_film_gone_from_the_uploader_is_said(at
     """The session keeps where each upload is (the uploader holds it), not its bytes a second time: 2000 films of
     30 MB would fill the server's memory. Opened after the uploader let it go, a row says so; the table stands."""
     score_uploads(at, uploads)
+    assert any(m.value.startswith(f"**Results of {len(uploads)} uploaded file\\(s\\)**") for m in at.markdown)
     sources = at.session_state["batch_results"]["sources"]
     assert len(sources) == len(uploads) and not any(isinstance(v, bytes | bytearray) for v in sources.values())
     at.session_state["batch_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
@@ -240,6 +241,9 @@ def test_server_folder_scores_all_good_files_and_lists_the_bad_one(at):
     at.selectbox(key="batch_pick").set_value("eval").run()
     at.button(key="batch_score_folder").click().run()
     assert not at.exception
+    # whose table it is stays said when another folder is chosen (the files' names are relative to it)
+    at.text_input(key="batch_path").set_value("elsewhere").run()
+    assert any(m.value.startswith("**Results of the folder 'eval'**, scored at") for m in at.markdown)
     rows = table(at).set_index("file")
     assert len(rows) == 7
     assert rows.loc["NORMAL/broken.jpeg", "error"] != ""
