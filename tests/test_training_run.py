@@ -815,6 +815,7 @@ def test_rescore_reads_moved_training_data_from_data_and_refuses_missing_folders
     card = card_lib.read(out)
     assert card.recipe["data"] == [str(work / "cxr")]
     card.recipe["data"] = [str(tmp_path / "gone" / "cxr")]  # where it was trained
+    card.recipe["weights"] = str(tmp_path / "gone" / "start")  # its start's folder, gone since
     card_lib.save(card, out)
     before = json.loads((out / "metrics.json").read_text())
     said = _cli_fails("rescore", str(out), "--cache-dir", str(work / "cache"))
@@ -823,7 +824,9 @@ def test_rescore_reads_moved_training_data_from_data_and_refuses_missing_folders
     (elsewhere / "data").mkdir(parents=True)
     said = _cli_fails("rescore", str(out), "--data", str(elsewhere / "data"))
     assert "--data gives the sources ['data']; the model's split names ['cxr']" in said
-    _cli("rescore", str(out), "--data", str(work / "cxr"), "--cache-dir", str(work / "cache"))
+    result = _cli("rescore", str(out), "--data", str(work / "cxr"), "--cache-dir", str(work / "cache"))
+    # what its weights trained on is read from its own split.csv, not from the start's folder named in the recipe
+    assert "starting weights' folder" not in result.stdout and str(tmp_path / "gone" / "start") not in result.stdout
     after = json.loads((out / "metrics.json").read_text())
     assert after["n"] == before["n"] and after["accuracy"] == pytest.approx(before["accuracy"])
     assert after["auc"] == pytest.approx(before["auc"])
@@ -956,7 +959,9 @@ def test_rescore_external_leaves_out_other_films_of_patients_the_model_trained_o
     (external / "PNEUMONIA" / fresh.name).symlink_to(fresh)
     lines: list[str] = []
     rescore.run(out, [str(external)], cache_dir=str(work / "cache"), log=lines.append)
-    assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
+    said = ("the model's weights (or their start) trained on 1 films of this run's held-out splits, on copies of "
+            "them or on their patients' other films: left out of scoring (external 1)")
+    assert any(said in line for line in lines), lines
     ext = pd.read_csv(out / "predictions.csv").query("split == 'external'")
     assert other.name not in " ".join(ext["path"]) and fresh.name in " ".join(ext["path"]) and len(ext) == 3
 

@@ -157,7 +157,9 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
                for i, key in sorted(dropped_idx.items())]
     if dropped:
         by_split = Counter(d.split for d in dropped)
-        log(f"the starting weights ({config.weights}) trained on {len(dropped)} films of this run's held-out splits, "
+        whose = ("the model's weights (or their start)" if Path(config.weights) == Path(config.out or "")
+                 else f"the starting weights ({config.weights})")  # rescore reads the model's own split
+        log(f"{whose} trained on {len(dropped)} films of this run's held-out splits, "
             "on copies of them or on their patients' other films: left out of scoring ("
             + ", ".join(f"{name} {by_split[name]}" for name in HELD_OUT if by_split[name]) + ")")
     return [i for i in range(len(records)) if i not in dropped_idx], dropped

@@ -29,8 +29,11 @@ def _config(card: card_lib.ModelCard, folder: Path, cache_dir: str, batch_size: 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     recipe = {k: v for k, v in card.recipe.items() if k in fields}
     config = TrainConfig.from_dict({**recipe, "split": tuple(recipe.get("split", (0.8, 0.1, 0.1)))})
+    # What its weights trained on is in its own split.csv (its train split, and the "seen" rows of its start's
+    # films, as they were when it was trained): read there, not from the recipe's start folder, which may have
+    # moved or been replaced since (the shipped cxr3's recipe names its own folder, now holding other weights).
     return dataclasses.replace(config, out=str(folder), split_manifest=str(folder / "split.csv"), resume=False,
-                               cache_dir=cache_dir, batch_size=batch_size)
+                               cache_dir=cache_dir, batch_size=batch_size, weights=str(folder))
 
 
 def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[str, str] | None,
