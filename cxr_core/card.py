@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ def class_name_problem(name: str) -> str:
     headings and labels that Streamlit reads as Markdown, and names CSV columns (``p_<CLASS>``): so it holds
     letters, digits, spaces and - _ . + ( ) / only (at most 64), starting with a letter or digit; ``*``, a
     backtick, ``$`` or brackets would turn into emphasis, code, maths or links there."""
+    name = unicodedata.normalize("NFC", name)  # a folder made on macOS spells É as E + a combining accent
     if CLASS_NAME.fullmatch(name) and name == name.strip():
         return ""
     return ("a class name holds letters, digits, spaces and - _ . + ( ) / only (at most 64 characters), starting "

@@ -121,9 +121,9 @@ def score_ui(classifier, items: list[tuple[str, Path | bytes]], origin: str, fol
     auth.record("batch", model=classifier.card.name, weights_sha256=classifier.card.weights_sha256, source=origin,
                 counts=review.summary(table), folder=str(folder) if folder is not None else None)
     sources = {name: (references or {}).get(name, source) for name, source in items}  # no upload's bytes kept
-    root = ui.data_root()
     what = f"{len(items)} uploaded file(s)"
     if folder is not None:  # as the user names it: relative to the data root
+        root = ui.data_root()
         shown = folder.relative_to(root).as_posix() if root and folder.is_relative_to(root) else folder.name
         what = f"the folder '{shown}'"
     st.session_state[STATE] = {"model": ui.model_version(classifier.card), "table": table, "sources": sources,
@@ -203,8 +203,9 @@ def detail_ui(classifier, explainer, name: str, source: Path | bytes | tuple[str
     if isinstance(source, tuple):  # an upload: its bytes are in the uploader, if it still holds them
         source = uploaded_bytes(source)
         if source is None:
-            st.info("This file is no longer in the uploader (removed, or emptied when another page was shown): "
-                    "upload it again to see its image and heatmap. Its row and the table's figures stand.")
+            st.info("This file is no longer in the uploader (removed from it, or emptied when another page or "
+                    "another 'Images from' choice was shown): upload it again to see its image and heatmap. Its row "
+                    "and the table's figures stand.")
             return
     if stamp is not None and _stamp(source) != stamp:
         st.error("This file changed on the server (or went away) since it was scored: its image now is not the film "

@@ -170,7 +170,7 @@ def occlusion_ui(classifier, model_key: str, image, shown, class_index: int, col
     caption = (f"Largest mean drop in P({name}) at a pixel, over the patches that cover it when hidden: "
                f"{largest:.3f}" if largest > 0 else
                f"Hiding patches lowers P({name}) nowhere on average: the map is blank (the largest mean rise at a "
-               f"pixel is {-float(drop.min()):.3f})")
+               f"pixel is {max(0.0, -float(drop.min())):.3f})")
     st.image(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap), caption=caption,
              width=DISPLAY_SIZE // 2)
 

@@ -11,8 +11,8 @@ knows from the output and the parts which (path, sha256) pairs are done.
 from __future__ import annotations
 
 import fcntl
-import glob
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -104,8 +104,11 @@ class Store:
     def _temporaries(self) -> list[Path]:
         """This output's temporary files (``.OUT.parquet.<pid>.tmp``, its CSV copy's, and parts being written)."""
         csv = self.out.with_suffix(".csv")
-        return [*self.out.parent.glob(f".{glob.escape(self.out.name)}.*.tmp"),
-                *self.out.parent.glob(f".{glob.escape(csv.name)}.*.tmp"), *self.parts.glob(".part-*.parquet.tmp")]
+        # exactly ``.NAME.<pid>.tmp``: ``.NAME.*.tmp`` also matched another output's (``NAME.v2.parquet``), whose
+        # own run, under its own lock, may be writing it
+        mine = re.compile(rf"\.(?:{re.escape(self.out.name)}|{re.escape(csv.name)})\.\d+\.tmp")
+        return [*(p for p in self.out.parent.glob(".*.tmp") if mine.fullmatch(p.name)),
+                *self.parts.glob(".part-*.parquet.tmp")]
 
     def _clear_temporaries(self) -> None:
         """Remove the temporary files a killed run left (each holds paths and scores); under the output's lock,

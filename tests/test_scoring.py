@@ -862,8 +862,10 @@ def test_a_failed_commit_leaves_no_hidden_copy_of_the_rows(tmp_path, tiny_model_
              tmp_path / "r.parquet.parts" / ".part-1-000000.parquet.tmp"]
     for path in stale:
         path.write_text("rows of a killed run")
-    other = tmp_path / ".other.parquet.999999.tmp"  # another output's
-    other.write_text("x")
+    others = [tmp_path / ".other.parquet.999999.tmp",  # another output's, and one whose name starts as this one's
+              tmp_path / ".r.parquet.v2.parquet.999999.tmp", tmp_path / ".r.csv.v2.csv.999999.tmp"]
+    for path in others:
+        path.write_text("x")
     assert main([*args, "--resume"]) == 0
-    assert not [p for p in stale if p.exists()] and other.exists()
+    assert not [p for p in stale if p.exists()] and all(p.exists() for p in others)
     assert pd.read_parquet(tmp_path / "r.parquet")["file"].tolist() == ["0.jpeg"]

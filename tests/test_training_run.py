@@ -385,6 +385,11 @@ def test_split_roles_follow_near_copies_and_the_start_s_films(tmp_path):
     overlap["without"] = {"n": 1, "accuracy": 1.0, "auc": None}
     assert evaluate.overlap_sentence(overlap).startswith("1 of these films were used to make this model "
                                                          "(its start's 1;")
+    (tmp_path / "split.csv").write_text("path,source,class,split\nx.png,src,NORMAL,train\n")  # an older one
+    assert evaluate.training_overlap(tmp_path, files)[0]["why"] == ("the model folder's split.csv has no sha256 "
+                                                                    "column (written by an older version)")
+    (tmp_path / "split.csv").write_text("path,source,class,split,patient,sha256,duplicate_of,duplicate_kind\n")
+    assert evaluate.training_overlap(tmp_path, files)[0]["why"] == "the model folder's split.csv lists no films"
     (tmp_path / "split.csv").unlink()
     assert evaluate.training_overlap(tmp_path, files) == ({"checked": False, "why": "the model folder has no "
                                                            "split.csv to compare with"}, {})
@@ -824,6 +829,16 @@ def test_rescore_reads_moved_training_data_from_data_and_refuses_missing_folders
     (elsewhere / "data").mkdir(parents=True)
     said = _cli_fails("rescore", str(out), "--data", str(elsewhere / "data"))
     assert "--data gives the sources ['data']; the model's split names ['cxr']" in said
+    from training import rescore  # two folders of one name are told apart by their order, as the run named them
+
+    recipe = ["/old/kermany/train", "/old/nih", "/old/kermany/test"]
+    (tmp_path / "new" / "kermany" / "train").mkdir(parents=True)
+    (tmp_path / "new" / "kermany" / "test").mkdir(parents=True)
+    (tmp_path / "new" / "nih").mkdir(parents=True)
+    new = [str(tmp_path / "new" / n) for n in ("kermany/train", "nih", "kermany/test")]
+    assert rescore.data_roots(recipe, new) == new
+    with pytest.raises(ValueError, match="in the recipe's order"):
+        rescore.data_roots(recipe, [new[2], new[1], new[0]])  # train's rows would be read from test
     result = _cli("rescore", str(out), "--data", str(work / "cxr"), "--cache-dir", str(work / "cache"))
     # what its weights trained on is read from its own split.csv, not from the start's folder named in the recipe
     assert "starting weights' folder" not in result.stdout and str(tmp_path / "gone" / "start") not in result.stdout

@@ -157,18 +157,24 @@ def _read_and_predict(classifier: Classifier, items: list[tuple[str, Path]], bat
 MADE_WITH = {"train": "train", "val": "validation", "seen": "its start's"}
 
 
-def split_roles(model_dir: str | Path | None) -> dict[str, str] | None:
+def split_roles(model_dir: str | Path | None) -> dict[str, str] | str:
     """sha256 of a film's bytes -> its split in the model's ``split.csv`` (train, val, test, external; "seen" for a
     film its starting weights trained on); a near-copy the run dropped takes the split of the film it copies.
-    None when the folder has no readable ``split.csv`` (a model trained before it was written, or elsewhere)."""
+    Why it cannot be read, instead, as a sentence (no folder, no ``split.csv``: a model trained before it was
+    written, or elsewhere; an empty one; one without the columns)."""
     if model_dir is None:
-        return None
+        return "the model has no folder to compare with"
     try:
         rows = data._manifest_rows(Path(model_dir) / "split.csv")
-    except (OSError, UnicodeError, csv.Error):
-        return None
-    if not rows or not {"sha256", "split", "source", "path"} <= set(rows[0]):
-        return None
+    except FileNotFoundError:
+        return "the model folder has no split.csv to compare with"
+    except (OSError, UnicodeError, csv.Error) as exc:
+        return f"the model folder's split.csv cannot be read ({type(exc).__name__})"
+    if not rows:
+        return "the model folder's split.csv lists no films"
+    missing = sorted({"sha256", "split", "source", "path"} - set(rows[0]))
+    if missing:
+        return f"the model folder's split.csv has no {', '.join(missing)} column (written by an older version)"
     by_key = {f"{r['source']}/{r['path']}": r for r in rows}
 
     def role_of(row: dict[str, str]) -> str:
@@ -201,8 +207,8 @@ def training_overlap(model_dir: str | Path | None, files: dict[str, Path]) -> tu
     model was made with flatter it: evaluate on films it never saw.
     """
     roles = split_roles(model_dir)
-    if roles is None:
-        return {"checked": False, "why": "the model folder has no split.csv to compare with"}, {}
+    if isinstance(roles, str):
+        return {"checked": False, "why": roles}, {}
     found: dict[str, str] = {}
     for name, path in files.items():
         try:

@@ -72,6 +72,10 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     seen = [dataclasses.replace(d, split="train", duplicate_of="", duplicate_kind="") for d in prepared.duplicates
             if d.duplicate_kind == "seen"]
     seen_decoded = cache.decode(seen, config.input_size, cache_dir) if seen else None
+    if seen_decoded is not None and seen_decoded.skipped:  # not compared: a copy of one would be scored
+        log(f"external: {len(seen_decoded.skipped)} films the model's start trained on could not be read, so copies "
+            f"of them cannot be found among the external films (e.g. {seen_decoded.skipped[0]['path']}: "
+            f"{seen_decoded.skipped[0]['error']})")
     trained_records = [*train.records, *(seen_decoded.records if seen_decoded else [])]
     trained_images = (np.concatenate([train.images, seen_decoded.images]) if seen_decoded is not None
                       else train.images)
@@ -111,12 +115,15 @@ def data_roots(recipe_data: Sequence[str], given: Sequence[str] = ()) -> list[st
     when a folder is missing or the names differ."""
     recipe_data = [str(d) for d in recipe_data]
     if given:
-        names = [data.source_name(Path(d)) for d in recipe_data]
-        new = [data.source_name(Path(d)) for d in given]
-        if sorted(new) != sorted(names):
+        # as the run named them, by position where two folders share a name (kermany/train, then kermany/test as
+        # kermany-2): so the folders' own names count too
+        names = list(data.roots_by_source(recipe_data))
+        new = list(data.roots_by_source(given))
+        if new != names or [Path(d).name for d in given] != [Path(d).name for d in recipe_data]:
             raise ValueError(f"--data gives the sources {new}; the model's split names {names} (a source is its "
                              "folder's name, or its parent's for a folder called train/val/test). Give one folder "
-                             "per source, under the same names")
+                             "per source, under the same names and in the recipe's order: "
+                             + ", ".join(recipe_data))
         roots = [str(d) for d in given]
     else:
         roots = recipe_data
