@@ -135,7 +135,7 @@ def access_problem(access: Mapping[str, Any]) -> str | None:
     unknown = sorted(set(access) - set(ACCESS_KEYS))
     if unknown:
         return (f"Unknown setting(s) {', '.join(unknown)} {where}; the known ones are {', '.join(ACCESS_KEYS)} "
-                "(the roles are viewer, clinician, pacs-writer, admin). Fix it and restart the app.")
+                f"(the roles are {', '.join(ROLES)}). Fix it and restart the app.")
     hours = access.get("max_session_hours", MAX_SESSION_HOURS)
     if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= 24 * 30:
         return (f"max_session_hours {where} is {hours!r}: it must be a number of hours above 0 and at most 720 "

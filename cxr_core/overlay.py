@@ -76,6 +76,21 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", opaci
     return np.rint(blended).astype(np.uint8)
 
 
+def level_outlines(heat: np.ndarray, level: float) -> tuple[np.ndarray, ...]:
+    """The outlines (OpenCV contours, in ``heat``'s pixels) of the regions where ``heat`` reaches ``level``, which
+    must be in (0, 1): what the viewer's contour lines (``cxr_core.viewer``) and the report's (``contours``) draw."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"a contour level must be in (0, 1), got {level!r}")
+    found, _ = cv2.findContours((heat >= level).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    return found
+
+
+def level_rgb(level: float, colormap: str) -> tuple[int, int, int]:
+    """The colormap's colour at ``level`` (a contour line at that level is coloured as the wash would be)."""
+    r, g, b = colorize(np.array([[level]], np.float32), colormap)[0, 0]
+    return int(r), int(g), int(b)
+
+
 def contours(image: np.ndarray, heatmap: np.ndarray, levels, colormap: str = "jet",
              opacity: float = 0.6) -> np.ndarray:
     """Lines around the regions where the heatmap reaches each of ``levels`` (in (0, 1)), over the grey image:
@@ -89,11 +104,8 @@ def contours(image: np.ndarray, heatmap: np.ndarray, levels, colormap: str = "je
     lines = gray.copy()
     drawn = np.zeros((h, w), np.uint8)
     for level in sorted(set(levels)):
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"a contour level must be in (0, 1), got {level!r}")
-        found, _ = cv2.findContours((heat >= level).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        colour = tuple(int(c) for c in colorize(np.array([[level]], np.float32), colormap)[0, 0])
-        cv2.drawContours(lines, found, -1, colour, thickness)
+        found = level_outlines(heat, level)
+        cv2.drawContours(lines, found, -1, level_rgb(level, colormap), thickness)
         cv2.drawContours(drawn, found, -1, 1, thickness)
     alpha = max(opacity, 0.6) * drawn[..., None].astype(np.float32)
     return np.rint((1.0 - alpha) * gray.astype(np.float32) + alpha * lines.astype(np.float32)).astype(np.uint8)

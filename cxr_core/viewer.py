@@ -80,10 +80,7 @@ def contour_lines(heatmap: np.ndarray, level: float) -> tuple[list[float | None]
     Each closed line follows the centres of the boundary pixels inside the region; lines are
     separated by None (plotly's gap). Empty lists when no pixel reaches ``level``.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"a contour level must be in (0, 1), got {level!r}")
-    mask = (overlay._check_unit("heatmap", heatmap) >= level).astype(np.uint8)
-    contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    contours = overlay.level_outlines(overlay._check_unit("heatmap", heatmap), level)
     xs: list[float | None] = []
     ys: list[float | None] = []
     for contour in contours:
@@ -106,7 +103,7 @@ def png_uri(rgb: np.ndarray) -> str:
 
 def level_colour(level: float, colormap: str) -> str:
     """The colormap's colour at ``level`` as 'rgb(r, g, b)' (contours coloured as the wash would be)."""
-    r, g, b = overlay.colorize(np.array([[level]], np.float32), colormap)[0, 0]
+    r, g, b = overlay.level_rgb(level, colormap)
     return f"rgb({r}, {g}, {b})"
 
 
