@@ -19,6 +19,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import python_encoding
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
@@ -86,6 +87,34 @@ def _all_ascii(ds: pydicom.Dataset) -> bool:
         if not all(str(v).isascii() for v in values if v is not None):
             return False
     return True
+
+
+def _declare_utf8_where_needed(ds: pydicom.Dataset) -> None:
+    """Declare UTF-8 (``ISO_IR 192``) when a text value cannot be written in the declared character set, or in
+    the default repertoire (ASCII) when none is declared. Without it pydicom writes ``?`` for each character it
+    cannot encode: a patient's name from a DICOMweb JSON header (Unicode, and often no Specific Character Set,
+    when the archive decoded the film with its own default), an accented class name, or a caution's ``≥``. The
+    values stay the same characters; a set with ISO 2022 code extensions is left as it is
+    (``patient_study_source`` replaces those)."""
+    declared = ds.get("SpecificCharacterSet")
+    values = [] if declared is None else [declared] if isinstance(declared, str) else list(declared)
+    if len(values) > 1:
+        return
+    codec = "ascii" if not values or not values[0] else python_encoding.get(str(values[0]))
+    if codec is None:
+        return
+    for element in ds.iterall():
+        if element.VR not in TEXT_VRS:
+            continue
+        items = element.value if isinstance(element.value, list | tuple | pydicom.multival.MultiValue) \
+            else [element.value]
+        try:
+            for item in items:
+                if item is not None:
+                    str(item).encode(codec)
+        except UnicodeEncodeError:
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            return
 
 
 def patient_study_source(source: pydicom.Dataset) -> pydicom.Dataset:
@@ -158,6 +187,7 @@ def structured_report(source: pydicom.Dataset, prediction: Prediction, card: Mod
         is_final=False, is_verified=False, series_description=series_description(card, "SR"),
         coding_schemes=[CODING_SCHEME],  # declares the private scheme of the probability codes
     )
+    _declare_utf8_where_needed(sr)
     return sr
 
 
@@ -165,7 +195,8 @@ def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: Mode
                     explained_class: str, cautions: Sequence[str] = ()) -> hd.sc.SCImage:
     """A secondary capture (RGB, 8 bit) of the Grad-CAM overlay ``overlay_rgb`` (uint8 HxWx3) with the ``BANNER``
     burned in at the top, same study, new series, an UNVERIFIED series description, and the source film's Burned
-    In Annotation (it tells whether the pixels identify the patient; the banner does not)."""
+    In Annotation (it tells whether the pixels identify the patient; the banner does not), none when the film
+    does not say."""
     pixels = np.ascontiguousarray(overlay_rgb, dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"overlay_rgb must be uint8 (H, W, 3), got shape {pixels.shape}")
@@ -183,11 +214,15 @@ def heatmap_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, card: Mode
     if str(source.get("LossyImageCompression", "")) == "01":  # PS3.3 C.7.6.1.1.5: a lossy source stays marked
         sc.LossyImageCompression = "01"
     burned = str(source.get("BurnedInAnnotation") or "").strip().upper()
-    sc.BurnedInAnnotation = burned if burned in ("YES", "NO") else "NO"
+    if burned in ("YES", "NO"):
+        sc.BurnedInAnnotation = burned
+    elif "BurnedInAnnotation" in sc:  # unknown for the film, so unknown for its pixels here: no claim (Type 3)
+        del sc.BurnedInAnnotation
     sc.ImageComments = " ".join([f"{UNVERIFIED}. Grad-CAM for {explained_class}, {card.name} v{card.version}.",
                                  *(f"Caution: {c}" for c in cautions)])[:10240]
     sc.DerivationDescription = f"Grad-CAM heatmap over the source film ({card.name} v{card.version})"
     sc.SourceImageSequence = [_reference(source)]
+    _declare_utf8_where_needed(sc)
     return sc
 
 

@@ -198,7 +198,7 @@ def test_write_back_sr_and_heatmap_read_back_over_wado(orthanc, model):
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in sources
         item = sources[sc.SourceImageSequence[0].ReferencedSOPInstanceUID]
         source = item.source
-        assert sc.BurnedInAnnotation == source.get("BurnedInAnnotation", "NO") == "NO"  # the film's: no name in it
+        assert sc.get("BurnedInAnnotation") == source.get("BurnedInAnnotation")  # the film's, or none
         assert sc.pixel_array.shape == (source.Rows, source.Columns, 3) and sc.pixel_array.dtype == np.uint8
         # The overlay with the UNVERIFIED banner burned in across the top, the rest exactly the overlay.
         blended = overlay.overlay(item.result.image.pixels, item.result.heatmap, "jet", 0.4)
@@ -220,9 +220,12 @@ def test_heatmap_capture_keeps_the_films_burned_in_annotation_and_burns_a_banner
     rgb = np.full((int(film.Rows), int(film.Columns), 3), 90, np.uint8)
     with dicomweb.quiet():
         plain = dicom_results.heatmap_capture(film, rgb, card, "PNEUMONIA")
-        assert "BurnedInAnnotation" not in film and plain.BurnedInAnnotation == "NO"
-        film.BurnedInAnnotation = "YES"  # a film with the patient's name burned in: the capture says so too
-        assert dicom_results.heatmap_capture(film, rgb, card, "PNEUMONIA").BurnedInAnnotation == "YES"
+        # The film does not say whether a name is burned into its pixels, so neither does the capture of them
+        # (it used to claim NO, which de-identification tools trust to leave the pixels as they are).
+        assert "BurnedInAnnotation" not in film and "BurnedInAnnotation" not in plain
+        for said in ("YES", "NO"):  # a film that says: the capture says the same
+            film.BurnedInAnnotation = said
+            assert dicom_results.heatmap_capture(film, rgb, card, "PNEUMONIA").BurnedInAnnotation == said
     band = dicom_results.banner_height(rgb.shape[1], rgb.shape[0])
     assert 20 <= band <= rgb.shape[0] // 4
     pixels = plain.pixel_array
@@ -232,6 +235,52 @@ def test_heatmap_capture_keeps_the_films_burned_in_annotation_and_burns_a_banner
     assert (top == 0).all(axis=2).mean() > 0.5 and text.mean() > 0.05
     columns = np.flatnonzero(text.any(axis=0))  # the text spans most of the width: legible at the film's size
     assert columns[-1] - columns[0] > 0.8 * rgb.shape[1]
+
+
+@pytest.mark.parametrize(("charset", "expected"), [(None, "ISO_IR 192"), ("ISO_IR 100", "ISO_IR 192"),
+                                                 ("ISO_IR 192", "ISO_IR 192")])
+def test_results_keep_names_and_our_text_that_the_declared_character_set_cannot_hold(model, charset, expected):
+    """A DICOMweb JSON header gives the patient's name as Unicode and often no Specific Character Set (the archive
+    decoded the film with its own default); class names may be accented and cautions hold '≥'. The written SR
+    and heatmap declare UTF-8 when their text needs it, and read back the same characters (pydicom wrote '?' for
+    each character outside the declared set, or the default repertoire when none was declared)."""
+    classifier, explainer = model
+    film = pydicom.dcmread(SIIM)
+    film.pop("SpecificCharacterSet", None)
+    if charset is not None:
+        film.SpecificCharacterSet = charset
+    film.PatientName = "王^小东" if charset != "ISO_IR 100" else "Müller^Jürgen"
+    names = ["COVID-19", "Normal", "Pneumonía"]
+    card = classifier.card.__class__.from_dict({**classifier.card.to_dict(), "class_names": names,
+                                                "thresholds": {"Pneumonía": 0.5}, "negative_class": "Normal"})
+    prediction = models.decide(card, [0.1, 0.2, 0.7])
+    caution = "Low confidence: top probability 0.41 < 0.5 ≥ nothing"
+    source = dicom_results.patient_study_source(film)
+    rgb = np.zeros((int(film.Rows), int(film.Columns), 3), np.uint8)
+    with dicomweb.quiet():
+        written = [dicom_results.structured_report(source, prediction, card, [caution]),
+                   dicom_results.heatmap_capture(source, rgb, card, "Pneumonía", [caution])]
+    for ds in written:
+        back = pydicom.dcmread(io.BytesIO(dicomweb.to_bytes(ds)))
+        assert back.get("SpecificCharacterSet") == expected
+        assert str(back.PatientName) == str(film.PatientName)
+    report = dicom_results.read_report(pydicom.dcmread(io.BytesIO(dicomweb.to_bytes(written[0]))))
+    assert report.decision == "Pneumonía" and caution in " ".join(report.cautions)
+    comments = pydicom.dcmread(io.BytesIO(dicomweb.to_bytes(written[1]))).ImageComments
+    assert "Grad-CAM for Pneumonía" in comments and "≥ nothing" in comments
+
+
+def test_results_in_plain_ascii_declare_no_character_set(model):
+    """Only text that needs it changes the declared set: an ASCII film and ASCII classes keep the default."""
+    classifier, _ = model
+    film = pydicom.dcmread(SIIM)
+    film.pop("SpecificCharacterSet", None)
+    film.PatientName = "Smith^John"
+    classes = len(classifier.card.class_names)
+    prediction = models.decide(classifier.card, [1.0 / classes] * classes)
+    with dicomweb.quiet():
+        sr = dicom_results.structured_report(dicom_results.patient_study_source(film), prediction, classifier.card)
+    assert "SpecificCharacterSet" not in pydicom.dcmread(io.BytesIO(dicomweb.to_bytes(sr)))
 
 
 def test_server_down_wrong_password_and_timeout(orthanc):
