@@ -18,6 +18,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -205,6 +207,12 @@ def _check_uids(host: str, instance: Instance) -> None:
                         "retrieved. Ask its administrator.")
 
 
+# PS3.18 (QIDO-RS): an archive that cuts an answer at its own maximum says so in a Warning header, "299 <service>:
+# The number of results exceeded the maximum supported by the server. Additional results can be requested."
+# (Orthanc's LimitFindResults cuts without it: set it above the app's largest search limit.)
+CAPPED = re.compile(r"\b299\b.*(exceed|additional results)", re.IGNORECASE | re.DOTALL)
+
+
 class Studies(list):
     """``search_studies``' answer: a list of ``Study``; ``truncated`` when the PACS had more than the limit
     (the list then holds only the first ``limit`` it answered: the user must narrow the search)."""
@@ -311,11 +319,17 @@ class _BoundedAdapter(requests.adapters.HTTPAdapter):
     def __init__(self, host: str, timeout: float) -> None:
         super().__init__()
         self.host, self.deadline_s = host, RETRIEVE_TIMEOUTS * timeout
+        self._last = threading.local()  # the Warning header of this thread's last answer read whole
+
+    def last_warning(self) -> str:
+        """The Warning header of the last answer this thread read whole ('' when it had none)."""
+        return getattr(self._last, "warning", "")
 
     def send(self, request, stream=False, **kwargs):  # noqa: ANN001, ANN201 - requests' signature
         response = super().send(request, stream=True, **kwargs)
         if stream:
             return response
+        self._last.warning = str(response.headers.get("Warning") or "")
         with response:  # closed on every way out: read whole, or abandoned
             body = _read_bounded(
                 lambda: _read_some(response.raw), MAX_ANSWER_BYTES, time.monotonic() + self.deadline_s,
@@ -348,7 +362,7 @@ class Client:
         session = requests.Session()
         session.verify = settings.verify
         session.trust_env = False  # no proxy or .netrc credentials picked up behind the user's back
-        bounded = _BoundedAdapter(settings.host, settings.timeout)
+        bounded = self._adapter = _BoundedAdapter(settings.host, settings.timeout)
         session.mount("http://", bounded)
         session.mount("https://", bounded)
         if settings.token:
@@ -406,6 +420,8 @@ class Client:
             answer = answer if isinstance(answer, list) else []
             if len(answer) > limit:  # the PACS has more than the limit: keep its first ``limit``, say so
                 truncated, answer = True, answer[:limit]
+            elif CAPPED.search(self._adapter.last_warning()):  # it answered fewer: its own maximum (PS3.18)
+                truncated = True
             for item in answer:
                 study = _study(item) if isinstance(item, Mapping) else None
                 if study is not None:

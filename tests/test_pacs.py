@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import http.server
 import io
+import json
 import re
 import socket
 import subprocess
@@ -897,6 +898,55 @@ def test_a_study_is_listed_page_by_page_when_the_archive_answers_a_page_at_a_tim
     assert [i.sop_uid for i in client.instances("1.2", "9.5")] == ["9.5"]
     monkeypatch.setattr(client._web, "search_for_instances", lambda **kwargs: stored[:2])  # offset ignored
     assert [i.sop_uid for i in client.instances("1.2")] == ["9.1", "9.2"]
+
+
+class _CappedQido(http.server.BaseHTTPRequestHandler):
+    """A QIDO server that holds ``held`` studies and answers at most ``cap`` of them, with the Warning header of
+    PS3.18 when it cuts (``warn``), as dcm4chee does; Orthanc's LimitFindResults cuts without one."""
+
+    held, cap, warn = 0, 0, True
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        query = dict(pair.split("=", 1) for pair in self.path.partition("?")[2].split("&") if "=" in pair)
+        asked = min(int(query.get("limit", self.held)), self.held)
+        rows = [{"0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]}, "00080020": {"vr": "DA", "Value": ["20240101"]},
+                 "00080050": {"vr": "SH", "Value": [f"ACC{n}"]}} for n in range(min(asked, self.cap))]
+        body = json.dumps(rows).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        if asked > self.cap and self.warn:
+            self.send_header("Warning", '299 qido: The number of results exceeded the maximum supported by the '
+                                        'server. Additional results can be requested.')
+        elif self.warn:  # another 299 warning, about something else: not a cut answer
+            self.send_header("Warning", "299 qido: The fuzzymatching parameter is not supported. Only literal "
+                                        "matching has been performed.")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("held", "cap", "warn", "listed", "truncated"), [
+    (120, 50, True, 50, True),  # cut at the archive's own maximum, which it says: the page warns
+    (30, 50, True, 30, False),  # all it has (its other 299 warning is not about the count)
+    (120, 500, True, 100, True),  # more than the app's limit: cut by the app, as before
+])
+def test_a_search_cut_at_the_archive_s_own_maximum_says_so(held, cap, warn, listed, truncated):
+    """An archive that answers fewer studies than asked because of its own maximum listed them as if they were
+    all: the first ones it answered, not the newest, with no warning on the page."""
+    handler = type("Handler", (_CappedQido,), {"held": held, "cap": cap, "warn": warn})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                                   timeout=5))
+        studies = client.search_studies(modality="", limit=100)
+        assert len(studies) == listed and studies.truncated is truncated
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class _TrickleJson(http.server.BaseHTTPRequestHandler):
