@@ -264,7 +264,7 @@ def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bo
                 cautions = report.cautions(result.prediction, card, item.quality, result.image.info)
                 objects.append(dicom_results.structured_report(source, result.prediction, card, cautions))
                 objects.append(dicom_results.heatmap_capture(source, blended, card, explained, cautions))
-    except (AttributeError, TypeError, ValueError) as exc:  # a source film whose tags highdicom cannot copy
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a source film whose tags highdicom cannot copy
         raise PacsError(f"The results could not be built from this study's DICOM tags ({type(exc).__name__}): "
                         "nothing was written. Ask the PACS administrator to check the study's patient and study "
                         "fields.") from exc

@@ -377,6 +377,24 @@ class FakeClient:
         return [str(ds.SOPInstanceUID) for ds in datasets]
 
 
+def test_a_film_whose_tags_the_results_cannot_be_built_from_is_a_clear_error_and_nothing_is_written(model):
+    """A film read again for write-back with an empty SOP Class UID made highdicom raise KeyError, which went past
+    the page as a traceback; now it is the message that names the study's tags, and nothing is stored."""
+    classifier, explainer = model
+    film = new_study(SIIM, "EMPTY-CLASS")
+    answer = dicomweb.Instance(str(film.StudyInstanceUID), str(film.SeriesInstanceUID), str(film.SOPInstanceUID),
+                               str(film.SOPClassUID), "CR", "PA", "CHEST", "chest", 1, 1)
+    client = FakeClient({str(film.SOPInstanceUID): film}, [answer])
+    result = pacs.classify_study(client, classifier, explainer, str(film.StudyInstanceUID))
+    assert len(result.classified) == 1
+    changed = copy.deepcopy(film)
+    changed.SOPClassUID = ""  # as the PACS holds it when the results are written
+    client.datasets[str(film.SOPInstanceUID)] = changed
+    with pytest.raises(PacsError, match=r"could not be built from this study's DICOM tags \(KeyError\)"):
+        pacs.write_back(client, classifier.card, result, include_not_chest=True)
+    assert not hasattr(client, "stored")
+
+
 def test_the_retrieved_film_is_checked_again_lateral_oblique_or_raw(model):
     """The QIDO answer says nothing of the view (or a PACS leaves it out); the film itself says lateral (View
     Position LL), oblique (a View Code Sequence), or raw detector data: none is classified. Oblique View Positions
