@@ -51,6 +51,17 @@ def existing_results(descriptions: Mapping[str, str], card: ModelCard) -> list[s
     return sorted(uid for uid, text in descriptions.items() if text in mine)
 
 
+def referenced_films(ds: pydicom.Dataset) -> set[str]:
+    """SOP Instance UIDs of the films a result object was made from: a heatmap's Source Image Sequence, an SR's
+    Current Requested Procedure Evidence (what ``heatmap_capture`` and ``structured_report`` write)."""
+    found = {str(item.get("ReferencedSOPInstanceUID", "")) for item in ds.get("SourceImageSequence") or []}
+    for study in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
+        for series in study.get("ReferencedSeriesSequence") or []:
+            found.update(str(item.get("ReferencedSOPInstanceUID", ""))
+                         for item in series.get("ReferencedSOPSequence") or [])
+    return found - {""}
+
+
 TYPE2 = (("PatientName", "PN"), ("PatientID", "LO"), ("PatientBirthDate", "DA"), ("PatientSex", "CS"),
          ("StudyDate", "DA"), ("StudyTime", "TM"), ("StudyID", "SH"), ("AccessionNumber", "SH"),
          ("ReferringPhysicianName", "PN"))

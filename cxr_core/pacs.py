@@ -219,17 +219,39 @@ def classify_study(client: Client, classifier, explainer, study_uid: str, *,
     return StudyResult(study_uid, results, notes)
 
 
+class Written(list):
+    """``write_back``'s answer: the new SOP Instance UIDs; ``already``: films left out because this model's
+    results for them were in the study already."""
+
+    already: int = 0
+
+
+def films_with_results(client: Client, study_uid: str, series: Sequence[str]) -> set[str] | None:
+    """SOP Instance UIDs of the films that the result objects in ``series`` (of this study) were made from, read
+    from each object's header (WADO-RS metadata); None when a header cannot be read."""
+    found: set[str] = set()
+    for instance in client.instances(study_uid):
+        if instance.series_uid in series:
+            try:
+                found |= dicom_results.referenced_films(client.header(instance))
+            except PacsError:
+                return None
+    return found
+
+
 def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bool = False,
-               include_not_chest: bool = False, colormap: str = "jet", opacity: float = 0.4) -> list[str]:
+               include_not_chest: bool = False, colormap: str = "jet", opacity: float = 0.4) -> Written:
     """Store an SR and a heatmap secondary capture per classified film in one STOW-RS request.
 
     Each carries the film's cautions (``report.cautions``). Films flagged 'probably not a frontal chest
     radiograph' are left out (their result is not meaningful) unless ``include_not_chest`` (the user confirmed
     them one by one: the flag has false alarms), and then carry that caution too.
 
-    Refuses (PacsError, nothing written) when this model's results are already in the study, unless
-    ``again``; all objects are built before anything is sent, from each film as the PACS holds it at that
-    moment (read again: its patient may have changed since it was classified). Returns the new SOP Instance UIDs.
+    Films whose results from this model are in the study already are left out unless ``again`` (a repeat film
+    added to the study later is written alone); when that holds for every film, or the existing results' headers
+    cannot be read, it refuses (PacsError, nothing written). All objects are built before anything is sent, from
+    each film as the PACS holds it at that moment (read again: its patient may have changed since it was
+    classified). Returns the new SOP Instance UIDs (``Written``).
     """
     done = study.classified if include_not_chest else study.writable
     if not done:
@@ -237,9 +259,16 @@ def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bo
                         (" as a frontal chest film (each was flagged 'probably not a frontal chest radiograph', "
                          "so its result is not meaningful)." if study.classified else "."))
     existing = dicom_results.existing_results(client.series_descriptions(study.study_uid), card)
+    already = 0
     if existing and not again:
-        raise PacsError(f"Results of {card.name} v{card.version} are already in the PACS for this study "
-                        f"({len(existing)} series). Nothing was written; choose 'write again' to add another copy.")
+        written = films_with_results(client, study.study_uid, existing)
+        todo = None if written is None else [item for item in done if item.film.instance.sop_uid not in written]
+        if not todo:
+            which = "for every film to write" if written is not None else "for this study"
+            raise PacsError(f"Results of {card.name} v{card.version} are already in the PACS {which} "
+                            f"({len(existing)} series). Nothing was written; choose 'write again' to add another "
+                            "copy.")
+        already, done = len(done) - len(todo), todo
     # The patient and study modules the results carry are read again now: a film filed under a placeholder patient
     # (an emergency) may have been reconciled to the real one since it was classified. From the header alone
     # (WADO-RS metadata), else from the film read again (an archive without the metadata service).
@@ -268,7 +297,9 @@ def write_back(client: Client, card: ModelCard, study: StudyResult, *, again: bo
         raise PacsError(f"The results could not be built from this study's DICOM tags ({type(exc).__name__}): "
                         "nothing was written. Ask the PACS administrator to check the study's patient and study "
                         "fields.") from exc
-    return client.store(objects)
+    stored = Written(client.store(objects))
+    stored.already = already
+    return stored
 
 
 def study_name(study: Study) -> str:

@@ -182,12 +182,15 @@ def write_back_ui(client: dicomweb.Client, card, result: pacs.StudyResult) -> No
         return
     auth.record("pacs_write", **audited, counts={"objects": len(stored)})
     left_out = 0 if include else flagged
-    written = len(result.classified) - left_out
+    already = getattr(stored, "already", 0)
+    written = len(result.classified) - left_out - already
     st.success(f"Stored {len(stored)} object(s) in the study: a structured report and a heatmap image for each "
                f"of {written} film(s), flagged UNVERIFIED, with each film's cautions (not a chest, low confidence, "
                "unlike the training films, what the reader changed)."
                + (f" {left_out} film(s) flagged 'probably not a frontal chest radiograph' were not written."
-                  if left_out else ""))
+                  if left_out else "")
+               + (f" {already} film(s) already had this model's results in the study and were not written again "
+                  "(tick 'write again' to add another copy)." if already else ""))
 
 
 def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study]) -> None:

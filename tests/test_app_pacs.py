@@ -103,7 +103,7 @@ def test_search_classify_batch_and_write_back(orthanc, isolated, capfd, tiny_mod
     assert values.cautions[0].startswith("Probably not a frontal chest radiograph: it looks upside down")
     at.checkbox(key="pacs_not_chest").check()
     at.button(key="pacs_write").click().run()
-    assert "already in the PACS for this study" in at.error[0].value
+    assert "already in the PACS for every film to write" in at.error[0].value
     first_key = study_picker(at).key
     at.button(key="pacs_search").click().run()  # a new search opens no study by itself
     assert study_picker(at).value is None and len(at.table) == 0 and not at.exception

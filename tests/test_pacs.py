@@ -206,13 +206,49 @@ def test_write_back_sr_and_heatmap_read_back_over_wado(orthanc, model):
         np.testing.assert_array_equal(sc.pixel_array, dicom_results.burn_banner(blended))
     # A second write-back of the same study and model says so and writes nothing ...
     count = len(client.instances(study_uid))
-    with pytest.raises(PacsError, match="already in the PACS for this study .*Nothing was written"):
+    with pytest.raises(PacsError, match="already in the PACS for every film to write .*Nothing was written"):
         pacs.write_back(client, card, result)
     assert len(client.instances(study_uid)) == count
     # ... unless asked to write again; the results are never classified as films themselves.
     assert len(pacs.write_back(client, card, result, again=True)) == 4
     again = pacs.classify_study(client, classifier, explainer, study_uid)
     assert len(again.films) == 2 and any("written earlier by this application" in n for n in again.notes)
+
+
+def test_a_film_added_to_a_study_later_is_written_alone(orthanc, model):
+    """The refusal to write a model's results twice was per study: a repeat film added to a study after its
+    results were written could be written only with 'write again', which copied the first film's results too.
+    Now the films that have results (read from the results' headers) are left out and said so. (Accession
+    SITE-REPEAT: the batch test leaves SITE- studies out.)"""
+    _, client = orthanc
+    classifier, explainer = model
+    card = classifier.card
+    first = new_study(SIIM, "SITE-REPEAT")
+    client.store([first])
+    study_uid = str(first.StudyInstanceUID)
+    assert len(pacs.write_back(client, card, pacs.classify_study(client, classifier, explainer, study_uid))) == 2
+    repeat = new_study(SIIM, "SITE-REPEAT")
+    repeat.StudyInstanceUID, repeat.InstanceNumber = first.StudyInstanceUID, 2
+    client.store([repeat])
+    result = pacs.classify_study(client, classifier, explainer, study_uid)
+    assert len(result.classified) == 2  # both films; the results written earlier are not classified
+    stored = pacs.write_back(client, card, result)
+    assert len(stored) == 2 and stored.already == 1
+    reports, captures = read_back(client, study_uid, card)
+    made_from = [dicom_results.referenced_films(ds) for ds in [*reports, *captures]]
+    assert sorted(len(m) for m in made_from) == [1] * 4
+    assert sorted(next(iter(m)) for m in made_from) == sorted([str(first.SOPInstanceUID)] * 2
+                                                              + [str(repeat.SOPInstanceUID)] * 2)
+    with pytest.raises(PacsError, match="already in the PACS for every film to write"):
+        pacs.write_back(client, card, result)
+    # An archive whose result headers cannot be read: the whole study counts as written, as before.
+    header = client.header
+    client.header = lambda instance: (_ for _ in ()).throw(PacsError("no metadata service"))
+    try:
+        with pytest.raises(PacsError, match="already in the PACS for this study"):
+            pacs.write_back(client, card, result)
+    finally:
+        client.header = header
 
 
 def test_heatmap_capture_keeps_the_films_burned_in_annotation_and_burns_a_banner():
