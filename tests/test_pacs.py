@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
@@ -677,6 +679,19 @@ def study_of_dataset(client: dicomweb.Client, accession: str) -> str:
     return study.study_uid
 
 
+@contextmanager
+def local_pacs(handler: type[http.server.BaseHTTPRequestHandler], timeout: float) -> Iterator[dicomweb.Client]:
+    """A client of ``handler`` served on 127.0.0.1 for the block, stopped after it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                                timeout=timeout))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _Trickle(http.server.BaseHTTPRequestHandler):
     """A DICOMweb server that answers any retrieval with a multipart body and no length: ``chunks`` chunks of
     ``size`` bytes, ``pause`` seconds apart (then it closes the connection)."""
@@ -706,21 +721,13 @@ def test_a_pacs_that_sends_too_much_or_too_slowly_is_cut_off(monkeypatch, chunks
     monkeypatch.setattr(limits, "MAX_FILE_BYTES", 1 * limits.MiB)
     monkeypatch.setattr(dicomweb, "RETRIEVE_TIMEOUTS", 2)
     handler = type("Handler", (_Trickle,), {"chunks": chunks, "size": size, "pause": pause})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        client = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web",
-                                                   timeout=0.5))
+    with local_pacs(handler, 0.5) as client:
         started = time.monotonic()
         with pytest.raises(PacsError, match=message):
             client.retrieve(dicomweb.Instance("1.2", "1.3", "1.4", "", "CR", "PA", "CHEST", "", 1, 1))
         assert time.monotonic() - started < 5
         with pytest.raises(PacsError, match="UIDs are not DICOM UIDs"):
             client.retrieve(dicomweb.Instance("1.2", "../../x", "1.4", "", "CR", "PA", "CHEST", "", 1, 1))
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_odd_or_missing_qido_fields():
@@ -990,17 +997,9 @@ class _CappedQido(http.server.BaseHTTPRequestHandler):
 def test_a_search_cut_at_the_archive_s_own_maximum_says_so(held, cap, warn, listed, truncated):
     """An archive that answers fewer studies than asked because of its own maximum listed them as if they were
     all: the first ones it answered, not the newest, with no warning on the page."""
-    handler = type("Handler", (_CappedQido,), {"held": held, "cap": cap, "warn": warn})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web",
-                                                   timeout=5))
+    with local_pacs(type("Handler", (_CappedQido,), {"held": held, "cap": cap, "warn": warn}), 5) as client:
         studies = client.search_studies(modality="", limit=100)
-        assert len(studies) == listed and studies.truncated is truncated
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert len(studies) == listed and studies.truncated is truncated
 
 
 class _TrickleJson(http.server.BaseHTTPRequestHandler):
@@ -1034,11 +1033,7 @@ def test_a_search_answer_too_large_or_too_slow_is_cut_off(monkeypatch, chunks, s
     monkeypatch.setattr(dicomweb, "MAX_ANSWER_BYTES", 1 * limits.MiB)
     monkeypatch.setattr(dicomweb, "RETRIEVE_TIMEOUTS", 2)
     handler = type("Handler", (_TrickleJson,), {"chunks": chunks, "size": size, "pause": pause})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = dicomweb.Client(dicomweb.Settings(url=f"http://127.0.0.1:{server.server_port}/dicom-web",
-                                                   timeout=0.5))
+    with local_pacs(handler, 0.5) as client:
         started = time.monotonic()
         if message is None:
             assert client.search_studies() == [] and client.instances("1.2") == []
@@ -1046,6 +1041,3 @@ def test_a_search_answer_too_large_or_too_slow_is_cut_off(monkeypatch, chunks, s
             with pytest.raises(PacsError, match=message):
                 client.search_studies()
         assert time.monotonic() - started < 5
-    finally:
-        server.shutdown()
-        server.server_close()
