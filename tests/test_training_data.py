@@ -246,6 +246,39 @@ def test_flags_and_config_file_make_one_config(tmp_path):
     assert config_from_args(parse(["/data/a", "--freeze-batchnorm", "off", "--augment"])).augment is True
 
 
+def test_settings_used_only_after_training_and_text_settings_are_checked_before_it():
+    """--target-sensitivity 95 trained every epoch and then failed, and the run could neither be resumed with
+    0.95 (a setting a checkpoint fixes) nor started again; a JSON list for a text setting ended in a traceback."""
+    from training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"target_sensitivity must be in \(0, 1\], got 95.*0.95, not 95"):
+        TrainConfig(data=[], target_sensitivity=95)
+    with pytest.raises(ValueError, match="target_sensitivity"):
+        TrainConfig(data=[], target_sensitivity=0)
+    assert TrainConfig(data=[], target_sensitivity=1.0).target_sensitivity == 1.0
+    with pytest.raises(ValueError, match="'holdout_source' must be text, got \\['nih'\\].*comma-separated"):
+        TrainConfig.from_dict({"data": [], "holdout_source": ["nih"]})
+    with pytest.raises(ValueError, match="'optimizer' must be text"):
+        TrainConfig.from_dict({"data": [], "optimizer": 3})
+    assert TrainConfig.from_dict({"data": [], "holdout_source": "a,b"}).holdout_sources == ["a", "b"]
+
+
+def test_the_checkpoint_s_list_of_trained_films_keeps_names_that_are_not_utf8(tmp_path):
+    """A film whose name is not valid UTF-8 (bytes kept as surrogates, as split.csv keeps them) made every run
+    fail after decoding, when the checkpoint wrote the films it trained on."""
+    from types import SimpleNamespace
+
+    from training import loop
+    from training.config import TrainConfig
+
+    key = "bad\udcff/f\udcfe0.jpeg"
+    film = SimpleNamespace(key=key, source="bad\udcff", sha256="ab" * 32, patient="")
+    run = loop.Loop(None, None, TrainConfig(data=[]), tmp_path)
+    run.record_trained({"train": SimpleNamespace(records=[film])}, None)
+    (tmp_path / ".ckpt" / "state.json").write_text("{}")
+    assert loop.read_trained(tmp_path) == [{"key": key, "source": film.source, "sha256": film.sha256, "patient": ""}]
+
+
 def test_a_patient_in_more_than_one_given_split_keeps_only_the_earliest():
     """Splits given as folders (DIR/train, DIR/test) are kept as they are: a patient with films in both sat in
     train and test while the card said the split was by patient."""

@@ -90,6 +90,9 @@ class TrainConfig:
             raise ValueError("sharpen, gamma and noise must be >= 0")
         if self.flip not in ("none", "horizontal"):
             raise ValueError(f"flip must be none or horizontal, got {self.flip!r}")
+        if not 0 < self.target_sensitivity <= 1:  # checked before training: it is used only after the last epoch
+            raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity!r} "
+                             "(a fraction: 0.95, not 95)")
         if self.threshold_rule not in ("sensitivity", "argmax"):
             raise ValueError(f"threshold_rule must be sensitivity or argmax, got {self.threshold_rule!r}")
         if self.mixed_precision not in ("auto", "off", "float16", "bfloat16"):
@@ -135,7 +138,7 @@ class TrainConfig:
 
 
 def _typed(key: str, kind: str, value: Any) -> Any:
-    """``value`` as the setting ``key``'s type when that is bool, int or float; ValueError when it is not one."""
+    """``value`` as the setting ``key``'s type when that is bool, int, float or str; ValueError when it is not one."""
     kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
     if kind == "bool":
         if isinstance(value, bool):
@@ -152,6 +155,9 @@ def _typed(key: str, kind: str, value: Any) -> Any:
             raise ValueError(f"setting {key!r} must be {'a whole number' if kind == 'int' else 'a number'}, "
                              f"got {value!r}")
         return int(number) if kind == "int" else number
+    if kind == "str" and not isinstance(value, str | None):  # e.g. a JSON list where one text is wanted
+        raise ValueError(f"setting {key!r} must be text, got {value!r}"
+                         + (" (several sources go in one text, comma-separated)" if key == "holdout_source" else ""))
     return value
 
 

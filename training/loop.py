@@ -68,7 +68,7 @@ def read_trained(out: Path) -> list[dict[str, str]] | None:
     ckpt = out / ".ckpt"
     if not (ckpt / "state.json").is_file() or not (ckpt / TRAINED_FILE).is_file():
         return None
-    with (ckpt / TRAINED_FILE).open(newline="", encoding="utf-8") as fh:
+    with (ckpt / TRAINED_FILE).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -265,7 +265,7 @@ class Loop:
             merged.setdefault(r.key, {"key": r.key, "source": r.source, "sha256": r.sha256, "patient": r.patient})
         path = self.ckpt / TRAINED_FILE
         tmp = path.with_suffix(".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             writer = csv.DictWriter(fh, fieldnames=["key", "source", "sha256", "patient"])
             writer.writeheader()
             writer.writerows(merged.values())
