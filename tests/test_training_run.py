@@ -294,6 +294,20 @@ def test_starting_over_an_earlier_run_needs_resume(first_run, work):
         run(config, log=lambda _: None)
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_trained_model_without_its_checkpoint_is_never_trained_over(first_run, work, tmp_path, resume):
+    """A shipped model, or one brought back from the GPU machine, has no .ckpt: a run into its folder replaced
+    its weights and split.csv, and --resume started it again from the first epoch, both without a word."""
+    out = tmp_path / "model"
+    shutil.copytree(first_run[0], out, ignore=shutil.ignore_patterns(".ckpt"))
+    before = {name: (out / name).read_bytes() for name in ("model.weights.h5", "model_card.json", "split.csv")}
+    config = TrainConfig(data=[str(work / "cxr")], out=str(out), architecture="tiny", input_size=32, epochs=1,
+                         resume=resume, cache_dir=str(work / "cache"), verbose=0)
+    with pytest.raises(FileExistsError, match=f"holds a trained model .* no checkpoint .*--weights {out}"):
+        run(config, log=lambda _: None)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 def test_evaluate_a_labelled_folder_with_a_class_map(first_run, work, tmp_path):
     data_dir = tmp_path / "external"
     _link(COVID_SET / "Normal", data_dir / "normal", 4)

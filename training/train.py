@@ -147,9 +147,18 @@ def run(config: TrainConfig, log=print) -> Path:
     """Train, calibrate, evaluate and save one model; returns the model folder."""
     started = time.perf_counter()
     out = Path(config.out)
+    checkpoint = (out / ".ckpt" / "state.json").is_file()
+    model = [name for name in (card_lib.CARD_FILE, card_lib.WEIGHTS_FILE) if (out / name).is_file()]
+    if model and not checkpoint:  # a shipped model, or one brought back without its checkpoint
+        raise FileExistsError(
+            f"{out} holds a trained model ({', '.join(model)}) but no checkpoint (.ckpt) to continue from: "
+            + ("--resume would start it again from the first epoch and replace it. " if config.resume else
+               "training there would replace it. ")
+            + f"To train it further, start from it in another folder: --weights {out} --split-manifest "
+            f"{out / 'split.csv'} --out NEW_FOLDER")
     if config.resume and not config.split_manifest and (out / "split.csv").is_file():
         config = dataclasses.replace(config, split_manifest=str(out / "split.csv"))
-    elif not config.resume and (out / ".ckpt" / "state.json").is_file():
+    elif not config.resume and checkpoint:
         raise FileExistsError(f"{out} holds an unfinished or earlier run: pass --resume to continue it, "
                               "or choose another --out")
     name = config.name or out.name
