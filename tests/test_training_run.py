@@ -816,6 +816,36 @@ def test_rescore_adds_familiarity_and_an_external_source_without_touching_the_we
     np.testing.assert_allclose([p.familiarity for p in served], ext["familiarity"], rtol=1e-4)
 
 
+def test_rescore_external_keeps_the_held_out_source_and_does_not_score_val_or_test_films_again(holdout_run, work,
+                                                                                                  tmp_path):
+    """--external replaced the external split: the source held out in training vanished from metrics.json and
+    predictions.csv while the card still named it; and the model's own val and test films (which chose its epoch
+    and thresholds) were scored as external when they sat in the given folder."""
+    from training import rescore
+
+    out = tmp_path / "rescored-holdout"
+    shutil.copytree(holdout_run[0], out)
+    split = pd.read_csv(out / "split.csv")
+    held = int((split["split"] == "external").sum())
+    external = tmp_path / "more"
+    own = split[(split["source"] == "cxr") & split["split"].isin(["val", "test"])].head(4)
+    assert len(own) == 4
+    for rel, label in zip(own["path"], own["class"], strict=True):  # the model's own val/test films, renamed
+        (external / label).mkdir(parents=True, exist_ok=True)
+        (external / label / f"again-{Path(rel).name}").symlink_to(work / "cxr" / rel)
+    _link(COVID_SET / "Normal", external / "NORMAL", 3, offset=40)  # films it never saw
+    lines: list[str] = []
+    rescore.run(out, [str(external)], cache_dir=str(work / "cache"), log=lines.append)
+    said = "\n".join(lines)
+    assert "4 of its val, test or held-out films (scored there already)" in said
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["external"]["n"] == held + 3 and after["external"]["sources"] == ["more", "other"]
+    preds = pd.read_csv(out / "predictions.csv")
+    ext = preds[preds["split"] == "external"]
+    assert sorted(ext["source"].value_counts().items()) == [("more", 3), ("other", held)]
+    assert not ext["path"].str.startswith(("NORMAL/again-", "PNEUMONIA/again-")).any()
+
+
 def test_a_class_named_with_markdown_is_refused_before_training_with_how_to_rename_it(tmp_path):
     """A class folder 'Effusion*' would become emphasis on every page and was only refused when the card was
     written, hours later: it is refused before anything is decoded, with the way out (--map)."""

@@ -79,17 +79,27 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     trained_records = [*train.records, *(seen_decoded.records if seen_decoded else [])]
     trained_images = (np.concatenate([train.images, seen_decoded.images]) if seen_decoded is not None
                       else train.images)
-    both = [*trained_records, *decoded.records]
+    # The model's own val and test films (they chose its epoch, temperature and thresholds, or are scored as test)
+    # and its held-out source's films are scored already: a copy of one among the new films is not scored twice.
+    # Ranked as "test", so that the copy kept is theirs and the new film the one dropped.
+    scored = [prepared.splits[n] for n in ("val", "test", data.EXTERNAL) if n in prepared.splits]
+    scored_records = [dataclasses.replace(r, split="test" if r.split == data.EXTERNAL else r.split)
+                      for sp in scored for r in sp.records]
+    references = [*trained_records, *scored_records]
+    both = [*references, *decoded.records]
     # split first: a training film is the copy kept, even where the external copy's name carries a patient id
-    kept, dropped = hygiene.collapse(both, np.concatenate([trained_images, decoded.images]),
+    kept, dropped = hygiene.collapse(both, np.concatenate([trained_images, *(sp.images for sp in scored),
+                                                           decoded.images]),
                                      config.near_duplicate_threshold, split_first=True)
-    keep = [i - len(trained_records) for i in kept if i >= len(trained_records)]
+    keep = [i - len(references) for i in kept if i >= len(references)]
     trained = {r.key for r in trained_records}
+    already = {r.key for r in scored_records}
     gone = [d for d in dropped if d.split == data.EXTERNAL]
     copies = sum(1 for d in gone if d.duplicate_of in trained)
+    rescored = sum(1 for d in gone if d.duplicate_of in already)
     log(f"external: {len(keep)} films from {sorted({r.source for r in decoded.records})}; dropped {len(duplicates)} "
-        f"byte-identical, {copies} near-copies of training films and {len(gone) - copies} near-copies of other "
-        "external films")
+        f"byte-identical, {copies} near-copies of training films, {rescored} of its val, test or held-out films "
+        f"(scored there already) and {len(gone) - copies - rescored} near-copies of other external films")
     fresh, _seen = dataset.not_seen_by_start(config, [decoded.records[i] for i in keep], [*duplicates, *gone], log)
     keep = [keep[i] for i in fresh]
     # Another film of a patient the model itself trained on is not held out from it either (Kermany's own test
@@ -152,8 +162,15 @@ def run(model_dir: str | Path, external: Sequence[str] = (), class_map: dict[str
     if list(prepared.classes) != list(card.class_names):
         raise ValueError(f"the split's classes {prepared.classes} differ from the card's {card.class_names}")
     if external:
-        prepared.splits[data.EXTERNAL] = _external(prepared, external, class_map, config, log)
-        prepared.holdout = sorted({r.source for r in prepared.splits[data.EXTERNAL].records})
+        added = _external(prepared, external, class_map, config, log)
+        held = prepared.splits.get(data.EXTERNAL)
+        if held is not None and len(held.labels):  # the source held out in training stays beside them
+            log(f"external: the {len(held.labels)} films of the source(s) held out in training, {prepared.holdout}, "
+                "stay in the external split beside them")
+            added = dataset.Split([*held.records, *added.records], np.concatenate([held.images, added.images]),
+                                  np.concatenate([held.labels, added.labels]))
+        prepared.splits[data.EXTERNAL] = added
+        prepared.holdout = sorted({r.source for r in added.records})
     card.metrics = {k: v for k, v in card.metrics.items() if k in ("best_epoch", "best_val_loss")}
     score_and_calibrate(classifier.model, card, config, prepared, folder, log)
     card.recipe = {**card.recipe, "rescored": {"external": list(external), "class_map": dict(class_map or {}),
