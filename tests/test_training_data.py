@@ -134,6 +134,33 @@ def test_duplicates_collapse_and_leave_the_held_out_side(tmp_path):
     assert [r.split for r in back[8:]] == ["duplicate", "duplicate"]
 
 
+def test_a_hand_written_manifest_needs_only_path_source_class_and_split(tmp_path):
+    """A manifest written by hand (path, source, class, split) ended in KeyError 'patient', and a file that is no
+    manifest in KeyError 'source'; the patient now comes from the file name, and missing columns are named."""
+    root = tmp_path / "films"
+    (root / "NORMAL").mkdir(parents=True)
+    manifest = tmp_path / "hand.csv"
+    manifest.write_text("path,source,class,split\nNORMAL/person12_bacteria_3.jpeg,films,NORMAL,train\n"
+                        "NORMAL/IM-0001-0001.jpeg,films,NORMAL,val\n")
+    back = data.read_manifest(manifest, [root])
+    assert [(r.rel, r.split, r.patient, r.sha256, r.duplicate_of) for r in back] == [
+        ("NORMAL/person12_bacteria_3.jpeg", "train", "person12", "", ""), ("NORMAL/IM-0001-0001.jpeg", "val",
+                                                                            "IM-0001", "", "")]
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss,val_loss\n1,0.5,0.6\n")
+    with pytest.raises(ValueError, match="has no column path, source, class, split"):
+        data.read_manifest(history, [root])
+
+
+def test_two_data_folders_never_share_a_source_name():
+    """Folders x, x-2 and another x made two sources 'x-2' (the third's name was x plus the count of names
+    taken): their films were read under one name, and a resumed run lost half of them as unreadable."""
+    taken: list[str] = []
+    for folder in ("/a/x", "/b/x-2", "/c/x", "/d/x"):
+        taken.append(data.source_name(Path(folder), taken))
+    assert taken == ["x", "x-2", "x-3", "x-4"]
+
+
 def test_a_byte_copy_keeps_the_name_that_carries_the_patient(tmp_path):
     """A compilation (its source name sorts first) holds a renamed copy of a Kermany film: the Kermany name, which
     carries the patient, is kept, so that the child's other films split with it (the compilation's was kept)."""

@@ -118,7 +118,12 @@ def source_name(root: Path, taken: Sequence[str] = ()) -> str:
     """A short name for a dataset folder: its name, or its parent's when it is called train/val/test."""
     root = root.resolve()
     name = root.parent.name if root.name.lower() in _SPLIT_ALIASES else root.name
-    return name if name not in taken else f"{name}-{len(taken)}"
+    if name not in taken:
+        return name
+    number = len(taken)
+    while f"{name}-{number}" in taken:  # a folder may be called so itself: x, x-2, x gave two sources 'x-2'
+        number += 1
+    return f"{name}-{number}"
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -304,6 +309,9 @@ def roots_by_source(roots: Sequence[str | Path]) -> dict[str, Path]:
     return root_of
 
 
+MANIFEST_REQUIRED = ("path", "source", "class", "split")  # patient, sha256, duplicate_of, duplicate_kind optional
+
+
 def _manifest_rows(path: str | Path) -> list[dict[str, str]]:
     """A manifest's rows with their text as ``write_manifest`` was given it (file-name bytes, formula cells)."""
     with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
@@ -344,11 +352,18 @@ def read_manifest(path: str | Path, roots: Sequence[str | Path]) -> list[Record]
     root_of = roots_by_source(roots)
     names = list(root_of)
     records = []
-    for row in _manifest_rows(path):
+    rows = _manifest_rows(path)
+    missing = [c for c in MANIFEST_REQUIRED if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"manifest {path} has no column {', '.join(missing)}: a split manifest needs "
+                         f"{', '.join(MANIFEST_REQUIRED)} (a split.csv written by a run has them all)")
+    for row in rows:
         if row["source"] not in root_of:
             raise ValueError(f"manifest {path} names source {row['source']!r}, which is not among {names}")
+        copy_of = row.get("duplicate_of") or ""
+        patient = row["patient"] if "patient" in row else patient_id(Path(row["path"]).name)  # a hand-written one
         records.append(Record(path=root_of[row["source"]] / row["path"], rel=row["path"], source=row["source"],
-                              label=row["class"], split=row["split"], patient=row["patient"],
-                              sha256=row["sha256"], duplicate_of=row["duplicate_of"],
-                              duplicate_kind=row.get("duplicate_kind") or ("bytes" if row["duplicate_of"] else "")))
+                              label=row["class"], split=row["split"], patient=patient or "",
+                              sha256=row.get("sha256") or "", duplicate_of=copy_of,
+                              duplicate_kind=row.get("duplicate_kind") or ("bytes" if copy_of else "")))
     return records
