@@ -24,6 +24,7 @@ SOURCES = ("Upload an image", "From the held-out split", "From the data root")
 # The sources that read files on the server, and the action each needs (auth.SERVER_ACTIONS).
 SOURCE_ACTIONS = {SOURCES[1]: "held_out_films", SOURCES[2]: "server_folders"}
 DISPLAY_SIZE = 512  # longest side of the pictures drawn here, in pixels
+LISTED = 500  # held-out films or data-root files a choice lists at most (a selectbox of thousands is unusable)
 
 
 @st.cache_data(max_entries=64, show_spinner="Computing the heatmap...")
@@ -40,6 +41,12 @@ def occlusion(_classifier, model_key: str, image, class_index: int, patch: int):
 def display(pixels):
     """The image at display size, float32 in [0, 1] (heatmaps are drawn over this)."""
     return overlay.thumbnail(pixels, DISPLAY_SIZE) / 255.0
+
+
+def half(rgb):
+    """A drawn overlay at half display size, every side at least 1 px: ``st.image(width=...)`` rounds a 512 x 1
+    strip (an image wider than about 341:1) to 0 rows and fails."""
+    return overlay.fit(rgb, DISPLAY_SIZE // 2)
 
 
 def search_roots(card) -> list[Path]:
@@ -76,7 +83,19 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
                        "there is no held-out split to pick from. Score the model again (`python -m training "
                        "rescore MODEL`).")
             return None
-        rows = held_out.head(500).reset_index(drop=True)
+        rows = held_out.reset_index(drop=True)
+        narrow = st.columns(2)  # the split sorted by source then class: its first rows are one source and class
+        for col, column, what in ((narrow[0], "source", "source"), (narrow[1], "true_class", "true class")):
+            values = sorted(rows[column].astype(str).unique()) if column in rows.columns else []
+            if len(values) > 1:
+                pick = col.selectbox(f"Only this {what}", [None, *values], key=f"instructor_held_{column}",
+                                     format_func=lambda v, w=what: f"any {w}" if v is None else csvsafe.safe_text(v))
+                if pick is not None:
+                    rows = rows[rows[column].astype(str) == pick].reset_index(drop=True)
+        if len(rows) > LISTED:
+            st.caption(f"The first {LISTED} of these {len(rows)} films are listed: choose a source or a true class "
+                       "above to reach the others.")
+            rows = rows.head(LISTED)
         i = st.selectbox("Held-out image", range(len(rows)), key="instructor_held_out",
                          format_func=lambda i: csvsafe.safe_text(f"{rows.at[i, 'path']} "
                                                                  f"(true {rows.at[i, 'true_class']})"))
@@ -97,7 +116,7 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
     folder = st.selectbox("Folder", [""] + paths.subfolders(root), key="instructor_folder",
                           format_func=lambda p: csvsafe.safe_text(p) or "(the data root itself)")
     try:  # the folder may have gone since the list was drawn
-        files = paths.list_images(paths.resolve_under(root, folder), recursive=False, limit=500, root=root)
+        files = paths.list_images(paths.resolve_under(root, folder), recursive=False, limit=LISTED + 1, root=root)
     except (ValueError, OSError) as err:
         st.error(ui.plain(err) if isinstance(err, ValueError)
                  else f"The folder could not be read ({type(err).__name__}).")
@@ -105,6 +124,10 @@ def image_source_ui(card, held_out: pd.DataFrame | None) -> tuple[str, Path | by
     if not files:
         st.info("No images directly in this folder; choose a sub-folder.")
         return None
+    if len(files) > LISTED:
+        files = files[:LISTED]
+        st.caption(f"The first {LISTED} images of this folder (by name) are listed: put the one you want in a "
+                   "sub-folder of the data root to reach it.")
     picked = st.selectbox("File", files, format_func=lambda p: csvsafe.safe_text(p.name), key="instructor_file")
     return picked.name, picked
 
@@ -146,7 +169,7 @@ def layers_ui(explainer, model_key: str, batch, shown, class_index: int, colorma
     except Exception as err:  # noqa: BLE001
         ui.explain_failed(f"Grad-CAM at {layer}", err)
         return
-    st.image(overlay.overlay(shown, heat, colormap), caption=f"Grad-CAM at {layer}", width=DISPLAY_SIZE // 2)
+    st.image(half(overlay.overlay(shown, heat, colormap)), caption=f"Grad-CAM at {layer}")
     st.caption("Early layers see edges and texture at high resolution; later layers see larger, more abstract parts.")
 
 
@@ -171,8 +194,7 @@ def occlusion_ui(classifier, model_key: str, image, shown, class_index: int, col
                f"{largest:.3f}" if largest > 0 else
                f"Hiding patches lowers P({name}) nowhere on average: the map is blank (the largest mean rise at a "
                f"pixel is {max(0.0, -float(drop.min())):.3f})")
-    st.image(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap), caption=caption,
-             width=DISPLAY_SIZE // 2)
+    st.image(half(overlay.overlay(shown, probe.occlusion_heatmap(drop), colormap)), caption=caption)
 
 
 def perturbations_ui(classifier, pixels) -> None:

@@ -76,6 +76,26 @@ def test_all_sections_for_an_uploaded_radiograph(env, monkeypatch, data_dir):
     assert "Grad-CAM at tiny_relu0" in captions(at)
 
 
+def test_a_very_wide_image_gets_every_section_not_a_traceback(env, monkeypatch):
+    """A 2000 x 4 strip was drawn at 512 x 1 and halved by st.image to 0 rows: ValueError, and the layer,
+    occlusion and perturbation sections never came."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    models_root, root, _, _, _ = env
+    at = run_page(monkeypatch, models_root, root)
+    strip = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 255, 2000, dtype=np.uint8), (4, 1))).save(strip, format="PNG")
+    at.file_uploader(key="instructor_upload").set_value(("strip.png", strip.getvalue(), "image/png")).run()
+    at.checkbox(key="instructor_occlusion").check().run()
+    assert not at.exception
+    assert [s for s in SECTIONS if s not in [h.value for h in at.subheader]] == []
+    assert "Grad-CAM at relu" in captions(at) and any(c.startswith(("Largest mean drop", "Hiding patches"))
+                                                      for c in captions(at))
+
+
 def test_the_page_gives_the_cautions_the_classify_page_gives(env, monkeypatch, data_dir):
     """A film that is not a chest (a dental DICOM) is flagged on the Instructor page as on the Classify page, with the
     same sentences (``report.cautions``); a chest film gets no not-a-chest caution."""
@@ -130,6 +150,30 @@ def test_image_from_the_held_out_split_and_from_the_data_root(env, monkeypatch):
     assert not at.exception
     assert at.selectbox(key="instructor_file").value.name == "IM-0115-0001.jpeg"
     assert "Grad-CAM" in captions(at)
+
+
+def test_the_held_out_list_is_narrowed_by_class_and_says_when_it_is_cut(env, monkeypatch, tmp_path):
+    """The list offered only the split's first 500 rows, unannounced: for the shipped cxr3, covid19_radiography's
+    COVID-19 and NORMAL films, and none of its PNEUMONIA films. A source and a class narrow it now, and a list
+    still longer than 500 says so."""
+    models_root, root, folder, _, _ = env
+    own = tmp_path / "models"
+    shutil.copytree(folder, own / folder.name)
+    predictions = pd.read_csv(folder / "predictions.csv")
+    many = pd.concat([predictions] * (600 // len(predictions) + 1), ignore_index=True)
+    many["split"] = "test"
+    many.to_csv(own / folder.name / "predictions.csv", index=False)
+    at = run_page(monkeypatch, own, root)
+    at.radio(key="instructor_source").set_value("From the held-out split").run()
+    assert not at.exception
+    assert any(f"The first 500 of these {len(many)} films are listed" in c.value for c in at.caption)
+    assert len(at.selectbox(key="instructor_held_out").options) == 500
+    wanted = sorted(many["true_class"].unique())[-1]
+    at.selectbox(key="instructor_held_true_class").set_value(wanted).run()
+    assert not at.exception
+    options = at.selectbox(key="instructor_held_out").options
+    chosen = many[many["true_class"] == wanted]
+    assert len(options) == min(500, len(chosen)) and all(f"(true {wanted})" in o for o in options)
 
 
 def test_names_that_are_not_utf8_are_listed_and_read(env, monkeypatch, tmp_path, data_dir):
