@@ -231,6 +231,21 @@ def held_out_ui(folder: Path, card: card_lib.ModelCard) -> None:
     data_ui(card, found.split)
 
 
+def unmatched_note(folders: list[str], class_map: dict[str, str] | None, classes: list[str]) -> str:
+    """What a folder evaluation left out and why, '' when nothing: folders that name none of the model's classes,
+    or that the class map sends to a class the model does not have (a typo: Covid=COVID). Folders the map leaves
+    out on purpose (``Other=``) are not named."""
+    mapped = {k.lower(): v for k, v in (class_map or {}).items()}
+    skipped = [f for f in folders if mapped.get(f.lower()) != ""]
+    if not skipped:
+        return ""
+    said = [f"'{ui.plain(f)}'" + (f" (mapped to '{ui.plain(mapped[f.lower()])}')" if mapped.get(f.lower()) else "")
+            for f in skipped]
+    return (f"{len(skipped)} folder(s) here were not evaluated: {', '.join(said)} name none of the model's classes "
+            f"({', '.join(ui.plain(c) for c in classes)}), so the figures above leave their films out. Map each in the "
+            "class map (FOLDER=CLASS, a class of the model), or FOLDER= to leave it out on purpose.")
+
+
 def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
     st.header("Evaluate on a labelled folder")
     refused = auth.refusal("evaluate")
@@ -280,11 +295,13 @@ def folder_evaluation_ui(classifier, card: card_lib.ModelCard) -> None:
             return
         auth.record("evaluate", model=card.name, weights_sha256=card.weights_sha256, source="server_folder",
                     folder=str(folder), counts={"images": len(result.predictions), "unreadable": len(result.skipped)})
-        st.session_state["folder_evaluation"] = (str(folder), ui.model_version(card), result)
+        st.session_state["folder_evaluation"] = (str(folder), ui.model_version(card), result, class_map)
     stored = st.session_state.get("folder_evaluation")
     if stored and stored[1] == ui.model_version(card):
-        folder, _, result = stored
+        folder, _, result, class_map = stored
         st.success(f"Evaluated {len(result.predictions)} images under {ui.plain(folder)}.")
+        if note := unmatched_note(result.metrics.get("unmatched_folders") or [], class_map, card.class_names):
+            st.warning(note, icon="⚠️")
         if result.metrics.get("familiarity"):
             st.info(ev.familiarity_sentence(result.metrics["familiarity"])
                     + " A useful check flags far more of the films the model gets wrong than of those it gets right.")

@@ -15,6 +15,7 @@ import pytest
 from app_models import evaluated_model, labelled_folder
 from streamlit.testing.v1 import AppTest
 
+import ui
 from cxr_core import card as card_lib
 from cxr_core import evaluation_view as ev
 from cxr_core import metrics, models
@@ -308,6 +309,32 @@ def test_a_folder_evaluation_warns_of_the_films_the_model_was_made_with(setup, t
     (said,) = [w.value for w in at.warning if "used to make this model" in w.value]
     assert said.startswith("3 of these films were used to make this model (train 2, validation 1;")
     assert "Without them: 5 films" in said
+
+
+def test_a_folder_evaluation_names_the_folders_it_left_out_and_refuses_a_contradictory_map(setup, tmp_path,
+                                                                                             monkeypatch):
+    """A folder whose class-map line had a typo (Covid=COVID for a model without that class) was left out without
+    a word, and the figures read as the whole folder's; two lines for one folder silently kept the last."""
+    root, source_models, folder, _ = setup
+    data_root = tmp_path / "root"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(root / "eval" / cls, data_root / "ev" / cls)
+    shutil.copytree(root / "eval" / "NORMAL", data_root / "ev" / "Covid")
+    shutil.copytree(root / "eval" / "NORMAL", data_root / "ev" / "Other")
+    at = run_page(monkeypatch, source_models, data_root)
+    at.text_input(key="eval_path").set_value("ev")
+    at.text_area(key="eval_class_map").set_value("Covid=COVID\nOther=")
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    (said,) = [w.value for w in at.warning if "were not evaluated" in w.value]
+    assert said.startswith("1 folder(s) here were not evaluated: 'Covid' (mapped to 'COVID') name none of the "
+                           "model's classes (NORMAL, PNEUMONIA)")
+    assert "'Other'" not in said  # left out on purpose by the map
+    at.text_area(key="eval_class_map").set_value("Normal=NORMAL\nnormal=PNEUMONIA")
+    at.button(key="eval_run").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [ui.plain("the class map gives folder 'normal' twice: Normal=NORMAL and "
+                                                    "normal=PNEUMONIA. Keep one line for it")]
 
 
 def test_a_folder_evaluation_says_what_the_familiarity_check_flags(setup, familiar_model_dir, tmp_path, monkeypatch):

@@ -152,6 +152,16 @@ def test_a_hand_written_manifest_needs_only_path_source_class_and_split(tmp_path
         data.read_manifest(history, [root])
 
 
+def test_a_class_map_that_contradicts_itself_or_names_no_folder_is_refused():
+    """Normal=NORMAL then normal=PNEUMONIA kept the last line (folders match whatever the case), and =NORMAL was
+    a map for a folder with no name: both went through without a word."""
+    assert data.parse_class_map(["Normal=NORMAL", "Normal=NORMAL", "Other="]) == {"Normal": "NORMAL", "Other": ""}
+    with pytest.raises(ValueError, match="gives folder 'normal' twice: Normal=NORMAL and normal=PNEUMONIA"):
+        data.parse_class_map(["Normal=NORMAL", "normal=PNEUMONIA"])
+    with pytest.raises(ValueError, match="names no folder"):
+        data.parse_class_map(["=NORMAL"])
+
+
 def test_two_data_folders_never_share_a_source_name():
     """Folders x, x-2 and another x made two sources 'x-2' (the third's name was x plus the count of names
     taken): their films were read under one name, and a resumed run lost half of them as unreadable."""

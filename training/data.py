@@ -72,6 +72,12 @@ def parse_class_map(items: Iterable[str]) -> dict[str, str]:
         if "=" not in item:
             raise ValueError(f"class map entry {item!r} must look like FOLDER=CLASS")
         folder, cls = (s.strip() for s in item.split("=", 1))
+        if not folder:
+            raise ValueError(f"class map entry {item!r} names no folder: it must look like FOLDER=CLASS")
+        earlier = next((k for k in mapping if k.lower() == folder.lower()), None)  # folders match whatever the case
+        if earlier is not None and mapping[earlier] != cls:
+            raise ValueError(f"the class map gives folder {folder!r} twice: {earlier}={mapping[earlier]} and "
+                             f"{folder}={cls}. Keep one line for it")
         mapping[folder] = cls
     return mapping
 
