@@ -326,6 +326,8 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
     metadata.update(notes)
     mode = im.mode  # before counting frames, which moves the file's image to its later frames
     frames = _frame_count(opened)
+    if frames > 1:  # a multi-page TIFF or an animated GIF, as a DICOM with several frames
+        metadata["Frames"] = frames_note(frames, counted_all=frames < _MAX_FRAMES_COUNTED)
     if mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         metadata["Conversion"] = f"{mode} to grayscale (ITU-R 601 luma)"
     height, width = pixels.shape
@@ -334,6 +336,12 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
 
 
 _MAX_FRAMES_COUNTED = 1000
+
+
+def frames_note(frames: int, counted_all: bool = True) -> str:
+    """The reading note of a file with several frames (pages): only the first is shown and classified."""
+    count = str(frames) if counted_all else f"at least {frames}"
+    return f"{count} frames in the file: only the first is shown and classified"
 
 
 def _frame_count(im: Image.Image) -> int:
@@ -749,7 +757,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     # DX requires Presentation LUT Shape INVERSE with MONOCHROME1: the same single inversion, not a second one.
     inverted = photometric == "MONOCHROME1"
     if frames > 1:
-        metadata["Frames"] = f"{frames} frames in the file: only the first is shown and classified"
+        metadata["Frames"] = frames_note(frames)
     if photometric == "MONOCHROME2" and arr.ndim == 2 and _presentation_inverse(ds):
         inverted = True  # PS3.3 C.11.6.1.2: INVERSE shows the minimum value as white (an explicit statement)
         metadata["Presentation"] = ("the header's Presentation LUT Shape INVERSE asks for this MONOCHROME2 film to be "

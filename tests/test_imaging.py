@@ -570,3 +570,23 @@ def test_a_multi_frame_file_says_that_only_its_first_frame_is_classified():
     assert imaging.reading_notes(img.info) == ["Frames: 3 frames in the file: only the first is shown and classified"]
     single = imaging.load(_dicom(frames[:1]), "one.dcm")
     assert imaging.reading_notes(single.info) == []
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "GIF"])
+def test_a_multi_page_tiff_or_animated_gif_says_that_only_its_first_frame_is_classified(fmt):
+    """Only the first frame of a multi-page TIFF or an animated GIF was classified, with no note, where a DICOM
+    with several frames had one on the page, in the report and in the batch table."""
+    from PIL import Image
+
+    first = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
+    pages = [Image.fromarray(first), Image.fromarray(255 - first)]  # the second frame inverted
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format=fmt, save_all=True, append_images=pages[1:])
+    img = imaging.load(buffer.getvalue(), f"two.{fmt.lower()}")
+    assert img.info.frames == 2 and img.pixels[:, 0].mean() < img.pixels[:, -1].mean()  # the first frame's
+    frames = [n for n in imaging.reading_notes(img.info) if n.startswith("Frames")]  # a GIF is converted too
+    assert frames == ["Frames: 2 frames in the file: only the first is shown and classified"]
+    single = io.BytesIO()
+    pages[0].save(single, format=fmt)
+    assert not [n for n in imaging.reading_notes(imaging.load(single.getvalue(), f"one.{fmt.lower()}").info)
+                if n.startswith("Frames")]
