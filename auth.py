@@ -153,14 +153,57 @@ def access_problem(access: Mapping[str, Any]) -> str | None:
     return None
 
 
+AUDIT_KEYS = ("dir", "hmac_key")
+SIGN_IN_LIKE = ("oauth", "oidc", "login", "signin", "sign_in", "sso", "openid")  # sections meant to be [auth]
+
+
+def audit_problem(audit: Mapping[str, Any]) -> str | None:
+    """What is wrong with the ``[audit]`` settings, or None: a misspelt key (``directory``) turned the trail off
+    with only a grey caption, so it is refused as ``[access]`` is."""
+    where = "in the [audit] section of .streamlit/secrets.toml"
+    unknown = sorted(set(audit) - set(AUDIT_KEYS))
+    if unknown:
+        return (f"Unknown setting(s) {', '.join(unknown)} {where}; the known ones are {', '.join(AUDIT_KEYS)} "
+                "(dir: the audit folder, hmac_key: the key that names studies). Fix it and restart the app.")
+    for key in AUDIT_KEYS:
+        if key in audit and (not isinstance(audit[key], str) or not audit[key].strip()):
+            return f"{key} {where} must be text in quotes, e.g. {key} = \"...\". Fix it and restart the app."
+    return None
+
+
+def sign_in_missing() -> str | None:
+    """Why local mode (no sign-in, everyone an admin) must not start although the secrets file meant sign-in: an
+    empty ``[auth]`` section, a section named like it (``[Auth]``, ``[oauth]``), or ``[access]`` roles with no
+    ``[auth]`` to sign in with. Behind a hospital's proxy on 127.0.0.1 every visitor would be an admin."""
+    try:
+        names = [str(name) for name in st.secrets.keys()]
+    except Exception:  # no secrets file at all (an unreadable one was refused by secrets_section already)
+        return None
+    where = ".streamlit/secrets.toml"
+    if "auth" in names:
+        return (f"The [auth] section of {where} is empty, so no one can sign in, and without sign-in everyone would "
+                "be an admin: the app is closed. Fill it in (README: sign-in) or, on a machine of your own, delete "
+                "the section to run without sign-in.")
+    meant = [name for name in names if name.lower() == "auth" or name.lower().replace("-", "_") in SIGN_IN_LIKE]
+    if meant or "access" in names:
+        found = ", ".join(f"[{name}]" for name in [*meant, *(["access"] if "access" in names else [])])
+        return (f"{where} has {found} but no [auth] section, so no one can sign in, and without sign-in everyone "
+                "would be an admin: the app is closed. Name the sign-in section [auth] (lower case), or, on a "
+                "machine of your own, delete these sections to run without sign-in.")
+    return None
+
+
 def user_or_stop() -> User | None:
     """``current_user``, or the page stops with the reason when the secrets cannot be read, the cookie secret
-    is a placeholder or the ``[access]`` settings are wrong."""
+    is a placeholder, the ``[access]`` or ``[audit]`` settings are wrong, or sign-in was meant but has no
+    ``[auth]`` section (``sign_in_missing``)."""
     try:
         section = secrets_section("auth")  # read once: {} is local mode
-        weak = weak_cookie_secret(section) if section else None
+        weak = weak_cookie_secret(section) if section else sign_in_missing()
         if weak is None and section:
             weak = access_problem(secrets_section("access"))
+        if weak is None:
+            weak = audit_problem(secrets_section("audit"))
         if weak is None:
             return current_user()
     except SecretsUnreadable as err:

@@ -345,6 +345,39 @@ def test_a_secrets_file_that_cannot_be_read_closes_the_app_instead_of_opening_lo
         auth.secrets_section("auth")
 
 
+@pytest.mark.parametrize(("content", "said"), [
+    ("[Auth]\n" + "".join(f'{k} = "{v}"\n' for k, v in AUTH.items()) + '[access]\nadmin = ["a@example.test"]\n',
+     "has [Auth], [access] but no [auth] section"),
+    ("[oauth]\nclient_id = \"cxr-app\"\n", "has [oauth] but no [auth] section"),
+    ('[auth]\n# client_id = "cxr-app"\n[access]\nviewer = ["*"]\n',
+     "The [auth] section of .streamlit/secrets.toml is empty"),
+    ('[access]\nviewer = ["*"]\n', "has [access] but no [auth] section"),
+    ('[audit]\ndirectory = "/var/log/cxr-app"\n', "Unknown setting(s) directory in the [audit] section"),
+    ('[audit]\ndir = 5\n', "dir in the [audit] section of .streamlit/secrets.toml must be text"),
+])
+def test_sign_in_meant_but_missing_or_a_wrong_audit_setting_closes_the_app(models_root, secrets_file, content, said,
+                                                                            address):
+    """Local mode is for a machine of one's own: a misspelt or empty [auth] (or [access] roles with no [auth]) made
+    every visitor behind the hospital's proxy, the app on 127.0.0.1, an admin; a misspelt [audit] key turned the
+    trail off with a grey caption. Each closes the app and says what to fix."""
+    address("127.0.0.1")
+    secrets_file.write_text(content)
+    for script in ("app.py", PAGES["batch"]):
+        at = AppTest.from_file(str(REPO / script), default_timeout=120).run()
+        assert texts(at, "exception") == []
+        assert any(said in e.value for e in at.error), (script, texts(at, "error"))
+        assert texts(at, "title") == [] and auth.LOCAL_NOTE not in [i.value for i in at.sidebar.info], script
+
+
+def test_local_mode_with_an_audit_folder_and_pacs_settings_still_runs(models_root, secrets_file, address, tmp_path):
+    """What the README allows on a machine of one's own: no [auth], an [audit] dir and [pacs] settings."""
+    address("127.0.0.1")
+    secrets_file.write_text(f'[audit]\ndir = "{tmp_path / "audit"}"\n[pacs]\nurl = "http://127.0.0.1:9/dicom-web"\n')
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    assert texts(at, "exception") == [] and texts(at, "error") == []
+    assert texts(at, "title") == [TITLES["classify"]] and [i.value for i in at.sidebar.info] == [auth.LOCAL_NOTE]
+
+
 def test_no_secrets_file_is_local_mode_and_a_readable_one_signs_in(models_root, secrets_file, address):
     address("127.0.0.1")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()  # the file does not exist
