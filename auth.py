@@ -22,7 +22,7 @@ import ipaddress
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -455,6 +455,33 @@ def record(action: str, **fields: Any) -> dict[str, Any] | None:
         st.error(f"The audit trail could not be written to {folder} ({type(err).__name__}: {err.strerror}). "
                  "Tell the app's administrator.", icon="📝")
         return None
+
+
+def record_for(user: User | None, action: str, **fields: Any) -> bool:
+    """``record`` for a user taken in the page's run, from outside any run (a download's data, which Streamlit
+    makes when the browser fetches the file): True when the line was written or the audit is off, False when it
+    could not be written (there is no page to say so on)."""
+    folder = audit_folder()
+    if folder is None:
+        return True
+    try:
+        audit_log.AuditLog(folder, audit_key()).record(user.id if user else "anonymous", user.role if user else None,
+                                                       action, **fields)
+    except OSError:
+        return False
+    return True
+
+
+def exported(make: Callable[[], bytes | str], **fields: Any) -> Callable[[], bytes | str]:
+    """A download's data (``st.download_button``'s callable) that writes the ``export`` audit line when the file
+    is fetched: the browser may fetch a download's URL without the click that runs a widget callback, so an
+    ``on_click`` audit could be skipped. Gives no bytes when the audit is on and its line cannot be written."""
+    user = current_user()
+
+    def data() -> bytes | str:
+        return make() if record_for(user, "export", **fields) else b""
+
+    return data
 
 
 def record_once(marker: str, action: str, **fields: Any) -> dict[str, Any] | None:

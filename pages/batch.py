@@ -255,11 +255,12 @@ def results_ui(classifier, explainer, state: dict) -> None:
     shown = review.filter_table(table, decisions, flags, text)
     event = st.dataframe(shown, column_config=column_config(list(classifier.card.class_names)), hide_index=True,
                          on_select="rerun", selection_mode="single-row", key=TABLE_KEY)
-    st.download_button(f"Download these {len(shown)} rows as CSV", review.export_csv(shown, classifier.card),
-                       file_name="batch_review.csv", mime="text/csv", key="batch_csv", on_click=auth.record,
-                       args=("export",), kwargs={"model": classifier.card.name,
-                                                 "weights_sha256": classifier.card.weights_sha256,
-                                                 "source": state.get("origin"), "counts": {"rows": len(shown)}})
+    table = review.export_csv(shown, classifier.card)
+    st.download_button(f"Download these {len(shown)} rows as CSV",
+                       auth.exported(lambda: table, model=classifier.card.name,
+                                     weights_sha256=classifier.card.weights_sha256, source=state.get("origin"),
+                                     counts={"rows": len(shown)}),
+                       file_name="batch_review.csv", mime="text/csv", key="batch_csv")
     rows = event.selection.rows if event is not None else []
     if not rows or rows[0] >= len(shown):
         st.caption("Select a row to see its image and Grad-CAM.")

@@ -274,10 +274,10 @@ args = dict(image=pixels, overlay_rgb=blended, prediction=prediction, card=card,
             method=method_name, explained_class=card.class_names[explained], drawn_as=choice.describe(),
             warnings=sentences, engine=classifier.engine_label)
 downloads = st.columns(2)
-exported = {"args": ("export",), "kwargs": {**audited, "counts": {"reports": 1}}}  # the film's result left the app
-downloads[0].download_button("Download report (PNG)", lambda: report.render(**args, fmt="PNG"),
-                             file_name="cxr-report.png", mime="image/png", key="report_png", on_click=auth.record,
-                             **exported)
-downloads[1].download_button("Download report (PDF)", lambda: report.render(**args, fmt="PDF"),
-                             file_name="cxr-report.pdf", mime="application/pdf", key="report_pdf", on_click=auth.record,
-                             **exported)
+exported = {**audited, "counts": {"reports": 1}}  # the film's result left the app: audited when the file is fetched
+downloads[0].download_button("Download report (PNG)", auth.exported(lambda: report.render(**args, fmt="PNG"),
+                                                                    **exported),
+                             file_name="cxr-report.png", mime="image/png", key="report_png")
+downloads[1].download_button("Download report (PDF)", auth.exported(lambda: report.render(**args, fmt="PDF"),
+                                                                    **exported),
+                             file_name="cxr-report.pdf", mime="application/pdf", key="report_pdf")

@@ -228,11 +228,12 @@ def batch_ui(client: dicomweb.Client, classifier, studies: list[dicomweb.Study])
                f"confidence, {counts['not_chest']} probably not a chest X-ray, {counts['unreadable']} not read.")
     st.dataframe(table, hide_index=True, key="pacs_batch_table",
                  column_config={review.THUMBNAIL: st.column_config.ImageColumn("Image", width="small")})
-    st.download_button(f"Download {len(table)} rows as CSV", review.export_csv(table, classifier.card),
-                       file_name="pacs_batch.csv", mime="text/csv", key="pacs_batch_csv", on_click=auth.record,
-                       args=("export",),
-                       kwargs={"model": classifier.card.name, "weights_sha256": classifier.card.weights_sha256,
-                               "source": "pacs", "counts": {"rows": len(table)}})
+    rows = review.export_csv(table, classifier.card)
+    st.download_button(f"Download {len(table)} rows as CSV",
+                       auth.exported(lambda: rows, model=classifier.card.name,
+                                     weights_sha256=classifier.card.weights_sha256, source="pacs",
+                                     counts={"rows": len(table)}),
+                       file_name="pacs_batch.csv", mime="text/csv", key="pacs_batch_csv")
 
 
 ui.research_banner()

@@ -211,21 +211,39 @@ def test_a_new_audit_folder_is_private_and_a_short_write_still_writes_the_whole_
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
-def test_a_downloaded_report_or_results_table_is_audited_as_an_export(env):
+def test_a_downloaded_report_or_results_table_is_audited_when_the_file_is_fetched(env, monkeypatch):
+    """The export line was written by the button's click (a widget callback), but the browser fetches the file
+    from its own URL, which a client may request without the click: a report left the app unaudited. The line
+    is written when the file is made now, once per fetch, and a trail that cannot be written lets nothing out."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    made: dict[str, object] = {}
+    add_deferred = MediaFileManager.add_deferred
+
+    def keep(self, data, mimetype, coordinates, file_name=None, **kwargs):
+        made[file_name] = data  # what the server runs when the browser fetches the file
+        return add_deferred(self, data, mimetype, coordinates, file_name=file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", keep)
     at = page("pages/classify.py", VIEWER)
     film = sorted((DATA / "kermany/train/NORMAL").glob("*.jpeg"))[0]
     at.file_uploader(key="classify_upload").set_value((film.name, film.read_bytes(), "image/jpeg")).run()
-    at.download_button(key="report_pdf").click().run()
     at = page("pages/batch.py", CLINICIAN)
     at.radio(key="batch_source").set_value("Folder on the server").run()
     at.selectbox(key="batch_pick").set_value("CANARY-SMITH PID-424242").run()
     at.button(key="batch_score_folder").click().run()
-    at.download_button(key="batch_csv").click().run()
     assert [e.value for e in at.exception] == []
-    lines = [(x["action"], x.get("source"), x.get("counts")) for x in audit.read(env / "audit")]
-    assert ("export", "upload", {"reports": 1}) in lines and ("export", "server_folder", {"rows": 3}) in lines
-    assert [a for a, _, _ in lines].count("export") == 2
+    assert "export" not in [x["action"] for x in audit.read(env / "audit")]  # shown, not yet taken
+    assert made["cxr-report.pdf"]().startswith(b"%PDF-")  # fetched without a click
+    assert made["batch_review.csv"]().startswith("file,")
+    lines = [(x["action"], x.get("source"), x.get("counts"), x["user"]) for x in audit.read(env / "audit")]
+    assert ("export", "upload", {"reports": 1}, VIEWER["email"]) in lines
+    assert ("export", "server_folder", {"rows": 3}, CLINICIAN["email"]) in lines
+    assert [line[0] for line in lines].count("export") == 2
     assert_no_canaries(env / "audit")
+    (env / "audit").rename(env / "audit-moved")
+    (env / "audit").write_text("a file where the audit folder should be")
+    assert made["cxr-report.png"]() == b""  # its line cannot be written: no report leaves the app
 
 
 def test_a_write_that_fails_part_way_leaves_no_half_line(tmp_path, monkeypatch):

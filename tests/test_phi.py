@@ -150,7 +150,7 @@ def test_no_patient_data_in_pages_logs_exports_reports_or_disk(uploads, damaged,
     batch.button(key="batch_score_upload").click().run()
     assert not batch.exception, [e.value for e in batch.exception]
     texts.append((page_text(batch), "batch page"))
-    csvs = [data for data, filename in saved if filename == "batch_review.csv"]
+    csvs = [fn() for fn, filename in deferred if filename == "batch_review.csv"]  # made when fetched
     assert csvs, "the batch page offered no CSV"
     csv = csvs[-1] if isinstance(csvs[-1], bytes) else str(csvs[-1]).encode()
     assert all(name.encode() in csv for name in ("study1.dcm", "study2.dcm", "damaged.dcm", "normal.jpeg"))
