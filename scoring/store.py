@@ -1,6 +1,6 @@
 """The output: rows go to part files as they come, and one atomic commit writes the final Parquet (and CSV).
 
-``OUT.parquet.parts/`` holds ``part-<start ns>-<n>.parquet`` files, each written under a temporary
+``OUT.parquet.parts/`` holds ``part-<run>-<n>.parquet`` files (runs numbered in order), each written under a temporary
 name and renamed, so a crash leaves whole parts or nothing. ``commit`` merges the previous output
 (on --resume) and every part in the order written (a later row for a path replaces an earlier one),
 puts the rows in input order, writes ``OUT.parquet`` the same way (temporary file, then rename) and
@@ -14,7 +14,6 @@ import fcntl
 import os
 import re
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ class Store:
                              "another --out")
         self.class_names = list(class_names)
         self.schema = rows_lib.schema(class_names)
-        self._run = time.time_ns()
+        self._run = 1  # this run's number in its parts' names: one past the parts already there (``start``)
         self._count = 0
         self._resume = False
         self._lock: Any = None
@@ -79,6 +78,12 @@ class Store:
         if not resume:
             shutil.rmtree(self.parts, ignore_errors=True)
             return {}
+        # Numbered after the parts already there, not by the clock: a clock set back since the interrupted run (a
+        # driver on another machine, a reboot) made this run's parts sort first, so that its fresh rows lost to
+        # the old ones at the commit (a file scored now listed as not found, a replaced film with its old score).
+        numbers = [int(m.group(1)) for p in self.parts.glob("part-*.parquet")
+                   if (m := re.fullmatch(r"part-(\d+)-\d+\.parquet", p.name))]
+        self._run = max(numbers, default=0) + 1
         latest: dict[str, tuple[str, str]] = {}  # path -> (sha256, card) of its last row, as commit keeps it
         for table in self._previous():
             latest.update(zip(table["path"].to_pylist(), zip(table["sha256"].to_pylist(),

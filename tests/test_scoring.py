@@ -567,6 +567,38 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(t
     assert run(config, log=lambda _: None).scored == 2  # free again
 
 
+def test_a_resumed_run_s_rows_win_whatever_the_clock_says(tmp_path, tiny_model_dir, data_dir):
+    """Parts were named by the wall clock: a resumed run on a machine whose clock is behind the interrupted run's
+    (another driver, a reboot) wrote parts that sorted first, so the commit kept the old rows over its fresh ones
+    (a file scored now stayed 'not found'). Runs are numbered after the parts that are there now."""
+    import time
+
+    from cxr_core import card as card_lib
+    from scoring.job import engine_rows
+    from scoring.rows import Pending, error_row
+    from scoring.sources import list_entries
+    from scoring.store import Store
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "0.jpeg").write_bytes(FILMS[0].read_bytes())
+    config = Config(str(folder), model=str(tiny_model_dir), out=str(tmp_path / "r.parquet"))
+    ours = card_lib.read(tiny_model_dir)
+    path = str(folder / "0.jpeg")
+    interrupted = Store(config.out, ours.class_names)
+    interrupted.start(resume=False)
+    interrupted._run = time.time_ns() + 3600 * 10**9  # its clock an hour ahead of this machine's
+    interrupted.write_part([error_row(path, "0.jpeg", "File not found", ours)])
+    interrupted.close()  # killed: no commit
+    resumed = Store(config.out, ours.class_names)
+    assert resumed.start(resume=True) == {}  # the failed row is not done: it is scored again
+    (block,) = engine_rows(config, [Pending(path, "0.jpeg")], ours.card_sha256)
+    resumed.write_part(block)
+    rows = resumed.commit(list_entries(str(folder)), ours)
+    resumed.close()
+    assert rows["error"].tolist() == [block[0]["error"]] and rows["sha256"].tolist() == [block[0]["sha256"]] != [""]
+
+
 def test_an_empty_or_unmounted_source_leaves_the_output_as_it_was(tmp_path, tiny_model_dir, data_dir):
     folder, out = _one_film_scored(tmp_path, tiny_model_dir)
     before = out.read_bytes()
