@@ -12,7 +12,7 @@ import pandas as pd
 import plotly_spec
 import pytest
 from app_models import BAD_JPEG, labelled_folder
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from cxr_core import imaging, models
@@ -85,17 +85,17 @@ def test_upload_batch_scores_every_good_file_and_lists_bad_ones(at, env, uploads
 
 
 def test_csv_export_matches_the_table(at, uploads, monkeypatch, env):
-    saved: list[tuple[bytes, str, str | None]] = []
-    original = MemoryMediaFileStorage.load_and_get_id
+    saved: list[tuple[object, str | None]] = []
+    original = MediaFileManager.add_deferred
 
-    def record(self, path_or_data, mimetype, kind, filename=None):
-        saved.append((path_or_data, mimetype, filename))
-        return original(self, path_or_data, mimetype, kind, filename)
+    def record(self, data, mimetype, coordinates, file_name=None, **kwargs):
+        saved.append((data, file_name))  # made when the browser fetches the file (and audited then)
+        return original(self, data, mimetype, coordinates, file_name=file_name, **kwargs)
 
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record)
     score_uploads(at, uploads)
     shown = table(at)
-    csv = [data for data, mime, name in saved if name == "batch_review.csv"][-1]
+    csv = [data() for data, name in saved if name == "batch_review.csv"][-1]
     exported = pd.read_csv(io.BytesIO(csv if isinstance(csv, bytes) else csv.encode()), keep_default_na=False)
     assert "thumbnail" not in exported.columns and b"base64" not in (csv if isinstance(csv, bytes) else csv.encode())
     assert exported["file"].tolist() == shown["file"].tolist()
