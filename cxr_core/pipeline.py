@@ -19,7 +19,7 @@ from os import PathLike
 
 import numpy as np
 
-from cxr_core import imaging, models, overlay, preprocess
+from cxr_core import imaging, models, overlay, preprocess, quality
 from cxr_core.errors import UNEXPECTED, UnreadableImageError
 from cxr_core.explain import METHODS, Explainer
 
@@ -46,6 +46,7 @@ class BatchItem:
     error: str | None
     info: imaging.ImageInfo | None
     thumbnail: np.ndarray | None  # uint8 grayscale, longer side 96 px
+    image_scores: dict[str, float] | None = None  # quality.pixel_scores of the full film (the quality rules')
 
 
 def classify(
@@ -93,8 +94,7 @@ class _Read:
     error: str | None
     info: imaging.ImageInfo | None
     thumbnail: np.ndarray | None
-
-
+    image_scores: dict[str, float] | None = None
 
 
 def _read(name: str, source: Source, size: int) -> _Read:
@@ -102,7 +102,7 @@ def _read(name: str, source: Source, size: int) -> _Read:
     try:
         loaded = imaging.load(source, name)
         return _Read(name, preprocess.prepare(loaded.pixels, size), None, loaded.info,
-                     overlay.thumbnail(loaded.pixels))
+                     overlay.thumbnail(loaded.pixels), quality.pixel_scores(loaded.pixels))
     except UnreadableImageError as exc:
         return _Read(name, None, str(exc), None, None)
     except Exception as exc:  # noqa: BLE001 - one file must never lose the batch
@@ -167,7 +167,7 @@ def classify_many(
                 if isinstance(prediction, str):
                     rows.append(BatchItem(r.name, None, prediction, r.info, r.thumbnail))
                 else:
-                    rows.append(BatchItem(r.name, prediction, r.error, r.info, r.thumbnail))
+                    rows.append(BatchItem(r.name, prediction, r.error, r.info, r.thumbnail, r.image_scores))
             if progress is not None:
                 progress(len(rows), total)
     return rows

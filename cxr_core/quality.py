@@ -187,9 +187,23 @@ def _tag_reasons(metadata: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def assess(loaded: Any, original: bytes | str | PathLike | np.ndarray | None = None) -> QualityReport:
+def pixel_scores(pixels: np.ndarray) -> dict[str, float]:
+    """What the rules measure in the pixels (float32 HxW in [0, 1]): their standard deviation and, unless the
+    image is blank, the template correlations. A batch measures them on the full film as it reads it
+    (``pipeline``), so that it flags the films the Classify page flags: its 96 px thumbnail flagged a
+    COVID-19 Radiography film turned on its side (0.27 against 0.33) that the full film shows upright."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    std = float(pixels.std())
+    if std < BLANK_STD:
+        return {"pixel_std": std, "template_corr": 0.0, "sideways_corr": 0.0, "upside_down_corr": 0.0}
+    return {"pixel_std": std, **template_scores(pixels)}
+
+
+def assess(loaded: Any, original: bytes | str | PathLike | np.ndarray | None = None,
+           image_scores: dict[str, float] | None = None) -> QualityReport:
     """Apply the rules above to a ``cxr_core.imaging.LoadedImage`` (and, for colour, its original bytes or path or
-    their ``colour_sample``).
+    their ``colour_sample``); ``image_scores``: ``pixel_scores`` of the full film when ``loaded`` holds only a
+    thumbnail of it.
 
     ``loaded.pixels`` is float32 HxW in [0, 1]; ``loaded.info`` gives width, height and
     the de-identified DICOM metadata. Scores are returned for display.
@@ -197,19 +211,19 @@ def assess(loaded: Any, original: bytes | str | PathLike | np.ndarray | None = N
     pixels = np.asarray(loaded.pixels, dtype=np.float32)
     info = loaded.info
     height, width = pixels.shape
+    measured = dict(image_scores) if image_scores is not None else pixel_scores(pixels)
     scores = {
         "colourfulness": colourfulness(original),
-        "pixel_std": float(pixels.std()),
+        "pixel_std": measured.pop("pixel_std"),
         "aspect_ratio": float(getattr(info, "width", 0) or width) / float(getattr(info, "height", 0) or height),
+        **measured,
     }
     reasons = []
     if scores["colourfulness"] > COLOUR_MAX:
         reasons.append(f"it is a colour picture (colourfulness {scores['colourfulness']:.1f} > {COLOUR_MAX:g})")
     if scores["pixel_std"] < BLANK_STD:
         reasons.append(f"it is blank or nearly uniform (pixel std {scores['pixel_std']:.3f} < {BLANK_STD:g})")
-        scores.update(template_corr=0.0, sideways_corr=0.0, upside_down_corr=0.0)
     else:
-        scores.update(template_scores(pixels))
         if scores["template_corr"] < INVERTED_BELOW:
             reasons.append(f"it looks like a negative, lungs bright and bones dark (correlation with the average "
                            f"chest {scores['template_corr']:.2f}); check the file's photometric interpretation")

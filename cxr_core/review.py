@@ -46,8 +46,8 @@ def thumbnail_uri(thumbnail: np.ndarray | None) -> str | None:
 def assess_item(item: Any, original: bytes | str | PathLike | np.ndarray | None = None) -> QualityReport | None:
     """cxr_core.quality rules for a scored batch item, from its thumbnail and ImageInfo (no second decode).
 
-    The thumbnail (uint8, longer side ~96 px) stands in for the full image: the template rule
-    works on 32x32 anyway, blank images stay blank, and the aspect ratio comes from ImageInfo.
+    The pixel rules use the scores the pipeline measured on the full film (``item.image_scores``), else the
+    thumbnail (uint8, longer side ~96 px) stands in for it; the aspect ratio comes from ImageInfo.
     ``original`` (the file's bytes, its path, or its ``quality.colour_sample``) enables the colour rule. None for
     unreadable items.
     """
@@ -57,7 +57,8 @@ def assess_item(item: Any, original: bytes | str | PathLike | np.ndarray | None 
         return None
     pixels = np.asarray(item.thumbnail, dtype=np.float32) / 255.0
     try:
-        return quality.assess(LoadedImage(pixels=pixels, info=item.info), original)
+        return quality.assess(LoadedImage(pixels=pixels, info=item.info), original,
+                              getattr(item, "image_scores", None))
     except Exception:  # a quality check is advice: its failure must not cost the batch its table
         return None
 

@@ -183,3 +183,23 @@ def test_a_picture_far_smaller_than_a_radiograph_is_flagged_by_its_own_size():
     whole = imaging.load(DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg")
     thumbnail = dataclasses.replace(whole, pixels=cv2.resize(whole.pixels, (64, 48), interpolation=cv2.INTER_AREA))
     assert not any("pixels, far smaller" in r for r in quality.assess(thumbnail).reasons)
+
+
+@pytest.mark.parametrize("name", ["covid19_radiography/COVID/COVID-2672.jpeg",
+                                  "kermany/train/NORMAL/IM-0115-0001.jpeg"])
+def test_a_batch_flags_a_film_as_the_classify_page_does(name, tiny_model_dir):
+    """The Classify page assessed the full film and a batch (and ``python -m scoring``) its 96 px thumbnail:
+    COVID-2672 was flagged turned on its side in a batch (correlations 0.27 / 0.33) and not on the page. The
+    pipeline measures the full film as it reads it now, and the batch row gets the page's verdict and figures."""
+    from cxr_core import models, overlay, pipeline, review
+
+    path = DATA / name
+    loaded = imaging.load(path)
+    page = quality.assess(loaded, path)
+    (item,) = pipeline.classify_many(models.load(tiny_model_dir), [(path.name, path)])
+    batch = review.assess_item(item, path)
+    assert batch.scores == page.scores and batch.reasons == page.reasons
+    assert page.probably_not_chest is False  # a chest film
+    thumbnail = quality.assess(imaging.LoadedImage(overlay.thumbnail(loaded.pixels) / 255.0, loaded.info), path)
+    if name.startswith("covid"):  # what the batch said before: the thumbnail alone calls it turned
+        assert thumbnail.probably_not_chest is True
