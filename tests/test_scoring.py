@@ -8,6 +8,7 @@ import socket
 import threading
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -872,8 +873,35 @@ def test_the_summary_gives_the_rate_after_the_first_results_and_counts_only_file
     line = lines[-1]
     assert line.startswith("scoring: 5 files, 4 scored now, 0 already done, 1 errors (1 not fetched or not scored: "
                            "--resume tries them again)"), line
-    later = re.search(r"images/s overall; first results after [\d.]+ s, ([\d.]+) images/s after them$", line)
-    assert later and float(later.group(1)) > 0 and summary.later_per_s and summary.later_per_s > 0, line
+    assert re.search(r"images/s overall; first results after [\d.]+ s, all in the first results$", line), line
+    assert summary.later_per_s is None  # 5 files, batches of 1: all in the first slice of 8 batches
+
+
+def test_the_rate_after_the_first_results_starts_after_the_first_slice(tmp_path, tiny_model_dir, data_dir,
+                                                                       monkeypatch):
+    """An engine scores a slice (rows.SLICE_BATCHES batches) at once and hands it over batch by batch: timed
+    from its first batch, the rate 'after the first results' counted the slice's other 7 batches in no time
+    (2616 images/s printed beside 87 overall). A clock that the engine's blocks move: the whole first slice at
+    1 s, then one film every 0.5 s."""
+    from scoring import job, rows
+
+    films = [tmp_path / f"{i}.jpeg" for i in range(rows.SLICE_BATCHES + 4)]
+    for i, path in enumerate(films):
+        path.write_bytes(FILMS[i % len(FILMS)].read_bytes())
+    clock = {"now": 0.0}
+    real = job.engine_rows
+
+    def timed(config, pending, card_sha256=""):
+        for n, block in enumerate(real(config, pending, card_sha256)):
+            clock["now"] = 1.0 if n < rows.SLICE_BATCHES else clock["now"] + 0.5
+            yield block
+
+    monkeypatch.setattr(job, "engine_rows", timed)
+    monkeypatch.setattr(job, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    summary = run(Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path.parent / "rate.parquet"),
+                         batch_size=1), log=lambda _: None)
+    assert summary.scored == len(films)
+    assert summary.later_per_s == pytest.approx(4 / 2.0)  # the 4 films after the slice, in 2 s (it said 11 / 2 s)
 
 
 def test_a_failed_commit_leaves_no_hidden_copy_of_the_rows(tmp_path, tiny_model_dir, data_dir, capsys):
