@@ -238,6 +238,18 @@ def _kind_of(value: object) -> str:
     return f"{type(value).__name__} values"
 
 
+def _header_hint(names: list[str]) -> str:
+    """Why a header that looks meant to name 'path' does not (without quoting it: it may be a file name)."""
+    text = ",".join(names)
+    if "\x00" in text or text.startswith(("\udcff\udcfe", "\udcfe\udcff")):
+        return ". It looks saved as UTF-16: save it as UTF-8 (CSV UTF-8 in a spreadsheet)"
+    if any(n.strip().strip('"').lower() == "path" for n in names):
+        return ". A column is named 'path' with spaces, quotes or capitals around it: name it exactly path"
+    if len(names) == 1 and (";" in text or "\t" in text):
+        return f". It looks separated by {'semicolons' if ';' in text else 'tabs'}: save it separated by commas"
+    return ""
+
+
 def manifest_entries(source: str) -> list[Entry]:
     """The ``path`` column in row order; relative paths are relative to the manifest's folder (a manifest
     read from a URL: to that URL's folder, so that every worker reads the file beside the manifest, not a
@@ -256,7 +268,8 @@ def manifest_entries(source: str) -> list[Entry]:
         # Not its column names: a manifest without a header has its first row (file names) there.
         raise ValueError(f"the manifest {shown_source(source)} has no 'path' column (it has {len(table.columns)} "
                          f"column{'s' if len(table.columns) != 1 else ''}, none named 'path'); its first line must "
-                         "be a header naming the columns, one of them 'path', with a file path or URL per row")
+                         "be a header naming the columns, one of them 'path', with a file path or URL per row"
+                         + _header_hint([str(c) for c in table.columns]))
     values = table["path"].tolist()
     others = sorted({_kind_of(v) for v in values if not _missing(v) and not isinstance(v, str | bytes)})
     if others:
@@ -327,6 +340,9 @@ def list_entries(source: str) -> list[Entry]:
     for kind in KINDS:
         if kind.matches(source):
             return kind.entries(source)
+    if not is_url(source) and not Path(source.removeprefix("file://")).exists():
+        raise ValueError(f"'{shown_source(source)}' does not exist: check the path (a folder of films, or a "
+                         f"CSV/Parquet manifest whose name ends in {', '.join(MANIFEST_SUFFIXES)})")
     raise ValueError(f"'{shown_source(source)}' is neither a folder nor a "
                      "CSV/Parquet manifest with a 'path' column "
                      f"(manifest names end in {', '.join(MANIFEST_SUFFIXES)})")

@@ -178,10 +178,21 @@ def test_cli_refuses_bad_arguments_with_a_message(tmp_path, tiny_model_dir, caps
     assert main([str(tmp_path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r.csv")]) == 2
     assert "--out must name a .parquet file" in capsys.readouterr().err
     assert main([str(tmp_path / "nothing"), "--model", str(tiny_model_dir)]) == 2
+    assert f"'{tmp_path / 'nothing'}' does not exist: check the path" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    assert main([str(tmp_path / "notes.txt"), "--model", str(tiny_model_dir)]) == 2
     assert "neither a folder nor a CSV/Parquet manifest" in capsys.readouterr().err
     (tmp_path / "m.csv").write_text("file\na.png\n")
     assert main([str(tmp_path / "m.csv"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r.parquet")]) == 2
     assert "has no 'path' column" in capsys.readouterr().err
+    # What a spreadsheet saves: UTF-16, semicolons, a padded header; each said (they got the bare message).
+    for content, hint in ((b"\xff\xfe" + "path\na.png\n".encode("utf-16-le"), "saved as UTF-16"),
+                          (b"path;model\na.png;x\n", "separated by semicolons"), (b"path\tx\na.png\t1\n", "by tabs"),
+                          (b" Path \na.png\n", "named 'path' with spaces, quotes or capitals")):
+        (tmp_path / "m.csv").write_bytes(content)
+        assert main([str(tmp_path / "m.csv"), "--model", str(tiny_model_dir), "--out",
+                     str(tmp_path / "r.parquet")]) == 2
+        assert hint in capsys.readouterr().err, content
     # SOURCE films.csv with --out films.parquet --csv would write the results over the manifest itself.
     (tmp_path / "films.csv").write_text("path\na.png\n")
     assert main([str(tmp_path / "films.csv"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "films.parquet"),
