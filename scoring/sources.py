@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -373,6 +374,13 @@ def _read_local(path: str) -> bytes:
                                   "image; list image files only.")
             return _capped(fh, info.st_size)
     except FileNotFoundError:
+        # The same name spelt in the other Unicode form: a manifest written with composed accents (NFC) for files
+        # copied from macOS, whose names keep them decomposed (NFD), or the other way round.
+        local = path.removeprefix("file://")
+        for form in ("NFC", "NFD"):
+            other = unicodedata.normalize(form, local)
+            if other != local and os.path.isfile(other):
+                return _read_local(other)
         raise SourceError(f"File not found: {path}. Check the path, or whether the file was moved.") from None
     except IsADirectoryError:
         raise SourceError(f"{path} is a folder, not a file; list the files in it instead.") from None

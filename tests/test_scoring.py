@@ -940,3 +940,21 @@ def test_a_failed_commit_leaves_no_hidden_copy_of_the_rows(tmp_path, tiny_model_
     assert main([*args, "--resume"]) == 0
     assert not [p for p in stale if p.exists()] and all(p.exists() for p in others)
     assert pd.read_parquet(tmp_path / "r.parquet")["file"].tolist() == ["0.jpeg"]
+
+
+def test_a_manifest_name_in_the_other_unicode_form_finds_its_file(tmp_path, tiny_model_dir, data_dir):
+    """A manifest written with composed accents (NFC) for files copied from macOS, whose names keep them
+    decomposed (NFD): the file was 'not found' though it is there. The row keeps the manifest's spelling."""
+    import unicodedata
+
+    composed = "Müller_José.jpeg"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    (tmp_path / decomposed).write_bytes(FILMS[0].read_bytes())
+    pd.DataFrame({"path": [composed, "absent.jpeg"]}).to_csv(tmp_path / "list.csv", index=False)
+    out = tmp_path / "r.parquet"
+    run(Config(str(tmp_path / "list.csv"), model=str(tiny_model_dir), out=str(out)), log=lambda _: None)
+    rows = pd.read_parquet(out)
+    assert rows["error"].tolist()[0] in ("", None) and rows["sha256"].tolist()[0] == sha256(FILMS[0])
+    assert rows["path"].tolist()[0].endswith(composed)
+    assert rows["error"].tolist()[1].startswith("File not found")
