@@ -180,7 +180,10 @@ def _score(config: Config, card: card_lib.ModelCard, store: Store, entries: list
     first_finished = 0
     # The first results end with the first slice (rows.SLICE_BATCHES batches), which an engine scores at once and
     # hands over batch by batch: timed from its first batch, the rate after it counted 7 batches in no time.
-    first_rows = min(len(pending), rows_lib.SLICE_BATCHES * config.batch_size)
+    # Ray's actors each score their first slice side by side: the first results are one slice per actor (when
+    # their number is given; as python -m benchmarks times it).
+    workers = max(1, config.actors or 1) if config.engine == "ray" else 1
+    first_rows = min(len(pending), rows_lib.SLICE_BATCHES * config.batch_size * workers)
     for block in engine_rows(config, pending, card.card_sha256):
         last_s = time.monotonic() - start
         done_now = sum(1 for r in block if r["sha256"])

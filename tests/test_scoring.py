@@ -888,29 +888,33 @@ def test_the_summary_gives_the_rate_after_the_first_results_and_counts_only_file
     assert summary.later_per_s is None  # 5 files, batches of 1: all in the first slice of 8 batches
 
 
+@pytest.mark.parametrize(("engine", "actors"), [("local", None), ("ray", 2)])
 def test_the_rate_after_the_first_results_starts_after_the_first_slice(tmp_path, tiny_model_dir, data_dir,
-                                                                       monkeypatch):
+                                                                       monkeypatch, engine, actors):
     """An engine scores a slice (rows.SLICE_BATCHES batches) at once and hands it over batch by batch: timed
     from its first batch, the rate 'after the first results' counted the slice's other 7 batches in no time
-    (2616 images/s printed beside 87 overall). A clock that the engine's blocks move: the whole first slice at
-    1 s, then one film every 0.5 s."""
+    (2616 images/s printed beside 87 overall); Ray's actors score one first slice each, side by side. A clock
+    that the engine's blocks move: the first slices at 1 s, then one film every 0.5 s."""
+    import dataclasses
+
     from scoring import job, rows
 
-    films = [tmp_path / f"{i}.jpeg" for i in range(rows.SLICE_BATCHES + 4)]
+    first = rows.SLICE_BATCHES * (actors or 1)
+    films = [tmp_path / f"{i}.jpeg" for i in range(first + 4)]
     for i, path in enumerate(films):
         path.write_bytes(FILMS[i % len(FILMS)].read_bytes())
     clock = {"now": 0.0}
     real = job.engine_rows
 
-    def timed(config, pending, card_sha256=""):
-        for n, block in enumerate(real(config, pending, card_sha256)):
-            clock["now"] = 1.0 if n < rows.SLICE_BATCHES else clock["now"] + 0.5
+    def timed(config, pending, card_sha256=""):  # the rows of this machine's engine, as the cluster's would come
+        for n, block in enumerate(real(dataclasses.replace(config, engine="local"), pending, card_sha256)):
+            clock["now"] = 1.0 if n < first else clock["now"] + 0.5
             yield block
 
     monkeypatch.setattr(job, "engine_rows", timed)
     monkeypatch.setattr(job, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
     summary = run(Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path.parent / "rate.parquet"),
-                         batch_size=1), log=lambda _: None)
+                         batch_size=1, engine=engine, actors=actors), log=lambda _: None)
     assert summary.scored == len(films)
     assert summary.later_per_s == pytest.approx(4 / 2.0)  # the 4 films after the slice, in 2 s (it said 11 / 2 s)
 
