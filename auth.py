@@ -165,8 +165,8 @@ def audit_problem(audit: Mapping[str, Any]) -> str | None:
     if unknown:
         return (f"Unknown setting(s) {', '.join(unknown)} {where}; the known ones are {', '.join(AUDIT_KEYS)} "
                 "(dir: the audit folder, hmac_key: the key that names studies). Fix it and restart the app.")
-    for key in AUDIT_KEYS:
-        if key in audit and (not isinstance(audit[key], str) or not audit[key].strip()):
+    for key in AUDIT_KEYS:  # an empty one is unset, as before (dir = "": the trail is off, and the sidebar says so)
+        if key in audit and not isinstance(audit[key], str):
             return f"{key} {where} must be text in quotes, e.g. {key} = \"...\". Fix it and restart the app."
     return None
 

@@ -7,8 +7,10 @@ provider is in test_auth_browser.py.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -369,10 +371,30 @@ def test_sign_in_meant_but_missing_or_a_wrong_audit_setting_closes_the_app(model
         assert texts(at, "title") == [] and auth.LOCAL_NOTE not in [i.value for i in at.sidebar.info], script
 
 
-def test_local_mode_with_an_audit_folder_and_pacs_settings_still_runs(models_root, secrets_file, address, tmp_path):
-    """What the README allows on a machine of one's own: no [auth], an [audit] dir and [pacs] settings."""
+def _without_sections(toml: str, names: set[str]) -> str:
+    kept, keep = [], True
+    for line in toml.splitlines():
+        header = re.match(r"^\[(\w+)\]", line)
+        keep = header is None and keep or header is not None and header.group(1) not in names
+        if keep:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+@pytest.mark.parametrize("audit_dir", ["audit", ""])
+def test_local_mode_with_an_audit_folder_and_pacs_settings_still_runs(models_root, secrets_file, address, tmp_path,
+                                                                       audit_dir):
+    """What the README allows on a machine of one's own: the example without its [auth], [access] and [audit]
+    sections (its [pacs] filled), or with an [audit] dir (empty: the trail is off, as before)."""
     address("127.0.0.1")
-    secrets_file.write_text(f'[audit]\ndir = "{tmp_path / "audit"}"\n[pacs]\nurl = "http://127.0.0.1:9/dicom-web"\n')
+    example = (REPO / ".streamlit" / "secrets.toml.example").read_text()
+    secrets_file.write_text(_without_sections(example, {"auth", "access", "audit"}))
+    assert set(tomllib.loads(secrets_file.read_text())) == {"pacs"}
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    assert texts(at, "exception") == [] and texts(at, "error") == []
+    assert texts(at, "title") == [TITLES["classify"]] and [i.value for i in at.sidebar.info] == [auth.LOCAL_NOTE]
+    folder = str(tmp_path / audit_dir) if audit_dir else ""
+    secrets_file.write_text(f'[audit]\ndir = "{folder}"\n[pacs]\nurl = "http://127.0.0.1:9/dicom-web"\n')
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     assert texts(at, "exception") == [] and texts(at, "error") == []
     assert texts(at, "title") == [TITLES["classify"]] and [i.value for i in at.sidebar.info] == [auth.LOCAL_NOTE]
