@@ -228,14 +228,17 @@ class Written(list):
 
 def films_with_results(client: Client, study_uid: str, series: Sequence[str]) -> set[str] | None:
     """SOP Instance UIDs of the films that the result objects in ``series`` (of this study) were made from, read
-    from each object's header (WADO-RS metadata); None when a header cannot be read."""
+    from each object's header (WADO-RS metadata); None when a header cannot be read or names no film."""
     found: set[str] = set()
     for instance in client.instances(study_uid):
         if instance.series_uid in series:
             try:
-                found |= dicom_results.referenced_films(client.header(instance))
+                films = dicom_results.referenced_films(client.header(instance))
             except PacsError:
                 return None
+            if not films:  # reduced metadata, or results another tool wrote: which film it is for is unknown
+                return None
+            found |= films
     return found
 
 

@@ -253,6 +253,22 @@ def test_a_film_added_to_a_study_later_is_written_alone(orthanc, model):
         client.header = header
 
 
+def test_results_whose_headers_name_no_film_count_the_whole_study_as_written():
+    """Results whose headers name no source film (an archive's reduced metadata, or results another tool wrote)
+    added nothing to the films already written, so every film was written again: they keep the per-study refusal."""
+    named, bare = pydicom.Dataset(), pydicom.Dataset()
+    source = pydicom.Dataset()
+    source.ReferencedSOPInstanceUID = "1.2.3"
+    named.SourceImageSequence = [source]
+    bare.SOPInstanceUID = "1.2.9"
+    answers = [dicomweb.Instance("1.1", "9.1", uid, "", "OT", "", "", "", n, 1) for n, uid in enumerate(("a", "b"))]
+    client = SimpleNamespace(instances=lambda study: answers, header=lambda instance: headers[instance.sop_uid])
+    headers = {"a": named, "b": named}
+    assert pacs.films_with_results(client, "1.1", ["9.1"]) == {"1.2.3"}
+    headers["b"] = bare
+    assert pacs.films_with_results(client, "1.1", ["9.1"]) is None
+
+
 def test_heatmap_capture_keeps_the_films_burned_in_annotation_and_burns_a_banner():
     card = SimpleNamespace(name="tiny", version="1")
     film = pydicom.dcmread(SIIM)
