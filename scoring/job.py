@@ -184,8 +184,10 @@ def _score(config: Config, card: card_lib.ModelCard, store: Store, entries: list
     # their number is given; as python -m benchmarks times it).
     workers = max(1, config.actors or 1) if config.engine == "ray" else 1
     first_rows = min(len(pending), rows_lib.SLICE_BATCHES * config.batch_size * workers)
+    first_block_s = None
     for block in engine_rows(config, pending, card.card_sha256):
         last_s = time.monotonic() - start
+        first_block_s = last_s if first_block_s is None else first_block_s
         done_now = sum(1 for r in block if r["sha256"])
         if rows < first_rows <= rows + len(block):
             first_s, first_finished = last_s, finished + done_now
@@ -198,6 +200,8 @@ def _score(config: Config, card: card_lib.ModelCard, store: Store, entries: list
             store.write_part(buffer)
             buffer = []
     store.write_part(buffer)
+    if first_block_s is not None and rows < first_rows:  # fewer rows than a first slice (files done before)
+        first_s, first_finished = first_block_s, finished
     if len(pending) > rows:
         update(len(pending) - rows)  # files found unchanged since an earlier run
     table = store.commit(entries, card, csv=config.csv)

@@ -917,6 +917,14 @@ def test_the_rate_after_the_first_results_starts_after_the_first_slice(tmp_path,
                          batch_size=1, engine=engine, actors=actors), log=lambda _: None)
     assert summary.scored == len(films)
     assert summary.later_per_s == pytest.approx(4 / 2.0)  # the 4 films after the slice, in 2 s (it said 11 / 2 s)
+    # --resume with 2 films changed: fewer rows than a first slice, so the first results are their first block (at
+    # 1 s here), not 0 s, and there is no later rate.
+    for path in films[:2]:
+        path.write_bytes(FILMS[-1].read_bytes() + b"\0")
+    clock["now"] = 0.0
+    resumed = run(Config(str(tmp_path), model=str(tiny_model_dir), out=str(tmp_path.parent / "rate.parquet"),
+                         batch_size=1, engine=engine, actors=actors, resume=True), log=lambda _: None)
+    assert resumed.scored == 2 and resumed.first_s == pytest.approx(1.0) and resumed.later_per_s is None
 
 
 def test_a_failed_commit_leaves_no_hidden_copy_of_the_rows(tmp_path, tiny_model_dir, data_dir, capsys):
