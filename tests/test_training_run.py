@@ -835,14 +835,16 @@ def test_rescore_external_keeps_the_held_out_source_and_does_not_score_val_or_te
         (external / label / f"again-{Path(rel).name}").symlink_to(work / "cxr" / rel)
     _link(COVID_SET / "Normal", external / "NORMAL", 3, offset=40)  # films it never saw
     lines: list[str] = []
+    external = external.rename(external.parent / "other")  # named like the held-out source (its test/ beside train/)
     rescore.run(out, [str(external)], cache_dir=str(work / "cache"), log=lines.append)
     said = "\n".join(lines)
     assert "4 of its val, test or held-out films (scored there already)" in said
     after = json.loads((out / "metrics.json").read_text())
-    assert after["external"]["n"] == held + 3 and after["external"]["sources"] == ["more", "other"]
+    # named apart from the model's own sources, so the two folders' figures and keys stay apart
+    assert after["external"]["n"] == held + 3 and after["external"]["sources"] == ["other", "other-2"]
     preds = pd.read_csv(out / "predictions.csv")
     ext = preds[preds["split"] == "external"]
-    assert sorted(ext["source"].value_counts().items()) == [("more", 3), ("other", held)]
+    assert sorted(ext["source"].value_counts().items()) == [("other", held), ("other-2", 3)]
     assert not ext["path"].str.startswith(("NORMAL/again-", "PNEUMONIA/again-")).any()
 
 

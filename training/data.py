@@ -138,11 +138,13 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and is_image_name(p.name))
 
 
-def scan(roots: Sequence[str | Path], class_map: dict[str, str] | None = None, known: Iterable[str] = ()) -> Scan:
-    """List every image under the dataset folders with its mapped class and given split (if any)."""
+def scan(roots: Sequence[str | Path], class_map: dict[str, str] | None = None, known: Iterable[str] = (),
+         taken: Sequence[str] = ()) -> Scan:
+    """List every image under the dataset folders with its mapped class and given split (if any); ``taken``:
+    source names already in use (a model's own sources, beside which ``rescore --external`` names new ones)."""
     records: list[Record] = []
     unmapped: list[str] = []
-    names: list[str] = []
+    names: list[str] = list(taken)
     spelled: dict[str, str] = {}  # one class per name whatever its case: a/NORMAL and b/Normal are one class
     for root in map(Path, roots):
         if not root.is_dir():

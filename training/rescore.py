@@ -40,7 +40,10 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
               config: TrainConfig, log) -> dataset.Split:
     """Labelled folders never trained on, as one split; films that near-copy a training film, or that the starting
     weights of the model's run trained on, are dropped."""
-    found = data.scan(roots, class_map, known=prepared.classes)
+    # Named apart from the model's own sources: a new folder called like the held-out one (its test/ beside its
+    # train/) would merge with it in the external split's per-source figures, and share keys with its films.
+    own = sorted({r.source for sp in prepared.splits.values() for r in sp.records})
+    found = data.scan(roots, class_map, known=prepared.classes, taken=own)
     for folder in found.unmapped:
         log(f"external: skipped folder {folder}: it maps to none of the model's classes {prepared.classes}")
     # Without --map every folder is its own class: "Normal" is the model's NORMAL (as `evaluate` matches
