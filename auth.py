@@ -447,14 +447,19 @@ def record(action: str, **fields: Any) -> dict[str, Any] | None:
     folder = audit_folder()
     if folder is None:
         return None
-    user = current_user()
     try:
-        return audit_log.AuditLog(folder, audit_key()).record(user.id if user else "anonymous",
-                                                              user.role if user else None, action, **fields)
+        return _append(folder, current_user(), action, **fields)
     except OSError as err:  # the page goes on, but everyone sees that the trail has a gap
         st.error(f"The audit trail could not be written to {folder} ({type(err).__name__}: {err.strerror}). "
                  "Tell the app's administrator.", icon="📝")
         return None
+
+
+def _append(audit_dir: str, user: User | None, action: str, /, **fields: Any) -> dict[str, Any]:
+    """The audit line of ``user`` written in ``audit_dir`` (``fields`` may hold a ``folder``); raises OSError when
+    it cannot be."""
+    return audit_log.AuditLog(audit_dir, audit_key()).record(user.id if user else "anonymous",
+                                                          user.role if user else None, action, **fields)
 
 
 def record_for(user: User | None, action: str, **fields: Any) -> bool:
@@ -465,8 +470,7 @@ def record_for(user: User | None, action: str, **fields: Any) -> bool:
     if folder is None:
         return True
     try:
-        audit_log.AuditLog(folder, audit_key()).record(user.id if user else "anonymous", user.role if user else None,
-                                                       action, **fields)
+        _append(folder, user, action, **fields)
     except OSError:
         return False
     return True

@@ -11,7 +11,7 @@ description that starts with ``RESULT_PREFIX`` so that a later write-back can fi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -88,16 +88,19 @@ def _needs_utf8(charset) -> bool:
 TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
 
 
-def _all_ascii(ds: pydicom.Dataset) -> bool:
-    """Whether every text value of the dataset (sequences included) is plain ASCII, once decoded."""
+def _text_values(ds: pydicom.Dataset) -> Iterator[str]:
+    """Every text value of the dataset (sequences and multi-valued elements included), once decoded."""
     for element in ds.iterall():
         if element.VR not in TEXT_VRS:
             continue
         values = element.value if isinstance(element.value, list | tuple | pydicom.multival.MultiValue) \
             else [element.value]
-        if not all(str(v).isascii() for v in values if v is not None):
-            return False
-    return True
+        yield from (str(v) for v in values if v is not None)
+
+
+def _all_ascii(ds: pydicom.Dataset) -> bool:
+    """Whether every text value of the dataset (sequences included) is plain ASCII, once decoded."""
+    return all(v.isascii() for v in _text_values(ds))
 
 
 def _declare_utf8_where_needed(ds: pydicom.Dataset) -> None:
@@ -114,18 +117,11 @@ def _declare_utf8_where_needed(ds: pydicom.Dataset) -> None:
     codec = "ascii" if not values or not values[0] else python_encoding.get(str(values[0]))
     if codec is None:
         return
-    for element in ds.iterall():
-        if element.VR not in TEXT_VRS:
-            continue
-        items = element.value if isinstance(element.value, list | tuple | pydicom.multival.MultiValue) \
-            else [element.value]
-        try:
-            for item in items:
-                if item is not None:
-                    str(item).encode(codec)
-        except UnicodeEncodeError:
-            ds.SpecificCharacterSet = "ISO_IR 192"
-            return
+    try:
+        for value in _text_values(ds):
+            value.encode(codec)
+    except UnicodeEncodeError:
+        ds.SpecificCharacterSet = "ISO_IR 192"
 
 
 def patient_study_source(source: pydicom.Dataset) -> pydicom.Dataset:
