@@ -11,6 +11,7 @@ Neither writes anything to disk or logs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,15 +146,27 @@ def classify_many(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     total = len(items) if hasattr(items, "__len__") else -1
     size = classifier.input_size
+    stopped = threading.Event()
 
-    chunks = _chunks(items, batch_size)
+    def until_stopped() -> Iterator[tuple[str, Source]]:
+        # Checked before each file is pulled: ``items`` may be a generator that reads files lazily (a URL can take
+        # a minute), and a Ctrl-C must not wait for the rest of the batch being read ahead.
+        it = iter(items)
+        while not stopped.is_set():
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+
+    chunks = _chunks(until_stopped(), batch_size)
 
     def read_next() -> list[_Read]:
         # Pulled in the worker too: ``items`` may be a generator that reads files lazily.
         return [_read(name, source, size) for name, source in next(chunks, [])]
 
     rows: list[BatchItem] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-read") as pool:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-read")
+    try:
         pending = pool.submit(read_next)
         while True:
             reads = pending.result()
@@ -170,4 +183,9 @@ def classify_many(
                     rows.append(BatchItem(r.name, prediction, r.error, r.info, r.thumbnail, r.image_scores))
             if progress is not None:
                 progress(len(rows), total)
+    except BaseException:  # Ctrl-C, a stopped app run: the reader ends after the file it is on
+        stopped.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return rows
