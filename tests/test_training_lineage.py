@@ -201,7 +201,7 @@ def test_rescore_external_leaves_out_the_other_films_of_a_patient_whose_film_tra
         (external / "NORMAL" / film.name).symlink_to(film)
     kept, lines = _rescored_external(train_records, external)
     assert kept == [f"NORMAL/{stranger.name}"]
-    assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
+    assert any("left out 1 films of patients in the model's train, val or test split" in line for line in lines), lines
 
 
 def test_rescore_external_drops_a_copy_of_a_film_its_starting_weights_trained_on(tmp_path):
@@ -235,7 +235,7 @@ def test_rescore_external_knows_a_training_patient_under_another_folder_name(tmp
         (external / "NORMAL" / film.name).symlink_to(film)
     kept, lines = _rescored_external(train_records, external)
     assert kept == [f"NORMAL/{stranger.name}"]
-    assert any("left out 1 films of patients the model trained on" in line for line in lines), lines
+    assert any("left out 1 films of patients in the model's train, val or test split" in line for line in lines), lines
 
 
 def test_a_patient_whose_film_was_collapsed_into_a_copy_counts_in_the_copy_s_split():
@@ -263,6 +263,78 @@ def test_a_patient_whose_film_was_collapsed_into_a_copy_counts_in_the_copy_s_spl
     assert {d.rel: d.duplicate_of for d in dropped} == {"N/IM-0001-0002.jpeg": "kermany/patient IM-0001",
                                                       "N/IM-0004-0002.jpeg": "kermany/patient IM-0004"}
     assert data.separate_patients(records)[1] == []  # without the copies, nothing ties them
+
+
+def test_a_patient_whose_film_is_a_copy_of_a_copy_of_a_training_film_leaves_the_later_split():
+    """A chain of copies: Kermany's test film IM-0100-0001 has the same bytes as a compilation's unnamed film, which
+    was itself dropped as a near-copy of another training film. The patient's film trained the model (as that
+    film), so the patient's other test film leaves test."""
+    root = Path("/x")
+    trained = data.Record(root / "reencoded.png", "N/reencoded.png", "other", "NORMAL", split="train")
+    compilation = data.Record(root / "Normal-9.png", "N/Normal-9.png", "compilation", "NORMAL", split="train",
+                              duplicate_of=trained.key, duplicate_kind="near")
+    named = data.Record(root / "IM-0100-0001.png", "N/IM-0100-0001.png", "kermany", "NORMAL", split="test",
+                        patient="IM-0100", duplicate_of=compilation.key, duplicate_kind="bytes")
+    sibling = data.Record(root / "IM-0100-0002.png", "N/IM-0100-0002.png", "kermany", "NORMAL", split="test",
+                          patient="IM-0100")
+    left, dropped = data.separate_patients([trained, sibling], [named, compilation])
+    assert [r.rel for r in left] == ["N/reencoded.png"]
+    assert [(d.rel, d.duplicate_of) for d in dropped] == [("N/IM-0100-0002.png", "kermany/patient IM-0100")]
+    assert data.kept_of([named, compilation]) == {named.key: trained.key, compilation.key: trained.key}
+    loop = [dataclasses.replace(named, duplicate_of=compilation.key),
+            dataclasses.replace(compilation, duplicate_of=named.key)]
+    assert data.kept_of(loop) == {named.key: named.key, compilation.key: compilation.key}  # a loop ends
+
+
+def test_rescore_external_leaves_out_the_other_films_of_the_model_s_val_and_test_patients(tmp_path):
+    """A training run leaves a patient's films out of every later split; rescore --external must too. One patient's
+    film is in the model's val split (it chose the thresholds), another's in its test split: their other films are
+    not scored as external; a stranger's film is."""
+    normal = KERMANY / "NORMAL"
+    by_patient: dict[str, list[Path]] = {}
+    for name in sorted(p.name for p in normal.iterdir()):
+        by_patient.setdefault(data.patient_id(name), []).append(normal / name)
+    (val_film, val_sibling), (test_film, test_sibling) = [v[:2] for k, v in by_patient.items() if k and len(v) > 1][:2]
+    stranger = next(v[0] for k, v in by_patient.items()
+                    if k and k not in {data.patient_id(val_film.name), data.patient_id(test_film.name)})
+    train_film = KERMANY / "PNEUMONIA" / sorted(p.name for p in (KERMANY / "PNEUMONIA").iterdir())[0]
+
+    def split_of(films: list[Path], split: str) -> dataset.Split:
+        recs = [data.Record(f, f"{f.parent.name}/{f.name}", "kermany", f.parent.name, split=split,
+                            patient=data.patient_id(f.name)) for f in films]
+        labels = np.array([["NORMAL", "PNEUMONIA"].index(r.label) for r in recs], np.int64)
+        return dataset.Split(recs, cache.decode(recs, SIZE, None).images, labels)
+
+    prepared = dataset.Prepared(["NORMAL", "PNEUMONIA"], {"train": split_of([train_film], "train"),
+                                                         "val": split_of([val_film], "val"),
+                                                         "test": split_of([test_film], "test")})
+    external = tmp_path / "chest_xray"
+    (external / "NORMAL").mkdir(parents=True)
+    for film in (val_sibling, test_sibling, stranger):
+        (external / "NORMAL" / film.name).symlink_to(film)
+    lines: list[str] = []
+    split = rescore._external(prepared, [str(external)], None, TrainConfig(data=[], input_size=SIZE, cache_dir=""),
+                              lines.append)
+    assert [r.rel for r in split.records] == [f"NORMAL/{stranger.name}"]
+    assert any("left out 2 films of patients in the model's train, val or test split" in line for line in lines)
+
+
+def test_a_held_out_source_left_with_no_film_is_said_and_its_split_can_be_reused(films, tmp_path):
+    """Every film of the held-out source is a byte copy of a training film: the run says it has no external figures,
+    and its split.csv (whose only rows of that source are duplicates) still names the source for --resume,
+    --split-manifest and rescore."""
+    ext = tmp_path / "ext"
+    _link(films["kermany"] / "NORMAL", ext / "NORMAL", 3)
+    config = _config(films, tmp_path / "a", [films["kermany"], ext], holdout_source="ext")
+    lines: list[str] = []
+    prepared = dataset.prepare(config, tmp_path / "a", log=lines.append)
+    assert len(prepared.splits["external"].records) == 0
+    assert any("no film of the held-out source(s) ext is left to score" in line for line in lines), lines
+    rows = _manifest(tmp_path / "a" / "split.csv")
+    assert {r["split"] for r in rows if r["source"] == "ext"} == {"duplicate"}
+    again = dataset.prepare(dataclasses.replace(config, split_manifest=str(tmp_path / "a" / "split.csv")),
+                            tmp_path / "b", log=lambda _: None)
+    assert _keys(again, "test") == _keys(prepared, "test") and len(again.splits["external"].records) == 0
 
 
 def test_split_first_keeps_the_training_copy_and_across_splits_only_keeps_copies_within_a_split():

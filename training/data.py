@@ -214,6 +214,22 @@ def deduplicate(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     return sorted(kept, key=lambda r: order[r.key]), sorted(dropped, key=lambda r: order[r.key])
 
 
+def kept_of(copies: Sequence[Record]) -> dict[str, str]:
+    """Each dropped copy's key -> the key of the film finally kept for it: ``duplicate_of`` followed to the end of
+    the chain (a byte copy of a film that was itself dropped as a near-copy of another names that film, not the
+    one kept)."""
+    of = {d.key: d.duplicate_of for d in copies if d.duplicate_of}
+    out: dict[str, str] = {}
+    for key in of:
+        seen = {key}
+        target = of[key]
+        while target in of and target not in seen:
+            seen.add(target)
+            target = of[target]
+        out[key] = target
+    return out
+
+
 def separate_patients(records: Sequence[Record], copies: Sequence[Record] = ()) -> tuple[list[Record], list[Record]]:
     """Leave out of a later split (val, then test, then external) the films of a patient who has films in an
     earlier one: splits given as folders (``DIR/train``, ``DIR/test``) or by a manifest are kept as they are, so
@@ -227,9 +243,10 @@ def separate_patients(records: Sequence[Record], copies: Sequence[Record] = ()) 
         if r.patient and r.split in rank:
             first[r.patient] = min(first.get(r.patient, 9), rank[r.split])
     split_of = {r.key: r.split for r in records}
+    kept_key = kept_of(copies)
     for d in copies:
-        if d.patient and d.duplicate_kind in ("bytes", "near") and split_of.get(d.duplicate_of) in rank:
-            first[d.patient] = min(first.get(d.patient, 9), rank[split_of[d.duplicate_of]])
+        if d.patient and d.duplicate_kind in ("bytes", "near") and split_of.get(kept_key.get(d.key)) in rank:
+            first[d.patient] = min(first.get(d.patient, 9), rank[split_of[kept_key[d.key]]])
     kept, dropped = [], []
     for r in records:
         if r.patient and r.split in rank and rank[r.split] > first[r.patient]:

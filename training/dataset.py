@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,14 @@ def _limit(records: list[data.Record], per_class: int, seed: int) -> list[data.R
     return chosen
 
 
-def _hold_out(records: list[data.Record], holdout: list[str], from_manifest: bool) -> list[data.Record]:
-    """Mark the records of the held-out sources as the external split (checked, not changed, for a manifest)."""
+def _hold_out(records: list[data.Record], holdout: list[str], from_manifest: bool,
+              listed: Sequence[data.Record] = ()) -> list[data.Record]:
+    """Mark the records of the held-out sources as the external split (checked, not changed, for a manifest).
+    ``listed``: all the manifest's rows, its dropped copies too (a held-out source all of whose films a run left
+    out as copies or as its training patients' films is still a source of that split)."""
     if not holdout:
         return records
-    present = sorted({r.source for r in records})
+    present = sorted({r.source for r in [*records, *listed]})
     unknown = [h for h in holdout if h not in present]
     if unknown:
         raise ValueError(f"--holdout-source {', '.join(unknown)}: no such source; the sources are {present}")
@@ -142,9 +146,10 @@ def not_seen_by_start(config: TrainConfig, records: list[data.Record], duplicate
         return list(range(len(records))), []
     trained = data.trained_films(manifest)
     via: dict[str, str] = {r.key: r.key for r in records if r.key in trained.keys or r.sha256 in trained.sha256}
-    for d in duplicates:  # a kept film whose dropped copy the starting weights trained on
-        if d.duplicate_of and (d.key in trained.keys or d.sha256 in trained.sha256):
-            via.setdefault(d.duplicate_of, d.key)
+    kept_key = data.kept_of(duplicates)
+    for d in duplicates:  # a kept film whose dropped copy (or a copy of that copy) the starting weights trained on
+        if d.key in kept_key and (d.key in trained.keys or d.sha256 in trained.sha256):
+            via.setdefault(kept_key[d.key], d.key)
     # Another film of a patient the starting weights trained on: the split is by patient, so it is not held out
     # from them either.
     patient_film = {r.patient: r.key for r in records if r.key in via and r.patient}
@@ -214,7 +219,7 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
         held = _hold_out(_limit(found.records, config.max_per_class, config.seed), config.holdout_sources, False)
         records, duplicates = data.deduplicate(held)
     if manifest is not None:
-        records = _hold_out(records, config.holdout_sources, True)
+        records = _hold_out(records, config.holdout_sources, True, listed)
         unscored = sum(1 for r in records if r.split == data.EXTERNAL and not config.holdout_sources)
         if unscored:
             log(f"the split manifest marks {unscored} films external; they are not scored without --holdout-source")
@@ -291,6 +296,10 @@ def prepare(config: TrainConfig, out: Path, log=print, trained: list[dict[str, s
     for name in ("train", "val"):
         if not len(splits[name].records):
             raise ValueError(f"the {name} split is empty: add images or change --split")
+    if holdout and not len(splits[data.EXTERNAL].records):
+        log(f"warning: no film of the held-out source(s) {', '.join(holdout)} is left to score (every one was a copy "
+            "of, or another film of a patient of, a film in train, val or test, or could not be read; split.csv "
+            "says which): this run has no external figures")
     untrained = [c for c, i in index.items() if not (splits["train"].labels == i).any()]
     if untrained:  # a class only in val/test (e.g. DIR/test/COVID without DIR/train/COVID): a head it cannot learn
         raise ValueError(f"the train split has no films of {', '.join(untrained)}: add training films of that class, "

@@ -106,15 +106,20 @@ def _external(prepared: dataset.Prepared, roots: Sequence[str], class_map: dict[
     fresh, _seen = dataset.not_seen_by_start(config, [decoded.records[i] for i in keep], [*duplicates, *gone], log)
     keep = [keep[i] for i in fresh]
     # Another film of a patient the model itself trained on is not held out from it either (Kermany's own test
-    # folder shares patient ids with its train folder, under whatever folder name it was downloaded).
-    patients = {r.patient for r in trained_records if r.patient}  # by id: a download's folder name is no matter
-    # and a patient one of whose external films was dropped as a copy of a training film (a compilation's copy,
-    # named without the patient, trained the model): the patient's other films are no more held out
-    patients |= {d.patient for d in gone if d.patient and d.duplicate_of in trained}
+    # folder shares patient ids with its train folder, under whatever folder name it was downloaded); nor is one
+    # of a patient of its val split (which chose its epoch, temperature and thresholds) or of its test split
+    # (scored there already), as a training run leaves a patient's films out of every later split.
+    own = [*trained_records, *(r for n in ("val", "test") if n in prepared.splits for r in prepared.splits[n].records)]
+    patients = {r.patient for r in own if r.patient}  # by id: a download's folder name is no matter
+    # and a patient one of whose external films was dropped as a copy of one of those films (a compilation's copy,
+    # named without the patient, trained the model), directly or as a copy of such a copy
+    own_keys = {r.key for r in own}
+    kept_key = data.kept_of([*duplicates, *gone])
+    patients |= {d.patient for d in [*duplicates, *gone] if d.patient and kept_key.get(d.key) in own_keys}
     same = [i for i in keep if decoded.records[i].patient and decoded.records[i].patient in patients]
     if same:
-        log(f"external: left out {len(same)} films of patients the model trained on (their other films are in its "
-            "train split)")
+        log(f"external: left out {len(same)} films of patients in the model's train, val or test split (their other "
+            "films trained, tuned or tested it)")
         keep = [i for i in keep if i not in set(same)]
     recs = [decoded.records[i] for i in keep]
     index = {c: i for i, c in enumerate(prepared.classes)}
