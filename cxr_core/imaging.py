@@ -104,6 +104,9 @@ class ImageInfo:
     frames: int = 1
     inverted: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    # A colour DICOM's colourfulness (``colourfulness_of`` its decoded RGB): the quality check's colour rule reads
+    # other formats from the file, which for a DICOM takes a decoder. None for grey films and other formats.
+    colourfulness: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,19 @@ class LoadedImage:
 
 
 # ImageInfo.metadata keys that say what the reader changed
-NOTES = ("Exif", "Transparency", "NonFinitePixels", "Conversion", "Polarity", "Presentation", "Frames")
+NOTES = ("Exif", "Transparency", "NonFinitePixels", "Conversion", "Polarity", "Presentation", "Frames",
+         "BitPosition")
+
+
+def colourfulness_of(rgb: np.ndarray) -> float:
+    """Hasler-Suesstrunk colourfulness of an RGB array on the 0-255 scale (0 = grey, about 30+ = a colourful
+    photo)."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    if rgb.ndim != 3 or rgb.shape[-1] < 3:
+        return 0.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def reading_notes(info: ImageInfo, cautions: bool = False) -> list[str]:
@@ -324,6 +339,11 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
             metadata["Exif"] = unreadable
     pixels, bit_depth, notes = _pillow_gray(im)
     metadata.update(notes)
+    inverted = _tiff_min_is_white(opened) and im.mode.startswith(("I", "F"))  # Pillow inverts only 8-bit ones
+    if inverted:
+        np.subtract(np.float32(1), pixels, out=pixels)
+        metadata["Polarity"] = ("the TIFF states that its lowest value is white (PhotometricInterpretation "
+                                "WhiteIsZero, as DICOM's MONOCHROME1): shown inverted, lungs dark")
     mode = im.mode  # before counting frames, which moves the file's image to its later frames
     frames = _frame_count(opened)
     if frames > 1:  # a multi-page TIFF or an animated GIF, as a DICOM with several frames
@@ -332,10 +352,18 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
         metadata["Conversion"] = f"{mode} to grayscale (ITU-R 601 luma)"
     height, width = pixels.shape
     return LoadedImage(pixels, ImageInfo(format=fmt, width=width, height=height, bit_depth=bit_depth,
-                                         photometric=metadata["PillowMode"], frames=frames, metadata=metadata))
+                                         photometric=metadata["PillowMode"], frames=frames, inverted=inverted,
+                                         metadata=metadata))
 
 
 _MAX_FRAMES_COUNTED = 1000
+
+
+def _tiff_min_is_white(im: Image.Image) -> bool:
+    try:
+        return im.format == "TIFF" and int(im.tag_v2.get(262, -1)) == 0
+    except Exception:  # noqa: BLE001 - a damaged tag states nothing
+        return False
 
 
 def frames_note(frames: int, counted_all: bool = True) -> str:
@@ -404,7 +432,14 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
     """
     mode, notes = im.mode, {}
     if mode.startswith("I;16"):
-        return _scaled_by_bits_used(np.asarray(im).astype(np.float32), notes), 16, notes
+        arr = np.asarray(im).astype(np.float32)
+        clear = _transparent(im, arr)
+        if clear is not None:
+            arr[clear] = 0  # before the scale is found: a transparent white must not set it
+        pixels = _scaled_by_bits_used(arr, notes)
+        if clear is not None:
+            notes["Transparency"] = f"transparent pixels composited on {BACKGROUND}"
+        return pixels, 16, notes
     if mode in ("I", "F"):
         arr = np.asarray(im).astype(np.float64)
         finite = np.isfinite(arr)
@@ -413,9 +448,18 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
                                        "Export it again as an ordinary 8- or 16-bit image.")
         if not finite.all():
             notes["NonFinitePixels"] = f"{int(arr.size - finite.sum()):,} NaN or infinite pixels shown black"
+        clear = _transparent(im, arr) if mode == "I" else None
+        if clear is not None:
+            finite &= ~clear
+            if not finite.any():
+                raise UnreadableImageError("Every pixel of the image is transparent: there is no picture to read. "
+                                           "Export it again without transparency.")
+            notes["Transparency"] = f"transparent pixels composited on {BACKGROUND}"
         lo, hi = float(arr[finite].min()), float(arr[finite].max())
         arr = np.where(finite, arr, lo)
         if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data widened to int32 by some plugins
+            if clear is not None:
+                arr[clear] = 0
             return _scaled_by_bits_used(arr.astype(np.float32), notes), 16, notes
         if mode == "F" and lo >= 0 and hi <= 1:
             return arr.astype(np.float32), 32, notes
@@ -430,6 +474,15 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
     if im.mode != "L":
         im = im.convert("L")
     return np.asarray(im).astype(np.float32) / np.float32(255), 1 if mode == "1" else 8, notes
+
+
+def _transparent(im: Image.Image, arr: np.ndarray) -> np.ndarray | None:
+    """The pixels a 16- or 32-bit grey image's transparency value (a PNG's tRNS) marks, or None when none is."""
+    key = im.info.get("transparency")
+    if not isinstance(key, (int, float)) or isinstance(key, bool):
+        return None
+    clear = arr == key
+    return clear if clear.any() else None
 
 
 class _TooManyElements(Exception):
@@ -732,8 +785,10 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     if not str(ds.get("PhotometricInterpretation", "")).strip() and samples == 1:  # required; grey has one reading
         ds.PhotometricInterpretation = "MONOCHROME2"
         assumed["PhotometricInterpretation"] = "missing from the file: read as MONOCHROME2"
+    stored_bits = ds.get("BitsStored")
+    shift = 0
     try:
-        arr = pixel_array(ds, index=0)  # the first frame only, even for multi-frame files
+        arr, shift = _first_frame(ds, syntax)
     except Exception as exc:
         if syntax.is_encapsulated and "missing dependencies" in str(exc):  # pydicom: no plugin installed
             raise UnreadableImageError(errors.NO_DECODER.format(syntax=syntax.name)) from exc
@@ -749,6 +804,10 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
             "from the PACS or modality and retry.") from exc
     metadata = {key: str(ds[key].value) for key in METADATA_TAGS if key in ds} | assumed
     metadata["TransferSyntax"] = deflated or syntax.name
+    if shift:
+        metadata["BitPosition"] = (f"the {stored_bits}-bit values sit in bits {shift}-{shift + int(stored_bits) - 1} "
+                                   f"of each sample (HighBit {int(ds.HighBit)}): read from there")
+    missing = _non_finite(arr)
     bits = int(_number(ds, "BitsStored", arr.dtype.itemsize * 8))
     values = _modality_values(arr, ds, photometric, metadata)
     value_range = (float(values.min()), float(values.max()))
@@ -768,10 +827,63 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
                                 "brighter than the mediastinum): shown inverted, lungs dark")
     if inverted:
         np.subtract(np.float32(1), pixels, out=pixels)
+    if missing is not None:
+        pixels[missing] = 0  # black whatever the inversion (MONOCHROME1, a negative slope) made of them
     info = ImageInfo(format="DICOM", width=cols, height=rows, bit_depth=bits, photometric=photometric,
                      window=used, window_source=source, value_range=value_range, frames=frames,
-                     inverted=inverted, metadata=metadata)
+                     inverted=inverted, metadata=metadata, colourfulness=_dicom_colourfulness(arr, bits))
     return LoadedImage(pixels, info, modality)
+
+
+def _first_frame(ds: pydicom.Dataset, syntax: pydicom.uid.UID) -> tuple[np.ndarray, int]:
+    """The first frame's stored values (even for a multi-frame file), and how far they were shifted down: an
+    uncompressed film whose HighBit says its values sit above bit 0 and whose samples do use the bits up to it is
+    read from there; one whose samples fit under BitsStored (a stale HighBit) is read from bit 0, as pydicom does."""
+    shift = _bits_above_zero(ds, syntax)
+    if not shift:
+        return pixel_array(ds, index=0), 0
+    stored, signed = ds.BitsStored, ds.get("PixelRepresentation", 0)
+    try:
+        ds.BitsStored, ds.PixelRepresentation = int(ds.HighBit) + 1, 0
+        if int(pixel_array(ds, index=0).max(initial=0)) < 2 ** int(stored):
+            shift = 0
+        else:
+            ds.PixelRepresentation = signed
+            return pixel_array(ds, index=0) >> shift, shift  # arithmetic for signed data: the sign stays
+    finally:
+        ds.BitsStored, ds.PixelRepresentation = stored, signed
+    return pixel_array(ds, index=0), 0
+
+
+def _bits_above_zero(ds: pydicom.Dataset, syntax: pydicom.uid.UID) -> int:
+    """How far above bit 0 an uncompressed film's stored bits sit (HighBit + 1 - BitsStored): 0 as the standard
+    asks, but some old modalities stored 12-bit values in the top bits of 16, which read from bit 0 are noise."""
+    if syntax.is_encapsulated or "PixelData" not in ds:
+        return 0
+    try:
+        high, stored, allocated = int(ds.HighBit), int(ds.BitsStored), int(ds.BitsAllocated)
+    except Exception:  # noqa: BLE001 - missing or damaged: pydicom reads from bit 0 as the standard says
+        return 0
+    shift = high + 1 - stored
+    return shift if 0 < shift and stored >= 1 and high < allocated else 0
+
+
+def _non_finite(arr: np.ndarray) -> np.ndarray | None:
+    """The float samples that count as missing (NaN, infinite, beyond single precision), or None."""
+    if arr.dtype.kind != "f" or arr.ndim != 2:
+        return None
+    missing = ~(np.isfinite(arr) & (np.abs(arr) <= np.finfo(np.float32).max))
+    return missing if missing.any() else None
+
+
+def _dicom_colourfulness(arr: np.ndarray, bits: int) -> float | None:
+    """A colour film's colourfulness, on a sample of at most about 256 px a side; None for a grey one."""
+    if arr.ndim != 3:
+        return None
+    step = max(1, max(arr.shape[:2]) // 256)
+    sample = arr[::step, ::step, :3].astype(np.float32)
+    top = float(2 ** min(max(bits, 1), 16) - 1) if arr.dtype.kind in "iu" else max(float(sample.max()), 1e-6)
+    return colourfulness_of(np.clip(sample * np.float32(255 / top), 0, 255))
 
 
 def _presentation_inverse(ds: pydicom.Dataset) -> bool:
@@ -816,8 +928,7 @@ def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, met
             raise UnreadableImageError("The DICOM image holds no finite pixel values (all NaN, infinite or beyond "
                                        "single precision). Export it again as an ordinary 8- or 16-bit image.")
         if not finite.all():
-            metadata["NonFinitePixels"] = (f"{int(arr.size - finite.sum()):,} NaN or infinite pixels set to the "
-                                           "film's lowest value")
+            metadata["NonFinitePixels"] = f"{int(arr.size - finite.sum()):,} NaN or infinite pixels shown black"
             arr = np.where(finite, arr, arr[finite].min())
     values = arr.astype(np.float32)
     slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)

@@ -132,8 +132,9 @@ def colour_sample(data: bytes | str | PathLike) -> np.ndarray | None:
     file's bytes (``python -m scoring`` holds one per file of a slice; a DX DICOM is 30-60 MB)."""
     try:
         with io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb") as source:
-            # The format the reader took it as (a DICOM, whatever its preamble looks like, is grey by definition),
-            # and no bigger than it takes: the image was read once already, within the limits.
+            # The format the reader took it as (a DICOM's colour is measured as it is decoded, in
+            # ImageInfo.colourfulness), and no bigger than it takes: the image was read once already, within the
+            # limits.
             fmt = imaging.pillow_format(source.read(132))
             if fmt is None:
                 return None
@@ -158,14 +159,7 @@ def colourfulness(data: bytes | str | PathLike | np.ndarray | None) -> float:
     """
     if isinstance(data, (bytes, bytearray, str, PathLike)):
         data = colour_sample(data)
-    if data is None:
-        return 0.0
-    rgb = np.asarray(data, dtype=np.float32)
-    if rgb.ndim != 3 or rgb.shape[-1] < 3:
-        return 0.0
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    rg, yb = r - g, 0.5 * (r + g) - b
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+    return 0.0 if data is None else imaging.colourfulness_of(data)
 
 
 def _code(value: str) -> str:
@@ -213,7 +207,8 @@ def assess(loaded: Any, original: bytes | str | PathLike | np.ndarray | None = N
     height, width = pixels.shape
     measured = dict(image_scores) if image_scores is not None else pixel_scores(pixels)
     scores = {
-        "colourfulness": colourfulness(original),
+        # A DICOM's colour is measured as it is decoded (ImageInfo.colourfulness): its bytes need a decoder.
+        "colourfulness": max(colourfulness(original), float(getattr(info, "colourfulness", None) or 0.0)),
         "pixel_std": measured.pop("pixel_std"),
         "aspect_ratio": float(getattr(info, "width", 0) or width) / float(getattr(info, "height", 0) or height),
         **measured,

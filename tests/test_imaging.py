@@ -437,6 +437,100 @@ def test_float_dicom_with_nan_stays_finite():
     assert img.pixels[1, 0] < 0.05 and img.pixels[1, -1] > 0.95
 
 
+def _float_dicom(values: np.ndarray, **tags) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(_dicom(np.zeros(values.shape, np.uint16))))
+    del ds.PixelData
+    ds.BitsAllocated, ds.SamplesPerPixel = 32, 1
+    for key in ("BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, key)
+    ds.FloatPixelData = values.astype(np.float32).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_missing_float_samples_are_black_in_a_monochrome1_film_too():
+    """NaN samples are shown black as the note says, also where MONOCHROME1's inversion (or a negative slope) would
+    turn the film's lowest value white."""
+    values = np.tile(np.linspace(0, 1000, 16, dtype=np.float32), (8, 1))
+    values[:, :3] = np.nan
+    for tags in ({"PhotometricInterpretation": "MONOCHROME1"}, {}, {"RescaleSlope": -1, "RescaleIntercept": 0}):
+        img = imaging.load(_float_dicom(values, **tags))
+        assert img.pixels[:, :3].max() == 0.0, tags
+        assert img.pixels[:, 3:].max() > 0.9, tags  # the rest of the film is still there, windowed
+        assert img.info.metadata["NonFinitePixels"] == "24 NaN or infinite pixels shown black"
+
+
+def test_twelve_bit_values_stored_in_the_high_bits_are_read_from_there(data_dir):
+    """HighBit 15 with BitsStored 12: the values sit in bits 4-15 (old modalities did so). Read from bit 0, as
+    pydicom does, the film was noise with no word said."""
+    film = np.asarray(Image.open(data_dir / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg").convert("L")
+                      .resize((256, 256)), dtype=np.uint16) * 16  # 12-bit values
+    plain = imaging.load(_dicom(film, BitsStored=12, HighBit=11))
+    for pixel_representation, data in ((0, film << 4), (1, (film.astype(np.int16) - 2048) << 4)):
+        high = imaging.load(_dicom(data.astype(np.uint16 if pixel_representation == 0 else np.int16),
+                                   BitsStored=12, HighBit=15, PixelRepresentation=pixel_representation))
+        assert np.corrcoef(high.pixels.ravel(), plain.pixels.ravel())[0, 1] > 0.999, pixel_representation
+        assert high.info.metadata["BitPosition"] == ("the 12-bit values sit in bits 4-15 of each sample (HighBit 15): "
+                                                     "read from there")
+        assert "BitPosition: " in " ".join(imaging.reading_notes(high.info, cautions=True))
+    lo, hi = high.info.value_range
+    assert -2048 <= lo < hi <= 2047  # signed 12-bit values, sign kept through the shift
+    assert "BitPosition" not in plain.info.metadata
+
+
+def _min_is_white_tiff(arr: np.ndarray) -> bytes:
+    """A TIFF of ``arr`` whose PhotometricInterpretation (tag 262) says WhiteIsZero."""
+    raw = bytearray(_encode(Image.fromarray(arr), "TIFF"))
+    assert raw[:2] == b"II"
+    ifd = struct.unpack_from("<I", raw, 4)[0]
+    for i in range(struct.unpack_from("<H", raw, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", raw, entry)[0] == 262:
+            struct.pack_into("<H", raw, entry + 8, 0)
+            return bytes(raw)
+    raise AssertionError("no tag 262")
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 255), (np.uint16, 65535), (np.float32, 1000.0)])
+def test_a_tiff_whose_lowest_value_is_white_is_shown_inverted_at_any_depth(dtype, top):
+    """TIFF's WhiteIsZero is its MONOCHROME1: Pillow inverts 8-bit files itself, not 16-bit or float ones, which
+    came out as negatives."""
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (16, 1))
+    img = imaging.load(_min_is_white_tiff((ramp * top).astype(dtype)), "film.tif")
+    assert img.pixels[:, 0].mean() > 0.99 and img.pixels[:, -1].mean() < 0.01  # stored 0 shown white
+    if dtype is not np.uint8:
+        assert img.info.inverted and img.info.metadata["Polarity"].startswith("the TIFF states that its lowest")
+
+
+def test_a_16_bit_png_s_transparent_grey_is_composited_on_black():
+    grey = np.full((20, 40), 40000, np.uint16)
+    grey[:, :10] = 65535  # the tRNS grey: transparent
+    img = imaging.load(_encode(Image.fromarray(grey), "PNG", transparency=65535), "film.png")
+    assert Image.open(io.BytesIO(_encode(Image.fromarray(grey), "PNG", transparency=65535))).mode == "I;16"
+    assert img.pixels[:, :10].max() == 0.0
+    np.testing.assert_allclose(img.pixels[:, 10:], 40000 / 65535, atol=1e-6)
+    assert img.info.metadata["Transparency"] == "transparent pixels composited on black"
+
+
+def test_a_colour_dicom_meets_the_colour_rule_as_a_colour_png_does(data_dir):
+    from cxr_core import quality
+
+    grey = np.asarray(Image.open(data_dir / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg").convert("L")
+                      .resize((256, 256)), dtype=np.float32)
+    tinted = np.stack([grey, grey * 0.5, np.zeros_like(grey)], -1).astype(np.uint8)  # a false-colour picture
+    dicom = imaging.load(_dicom(tinted[None]))
+    png = _encode(Image.fromarray(tinted), "PNG")
+    assert dicom.info.colourfulness == pytest.approx(quality.colourfulness(png), rel=0.05)
+    checked = quality.assess(dicom, None)
+    assert checked.probably_not_chest and checked.reasons[0].startswith("it is a colour picture")
+    grey_rgb = imaging.load(_dicom(np.repeat(grey.astype(np.uint8)[None, ..., None], 3, -1)))
+    assert grey_rgb.info.colourfulness == 0.0 and not quality.assess(grey_rgb).reasons  # grey saved as RGB: fine
+    assert imaging.load(_dicom(grey.astype(np.uint16))).info.colourfulness is None
+
+
 def test_rgb_dicom_becomes_grayscale():
     rgb = np.zeros((1, 6, 6, 3), np.uint8)
     rgb[..., :] = (200, 100, 50)
