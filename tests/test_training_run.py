@@ -344,7 +344,7 @@ def test_evaluate_a_labelled_folder_with_a_class_map(first_run, work, tmp_path):
     assert fam["threshold"] == classifier.familiarity.threshold and fam["by_group"]["external"]["n"] == 9
     assert f"flags {fam['flagged']} of 9 films" in result.stdout
     # none of these films is in the model's split.csv: checked, nothing found, no warning
-    assert m["training_overlap"] == {"checked": True, "by_split": {}, "made_with": 0}
+    assert m["training_overlap"] == {"checked": True, "by_split": {}, "made_with": 0, "patients": 0}
     assert set(preds["model_split"].fillna("")) == {""} and "used to make this model" not in result.stdout
 
 
@@ -368,6 +368,38 @@ def test_evaluate_names_the_films_the_model_was_made_with(first_run, work, tmp_p
     assert overlap["without"]["accuracy"] == pytest.approx((test["predicted_class"] == test["true_class"]).mean())
     assert (f"warning: {overlap['made_with']} of these films were used to make this model (train {counts['train']}, "
             f"validation {counts['val']};") in result.stdout
+
+
+def test_evaluate_names_other_films_of_the_patients_whose_films_made_the_model(tmp_path):
+    """Kermany's official test folder shares patients with its train folder: a film that is not in the model's split
+    but belongs to a patient of its train, validation or start's films is named (patient:train...) and left out of
+    the figures "without them", as a training run would leave it out of test; a test patient's or a stranger's is
+    not."""
+    from training import evaluate
+
+    (tmp_path / "split.csv").write_text(
+        "path,source,class,split,patient,sha256,duplicate_of,duplicate_kind\n"
+        "NORMAL/IM-0001-0001.jpeg,kermany,NORMAL,train,IM-0001,aaa,,\n"
+        "NORMAL/IM-0002-0001.jpeg,kermany,NORMAL,val,IM-0002,bbb,,\n"
+        "NORMAL/IM-0003-0001.jpeg,kermany,NORMAL,test,IM-0003,ccc,,\n"
+        "NORMAL/IM-0004-0001.jpeg,kermany,NORMAL,duplicate,,ddd,kermany/NORMAL/IM-0004-0001.jpeg,seen\n"
+        "NORMAL/IM-0001-0002.jpeg,kermany,NORMAL,val,,eee,,\n")  # no patient column value: from the name
+    files = {}
+    for name in ("IM-0001-0003.jpeg", "IM-0002-0002.jpeg", "IM-0003-0002.jpeg", "IM-0004-0002.jpeg",
+                 "IM-0005-0001.jpeg", "person1_virus_6.jpeg"):
+        (tmp_path / name).write_bytes(name.encode())
+        files[name] = tmp_path / name
+    overlap, found = evaluate.training_overlap(tmp_path, files)
+    assert found == {"IM-0001-0003.jpeg": "patient:train", "IM-0002-0002.jpeg": "patient:val",
+                     "IM-0004-0002.jpeg": "patient:seen"}
+    assert overlap == {"checked": True, "by_split": {"patient:train": 1, "patient:val": 1, "patient:seen": 1},
+                       "made_with": 0, "patients": 3}
+    assert [evaluate.flatters(found.get(n, "")) for n in files] == [True, True, False, True, False, False]
+    overlap["without"] = {"n": 3, "accuracy": 0.5, "auc": None}
+    assert evaluate.overlap_sentence(overlap).startswith(
+        "3 of these films are other films of patients whose films were used to make it (its start's 1, train 1, "
+        "validation 1; by the patient id in the file name), not held out from it either: figures on them flatter it. "
+        "Without them: 3 films")
 
 
 def test_split_roles_follow_near_copies_and_the_start_s_films(tmp_path):
@@ -395,7 +427,8 @@ def test_split_roles_follow_near_copies_and_the_start_s_films(tmp_path):
         "path,source,class,split,patient,sha256,duplicate_of,duplicate_kind\n"
         f"x.png,src,NORMAL,duplicate,,{hashlib.sha256(b'first').hexdigest()},src/x.png,seen\n")
     overlap, found = evaluate.training_overlap(tmp_path, files)
-    assert found == {"one.png": "seen"} and overlap == {"checked": True, "by_split": {"seen": 1}, "made_with": 1}
+    assert found == {"one.png": "seen"} and overlap == {"checked": True, "by_split": {"seen": 1}, "made_with": 1,
+                                                         "patients": 0}
     overlap["without"] = {"n": 1, "accuracy": 1.0, "auc": None}
     assert evaluate.overlap_sentence(overlap).startswith("1 of these films were used to make this model "
                                                          "(its start's 1;")

@@ -157,11 +157,41 @@ def _read_and_predict(classifier: Classifier, items: list[tuple[str, Path]], bat
 MADE_WITH = {"train": "train", "val": "validation", "seen": "its start's"}
 
 
+# An evaluated film that is not one of the split's films but another film of a patient whose films made the model:
+# the split is by patient, so it is no more held out (Kermany's official test folder shares patients with its train).
+PATIENT = "patient:"
+
+
 def split_roles(model_dir: str | Path | None) -> dict[str, str] | str:
     """sha256 of a film's bytes -> its split in the model's ``split.csv`` (train, val, test, external; "seen" for a
     film its starting weights trained on); a near-copy the run dropped takes the split of the film it copies.
     Why it cannot be read, instead, as a sentence (no folder, no ``split.csv``: a model trained before it was
     written, or elsewhere; an empty one; one without the columns)."""
+    rows = _row_roles(model_dir)
+    if isinstance(rows, str):
+        return rows
+    roles: dict[str, str] = {}
+    for r, role in rows:
+        if r["sha256"] and role:
+            roles.setdefault(r["sha256"], role)
+    return roles
+
+
+def patient_roles(model_dir: str | Path | None) -> dict[str, str]:
+    """Patient id -> what that patient's films were to the model (train, then its start's, then val), for the
+    patients whose films made it: the ``patient`` column, else the id in the film's name (``data.patient_id``)."""
+    rows = _row_roles(model_dir)
+    order = {"train": 0, "seen": 1, "val": 2}
+    out: dict[str, str] = {}
+    for r, role in [] if isinstance(rows, str) else rows:
+        patient = r.get("patient") or data.patient_id(Path(r["path"]).name)
+        if patient and role in order and order[role] < order.get(out.get(patient, ""), 9):
+            out[patient] = role
+    return out
+
+
+def _row_roles(model_dir: str | Path | None) -> list[tuple[dict[str, str], str]] | str:
+    """Each row of the model's ``split.csv`` with its role (``split_roles``), or why it cannot be read."""
     if model_dir is None:
         return "the model has no folder to compare with"
     try:
@@ -191,24 +221,22 @@ def split_roles(model_dir: str | Path | None) -> dict[str, str] | str:
             row = by_key[key]
         return row["split"]
 
-    roles: dict[str, str] = {}
-    for r in rows:
-        role = role_of(r)
-        if r["sha256"] and role:
-            roles.setdefault(r["sha256"], role)
-    return roles
+    return [(r, role_of(r)) for r in rows]
 
 
 def training_overlap(model_dir: str | Path | None, files: dict[str, Path]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Which evaluated films (name -> path) are, byte for byte, films of the model's own split, and in which split.
+    """Which evaluated films (name -> path) are, byte for byte, films of the model's own split, and in which split;
+    and which are other films of patients whose films made it (role ``patient:train``, ``patient:val``...).
 
     Returns the summary for ``metrics.json`` (``checked``; ``by_split`` counts; ``made_with``: the films used to
-    make the model, train + validation + its start's) and name -> role for the films found. Figures on films a
-    model was made with flatter it: evaluate on films it never saw.
+    make the model, train + validation + its start's; ``patients``: other films of those films' patients) and
+    name -> role for the films found. Figures on films a model was made with flatter it: evaluate on films it
+    never saw.
     """
     roles = split_roles(model_dir)
     if isinstance(roles, str):
         return {"checked": False, "why": roles}, {}
+    patients = patient_roles(model_dir)
     found: dict[str, str] = {}
     for name, path in files.items():
         try:
@@ -217,24 +245,41 @@ def training_overlap(model_dir: str | Path | None, files: dict[str, Path]) -> tu
             continue  # read for scoring a moment ago; gone now: nothing to compare
         if digest in roles:
             found[name] = roles[digest]
+        elif (patient := data.patient_id(Path(name).name)) in patients:
+            found[name] = PATIENT + patients[patient]
     by_split: dict[str, int] = {}
     for role in found.values():
         by_split[role] = by_split.get(role, 0) + 1
     return {"checked": True, "by_split": by_split,
-            "made_with": sum(n for role, n in by_split.items() if role in MADE_WITH)}, found
+            "made_with": sum(n for role, n in by_split.items() if role in MADE_WITH),
+            "patients": sum(n for role, n in by_split.items() if role.startswith(PATIENT))}, found
+
+
+def flatters(role: str) -> bool:
+    """Whether a film of this role (``training_overlap``) flatters the model's figures: made with it, or another
+    film of a patient whose films made it."""
+    return role in MADE_WITH or role.startswith(PATIENT)
 
 
 def overlap_sentence(overlap: dict[str, Any] | None) -> str:
     """The warning for films the model was made with among the evaluated ones ("" when there are none)."""
-    if not overlap or not overlap.get("checked") or not overlap.get("made_with"):
+    if not overlap or not overlap.get("checked") or not (overlap.get("made_with") or overlap.get("patients")):
         return ""
-    parts = ", ".join(f"{MADE_WITH[role]} {n}" for role, n in sorted(overlap["by_split"].items()) if role in MADE_WITH)
+    by_split = sorted(overlap["by_split"].items())
+    parts = ", ".join(f"{MADE_WITH[role]} {n}" for role, n in by_split if role in MADE_WITH)
+    whose = ", ".join(f"{MADE_WITH[role.removeprefix(PATIENT)]} {n}" for role, n in by_split
+                      if role.startswith(PATIENT) and role.removeprefix(PATIENT) in MADE_WITH)
     without = overlap.get("without") or {}
     rest = (f" Without them: {without['n']} films, accuracy {without['accuracy']:.3f}, AUC "
             + ("n/a" if without.get("auc") is None else f"{without['auc']:.3f}") + "."
             if without.get("n") else " No film is left without them.")
-    return (f"{overlap['made_with']} of these films were used to make this model ({parts}; the same bytes as in "
-            f"its split.csv): figures on them flatter it.{rest} The predictions' model_split column names them.")
+    same = (f"{overlap['made_with']} of these films were used to make this model ({parts}; the same bytes as in its "
+            "split.csv)" if overlap.get("made_with") else "")
+    other = (f"{overlap['patients']} {'more are' if same else 'of these films are'} other films of patients whose "
+             f"films were used to make it ({whose}; by the patient id in the file name), not held out from it either"
+             if overlap.get("patients") else "")
+    return (f"{'; '.join(x for x in (same, other) if x)}: figures on them flatter it.{rest} The predictions' "
+            "model_split column names them.")
 
 
 def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dict[str, str] | None = None,
@@ -268,7 +313,7 @@ def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dic
         result["familiarity"] = familiarity_rates(card, y, p, distances, classifier.familiarity, sources)
     overlap, found = training_overlap(classifier.folder, {name: data_dir / name for name in paths})
     if found:
-        keep = np.array([name not in found or found[name] not in MADE_WITH for name in paths])
+        keep = np.array([name not in found or not flatters(found[name]) for name in paths])
         rest = score(card, y[keep], p[keep]) if keep.any() else {"n": 0}
         overlap["without"] = {k: rest[k] for k in ("n", "accuracy", "auc") if k in rest}
     result["training_overlap"] = overlap
