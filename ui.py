@@ -166,6 +166,7 @@ class ModelLoad(threading.Thread):
         self.load_s: float | None = None
         self.warm_up_s: float | None = None
         self.turn: tuple[float, float] | None = None
+        self.version = ""  # start_loading's key, so that a failed load can be dropped from its cache
 
     @property
     def failed(self) -> bool:
@@ -263,6 +264,7 @@ def start_loading(folder: str, version: str = "") -> ModelLoad:
     folder is loaded afresh. Raises ``ModelCardError`` for a missing, invalid or tampered folder (not cached).
     """
     load = ModelLoad(folder, card_lib.load(folder))  # card and weights hash checked here, before the page goes on
+    load.version = version
     _LOADS[:] = [*(other for other in _LOADS if not other.warmed.is_set()), load]
     load.start()
     return load
@@ -394,8 +396,12 @@ def wait_for_model(loading: ModelLoad) -> tuple[Any, Any] | None:
     except ModelCardError as err:
         st.sidebar.error(str(err))
     except Exception as err:  # a broken model folder must not take the page down
-        st.sidebar.error(f"Model '{loading.card.name}' could not be loaded ({type(err).__name__}: {err}). "
-                         "Reinstall the model folder or choose another model.")
+        # Not kept: a load that failed once (memory, a full disk, a share that hiccuped) is tried afresh by the next
+        # rerun of any session, not re-raised to every user until the server restarts.
+        start_loading.clear(loading.folder, loading.version)
+        st.sidebar.error(f"Model '{loading.card.name}' could not be loaded ({type(err).__name__}: {err}). It is "
+                         "tried again when the page reruns (reload it); if it fails again, reinstall the model "
+                         "folder or choose another model.")
     return None
 
 

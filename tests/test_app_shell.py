@@ -107,6 +107,33 @@ def test_model_is_loaded_once_per_process(models_root):
     assert second is not first and second[0].card.thresholds == {"PNEUMONIA": 0.123}
 
 
+def test_a_model_load_that_failed_once_is_tried_again_by_the_next_run(models_root, monkeypatch):
+    """A failed load (here a MemoryError the first time) is not kept: the next page run, in this session or
+    another, loads the model afresh instead of showing the same error until the server restarts."""
+    from cxr_core import models
+
+    real, calls = models.load, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("transient: could not allocate")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load", flaky)
+    ui.start_loading.clear()
+    film = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.file_uploader(key="classify_upload").set_value((film.name, film.read_bytes(), "image/jpeg")).run()
+    assert "could not be loaded (MemoryError: transient" in at.sidebar.error[0].value
+    assert "tried again when the page reruns" in at.sidebar.error[0].value
+    again = AppTest.from_file(APP, default_timeout=120).run()  # another session
+    again.file_uploader(key="classify_upload").set_value((film.name, film.read_bytes(), "image/jpeg")).run()
+    assert [e.value for e in again.sidebar.error] == [] and len(calls) == 2
+    assert "Inference: OpenVINO" in " ".join(c.value for c in again.sidebar.caption)
+    ui.start_loading.clear()
+
+
 def test_headline_figures_read_as_counts_and_percentages():
     shown = {k: ui.format_metric(k, v) for k, v in {"test n": 1264.0, "test accuracy": 0.95411, "test auc": 0.99547,
                                                     "test ece": 0.005028, "best_epoch": 7.0}.items()}
