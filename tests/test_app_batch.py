@@ -113,6 +113,19 @@ def test_csv_export_matches_the_table(at, uploads, monkeypatch, env):
         [served.name, served.weights_sha256, served.card_sha256]]
 
 
+def test_the_tables_own_csv_button_is_off_so_exports_go_through_the_audited_guarded_one():
+    """Streamlit's table toolbar wrote a file named =HYPERLINK(...) as a live formula, the films' thumbnails and no
+    audit line: .streamlit/config.toml turns it off, as `streamlit run app.py` from the repository reads it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("from streamlit import config; config.get_config_options(force_reparse=True); "
+            "print(config.get_option('client.disableDataExport'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-500:]
+
+
 def test_filters_narrow_the_table(at, uploads):
     score_uploads(at, uploads)
     at.text_input(key="batch_search").set_value(".DCM").run()
