@@ -140,7 +140,8 @@ def test_report_carries_the_familiarity(parts):
     assert report.familiarity_line(plain, c) == ""
     assert report.familiarity_line(familiar, c) == ("Familiarity: distance 0.9000 (threshold 1.4000, fitted on "
                                                     "validation films): within the range of the films this model was "
-                                                    "trained on.")
+                                                    "trained on, which does not make the result right (the check "
+                                                    "misses most wrong calls on other hospitals' films).")
     assert "distance 3.2000" in report.familiarity_line(unfamiliar, c)
     assert "UNLIKE the films this model was trained on" in report.familiarity_line(unfamiliar, c)
     pages = [report.render(pixels, blended, p, c, when=WHEN) for p in (plain, familiar, unfamiliar)]
