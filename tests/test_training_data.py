@@ -347,3 +347,29 @@ def test_class_folders_that_differ_only_in_case_are_one_class(tmp_path):
     found = data.scan([tmp_path / "a", tmp_path / "b"])
     assert found.classes == ["NORMAL", "pneumonia"]
     assert sorted(r.label for r in found.records) == ["NORMAL"] * 4 + ["pneumonia"] * 2
+
+
+def test_the_thresholds_shortfall_as_the_app_decides_is_measured_and_said():
+    """Thresholds are fitted one vs rest, the app calls the most probable class over its threshold: a COVID-19 film
+    over the COVID-19 threshold whose PNEUMONIA probability is higher (and over its own) is called PNEUMONIA, so the
+    sensitivity as served is below the one-vs-rest figure. Each such class is named with both figures."""
+    from cxr_core import card as card_lib
+    from training.config import TrainConfig
+    from training.train import fit_thresholds, served_shortfall
+
+    classes = ["COVID-19", "NORMAL", "PNEUMONIA"]
+    c = card_lib.ModelCard(name="t", architecture="tiny", input_size=32, class_names=classes, target_layer="relu",
+                           negative_class="NORMAL")
+    covid = [(0.9, 0.05, 0.05)] * 6 + [(0.3, 0.1, 0.6)] * 4  # 4 of 10 also over PNEUMONIA's, and more probable
+    normal = [(0.01, 0.98, 0.01)] * 10
+    pneumonia = [(0.05, 0.35, 0.6)] * 10
+    probs = np.array(covid + normal + pneumonia)
+    y = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    c.thresholds = fit_thresholds(y, probs, classes, "NORMAL", TrainConfig(data=[], target_sensitivity=0.95), log=print)
+    assert c.thresholds == {"COVID-19": pytest.approx(0.3), "PNEUMONIA": pytest.approx(0.6)}
+    notes = served_shortfall(c, y, probs, 0.95)
+    assert notes == ["COVID-19: validation sensitivity 1.000 one vs rest at its threshold 0.3000, 0.600 as the app "
+                     "decides (10 films; 4 over their threshold were called another class that was over its own and "
+                     "more probable)"]
+    c.thresholds = {}
+    assert served_shortfall(c, y, probs, 0.95) == []  # top-class rule: no thresholds, nothing to compare

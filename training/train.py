@@ -59,6 +59,26 @@ def fit_thresholds(y_val: np.ndarray, probs: np.ndarray, classes: list[str], neg
     return thresholds
 
 
+def served_shortfall(card: card_lib.ModelCard, y_val: np.ndarray, probs: np.ndarray, target: float) -> list[str]:
+    """What the thresholds give under the served rule (``models.decide``: the most probable class among those over
+    their threshold) where it falls short of ``target``: each is fitted one vs rest, so with three or more classes a
+    film over its own class's threshold can go to another class that is over its own and more probable."""
+    notes = []
+    called = np.array([card.class_names.index(models.decide(card, p).decision) for p in probs], dtype=int)
+    for i, name in enumerate(card.class_names):
+        if name not in card.thresholds or not (y_val == i).any():
+            continue
+        mine = y_val == i
+        alone = float((probs[mine, i] >= card.thresholds[name]).mean())
+        served = float((called[mine] == i).mean())
+        if served < min(alone, target) - 1e-9:
+            notes.append(f"{name}: validation sensitivity {alone:.3f} one vs rest at its threshold "
+                         f"{card.thresholds[name]:.4f}, {served:.3f} as the app decides ({int(mine.sum())} films; "
+                         f"{int(((probs[mine, i] >= card.thresholds[name]) & (called[mine] != i)).sum())} over their "
+                         "threshold were called another class that was over its own and more probable)")
+    return notes
+
+
 def _card(config: TrainConfig, prepared: dataset.Prepared, name: str) -> card_lib.ModelCard:
     negative = config.negative_class if config.negative_class in prepared.classes else None
     limitations = [
@@ -97,6 +117,8 @@ def score_and_calibrate(model: keras.Model, card: card_lib.ModelCard, config: Tr
     card.temperature = metrics.fit_temperature(outputs["val"][0], val.labels)
     probs = {n: models.softmax(lg, card.temperature) for n, (lg, _) in outputs.items()}
     card.thresholds = fit_thresholds(val.labels, probs["val"], classes, card.negative_class, config, log)
+    for note in served_shortfall(card, val.labels, probs["val"], config.target_sensitivity):
+        log(f"note: below the target sensitivity {config.target_sensitivity:g} as served: {note}")
     fam = familiarity.calibrate(familiarity.fit(outputs["train"][1], train.labels), outputs["val"][1],
                                 config.familiarity_percentile)
     distances = {n: fam.distance(f) for n, (_, f) in outputs.items()}
