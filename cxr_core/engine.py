@@ -268,13 +268,17 @@ class TensorFlowRunner:
         return np.asarray(out[0]), np.asarray(out[1], dtype=np.float32)
 
 
+CACHE_OFF = ("off", "0", "false", "no", "none")  # CXR_ENGINE_CACHE values that turn the cache off
+
+
 def cache_dir() -> Path | None:
-    """Folder for converted OpenVINO models (env CXR_ENGINE_CACHE; 'off' disables), or None."""
+    """Folder for converted OpenVINO models (env CXR_ENGINE_CACHE, ``~`` expanded; 'off', '0', 'false', 'no' or
+    'none' disable it), or None."""
     value = os.environ.get("CXR_ENGINE_CACHE", "").strip()
-    if value.lower() == "off":
+    if value.lower() in CACHE_OFF:
         return None
     if value:
-        return Path(value)
+        return Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "cxr" / "openvino"
 
@@ -291,7 +295,7 @@ class CachedModel:
 def _cache_path(cache_key: str | None) -> Path | None:
     """``<cache>/<hash>.xml`` for a key (None: no key or the cache is off); ``.bin`` and ``.npz`` beside it."""
     folder = cache_dir() if cache_key else None
-    if folder is None or not _private_folder(folder):
+    if folder is None or cache_problem(folder):
         return None
     import openvino as ov
 
@@ -299,23 +303,29 @@ def _cache_path(cache_key: str | None) -> Path | None:
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
 
 
-def _private_folder(folder: Path) -> bool:
-    """Make the cache folder (mode 0700) when it is missing; False (the cache is not used) when another user owns
-    it or others may write in it: an entry there could be anyone's graph, served under this model's name (the
-    sha256 in an entry's side file only shows that its files were not damaged since they were written)."""
+def cache_problem(folder: Path) -> str:
+    """Make the cache folder (mode 0700) when it is missing; why the cache is not used there ("" when it is): it
+    cannot be made, another user owns it, or others may write in it (an entry there could be anyone's graph,
+    served under this model's name: the sha256 in an entry's side file only shows that its files were not damaged
+    since they were written)."""
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         info = folder.stat()
-    except OSError:
-        return False
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+    except OSError as exc:
+        return f"the folder {folder} cannot be made or read ({exc.strerror or type(exc).__name__})"
+    if info.st_uid != os.getuid():
+        return f"the folder {folder} belongs to another user"
+    if info.st_mode & 0o022:
+        return (f"others may write in the folder {folder} (mode {info.st_mode & 0o777:o}): "
+                f"chmod 700 {folder}, or choose another with CXR_ENGINE_CACHE")
+    return ""
 
 
-def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> None:
+def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> str:
     """The cache entry at ``path``: the graph, its weights and the side file with their sha256. Written in a
     temporary folder and moved in file by file, the ``.xml`` last (an entry counts only when all three are
     there, and only with matching hashes). A cache that cannot be written only costs the next start a
-    conversion."""
+    conversion; why it could not be is returned ("" when it was written)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -327,9 +337,10 @@ def _write_entry(ov, ov_model, side: CachedModel, path: Path) -> None:
                      xml_sha256=np.str_(sha256_of(tmp_xml)), bin_sha256=np.str_(sha256_of(tmp_xml.with_suffix(".bin"))))
             for suffix in (".npz", ".bin", ".xml"):
                 os.replace(tmp_xml.with_suffix(suffix), path.with_suffix(suffix))
-    except (OSError, RuntimeError):  # OpenVINO reports a failed write (a full disk) as RuntimeError
-        return
+    except (OSError, RuntimeError) as exc:  # OpenVINO reports a failed write (a full disk) as RuntimeError
+        return f"the converted model could not be written to {path.parent} ({type(exc).__name__})"
     _prune(path.parent, cache_keep())
+    return ""
 
 
 def _remove_entry(path: Path) -> None:
@@ -436,8 +447,14 @@ class OpenVINORunner:
             if path is not None and self.source == "cache":
                 _remove_entry(path)  # an entry that cannot be served is not found again on the next start
             raise
+        unused = ""
         if self.source == "converted" and path is not None:
-            _write_entry(ov, ov_model, self.side, path)  # only a model that compiled and gave the right outputs
+            unused = _write_entry(ov, ov_model, self.side, path)  # only a model that compiled and was right
+        elif self.source == "converted" and cache_key and (folder := cache_dir()) is not None:
+            unused = cache_problem(folder)
+        if unused:  # said where the engine is named (the sidebar, python -m cxr_core.prepare): each start converts
+            self.note = "; ".join(x for x in (note, f"engine cache not used: {unused}") if x)
+        self.cache_unused = unused
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # what it runs at
         self._request = compiled.create_infer_request()
         self._core, self._ov_model, self._requests = core, ov_model, None

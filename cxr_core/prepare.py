@@ -4,7 +4,8 @@ Loads every model folder under MODELS_DIR (default: env ``CXR_MODELS_DIR``, else
 this package) the way the app does, so that the OpenVINO conversion (about 3.5 s per DenseNet169 on
 2 cores with the Keras load; 15-25 s where ``ov.convert_model`` is needed) lands in the engine cache
 (``cxr_core.engine.cache_dir``) now rather than in the app's first start. Prints one line per model;
-exits 1 if a model could not be loaded (the others are still done). Nothing is written into the model folders.
+exits 1 if a model could not be loaded or its conversion not cached (the others are still done). Nothing is
+written into the model folders.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model folders (with {card_lib.CARD_FILE}) in {root}", file=sys.stderr)
         return 1
     if engine.cache_dir() is None:
-        print("the engine cache is off (CXR_ENGINE_CACHE=off): nothing to prepare")
+        print(f"the engine cache is off (CXR_ENGINE_CACHE={os.environ.get('CXR_ENGINE_CACHE', '')}): nothing to "
+              "prepare")
         return 0
     failed = 0
     for folder in folders:
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         what = {"cache": "already prepared", "converted": "converted"}.get(classifier.runner.source,
                                                                           f"runs on {classifier.engine}")
+        if unused := getattr(classifier.runner, "cache_unused", ""):  # every start would convert it again
+            failed += 1
+            print(f"{folder.name}: converted but NOT cached: {unused}")
+            continue
         print(f"{folder.name}: {what} ({classifier.engine_label}) in {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
 

@@ -313,6 +313,9 @@ def test_a_damaged_side_file_is_converted_again_and_a_shared_cache_folder_is_not
     cache.chmod(0o777)
     shared = models.load(tiny_model3_dir)
     assert shared.engine == "openvino" and shared.runner.source == "converted"
+    # said where the engine is named (each start converts again), not left for the operator to guess
+    assert shared.runner.note == (f"engine cache not used: others may write in the folder {cache} (mode 777): "
+                                  f"chmod 700 {cache}, or choose another with CXR_ENGINE_CACHE")
     assert engine.cached(models.cache_key(first.card), "openvino", "f32") is None
     cache.chmod(0o700)
     assert models.load(tiny_model3_dir).runner.source == "cache"
@@ -504,6 +507,23 @@ def test_prepare_converts_each_model_once_and_reports_bad_folders(tiny_model_dir
     assert lines[0].startswith("broken: cannot be loaded")
     assert [line.split(":")[1].split("(")[0].strip() for line in lines[1:]] == ["already prepared"] * 2
     assert prepare.main([str(tmp_path / "none")]) == 1
+    # A cache folder that is not used (others may write in it) is said, and prepare fails: every start would convert.
+    shutil.rmtree(root / "broken")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o775)
+    shared.chmod(0o775)
+    monkeypatch.setenv("CXR_ENGINE_CACHE", str(shared))
+    capsys.readouterr()
+    assert prepare.main([str(root)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert all(": converted but NOT cached: others may write in the folder" in line for line in lines)
+    assert not list(shared.glob("*.xml"))
+    for off in ("off", "0", "False", "none"):  # no folder named so appears where it runs
+        monkeypatch.setenv("CXR_ENGINE_CACHE", off)
+        assert engine.cache_dir() is None, off
+    monkeypatch.setenv("CXR_ENGINE_CACHE", "~/cxr-cache")
+    assert engine.cache_dir() == root.home() / "cxr-cache"
 
 
 @pytest.mark.parametrize("architecture", sorted(models.ARCHITECTURES))
