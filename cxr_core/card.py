@@ -48,6 +48,11 @@ def class_name_problem(name: str) -> str:
             "with a letter or digit; rename the class folder, or map it to such a name (--map FOLDER=NAME)")
 
 
+# A temperature outside this range is no calibration (1e-310 overflowed every softmax to NaN, so every prediction
+# failed as "the model or its inference engine is broken"); training.fit_temperature searches 0.05-20.
+TEMPERATURE_RANGE = (1e-3, 1e3)
+
+
 @dataclass
 class ModelCard:
     """What a model is, how to feed it and how good it is.
@@ -120,8 +125,10 @@ class ModelCard:
                 raise ModelCardError(f"the threshold for {name} must be a probability in [0, 1], got {value!r}")
         if not _is_number(self.low_confidence) or not 0.0 <= self.low_confidence <= 1.0:
             raise ModelCardError(f"low_confidence must be a probability in [0, 1], got {self.low_confidence!r}")
-        if not _is_number(self.temperature) or not self.temperature > 0:
-            raise ModelCardError(f"temperature must be positive and finite, got {self.temperature!r}")
+        low, high = TEMPERATURE_RANGE
+        if not _is_number(self.temperature) or not low <= self.temperature <= high:
+            raise ModelCardError(f"temperature must be a number from {low:g} to {high:g} (training fits it within "
+                                 f"0.05-20), got {self.temperature!r}")
         weights = self.weights_file
         if weights in (".", "..") or "/" in weights or "\\" in weights or "\0" in weights or ":" in weights:
             raise ModelCardError(f"weights_file must be a plain file name inside the model folder, got {weights!r}")

@@ -143,7 +143,8 @@ _KIND_NAMES = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 BF16 (no AMX)"}
 
 def bf16_kind(flags) -> str | None:
     """``amx_bf16``, ``avx512_bf16`` (the first of them in ``flags``) or None: neither listed or flags unknown."""
-    flags = set(flags or ())
+    # a card's record is data from a file: a number or text where a list of flags belongs states no kind
+    flags = {f for f in flags if isinstance(f, str)} if isinstance(flags, list | tuple | set | frozenset) else set()
     return next((kind for kind in BF16_KINDS if kind in flags), None)
 
 
@@ -167,7 +168,7 @@ def _record_holds(card, record: dict | None) -> bool:
     try:
         return record.get("passes") is True and bf16_within_bounds(
             float(record["decisions_equal"]), float(record["auc_delta"]), record.get("familiarity_flags_equal"))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # 10**400 in a JSON file is an int float() refuses
         return False
 
 

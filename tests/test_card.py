@@ -162,8 +162,9 @@ def test_unknown_fields_are_ignored(folder):
         ({"class_names": ["NORMAL", "NORMAL"], "thresholds": {}, "negative_class": None}, "unique"),
         ({"class_names": [], "thresholds": {}, "negative_class": None}, "non-empty"),
         ({"input_size": 8}, "at least 16"),
-        ({"temperature": 0.0}, "temperature must be positive"),
-        ({"temperature": float("nan")}, "temperature must be positive"),
+        ({"temperature": 0.0}, "temperature must be a number from 0.001 to 1000"),
+        ({"temperature": float("nan")}, "temperature must be a number from 0.001 to 1000"),
+        ({"temperature": 1e-310}, "temperature must be a number from 0.001 to 1000"),
         ({"metrics": None}, "metrics must be an object"),
         ({"recipe": []}, "recipe must be an object"),
         ({"weights_sha256": None}, "weights_sha256 must be a string"),
@@ -172,6 +173,7 @@ def test_unknown_fields_are_ignored(folder):
         ({"familiarity": {"file": "f.npz", "threshold": 2.0, "percentile": "99"}}, "familiarity.percentile"),
     ],
     ids=["threshold-class", "negative-class", "duplicates", "empty", "input-size", "temperature", "nan-temperature",
+         "subnormal-temperature",
          "metrics-null", "recipe-list", "hash-null", "intended-use-number", "limitation-number", "percentile-text"],
 )
 def test_invalid_cards_raise_clear_errors(folder, overrides, message):

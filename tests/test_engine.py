@@ -208,6 +208,7 @@ def test_a_bf16_record_counts_only_on_the_kind_of_cpu_it_was_measured_on(tiny_mo
     avx512, amx = frozenset({"avx512f", "avx512_bf16"}), frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
     assert engine.bf16_kind(avx512) == "avx512_bf16" and engine.bf16_kind(amx) == "amx_bf16"
     assert engine.bf16_kind({"avx2"}) is None and engine.bf16_kind(None) is None
+    assert engine.bf16_kind(5) is None and engine.bf16_kind("avx512_bf16") is None  # a damaged record: no kind
     with pytest.raises(ValueError, match="neither amx_bf16 nor avx512_bf16"):
         engine_agreement.record(folder, figures, {"flags": ["avx2"]})
     assert engine_agreement.record(folder, figures, {"flags": sorted(avx512)})["passes"] is True
@@ -219,6 +220,11 @@ def test_a_bf16_record_counts_only_on_the_kind_of_cpu_it_was_measured_on(tiny_mo
     note = engine.bf16_elsewhere_note(measured, amx)
     assert "AVX-512 BF16 (no AMX)" in note and "not on this kind (AMX)" in note and "--record" in note
     assert "cannot be read here" in engine.bf16_elsewhere_note(measured, set())  # no /proc/cpuinfo (not Linux)
+    damaged = card.read(folder)  # a record whose figures no float holds, or whose flags are not a list: absent
+    damaged.metrics["engine_agreement"]["bf16"]["decisions_equal"] = 10 ** 400
+    assert not engine.bf16_verified(damaged, avx512)
+    damaged.metrics["engine_agreement"]["bf16"]["cpu"] = {"flags": 5}
+    assert not engine.bf16_verified(damaged, avx512) and engine.bf16_elsewhere_note(damaged, amx) == ""
     mislabelled = card.read(folder)  # a record from before the kinds, measured on an AMX Xeon, under "bf16"
     mislabelled.metrics["engine_agreement"]["bf16"]["cpu"] = {"flags": sorted(amx)}
     assert not engine.bf16_verified(mislabelled, avx512) and not engine.bf16_verified(mislabelled, amx)
