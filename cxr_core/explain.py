@@ -242,14 +242,19 @@ class Explainer:
         """Predictions (familiarity included) and heatmaps float32 (N, S, S) in [0, 1].
 
         At the target layer of a GAP + Dense head both come from one forward pass; on the compiled path
-        (another layer) the familiarity needs one more forward pass of the classifier.
+        (another layer) the prediction comes from one more forward pass of the classifier (its engine), and
+        ``class_index`` None explains that prediction's top class.
         """
-        logits, cam, features = self._raw(batch, class_index, layer)
-        if features is None and self.classifier.familiarity is not None:
+        if not self.one_pass("gradcam", layer or self.target_layer):
+            # The compiled path's logits are TensorFlow's; the prediction is the serving engine's (as every page
+            # shows it). Where they differ by a hair (bf16, two nearly tied classes) TensorFlow's top class is not
+            # the engine's: so the map is drawn for the engine's top class, the one the prediction names.
             predictions = self.classifier.predict(self._check_batch(batch))
-        else:
-            predictions = self.classifier.predictions(logits, features)
-        return predictions, normalize(cam, self.size)
+            if class_index is None:
+                class_index = [int(np.argmax(p.probabilities)) for p in predictions]
+            return predictions, normalize(self._raw(batch, class_index, layer)[1], self.size)
+        logits, cam, features = self._raw(batch, class_index, layer)
+        return self.classifier.predictions(logits, features), normalize(cam, self.size)
 
     def compiled_gradcam(
         self, batch: np.ndarray, class_index: int | Sequence[int] | None = None, layer: str | None = None

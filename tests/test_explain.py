@@ -204,6 +204,33 @@ def test_other_layers_use_tf_keras_vis(tiny, images):
     assert ours.layer == "tiny_relu0"
 
 
+def test_gradcam_at_another_layer_explains_the_serving_engine_s_top_class(tiny_model3_dir, images, monkeypatch):
+    """At a layer other than the card's, the map comes from TensorFlow's gradient and the prediction from the serving
+    engine: where the two engines' top classes differ (bf16, two nearly tied classes) the map must be of the class
+    the prediction names, not of TensorFlow's top class. Here the engine is made to disagree outright."""
+    explainer = explain.Explainer(models.load(tiny_model3_dir))
+    classifier = explainer.classifier
+    batch = images[:2]
+    tf_top = np.argmax(classifier.model.predict_on_batch(batch), axis=-1)
+    engine_top = (tf_top + 1) % 3  # another class on top for each film
+
+    def disagreeing(b):
+        out = []
+        for k in engine_top:
+            probs = np.full(3, 0.1)
+            probs[k] = 0.8
+            out.append(models.decide(classifier.card, probs))
+        return out
+
+    monkeypatch.setattr(classifier, "predict", disagreeing)
+    predictions, heatmaps = explainer.gradcam_predictions(batch, None, "tiny_relu0")
+    assert [p.class_names.index(p.top_class) for p in predictions] == engine_top.tolist()
+    for i, k in enumerate(engine_top):
+        np.testing.assert_allclose(heatmaps[i], explainer.gradcam(batch[i:i + 1], int(k), "tiny_relu0")[1][0],
+                                   atol=1e-6)
+        assert np.abs(heatmaps[i] - explainer.gradcam(batch[i:i + 1], int(tf_top[i]), "tiny_relu0")[1][0]).max() > 1e-3
+
+
 def test_explain_gradcam_equals_gradcam(tiny, images):
     _, heatmaps = tiny.gradcam(images[:1], class_index=1)
     np.testing.assert_array_equal(tiny.explain(images[:1], "gradcam", 1).heatmap, heatmaps[0])
