@@ -337,11 +337,10 @@ def _read_pillow(fp: BinaryIO, fmt: str, max_pixels: int) -> LoadedImage:
             metadata["ExifOrientation"] = str(orientation)
         except Exception:
             metadata["Exif"] = unreadable
-    pixels, bit_depth, notes = _pillow_gray(im)
-    metadata.update(notes)
     inverted = _tiff_min_is_white(opened) and im.mode.startswith(("I", "F"))  # Pillow inverts only 8-bit ones
+    pixels, bit_depth, notes = _pillow_gray(im, invert=inverted)
+    metadata.update(notes)
     if inverted:
-        np.subtract(np.float32(1), pixels, out=pixels)
         metadata["Polarity"] = ("the TIFF states that its lowest value is white (PhotometricInterpretation "
                                 "WhiteIsZero, as DICOM's MONOCHROME1): shown inverted, lungs dark")
     mode = im.mode  # before counting frames, which moves the file's image to its later frames
@@ -424,11 +423,12 @@ def _scaled_by_bits_used(values: np.ndarray, notes: dict[str, str]) -> np.ndarra
     return values / np.float32(2 ** bits - 1)
 
 
-def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
+def _pillow_gray(im: Image.Image, invert: bool = False) -> tuple[np.ndarray, int, dict[str, str]]:
     """A decoded Pillow image as float32 HxW in [0, 1], its bits per sample, and notes on what was changed.
 
     Transparent pixels are composited on black (``BACKGROUND``), as a dark viewer shows them; float
-    samples that are NaN or infinite count as missing and become black.
+    samples that are NaN or infinite count as missing and become black. ``invert`` (a 16-bit or float TIFF whose
+    lowest value is white; Pillow inverts 8-bit ones itself) inverts the picture, those pixels staying black.
     """
     mode, notes = im.mode, {}
     if mode.startswith("I;16"):
@@ -436,10 +436,8 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
         clear = _transparent(im, arr)
         if clear is not None:
             arr[clear] = 0  # before the scale is found: a transparent white must not set it
-        pixels = _scaled_by_bits_used(arr, notes)
-        if clear is not None:
             notes["Transparency"] = f"transparent pixels composited on {BACKGROUND}"
-        return pixels, 16, notes
+        return _inverted(_scaled_by_bits_used(arr, notes), invert, clear), 16, notes
     if mode in ("I", "F"):
         arr = np.asarray(im).astype(np.float64)
         finite = np.isfinite(arr)
@@ -456,14 +454,13 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
                                            "Export it again without transparency.")
             notes["Transparency"] = f"transparent pixels composited on {BACKGROUND}"
         lo, hi = float(arr[finite].min()), float(arr[finite].max())
-        arr = np.where(finite, arr, lo)
+        arr = np.where(finite, arr, 0 if mode == "I" and lo >= 0 else lo)  # missing: black, and not the scale
+        missing = None if finite.all() else ~finite
         if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data widened to int32 by some plugins
-            if clear is not None:
-                arr[clear] = 0
-            return _scaled_by_bits_used(arr.astype(np.float32), notes), 16, notes
+            return _inverted(_scaled_by_bits_used(arr.astype(np.float32), notes), invert, missing), 16, notes
         if mode == "F" and lo >= 0 and hi <= 1:
-            return arr.astype(np.float32), 32, notes
-        return ((arr - lo) / max(hi - lo, 1e-300)).astype(np.float32), 32, notes
+            return _inverted(arr.astype(np.float32), invert, missing), 32, notes
+        return _inverted(((arr - lo) / max(hi - lo, 1e-300)).astype(np.float32), invert, missing), 32, notes
     if "A" in mode or "a" in mode or "transparency" in im.info:
         rgba = im.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:  # some pixel is (partly) transparent
@@ -474,6 +471,15 @@ def _pillow_gray(im: Image.Image) -> tuple[np.ndarray, int, dict[str, str]]:
     if im.mode != "L":
         im = im.convert("L")
     return np.asarray(im).astype(np.float32) / np.float32(255), 1 if mode == "1" else 8, notes
+
+
+def _inverted(pixels: np.ndarray, invert: bool, black: np.ndarray | None) -> np.ndarray:
+    """``pixels`` (float32 in [0, 1]) inverted if asked, the ``black`` ones (transparent, missing) black after it."""
+    if invert:
+        np.subtract(np.float32(1), pixels, out=pixels)
+    if black is not None:
+        pixels[black] = 0
+    return pixels
 
 
 def _transparent(im: Image.Image, arr: np.ndarray) -> np.ndarray | None:
@@ -842,17 +848,17 @@ def _first_frame(ds: pydicom.Dataset, syntax: pydicom.uid.UID) -> tuple[np.ndarr
     shift = _bits_above_zero(ds, syntax)
     if not shift:
         return pixel_array(ds, index=0), 0
-    stored, signed = ds.BitsStored, ds.get("PixelRepresentation", 0)
+    stored = ds.BitsStored
     try:
-        ds.BitsStored, ds.PixelRepresentation = int(ds.HighBit) + 1, 0
-        if int(pixel_array(ds, index=0).max(initial=0)) < 2 ** int(stored):
-            shift = 0
-        else:
-            ds.PixelRepresentation = signed
-            return pixel_array(ds, index=0) >> shift, shift  # arithmetic for signed data: the sign stays
+        ds.BitsStored = int(ds.HighBit) + 1
+        wide = pixel_array(ds, index=0)  # signed data sign-extended from HighBit
     finally:
-        ds.BitsStored, ds.PixelRepresentation = stored, signed
-    return pixel_array(ds, index=0), 0
+        ds.BitsStored = stored
+    bits = int(stored)
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if wide.dtype.kind == "i" else (0, 2 ** bits)
+    if wide.size and low <= int(wide.min()) and int(wide.max()) < high:  # every value fits from bit 0: a stale HighBit
+        return pixel_array(ds, index=0), 0
+    return wide >> shift, shift  # arithmetic for signed data: the sign stays
 
 
 def _bits_above_zero(ds: pydicom.Dataset, syntax: pydicom.uid.UID) -> int:

@@ -479,6 +479,12 @@ def test_twelve_bit_values_stored_in_the_high_bits_are_read_from_there(data_dir)
     lo, hi = high.info.value_range
     assert -2048 <= lo < hi <= 2047  # signed 12-bit values, sign kept through the shift
     assert "BitPosition" not in plain.info.metadata
+    # A stale HighBit (15) over signed 12-bit values stored from bit 0, sign-extended through 16: read as stored.
+    signed = np.tile(np.linspace(-2000, 2000, 64).astype(np.int16), (64, 1))
+    stale = imaging.load(_dicom(signed, BitsStored=12, HighBit=15, PixelRepresentation=1, WindowCenter=0,
+                                WindowWidth=4000))
+    assert stale.info.value_range == (-2000.0, 2000.0) and "BitPosition" not in stale.info.metadata
+    assert stale.info.window_source == "file"
 
 
 def _min_is_white_tiff(arr: np.ndarray) -> bytes:
@@ -503,6 +509,12 @@ def test_a_tiff_whose_lowest_value_is_white_is_shown_inverted_at_any_depth(dtype
     assert img.pixels[:, 0].mean() > 0.99 and img.pixels[:, -1].mean() < 0.01  # stored 0 shown white
     if dtype is not np.uint8:
         assert img.info.inverted and img.info.metadata["Polarity"].startswith("the TIFF states that its lowest")
+    if dtype is np.float32:  # missing samples stay black through the inversion, as the note says
+        values = (ramp * top).astype(dtype)
+        values[:, 20:23] = np.nan
+        img = imaging.load(_min_is_white_tiff(values), "film.tif")
+        assert img.pixels[:, 20:23].max() == 0.0 and img.pixels[:, 0].mean() > 0.99
+        assert img.info.metadata["NonFinitePixels"] == "48 NaN or infinite pixels shown black"
 
 
 def test_a_16_bit_png_s_transparent_grey_is_composited_on_black():
