@@ -124,12 +124,6 @@ def _predict(classifier: models.Classifier, reads: list[_Read]) -> list[models.P
         return out
 
 
-def _chunks(items: Iterable[tuple[str, Source]], size: int) -> Iterator[list[tuple[str, Source]]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
-
-
 def classify_many(
     classifier: models.Classifier,
     items: Iterable[tuple[str, Source]],
@@ -148,21 +142,25 @@ def classify_many(
     size = classifier.input_size
     stopped = threading.Event()
 
-    def until_stopped() -> Iterator[tuple[str, Source]]:
-        # Checked before each file is pulled: ``items`` may be a generator that reads files lazily (a URL can take
-        # a minute), and a Ctrl-C must not wait for the rest of the batch being read ahead.
+    def until_stopped() -> Iterator[_Read]:
+        # Checked before each file is pulled and before it is decoded: ``items`` may be a generator that reads
+        # files lazily (a URL can take a minute), a DX DICOM takes a while to decode, and a Ctrl-C must not wait
+        # for the rest of the batch being read ahead.
         it = iter(items)
         while not stopped.is_set():
             try:
-                yield next(it)
+                name, source = next(it)
             except StopIteration:
                 return
+            if stopped.is_set():
+                return
+            yield _read(name, source, size)
 
-    chunks = _chunks(until_stopped(), batch_size)
+    reads_ahead = until_stopped()
 
     def read_next() -> list[_Read]:
         # Pulled in the worker too: ``items`` may be a generator that reads files lazily.
-        return [_read(name, source, size) for name, source in next(chunks, [])]
+        return list(islice(reads_ahead, batch_size))
 
     rows: list[BatchItem] = []
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-read")

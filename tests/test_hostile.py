@@ -300,37 +300,51 @@ def test_a_hash_mismatch_names_only_the_cards_own_hash(tmp_path, tiny_model_dir)
 
 
 # --- defence in depth: one file never loses the batch ----------------------------------------------------------
-def test_an_interrupted_batch_stops_reading_ahead_after_the_file_it_is_on(tiny_model_dir):
-    """Ctrl-C during a batch (or a stopped app run) must not wait while the reader thread fetches the rest of the
-    next batch: with slow URL reads that was up to a minute per file, 16 files a batch."""
+@pytest.mark.parametrize("slow", ["fetch", "decode"])
+def test_an_interrupted_batch_stops_reading_ahead_after_the_file_it_is_on(tiny_model_dir, monkeypatch, slow):
+    """Ctrl-C during a batch (or a stopped app run) must not wait while the reader thread fetches or decodes the
+    rest of the next batch: with slow URL reads that was up to a minute per file, 16 files a batch; a DX DICOM
+    takes seconds to decode. The interrupt comes while the reader is on the next batch's second file."""
     import threading
 
     classifier = models.load(tiny_model_dir)
     jpeg = KERMANY_JPEG.read_bytes()
-    pulled = []
+    pulled, decoded = [], []
+    real_read = pipeline._read
 
-    def slow_items():
+    def slow_read(name, source, size):
+        decoded.append(name)
+        if slow == "decode" and len(decoded) > 8:
+            time.sleep(0.5)
+        return real_read(name, source, size)
+
+    def items():
         for i in range(40):
             pulled.append(i)
-            time.sleep(0.2)  # a slow read, done lazily in the reader thread
+            if slow == "fetch" and i >= 8:
+                time.sleep(0.5)  # a slow read, done lazily in the reader thread
             yield f"{i}.jpeg", jpeg
+
+    monkeypatch.setattr(pipeline, "_read", slow_read)
 
     class Interrupted:
         def __init__(self, inner):
             self.inner, self.input_size, self.card = inner, inner.input_size, inner.card
 
         def predict(self, batch):
-            time.sleep(0.3)  # the reader is now inside the next batch
+            done = pulled if slow == "fetch" else decoded
+            deadline = time.monotonic() + 30
+            while len(done) < 10 and time.monotonic() < deadline:  # the reader is on the next batch's 2nd file
+                time.sleep(0.01)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pipeline.classify_many(Interrupted(classifier), slow_items(), batch_size=8)
+        pipeline.classify_many(Interrupted(classifier), items(), batch_size=8)
     for t in threading.enumerate():
         if t.name.startswith("cxr-read"):
             t.join(timeout=30)
-    # The first batch (8) and the file being read when the interrupt came (one, two at a scheduling edge);
-    # without the stop the reader finished the second batch: 16.
-    assert 9 <= len(pulled) <= 10, pulled
+    # The first batch (8) and the file the reader was on; without the stop it went through the second batch: 16.
+    assert len(pulled if slow == "fetch" else decoded) == 10, (pulled, decoded)
 
 
 def test_classify_many_turns_any_failure_into_that_files_row(tiny_model_dir, monkeypatch):
