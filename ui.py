@@ -167,6 +167,7 @@ class ModelLoad(threading.Thread):
         self.warm_up_s: float | None = None
         self.turn: tuple[float, float] | None = None
         self.version = ""  # start_loading's key, so that a failed load can be dropped from its cache
+        self.forgotten = False  # dropped from it (``_forget``)
 
     @property
     def failed(self) -> bool:
@@ -394,15 +395,28 @@ def wait_for_model(loading: ModelLoad) -> tuple[Any, Any] | None:
                            help="The engine that runs the forward pass (CXR_ENGINE, CXR_PRECISION override it).")
         return loaded
     except ModelCardError as err:
+        _forget(loading)  # wrapped OSError or MemoryError, weights changed under it: a reload can mend them
         st.sidebar.error(str(err))
     except Exception as err:  # a broken model folder must not take the page down
-        # Not kept: a load that failed once (memory, a full disk, a share that hiccuped) is tried afresh by the next
-        # rerun of any session, not re-raised to every user until the server restarts.
-        start_loading.clear(loading.folder, loading.version)
+        _forget(loading)
         st.sidebar.error(f"Model '{loading.card.name}' could not be loaded ({type(err).__name__}: {err}). It is "
                          "tried again when the page reruns (reload it); if it fails again, reinstall the model "
                          "folder or choose another model.")
     return None
+
+
+_FORGET = threading.Lock()
+
+
+def _forget(loading: ModelLoad) -> None:
+    """Drop a failed load from the shared cache, so that the next rerun of any session tries afresh (memory, a full
+    disk, a share that hiccuped) instead of every user seeing the error until the server restarts. Once per failed
+    load: a session still holding it must not drop the new load another session has started since."""
+    with _FORGET:
+        if loading.forgotten:
+            return
+        loading.forgotten = True
+        start_loading.clear(loading.folder, loading.version)
 
 
 # No "download plot as PNG": the film would leave the app unaudited (the report's download is the audited way out).

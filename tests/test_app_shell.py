@@ -135,6 +135,37 @@ def test_a_model_load_that_failed_once_is_tried_again_by_the_next_run(models_roo
     ui.start_loading.clear()
 
 
+def test_a_failed_load_is_forgotten_once_so_that_a_newer_load_is_kept(models_root, monkeypatch):
+    """A load that failed with a ModelCardError (a wrapped OSError, weights changed under it) is retried too; and a
+    session still holding the failed load does not drop the newer load another session has started since (two
+    full loads at once)."""
+    from cxr_core import models
+    from cxr_core.errors import ModelCardError
+
+    real, calls = models.load, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ModelCardError("the weights file changed since it was checked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load", flaky)
+    folder = str(models_root / "tiny-pneumonia")
+    version = ui.model_version(card.read(folder))
+    ui.start_loading.clear()
+    first = ui.start_loading(folder, version)
+    first.warmed.wait(60)
+    assert first.failed and ui.wait_for_model(first) is None  # the page says why, and forgets it
+    second = ui.start_loading(folder, version)
+    assert second is not first
+    second.warmed.wait(120)
+    assert not second.failed
+    assert ui.wait_for_model(first) is None  # another session's rerun, still holding the failed load
+    assert ui.start_loading(folder, version) is second and len(calls) == 2
+    ui.start_loading.clear()
+
+
 def test_headline_figures_read_as_counts_and_percentages():
     shown = {k: ui.format_metric(k, v) for k, v in {"test n": 1264.0, "test accuracy": 0.95411, "test auc": 0.99547,
                                                     "test ece": 0.005028, "best_epoch": 7.0}.items()}
