@@ -140,8 +140,13 @@ def test_report_carries_the_familiarity(parts):
     assert report.familiarity_line(plain, c) == ""
     assert report.familiarity_line(familiar, c) == ("Familiarity: distance 0.9000 (threshold 1.4000, fitted on "
                                                     "validation films): within the range of the films this model was "
-                                                    "trained on, which does not make the result right (the check "
-                                                    "misses most wrong calls on other hospitals' films).")
+                                                    "trained on, which does not make the result right.")
+    # with the card's figures on a source held out in training: how many of its wrong calls the check flagged
+    held = dataclasses.replace(c, metrics={**c.metrics, "familiarity": {"external": {
+        "n": 50, "wrong": 16, "wrong_rate": 0.125, "right": 34, "right_rate": 1 / 34}}})
+    assert report.familiarity_line(familiar, held).endswith(
+        "which does not make the result right (on films of a source held out in training it flagged 2 of the 16 it "
+        "got wrong).")
     assert "distance 3.2000" in report.familiarity_line(unfamiliar, c)
     assert "UNLIKE the films this model was trained on" in report.familiarity_line(unfamiliar, c)
     pages = [report.render(pixels, blended, p, c, when=WHEN) for p in (plain, familiar, unfamiliar)]
