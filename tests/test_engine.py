@@ -525,7 +525,7 @@ def test_prepare_converts_each_model_once_and_reports_bad_folders(tiny_model_dir
     assert len(lines) == 2
     assert all(": converted but NOT cached: others may write in the folder" in line for line in lines)
     assert not list(shared.glob("*.xml"))
-    for off in ("off", "0", "False", "none"):  # no folder named so appears where it runs
+    for off in ("off", "0", "False", "no", "none"):  # no folder named so appears where it runs
         monkeypatch.setenv("CXR_ENGINE_CACHE", off)
         assert engine.cache_dir() is None, off
     monkeypatch.setenv("CXR_ENGINE_CACHE", "~/cxr-cache")

@@ -395,11 +395,19 @@ def test_evaluate_names_other_films_of_the_patients_whose_films_made_the_model(t
     assert overlap == {"checked": True, "by_split": {"patient:train": 1, "patient:val": 1, "patient:seen": 1},
                        "made_with": 0, "patients": 3}
     assert [evaluate.flatters(found.get(n, "")) for n in files] == [True, True, False, True, False, False]
-    overlap["without"] = {"n": 3, "accuracy": 0.5, "auc": None}
-    assert evaluate.overlap_sentence(overlap).startswith(
-        "3 of these films are other films of patients whose films were used to make it (its start's 1, train 1, "
-        "validation 1; by the patient id in the file name), not held out from it either: figures on them flatter it. "
-        "Without them: 3 films")
+    overlap["without_patients"] = {"n": 3, "accuracy": 0.5, "auc": None}
+    assert evaluate.overlap_sentence(overlap) == (
+        "3 of these films carry the patient id of films used to make it (its start's 1, train 1, validation 1), "
+        "matched by the file name alone (another collection that names its files the same way, such as a viewer's "
+        "IM-0001-0001 export, matches too): if they are that collection's films, they are not held out from it "
+        "either. Without them: 3 films, accuracy 0.500, AUC n/a. The predictions' model_split column names them.")
+    overlap.update(made_with=2, by_split={**overlap["by_split"], "train": 2}, without={"n": 4, "accuracy": 0.75,
+                                                                                      "auc": 0.8})
+    sentence = evaluate.overlap_sentence(overlap)
+    assert sentence.startswith("2 of these films were used to make this model (train 2; the same bytes as in its "
+                               "split.csv): figures on them flatter it. Without them: 4 films, accuracy 0.750, AUC "
+                               "0.800. 3 more carry the patient id")
+    assert "Without them too: 3 films, accuracy 0.500" in sentence
 
 
 def test_split_roles_follow_near_copies_and_the_start_s_films(tmp_path):

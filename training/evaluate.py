@@ -266,20 +266,27 @@ def overlap_sentence(overlap: dict[str, Any] | None) -> str:
     if not overlap or not overlap.get("checked") or not (overlap.get("made_with") or overlap.get("patients")):
         return ""
     by_split = sorted(overlap["by_split"].items())
-    parts = ", ".join(f"{MADE_WITH[role]} {n}" for role, n in by_split if role in MADE_WITH)
-    whose = ", ".join(f"{MADE_WITH[role.removeprefix(PATIENT)]} {n}" for role, n in by_split
-                      if role.startswith(PATIENT) and role.removeprefix(PATIENT) in MADE_WITH)
-    without = overlap.get("without") or {}
-    rest = (f" Without them: {without['n']} films, accuracy {without['accuracy']:.3f}, AUC "
-            + ("n/a" if without.get("auc") is None else f"{without['auc']:.3f}") + "."
-            if without.get("n") else " No film is left without them.")
-    same = (f"{overlap['made_with']} of these films were used to make this model ({parts}; the same bytes as in its "
-            "split.csv)" if overlap.get("made_with") else "")
-    other = (f"{overlap['patients']} {'more are' if same else 'of these films are'} other films of patients whose "
-             f"films were used to make it ({whose}; by the patient id in the file name), not held out from it either"
-             if overlap.get("patients") else "")
-    return (f"{'; '.join(x for x in (same, other) if x)}: figures on them flatter it.{rest} The predictions' "
-            "model_split column names them.")
+
+    def rest(key: str, too: str = "") -> str:
+        w = overlap.get(key) or {}
+        if not w.get("n"):
+            return " No film is left without them."
+        auc = "n/a" if w.get("auc") is None else f"{w['auc']:.3f}"
+        return f" Without them{too}: {w['n']} films, accuracy {w['accuracy']:.3f}, AUC {auc}."
+
+    out = []
+    if made := overlap.get("made_with"):
+        parts = ", ".join(f"{MADE_WITH[role]} {n}" for role, n in by_split if role in MADE_WITH)
+        out.append(f"{made} of these films were used to make this model ({parts}; the same bytes as in its "
+                   f"split.csv): figures on them flatter it.{rest('without')}")
+    if patients := overlap.get("patients"):
+        whose = ", ".join(f"{MADE_WITH[role.removeprefix(PATIENT)]} {n}" for role, n in by_split
+                          if role.startswith(PATIENT) and role.removeprefix(PATIENT) in MADE_WITH)
+        out.append(f"{patients} {'more' if made else 'of these films'} carry the patient id of films used to make it "
+                   f"({whose}), matched by the file name alone (another collection that names its files the same "
+                   "way, such as a viewer's IM-0001-0001 export, matches too): if they are that collection's films, "
+                   f"they are not held out from it either.{rest('without_patients', ' too' if made else '')}")
+    return " ".join(x.strip() for x in out) + " The predictions' model_split column names them."
 
 
 def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dict[str, str] | None = None,
@@ -312,10 +319,16 @@ def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dic
         familiarity = (distances, np.array([bool(prediction.unfamiliar) for _, prediction in scored]))
         result["familiarity"] = familiarity_rates(card, y, p, distances, classifier.familiarity, sources)
     overlap, found = training_overlap(classifier.folder, {name: data_dir / name for name in paths})
-    if found:
-        keep = np.array([name not in found or not flatters(found[name]) for name in paths])
+    # "without": the figures without the films found by their bytes; "without_patients": without those matched by
+    # the patient id in the file name as well (a name alone can match another collection's films)
+    for key, left_out in (("without", lambda role: role in MADE_WITH), ("without_patients", flatters)):
+        if key == "without" and not found:
+            continue
+        if key == "without_patients" and not overlap.get("patients"):
+            continue
+        keep = np.array([name not in found or not left_out(found[name]) for name in paths])
         rest = score(card, y[keep], p[keep]) if keep.any() else {"n": 0}
-        overlap["without"] = {k: rest[k] for k in ("n", "accuracy", "auc") if k in rest}
+        overlap[key] = {k: rest[k] for k in ("n", "accuracy", "auc") if k in rest}
     result["training_overlap"] = overlap
     frame = predictions_frame(card, paths, sources, y, p, split="evaluation", familiarity=familiarity)
     frame["model_split"] = [found.get(name, "") for name in paths]
