@@ -107,9 +107,8 @@ def test_model_is_loaded_once_per_process(models_root):
     assert second is not first and second[0].card.thresholds == {"PNEUMONIA": 0.123}
 
 
-def test_a_model_load_that_failed_once_is_tried_again_by_the_next_run(models_root, monkeypatch):
-    """A failed load (here a MemoryError the first time) is not kept: the next page run, in this session or
-    another, loads the model afresh instead of showing the same error until the server restarts."""
+def _load_fails_once(monkeypatch, error: Exception) -> list[int]:
+    """``models.load`` raises ``error`` on its first call only, with the shared load cache emptied; the calls made."""
     from cxr_core import models
 
     real, calls = models.load, []
@@ -117,11 +116,18 @@ def test_a_model_load_that_failed_once_is_tried_again_by_the_next_run(models_roo
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise MemoryError("transient: could not allocate")
+            raise error
         return real(*args, **kwargs)
 
     monkeypatch.setattr(models, "load", flaky)
     ui.start_loading.clear()
+    return calls
+
+
+def test_a_model_load_that_failed_once_is_tried_again_by_the_next_run(models_root, monkeypatch):
+    """A failed load (here a MemoryError the first time) is not kept: the next page run, in this session or
+    another, loads the model afresh instead of showing the same error until the server restarts."""
+    calls = _load_fails_once(monkeypatch, MemoryError("transient: could not allocate"))
     film = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
     at = AppTest.from_file(APP, default_timeout=120).run()
     if not at.sidebar.error:  # the page drew before the load failed: the upload waits for it
@@ -139,21 +145,11 @@ def test_a_failed_load_is_forgotten_once_so_that_a_newer_load_is_kept(models_roo
     """A load that failed with a ModelCardError (a wrapped OSError, weights changed under it) is retried too; and a
     session still holding the failed load does not drop the newer load another session has started since (two
     full loads at once)."""
-    from cxr_core import models
     from cxr_core.errors import ModelCardError
 
-    real, calls = models.load, []
-
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise ModelCardError("the weights file changed since it was checked")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(models, "load", flaky)
+    calls = _load_fails_once(monkeypatch, ModelCardError("the weights file changed since it was checked"))
     folder = str(models_root / "tiny-pneumonia")
     version = ui.model_version(card.read(folder))
-    ui.start_loading.clear()
     first = ui.start_loading(folder, version)
     first.warmed.wait(60)
     assert first.failed and ui.wait_for_model(first) is None  # the page says why, and forgets it
