@@ -107,6 +107,10 @@ class ImageInfo:
     # A colour DICOM's colourfulness (``colourfulness_of`` its decoded RGB): the quality check's colour rule reads
     # other formats from the file, which for a DICOM takes a decoder. None for grey films and other formats.
     colourfulness: float | None = None
+    # A film shown through its VOI LUT has no window: the window its presets start from instead (the file's
+    # WindowCenter/Width where it holds one, else the 0.5-99.5 percentiles), so that one hot pixel in the value
+    # range does not make them blank. None for other films.
+    reference_window: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -819,6 +823,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
     value_range = (float(values.min()), float(values.max()))
     modality = values.copy()  # windowing works in place
     pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits, _padding_mask(arr, ds))
+    reference, used = (used, None) if source == "voi_lut" else (None, used)
     # DX requires Presentation LUT Shape INVERSE with MONOCHROME1: the same single inversion, not a second one.
     inverted = photometric == "MONOCHROME1"
     if frames > 1:
@@ -837,7 +842,8 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
         pixels[missing] = 0  # black whatever the inversion (MONOCHROME1, a negative slope) made of them
     info = ImageInfo(format="DICOM", width=cols, height=rows, bit_depth=bits, photometric=photometric,
                      window=used, window_source=source, value_range=value_range, frames=frames,
-                     inverted=inverted, metadata=metadata, colourfulness=_dicom_colourfulness(arr, bits))
+                     inverted=inverted, metadata=metadata, colourfulness=_dicom_colourfulness(arr, bits),
+                     reference_window=reference)
     return LoadedImage(pixels, info, modality)
 
 
@@ -973,18 +979,23 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
 
     The percentiles, and the check of the file's window against the pixels, leave ``padding`` pixels out: a
     film padded to a rectangle would otherwise get a window stretched over the padding.
-    Returns (pixels, (center, width) or None, window_source).
+    Returns (pixels, (center, width) or None, window_source); for "voi_lut" the window is the one the file would
+    be shown at without its LUT (``ImageInfo.reference_window``).
     """
-    if window is not None:
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if window is not None:  # the file's curve goes with any window (PS3.3 C.11.2.1.3): a chosen one too
         center, width = float(window[0]), float(window[1])
-        return _linear(values, center, width, "LINEAR"), (center, width), "caller"
+        chosen = function if function in ("SIGMOID", "LINEAR_EXACT") else "LINEAR"
+        return _linear(values, center, width, chosen), (center, width), "caller"
     if colour:
         top = 2.0**bits - 1
         return _linear(values, top / 2, top, "LINEAR_EXACT"), None, "none"
     if "VOILUTSequence" in ds and ds["VOILUTSequence"].value:
+        reference = _apply_window(values.copy(), _without_voi_lut(ds), None, False, bits, padding)[1]
         try:
             little = (getattr(ds, "original_encoding", None) or (None, True))[1] is not False
-            return _voi_lut(values, ds.VOILUTSequence[0], little), None, "voi_lut"
+            signed = ds.get("PixelRepresentation", 0) == 1 or float(values.min()) < 0
+            return _voi_lut(values, ds.VOILUTSequence[0], little, signed), reference, "voi_lut"
         except Exception as exc:
             raise _tag_error("VOILUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table", ours=True) from exc
     step = max(1, int(np.sqrt(values.size / _SAMPLE_PIXELS)))
@@ -1002,10 +1013,18 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
         # A stored window that leaves most pixels saturated, or squeezes them into a sliver of grey, is wrong
         # for this pixel data (re-encoded files keep stale windows), so it falls back to the percentiles.
         if width > 0 and inside >= 0.2 and width <= 10 * max(hi - lo, floor):
-            function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
             return _linear(values, center, width, function), (center, width), "file"
     center, width = (lo + hi) / 2, max(hi - lo, floor)
     return _linear(values, center, width, "LINEAR_EXACT"), (center, width), "percentile"
+
+
+def _without_voi_lut(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A shallow copy of ``ds`` without its VOI LUT Sequence: what the window would be without it."""
+    copy = pydicom.Dataset()
+    for element in ds:
+        if element.keyword != "VOILUTSequence":
+            copy.add(element)
+    return copy
 
 
 def _first(value: object) -> object:
@@ -1030,12 +1049,16 @@ def _linear(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip(values, 0, 1, out=values)
 
 
-def _voi_lut(values: np.ndarray, item: pydicom.Dataset, little_endian: bool = True) -> np.ndarray:
+def _voi_lut(values: np.ndarray, item: pydicom.Dataset, little_endian: bool = True, signed: bool = False
+             ) -> np.ndarray:
     """Apply a VOI LUT Sequence item, scaled by the LUT's own output range to [0, 1].
 
-    LUT Data held as OW bytes is in the file's byte order (Explicit VR Big Endian files are big-endian).
+    LUT Data held as OW bytes is in the file's byte order (Explicit VR Big Endian files are big-endian). The first
+    value mapped is signed where the values can be (PS3.3 C.11.2.1.1: a writer may store -1024 as US 64512).
     """
     entries, first, _ = (int(v) for v in item.LUTDescriptor)
+    if signed and first > 32767:
+        first -= 65536
     data = item.LUTData
     order = "<u2" if little_endian else ">u2"
     lut = np.frombuffer(data, dtype=order) if isinstance(data, bytes) else np.asarray(data, dtype=np.float32)

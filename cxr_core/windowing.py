@@ -15,6 +15,7 @@ from typing import Any
 AUTO = "File window"
 AUTO_PERCENTILE = "Automatic (0.5-99.5 percentile)"
 VOI_LUT = "File's VOI LUT"
+AUTO_WITHOUT_LUT = "Window without the LUT"
 FULL = "Full range"
 # name -> (shift of the center toward bright display, in widths of the base window; width factor)
 RELATIVE = {
@@ -39,8 +40,13 @@ def presets(info: Any) -> dict[str, tuple[float, float]]:
     if info.window is None:
         if info.window_source != "voi_lut" or full is None:
             return {}
-        center, width = full
+        # The presets start from the window the film would have without its LUT (the file's WindowCenter/Width, or
+        # the percentiles): from the full range, one hot pixel made them blank.
+        reference = getattr(info, "reference_window", None)
+        center, width = reference if reference is not None else full
         result = {VOI_LUT: full}
+        if reference is not None:
+            result[AUTO_WITHOUT_LUT] = (float(reference[0]), float(reference[1]))
     else:
         center, width = (float(v) for v in info.window)
         result = {AUTO if info.window_source == "file" else AUTO_PERCENTILE: (center, width)}
@@ -50,6 +56,21 @@ def presets(info: Any) -> dict[str, tuple[float, float]]:
     for name, (shift, factor) in RELATIVE.items():
         result[name] = (center + toward_bright * shift * width, max(width * factor, 1e-6))
     return result
+
+
+def slider_steps(info: Any) -> tuple[float, float]:
+    """(center step, width step): fine enough to move within the base window (the one the relative presets start
+    from) in some 200 steps, whatever the value range (one pixel at 65535 beside tissue at
+    950-1450 made the steps 160 and 320 units: the file's own width could not be reached by dragging)."""
+    (c_lo, c_hi), (w_lo, w_hi) = slider_bounds(info)
+    widths = [w for _, w in presets(info).values() if math.isfinite(w) and w > 0]
+    fine = min(widths) / 100 if widths else math.inf  # the narrowest preset (Bone: half the base window)
+
+    def step(lo: float, hi: float) -> float:
+        chosen = min((hi - lo) / 400, fine)
+        return chosen if math.isfinite(chosen) and chosen > 0 else 1.0
+
+    return step(c_lo, c_hi), step(w_lo, w_hi)
 
 
 def slider_bounds(info: Any) -> tuple[tuple[float, float], tuple[float, float]]:

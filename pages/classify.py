@@ -65,9 +65,10 @@ def window_ui(info: imaging.ImageInfo, key: str) -> tuple[float, float] | None:
     st.selectbox("Window preset", list(options), key=pk, on_change=apply_preset,
                  help="Changes what you see, not what the model sees: it is always given the file's default window.")
     units = "in the file's stored-value units (after Rescale Slope/Intercept)"
-    center = st.slider("Window center", c_lo, c_hi, key=ck, step=(c_hi - c_lo) / 400 or 1.0,
+    c_step, w_step = windowing.slider_steps(info)
+    center = st.slider("Window center", c_lo, c_hi, key=ck, step=c_step,
                        help=f"The stored value shown as mid-grey, {units}.")
-    width = st.slider("Window width", w_lo, w_hi, key=wk, step=(w_hi - w_lo) / 400 or 1.0,
+    width = st.slider("Window width", w_lo, w_hi, key=wk, step=w_step,
                       help=f"The range of stored values spread from black to white, {units}.")
     return None if (center, width) == default else (center, width)
 

@@ -72,3 +72,96 @@ def test_small_values_get_slider_steps_of_their_own_size():
                                window_source="percentile")
     (c_lo, c_hi), (w_lo, w_hi) = windowing.slider_bounds(info)
     assert w_hi <= 0.25 and (c_lo, c_hi) == (0.0, 0.1)  # not 0..2: some 400 positions over the useful widths
+
+
+def _film(**tags) -> bytes:
+    """A 16-bit MONOCHROME2 DX film: lungs near 1000, mediastinum near 1400, one hot pixel at 65535."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    x = np.linspace(-1, 1, 160)
+    film = np.tile(1000 + 400 * np.exp(-(x / 0.2) ** 2), (200, 1))
+    film += np.random.default_rng(0).integers(-50, 50, film.shape)
+    film = film.astype(np.uint16)
+    film[0, 0] = 65535
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid(), "DX"
+    ds.Rows, ds.Columns = film.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = film.tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_chosen_window_keeps_the_file_s_sigmoid_curve():
+    """PS3.3 C.11.2.1.3: the VOI LUT Function goes with the window. A nudged slider or a preset drew LINEAR, so the
+    contrast jumped (1000: 0.119 -> 0.0) on the smallest move."""
+    film = _film(WindowCenter=1200, WindowWidth=400, VOILUTFunction="SIGMOID")
+    shown = imaging.load(film)
+    nudged = imaging.load(film, window=(1200.0, 400.0001))
+    assert shown.info.window_source == "file"
+    import numpy as np
+
+    np.testing.assert_allclose(nudged.pixels, shown.pixels, atol=1e-5)
+    assert 0.05 < float(np.median(nudged.pixels[:, :20])) < 0.2  # a sigmoid's tail, not clipped to black
+
+
+def test_a_voi_lut_film_s_presets_start_from_its_window_not_from_a_hot_pixel():
+    """One pixel at 65535 beside tissue at 950-1450: presets from the full value range were one grey level (all
+    black). They start from the file's window (offered as a preset too), and the sliders step finely enough to
+    reach it."""
+    import numpy as np
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.LUTData = np.clip((np.arange(4096) - 900) / 600 * 4095, 0, 4095).astype(np.uint16).tobytes()
+    film = _film(VOILUTSequence=Sequence([item]), WindowCenter=1200, WindowWidth=500)
+    info = imaging.load(film).info
+    assert info.window_source == "voi_lut" and info.window is None and info.reference_window == (1200.0, 500.0)
+    presets = windowing.presets(info)
+    assert list(presets)[:2] == [windowing.VOI_LUT, windowing.AUTO_WITHOUT_LUT]
+    assert presets["Bone"] == pytest.approx((1200 + 0.25 * 500, 250.0))
+    for name, window in presets.items():
+        if name != windowing.VOI_LUT:
+            body = imaging.load(film, window=window).pixels[1:, 1:]
+            assert len(np.unique(np.rint(body * 255))) > 100, name  # a picture, not a blank
+    c_step, w_step = windowing.slider_steps(info)
+    assert c_step <= 2.5 and w_step <= 2.5  # some 100 steps across Bone's width; they were 161 and 322
+    without = imaging.load(_film(VOILUTSequence=Sequence([item]))).info  # no window in the file: the percentiles
+    center, width = without.reference_window
+    assert 900 < center - width / 2 < 1100 and 1300 < center + width / 2 < 1500
+
+
+def test_a_voi_lut_whose_first_value_is_written_unsigned_maps_signed_values():
+    """-1024 written as US 64512 in the LUT Descriptor (PS3.3 allows either): signed values were all mapped to the
+    LUT's first entry, a black film."""
+    import io
+
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.LUTDescriptor = [2048, (-1024) & 0xFFFF, 16]
+    item.LUTData = np.linspace(0, 65535, 2048).astype(np.uint16).tobytes()
+    ds = pydicom.dcmread(io.BytesIO(_film(VOILUTSequence=Sequence([item]))))
+    values = (np.frombuffer(ds.PixelData, np.uint16).astype(np.int32) - 1600).clip(-1024, 1023).astype(np.int16)
+    ds.PixelRepresentation, ds.PixelData = 1, values.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    img = imaging.load(buf.getvalue())
+    assert img.info.window_source == "voi_lut"
+    expected = (values.reshape(img.pixels.shape).astype(np.float64) + 1024) / 2047
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-3)
