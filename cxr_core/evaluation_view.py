@@ -91,6 +91,26 @@ def splits(predictions: pd.DataFrame) -> list[str]:
     return sorted(present, key=lambda s: (order.get(s, 3), s))
 
 
+def figure(value: float | None, digits: int = 3, percent: bool = False) -> str:
+    """A rate or AUC as text, never rounded to certainty: 0.9996 reads 0.9996, not 1.000 (and 0.0004 not 0.000),
+    with up to three more digits; "n/a" for None or NaN. ``percent``: as 99.96 %, one decimal to start with."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    value = float(value)
+    scale, unit, shown = (100.0, "%", 1) if percent else (1.0, "", digits)
+    for places in range(shown, shown + 4):
+        text = f"{value * scale:.{places}f}"
+        rounded = float(text) / scale
+        if not ((rounded >= 1 > value) or (rounded <= 0 < value)):
+            break
+    return text + unit
+
+
+def fraction_texts(counts: np.ndarray, digits: int = 2) -> list[list[str]]:
+    """A confusion matrix's cells as row fractions in text (``figure``: one missed of 2500 reads 0.0004, not 0.00)."""
+    return [[figure(v, digits) for v in row] for row in row_normalised(counts)]
+
+
 def decisions(card: ModelCard, probs: np.ndarray, thresholds: dict[str, float] | None = None) -> np.ndarray:
     """Decided class index per row under the card's rule (cxr_core.models.decide), thresholds overridable."""
     rule = card if thresholds is None else _with_thresholds(card, thresholds)

@@ -17,7 +17,12 @@ from cxr_core import evaluation_view as ev
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+    """A figure for the page, never rounded to certainty (``evaluation_view.figure``)."""
+    return "n/a" if value is None or pd.isna(value) else ev.figure(value, digits)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or pd.isna(value) else ev.figure(value, percent=True)
 
 
 def headline_ui(y, probs, card: card_lib.ModelCard) -> None:
@@ -38,7 +43,8 @@ def roc_ui(y, probs, class_names: list[str], key: str) -> None:
         if curve["auc"] is None:
             st.caption(f"{name}: no ROC curve (this set lacks positives or negatives of {name}).")
             continue
-        fig.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", name=f"{name} (AUC {curve['auc']:.3f})"))
+        fig.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], mode="lines",
+                                 name=f"{name} (AUC {fmt(curve['auc'])})"))
     fig.update_layout(xaxis_title="False positive rate (1 - specificity)",
                       yaxis_title="True positive rate (sensitivity)", height=420, margin={"t": 20},
                       legend={"x": 0.55, "y": 0.05})
@@ -47,9 +53,11 @@ def roc_ui(y, probs, class_names: list[str], key: str) -> None:
 
 def confusion_figure(counts, labels: list[str], title: str, normalised: bool) -> go.Figure:
     values = ev.row_normalised(counts) if normalised else counts
-    fig = px.imshow(values, x=labels, y=labels, text_auto=".2f" if normalised else True, color_continuous_scale="Blues",
+    fig = px.imshow(values, x=labels, y=labels, text_auto=not normalised, color_continuous_scale="Blues",
                     labels={"x": "Called", "y": "True", "color": "fraction" if normalised else "images"},
                     zmin=0, zmax=1 if normalised else None)
+    if normalised:  # 1 missed of 2500 reads 0.0004 and 0.9996, not 0.00 and 1.00
+        fig.update_traces(text=ev.fraction_texts(counts), texttemplate="%{text}")
     fig.update_layout(title=title, height=360, margin={"t": 40})
     return fig
 
@@ -109,13 +117,13 @@ def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
 def report_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
     st.subheader("Classification report")
     st.caption("Per-class one-against-the-rest results under the card's decision rule; AUC from the probabilities.")
-    st.dataframe(ev.report_table(y, probs, card.class_names, ev.decisions(card, probs)).style.format(precision=3,
-                 na_rep=""), key=f"{key}_report")
+    st.dataframe(ev.report_table(y, probs, card.class_names, ev.decisions(card, probs)).style.format(
+                 lambda v: "" if pd.isna(v) else fmt(v) if isinstance(v, float) else str(v)), key=f"{key}_report")
 
 
 def calibration_ui(y, probs, key: str) -> None:
     bins, ece = ev.calibration_table(y, probs)
-    st.subheader(f"Calibration (ECE {ece:.3f})")
+    st.subheader(f"Calibration (ECE {fmt(ece)})")
     st.caption("How often the top class is right against how confident the model was, in 10 confidence bins. "
                "A calibrated model lies on the diagonal.")
     filled = bins[bins["count"] > 0]
@@ -135,7 +143,7 @@ def per_source_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: st
         st.subheader("Per data source")
         st.caption("A model trained on several sources can learn the source instead of the disease; "
                    "compare these rows.")
-        st.dataframe(table.style.format(precision=3, na_rep="n/a"), key=f"{key}_sources")
+        st.dataframe(table.style.format(lambda v: fmt(v) if isinstance(v, float) else str(v)), key=f"{key}_sources")
 
 
 def evaluation_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: str | None, key: str) -> None:
@@ -172,15 +180,15 @@ def splits_ui(metrics_json: dict) -> None:
                "the familiarity threshold; train: what the model learned from. 'Unfamiliar' is the share of films "
                "the familiarity check flags as unlike the training films: a useful check flags far more of the "
                "films the model gets wrong than of those it gets right.")
-    percent = {c: "{:.1%}" for c in PERCENT_COLUMNS if c in comparison.columns and c != "AUC"}
-    st.dataframe(comparison.style.format({**percent, "AUC": "{:.3f}"}, na_rep="n/a"), key="split_comparison")
+    percent = {c: _percent for c in PERCENT_COLUMNS if c in comparison.columns and c != "AUC"}
+    st.dataframe(comparison.style.format({**percent, "AUC": fmt}, na_rep="n/a"), key="split_comparison")
     detail = ev.per_source_per_class(metrics_json)
     if not detail.empty:
         st.subheader("Per split, source and class")
         st.caption("accuracy: the share of that class's films called that class (its sensitivity); AUC: that class "
                    "against the others within the source, where the source has both.")
-        percent = {c: "{:.1%}" for c in PERCENT_COLUMNS if c in detail.columns and c != "AUC"}
-        st.dataframe(detail.style.format({**percent, "AUC": "{:.3f}"}, na_rep="n/a"), key="per_source_per_class")
+        percent = {c: _percent for c in PERCENT_COLUMNS if c in detail.columns and c != "AUC"}
+        st.dataframe(detail.style.format({**percent, "AUC": fmt}, na_rep="n/a"), key="per_source_per_class")
 
 
 def history_ui(history: pd.DataFrame) -> None:

@@ -149,3 +149,19 @@ def test_train_rows_sort_after_every_held_out_split_and_nan_rows_are_refused():
     broken = pd.DataFrame({"true_class": ["A", "B"], "p_A": [0.5, np.nan], "p_B": [0.5, np.nan]})
     with pytest.raises(ValueError, match="1 of 2 rows have probabilities that are not finite"):
         ev.labelled(broken, ["A", "B"])
+
+
+def test_a_figure_is_never_rounded_to_certainty():
+    """2500 positives and one missed: sensitivity 0.9996 read "1.000" and the missed cell "0.00" on the Metrics page."""
+    from cxr_core.evaluation_view import figure
+
+    assert [figure(v) for v in (0.9996, 0.99996, 1.0, 0.0004, 0.0, 0.5, 0.12345)] == [
+        "0.9996", "0.99996", "1.000", "0.0004", "0.000", "0.500", "0.123"]
+    assert [figure(v, percent=True) for v in (0.9996, 1.0, 0.25)] == ["99.96%", "100.0%", "25.0%"]
+    assert figure(None) == figure(float("nan")) == "n/a"
+    assert figure(1 / 2500, 2) == "0.0004" and figure(2499 / 2500, 2) == "0.9996"
+
+
+def test_the_row_normalised_confusion_cells_read_one_missed_film():
+    counts = np.array([[500, 0], [1, 2499]])
+    assert ev.fraction_texts(counts) == [["1.00", "0.00"], ["0.0004", "0.9996"]]
