@@ -76,30 +76,15 @@ def test_small_values_get_slider_steps_of_their_own_size():
 
 def _film(**tags) -> bytes:
     """A 16-bit MONOCHROME2 DX film: lungs near 1000, mediastinum near 1400, one hot pixel at 65535."""
-    import io
-
     import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from test_imaging import _dicom
 
     x = np.linspace(-1, 1, 160)
     film = np.tile(1000 + 400 * np.exp(-(x / 0.2) ** 2), (200, 1))
     film += np.random.default_rng(0).integers(-50, 50, film.shape)
     film = film.astype(np.uint16)
     film[0, 0] = 65535
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid(), "DX"
-    ds.Rows, ds.Columns = film.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = film.tobytes()
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return _dicom(film, **tags)
 
 
 def test_a_chosen_window_keeps_the_file_s_sigmoid_curve():
