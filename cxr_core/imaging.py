@@ -458,7 +458,7 @@ def _pillow_gray(im: Image.Image, invert: bool = False) -> tuple[np.ndarray, int
                                            "Export it again without transparency.")
             notes["Transparency"] = f"transparent pixels composited on {BACKGROUND}"
         lo, hi = float(arr[finite].min()), float(arr[finite].max())
-        arr = np.where(finite, arr, 0 if mode == "I" and lo >= 0 else lo)  # missing: black, and not the scale
+        arr = np.where(finite, arr, lo)  # missing: not the scale; black after it (``_inverted``)
         missing = None if finite.all() else ~finite
         if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data widened to int32 by some plugins
             return _inverted(_scaled_by_bits_used(arr.astype(np.float32), notes), invert, missing), 16, notes
@@ -819,7 +819,7 @@ def _read_dicom(fp: BinaryIO, window: tuple[float, float] | None, max_pixels: in
                                    f"of each sample (HighBit {int(ds.HighBit)}): read from there")
     missing = _non_finite(arr)
     bits = int(_number(ds, "BitsStored", arr.dtype.itemsize * 8))
-    values = _modality_values(arr, ds, photometric, metadata)
+    values = _modality_values(arr, ds, photometric, metadata, missing)
     value_range = (float(values.min()), float(values.max()))
     modality = values.copy()  # windowing works in place
     pixels, used, source = _apply_window(values, ds, window, arr.ndim == 3, bits, _padding_mask(arr, ds))
@@ -923,8 +923,10 @@ def lungs_brighter_than_mediastinum(values: np.ndarray) -> bool:
     return (lungs - center) / (hi - lo) > limits.POLARITY_MARGIN
 
 
-def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, metadata: dict[str, str]) -> np.ndarray:
-    """Stored values -> modality values (float32, finite): luma for colour, the Modality LUT or the rescale."""
+def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, metadata: dict[str, str],
+                     missing: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> modality values (float32, finite): luma for colour, the Modality LUT or the rescale.
+    ``missing``: the float samples that count as missing (``_non_finite``), set to the film's lowest value here."""
     if arr.ndim == 3:  # colour (decoded to RGB by pydicom): luma, on the stored scale
         metadata["Conversion"] = f"{photometric} to grayscale (ITU-R 601 luma)"
         return arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -934,14 +936,12 @@ def _modality_values(arr: np.ndarray, ds: pydicom.Dataset, photometric: str, met
         except Exception as exc:
             raise _tag_error("ModalityLUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table",
                              ours=True) from exc
-    if arr.dtype.kind == "f":  # float pixel data may hold NaN, infinities or doubles past float32: missing samples
-        finite = np.isfinite(arr) & (np.abs(arr) <= np.finfo(np.float32).max)
-        if not finite.any():
+    if missing is not None:  # float pixel data may hold NaN, infinities or doubles past float32: missing samples
+        if missing.all():
             raise UnreadableImageError("The DICOM image holds no finite pixel values (all NaN, infinite or beyond "
                                        "single precision). Export it again as an ordinary 8- or 16-bit image.")
-        if not finite.all():
-            metadata["NonFinitePixels"] = f"{int(arr.size - finite.sum()):,} NaN or infinite pixels shown black"
-            arr = np.where(finite, arr, arr[finite].min())
+        metadata["NonFinitePixels"] = f"{int(missing.sum()):,} NaN or infinite pixels shown black"
+        arr = np.where(missing, arr[~missing].min(), arr)
     values = arr.astype(np.float32)
     slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
     if slope == 0:
@@ -990,14 +990,21 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
     if colour:
         top = 2.0**bits - 1
         return _linear(values, top / 2, top, "LINEAR_EXACT"), None, "none"
+    (center, width), source = _file_or_percentile_window(values, ds, padding)
     if "VOILUTSequence" in ds and ds["VOILUTSequence"].value:
-        reference = _apply_window(values.copy(), _without_voi_lut(ds), None, False, bits, padding)[1]
         try:
             little = (getattr(ds, "original_encoding", None) or (None, True))[1] is not False
             signed = ds.get("PixelRepresentation", 0) == 1 or float(values.min()) < 0
-            return _voi_lut(values, ds.VOILUTSequence[0], little, signed), reference, "voi_lut"
+            return _voi_lut(values, ds.VOILUTSequence[0], little, signed), (center, width), "voi_lut"
         except Exception as exc:
             raise _tag_error("VOILUTSequence", "LUTDescriptor/LUTData", "not a usable lookup table", ours=True) from exc
+    return _linear(values, center, width, function if source == "file" else "LINEAR_EXACT"), (center, width), source
+
+
+def _file_or_percentile_window(values: np.ndarray, ds: pydicom.Dataset, padding: np.ndarray | None
+                               ) -> tuple[tuple[float, float], str]:
+    """The window a grey film is shown at without a VOI LUT, and its source: the file's WindowCenter/Width where
+    they fit the pixels ("file"), else the 0.5-99.5 percentiles ("percentile")."""
     step = max(1, int(np.sqrt(values.size / _SAMPLE_PIXELS)))
     sample = values[::step, ::step]
     if padding is not None and not padding[::step, ::step].all():
@@ -1013,18 +1020,8 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, window: tuple[float, 
         # A stored window that leaves most pixels saturated, or squeezes them into a sliver of grey, is wrong
         # for this pixel data (re-encoded files keep stale windows), so it falls back to the percentiles.
         if width > 0 and inside >= 0.2 and width <= 10 * max(hi - lo, floor):
-            return _linear(values, center, width, function), (center, width), "file"
-    center, width = (lo + hi) / 2, max(hi - lo, floor)
-    return _linear(values, center, width, "LINEAR_EXACT"), (center, width), "percentile"
-
-
-def _without_voi_lut(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A shallow copy of ``ds`` without its VOI LUT Sequence: what the window would be without it."""
-    copy = pydicom.Dataset()
-    for element in ds:
-        if element.keyword != "VOILUTSequence":
-            copy.add(element)
-    return copy
+            return (center, width), "file"
+    return ((lo + hi) / 2, max(hi - lo, floor)), "percentile"
 
 
 def _first(value: object) -> object:
