@@ -293,15 +293,17 @@ class CachedModel:
     head: np.ndarray | None  # the Dense kernel (K, C) of a GAP + Dense head (cxr_core.models.head_weights)
 
 
-def _cache_path(cache_key: str | None) -> Path | None:
-    """``<cache>/<hash>.xml`` for a key (None: no key or the cache is off); ``.bin`` and ``.npz`` beside it."""
+def _cache_path(cache_key: str | None) -> tuple[Path | None, str]:
+    """``<cache>/<hash>.xml`` for a key (``.bin`` and ``.npz`` beside it), and why the cache folder is not used
+    (``cache_problem``); (None, "") with no key or the cache off."""
     folder = cache_dir() if cache_key else None
-    if folder is None or cache_problem(folder):
-        return None
+    problem = cache_problem(folder) if folder is not None else ""
+    if folder is None or problem:
+        return None, problem
     import openvino as ov
 
     key = json.dumps([cache_key, ov.__version__, _CONVERTER_VERSION])
-    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml"
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.xml", ""
 
 
 def cache_problem(folder: Path) -> str:
@@ -432,7 +434,7 @@ class OpenVINORunner:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.note = note
         core = ov.Core()
-        path = _cache_path(cache_key)
+        path, unused = _cache_path(cache_key)
         if _cached is not None:
             ov_model, self.side = _cached
             self.source = "cache"
@@ -448,11 +450,10 @@ class OpenVINORunner:
             if path is not None and self.source == "cache":
                 _remove_entry(path)  # an entry that cannot be served is not found again on the next start
             raise
-        unused = ""
-        if self.source == "converted" and path is not None:
+        if self.source != "converted":
+            unused = ""  # served from the cache: it is used
+        elif path is not None:
             unused = _write_entry(ov, ov_model, self.side, path)  # only a model that compiled and was right
-        elif self.source == "converted" and cache_key and (folder := cache_dir()) is not None:
-            unused = cache_problem(folder)
         if unused:  # said where the engine is named (the sidebar, python -m cxr_core.prepare): each start converts
             self.note = "; ".join(x for x in (note, f"engine cache not used: {unused}") if x)
         self.cache_unused = unused
@@ -494,7 +495,7 @@ class OpenVINORunner:
         """The runner from the cache entry of ``cache_key`` alone, or None when there is none (or it is damaged)."""
         import openvino as ov
 
-        entry = _read_entry(ov.Core(), _cache_path(cache_key))
+        entry = _read_entry(ov.Core(), _cache_path(cache_key)[0])
         if entry is None:
             return None  # the full load converts (again) and writes the entry
         return cls(None, entry[1].feature_layer, precision, cache_key, note=note, _cached=entry)
