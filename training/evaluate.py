@@ -168,8 +168,10 @@ def split_roles(model_dir: str | Path | None) -> dict[str, str] | str:
     Why it cannot be read, instead, as a sentence (no folder, no ``split.csv``: a model trained before it was
     written, or elsewhere; an empty one; one without the columns)."""
     rows = _row_roles(model_dir)
-    if isinstance(rows, str):
-        return rows
+    return rows if isinstance(rows, str) else _sha256_roles(rows)
+
+
+def _sha256_roles(rows: list[tuple[dict[str, str], str]]) -> dict[str, str]:
     roles: dict[str, str] = {}
     for r, role in rows:
         if r["sha256"] and role:
@@ -177,13 +179,12 @@ def split_roles(model_dir: str | Path | None) -> dict[str, str] | str:
     return roles
 
 
-def patient_roles(model_dir: str | Path | None) -> dict[str, str]:
+def _patient_roles(rows: list[tuple[dict[str, str], str]]) -> dict[str, str]:
     """Patient id -> what that patient's films were to the model (train, then its start's, then val), for the
     patients whose films made it: the ``patient`` column, else the id in the film's name (``data.patient_id``)."""
-    rows = _row_roles(model_dir)
     order = {"train": 0, "seen": 1, "val": 2}
     out: dict[str, str] = {}
-    for r, role in [] if isinstance(rows, str) else rows:
+    for r, role in rows:
         patient = r.get("patient") or data.patient_id(Path(r["path"]).name)
         if patient and role in order and order[role] < order.get(out.get(patient, ""), 9):
             out[patient] = role
@@ -233,10 +234,10 @@ def training_overlap(model_dir: str | Path | None, files: dict[str, Path]) -> tu
     name -> role for the films found. Figures on films a model was made with flatter it: evaluate on films it
     never saw.
     """
-    roles = split_roles(model_dir)
-    if isinstance(roles, str):
-        return {"checked": False, "why": roles}, {}
-    patients = patient_roles(model_dir)
+    rows = _row_roles(model_dir)  # split.csv, read once for both
+    if isinstance(rows, str):
+        return {"checked": False, "why": rows}, {}
+    roles, patients = _sha256_roles(rows), _patient_roles(rows)
     found: dict[str, str] = {}
     for name, path in files.items():
         try:
@@ -319,16 +320,16 @@ def evaluate_folder(classifier: Classifier, data_dir: str | Path, class_map: dic
         familiarity = (distances, np.array([bool(prediction.unfamiliar) for _, prediction in scored]))
         result["familiarity"] = familiarity_rates(card, y, p, distances, classifier.familiarity, sources)
     overlap, found = training_overlap(classifier.folder, {name: data_dir / name for name in paths})
-    # "without": the figures without the films found by their bytes; "without_patients": without those matched by
-    # the patient id in the file name as well (a name alone can match another collection's films)
-    for key, left_out in (("without", lambda role: role in MADE_WITH), ("without_patients", flatters)):
-        if key == "without" and not found:
-            continue
-        if key == "without_patients" and not overlap.get("patients"):
-            continue
+
+    def without(left_out: Callable[[str], bool]) -> dict[str, Any]:
         keep = np.array([name not in found or not left_out(found[name]) for name in paths])
         rest = score(card, y[keep], p[keep]) if keep.any() else {"n": 0}
-        overlap[key] = {k: rest[k] for k in ("n", "accuracy", "auc") if k in rest}
+        return {k: rest[k] for k in ("n", "accuracy", "auc") if k in rest}
+
+    if found:  # the figures without the films found by their bytes
+        overlap["without"] = without(lambda role: role in MADE_WITH)
+    if overlap.get("patients"):  # and without those matched by the patient id in the name too (it can match others)
+        overlap["without_patients"] = without(flatters)
     result["training_overlap"] = overlap
     frame = predictions_frame(card, paths, sources, y, p, split="evaluation", familiarity=familiarity)
     frame["model_split"] = [found.get(name, "") for name in paths]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_core import card as card_lib
-from cxr_core import csvsafe, familiarity, metrics, models
+from cxr_core import csvsafe, evaluation_view, familiarity, metrics, models
 from training import build, data, dataset, evaluate, hardware
 from training import loop as loop_lib
 from training.config import TrainConfig
@@ -64,18 +64,18 @@ def served_shortfall(card: card_lib.ModelCard, y_val: np.ndarray, probs: np.ndar
     their threshold) where it falls short of ``target``: each is fitted one vs rest, so with three or more classes a
     film over its own class's threshold can go to another class that is over its own and more probable."""
     notes = []
-    called = np.array([card.class_names.index(models.decide(card, p).decision) for p in probs], dtype=int)
+    called = evaluation_view.decisions(card, probs)
     for i, name in enumerate(card.class_names):
         if name not in card.thresholds or not (y_val == i).any():
             continue
         mine = y_val == i
-        alone = float((probs[mine, i] >= card.thresholds[name]).mean())
-        served = float((called[mine] == i).mean())
+        over = probs[mine, i] >= card.thresholds[name]
+        alone, served = float(over.mean()), float((called[mine] == i).mean())
         if served < min(alone, target) - 1e-9:
             notes.append(f"{name}: validation sensitivity {alone:.3f} one vs rest at its threshold "
                          f"{card.thresholds[name]:.4f}, {served:.3f} as the app decides ({int(mine.sum())} films; "
-                         f"{int(((probs[mine, i] >= card.thresholds[name]) & (called[mine] != i)).sum())} over their "
-                         "threshold were called another class that was over its own and more probable)")
+                         f"{int((over & (called[mine] != i)).sum())} over their threshold were called another class "
+                         "that was over its own and more probable)")
     return notes
 
 
