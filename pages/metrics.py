@@ -21,6 +21,11 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or pd.isna(value) else ev.figure(value, digits)
 
 
+def figures(table: pd.DataFrame, na_rep: str = "n/a"):
+    """``table`` styled with its float cells as figures (``fmt``), the others as they are."""
+    return table.style.format(fmt, subset=list(table.select_dtypes("float").columns), na_rep=na_rep)
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None or pd.isna(value) else ev.figure(value, percent=True)
 
@@ -117,8 +122,8 @@ def threshold_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
 def report_ui(y, probs, card: card_lib.ModelCard, key: str) -> None:
     st.subheader("Classification report")
     st.caption("Per-class one-against-the-rest results under the card's decision rule; AUC from the probabilities.")
-    st.dataframe(ev.report_table(y, probs, card.class_names, ev.decisions(card, probs)).style.format(
-                 lambda v: "" if pd.isna(v) else fmt(v) if isinstance(v, float) else str(v)), key=f"{key}_report")
+    st.dataframe(figures(ev.report_table(y, probs, card.class_names, ev.decisions(card, probs)), na_rep=""),
+                 key=f"{key}_report")
 
 
 def calibration_ui(y, probs, key: str) -> None:
@@ -143,7 +148,7 @@ def per_source_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: st
         st.subheader("Per data source")
         st.caption("A model trained on several sources can learn the source instead of the disease; "
                    "compare these rows.")
-        st.dataframe(table.style.format(lambda v: fmt(v) if isinstance(v, float) else str(v)), key=f"{key}_sources")
+        st.dataframe(figures(table), key=f"{key}_sources")
 
 
 def evaluation_ui(predictions: pd.DataFrame, card: card_lib.ModelCard, split: str | None, key: str) -> None:
